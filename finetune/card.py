@@ -1,0 +1,98 @@
+"""The model card (README.md) and metrics file that make an output dir describe itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from finetune import __version__, models
+from finetune.outputs import write_text_atomic
+
+
+def write_metrics(out: Path, metrics: dict) -> None:
+    write_text_atomic(out / "all_results.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _versions() -> str:
+    import peft
+    import transformers
+    import trl
+
+    import torch
+
+    return f"finetune {__version__}, transformers {transformers.__version__}, peft {peft.__version__}, trl {trl.__version__}, torch {torch.__version__}"
+
+
+def model_card(recipe, prepared, metrics: dict, model) -> str:
+    base = models.model_path(recipe.model)
+    a, t, d = recipe.adapter, recipe.train, recipe.data
+    trainable, total = models.count_parameters(model)
+    train_stats = prepared.train.stats()
+    eval_line = ""
+    if prepared.eval is not None:
+        eval_line = f"- eval: `{prepared.eval.source}`, {prepared.eval.stats()['examples']} examples\n"
+    metric_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items()))
+    language = {"en": "en", "zh": "zh", "mixed": "[en, zh]"}.get(prepared.language or "", None)
+    front = [
+        "---",
+        "library_name: peft",
+        f"base_model: {base}",
+        f"pipeline_tag: text-generation",
+        "tags: [finetune, " + f"{recipe.stage}, {a.method}]",
+    ]
+    if language:
+        front.append(f"language: {language}")
+    front.append("---")
+    batch = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"]
+    return "\n".join(front) + f"""
+
+# {Path(recipe.output.dir).name}
+
+A **{a.method}** adapter for `{recipe.model.name_or_path}`, trained with finetune's `{recipe.stage}` stage.
+
+## Base model
+- `{recipe.model.name_or_path}` (loaded from `{base}`)
+
+## Method
+- {a.method}: r={a.r}, alpha={a.alpha}, dropout={a.dropout}, targets `{a.target_modules}`{", rsLoRA" if a.use_rslora else ""}{", DoRA" if a.use_dora else ""}{f", {a.quant_bits}-bit {a.quant_type} base" if a.method == "qlora" else ""}
+- trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)
+
+## Data
+- train: `{d.train}` ({prepared.format}), {train_stats['examples']} examples, {train_stats['trained_tokens']} trained tokens of {train_stats['tokens']} (loss on answers only)
+{eval_line}
+## Hyper-parameters
+| key | value |
+|---|---|
+| learning_rate | {t['learning_rate']:g} |
+| lr_scheduler_type | {t['lr_scheduler_type']} |
+| max_steps / epochs | {t['max_steps']} / {t['num_train_epochs']:g} |
+| batch (per device x accumulation) | {batch} |
+| max_length | {t['max_length']} |
+| precision | {"bf16" if t['bf16'] else "fp16" if t['fp16'] else "fp32"} |
+| seed | {t['seed']} |
+
+The full resolved recipe is in `recipe.yaml`; training logs in `trainer_state.json`.
+
+## Final metrics
+| metric | value |
+|---|---|
+{metric_rows}
+
+## Use it
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+
+base = AutoModelForCausalLM.from_pretrained("{base}")
+model = PeftModel.from_pretrained(base, "path/to/this/dir")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
+```
+
+Trained with {_versions()}.
+"""

@@ -1,0 +1,104 @@
+"""Argument parsing and dispatch only. `finetune --help` lists the commands."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import warnings
+
+from finetune import __version__
+from finetune.errors import FinetuneError
+
+log = logging.getLogger("finetune")
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def _quiet_libraries(debug: bool) -> None:
+    """Keep the terminal for progress bars and our own messages."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes' CPU backend asks for an optional `kernels` package (a hub download) on import.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    if not debug:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("finetune: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if debug else logging.INFO if _is_main_process() else logging.WARNING)
+    log.propagate = False
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="finetune", description="Parameter-efficient fine-tuning of open LLMs from YAML recipes.")
+    p.add_argument("--version", action="version", version=f"finetune {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train from a recipe", description="Train from a recipe YAML; key=value arguments override it.")
+    train.add_argument("recipe", help="recipe YAML file")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value", help="override a recipe key, e.g. train.max_steps=10")
+    train.add_argument("--dry-run", action="store_true", help="validate recipe, data and model config; print the plan; train nothing")
+    train.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    data = sub.add_parser("data", help="inspect datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prev = data_sub.add_parser("preview", help="show one example as the model sees it, trained tokens marked")
+    prev.add_argument("dataset", help="registry name, file, or hub dataset id")
+    prev.add_argument("--model", required=True, help="model (tokenizer + chat template): hub id, path or tiny-llama")
+    prev.add_argument("--format", help="record format (alpaca, sharegpt, messages, prompt_completion, text)")
+    prev.add_argument("--index", type=int, default=0, help="which record (default 0)")
+    prev.add_argument("--max-length", type=int, default=None, help="truncate as train.max_length would")
+    prev.add_argument("--tokens", action="store_true", help="also list every token with its label")
+    prev.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def cmd_train(args) -> int:
+    from finetune import config
+
+    recipe = config.load(args.recipe, args.overrides)
+    stage = importlib.import_module(f"finetune.stages.{recipe.stage}")
+    if args.dry_run:
+        print(stage.plan(recipe).render())
+        return 0
+    out = stage.run(recipe)
+    log.info("done: output in %s", out)
+    return 0
+
+
+def cmd_data(args) -> int:
+    from finetune import models
+    from finetune.config import ModelSection
+    from finetune.data.preview import preview
+
+    tok = models.load_tokenizer(ModelSection(name_or_path=args.model))
+    print(preview(args.dataset, tok, fmt=args.format, index=args.index, max_length=args.max_length,
+                  color=sys.stdout.isatty(), show_tokens=args.tokens))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_libraries(args.debug)
+    handler = {"train": cmd_train, "data": cmd_data}[args.command]
+    try:
+        return handler(args)
+    except FinetuneError as e:
+        if args.debug:
+            raise
+        print(f"finetune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("finetune: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,460 @@
+"""The typed recipe: YAML + `section.key=value` overrides -> a validated `Recipe`.
+
+Every field is documented once, next to the field (`help`). The `train` section is not
+re-declared here: it is validated against the fields of the stage's TRL config class
+(SFTConfig for `stage: sft`), with our explicit defaults from `train_defaults()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from finetune.errors import RecipeError, closest
+
+STAGES = ("sft",)
+ADAPTER_METHODS = ("lora", "dora", "qlora")
+DATA_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+# Keys of `train` that are ours, not the TRL config's.
+TRAIN_EXTRA_KEYS = {
+    "resume": "auto (resume from the last complete checkpoint if a run was interrupted), "
+    "never (start over), or the path of a checkpoint dir.",
+}
+
+
+def _f(default=dataclasses.MISSING, help: str = "", **kw):
+    """A dataclass field with its documentation next to it."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelSection:
+    name_or_path: str = _f(help="Hub id, local path, or a built-in tiny model (`tiny-llama`, built locally on first use).")
+    revision: str | None = _f(None, help="Hub revision (branch, tag or commit) of the model.")
+    tokenizer: str | None = _f(None, help="Tokenizer id or path when it differs from the model's.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", help="Weight dtype: auto = bfloat16 on a GPU that supports it, else float32."
+    )
+    attn_implementation: str | None = _f(None, help="e.g. sdpa, eager, flash_attention_2; None lets transformers pick.")
+    chat_template: str | None = _f(None, help="A Jinja chat template (or the path of a .jinja file) replacing the tokenizer's.")
+    trust_remote_code: bool = _f(False, help="Run code shipped with the model repo. Off unless you trust its author.")
+    allow_pickle: bool = _f(False, help="Allow loading .bin/.pt (pickle) weights. Off: safetensors only.")
+
+
+@dataclass
+class AdapterSection:
+    method: Literal["lora", "dora", "qlora"] = _f("lora", help="lora | dora (weight-decomposed LoRA) | qlora (LoRA on a 4/8-bit base).")
+    r: int = _f(8, help="LoRA rank.")
+    alpha: int = _f(16, help="LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with use_rslora).")
+    dropout: float = _f(0.05, help="Dropout on the LoRA input.")
+    target_modules: str | list[str] = _f(
+        "all-linear", help="Modules that get adapters: all-linear, or a list of names (q_proj, v_proj, ...)."
+    )
+    modules_to_save: list[str] | None = _f(None, help="Modules trained in full and saved with the adapter (e.g. lm_head).")
+    use_rslora: bool = _f(False, help="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    use_dora: bool = _f(False, help="DoRA on top of lora/qlora (method: dora sets it).")
+    bias: Literal["none", "all", "lora_only"] = _f("none", help="Which biases are trained.")
+    quant_bits: Literal[4, 8] = _f(4, help="qlora: 4-bit or 8-bit base weights (bitsandbytes).")
+    quant_type: Literal["nf4", "fp4"] = _f("nf4", help="qlora 4-bit: NF4 or FP4 quantisation.")
+    double_quant: bool = _f(True, help="qlora 4-bit: quantise the quantisation constants too.")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", help="qlora: dtype of the matmuls (auto = bfloat16 on a bf16 GPU, else float32)."
+    )
+
+
+@dataclass
+class DataSection:
+    train: str = _f(help="Training data: a name from data/datasets.yaml, a local file (json, jsonl, csv, parquet) or a hub dataset id.")
+    format: Literal["alpaca", "sharegpt", "messages", "prompt_completion", "text"] | None = _f(
+        None, help="Record format; optional for registry names (the registry says it)."
+    )
+    eval: str | None = _f(None, help="Held-out data (same forms as train).")
+    eval_ratio: float = _f(0.0, help="Fraction of train held out for eval when no eval data is given (0 = none).")
+    columns: dict[str, str] = _f({}, help="Map the format's field names to your column names, e.g. {instruction: question}.")
+    split: str = _f("train", help="Split of a hub dataset.")
+    max_samples: int | None = _f(None, help="Use only the first N training records.")
+    system: str | None = _f(None, help="System prompt added to chat examples that have none.")
+    registry: str | None = _f(None, help="Path of a datasets.yaml registry (default: ./data/datasets.yaml, then the shipped one).")
+
+
+@dataclass
+class OutputSection:
+    dir: str = _f(help="Where the run's output goes; a finished dir is never overwritten unless overwrite is true.")
+    overwrite: bool = _f(False, help="Replace an existing non-empty output dir.")
+    keep_checkpoints: bool = _f(False, help="Keep the checkpoint-N dirs in the finished output (they are removed by default).")
+
+
+SECTIONS = {"model": ModelSection, "adapter": AdapterSection, "data": DataSection, "output": OutputSection}
+TOP_LEVEL = ("stage", "model", "adapter", "data", "train", "output")
+
+
+@dataclass
+class Recipe:
+    stage: str
+    model: ModelSection
+    adapter: AdapterSection
+    data: DataSection
+    train: dict[str, Any]  # effective kwargs for the stage's TRL config (+ TRAIN_EXTRA_KEYS)
+    output: OutputSection
+    source: str | None = None  # the YAML file it came from
+
+    def to_dict(self) -> dict:
+        out = {"stage": self.stage}
+        for name in SECTIONS:
+            out[name] = dataclasses.asdict(getattr(self, name))
+        out["train"] = dict(self.train)
+        return {k: out[k] for k in TOP_LEVEL}
+
+    def dump(self) -> str:
+        return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False, allow_unicode=True)
+
+
+def _plain(value):
+    """Enums and other TRL types -> YAML-safe plain values."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "value") and not isinstance(value, (int, float, str, bool)):
+        return value.value
+    return value
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class _Where:
+    """Names a place in a recipe: `file:line: field` or `override 'k=v': field`."""
+
+    def __init__(self, source: str | None, lines: dict[tuple, int]):
+        self.source, self.lines, self.overridden = source, lines, {}
+
+    def __call__(self, path: tuple) -> str:
+        key = ".".join(str(p) for p in path)
+        for n in range(len(path), 0, -1):
+            if path[:n] in self.overridden:
+                return f"override '{self.overridden[path[:n]]}': {key}"
+        for n in range(len(path), 0, -1):
+            if path[:n] in self.lines:
+                return f"{self.source or 'recipe'}:{self.lines[path[:n]]}: {key}"
+        return f"{self.source or 'recipe'}: {key}"
+
+
+def _line_map(text: str) -> dict[tuple, int]:
+    """(section, key) -> 1-based line of that key in the YAML text."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                path = prefix + (key_node.value,)
+                lines[path] = key_node.start_mark.line + 1
+                walk(value_node, path)
+
+    try:
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), ())
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _parse_override(item: str) -> tuple[tuple[str, ...], Any]:
+    if "=" not in item:
+        raise RecipeError(f"override '{item}': expected section.key=value")
+    key, raw = item.split("=", 1)
+    path = tuple(p for p in key.strip().split("."))
+    if not all(path):
+        raise RecipeError(f"override '{item}': expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, text: str | None = None) -> Recipe:
+    """Read a recipe file (or `text`), apply `section.key=value` overrides, validate, fill defaults."""
+    source = str(path) if path is not None else None
+    if text is None:
+        if path is None:
+            raise RecipeError("no recipe given")
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError(f"{path}: recipe file not found")
+        text = p.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{source or 'recipe'}{line}: invalid YAML: {problem}") from None
+    raw = {} if raw is None else raw
+    where = _Where(source, _line_map(text))
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source or 'recipe'}: a recipe is a mapping of sections ({', '.join(TOP_LEVEL)})")
+
+    for item in overrides:
+        keys, value = _parse_override(item)
+        where.overridden[keys] = item
+        node = raw
+        for k in keys[:-1]:
+            if node.get(k) is None:
+                node[k] = {}
+            if not isinstance(node[k], dict):
+                raise RecipeError(f"override '{item}': {k} is not a section")
+            node = node[k]
+        node[keys[-1]] = value
+    return _validate(raw, where, source)
+
+
+def _validate(raw: dict, where: _Where, source: str | None) -> Recipe:
+    for key in raw:
+        if key not in TOP_LEVEL:
+            raise RecipeError(f"{where((key,))}: unknown section{closest(str(key), TOP_LEVEL)} (sections: {', '.join(TOP_LEVEL)})")
+    stage = _coerce(raw.get("stage", "sft"), Literal[STAGES], ("stage",), where)
+    sections = {}
+    for name, cls in SECTIONS.items():
+        value = raw.get(name)
+        if value is None and name == "adapter":
+            value = {}
+        if value is None:
+            raise RecipeError(f"{where((name,))}: missing section '{name}'")
+        sections[name] = _build(cls, value, (name,), where)
+    train = _validate_train(stage, raw.get("train") or {}, sections["adapter"], where)
+    recipe = Recipe(stage=stage, train=train, source=source, **sections)
+    _cross_checks(recipe, where)
+    return recipe
+
+
+def _build(cls, raw, path: tuple, where: _Where):
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where(path)}: expected a mapping of keys, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    for key in raw:
+        if key not in names:
+            raise RecipeError(f"{where(path + (key,))}: unknown key{closest(str(key), names)}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in raw:
+            kwargs[f.name] = _coerce(raw[f.name], hints[f.name], path + (f.name,), where)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(f"{where(path)}: missing required key '{'.'.join(path + (f.name,))}' ({f.metadata['help']})")
+    return cls(**kwargs)
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value, tp, path: tuple, where: _Where):
+    """Check `value` against the annotation `tp`, converting the obvious (e.g. '1e-3' -> float)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    bad = RecipeError(f"{where(path)}: expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path, where)
+            except RecipeError:
+                continue
+        raise bad
+    if origin is Literal:
+        for choice in args:
+            if value == choice or (isinstance(value, str) and str(choice) == value):
+                return choice
+        hint = closest(str(value), [str(a) for a in args])
+        raise RecipeError(f"{where(path)}: {value!r} is not one of {', '.join(str(a) for a in args)}{hint}")
+    if origin is list:
+        items = value if isinstance(value, list) else None
+        if items is None:
+            raise bad
+        return [_coerce(v, args[0] if args else Any, path, where) for v in items]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return {str(k): v for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on")
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if isinstance(tp, type) and issubclass(tp, __import__("enum").Enum):
+        try:
+            return tp(value).value
+        except ValueError:
+            choices = [e.value for e in tp]
+            raise RecipeError(f"{where(path)}: {value!r} is not one of {', '.join(map(str, choices))}{closest(str(value), choices)}") from None
+    return value  # complex TRL types (dicts, callables...) are checked by the TRL config itself
+
+
+# ----------------------------------------------------------------------------- train section
+
+
+def trl_config_class(stage: str):
+    """The TRL config dataclass whose fields the `train` section of this stage takes."""
+    from trl import SFTConfig
+
+    return {"sft": SFTConfig}[stage]
+
+
+def _cuda_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def train_defaults(stage: str, adapter: AdapterSection) -> dict[str, Any]:
+    """Our explicit defaults, replacing TRL's where they bite (STACK_NOTES: bf16 and
+    activation checkpointing default to on even on a CPU; SFT lr 2e-5 is for full tuning)."""
+    bf16 = _cuda_bf16()
+    return {
+        "learning_rate": 2e-4,
+        "num_train_epochs": 1.0,
+        "max_steps": -1,
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 8,
+        "gradient_accumulation_steps": 1,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.03,
+        "max_length": 1024,
+        "loss_type": "nll",
+        "bf16": bf16,
+        "fp16": False,
+        "activation_checkpointing": False,
+        "train_sampling_strategy": "group_by_length",
+        "logging_steps": 5,
+        "logging_first_step": True,
+        "save_strategy": "steps",
+        "save_steps": 200,
+        "save_total_limit": 2,
+        "eval_strategy": "no",
+        "report_to": ["tensorboard"],
+        "seed": 42,
+        "optim": "adamw_torch",
+        "ddp_find_unused_parameters": False,
+        "dataloader_num_workers": 0,
+        "resume": "auto",
+    }
+
+
+# transformers 5 renamed these; accept the old names users know, as aliases.
+TRAIN_ALIASES = {"gradient_checkpointing": "activation_checkpointing", "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
+# Set by finetune itself, from other sections.
+TRAIN_RESERVED = {"output_dir": "output.dir", "use_cpu": "the device", "dataset_text_field": "data.format"}
+
+
+def _validate_train(stage: str, raw, adapter: AdapterSection, where: _Where) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where(('train',))}: expected a mapping of keys, got {type(raw).__name__}")
+    cls = trl_config_class(stage)
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in fields(cls) if f.init]
+    out = train_defaults(stage, adapter)
+    for key, value in raw.items():
+        path = ("train", key)
+        if key in TRAIN_RESERVED:
+            raise RecipeError(f"{where(path)}: set by finetune from {TRAIN_RESERVED[key]}; remove it")
+        if key in TRAIN_EXTRA_KEYS:
+            out[key] = _coerce(value, str, path, where) if value is not False else "never"
+            continue
+        if key not in valid:
+            raise RecipeError(f"{where(path)}: unknown key for {cls.__name__}{closest(str(key), valid + list(TRAIN_EXTRA_KEYS))}")
+        out[TRAIN_ALIASES.get(key, key)] = _coerce(value, hints.get(key, Any), path, where)
+    return out
+
+
+def _cross_checks(recipe: Recipe, where: _Where) -> None:
+    d, a, t = recipe.data, recipe.adapter, recipe.train
+    if d.eval and d.eval_ratio:
+        raise RecipeError(f"{where(('data', 'eval_ratio'))}: give data.eval or data.eval_ratio, not both")
+    if not 0.0 <= d.eval_ratio < 1.0:
+        raise RecipeError(f"{where(('data', 'eval_ratio'))}: must be in [0, 1), got {d.eval_ratio}")
+    if d.max_samples is not None and d.max_samples < 1:
+        raise RecipeError(f"{where(('data', 'max_samples'))}: must be at least 1")
+    if a.r < 1:
+        raise RecipeError(f"{where(('adapter', 'r'))}: must be at least 1")
+    if not 0.0 <= a.dropout < 1.0:
+        raise RecipeError(f"{where(('adapter', 'dropout'))}: must be in [0, 1)")
+    if a.method == "dora":
+        a.use_dora = True
+    if t.get("max_length") is not None and t["max_length"] < 8:
+        raise RecipeError(f"{where(('train', 'max_length'))}: must be at least 8 (or null for no limit)")
+    if t.get("bf16") and t.get("fp16"):
+        raise RecipeError(f"{where(('train', 'fp16'))}: bf16 and fp16 are both on; pick one")
+    for key in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps"):
+        if t[key] <= 0:
+            raise RecipeError(f"{where(('train', key))}: must be positive, got {t[key]}")
+    if t["max_steps"] <= 0 and t["num_train_epochs"] <= 0:
+        raise RecipeError(f"{where(('train', 'num_train_epochs'))}: set train.max_steps or a positive train.num_train_epochs")
+    resume = t["resume"]
+    if resume not in ("auto", "never") and not Path(resume).is_dir():
+        raise RecipeError(f"{where(('train', 'resume'))}: {resume!r} is neither auto, never nor a checkpoint dir")
+
+
+def field_docs() -> dict[str, list[tuple[str, str, str]]]:
+    """section -> [(key, default, help)]: the recipe reference, generated from the schema."""
+    docs = {}
+    for name, cls in SECTIONS.items():
+        rows = []
+        for f in fields(cls):
+            if f.default is not dataclasses.MISSING:
+                default = repr(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                default = repr(f.default_factory())
+            else:
+                default = "required"
+            rows.append((f.name, default, f.metadata.get("help", "")))
+        docs[name] = rows
+    return docs

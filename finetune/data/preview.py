@@ -1,0 +1,52 @@
+"""`finetune data preview`: one example as the model sees it, trained tokens marked.
+
+A wrong template or loss mask is the most common silent fine-tuning bug; this shows it."""
+
+from __future__ import annotations
+
+from finetune.config import DataSection
+from finetune.data import read_examples
+from finetune.data.encode import IGNORE, encode
+from finetune.errors import DataError
+
+GREEN, RESET = "\033[42;30m", "\033[0m"
+
+
+def render(tok, ids: list[int], labels: list[int], color: bool) -> str:
+    """Decoded text with each trained run wrapped in [[ ]] (or a green background on a terminal)."""
+    out, run, trained = [], [], False
+
+    def flush():
+        if run:
+            text = tok.decode(run, skip_special_tokens=False)
+            out.append((f"{GREEN}{text}{RESET}" if color else f"[[{text}]]") if trained else text)
+
+    for tid, label in zip(ids, labels):
+        is_trained = label != IGNORE
+        if is_trained != trained:
+            flush()
+            run, trained = [], is_trained
+        run.append(tid)
+    flush()
+    return "".join(out)
+
+
+def preview(dataset: str, tok, fmt: str | None = None, index: int = 0, max_length: int | None = None,
+            color: bool = False, columns: dict | None = None, show_tokens: bool = False) -> str:
+    cfg = DataSection(train=dataset, format=fmt, columns=columns or {})
+    examples, fmt, src = read_examples(dataset, cfg)
+    if not 0 <= index < len(examples):
+        raise DataError(f"{src.label()}: --index {index} is out of range (0..{len(examples) - 1})")
+    enc = encode(tok, examples[index], max_length)
+    marker = "green background" if color else "[[ ]]"
+    lines = [
+        f"{src.label()} record {index} ({fmt}); {len(enc.input_ids)} tokens, {enc.n_trained} trained"
+        f"{' (truncated)' if enc.truncated else ''}; trained tokens in {marker}:",
+        "",
+        render(tok, enc.input_ids, enc.labels, color),
+    ]
+    if show_tokens:
+        lines += ["", "  pos  id     label  token"]
+        for i, (tid, label) in enumerate(zip(enc.input_ids, enc.labels)):
+            lines.append(f"  {i:<4} {tid:<6} {'train' if label != IGNORE else '-':<6} {tok.convert_ids_to_tokens(tid)!r}")
+    return "\n".join(lines)

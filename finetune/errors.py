@@ -1,0 +1,25 @@
+"""Errors a user can fix. The CLI prints them as one line (no traceback unless --debug)."""
+
+
+class FinetuneError(Exception):
+    """Base of every error that is the user's input, not a bug: printed as one line."""
+
+
+class RecipeError(FinetuneError, ValueError):
+    """A recipe or override is invalid: the message names the file, line and field."""
+
+
+class DataError(FinetuneError, ValueError):
+    """A dataset is invalid: the message names the file, line or record, and field."""
+
+
+class OutputError(FinetuneError):
+    """The output location cannot be used (exists and is finished, not writable, ...)."""
+
+
+def closest(word: str, candidates) -> str:
+    """`; did you mean 'x'?` for the closest candidate, or '' when nothing is close."""
+    import difflib
+
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean '{match[0]}'?" if match else ""

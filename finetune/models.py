@@ -1,0 +1,147 @@
+"""Tokenizer, base model (dtype, 4/8-bit) and the PEFT config of the chosen adapter method."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from finetune import tiny
+from finetune.config import AdapterSection, ModelSection
+from finetune.errors import RecipeError
+
+log = logging.getLogger(__name__)
+
+# Used only when a tokenizer has no chat template (many base models): plain role labels,
+# the assistant turn closed by EOS. Saved with the output, so generation later matches.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n"
+    "{% elif m['role'] == 'assistant' %}Assistant: {% generation %}{{ m['content'] }}{{ eos_token }}{% endgeneration %}\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}Assistant: {% endif %}"
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_path(cfg: ModelSection) -> str:
+    """The path or hub id to load: a built-in tiny name is built (once) and cached locally."""
+    return tiny.resolve(cfg.name_or_path)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return _DTYPES[name]
+
+
+def load_tokenizer(cfg: ModelSection, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    source = tiny.resolve(cfg.tokenizer) if cfg.tokenizer else model_path(cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise RecipeError(f"model.name_or_path: cannot load a tokenizer from {source!r}: {str(e).splitlines()[0]}") from None
+    if cfg.chat_template:
+        template = cfg.chat_template
+        if template.endswith(".jinja") and Path(template).is_file():
+            template = Path(template).read_text(encoding="utf-8")
+        tok.chat_template = template
+    elif not tok.chat_template:
+        log.warning("%s has no chat template: using finetune's plain 'User:/Assistant:' template", source)
+        tok.chat_template = FALLBACK_CHAT_TEMPLATE
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def quantization_config(adapter: AdapterSection):
+    """bitsandbytes config for qlora; None for other methods."""
+    if adapter.method != "qlora":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if adapter.quant_bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=adapter.quant_type,
+        bnb_4bit_use_double_quant=adapter.double_quant,
+        bnb_4bit_compute_dtype=resolve_dtype(adapter.compute_dtype),
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def load_model(cfg: ModelSection, adapter: AdapterSection, activation_checkpointing: bool = False):
+    """The base causal LM, quantized for qlora and prepared for k-bit training."""
+    from transformers import AutoModelForCausalLM
+
+    path = model_path(cfg)
+    quant = quantization_config(adapter)
+    kwargs = dict(
+        revision=cfg.revision,
+        dtype=resolve_dtype(adapter.compute_dtype if quant else cfg.dtype),
+        trust_remote_code=cfg.trust_remote_code,
+        use_safetensors=None if cfg.allow_pickle else True,
+    )
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = _kbit_device_map()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        first = str(e).splitlines()[0]
+        if not cfg.allow_pickle and ("safetensors" in first or "pytorch_model.bin" in first):
+            first += " (only safetensors weights are loaded unless model.allow_pickle=true)"
+        raise RecipeError(f"model.name_or_path: cannot load {path!r}: {first}") from None
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=activation_checkpointing)
+    return model
+
+
+def _kbit_device_map():
+    """Quantized weights are placed at load time: this process's GPU, or the CPU."""
+    if not torch.cuda.is_available():
+        return {"": "cpu"}
+    from accelerate import PartialState
+
+    return {"": PartialState().local_process_index}
+
+
+def adapter_config(adapter: AdapterSection):
+    """The PEFT config for the recipe's adapter section."""
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=adapter.r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=adapter.target_modules,
+        modules_to_save=adapter.modules_to_save,
+        use_rslora=adapter.use_rslora,
+        use_dora=adapter.use_dora or adapter.method == "dora",
+        bias=adapter.bias,
+    )
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as their unpacked size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if getattr(p, "quant_state", None) is not None or p.__class__.__name__ == "Params4bit":
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,94 @@
+"""The run directory: never overwrite a finished output by accident, never let a half-written
+one look finished, and resume an interrupted run.
+
+A run trains in `<output.dir>.incomplete/` (checkpoints live there) and is renamed to
+`<output.dir>` only once everything is written. An interrupted run leaves the `.incomplete`
+dir behind; the next run with `train.resume: auto` continues from its last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from finetune.errors import OutputError
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def is_nonempty_dir(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def check_target(final: Path, overwrite: bool, what: str = "output.dir") -> None:
+    """Fail early (before any work) if `final` holds something and overwriting was not asked for."""
+    if final.exists() and not final.is_dir():
+        raise OutputError(f"{what}: {final} exists and is not a directory")
+    if is_nonempty_dir(final) and not overwrite:
+        raise OutputError(f"{what}: {final} exists and is not empty; set output.overwrite=true or choose another {what}")
+
+
+def last_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The highest-numbered checkpoint whose trainer_state.json (written last) is readable."""
+    if not run_dir.is_dir():
+        return None
+    found = sorted(
+        ((int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))),
+        reverse=True,
+    )
+    for _, path in found:
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            return path
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+class RunDir:
+    def __init__(self, final: str | os.PathLike, overwrite: bool = False, resume: str = "auto"):
+        self.final = Path(final).expanduser().resolve()
+        self.work = self.final.with_name(self.final.name + ".incomplete")
+        self.overwrite, self.resume = overwrite, resume
+
+    def check(self) -> None:
+        check_target(self.final, self.overwrite)
+
+    def resume_from(self) -> Path | None:
+        """The checkpoint this run continues from, if any (read-only: safe on every rank)."""
+        if self.resume == "never":
+            return None
+        if self.resume != "auto":
+            return Path(self.resume)
+        return last_complete_checkpoint(self.work)
+
+    def start(self, is_main: bool = True) -> Path | None:
+        """Make the work dir (main process only) and return the checkpoint to resume from."""
+        checkpoint = self.resume_from()
+        if is_main:
+            if checkpoint is None and self.work.exists():
+                shutil.rmtree(self.work)  # an interrupted run with nothing worth keeping, or resume: never
+            self.work.mkdir(parents=True, exist_ok=True)
+        return checkpoint
+
+    def finish(self) -> Path:
+        """Atomically replace `final` by the finished work dir (main process only)."""
+        self.check()  # someone may have written there while we trained
+        if self.final.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.old-", dir=self.final.parent))
+            os.replace(self.final, trash / "old")
+            os.replace(self.work, self.final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(self.work, self.final)
+        return self.final
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

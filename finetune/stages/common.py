@@ -1,0 +1,96 @@
+"""Glue shared by the training stages: the TRL config from a recipe, and the dry-run plan."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from finetune import models
+from finetune.config import TRAIN_EXTRA_KEYS, Recipe, trl_config_class
+from finetune.errors import RecipeError
+
+
+def trl_args(recipe: Recipe, output_dir):
+    """The stage's TRL config (SFTConfig, ...) from the recipe's effective `train` section."""
+    kwargs = {k: v for k, v in recipe.train.items() if k not in TRAIN_EXTRA_KEYS}
+    kwargs.update(output_dir=str(output_dir), use_cpu=not torch.cuda.is_available())
+    cls = trl_config_class(recipe.stage)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise RecipeError(f"{recipe.source or 'recipe'}: train: {str(e).strip().splitlines()[0]}") from None
+
+
+def world_size() -> int:
+    from accelerate import PartialState
+
+    return PartialState().num_processes
+
+
+def count_adapter_parameters(recipe: Recipe) -> tuple[int, int]:
+    """(trainable, total) for the recipe's model + adapter, built on the meta device (no weights read)."""
+    from accelerate import init_empty_weights
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(models.model_path(recipe.model), revision=recipe.model.revision,
+                                     trust_remote_code=recipe.model.trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=recipe.model.trust_remote_code)
+        model = get_peft_model(model, models.adapter_config(recipe.adapter))
+    return models.count_parameters(model)
+
+
+@dataclass
+class TrainPlan:
+    recipe: Recipe
+    trainable: int
+    total: int
+    train_stats: dict
+    eval_stats: dict | None
+    world: int
+    effective_batch: int
+    steps: int
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, recipe: Recipe, prepared) -> "TrainPlan":
+        t = recipe.train
+        trl_args(recipe, "/nonexistent-dry-run")  # the TRL config accepts these values
+        trainable, total = count_adapter_parameters(recipe)
+        world = world_size()
+        effective = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] * world
+        n = len(prepared.train.encoded)
+        steps = t["max_steps"] if t["max_steps"] > 0 else math.ceil(math.ceil(n / effective) * t["num_train_epochs"])
+        return cls(recipe, trainable, total, prepared.train.stats(),
+                   prepared.eval.stats() if prepared.eval else None, world, effective, steps, list(prepared.notes))
+
+    def render(self) -> str:
+        r, t = self.recipe, self.recipe.train
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = "bf16" if t["bf16"] else "fp16" if t["fp16"] else "fp32"
+        lines = [
+            f"plan for {r.source or 'recipe'} (dry run: nothing trained, nothing written)",
+            f"  stage          {r.stage}",
+            f"  model          {r.model.name_or_path} -> {models.model_path(r.model)}",
+            f"  adapter        {r.adapter.method} r={r.adapter.r} alpha={r.adapter.alpha} targets={r.adapter.target_modules}",
+            f"  parameters     {self.trainable:,} trainable of {self.total:,} ({100 * self.trainable / max(self.total, 1):.3f}%)",
+            f"  device         {device} x {self.world} process(es), {dtype}",
+            f"  batch          {t['per_device_train_batch_size']} per device x {t['gradient_accumulation_steps']} accumulation"
+            f" x {self.world} = {self.effective_batch} per step",
+            f"  steps          {self.steps} (lr {t['learning_rate']:g}, {t['lr_scheduler_type']})",
+            f"  output         {r.output.dir}",
+        ]
+        for name, stats in (("train", self.train_stats), ("eval", self.eval_stats)):
+            if stats:
+                lines.append(
+                    f"  {name:<14} {stats['examples']} examples from {stats['records']} records; tokens/example "
+                    f"min {stats['length_min']} mean {stats['length_mean']} p50 {stats['length_p50']} "
+                    f"p95 {stats['length_p95']} max {stats['length_max']}; "
+                    f"{stats['trained_tokens']} of {stats['tokens']} tokens trained "
+                    f"({100 * stats['trained_tokens'] / max(stats['tokens'], 1):.0f}%)"
+                )
+        lines += [f"  note           {n}" for n in self.notes]
+        return "\n".join(lines)
