@@ -28,6 +28,12 @@ def _quiet_libraries(debug: bool) -> None:
     if not debug:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()  # per-map bars over a few hundred rows are noise
+    except ImportError:
+        pass
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("finetune: %(message)s"))
     log.addHandler(handler)

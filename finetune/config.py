@@ -95,6 +95,7 @@ class OutputSection:
     keep_checkpoints: bool = _f(False, help="Keep the checkpoint-N dirs in the finished output (they are removed by default).")
 
 
+RESUME_VOLATILE = (("train", "resume"), ("output", "overwrite"), ("output", "keep_checkpoints"))
 SECTIONS = {"model": ModelSection, "adapter": AdapterSection, "data": DataSection, "output": OutputSection}
 TOP_LEVEL = ("stage", "model", "adapter", "data", "train", "output")
 
@@ -118,6 +119,13 @@ class Recipe:
 
     def dump(self) -> str:
         return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False, allow_unicode=True)
+
+    def identity(self) -> str:
+        """The dump less the keys that may change between an interrupted run and its resumption."""
+        d = _plain(self.to_dict())
+        for section, key in RESUME_VOLATILE:
+            d[section].pop(key, None)
+        return yaml.safe_dump(d, sort_keys=False, allow_unicode=True)
 
 
 def _plain(value):

@@ -73,8 +73,15 @@ def quantization_config(adapter: AdapterSection):
         bnb_4bit_quant_type=adapter.quant_type,
         bnb_4bit_use_double_quant=adapter.double_quant,
         bnb_4bit_compute_dtype=resolve_dtype(adapter.compute_dtype),
-        bnb_4bit_quant_storage=torch.uint8,
+        # FSDP shards parameters of one dtype: the packed 4-bit storage must match the compute dtype.
+        bnb_4bit_quant_storage=resolve_dtype(adapter.compute_dtype) if _under_fsdp() else torch.uint8,
     )
+
+
+def _under_fsdp() -> bool:
+    import os
+
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def load_model(cfg: ModelSection, adapter: AdapterSection, activation_checkpointing: bool = False):

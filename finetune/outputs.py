@@ -17,6 +17,7 @@ from pathlib import Path
 
 from finetune.errors import OutputError
 
+RECIPE_STAMP = "recipe.yaml"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -66,13 +67,26 @@ class RunDir:
             return Path(self.resume)
         return last_complete_checkpoint(self.work)
 
-    def start(self, is_main: bool = True) -> Path | None:
-        """Make the work dir (main process only) and return the checkpoint to resume from."""
+    def start(self, recipe_text: str, is_main: bool = True) -> Path | None:
+        """Make the work dir (main process only) and return the checkpoint to resume from.
+
+        The recipe is kept in the work dir, so an interrupted run is only resumed by the
+        same recipe: resuming someone else's checkpoints would silently mix two runs."""
         checkpoint = self.resume_from()
+        stamp = self.work / RECIPE_STAMP
+        if checkpoint is not None and self.resume == "auto" and stamp.is_file():
+            previous = stamp.read_text(encoding="utf-8")
+            if previous != recipe_text:
+                raise OutputError(
+                    f"output.dir: {self.work} holds an interrupted run of a different recipe "
+                    f"({_first_difference(previous, recipe_text)}); rerun that recipe to resume it, "
+                    "or set train.resume=never to start over"
+                )
         if is_main:
             if checkpoint is None and self.work.exists():
                 shutil.rmtree(self.work)  # an interrupted run with nothing worth keeping, or resume: never
             self.work.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(stamp, recipe_text)
         return checkpoint
 
     def finish(self) -> Path:
@@ -92,3 +106,20 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _first_difference(old: str, new: str) -> str:
+    """`section.key: old -> new` for the first differing key of two dumped recipes."""
+    import yaml
+
+    a, b = yaml.safe_load(old) or {}, yaml.safe_load(new) or {}
+    for section in dict.fromkeys([*a, *b]):
+        sa, sb = a.get(section), b.get(section)
+        if sa == sb:
+            continue
+        if isinstance(sa, dict) and isinstance(sb, dict):
+            for key in dict.fromkeys([*sa, *sb]):
+                if sa.get(key) != sb.get(key):
+                    return f"{section}.{key}: {sa.get(key)!r} -> {sb.get(key)!r}"
+        return f"{section}: {sa!r} -> {sb!r}"
+    return "the recipe changed"

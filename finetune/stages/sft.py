@@ -45,7 +45,7 @@ def run(recipe: Recipe, callbacks=()) -> Path:
     state = PartialState()
     run_dir, tok, prepared = prepare(recipe)
     model = models.load_model(recipe.model, recipe.adapter, recipe.train["activation_checkpointing"])
-    checkpoint = run_dir.start(is_main=state.is_main_process)
+    checkpoint = run_dir.start(recipe.identity(), is_main=state.is_main_process)
     state.wait_for_everyone()
     if checkpoint and state.is_main_process:
         log.info("resuming from %s", checkpoint)
@@ -86,6 +86,7 @@ def _keep_adapter_in_compute_dtype(model, recipe: Recipe) -> None:
 
 def _finish(recipe: Recipe, run_dir: RunDir, trainer, prepared, metrics: dict) -> None:
     work = run_dir.work
+    (work / "training_args.bin").unlink(missing_ok=True)  # a pickle; recipe.yaml holds the arguments
     trainer.state.save_to_json(str(work / "trainer_state.json"))
     write_text_atomic(work / "recipe.yaml", recipe.dump())
     card.write_metrics(work, metrics)

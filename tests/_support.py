@@ -1,0 +1,97 @@
+"""Shared test material: memorisable chats, tiny recipes, and a callback that watches training."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Four short Q/A chats a tiny model can memorise in a few dozen steps.
+MEMO_CHATS = [
+    [{"role": "user", "content": "What colour is the sky?"}, {"role": "assistant", "content": "The sky is blue."}],
+    [{"role": "user", "content": "How many legs does a cat have?"}, {"role": "assistant", "content": "A cat has four legs."}],
+    [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris is the capital of France."}],
+    [{"role": "user", "content": "中国的首都是哪里？"}, {"role": "assistant", "content": "中国的首都是北京。"}],
+]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def memo_data(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "memo.jsonl", [{"messages": m} for m in MEMO_CHATS])
+
+
+def memo_recipe(tmp_path: Path, method: str = "lora", steps: int = 40, **sections) -> str:
+    """YAML text of a recipe that memorises MEMO_CHATS; `sections` update keys, e.g. adapter={"r": 4}."""
+    import yaml
+
+    recipe = {
+        "stage": "sft",
+        "model": {"name_or_path": "tiny-llama"},
+        "adapter": {"method": method, "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"train": str(memo_data(tmp_path)), "format": "messages"},
+        "train": {
+            "learning_rate": 3e-3, "max_steps": steps, "per_device_train_batch_size": 4, "logging_steps": 1,
+            "save_steps": 1000, "report_to": [], "lr_scheduler_type": "constant", "warmup_steps": 0,
+        },
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    for section, values in sections.items():
+        recipe[section].update(values)
+    return yaml.safe_dump(recipe)
+
+
+def logged_losses(out_dir: Path) -> list[float]:
+    state = json.loads((Path(out_dir) / "trainer_state.json").read_text())
+    return [h["loss"] for h in state["log_history"] if "loss" in h]
+
+
+class Watcher(TrainerCallback):
+    """Snapshots parameters at the start and end of training, and probe logits at the end."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.before_trainable, self.before_frozen, self.after = {}, {}, {}
+        self.logits = None
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        for name, p in model.named_parameters():
+            target = self.before_trainable if p.requires_grad else self.before_frozen
+            target[name] = p.detach().clone()
+
+    def on_train_end(self, args, state, control, model=None, **kw):
+        self.after = {n: p.detach().clone() for n, p in model.named_parameters()}
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            self.logits = model(**probe_inputs(self.tokenizer)).logits.float()
+        model.train(was_training)
+
+
+def probe_inputs(tokenizer):
+    """The first memorised question, rendered as a generation prompt."""
+    return tokenizer.apply_chat_template(MEMO_CHATS[0][:1], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(args, cwd: Path, timeout: int = 600, **kw) -> subprocess.CompletedProcess:
+    """`python -m finetune ARGS` in a subprocess, with the test session's environment."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, **kw)

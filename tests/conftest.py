@@ -1,0 +1,40 @@
+"""Shared fixtures: one tiny-model cache per session, and its tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def finetune_cache(tmp_path_factory):
+    """The tiny-model cache root: $FINETUNE_CACHE when set (reuse a prebuilt tiny model),
+    else a fresh dir for this session. Subprocesses inherit it through os.environ."""
+    existing = os.environ.get("FINETUNE_CACHE")
+    if existing:
+        yield existing
+        return
+    root = str(tmp_path_factory.mktemp("finetune_cache"))
+    os.environ["FINETUNE_CACHE"] = root
+    try:
+        yield root
+    finally:
+        os.environ.pop("FINETUNE_CACHE", None)
+
+
+@pytest.fixture(scope="session")
+def tiny_path(finetune_cache) -> str:
+    """Path of the built tiny-llama model dir (built once per cache root)."""
+    from finetune import tiny
+
+    return tiny.resolve("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_path):
+    """The tiny-llama tokenizer (byte-level BPE, chat template with generation markers).
+    Session-scoped: copy it (copy.deepcopy) before changing it."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_path)
