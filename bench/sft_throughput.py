@@ -36,6 +36,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -268,6 +269,8 @@ def run_child(variant: str, model: str, data: str, idx: int, log_dir: Path) -> d
     spec = {"arm": arm, "mods": mods, "model": model, "data": data,
             "out_dir": str(WORK / "runs" / f"{safe}-{idx}")}
     log = log_dir / f"{safe}-{idx}.log"
+    for leftover in (Path(spec["out_dir"]), Path(spec["out_dir"] + ".incomplete")):
+        shutil.rmtree(leftover, ignore_errors=True)  # a fresh run every time (no auto-resume)
     env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
     env.setdefault("FINETUNE_CACHE", "/tmp/ftcache_lead")
     with open(log, "w") as fh:

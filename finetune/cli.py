@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="recipe YAML file")
     train.add_argument("overrides", nargs="*", metavar="section.key=value", help="override a recipe key, e.g. train.max_steps=10")
     train.add_argument("--dry-run", action="store_true", help="validate recipe, data and model config; print the plan; train nothing")
-    train.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     data = sub.add_parser("data", help="inspect datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     prev.add_argument("--index", type=int, default=0, help="which record (default 0)")
     prev.add_argument("--max-length", type=int, default=None, help="truncate as train.max_length would")
     prev.add_argument("--tokens", action="store_true", help="also list every token with its label")
-    prev.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    prev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"finetune: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `finetune data preview ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("finetune: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130

@@ -285,6 +285,9 @@ def _coerce(value, tp, path: tuple, where: _Where):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own message is the helpful one
+            return _coerce(value, options[0], path, where)
         for arg in args:
             if arg is type(None):
                 continue

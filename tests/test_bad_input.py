@@ -202,12 +202,13 @@ def _cases(root: Path) -> dict[str, Case]:
 
 
 @pytest.fixture(scope="module")
-def cli(tmp_path_factory) -> dict[str, Case]:
+def cli(tmp_path_factory, tiny_path) -> dict[str, Case]:
+    # tiny_path: the tiny model is built (once) before the subprocesses look for it
     cases = _cases(tmp_path_factory.mktemp("bad_input"))
     env = _env()
 
     def run(case: Case) -> None:
-        case.result = subprocess.run(case.argv, cwd=case.cwd, env=env, capture_output=True, text=True, timeout=300)
+        case.result = subprocess.run(case.argv, cwd=case.cwd, env=env, capture_output=True, text=True, timeout=600)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         list(pool.map(run, cases.values()))
@@ -216,7 +217,7 @@ def cli(tmp_path_factory) -> dict[str, Case]:
 
 ERROR_CASES = ["missing_file", "malformed_json_line", "missing_field", "empty_jsonl", "empty_json_array",
                "unknown_format", "misspelt_format", "no_assistant_turn", "all_too_long", "unknown_key",
-               "bad_type", "yaml_syntax", "existing_output", "bad_trl_combination"]
+               "bad_type", "yaml_syntax", "existing_output"]
 
 
 @pytest.mark.parametrize("name", ERROR_CASES)
@@ -233,6 +234,25 @@ def test_bad_input_is_one_line_and_writes_nothing(cli, name):
         assert not case.output_dir.exists(), f"{case.output_dir} was created"
         incomplete = case.output_dir.with_name(case.output_dir.name + ".incomplete")
         assert not incomplete.exists(), f"{incomplete} was left behind: {sorted(p.name for p in incomplete.iterdir())}"
+
+
+def test_invalid_trl_config_combination_writes_nothing(cli):
+    """A combination only the TRL config rejects must fail before the run dir is made."""
+    case = cli["bad_trl_combination"]
+    r = case.result
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert len(case.error_lines) == 1, r.stderr
+    for part in case.expect:
+        assert part in case.error_lines[0]
+    assert not case.output_dir.exists()
+    incomplete = case.output_dir.with_name("out.incomplete")
+    assert not incomplete.exists(), f"{incomplete} was left behind: {sorted(p.name for p in incomplete.iterdir())}"
+
+
+def test_invalid_trl_config_combination_message_is_complete(cli):
+    """TRL's message spans several lines; the one error line must keep what it found."""
+    line = cli["bad_trl_combination"].error_lines[0]
+    assert "Evaluation strategy" in line and "Save strategy" in line, line
 
 
 def test_yaml_error_names_the_line(cli):

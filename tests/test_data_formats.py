@@ -407,3 +407,14 @@ def test_declared_format_beats_the_registry_and_the_guess(tmp_path):
     assert examples(path) == [{"prompt": "P", "completion": "C"}]
     # ... data.format decides
     assert examples(path, "text") == [{"text": "T"}]
+
+
+def test_field_errors_name_the_record_in_every_reader(tmp_path):
+    rows = [{"instruction": "Hi", "input": "", "output": "Hello"}, {"instruction": "Bye", "input": "", "output": None}]
+    for suffix, where, problem in (("json", "record 1", "missing"), ("jsonl", ":2", "missing"),
+                                   ("parquet", "record 1", "missing"), ("csv", ":3", "empty")):
+        path = WRITERS[suffix](tmp_path / f"bad.{suffix}", rows)
+        with pytest.raises(DataError) as e:
+            examples(path, "alpaca")
+        sep = "" if where.startswith(":") else " "
+        assert str(e.value) == f"{path}{sep}{where}: field 'output': {problem}", suffix

@@ -81,19 +81,19 @@ def test_chat_mask_equals_generation_markers(tiny_tokenizer, lang, n_turns, syst
 @pytest.mark.parametrize("lang, n_turns, system", [("en", 3, True), ("zh", 2, False)])
 def test_chat_mask_without_generation_markers(tiny_tokenizer, lang, n_turns, system):
     """A ChatML-like template with no {% generation %} markers: the span of an assistant turn
-    runs from after `<|im_start|>assistant\\n` to the start of the next turn, i.e. the answer,
-    `<|im_end|>` and the template's trailing newline."""
+    runs from after `<|im_start|>assistant\\n` through `<|im_end|>`: the answer and its
+    end-of-turn marker, not the newline the template puts after it."""
     tok = copy.deepcopy(tiny_tokenizer)
     tok.chat_template = CHATML
     msgs = conversation(lang, n_turns, system)
     enc = encode(tok, {"messages": msgs})
     assert tok.decode(enc.input_ids) == tok.apply_chat_template(msgs, tokenize=False)
     assert len(enc.labels) == len(enc.input_ids)
-    answers = [m["content"] + "<|im_end|>\n" for m in msgs if m["role"] == "assistant"]
+    answers = [m["content"] + "<|im_end|>" for m in msgs if m["role"] == "assistant"]
     assert runs(tok, enc.input_ids, enc.labels) == answers
     untrained = runs(tok, enc.input_ids, enc.labels, trained=False)
-    assert untrained[-1].endswith("<|im_start|>assistant\n")
-    assert all("<|im_start|>assistant\n" in r for r in untrained)
+    assert untrained[-1] == "\n"
+    assert all(r.endswith("<|im_start|>assistant\n") for r in untrained[:-1])
 
 
 def test_template_that_is_not_prefix_consistent_is_a_data_error(tiny_tokenizer):

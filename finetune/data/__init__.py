@@ -130,7 +130,8 @@ def _split(train: Split, ratio: float, seed: int) -> tuple[Split, Split]:
     held = set(order[:n_eval])
     keep = [e for i, e in enumerate(train.encoded) if i not in held]
     out = [e for i, e in enumerate(train.encoded) if i in held]
+    n_out_truncated = sum(e.truncated for e in out)
     return (
-        Split(train.source, keep, train.n_records - n_eval, train.n_truncated, train.n_dropped),
-        Split(f"{train.source} (held out {ratio:g})", out, n_eval),
+        Split(train.source, keep, train.n_records - n_eval, train.n_truncated - n_out_truncated, train.n_dropped),
+        Split(f"{train.source} (held out {ratio:g})", out, n_eval, n_out_truncated),
     )

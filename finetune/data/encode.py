@@ -47,7 +47,8 @@ def assistant_spans(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int
                 "the chat template is not prefix-consistent (rendering a conversation's first turns does not "
                 "give the start of the whole), so the assistant turns cannot be located; set model.chat_template"
             )
-        spans.append((len(before), len(upto)))
+        # The turn's text and its end-of-turn token; not the newline some templates put after it.
+        spans.append((len(before), len(before) + len(upto[len(before):].rstrip("\n"))))
     return full, spans
 
 
@@ -66,10 +67,12 @@ def encode_chat(tok, messages: list[dict]) -> Encoded:
 
 
 def encode_completion(tok, prompt: str, completion: str) -> Encoded:
+    """Prompt and completion are tokenized apart, as at inference (where the prompt is all
+    the model is given), so no token straddles the boundary."""
     eos = tok.eos_token or ""
-    full = prompt + completion + ("" if completion.endswith(eos) else eos)
-    enc = tok(full, add_special_tokens=True, return_offsets_mapping=True)
-    return Encoded(enc["input_ids"], _labels_from_spans(enc["input_ids"], enc["offset_mapping"], [(len(prompt), len(full))]))
+    prompt_ids = tok(prompt, add_special_tokens=True)["input_ids"]
+    completion_ids = tok(completion + ("" if completion.endswith(eos) else eos), add_special_tokens=False)["input_ids"]
+    return Encoded(prompt_ids + completion_ids, [IGNORE] * len(prompt_ids) + completion_ids)
 
 
 def encode_text(tok, text: str) -> Encoded:

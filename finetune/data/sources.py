@@ -140,6 +140,8 @@ def _read_jsonl(path: Path) -> Iterator[Record]:
 
 def _read_json(path: Path) -> Iterator[Record]:
     text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        return
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:

@@ -20,7 +20,8 @@ def trl_args(recipe: Recipe, output_dir):
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
-        raise RecipeError(f"{recipe.source or 'recipe'}: train: {str(e).strip().splitlines()[0]}") from None
+        message = "; ".join(line.strip(" -") for line in str(e).strip().splitlines() if line.strip())
+        raise RecipeError(f"{recipe.source or 'recipe'}: train: {message}") from None
 
 
 def world_size() -> int:

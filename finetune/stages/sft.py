@@ -40,10 +40,15 @@ def plan(recipe: Recipe) -> TrainPlan:
 
 def run(recipe: Recipe, callbacks=()) -> Path:
     from accelerate import PartialState
+    from transformers import set_seed
     from trl import SFTTrainer
 
     state = PartialState()
     run_dir, tok, prepared = prepare(recipe)
+    # SFTTrainer builds the adapter before Trainer seeds the RNG: seed first, so the same
+    # recipe gives the same initial adapter (and the same run) every time.
+    args = trl_args(recipe, run_dir.work)  # invalid TRL combinations fail here, before anything is written
+    set_seed(recipe.train["seed"])
     model = models.load_model(recipe.model, recipe.adapter, recipe.train["activation_checkpointing"])
     checkpoint = run_dir.start(recipe.identity(), is_main=state.is_main_process)
     state.wait_for_everyone()
@@ -52,7 +57,7 @@ def run(recipe: Recipe, callbacks=()) -> Path:
 
     trainer = SFTTrainer(
         model=model,
-        args=trl_args(recipe, run_dir.work),
+        args=args,
         train_dataset=prepared.train.dataset(),
         eval_dataset=prepared.eval.dataset() if prepared.eval else None,
         processing_class=tok,

@@ -1,0 +1,97 @@
+"""Recipe loading: typed overrides, defaults that replace TRL's CPU-hostile ones, and errors
+that name the file, line and field with the closest valid key."""
+
+import pytest
+
+from finetune import config
+from finetune.errors import RecipeError
+from finetune.stages.common import trl_args
+
+BASE = """\
+stage: sft
+model:
+  name_or_path: tiny-llama
+data:
+  train: alpaca_en_demo
+output:
+  dir: /tmp/never-written
+"""
+
+
+def load(extra: str = "", overrides=()):
+    return config.load(text=BASE + extra, overrides=list(overrides))
+
+
+def test_overrides_are_typed_by_the_schema():
+    r = load(overrides=["train.learning_rate=1e-3", "adapter.r=4", "adapter.target_modules=[q_proj,v_proj]",
+                        "output.overwrite=true", "train.max_steps=7", "data.columns={instruction: question}"])
+    assert r.train["learning_rate"] == pytest.approx(1e-3) and isinstance(r.train["learning_rate"], float)
+    assert r.adapter.r == 4 and r.adapter.target_modules == ["q_proj", "v_proj"]
+    assert r.output.overwrite is True and r.train["max_steps"] == 7
+    assert r.data.columns == {"instruction": "question"}
+
+
+def test_defaults_replace_trl_defaults_that_bite_on_cpu():
+    r = load()
+    args = trl_args(r, "/tmp/never-written")
+    assert args.bf16 is False and args.fp16 is False  # TRL defaults bf16 on, even on a CPU
+    assert args.activation_checkpointing is False
+    assert args.loss_type == "nll"
+    assert args.learning_rate == pytest.approx(2e-4)
+    assert args.train_sampling_strategy == "group_by_length"
+    assert args.ddp_find_unused_parameters is False
+
+
+def test_any_trl_field_passes_through_and_old_names_are_aliases():
+    r = load("train:\n  gradient_checkpointing: true\n  weight_decay: 0.01\n")
+    assert r.train["activation_checkpointing"] is True and "gradient_checkpointing" not in r.train
+    assert trl_args(r, "/tmp/x").weight_decay == pytest.approx(0.01)
+
+
+def test_dump_round_trips():
+    r = load(overrides=["adapter.method=dora", "train.max_steps=3"])
+    again = config.load(text=r.dump())
+    assert again.to_dict() == r.to_dict()
+    assert again.adapter.use_dora is True
+
+
+@pytest.mark.parametrize(
+    "extra, overrides, message",
+    [
+        ("train:\n  learnig_rate: 1\n", [], r"recipe:9: train\.learnig_rate: unknown key for SFTConfig; did you mean 'learning_rate'\?"),
+        ("adapter:\n  metod: lora\n", [], r"recipe:9: adapter\.metod: unknown key; did you mean 'method'\?"),
+        ("adapter:\n  method: lorra\n", [], r"recipe:9: adapter\.method: 'lorra' is not one of lora, dora, qlora; did you mean 'lora'\?"),
+        ("", ["train.max_steps=abc"], r"override 'train\.max_steps=abc': train\.max_steps: expected int, got 'abc'"),
+        ("", ["adapter.r=0"], r"adapter\.r: must be at least 1"),
+        ("", ["data.format=alpacca"], r"data\.format: 'alpacca' is not one of .*; did you mean 'alpaca'\?"),
+        ("trian:\n  x: 1\n", [], r"recipe:8: trian: unknown section; did you mean 'train'\?"),
+        ("train:\n  output_dir: /x\n", [], r"train\.output_dir: set by finetune from output\.dir"),
+        ("", ["data.eval=x.jsonl", "data.eval_ratio=0.1"], r"data\.eval_ratio: give data\.eval or data\.eval_ratio, not both"),
+        ("", ["train.bf16=true", "train.fp16=true"], r"bf16 and fp16 are both on"),
+        ("", ["trainmax_steps=3"], r"override 'trainmax_steps=3': trainmax_steps: unknown section"),
+        ("", ["train.resume=/no/such/checkpoint"], r"train\.resume: '/no/such/checkpoint' is neither auto, never nor a checkpoint dir"),
+    ],
+)
+def test_errors_name_place_field_and_fix(extra, overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        load(extra, overrides)
+
+
+def test_missing_required_key_and_file_errors(tmp_path):
+    with pytest.raises(RecipeError, match=r"missing required key 'model\.name_or_path'"):
+        config.load(text="model: {}\ndata:\n  train: x\noutput:\n  dir: y\n")
+    with pytest.raises(RecipeError, match=r"missing section 'data'"):
+        config.load(text="model:\n  name_or_path: x\noutput:\n  dir: y\n")
+    with pytest.raises(RecipeError, match=r"nope\.yaml: recipe file not found"):
+        config.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name_or_path: [unclosed\n")
+    with pytest.raises(RecipeError, match=r"bad\.yaml:\d+: invalid YAML"):
+        config.load(bad)
+
+
+def test_recipes_are_data_not_code(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(BASE + "extra: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(RecipeError, match="invalid YAML"):
+        config.load(evil)
