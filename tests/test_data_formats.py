@@ -418,3 +418,21 @@ def test_field_errors_name_the_record_in_every_reader(tmp_path):
             examples(path, "alpaca")
         sep = "" if where.startswith(":") else " "
         assert str(e.value) == f"{path}{sep}{where}: field 'output': {problem}", suffix
+
+
+def test_hub_dataset_code_path_loads_a_local_dataset_dir(tmp_path, tiny_tokenizer):
+    """Hub ids go through `datasets.load_dataset`; offline it is exercised with a local dir."""
+    import json
+
+    from finetune.config import DataSection
+    from finetune.data import load, sources
+
+    folder = tmp_path / "org_dataset"
+    folder.mkdir()
+    rows = [{"instruction": f"Say {w}.", "input": "", "output": f"{w}."} for w in ("one", "two", "three")]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    src = sources.resolve(str(folder))
+    assert src.hub == str(folder) and src.path is None
+    prepared = load(DataSection(train=str(folder), format="alpaca"), tiny_tokenizer, max_length=64)
+    assert prepared.train.n_records == 3
+    assert "[train] record 2" in sources.read(src)[2].where

@@ -65,10 +65,12 @@ def read_registry(path: Path | None) -> dict[str, dict]:
 
 
 def resolve(name: str, split: str = "train", registry: str | None = None, field: str = "data.train") -> Source:
-    """A recipe's dataset reference -> Source. Files first, then registry names, then hub ids."""
+    """A recipe's dataset reference -> Source. Files and folders first, then registry names, then hub ids."""
     p = Path(name).expanduser()
     if p.is_file():
         return Source(name=name, path=p, split=split)
+    if p.is_dir():  # a dataset folder (data files, or a downloaded hub repo): datasets reads it
+        return Source(name=name, hub=str(p), split=split)
     looks_like_file = p.suffix.lower() in FILE_SUFFIXES or name.startswith((".", "/", "~"))
     if looks_like_file:
         raise DataError(f"{field}: {name}: file not found")
