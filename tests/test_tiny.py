@@ -82,7 +82,7 @@ def test_resolve_builds_once_then_hits_the_cache(model_dir, info, monkeypatch):
     assert tiny.resolve("tiny-llama") == str(model_dir)
     assert tiny.build("tiny-llama") == model_dir
     assert (model_dir / tiny.INFO_FILE).stat().st_mtime_ns == stamp
-    assert not list(model_dir.parent.glob(".tiny-llama-*.tmp-*")), "temp build dirs left behind"
+    assert not list(model_dir.parent.glob(f".{model_dir.name}.tmp-*")), "temp build dirs left behind"
 
 
 def test_resolve_passes_other_names_through_and_rejects_unknown_tiny_names(tmp_path):
