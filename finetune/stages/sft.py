@@ -11,8 +11,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import torch
-
 from finetune import card, data, models
 from finetune.config import Recipe
 from finetune.outputs import RunDir, write_text_atomic
@@ -45,9 +43,9 @@ def run(recipe: Recipe, callbacks=()) -> Path:
 
     state = PartialState()
     run_dir, tok, prepared = prepare(recipe)
+    args = trl_args(recipe, run_dir.work)  # invalid TRL combinations fail here, before anything is written
     # SFTTrainer builds the adapter before Trainer seeds the RNG: seed first, so the same
     # recipe gives the same initial adapter (and the same run) every time.
-    args = trl_args(recipe, run_dir.work)  # invalid TRL combinations fail here, before anything is written
     set_seed(recipe.train["seed"])
     model = models.load_model(recipe.model, recipe.adapter, recipe.train["activation_checkpointing"])
     checkpoint = run_dir.start(recipe.identity(), is_main=state.is_main_process)
