@@ -375,10 +375,15 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     runs = []
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(a.out).with_suffix(".runs.jsonl")  # every run as it finishes (kept if interrupted)
+    partial.write_text("")
     for i in range(a.repeats):  # interleaved: A, B, C, A, B, C, ...
         for v in variants:
             rec = run_child(v, model, str(data), i, log_dir)
             runs.append(rec)
+            with open(partial, "a") as fh:
+                fh.write(json.dumps(rec, default=str) + "\n")
             msg = f"{rec['tok_s']:.0f} tok/s" if "tok_s" in rec else rec["error"][:200]
             print(f"[{time.time() - t0:6.0f}s] run {i + 1}/{a.repeats} {v}: {msg}", file=sys.stderr, flush=True)
 

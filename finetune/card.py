@@ -29,8 +29,7 @@ def _versions() -> str:
     return f"finetune {__version__}, transformers {transformers.__version__}, peft {peft.__version__}, trl {trl.__version__}, torch {torch.__version__}"
 
 
-def model_card(recipe, prepared, metrics: dict, model) -> str:
-    base = models.model_path(recipe.model)
+def model_card(recipe, prepared, metrics: dict, model, base: str) -> str:
     a, t, d = recipe.adapter, recipe.train, recipe.data
     trainable, total = models.count_parameters(model)
     train_stats = prepared.train.stats()

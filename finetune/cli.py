@@ -23,8 +23,6 @@ def _quiet_libraries(debug: bool) -> None:
     """Keep the terminal for progress bars and our own messages."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # bitsandbytes' CPU backend asks for an optional `kernels` package (a hub download) on import.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     if not debug:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")

@@ -43,7 +43,7 @@ def memo_recipe(tmp_path: Path, method: str = "lora", steps: int = 40, **section
         "data": {"train": str(memo_data(tmp_path)), "format": "messages"},
         "train": {
             "learning_rate": 3e-3, "max_steps": steps, "per_device_train_batch_size": 4, "logging_steps": 1,
-            "save_steps": 1000, "report_to": [], "lr_scheduler_type": "constant", "warmup_steps": 0,
+            "save_steps": 1000, "report_to": [], "bf16": False, "lr_scheduler_type": "constant", "warmup_steps": 0,
         },
         "output": {"dir": str(tmp_path / "out")},
     }

@@ -31,15 +31,28 @@ def test_overrides_are_typed_by_the_schema():
     assert r.data.columns == {"instruction": "question"}
 
 
-def test_defaults_replace_trl_defaults_that_bite_on_cpu():
+def test_defaults_replace_trl_defaults_that_bite_on_cpu(monkeypatch):
+    monkeypatch.setattr(config, "_cpu_native_bf16", lambda: False)
     r = load()
     args = trl_args(r, "/tmp/never-written")
-    assert args.bf16 is False and args.fp16 is False  # TRL defaults bf16 on, even on a CPU
+    assert args.bf16 is False and args.fp16 is False  # TRL defaults bf16 on, even on a CPU without bf16
     assert args.activation_checkpointing is False
     assert args.loss_type == "nll"
     assert args.learning_rate == pytest.approx(2e-4)
     assert args.train_sampling_strategy == "group_by_length"
     assert args.ddp_find_unused_parameters is False
+
+
+def test_bf16_is_the_default_where_the_cpu_has_bf16_arithmetic(monkeypatch):
+    monkeypatch.setattr(config, "_cpu_native_bf16", lambda: True)
+    assert load().train["bf16"] is True
+    assert load(overrides=["train.bf16=false"]).train["bf16"] is False
+
+
+def test_yaml_no_is_the_strategy_no():
+    r = load("train:\n  save_strategy: no\n  eval_strategy: no\n")
+    assert r.train["save_strategy"] == "no" and r.train["eval_strategy"] == "no"
+    assert trl_args(r, "/tmp/x").save_strategy == "no"
 
 
 def test_any_trl_field_passes_through_and_old_names_are_aliases():

@@ -93,7 +93,8 @@ def _finish(recipe: Recipe, run_dir: RunDir, trainer, prepared, metrics: dict) -
     trainer.state.save_to_json(str(work / "trainer_state.json"))
     write_text_atomic(work / "recipe.yaml", recipe.dump())
     card.write_metrics(work, metrics)
-    write_text_atomic(work / "README.md", card.model_card(recipe, prepared, metrics, trainer.model))
+    base = trainer.model.peft_config[trainer.model.active_adapter].base_model_name_or_path
+    write_text_atomic(work / "README.md", card.model_card(recipe, prepared, metrics, trainer.model, base))
     if not recipe.output.keep_checkpoints:
         for ckpt in work.glob("checkpoint-*"):
             shutil.rmtree(ckpt, ignore_errors=True)
