@@ -33,7 +33,32 @@ def rec(instruction, output, input="", system=None, history=None):
 
 # ---------------------------------------------------------------- arithmetic
 
-def arith_en(rng, n):
+ARITH_TEMPLATES = {
+    "en": {
+        "add": lambda a, b, c: rec(f"What is {a} plus {b}?", f"{a} plus {b} is {c}."),
+        "sub": lambda a, b, c: rec("Calculate the result.", f"{a} - {b} = {c}.", f"{a} - {b}"),
+        "mul": lambda a, b, c: rec(f"What is {a} times {b}?", f"{a} times {b} is {c}."),
+        "div": lambda a, b, c: rec(f"Divide {a} by {b}.", f"{a} divided by {b} is {c}."),
+        "word_add": lambda a, b, c: rec(f"Tom has {a} apples and buys {b} more. How many apples does he have now?",
+                                        f"He has {a} + {b} = {c} apples now."),
+        "word_sub": lambda a, b, c: rec(f"A bus has {a} people on it. {b} people get off. How many are left?",
+                                        f"{a} - {b} = {c}, so {c} people are left."),
+    },
+    "zh": {
+        "add": lambda a, b, c: rec(f"{a}加{b}等于多少？", f"{a}加{b}等于{c}。"),
+        "sub": lambda a, b, c: rec("计算下面的算式。", f"{a}-{b}={c}。", f"{a}-{b}"),
+        "mul": lambda a, b, c: rec(f"{a}乘以{b}是多少？", f"{a}乘以{b}等于{c}。"),
+        "div": lambda a, b, c: rec(f"{a}除以{b}等于几？", f"{a}除以{b}等于{c}。"),
+        "word_add": lambda a, b, c: rec(f"小明有{a}个苹果，又买了{b}个，现在一共有几个？",
+                                        f"{a}+{b}={c}，现在一共有{c}个苹果。"),
+        "word_sub": lambda a, b, c: rec(f"车上有{a}个人，下去了{b}个人，还剩多少人？",
+                                        f"{a}-{b}={c}，车上还剩{c}个人。"),
+    },
+}
+
+
+def arith(rng, n, lang):
+    """n distinct arithmetic problems, worded in `lang`."""
     out, seen = [], set()
     kinds = ["add", "sub", "mul", "div", "word_add", "word_sub"]
     while len(out) < n:
@@ -53,58 +78,16 @@ def arith_en(rng, n):
         if (k, a, b) in seen:
             continue
         seen.add((k, a, b))
-        if k == "add":
-            out.append(rec(f"What is {a} plus {b}?", f"{a} plus {b} is {c}."))
-        elif k == "sub":
-            out.append(rec("Calculate the result.", f"{a} - {b} = {c}.", f"{a} - {b}"))
-        elif k == "mul":
-            out.append(rec(f"What is {a} times {b}?", f"{a} times {b} is {c}."))
-        elif k == "div":
-            out.append(rec(f"Divide {a} by {b}.", f"{a} divided by {b} is {c}."))
-        elif k == "word_add":
-            out.append(rec(f"Tom has {a} apples and buys {b} more. How many apples does he have now?",
-                           f"He has {a} + {b} = {c} apples now."))
-        else:
-            out.append(rec(f"A bus has {a} people on it. {b} people get off. How many are left?",
-                           f"{a} - {b} = {c}, so {c} people are left."))
+        out.append(ARITH_TEMPLATES[lang][k](a, b, c))
     return out
+
+
+def arith_en(rng, n):
+    return arith(rng, n, "en")
 
 
 def arith_zh(rng, n):
-    out, seen = [], set()
-    kinds = ["add", "sub", "mul", "div", "word_add", "word_sub"]
-    while len(out) < n:
-        k = kinds[len(out) % len(kinds)]
-        if k in ("add", "word_add"):
-            a, b = rng.randint(11, 99), rng.randint(11, 99)
-            c = a + b
-        elif k in ("sub", "word_sub"):
-            a, b = rng.randint(40, 150), rng.randint(5, 39)
-            c = a - b
-        elif k == "mul":
-            a, b = rng.randint(3, 15), rng.randint(3, 12)
-            c = a * b
-        else:
-            b, c = rng.randint(2, 12), rng.randint(3, 15)
-            a = b * c
-        if (k, a, b) in seen:
-            continue
-        seen.add((k, a, b))
-        if k == "add":
-            out.append(rec(f"{a}加{b}等于多少？", f"{a}加{b}等于{c}。"))
-        elif k == "sub":
-            out.append(rec("计算下面的算式。", f"{a}-{b}={c}。", f"{a}-{b}"))
-        elif k == "mul":
-            out.append(rec(f"{a}乘以{b}是多少？", f"{a}乘以{b}等于{c}。"))
-        elif k == "div":
-            out.append(rec(f"{a}除以{b}等于几？", f"{a}除以{b}等于{c}。"))
-        elif k == "word_add":
-            out.append(rec(f"小明有{a}个苹果，又买了{b}个，现在一共有几个？",
-                           f"{a}+{b}={c}，现在一共有{c}个苹果。"))
-        else:
-            out.append(rec(f"车上有{a}个人，下去了{b}个人，还剩多少人？",
-                           f"{a}-{b}={c}，车上还剩{c}个人。"))
-    return out
+    return arith(rng, n, "zh")
 
 
 def arith_chain_en(rng):
