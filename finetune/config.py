@@ -204,9 +204,11 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
+        mark, context = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if context is not None and mark is not None and context.line != mark.line:
+            problem += f" ({getattr(e, 'context', None) or 'started'} on line {context.line + 1})"
         raise RecipeError(f"{source or 'recipe'}{line}: invalid YAML: {problem}") from None
     raw = {} if raw is None else raw
     where = _Where(source, _line_map(text))
