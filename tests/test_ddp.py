@@ -30,3 +30,16 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert two[-1] < 0.5 * two[0], f"DDP did not learn: {two}"
     tail_one, tail_two = sum(one[-5:]) / 5, sum(two[-5:]) / 5
     assert abs(tail_two - tail_one) < 0.25 * tail_one + 0.05, f"single {one} vs ddp {two}"
+
+
+def test_accelerate_launch_without_config_is_the_plain_run(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(memo_recipe(tmp_path, "lora", steps=5))
+    plain = run_cli(["train", str(recipe), f"output.dir={tmp_path / 'plain'}"], cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    launched = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--main_process_port",
+         str(free_port()), "-m", "finetune", "train", str(recipe), f"output.dir={tmp_path / 'launched'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert logged_losses(tmp_path / "launched") == logged_losses(tmp_path / "plain")
