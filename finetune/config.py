@@ -8,6 +8,7 @@ re-declared here: it is validated against the fields of the stage's TRL config c
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -242,7 +243,7 @@ def _validate(raw: dict, where: _Where, source: str | None) -> Recipe:
         if value is None:
             raise RecipeError(f"{where((name,))}: missing section '{name}'")
         sections[name] = _build(cls, value, (name,), where)
-    train = _validate_train(stage, raw.get("train") or {}, sections["adapter"], where)
+    train = _validate_train(stage, raw.get("train") or {}, where)
     recipe = Recipe(stage=stage, train=train, source=source, **sections)
     _cross_checks(recipe, where)
     return recipe
@@ -343,7 +344,7 @@ def _coerce(value, tp, path: tuple, where: _Where):
         if isinstance(value, str):
             return value
         raise bad
-    if isinstance(tp, type) and issubclass(tp, __import__("enum").Enum):
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
         if value is False and "no" in [e.value for e in tp]:
             value = "no"  # YAML 1.1 reads a bare `no` as false (save_strategy: no)
         try:
@@ -387,7 +388,7 @@ def default_bf16() -> bool:
     return _cuda_bf16() if torch.cuda.is_available() else _cpu_native_bf16()
 
 
-def train_defaults(stage: str, adapter: AdapterSection) -> dict[str, Any]:
+def train_defaults(stage: str) -> dict[str, Any]:
     """Our explicit defaults, replacing TRL's where they bite (STACK_NOTES: bf16 and
     activation checkpointing default to on even on a CPU; SFT lr 2e-5 is for full tuning).
     Measured in bench/README.md: length-grouped batches and no activation checkpointing are
@@ -429,13 +430,13 @@ TRAIN_ALIASES = {"gradient_checkpointing": "activation_checkpointing", "gradient
 TRAIN_RESERVED = {"output_dir": "output.dir", "use_cpu": "the device", "dataset_text_field": "data.format"}
 
 
-def _validate_train(stage: str, raw, adapter: AdapterSection, where: _Where) -> dict[str, Any]:
+def _validate_train(stage: str, raw, where: _Where) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise RecipeError(f"{where(('train',))}: expected a mapping of keys, got {type(raw).__name__}")
     cls = trl_config_class(stage)
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in fields(cls) if f.init]
-    out = train_defaults(stage, adapter)
+    out = train_defaults(stage)
     for key, value in raw.items():
         path = ("train", key)
         if key in TRAIN_RESERVED:
