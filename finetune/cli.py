@@ -35,7 +35,8 @@ def _quiet_libraries(debug: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("finetune: %(message)s"))
     log.addHandler(handler)
-    log.setLevel(logging.DEBUG if debug else logging.INFO if _is_main_process() else logging.WARNING)
+    # Other ranks of a distributed run say only what went wrong (the main process reports).
+    log.setLevel(logging.DEBUG if debug else logging.INFO if _is_main_process() else logging.ERROR)
     log.propagate = False
 
 
