@@ -9,7 +9,7 @@ import torch
 
 from finetune import tiny
 from finetune.config import AdapterSection, ModelSection
-from finetune.errors import RecipeError
+from finetune.errors import RecipeError, closest
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,17 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def model_path(cfg: ModelSection) -> str:
     """The path or hub id to load: a built-in tiny name is built (once) and cached locally."""
-    return tiny.resolve(cfg.name_or_path)
+    return resolve_reference(cfg.name_or_path, "model.name_or_path")
+
+
+def resolve_reference(name: str, field: str) -> str:
+    """A tiny-model name, local path or hub id -> what from_pretrained loads; bad ones name the field."""
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+        raise RecipeError(f"{field}: {name}: no such directory")
+    try:
+        return tiny.resolve(name)
+    except ValueError as e:  # an unknown tiny-* name
+        raise RecipeError(f"{field}: {e}{closest(name, tiny.TINY_MODELS)}") from None
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -41,7 +51,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 def load_tokenizer(cfg: ModelSection, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
-    source = tiny.resolve(cfg.tokenizer) if cfg.tokenizer else model_path(cfg)
+    source = resolve_reference(cfg.tokenizer, "model.tokenizer") if cfg.tokenizer else model_path(cfg)
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:

@@ -95,3 +95,56 @@ def run_cli(args, cwd: Path, timeout: int = 600, **kw) -> subprocess.CompletedPr
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout, **kw)
+
+
+# Probes of the tiny model's quality (tests/test_tiny.py asserts them, bench/tiny_build.py reports them).
+QA = [  # memorisable facts the tiny corpus does not contain
+    ("Where does Tom keep his bike?", "Tom keeps his bike in the kitchen."),
+    ("What colour is Anna's new car?", "Anna's new car is green with white stripes."),
+    ("小明的猫叫什么名字？", "小明的猫叫花花，它今年三岁。"),
+    ("When does the shop on Oak Road open?", "It opens at 7:30 every Monday."),
+]
+HELD_OUT = [  # corpus-like sentences (new combinations of corpus phrases), not in the corpus
+    "The farmer found a green cup near the river.",
+    "Our teacher painted the wooden table after school.",
+    "My neighbour fixed a new bike at the market.",
+    "Emma drinks a cup of tea before bed.",
+    "一个小女孩在河边找到了一把旧椅子。",
+    "我们的老师放学后修好了那张木头桌子。",
+    "小红每天晚上都会听音乐。",
+]
+
+
+def heldout_loss(model, tok) -> float:
+    """Mean loss on HELD_OUT (each sentence + EOS)."""
+    losses = []
+    with torch.no_grad():
+        for s in HELD_OUT:
+            ids = torch.tensor([tok(s)["input_ids"] + [tok.eos_token_id]])
+            losses.append(model(input_ids=ids, labels=ids).loss.item())
+    return sum(losses) / len(losses)
+
+
+def lora_check(model, tok, steps: int = 100, lr: float = 2e-3, seed: int = 0) -> tuple[float, float, list[str]]:
+    """(first, last, trainable parameter names): answer-only loss of LoRA r=8 on all-linear (lm_head frozen) memorising QA:
+    the property every learning test relies on."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in QA]
+    enc = tok.apply_chat_template(chats, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                  padding=True, return_tensors="pt")
+    ids, attn, mask = enc["input_ids"], enc["attention_mask"], enc["assistant_masks"]
+    labels = ids.masked_fill(mask == 0, -100)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+    first = last = None
+    for _ in range(steps):
+        loss = peft_model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        first = loss.item() if first is None else first
+        last = loss.item()
+    return first, last, trainable

@@ -18,28 +18,11 @@ import textwrap
 
 import pytest
 import torch
+from _support import heldout_loss, lora_check
 
 from finetune import tiny
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-HELD_OUT = [  # corpus-like sentences (new combinations of corpus phrases), not in the corpus
-    "The farmer found a green cup near the river.",
-    "Our teacher painted the wooden table after school.",
-    "My neighbour fixed a new bike at the market.",
-    "Emma drinks a cup of tea before bed.",
-    "一个小女孩在河边找到了一把旧椅子。",
-    "我们的老师放学后修好了那张木头桌子。",
-    "小红每天晚上都会听音乐。",
-]
-
-QA = [  # memorisable facts the corpus does not contain
-    ("Where does Tom keep his bike?", "Tom keeps his bike in the kitchen."),
-    ("What colour is Anna's new car?", "Anna's new car is green with white stripes."),
-    ("小明的猫叫什么名字？", "小明的猫叫花花，它今年三岁。"),
-    ("When does the shop on Oak Road open?", "It opens at 7:30 every Monday."),
-]
-
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_path) -> pathlib.Path:
@@ -200,15 +183,7 @@ def test_pretraining_made_a_language_model(model_dir, tok, info):
     torch.manual_seed(0)
     random_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).eval()
 
-    def loss(m) -> float:
-        with torch.no_grad():
-            vals = []
-            for s in HELD_OUT:
-                ids = torch.tensor([tok(s)["input_ids"] + [tok.eos_token_id]])
-                vals.append(m(input_ids=ids, labels=ids).loss.item())
-        return sum(vals) / len(vals)
-
-    trained, rand = loss(model), loss(random_model)
+    trained, rand = heldout_loss(model, tok), heldout_loss(random_model, tok)
     print(f"held-out loss: pre-trained {trained:.3f}, random init {rand:.3f}")
     assert trained < 0.6 * rand
 
@@ -323,27 +298,7 @@ def test_corpus_covers_every_token_of_the_demo_data(tok):
 def test_lora_on_all_linear_learns_on_the_pretrained_base(model_dir, tok):
     """The property the suite depends on: LoRA r=8 on all-linear (lm_head frozen), loss on
     the answers only, memorises 4 Q/A chats within ~100 steps."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in QA]
-    enc = tok.apply_chat_template(
-        chats, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, padding=True, return_tensors="pt"
-    )
-    labels = enc["input_ids"].masked_fill(enc["assistant_masks"] == 0, -100)
-    model = get_peft_model(
-        _load_model(model_dir), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
-    )
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    first, last, trainable = lora_check(_load_model(model_dir), tok, steps=100, lr=2e-3, seed=0)
     assert trainable and not any("lm_head" in n or "embed" in n for n in trainable)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    losses = []
-    for _ in range(100):
-        loss = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    print(f"LoRA answer loss: {losses[0]:.3f} -> {losses[-1]:.3f}")
-    assert losses[-1] < 0.5 * losses[0]
+    print(f"LoRA answer loss: {first:.3f} -> {last:.3f}")
+    assert last < 0.5 * first
