@@ -21,10 +21,9 @@ def _fmt(value) -> str:
 
 def _versions() -> str:
     import peft
+    import torch
     import transformers
     import trl
-
-    import torch
 
     return f"finetune {__version__}, transformers {transformers.__version__}, peft {peft.__version__}, trl {trl.__version__}, torch {torch.__version__}"
 
@@ -42,8 +41,8 @@ def model_card(recipe, prepared, metrics: dict, model, base: str) -> str:
         "---",
         "library_name: peft",
         f"base_model: {base}",
-        f"pipeline_tag: text-generation",
-        "tags: [finetune, " + f"{recipe.stage}, {a.method}]",
+        "pipeline_tag: text-generation",
+        f"tags: [finetune, {recipe.stage}, {a.method}]",
     ]
     if language:
         front.append(f"language: {language}")
