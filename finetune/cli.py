@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     prev.add_argument("--max-length", type=int, default=None, help="truncate as train.max_length would")
     prev.add_argument("--tokens", action="store_true", help="also list every token with its label")
     prev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    from finetune.eval import command as eval_command
+
+    eval_command.add_parser(sub)
     return p
 
 
@@ -89,10 +93,16 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from finetune.eval import command
+
+    return command.main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries(args.debug)
-    handler = {"train": cmd_train, "data": cmd_data}[args.command]
+    handler = {"train": cmd_train, "data": cmd_data, "eval": cmd_eval}[args.command]
     try:
         return handler(args)
     except FinetuneError as e:

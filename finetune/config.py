@@ -96,9 +96,25 @@ class OutputSection:
     keep_checkpoints: bool = _f(False, help="Keep the checkpoint-N dirs in the finished output (they are removed by default).")
 
 
+@dataclass
+class EvalSection:
+    """Optional: evaluation after training (finetune.eval.after_training); absent = none."""
+
+    data: str | None = _f(None, help="Dataset for generation metrics (registry name, file or hub id); default: the run's held-out split (data.eval or data.eval_ratio).")
+    max_samples: int | None = _f(200, help="Score at most this many examples (null = all).")
+    max_new_tokens: int = _f(128, help="Greedy generation length limit per answer.")
+    batch_size: int = _f(16, help="Prompts per generation batch (left-padded, sorted by length).")
+    language: Literal["auto", "en", "zh"] = _f("auto", help="BLEU tokenizer: en = sacrebleu 13a, zh = sacrebleu zh; auto = zh if the references contain CJK text.")
+    metric_style: Literal["standard", "llamafactory"] = _f("standard", help="standard = sacrebleu + rouge-score; llamafactory = LLaMA-Factory's character BLEU-4 and jieba ROUGE.")
+    rouge_tokenizer: Literal["chars", "jieba"] = _f("chars", help="ROUGE tokens: chars = each CJK character + ASCII words; jieba = jieba words.")
+    suite: str | None = _f(None, help="Capability suite YAML (e.g. eval/suites/general.yaml) scored on the tuned and the base model.")
+    history: str | None = _f(None, help="JSONL file the results are appended to (default: eval_history.jsonl beside output.dir).")
+
+
 RESUME_VOLATILE = (("train", "resume"), ("output", "overwrite"), ("output", "keep_checkpoints"))
-SECTIONS = {"model": ModelSection, "adapter": AdapterSection, "data": DataSection, "output": OutputSection}
-TOP_LEVEL = ("stage", "model", "adapter", "data", "train", "output")
+SECTIONS = {"model": ModelSection, "adapter": AdapterSection, "data": DataSection, "output": OutputSection, "eval": EvalSection}
+OPTIONAL_SECTIONS = ("eval",)
+TOP_LEVEL = ("stage", "model", "adapter", "data", "train", "output", "eval")
 
 
 @dataclass
@@ -110,13 +126,15 @@ class Recipe:
     train: dict[str, Any]  # effective kwargs for the stage's TRL config (+ TRAIN_EXTRA_KEYS)
     output: OutputSection
     source: str | None = None  # the YAML file it came from
+    eval: EvalSection | None = None  # optional section: absent = no evaluation after training
 
     def to_dict(self) -> dict:
         out = {"stage": self.stage}
         for name in SECTIONS:
-            out[name] = dataclasses.asdict(getattr(self, name))
+            if getattr(self, name) is not None:
+                out[name] = dataclasses.asdict(getattr(self, name))
         out["train"] = dict(self.train)
-        return {k: out[k] for k in TOP_LEVEL}
+        return {k: out[k] for k in TOP_LEVEL if k in out}
 
     def dump(self) -> str:
         return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False, allow_unicode=True)
@@ -240,6 +258,8 @@ def _validate(raw: dict, where: _Where, source: str | None) -> Recipe:
         value = raw.get(name)
         if value is None and name == "adapter":
             value = {}
+        if value is None and name in OPTIONAL_SECTIONS:
+            continue
         if value is None:
             raise RecipeError(f"{where((name,))}: missing section '{name}'")
         sections[name] = _build(cls, value, (name,), where)
@@ -456,6 +476,12 @@ def _cross_checks(recipe: Recipe, where: _Where) -> None:
         raise RecipeError(f"{where(('data', 'eval_ratio'))}: give data.eval or data.eval_ratio, not both")
     if not 0.0 <= d.eval_ratio < 1.0:
         raise RecipeError(f"{where(('data', 'eval_ratio'))}: must be in [0, 1), got {d.eval_ratio}")
+    if recipe.eval is not None:
+        for key in ("max_samples", "max_new_tokens", "batch_size"):
+            if (getattr(recipe.eval, key) or 1) < 1:
+                raise RecipeError(f"{where(('eval', key))}: must be at least 1")
+        if recipe.eval.suite and not Path(recipe.eval.suite).is_file():
+            raise RecipeError(f"{where(('eval', 'suite'))}: {recipe.eval.suite}: file not found")
     if d.max_samples is not None and d.max_samples < 1:
         raise RecipeError(f"{where(('data', 'max_samples'))}: must be at least 1")
     if a.r < 1:

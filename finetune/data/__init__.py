@@ -118,16 +118,21 @@ def load(cfg: DataSection, tok, max_length: int | None, seed: int = 42) -> Prepa
     return prepared
 
 
-def _split(train: Split, ratio: float, seed: int) -> tuple[Split, Split]:
+def heldout_indices(n: int, ratio: float, seed: int) -> set[int]:
+    """Which of n examples data.eval_ratio holds out (also used by finetune.eval to find them)."""
     import random
 
-    n = len(train.encoded)
     n_eval = max(1, round(n * ratio))
     if n_eval >= n:
         raise DataError(f"data.eval_ratio: {ratio} of {n} examples leaves nothing to train on")
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
+    return set(order[:n_eval])
+
+
+def _split(train: Split, ratio: float, seed: int) -> tuple[Split, Split]:
+    held = heldout_indices(len(train.encoded), ratio, seed)
+    n_eval = len(held)
     keep = [e for i, e in enumerate(train.encoded) if i not in held]
     out = [e for i, e in enumerate(train.encoded) if i in held]
     n_out_truncated = sum(e.truncated for e in out)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from finetune import card, data, models
 from finetune.config import Recipe
+from finetune.eval import after_training
 from finetune.outputs import RunDir, write_text_atomic
 from finetune.stages.common import TrainPlan, trl_args
 
@@ -94,7 +95,8 @@ def _finish(recipe: Recipe, run_dir: RunDir, trainer, prepared, metrics: dict) -
     write_text_atomic(work / "recipe.yaml", recipe.dump())
     card.write_metrics(work, metrics)
     base = trainer.model.peft_config[trainer.model.active_adapter].base_model_name_or_path
-    write_text_atomic(work / "README.md", card.model_card(recipe, prepared, metrics, trainer.model, base))
+    model_card = card.model_card(recipe, prepared, metrics, trainer.model, base)
+    write_text_atomic(work / "README.md", model_card + after_training(recipe, work))  # recipe `eval:` (if any)
     if not recipe.output.keep_checkpoints:
         for ckpt in work.glob("checkpoint-*"):
             shutil.rmtree(ckpt, ignore_errors=True)

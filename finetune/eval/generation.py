@@ -1,0 +1,123 @@
+"""Generation eval: dataset -> prompts + references -> batched greedy answers -> predictions.jsonl.
+
+Prompts are sorted by length and batched with left padding, so each batch pads little and every
+row's answer starts right after its prompt. The reference is the last assistant turn; the
+prompt is the conversation before it, rendered with the chat template (generation prompt on).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from finetune.errors import DataError
+
+
+@dataclass
+class Item:
+    prompt: object  # list of messages (chat) or a plain string (prompt_completion)
+    reference: str
+    where: str = ""
+
+
+def items_from_examples(examples: list[dict], label: str) -> list[Item]:
+    """Canonical examples (finetune.data.formats) -> prompt + reference pairs."""
+    items = []
+    for i, ex in enumerate(examples):
+        if "messages" in ex:
+            msgs = ex["messages"]
+            last = max(j for j, m in enumerate(msgs) if m["role"] == "assistant")
+            items.append(Item(msgs[:last], msgs[last]["content"], f"{label} record {i + 1}"))
+        elif "completion" in ex:
+            items.append(Item(ex["prompt"], ex["completion"], f"{label} record {i + 1}"))
+        else:
+            raise DataError(f"{label}: format 'text' has no answers to score; use a chat or prompt_completion dataset")
+    if not items:
+        raise DataError(f"{label}: empty dataset (no records)")
+    return items
+
+
+def load_items(dataset: str, fmt: str | None = None, split: str = "test", max_samples: int | None = None,
+               registry: str | None = None) -> tuple[list[Item], str | None]:
+    """(items, registry language) of a dataset: registry name, file or hub id (`split` for the hub)."""
+    from finetune.config import DataSection
+    from finetune.data import read_examples
+
+    cfg = DataSection(train=dataset, format=fmt, split=split, registry=registry)
+    examples, _, src = read_examples(dataset, cfg, field_name="--data")
+    items = items_from_examples(examples, src.label())
+    return items[:max_samples] if max_samples else items, src.language
+
+
+def render(tok, prompt) -> list[int]:
+    if isinstance(prompt, str):
+        return tok(prompt, add_special_tokens=True)["input_ids"]
+    return list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list, max_new_tokens: int = 128, batch_size: int = 16) -> list[str]:
+    """Greedy answers, in the order of `prompts`: length-sorted, left-padded batches."""
+    ids = [render(tok, p) for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+    out: list[str] = [""] * len(ids)
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        width = max(len(ids[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
+            attention[row, width - len(ids[i]):] = 1
+        generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                   max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        for row, i in enumerate(batch):
+            out[i] = tok.decode(generated[row, width:], skip_special_tokens=True).strip()
+    return out
+
+
+def generate_one_by_one(model, tok, prompts: list, max_new_tokens: int = 128) -> list[str]:
+    """The unbatched loop (what bench/eval_generation.py compares against)."""
+    return [generate(model, tok, [p], max_new_tokens, 1)[0] for p in prompts]
+
+
+def prompt_text(tok, prompt) -> str:
+    return prompt if isinstance(prompt, str) else tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+
+
+def write_predictions(path: Path, tok, items: list[Item], predictions: list[str]) -> None:
+    from finetune.outputs import write_text_atomic
+
+    rows = [{"prompt": prompt_text(tok, it.prompt), "prediction": p, "reference": it.reference}
+            for it, p in zip(items, predictions)]
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_predictions(path: str | Path) -> tuple[list[str], list[str]]:
+    """(predictions, references) of a JSONL file; errors name the file, line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--predictions: {path}: file not found")
+    preds, refs = [], []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: expected an object with 'prediction' and 'reference'")
+        for key, target in (("prediction", preds), ("reference", refs)):
+            if key not in row:
+                raise DataError(f"{path}:{n}: field '{key}': missing")
+            if not isinstance(row[key], str):
+                raise DataError(f"{path}:{n}: field '{key}': expected a string, got {type(row[key]).__name__}")
+            target.append(row[key])
+    if not preds:
+        raise DataError(f"{path}: empty predictions file (no records)")
+    return preds, refs

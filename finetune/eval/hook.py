@@ -1,0 +1,61 @@
+"""The recipe's `eval:` section, run after training on the output dir: generation metrics on
+the held-out split (or eval.data) and the capability suite, tuned vs the base model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from finetune.errors import FinetuneError
+from finetune.eval import generation, report
+from finetune.eval.run import HISTORY_NAME, Request
+from finetune.eval.run import run as run_eval
+
+log = logging.getLogger("finetune")
+
+
+def heldout_items(recipe) -> tuple[list, str, str | None]:
+    """(items, label, registry language) of eval.data, else data.eval, else the data.eval_ratio split."""
+    from finetune import data, models
+    from finetune.data.encode import encode
+
+    cfg, d = recipe.eval, recipe.data
+    if cfg.data:
+        items, language = generation.load_items(cfg.data, None, d.split, cfg.max_samples, d.registry)
+        return items, cfg.data, language
+    if d.eval:
+        examples, _, src = data.read_examples(d.eval, d, fmt=d.format, field_name="data.eval")
+    elif d.eval_ratio:
+        tok = models.load_tokenizer(recipe.model)
+        examples, _, src = data.read_examples(d.train, d)
+        kept = [ex for ex in examples if encode(tok, ex, recipe.train["max_length"]).n_trained > 0]
+        held = data.heldout_indices(len(kept), d.eval_ratio, recipe.train["seed"])
+        examples = [kept[i] for i in sorted(held)]
+    else:
+        return [], "", None
+    items = generation.items_from_examples(examples, src.label())
+    return items[: cfg.max_samples] if cfg.max_samples else items, f"{src.label()} (held out)", src.language
+
+
+def run(recipe, output_dir) -> str:
+    """Evaluate into `output_dir/eval`; returns the model card section. A failure here is
+    reported (log + card) but does not undo the finished training."""
+    cfg, output_dir = recipe.eval, Path(output_dir)
+    try:
+        items, label, language = heldout_items(recipe)
+        if not items and not cfg.suite:
+            log.warning("eval: nothing to evaluate (no data.eval, data.eval_ratio or eval.data, and no eval.suite)")
+            return ""
+        final = Path(recipe.output.dir).expanduser().resolve()
+        req = Request(
+            out=output_dir / "eval", model=str(output_dir), name=str(final), baseline=recipe.model.name_or_path,
+            baseline_tokenizer=str(output_dir), items=items, data_label=label, data_language=language,
+            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, suite=cfg.suite, language=cfg.language,
+            metric_style=cfg.metric_style, rouge_tokenizer=cfg.rouge_tokenizer,
+            history=cfg.history or str(final.parent / HISTORY_NAME), overwrite=True,
+        )
+        rep = run_eval(req)
+    except FinetuneError as e:
+        log.error("eval after training failed: %s", e)
+        return f"\n## Evaluation\n\nThe recipe's `eval:` section failed: {e}\n"
+    return report.card_section(rep)

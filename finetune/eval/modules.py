@@ -1,0 +1,79 @@
+"""The metrics as `evaluate` modules shipped inside the package, loaded by path.
+
+`evaluate.load("sacrebleu")` needs the hub; a local folder with a metric script works offline.
+evaluate copies the script into its modules cache (under HF_HOME); when that is not writable
+(a read-only home or install) the copy goes to a private temporary folder instead.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from finetune.eval import scores
+
+METRICS_DIR = Path(__file__).resolve().parent / "metrics"
+NAMES = ("bleu", "rouge", "exact_match", "llamafactory")
+
+
+def path(name: str) -> Path:
+    return METRICS_DIR / name
+
+
+def _writable(directory: Path) -> bool:
+    directory = directory.resolve()
+    while not directory.exists():
+        directory = directory.parent
+    return os.access(directory, os.W_OK)
+
+
+_chosen: dict[str, str] = {}
+
+
+def set_modules_dir(directory: str | os.PathLike) -> None:
+    """Where evaluate's copies of the scripts go, for this process (before the first load)."""
+    from evaluate.loading import init_dynamic_modules
+
+    _chosen["dir"] = init_dynamic_modules(hf_modules_cache=str(directory))
+
+
+def _modules_dir() -> str:
+    """evaluate's own modules cache when writable, else a private temp dir; fixed per process
+    (evaluate imports the copies as one package, `evaluate_modules`)."""
+    if "dir" not in _chosen:
+        from evaluate import config
+
+        default = Path(config.HF_MODULES_CACHE)
+        set_modules_dir(default if _writable(default) else tempfile.mkdtemp(prefix="finetune-evaluate-"))
+    return _chosen["dir"]
+
+
+@lru_cache(maxsize=None)
+def load(name: str):
+    """The `evaluate.EvaluationModule` of one of NAMES (kept in memory: nothing is written beside it)."""
+    from evaluate.loading import evaluation_module_factory, import_main_class
+
+    if name not in NAMES:
+        raise ValueError(f"unknown metric {name!r} (one of {', '.join(NAMES)})")
+    module = evaluation_module_factory(str(path(name)), dynamic_modules_path=_modules_dir())
+    cls = import_main_class(module.module_path)
+    return cls(keep_in_memory=True, hash=module.hash)
+
+
+def score(predictions, references, language: str = "auto", style: str = "standard",
+          rouge_tokenizer: str = "chars") -> dict:
+    """All metrics of a style through the evaluate modules: the numbers of `metrics.json`."""
+    predictions, references = list(predictions), list(references)
+    language = scores.detect_language(references) if language == "auto" else language
+    out: dict = {"n": len(predictions), "language": language, "style": style}
+    if style == "llamafactory":
+        out.update(load("llamafactory").compute(predictions=predictions, references=references))
+    else:
+        bleu = load("bleu").compute(predictions=predictions, references=references, language=language)
+        out.update({k: v for k, v in bleu.items() if k != "language"})
+        out.update(load("rouge").compute(predictions=predictions, references=references, tokenizer=rouge_tokenizer))
+        out["rouge_tokenizer"] = rouge_tokenizer
+    out.update(load("exact_match").compute(predictions=predictions, references=references))
+    return out

@@ -1,0 +1,190 @@
+"""`finetune eval`: generation metrics, the capability gate, history and reports, in one place
+for the CLI and for the after-training hook. Everything that can fail on the user's input
+(files, fields, suite) is checked before a model is loaded; outputs are written into a temp
+dir beside `out` and renamed when complete."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune.errors import RecipeError
+from finetune.eval import gate, generation, modules, report, scores
+from finetune.outputs import check_target, write_text_atomic
+
+log = logging.getLogger("finetune")
+HISTORY_NAME = "eval_history.jsonl"
+
+
+@dataclass
+class Request:
+    out: Path
+    model: str | None = None
+    data: str | None = None
+    split: str = "test"
+    format: str | None = None
+    max_samples: int | None = None
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    predictions: str | None = None
+    baseline: str | None = None
+    suite: str | None = None
+    language: str = "auto"
+    metric_style: str = "standard"
+    rouge_tokenizer: str = "chars"
+    history: str | None = ""  # "" = eval_history.jsonl beside out; None = no history
+    overwrite: bool = False
+    name: str | None = None  # how the report names the model (default: MODEL)
+    baseline_tokenizer: str | None = None  # tokenizer (chat template) for the baseline, e.g. the tuned run's
+    items: list = field(default_factory=list)  # prompts + references given directly (the hook)
+    data_label: str = ""
+    data_language: str | None = None
+
+
+def _check(req: Request):
+    if req.predictions and (req.model or req.data or req.suite or req.baseline):
+        raise RecipeError("--predictions scores an existing file: give it alone (no MODEL, --data, --suite or --baseline)")
+    if not req.predictions and not req.model:
+        raise RecipeError("give MODEL (with --data and/or --suite) or --predictions FILE")
+    if req.model and not (req.data or req.items or req.suite):
+        raise RecipeError("nothing to evaluate: give --data DATASET and/or --suite SUITE")
+    if req.baseline and not req.model:
+        raise RecipeError("--baseline needs MODEL")
+    for key in ("max_samples", "max_new_tokens", "batch_size"):
+        if getattr(req, key) is not None and getattr(req, key) < 1:
+            raise RecipeError(f"--{key.replace('_', '-')}: must be at least 1")
+    check_target(req.out, req.overwrite, "--out")
+
+
+def _language(req: Request, references: list[str]) -> str:
+    if req.language != "auto":
+        return req.language
+    if req.data_language in ("en", "zh"):
+        return req.data_language
+    return scores.detect_language(references)
+
+
+def _free(loaded) -> None:
+    del loaded
+    gc.collect()
+
+
+def run(req: Request) -> dict:
+    """Evaluate; returns the report dict (report['suite']['regressions'] counts regressions)."""
+    from finetune.eval import loader, suite as suites
+
+    req.out = Path(req.out).expanduser().resolve()
+    _check(req)
+    preds = refs = None
+    if req.predictions:
+        preds, refs = generation.read_predictions(req.predictions)
+    if req.data:
+        req.items, req.data_language = generation.load_items(req.data, req.format, req.split, req.max_samples)
+        req.data_label = req.data
+    suite = suites.load(req.suite) if req.suite else None
+    if suite:
+        suites.check_data(suite)
+
+    req.out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{req.out.name}.incomplete-", dir=req.out.parent))
+    try:
+        result = _evaluate(req, work, preds, refs, suite, loader, suites)
+        check_target(req.out, req.overwrite, "--out")  # someone may have written there meanwhile
+        if req.out.exists():
+            shutil.rmtree(req.out)
+        os.replace(work, req.out)
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _evaluate(req, work, preds, refs, suite, loader, suites) -> dict:
+    rep: dict = {"model": req.name or req.model or str(req.predictions), "baseline": req.baseline}
+    trainer_state = None
+    tuned_suite = base_suite = None
+    gen_tuned = gen_base = None
+    refs_items = [it.reference for it in req.items]
+    language = _language(req, refs if preds is not None else refs_items) if (preds is not None or req.items) else None
+    metric_kw = dict(language=language, style=req.metric_style, rouge_tokenizer=req.rouge_tokenizer)
+
+    if preds is not None:
+        gen_tuned = modules.score(preds, refs, **metric_kw)
+        rep["generation"] = {"data": str(req.predictions), "tuned": gen_tuned}
+    if req.model:
+        tuned = loader.load(req.model, "MODEL")
+        trainer_state = tuned.train_state
+        rep["adapter"], rep["base"] = tuned.adapter, tuned.base
+        if req.items:
+            log.info("generating %d answers with %s", len(req.items), rep["model"])
+            answers = generation.generate(tuned.model, tuned.tokenizer, [it.prompt for it in req.items],
+                                          req.max_new_tokens, req.batch_size)
+            generation.write_predictions(work / "predictions.jsonl", tuned.tokenizer, req.items, answers)
+            gen_tuned = modules.score(answers, refs_items, **metric_kw)
+            rep["generation"] = {"data": req.data_label, "tuned": gen_tuned}
+        if suite:
+            log.info("scoring %s on suite %s", rep["model"], suite.name)
+            tuned_suite = suites.run(tuned.model, tuned.tokenizer, suite)
+        _free(tuned)
+    if req.baseline:
+        base = loader.load(req.baseline, "--baseline", tokenizer=req.baseline_tokenizer)
+        if req.items:
+            log.info("generating %d answers with the baseline %s", len(req.items), req.baseline)
+            answers = generation.generate(base.model, base.tokenizer, [it.prompt for it in req.items],
+                                          req.max_new_tokens, req.batch_size)
+            generation.write_predictions(work / "baseline_predictions.jsonl", base.tokenizer, req.items, answers)
+            gen_base = modules.score(answers, refs_items, **metric_kw)
+            rep["generation"]["baseline"] = gen_base
+            rep["generation"]["rows"] = gate.rows_to_dicts(gate.generation_rows(gen_tuned, gen_base))
+        if suite:
+            log.info("scoring the baseline %s on suite %s", req.baseline, suite.name)
+            base_suite = suites.run(base.model, base.tokenizer, suite)
+        _free(base)
+
+    for name, metrics in (("metrics.json", gen_tuned), ("baseline_metrics.json", gen_base)):
+        if metrics is not None:
+            write_text_atomic(work / name, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    if suite:
+        rows = gate.compare(suite, tuned_suite, base_suite) if base_suite else []
+        rep["suite"] = {"name": suite.name, "path": str(suite.path), "tuned": tuned_suite, "baseline": base_suite,
+                        "rows": gate.rows_to_dicts(rows), "regressions": sum(r.regression for r in rows)}
+        write_text_atomic(work / "suite.json", json.dumps(rep["suite"], indent=2, ensure_ascii=False) + "\n")
+
+    history: list[dict] = []
+    if req.history is not None:
+        path = Path(req.history) if req.history else req.out.parent / HISTORY_NAME
+        flat = {f"{t}/{m}": v for t, ms in (tuned_suite or {}).items() for m, v in ms.items()}
+        flat.update({f"generation/{k}": v for k, v in (gen_tuned or {}).items() if isinstance(v, float)})
+        history = gate.append_history(path, {
+            "model": rep["model"], "baseline": req.baseline, "suite": rep.get("suite", {}).get("name"),
+            "data": (rep.get("generation") or {}).get("data"), "out": str(req.out), "metrics": flat,
+            "regressions": (rep.get("suite") or {}).get("regressions"),
+        })
+        rep["history_file"], rep["history_runs"] = str(path), len(history)
+    report.write(work, rep, trainer_state, history)
+    return rep
+
+
+def summary(rep: dict) -> str:
+    """A few lines for the terminal."""
+    lines = []
+    gen = rep.get("generation")
+    if gen:
+        keys = [k for k in ("bleu", "sentence_bleu", "rouge1", "rouge2", "rougeL", "bleu-4", "rouge-l", "exact_match") if k in gen["tuned"]]
+        lines.append("generation: " + ", ".join(f"{k} {gen['tuned'][k]:.4g}" + (
+            f" ({gen['tuned'][k] - gen['baseline'][k]:+.4g})" if gen.get("baseline") else "") for k in keys))
+    s = rep.get("suite")
+    if s:
+        for r in s["rows"]:
+            flag = "  REGRESSION" if r["regression"] else ""
+            lines.append(f"{r['task']}/{r['metric']}: {r['baseline']:.4g} -> {r['tuned']:.4g} ({r['delta']:+.4g}){flag}")
+        if not s["rows"]:
+            lines += [f"{t}/{m}: {v:.4g}" for t, ms in s["tuned"].items() for m, v in ms.items()]
+        if s["baseline"]:
+            lines.append(f"suite {s['name']}: {s['regressions']} regression(s)")
+    return "\n".join(lines)

@@ -1,0 +1,294 @@
+"""Capability suites: what a fine-tune must not lose. A suite YAML lists tasks; each task
+scores one model and names the metrics the regression gate compares (see `gate.py`).
+
+Task types (lm-evaluation-harness conventions where they apply):
+- `perplexity`: held-out text, one document per line (.txt) or `{"text": ...}` (.jsonl);
+  perplexity = exp(total NLL / total predicted tokens). Lower is better.
+- `multiple_choice`: `{"question", "choices": [...], "answer": index}`; each choice is scored by
+  the log-likelihood of `choice_prefix + choice` after the task's `template` (no chat template,
+  as the harness does): `acc` = argmax log-likelihood, `acc_norm` = argmax log-likelihood per
+  byte of the choice text.
+- `instruction`: `{"prompt", "checks": {...}}` answered greedily with the chat template; checks
+  `starts_with`, `contains`, `not_contains`, `max_words`, `max_chars`, `language` (en | zh);
+  `check_rate` = share of checks passed, `prompt_rate` = share of prompts passing all their checks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from finetune.errors import DataError, RecipeError, closest
+
+TASK_TYPES = ("perplexity", "multiple_choice", "instruction")
+# metric -> (higher is better, tolerance is relative)
+METRICS = {
+    "perplexity": (False, True),
+    "acc": (True, False),
+    "acc_norm": (True, False),
+    "check_rate": (True, False),
+    "prompt_rate": (True, False),
+}
+TASK_METRICS = {"perplexity": ("perplexity",), "multiple_choice": ("acc", "acc_norm"), "instruction": ("check_rate", "prompt_rate")}
+DEFAULT_TOLERANCE = {"perplexity": 0.10, "acc": 0.10, "acc_norm": 0.10, "check_rate": 0.15, "prompt_rate": 0.20}
+CHECKS = ("starts_with", "contains", "not_contains", "max_words", "max_chars", "language")
+TASK_KEYS = ("name", "type", "data", "tolerance", "template", "choice_prefix", "max_new_tokens", "batch_size", "description")
+_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+
+
+@dataclass
+class Task:
+    name: str
+    type: str
+    data: Path
+    tolerance: dict[str, float]
+    template: str = "Question: {question}\nAnswer:"
+    choice_prefix: str = " "
+    max_new_tokens: int = 48
+    batch_size: int = 16
+    description: str = ""
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return TASK_METRICS[self.type]
+
+
+@dataclass
+class Suite:
+    name: str
+    path: Path
+    tasks: list[Task] = field(default_factory=list)
+    description: str = ""
+
+
+def _lines(text: str) -> dict[tuple, int]:
+    """(key or index, ...) -> 1-based line, for mappings and sequences."""
+    out: dict[tuple, int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                out[prefix + (k.value,)] = k.start_mark.line + 1
+                walk(v, prefix + (k.value,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                out[prefix + (i,)] = v.start_mark.line + 1
+                walk(v, prefix + (i,))
+
+    try:
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), ())
+    except yaml.YAMLError:
+        pass
+    return out
+
+
+def load(path: str | Path) -> Suite:
+    """Parse and check a suite file; errors name the file, line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"--suite: {path}: file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise RecipeError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    lines = _lines(text)
+
+    def where(*keys) -> str:
+        for n in range(len(keys), 0, -1):
+            if keys[:n] in lines:
+                return f"{path}:{lines[keys[:n]]}: " + ".".join(f"[{k}]" if isinstance(k, int) else str(k) for k in keys).replace(".[", "[")
+        return f"{path}: " + ".".join(map(str, keys))
+
+    if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), list) or not raw["tasks"]:
+        raise RecipeError(f"{path}: a suite is a mapping with a non-empty 'tasks' list")
+    for key in raw:
+        if key not in ("name", "description", "tasks"):
+            raise RecipeError(f"{where(key)}: unknown key{closest(str(key), ['name', 'description', 'tasks'])}")
+    suite = Suite(name=str(raw.get("name") or path.stem), path=path, description=str(raw.get("description") or ""))
+    names = set()
+    for i, t in enumerate(raw["tasks"]):
+        if not isinstance(t, dict):
+            raise RecipeError(f"{where('tasks', i)}: expected a mapping (name, type, data, ...)")
+        for key in t:
+            if key not in TASK_KEYS:
+                raise RecipeError(f"{where('tasks', i, key)}: unknown key{closest(str(key), TASK_KEYS)}")
+        for key in ("name", "type", "data"):
+            if not t.get(key):
+                raise RecipeError(f"{where('tasks', i)}: tasks[{i}].{key}: missing")
+        if t["type"] not in TASK_TYPES:
+            raise RecipeError(f"{where('tasks', i, 'type')}: unknown task type {t['type']!r} "
+                              f"(one of {', '.join(TASK_TYPES)}){closest(str(t['type']), TASK_TYPES)}")
+        if t["name"] in names:
+            raise RecipeError(f"{where('tasks', i, 'name')}: duplicate task name {t['name']!r}")
+        names.add(t["name"])
+        data = (path.parent / str(t["data"])).resolve()
+        if not data.is_file():
+            raise RecipeError(f"{where('tasks', i, 'data')}: {data}: file not found")
+        tolerance = {m: DEFAULT_TOLERANCE[m] for m in TASK_METRICS[t["type"]]}
+        for m, v in (t.get("tolerance") or {}).items():
+            if m not in tolerance:
+                raise RecipeError(f"{where('tasks', i, 'tolerance', m)}: {t['type']} has no metric {m!r} (one of {', '.join(tolerance)})")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                raise RecipeError(f"{where('tasks', i, 'tolerance', m)}: expected a number >= 0, got {v!r}")
+            tolerance[m] = float(v)
+        extra = {k: t[k] for k in ("template", "choice_prefix", "max_new_tokens", "batch_size", "description") if k in t}
+        suite.tasks.append(Task(name=str(t["name"]), type=t["type"], data=data, tolerance=tolerance, **extra))
+    return suite
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _records(path: Path) -> list[tuple[str, object]]:
+    """(where, record) per non-empty line: a JSON object for .jsonl, the line's text otherwise."""
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        if path.suffix == ".jsonl":
+            try:
+                out.append((where, json.loads(line)))
+            except ValueError as e:
+                raise DataError(f"{where}: malformed JSON ({e.msg})") from None
+        else:
+            out.append((where, line))
+    if not out:
+        raise DataError(f"{path}: empty dataset (no records)")
+    return out
+
+
+def _field(where: str, rec, key: str, kind):
+    if not isinstance(rec, dict) or key not in rec:
+        raise DataError(f"{where}: field '{key}': missing")
+    if not isinstance(rec[key], kind):
+        raise DataError(f"{where}: field '{key}': expected {getattr(kind, '__name__', kind)}")
+    return rec[key]
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def _sequence_logprobs(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 16) -> list[tuple[float, int]]:
+    """(sum log p(continuation | context), continuation tokens) per (context ids, continuation ids)."""
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start:start + batch_size]
+        seqs = [c + x for c, x in batch]
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros((len(seqs), width), dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for r, s in enumerate(seqs):
+            ids[r, :len(s)] = torch.tensor(s)
+            attn[r, :len(s)] = 1
+        logp = torch.log_softmax(model(input_ids=ids.to(_device(model)), attention_mask=attn.to(_device(model))).logits.float(), -1)
+        for r, (c, x) in enumerate(batch):
+            positions = torch.arange(len(c) - 1, len(c) + len(x) - 1)
+            targets = torch.tensor(x)
+            out.append((logp[r, positions, targets].sum().item(), len(x)))
+    return out
+
+
+def perplexity(model, tok, task: Task) -> dict[str, float]:
+    texts = []
+    for where, rec in _records(task.data):
+        texts.append(_field(where, rec, "text", str) if isinstance(rec, dict) else rec)
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    pairs = [(bos or ids[:1], (ids if bos else ids[1:]) + [tok.eos_token_id])
+             for ids in (tok(t, add_special_tokens=False)["input_ids"] for t in texts)]
+    scored = _sequence_logprobs(model, pairs, task.batch_size)
+    nll = -sum(s for s, _ in scored)
+    n = sum(k for _, k in scored)
+    return {"perplexity": math.exp(nll / n)}
+
+
+def multiple_choice(model, tok, task: Task) -> dict[str, float]:
+    questions = []
+    for where, rec in _records(task.data):
+        q = _field(where, rec, "question", str)
+        choices = _field(where, rec, "choices", list)
+        answer = _field(where, rec, "answer", int)
+        if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise DataError(f"{where}: field 'choices': expected a list of at least 2 strings")
+        if not 0 <= answer < len(choices):
+            raise DataError(f"{where}: field 'answer': {answer} is not an index of choices (0..{len(choices) - 1})")
+        questions.append((task.template.format(question=q), choices, answer))
+    pairs, spans = [], []
+    for context, choices, _ in questions:
+        ctx = tok(context, add_special_tokens=True)["input_ids"]
+        spans.append((len(pairs), len(choices)))
+        for c in choices:  # harness: encode context + continuation together, split at the context length
+            whole = tok(context + task.choice_prefix + c, add_special_tokens=True)["input_ids"]
+            pairs.append((whole[:len(ctx)], whole[len(ctx):]))
+    scored = _sequence_logprobs(model, pairs, task.batch_size)
+    acc = acc_norm = 0
+    for (context, choices, answer), (first, k) in zip(questions, spans):
+        ll = [scored[first + j][0] for j in range(k)]
+        norm = [ll[j] / len((task.choice_prefix + c).encode("utf-8")) for j, c in enumerate(choices)]
+        acc += int(max(range(k), key=ll.__getitem__) == answer)
+        acc_norm += int(max(range(k), key=norm.__getitem__) == answer)
+    return {"acc": acc / len(questions), "acc_norm": acc_norm / len(questions)}
+
+
+def _check(name: str, value, answer: str) -> bool:
+    if name == "starts_with":
+        return answer.lower().startswith(str(value).lower())
+    if name == "contains":
+        return str(value).lower() in answer.lower()
+    if name == "not_contains":
+        return str(value).lower() not in answer.lower()
+    if name == "max_words":
+        return len(answer.split()) <= int(value)
+    if name == "max_chars":
+        return len(answer) <= int(value)
+    letters = [ch for ch in answer if ch.isalpha()]
+    cjk = sum(1 for ch in letters if _CJK.match(ch))
+    share = cjk / len(letters) if letters else 0.0
+    return share >= 0.5 if value == "zh" else bool(letters) and share < 0.1
+
+
+def instruction(model, tok, task: Task) -> dict[str, float]:
+    from finetune.eval.generation import generate
+
+    prompts, checks = [], []
+    for where, rec in _records(task.data):
+        prompts.append(_field(where, rec, "prompt", str))
+        c = _field(where, rec, "checks", dict)
+        for name, value in c.items():
+            if name not in CHECKS:
+                raise DataError(f"{where}: field 'checks.{name}': unknown check{closest(name, CHECKS)} (one of {', '.join(CHECKS)})")
+            if name == "language" and value not in ("en", "zh"):
+                raise DataError(f"{where}: field 'checks.language': expected en or zh, got {value!r}")
+        checks.append(c)
+    answers = generate(model, tok, [[{"role": "user", "content": p}] for p in prompts], task.max_new_tokens, task.batch_size)
+    passed = [[_check(n, v, a) for n, v in c.items()] for c, a in zip(checks, answers)]
+    total = sum(len(p) for p in passed)
+    return {"check_rate": sum(sum(p) for p in passed) / max(total, 1),
+            "prompt_rate": sum(all(p) for p in passed) / len(passed)}
+
+
+SCORERS = {"perplexity": perplexity, "multiple_choice": multiple_choice, "instruction": instruction}
+
+
+def run(model, tok, suite: Suite) -> dict[str, dict[str, float]]:
+    """task name -> metric -> value, for one model."""
+    return {t.name: SCORERS[t.type](model, tok, t) for t in suite.tasks}
+
+
+def check_data(suite: Suite) -> None:
+    """Read every task's data once (cheap), so a bad record fails before any model is loaded."""
+    for t in suite.tasks:
+        _records(t.data)
