@@ -29,25 +29,30 @@ def _writable(directory: Path) -> bool:
     return os.access(directory, os.W_OK)
 
 
-_chosen: dict[str, str] = {}
+_chosen: dict[str, str | None] = {}
 
 
-def set_modules_dir(directory: str | os.PathLike) -> None:
-    """Where evaluate's copies of the scripts go, for this process (before the first load)."""
+def set_modules_dir(directory: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> None:
+    """Where evaluate's copies of the scripts go (and its metric cache dirs, when given), for
+    this process, before the first load."""
     from evaluate.loading import init_dynamic_modules
 
-    _chosen["dir"] = init_dynamic_modules(hf_modules_cache=str(directory))
+    _chosen["modules"] = init_dynamic_modules(hf_modules_cache=str(directory))
+    _chosen["cache"] = str(cache_dir) if cache_dir else str(Path(directory) / "metrics")
 
 
-def _modules_dir() -> str:
-    """evaluate's own modules cache when writable, else a private temp dir; fixed per process
+def _dirs() -> tuple[str, str | None]:
+    """evaluate's own caches when writable, else a private temp dir; fixed per process
     (evaluate imports the copies as one package, `evaluate_modules`)."""
-    if "dir" not in _chosen:
+    if "modules" not in _chosen:
         from evaluate import config
 
-        default = Path(config.HF_MODULES_CACHE)
-        set_modules_dir(default if _writable(default) else tempfile.mkdtemp(prefix="finetune-evaluate-"))
-    return _chosen["dir"]
+        modules_cache, metrics_cache = Path(config.HF_MODULES_CACHE), Path(config.HF_METRICS_CACHE)
+        if _writable(modules_cache) and _writable(metrics_cache):
+            set_modules_dir(modules_cache, metrics_cache)
+        else:
+            set_modules_dir(tempfile.mkdtemp(prefix="finetune-evaluate-"))
+    return _chosen["modules"], _chosen["cache"]
 
 
 @lru_cache(maxsize=None)
@@ -57,9 +62,10 @@ def load(name: str):
 
     if name not in NAMES:
         raise ValueError(f"unknown metric {name!r} (one of {', '.join(NAMES)})")
-    module = evaluation_module_factory(str(path(name)), dynamic_modules_path=_modules_dir())
+    modules_dir, cache_dir = _dirs()
+    module = evaluation_module_factory(str(path(name)), dynamic_modules_path=modules_dir)
     cls = import_main_class(module.module_path)
-    return cls(keep_in_memory=True, hash=module.hash)
+    return cls(keep_in_memory=True, hash=module.hash, cache_dir=cache_dir)
 
 
 def score(predictions, references, language: str = "auto", style: str = "standard",
