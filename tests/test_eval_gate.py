@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from _support import MEMO_CHATS, REPO, memo_recipe, run_cli, write_jsonl
 
 SUITE = REPO / "eval" / "suites" / "general.yaml"
@@ -126,7 +125,7 @@ def test_damaged_model_is_flagged_and_fails_the_gate(damaged, tiny_path, tmp_pat
 def test_base_against_itself_passes(tmp_path, capsys, env):
     history = tmp_path / "h.jsonl"
     for run in ("a", "b"):
-        code, out, err = cli(capsys, "eval", "tiny-llama", "--baseline", "tiny-llama", "--suite", SUITE,
+        code, _, err = cli(capsys, "eval", "tiny-llama", "--baseline", "tiny-llama", "--suite", SUITE,
                              "--out", tmp_path / run, "--fail-on-regression", "--history", history)
         assert code == 0, err
     rep = json.loads((tmp_path / "b" / "report.json").read_text())
@@ -141,7 +140,7 @@ def test_predictions_file_mode(tmp_path, capsys, env):
     preds = ["中国的首都是北京。", "The sky is blue today.", "A cat has four legs."]
     refs = ["中国的首都是北京。", "The sky is blue.", "A dog has four legs."]
     f = write_jsonl(tmp_path / "p.jsonl", [{"prediction": p, "reference": r, "id": i} for i, (p, r) in enumerate(zip(preds, refs))])
-    code, out, err = cli(capsys, "eval", "--predictions", f, "--out", tmp_path / "o", "--history", "none")
+    code, _, err = cli(capsys, "eval", "--predictions", f, "--out", tmp_path / "o", "--history", "none")
     assert code == 0, err
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     direct = scores.compute(preds, refs)
@@ -154,7 +153,7 @@ def test_predictions_file_mode(tmp_path, capsys, env):
 def test_generation_from_a_registry_dataset(trained, tmp_path, capsys, env):
     from finetune.eval import scores
 
-    code, out, err = cli(capsys, "eval", trained, "--data", "alpaca_zh_demo", "--max-samples", 5, "--max-new-tokens", 8,
+    code, _, err = cli(capsys, "eval", trained, "--data", "alpaca_zh_demo", "--max-samples", 5, "--max-new-tokens", 8,
                          "--batch-size", 2, "--out", tmp_path / "o", "--history", "none")
     assert code == 0, err
     rows = [json.loads(line) for line in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
@@ -179,7 +178,7 @@ def test_batched_generation_equals_one_by_one(trained):
 
 
 def _error(capsys, *argv) -> str:
-    code, out, err = cli(capsys, *argv)
+    code, _, err = cli(capsys, *argv)
     lines = [line for line in err.splitlines() if line.startswith("finetune: error:")]
     assert code == 2 and len(lines) == 1, err
     assert "Traceback" not in err
@@ -242,3 +241,45 @@ def test_readme_recipe_reference_is_in_sync_with_the_schema():
     for section, rows in config.field_docs().items():
         for key, default, help_text in rows:
             assert f"| `{section}.{key}` | `{default}` | {help_text} |" in readme, f"{section}.{key}"
+
+
+def test_shipped_suites_parse():
+    from finetune.eval import suite
+
+    for path in sorted((REPO / "eval" / "suites").glob("*.yaml")):
+        assert path.read_text().startswith("# finetune eval "), path  # opens with the command that runs it
+        if "type: lm_eval" in path.read_text():
+            pytest.importorskip("lm_eval")
+        assert suite.load(path).tasks
+
+
+def test_lm_eval_backend_runs_a_local_task_and_agrees_with_ours(tmp_path):
+    """The harness's multiple_choice on our knowledge probes (a local custom task) gives the same
+    acc / acc_norm as our native log-likelihood scorer, on the same model, in one finetune eval."""
+    pytest.importorskip("lm_eval")
+    import os
+    import subprocess
+    import sys
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    data = REPO / "eval" / "data" / "knowledge_en.jsonl"
+    (tasks / "knowledge.yaml").write_text(yaml.safe_dump({
+        "task": "ft_knowledge_en", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "Question: {{question}}\nAnswer:",
+        "doc_to_choice": "{{choices}}", "doc_to_target": "answer",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+    }))
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"name": "both", "tasks": [
+        {"name": "ours", "type": "multiple_choice", "data": str(data)},
+        {"name": "harness", "type": "lm_eval", "task": "ft_knowledge_en", "include_path": "tasks", "metrics": ["acc", "acc_norm"]},
+    ]}))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "finetune", "eval", "tiny-llama", "--suite", str(suite),
+                             "--out", str(tmp_path / "o"), "--history", "none"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tuned = json.loads((tmp_path / "o" / "report.json").read_text())["suite"]["tuned"]
+    assert tuned["harness"] == tuned["ours"], tuned

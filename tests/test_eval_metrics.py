@@ -126,8 +126,9 @@ def test_metric_modules_load_by_path_with_evaluate(tmp_path):
 
 
 def test_modules_ship_in_the_package_data():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["package-data"]["finetune"]

@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from finetune.eval.suite import METRICS, Suite
+from finetune.eval.suite import Suite, direction
 
 
 @dataclass
@@ -30,7 +30,7 @@ def compare(suite: Suite, tuned: dict, baseline: dict) -> list[Row]:
     for task in suite.tasks:
         for metric in task.metrics:
             t, b = tuned[task.name][metric], baseline[task.name][metric]
-            higher, relative = METRICS[metric]
+            higher, relative = direction(metric)
             worse = (b - t) if higher else (t - b)
             limit = task.tolerance[metric] * (abs(b) if relative else 1.0)
             rows.append(Row(task.name, metric, b, t, t - b, task.tolerance[metric], relative, higher, worse > limit + 1e-12))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from finetune.eval import scores
@@ -55,7 +55,7 @@ def _dirs() -> tuple[str, str | None]:
     return _chosen["modules"], _chosen["cache"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def load(name: str):
     """The `evaluate.EvaluationModule` of one of NAMES (kept in memory: nothing is written beside it)."""
     from evaluate.loading import evaluation_module_factory, import_main_class

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from finetune.outputs import write_text_atomic
 
-
 PERCENT_METRICS = {"bleu", "sentence_bleu", "bleu-4", "rouge-1", "rouge-2", "rouge-l"}
 
 

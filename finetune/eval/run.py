@@ -77,7 +77,8 @@ def _free(loaded) -> None:
 
 def run(req: Request) -> dict:
     """Evaluate; returns the report dict (report['suite']['regressions'] counts regressions)."""
-    from finetune.eval import loader, suite as suites
+    from finetune.eval import loader
+    from finetune.eval import suite as suites
 
     req.out = Path(req.out).expanduser().resolve()
     _check(req)
@@ -111,7 +112,7 @@ def _evaluate(req, work, preds, refs, suite, loader, suites) -> dict:
     gen_tuned = gen_base = None
     refs_items = [it.reference for it in req.items]
     language = _language(req, refs if preds is not None else refs_items) if (preds is not None or req.items) else None
-    metric_kw = dict(language=language, style=req.metric_style, rouge_tokenizer=req.rouge_tokenizer)
+    metric_kw = {"language": language, "style": req.metric_style, "rouge_tokenizer": req.rouge_tokenizer}
 
     if preds is not None:
         gen_tuned = modules.score(preds, refs, **metric_kw)

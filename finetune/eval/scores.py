@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import statistics
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 LANGUAGES = ("auto", "en", "zh")
 ROUGE_TOKENIZERS = ("chars", "jieba")

@@ -7,14 +7,18 @@ Task types (lm-evaluation-harness conventions where they apply):
 - `multiple_choice`: `{"question", "choices": [...], "answer": index}`; each choice is scored by
   the log-likelihood of `choice_prefix + choice` after the task's `template` (no chat template,
   as the harness does): `acc` = argmax log-likelihood, `acc_norm` = argmax log-likelihood per
-  byte of the choice text.
+  character of the choice (what lm-eval's code divides by).
 - `instruction`: `{"prompt", "checks": {...}}` answered greedily with the chat template; checks
   `starts_with`, `contains`, `not_contains`, `max_words`, `max_chars`, `language` (en | zh);
   `check_rate` = share of checks passed, `prompt_rate` = share of prompts passing all their checks.
+- `lm_eval` (extra `finetune[lm-eval]`): a task of EleutherAI's lm-evaluation-harness (`task`: a
+  built-in name such as mmlu or ceval-valid when its data is reachable, or a task YAML in
+  `include_path`), run on the same in-memory model; `metrics` names the harness metrics to gate.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -26,19 +30,25 @@ import yaml
 
 from finetune.errors import DataError, RecipeError, closest
 
-TASK_TYPES = ("perplexity", "multiple_choice", "instruction")
-# metric -> (higher is better, tolerance is relative)
-METRICS = {
-    "perplexity": (False, True),
-    "acc": (True, False),
-    "acc_norm": (True, False),
-    "check_rate": (True, False),
-    "prompt_rate": (True, False),
-}
+TASK_TYPES = ("perplexity", "multiple_choice", "instruction", "lm_eval")
+# Lower is better for these (and their tolerance is relative to the baseline); higher for the rest.
+LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
 TASK_METRICS = {"perplexity": ("perplexity",), "multiple_choice": ("acc", "acc_norm"), "instruction": ("check_rate", "prompt_rate")}
 DEFAULT_TOLERANCE = {"perplexity": 0.10, "acc": 0.10, "acc_norm": 0.10, "check_rate": 0.15, "prompt_rate": 0.20}
 CHECKS = ("starts_with", "contains", "not_contains", "max_words", "max_chars", "language")
-TASK_KEYS = ("name", "type", "data", "tolerance", "template", "choice_prefix", "max_new_tokens", "batch_size", "description")
+TASK_KEYS = ("name", "type", "data", "tolerance", "template", "choice_prefix", "max_new_tokens", "batch_size", "description",
+             "task", "include_path", "metrics", "num_fewshot", "limit")
+LM_EVAL_KEYS = ("task", "include_path", "metrics", "num_fewshot", "limit")
+
+
+def direction(metric: str) -> tuple[bool, bool]:
+    """(higher is better, tolerance is relative) of a metric."""
+    lower = metric in LOWER_IS_BETTER
+    return not lower, lower
+
+
+def default_tolerance(metric: str) -> float:
+    return DEFAULT_TOLERANCE.get(metric, 0.10 if metric in LOWER_IS_BETTER else 0.05)
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 
 
@@ -46,17 +56,22 @@ _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 class Task:
     name: str
     type: str
-    data: Path
+    data: Path | None
     tolerance: dict[str, float]
     template: str = "Question: {question}\nAnswer:"
     choice_prefix: str = " "
     max_new_tokens: int = 48
     batch_size: int = 16
     description: str = ""
+    task: str = ""  # lm_eval: the harness task name
+    include_path: Path | None = None  # lm_eval: a folder of task YAMLs
+    lm_metrics: tuple[str, ...] = ()  # lm_eval: the harness metrics to gate
+    num_fewshot: int | None = None
+    limit: int | None = None
 
     @property
     def metrics(self) -> tuple[str, ...]:
-        return TASK_METRICS[self.type]
+        return self.lm_metrics if self.type == "lm_eval" else TASK_METRICS[self.type]
 
 
 @dataclass
@@ -120,7 +135,7 @@ def load(path: str | Path) -> Suite:
         for key in t:
             if key not in TASK_KEYS:
                 raise RecipeError(f"{where('tasks', i, key)}: unknown key{closest(str(key), TASK_KEYS)}")
-        for key in ("name", "type", "data"):
+        for key in ("name", "type"):
             if not t.get(key):
                 raise RecipeError(f"{where('tasks', i)}: tasks[{i}].{key}: missing")
         if t["type"] not in TASK_TYPES:
@@ -129,19 +144,50 @@ def load(path: str | Path) -> Suite:
         if t["name"] in names:
             raise RecipeError(f"{where('tasks', i, 'name')}: duplicate task name {t['name']!r}")
         names.add(t["name"])
-        data = (path.parent / str(t["data"])).resolve()
-        if not data.is_file():
-            raise RecipeError(f"{where('tasks', i, 'data')}: {data}: file not found")
-        tolerance = {m: DEFAULT_TOLERANCE[m] for m in TASK_METRICS[t["type"]]}
+        lm = t["type"] == "lm_eval"
+        for key in LM_EVAL_KEYS if not lm else ("data", "template", "choice_prefix", "max_new_tokens"):
+            if key in t:
+                raise RecipeError(f"{where('tasks', i, key)}: not a key of a {t['type']} task")
+        extra = {k: t[k] for k in ("template", "choice_prefix", "max_new_tokens", "batch_size", "description", "num_fewshot", "limit") if k in t}
+        data = None
+        if lm:
+            extra.update(_lm_eval_keys(t, path, functools.partial(where, "tasks", i)))
+            metrics = extra["lm_metrics"]
+        else:
+            if not t.get("data"):
+                raise RecipeError(f"{where('tasks', i)}: tasks[{i}].data: missing")
+            data = (path.parent / str(t["data"])).resolve()
+            if not data.is_file():
+                raise RecipeError(f"{where('tasks', i, 'data')}: {data}: file not found")
+            metrics = TASK_METRICS[t["type"]]
+        tolerance = {m: default_tolerance(m) for m in metrics}
         for m, v in (t.get("tolerance") or {}).items():
             if m not in tolerance:
-                raise RecipeError(f"{where('tasks', i, 'tolerance', m)}: {t['type']} has no metric {m!r} (one of {', '.join(tolerance)})")
+                raise RecipeError(f"{where('tasks', i, 'tolerance', m)}: {t['name']} has no metric {m!r} (one of {', '.join(tolerance)})")
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
                 raise RecipeError(f"{where('tasks', i, 'tolerance', m)}: expected a number >= 0, got {v!r}")
             tolerance[m] = float(v)
-        extra = {k: t[k] for k in ("template", "choice_prefix", "max_new_tokens", "batch_size", "description") if k in t}
         suite.tasks.append(Task(name=str(t["name"]), type=t["type"], data=data, tolerance=tolerance, **extra))
     return suite
+
+
+def _lm_eval_keys(t: dict, path: Path, where) -> dict:
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise RecipeError(f"{where('type')}: lm_eval tasks need the lm-eval package: pip install 'finetune[lm-eval]'")
+    if not t.get("task") or not isinstance(t["task"], str):
+        raise RecipeError(f"{where('task')}: the lm-eval task name (e.g. mmlu, or one in include_path): missing")
+    metrics = t.get("metrics") or ["acc"]
+    if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
+        raise RecipeError(f"{where('metrics')}: expected a list of harness metric names, e.g. [acc, acc_norm]")
+    out = {"task": t["task"], "lm_metrics": tuple(metrics)}
+    if t.get("include_path"):
+        include = (path.parent / str(t["include_path"])).resolve()
+        if not include.is_dir():
+            raise RecipeError(f"{where('include_path')}: {include}: no such directory")
+        out["include_path"] = include
+    return out
 
 
 # ----------------------------------------------------------------------------- data
@@ -237,7 +283,7 @@ def multiple_choice(model, tok, task: Task) -> dict[str, float]:
     acc = acc_norm = 0
     for (context, choices, answer), (first, k) in zip(questions, spans):
         ll = [scored[first + j][0] for j in range(k)]
-        norm = [ll[j] / len((task.choice_prefix + c).encode("utf-8")) for j, c in enumerate(choices)]
+        norm = [ll[j] / len(c) for j, c in enumerate(choices)]  # the harness: per character of the choice
         acc += int(max(range(k), key=ll.__getitem__) == answer)
         acc_norm += int(max(range(k), key=norm.__getitem__) == answer)
     return {"acc": acc / len(questions), "acc_norm": acc_norm / len(questions)}
@@ -280,7 +326,30 @@ def instruction(model, tok, task: Task) -> dict[str, float]:
             "prompt_rate": sum(all(p) for p in passed) / len(passed)}
 
 
-SCORERS = {"perplexity": perplexity, "multiple_choice": multiple_choice, "instruction": instruction}
+def lm_eval_task(model, tok, task: Task) -> dict[str, float]:
+    """One lm-evaluation-harness task on the loaded model (its HFLM wrapper, no second load)."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=task.batch_size)
+    manager = TaskManager(include_path=str(task.include_path) if task.include_path else None)
+    if not manager.match_tasks([task.task]):
+        raise RecipeError(f"{task.name}: task: lm-eval has no task {task.task!r}{closest(task.task, manager.all_tasks)}")
+    out = lm_eval.simple_evaluate(model=lm, tasks=[task.task], task_manager=manager, num_fewshot=task.num_fewshot,
+                                  limit=task.limit, log_samples=False)
+    results = out["results"][task.task]
+    values = {}
+    for m in task.lm_metrics:
+        key = next((k for k in results if k.split(",")[0] == m), None)
+        if key is None:
+            have = sorted({k.split(",")[0] for k in results if "stderr" not in k and k not in ("alias", "name", "sample_len")})
+            raise RecipeError(f"{task.name}: metrics: lm-eval task {task.task!r} has no metric {m!r} (it has {', '.join(have)})")
+        values[m] = float(results[key])
+    return values
+
+
+SCORERS = {"perplexity": perplexity, "multiple_choice": multiple_choice, "instruction": instruction, "lm_eval": lm_eval_task}
 
 
 def run(model, tok, suite: Suite) -> dict[str, dict[str, float]]:
@@ -291,4 +360,5 @@ def run(model, tok, suite: Suite) -> dict[str, dict[str, float]]:
 def check_data(suite: Suite) -> None:
     """Read every task's data once (cheap), so a bad record fails before any model is loaded."""
     for t in suite.tasks:
-        _records(t.data)
+        if t.data is not None:
+            _records(t.data)

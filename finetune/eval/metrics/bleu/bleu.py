@@ -5,6 +5,7 @@ Load it by path (offline): `evaluate.load(<this folder>)`, or `finetune.eval.mod
 
 import datasets
 import evaluate
+
 from finetune.eval import scores
 
 _DESCRIPTION = "sacrebleu corpus BLEU and mean sentence BLEU (0-100); language auto-detected (CJK -> zh tokenizer) or given."

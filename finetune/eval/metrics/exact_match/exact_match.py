@@ -5,6 +5,7 @@ Load it by path (offline): `evaluate.load(<this folder>)`, or `finetune.eval.mod
 
 import datasets
 import evaluate
+
 from finetune.eval import scores
 
 

@@ -6,6 +6,7 @@ F-scores over jieba words. 0-100, rounded per example, averaged. Not comparable 
 
 import datasets
 import evaluate
+
 from finetune.eval import scores
 
 

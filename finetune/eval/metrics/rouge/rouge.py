@@ -5,6 +5,7 @@ Load it by path (offline): `evaluate.load(<this folder>)`, or `finetune.eval.mod
 
 import datasets
 import evaluate
+
 from finetune.eval import scores
 
 _DESCRIPTION = "rouge-score F1 (0-1) averaged over examples; tokenizer chars (CJK characters + ASCII words) or jieba."
