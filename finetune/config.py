@@ -480,7 +480,9 @@ def _cross_checks(recipe: Recipe, where: _Where) -> None:
         for key in ("max_samples", "max_new_tokens", "batch_size"):
             if (getattr(recipe.eval, key) or 1) < 1:
                 raise RecipeError(f"{where(('eval', key))}: must be at least 1")
-        if recipe.eval.suite and not Path(recipe.eval.suite).is_file():
+        from finetune.eval import find_suite
+
+        if recipe.eval.suite and not Path(find_suite(recipe.eval.suite)).is_file():
             raise RecipeError(f"{where(('eval', 'suite'))}: {recipe.eval.suite}: file not found")
     if d.max_samples is not None and d.max_samples < 1:
         raise RecipeError(f"{where(('data', 'max_samples'))}: must be at least 1")

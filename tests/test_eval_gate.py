@@ -283,3 +283,19 @@ def test_lm_eval_backend_runs_a_local_task_and_agrees_with_ours(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     tuned = json.loads((tmp_path / "o" / "report.json").read_text())["suite"]["tuned"]
     assert tuned["harness"] == tuned["ours"], tuned
+
+
+def test_after_training_scores_exactly_the_examples_training_held_out(tiny_path):
+    """eval with data.eval_ratio: the hook's prompts are the examples data.load held out."""
+    from finetune import config, data, models
+    from finetune.data.encode import encode
+    from finetune.eval.hook import heldout_items
+
+    recipe = config.load(REPO / "recipes" / "tiny" / "sft_lora_eval.yaml", ["eval.max_samples=null"])
+    tok = models.load_tokenizer(recipe.model)
+    prepared = data.load(recipe.data, tok, recipe.train["max_length"], seed=recipe.train["seed"])
+    items, label, language = heldout_items(recipe)
+    assert len(items) == len(prepared.eval.encoded) > 1 and language == "en"
+    for item, held in zip(items, prepared.eval.encoded):
+        chat = item.prompt + [{"role": "assistant", "content": item.reference}]
+        assert encode(tok, {"messages": chat}, recipe.train["max_length"]).input_ids == held.input_ids

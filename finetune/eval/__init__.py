@@ -4,10 +4,21 @@ reports (`report`), and the after-training hook any stage can call."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+
+def find_suite(name: str) -> str:
+    """A suite path as given, else relative to the finetune checkout (eval/suites/... ships there)."""
+    if Path(name).is_file():
+        return name
+    shipped = Path(__file__).resolve().parents[2] / name
+    return str(shipped) if shipped.is_file() else name
+
 
 def after_training(recipe, output_dir) -> str:
-    """Run the recipe's `eval:` section on a just-trained output dir; returns the model card's
-    evaluation section ('' when the recipe has no `eval:`). See `finetune.eval.hook`."""
+    """Run the recipe's `eval:` section on a finished output dir: `eval/` report, and the
+    evaluation section appended to its model card (returned; '' without an `eval:` section).
+    Call it after the output is finished, so an eval failure never costs the training."""
     if getattr(recipe, "eval", None) is None:
         return ""
     from finetune.eval.hook import run

@@ -10,6 +10,7 @@ from finetune.errors import FinetuneError
 from finetune.eval import generation, report
 from finetune.eval.run import HISTORY_NAME, Request
 from finetune.eval.run import run as run_eval
+from finetune.outputs import write_text_atomic
 
 log = logging.getLogger("finetune")
 
@@ -38,24 +39,31 @@ def heldout_items(recipe) -> tuple[list, str, str | None]:
 
 
 def run(recipe, output_dir) -> str:
-    """Evaluate into `output_dir/eval`; returns the model card section. A failure here is
-    reported (log + card) but does not undo the finished training."""
+    """Evaluate into `output_dir/eval`, append the section to its model card, return it. A user
+    error here (data, suite) is reported in the log and the card; the training output stays."""
     cfg, output_dir = recipe.eval, Path(output_dir)
+    section = _evaluate(recipe, cfg, output_dir)
+    card = output_dir / "README.md"
+    if section and card.is_file():
+        write_text_atomic(card, card.read_text(encoding="utf-8") + section)
+    return section
+
+
+def _evaluate(recipe, cfg, output_dir: Path) -> str:
     try:
         items, label, language = heldout_items(recipe)
         if not items and not cfg.suite:
             log.warning("eval: nothing to evaluate (no data.eval, data.eval_ratio or eval.data, and no eval.suite)")
             return ""
-        final = Path(recipe.output.dir).expanduser().resolve()
         req = Request(
-            out=output_dir / "eval", model=str(output_dir), name=str(final), baseline=recipe.model.name_or_path,
+            out=output_dir / "eval", model=str(output_dir), baseline=recipe.model.name_or_path,
             baseline_tokenizer=str(output_dir), items=items, data_label=label, data_language=language,
             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, suite=cfg.suite, language=cfg.language,
             metric_style=cfg.metric_style, rouge_tokenizer=cfg.rouge_tokenizer,
-            history=cfg.history or str(final.parent / HISTORY_NAME), overwrite=True,
+            history=cfg.history or str(output_dir.parent / HISTORY_NAME), overwrite=True,
         )
         rep = run_eval(req)
     except FinetuneError as e:
-        log.error("eval after training failed: %s", e)
+        log.error("eval after training failed (the trained output in %s is complete): %s", output_dir, e)
         return f"\n## Evaluation\n\nThe recipe's `eval:` section failed: {e}\n"
     return report.card_section(rep)

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from finetune import models
 from finetune.config import ModelSection
 from finetune.errors import RecipeError
@@ -74,6 +76,6 @@ def load(name: str, field: str = "MODEL", dtype: str = "auto", tokenizer: str | 
 
         model = PeftModel.from_pretrained(model, str(path))
         adapter_dir = str(path)
-    model.eval()
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     state = path / "trainer_state.json" if path.is_dir() else None
     return Loaded(model, tok, name, base_path, adapter_dir, state if state and state.is_file() else None)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.errors import RecipeError
-from finetune.eval import gate, generation, modules, report, scores
+from finetune.eval import find_suite, gate, generation, modules, report, scores
 from finetune.outputs import check_target, write_text_atomic
 
 log = logging.getLogger("finetune")
@@ -70,11 +70,6 @@ def _language(req: Request, references: list[str]) -> str:
     return scores.detect_language(references)
 
 
-def _free(loaded) -> None:
-    del loaded
-    gc.collect()
-
-
 def run(req: Request) -> dict:
     """Evaluate; returns the report dict (report['suite']['regressions'] counts regressions)."""
     from finetune.eval import loader
@@ -88,7 +83,7 @@ def run(req: Request) -> dict:
     if req.data:
         req.items, req.data_language = generation.load_items(req.data, req.format, req.split, req.max_samples)
         req.data_label = req.data
-    suite = suites.load(req.suite) if req.suite else None
+    suite = suites.load(find_suite(req.suite)) if req.suite else None
     if suite:
         suites.check_data(suite)
 
@@ -131,7 +126,8 @@ def _evaluate(req, work, preds, refs, suite, loader, suites) -> dict:
         if suite:
             log.info("scoring %s on suite %s", rep["model"], suite.name)
             tuned_suite = suites.run(tuned.model, tuned.tokenizer, suite)
-        _free(tuned)
+        del tuned  # one model in memory at a time
+        gc.collect()
     if req.baseline:
         base = loader.load(req.baseline, "--baseline", tokenizer=req.baseline_tokenizer)
         if req.items:
@@ -145,7 +141,8 @@ def _evaluate(req, work, preds, refs, suite, loader, suites) -> dict:
         if suite:
             log.info("scoring the baseline %s on suite %s", req.baseline, suite.name)
             base_suite = suites.run(base.model, base.tokenizer, suite)
-        _free(base)
+        del base
+        gc.collect()
 
     for name, metrics in (("metrics.json", gen_tuned), ("baseline_metrics.json", gen_base)):
         if metrics is not None:

@@ -72,6 +72,7 @@ def run(recipe: Recipe, callbacks=()) -> Path:
     trainer.save_model(str(run_dir.work))  # every rank: FSDP / ZeRO-3 gather the weights here
     if state.is_main_process:
         _finish(recipe, run_dir, trainer, prepared, metrics)
+        after_training(recipe, run_dir.final)  # the recipe's `eval:` section, if any (report + model card)
     state.wait_for_everyone()
     return run_dir.final
 
@@ -95,8 +96,7 @@ def _finish(recipe: Recipe, run_dir: RunDir, trainer, prepared, metrics: dict) -
     write_text_atomic(work / "recipe.yaml", recipe.dump())
     card.write_metrics(work, metrics)
     base = trainer.model.peft_config[trainer.model.active_adapter].base_model_name_or_path
-    model_card = card.model_card(recipe, prepared, metrics, trainer.model, base)
-    write_text_atomic(work / "README.md", model_card + after_training(recipe, work))  # recipe `eval:` (if any)
+    write_text_atomic(work / "README.md", card.model_card(recipe, prepared, metrics, trainer.model, base))
     if not recipe.output.keep_checkpoints:
         for ckpt in work.glob("checkpoint-*"):
             shutil.rmtree(ckpt, ignore_errors=True)
