@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from finetune.config import DATA_FORMATS
 from finetune.eval.scores import LANGUAGES, ROUGE_TOKENIZERS, STYLES
 
 EXIT_REGRESSION = 1
@@ -18,7 +19,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="model dir, adapter dir (finetune output), hub id or tiny-llama")
     p.add_argument("--data", help="dataset: registry name, file or hub id (the reference is the last assistant turn)")
     p.add_argument("--split", default="test", help="split of a hub dataset (default test; a file is used whole)")
-    p.add_argument("--format", help="record format when it cannot be guessed")
+    p.add_argument("--format", choices=DATA_FORMATS, help="record format when it cannot be guessed")
     p.add_argument("--max-samples", type=int, help="score only the first N examples")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
