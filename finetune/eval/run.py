@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.errors import RecipeError
-from finetune.eval import find_suite, gate, generation, modules, report, scores
+from finetune.eval import find_suite, gate, generation, loader, modules, report, scores
+from finetune.eval import suite as suites
 from finetune.outputs import check_target, write_text_atomic
 
 log = logging.getLogger("finetune")
@@ -72,9 +73,6 @@ def _language(req: Request, references: list[str]) -> str:
 
 def run(req: Request) -> dict:
     """Evaluate; returns the report dict (report['suite']['regressions'] counts regressions)."""
-    from finetune.eval import loader
-    from finetune.eval import suite as suites
-
     req.out = Path(req.out).expanduser().resolve()
     _check(req)
     preds = refs = None
@@ -90,7 +88,7 @@ def run(req: Request) -> dict:
     req.out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{req.out.name}.incomplete-", dir=req.out.parent))
     try:
-        result = _evaluate(req, work, preds, refs, suite, loader, suites)
+        result = _evaluate(req, work, preds, refs, suite)
         check_target(req.out, req.overwrite, "--out")  # someone may have written there meanwhile
         if req.out.exists():
             shutil.rmtree(req.out)
@@ -100,50 +98,44 @@ def run(req: Request) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _evaluate(req, work, preds, refs, suite, loader, suites) -> dict:
-    rep: dict = {"model": req.name or req.model or str(req.predictions), "baseline": req.baseline}
-    trainer_state = None
-    tuned_suite = base_suite = None
-    gen_tuned = gen_base = None
-    refs_items = [it.reference for it in req.items]
-    language = _language(req, refs if preds is not None else refs_items) if (preds is not None or req.items) else None
-    metric_kw = {"language": language, "style": req.metric_style, "rouge_tokenizer": req.rouge_tokenizer}
+def _score_model(req: Request, name: str, field: str, prefix: str, work: Path, suite, metric_kw: dict, tokenizer=None):
+    """Load one model, answer req.items (-> `{prefix}predictions.jsonl`), run the suite; then free it.
+    Returns (generation metrics or None, suite results or None, trainer_state.json or None)."""
+    loaded = loader.load(name, field, tokenizer=tokenizer)
+    gen = results = None
+    if req.items:
+        log.info("generating %d answers with %s", len(req.items), name)
+        answers = generation.generate(loaded.model, loaded.tokenizer, [it.prompt for it in req.items],
+                                      req.max_new_tokens, req.batch_size)
+        generation.write_predictions(work / f"{prefix}predictions.jsonl", loaded.tokenizer, req.items, answers)
+        gen = modules.score(answers, [it.reference for it in req.items], **metric_kw)
+    if suite:
+        log.info("scoring %s on suite %s", name, suite.name)
+        results = suites.run(loaded.model, loaded.tokenizer, suite)
+    state = loaded.train_state
+    del loaded  # one model in memory at a time
+    gc.collect()
+    return gen, results, state
 
+
+def _evaluate(req: Request, work: Path, preds, refs, suite) -> dict:
+    rep: dict = {"model": req.name or req.model or str(req.predictions), "baseline": req.baseline}
+    references = refs if preds is not None else [it.reference for it in req.items]
+    language = _language(req, references) if references else None
+    metric_kw = {"language": language, "style": req.metric_style, "rouge_tokenizer": req.rouge_tokenizer}
+    gen_tuned = gen_base = tuned_suite = base_suite = trainer_state = None
     if preds is not None:
         gen_tuned = modules.score(preds, refs, **metric_kw)
-        rep["generation"] = {"data": str(req.predictions), "tuned": gen_tuned}
     if req.model:
-        tuned = loader.load(req.model, "MODEL")
-        trainer_state = tuned.train_state
-        rep["adapter"], rep["base"] = tuned.adapter, tuned.base
-        if req.items:
-            log.info("generating %d answers with %s", len(req.items), rep["model"])
-            answers = generation.generate(tuned.model, tuned.tokenizer, [it.prompt for it in req.items],
-                                          req.max_new_tokens, req.batch_size)
-            generation.write_predictions(work / "predictions.jsonl", tuned.tokenizer, req.items, answers)
-            gen_tuned = modules.score(answers, refs_items, **metric_kw)
-            rep["generation"] = {"data": req.data_label, "tuned": gen_tuned}
-        if suite:
-            log.info("scoring %s on suite %s", rep["model"], suite.name)
-            tuned_suite = suites.run(tuned.model, tuned.tokenizer, suite)
-        del tuned  # one model in memory at a time
-        gc.collect()
+        gen_tuned, tuned_suite, trainer_state = _score_model(req, req.model, "MODEL", "", work, suite, metric_kw)
     if req.baseline:
-        base = loader.load(req.baseline, "--baseline", tokenizer=req.baseline_tokenizer)
-        if req.items:
-            log.info("generating %d answers with the baseline %s", len(req.items), req.baseline)
-            answers = generation.generate(base.model, base.tokenizer, [it.prompt for it in req.items],
-                                          req.max_new_tokens, req.batch_size)
-            generation.write_predictions(work / "baseline_predictions.jsonl", base.tokenizer, req.items, answers)
-            gen_base = modules.score(answers, refs_items, **metric_kw)
+        gen_base, base_suite, _ = _score_model(req, req.baseline, "--baseline", "baseline_", work, suite, metric_kw,
+                                               tokenizer=req.baseline_tokenizer)
+    if gen_tuned is not None:
+        rep["generation"] = {"data": str(req.predictions) if preds is not None else req.data_label, "tuned": gen_tuned}
+        if gen_base is not None:
             rep["generation"]["baseline"] = gen_base
             rep["generation"]["rows"] = gate.rows_to_dicts(gate.generation_rows(gen_tuned, gen_base))
-        if suite:
-            log.info("scoring the baseline %s on suite %s", req.baseline, suite.name)
-            base_suite = suites.run(base.model, base.tokenizer, suite)
-        del base
-        gc.collect()
-
     for name, metrics in (("metrics.json", gen_tuned), ("baseline_metrics.json", gen_base)):
         if metrics is not None:
             write_text_atomic(work / name, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
@@ -159,7 +151,7 @@ def _evaluate(req, work, preds, refs, suite, loader, suites) -> dict:
         flat = {f"{t}/{m}": v for t, ms in (tuned_suite or {}).items() for m, v in ms.items()}
         flat.update({f"generation/{k}": v for k, v in (gen_tuned or {}).items() if isinstance(v, float)})
         history = gate.append_history(path, {
-            "model": rep["model"], "baseline": req.baseline, "suite": rep.get("suite", {}).get("name"),
+            "model": rep["model"], "baseline": req.baseline, "suite": suite.name if suite else None,
             "data": (rep.get("generation") or {}).get("data"), "out": str(req.out), "metrics": flat,
             "regressions": (rep.get("suite") or {}).get("regressions"),
         })
