@@ -142,6 +142,7 @@ class Recipe:
     def identity(self) -> str:
         """The dump less the keys that may change between an interrupted run and its resumption."""
         d = _plain(self.to_dict())
+        d.pop("eval", None)  # evaluation settings do not change the training
         for section, key in RESUME_VOLATILE:
             d[section].pop(key, None)
         return yaml.safe_dump(d, sort_keys=False, allow_unicode=True)

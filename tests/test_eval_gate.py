@@ -299,3 +299,13 @@ def test_after_training_scores_exactly_the_examples_training_held_out(tiny_path)
     for item, held in zip(items, prepared.eval.encoded):
         chat = item.prompt + [{"role": "assistant", "content": item.reference}]
         assert encode(tok, {"messages": chat}, recipe.train["max_length"]).input_ids == held.input_ids
+
+
+def test_eval_settings_do_not_block_resuming_an_interrupted_run(tmp_path):
+    from finetune import config
+
+    text = memo_recipe(tmp_path)
+    plain = config.load(text=text)
+    with_eval = config.load(text=text, overrides=[f"eval.suite={SUITE}", "eval.max_new_tokens=8"])
+    assert with_eval.identity() == plain.identity()
+    assert "\neval:\n" in with_eval.dump() and "\neval:\n" not in plain.dump()
