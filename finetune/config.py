@@ -479,7 +479,7 @@ def _cross_checks(recipe: Recipe, where: _Where) -> None:
         raise RecipeError(f"{where(('data', 'eval_ratio'))}: must be in [0, 1), got {d.eval_ratio}")
     if recipe.eval is not None:
         for key in ("max_samples", "max_new_tokens", "batch_size"):
-            if (getattr(recipe.eval, key) or 1) < 1:
+            if getattr(recipe.eval, key) is not None and getattr(recipe.eval, key) < 1:
                 raise RecipeError(f"{where(('eval', key))}: must be at least 1")
         from finetune.eval import find_suite
 

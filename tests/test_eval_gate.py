@@ -230,6 +230,8 @@ def test_recipe_eval_section_is_validated(tmp_path):
         config.load(text=text, overrides=["eval.metric_style=bleu"])
     with pytest.raises(RecipeError, match=r"eval\.suite: nope\.yaml: file not found"):
         config.load(text=text, overrides=["eval.suite=nope.yaml"])
+    with pytest.raises(RecipeError, match=r"eval\.max_samples: must be at least 1"):
+        config.load(text=text, overrides=["eval.max_samples=0"])
     with pytest.raises(RecipeError, match=r"eval\.max_new_token.*did you mean 'max_new_tokens'"):
         config.load(text=text, overrides=["eval.max_new_token=3"])
 
