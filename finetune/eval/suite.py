@@ -240,7 +240,8 @@ def _sequence_logprobs(model, pairs: list[tuple[list[int], list[int]]], batch_si
         for r, s in enumerate(seqs):
             ids[r, :len(s)] = torch.tensor(s)
             attn[r, :len(s)] = 1
-        logp = torch.log_softmax(model(input_ids=ids.to(_device(model)), attention_mask=attn.to(_device(model))).logits.float(), -1)
+        logits = model(input_ids=ids.to(_device(model)), attention_mask=attn.to(_device(model))).logits
+        logp = torch.log_softmax(logits[:, -width:].float(), -1)  # prompt tuning prepends virtual-token positions
         for r, (c, x) in enumerate(batch):
             positions = torch.arange(len(c) - 1, len(c) + len(x) - 1)
             targets = torch.tensor(x)
