@@ -136,3 +136,27 @@ def test_modules_ship_in_the_package_data():
     shipped = {p for pattern in patterns for p in root.glob(pattern)}
     for name in modules.NAMES:
         assert modules.path(name) / f"{name}.py" in shipped
+
+
+def test_metrics_work_when_the_hf_cache_is_read_only(tmp_path):
+    """A read-only HF_HOME (shared or packaged install): the script copies go to a private temp
+    dir, nothing is written under HF_HOME, and the numbers are the same. (Simulated: the test may
+    run as root, for whom file modes do not stop writes.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import sacrebleu
+
+    repo = Path(__file__).resolve().parents[1]
+    hf = tmp_path / "hf"
+    code = ("import json; from finetune.eval import modules; modules._writable = lambda d: False; "
+            f"r = modules.score({EN_PRED!r}, {EN_REF!r}); print(json.dumps([modules._chosen['modules'], r['bleu']]))")
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HOME": str(hf)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    modules_dir, bleu = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not hf.exists() and not modules_dir.startswith(str(hf))
+    assert bleu == sacrebleu.corpus_bleu(EN_PRED, [EN_REF], tokenize="13a").score

@@ -7,7 +7,9 @@ evaluate copies the script into its modules cache (under HF_HOME); when that is 
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from functools import cache
 from pathlib import Path
@@ -51,7 +53,9 @@ def _dirs() -> tuple[str, str | None]:
         if _writable(modules_cache) and _writable(metrics_cache):
             set_modules_dir(modules_cache, metrics_cache)
         else:
-            set_modules_dir(tempfile.mkdtemp(prefix="finetune-evaluate-"))
+            private = tempfile.mkdtemp(prefix="finetune-evaluate-")
+            atexit.register(shutil.rmtree, private, True)
+            set_modules_dir(private)
     return _chosen["modules"], _chosen["cache"]
 
 
