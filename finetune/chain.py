@@ -135,10 +135,13 @@ def load_reward_model(rm_dir: str | os.PathLike, dtype=None, merge: bool = True)
     tok = AutoTokenizer.from_pretrained(str(rm_dir))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    from trl.trainer.reward_trainer import suppress_seqcls_warning  # the head comes from the adapter
+
     base = base_of(rm_dir, field=str(rm_dir))
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base, num_labels=1, dtype=dtype or torch.float32, use_safetensors=True, pad_token_id=tok.pad_token_id
-    )
+    with suppress_seqcls_warning():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base, num_labels=1, dtype=dtype or torch.float32, use_safetensors=True, pad_token_id=tok.pad_token_id
+        )
     model = PeftModel.from_pretrained(model, str(rm_dir))
     if merge:
         model = model.merge_and_unload()

@@ -62,6 +62,16 @@ def _parser() -> argparse.ArgumentParser:
     prev.add_argument("--max-length", type=int, default=None, help="truncate as train.max_length would")
     prev.add_argument("--tokens", action="store_true", help="also list every token with its label")
     prev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    score = sub.add_parser("score", help="score records with a reward model (JSONL)",
+                           description="Score every record of a dataset with an `rm` output dir: chosen/rejected/margin "
+                           "for pairs, score for chats and KTO examples. JSONL to --out or stdout; a summary to stderr.")
+    score.add_argument("rm_dir", help="output dir of a `stage: rm` run")
+    score.add_argument("--data", required=True, help="registry name or file (preference, kto or chat formats)")
+    score.add_argument("--format", help="record format, when the file does not make it clear")
+    score.add_argument("--out", help="write the JSONL here (atomically) instead of stdout")
+    score.add_argument("--batch-size", type=int, default=16, help="records per forward pass (default 16)")
+    score.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
@@ -89,10 +99,18 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    from finetune.score import score_file
+
+    summary = score_file(args.rm_dir, args.data, fmt=args.format, out=args.out, batch_size=args.batch_size)
+    log.info("scored: %s", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries(args.debug)
-    handler = {"train": cmd_train, "data": cmd_data}[args.command]
+    handler = {"train": cmd_train, "data": cmd_data, "score": cmd_score}[args.command]
     try:
         return handler(args)
     except FinetuneError as e:

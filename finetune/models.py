@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -116,12 +117,15 @@ def load_model(cfg: ModelSection, adapter: AdapterSection, activation_checkpoint
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = _kbit_device_map()
-    auto_class = AutoModelForCausalLM
+    auto_class, quiet = AutoModelForCausalLM, contextlib.nullcontext()
     if num_labels is not None:
-        auto_class = AutoModelForSequenceClassification
+        from trl.trainer.reward_trainer import suppress_seqcls_warning  # new head, unused lm_head: expected
+
+        auto_class, quiet = AutoModelForSequenceClassification, suppress_seqcls_warning()
         kwargs.update(num_labels=num_labels, pad_token_id=pad_token_id)
     try:
-        model = auto_class.from_pretrained(path, **kwargs)
+        with quiet:
+            model = auto_class.from_pretrained(path, **kwargs)
     except OSError as e:
         first = str(e).splitlines()[0]
         if not cfg.allow_pickle and ("safetensors" in first or "pytorch_model.bin" in first):
