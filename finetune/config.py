@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from finetune.rewards import RewardsSection, check as check_rewards
 from finetune.errors import RecipeError, closest
 
 STAGES = ("sft", "rm", "dpo", "kto", "orpo", "cpo", "simpo", "ppo", "grpo", "rloo")
@@ -109,8 +110,9 @@ class OutputSection:
 
 
 RESUME_VOLATILE = (("train", "resume"), ("output", "overwrite"), ("output", "keep_checkpoints"))
-SECTIONS = {"model": ModelSection, "adapter": AdapterSection, "data": DataSection, "output": OutputSection}
-TOP_LEVEL = ("stage", "model", "adapter", "data", "train", "output")
+SECTIONS = {"model": ModelSection, "adapter": AdapterSection, "data": DataSection, "output": OutputSection,
+            "rewards": RewardsSection}  # rewards: the RL stages (finetune/rewards.py)
+TOP_LEVEL = ("stage", "model", "adapter", "data", "train", "rewards", "output")
 
 
 @dataclass
@@ -122,6 +124,7 @@ class Recipe:
     train: dict[str, Any]  # effective kwargs for the stage's TRL config (+ TRAIN_EXTRA_KEYS)
     output: OutputSection
     source: str | None = None  # the YAML file it came from
+    rewards: RewardsSection = field(default_factory=RewardsSection)
 
     def to_dict(self) -> dict:
         out = {"stage": self.stage}
@@ -250,7 +253,7 @@ def _validate(raw: dict, where: _Where, source: str | None) -> Recipe:
     sections = {}
     for name, cls in SECTIONS.items():
         value = raw.get(name)
-        if value is None and name == "adapter":
+        if value is None and name in ("adapter", "rewards"):
             value = {}
         if value is None:
             raise RecipeError(f"{where((name,))}: missing section '{name}'")
@@ -490,6 +493,7 @@ def _validate_train(stage: str, raw, where: _Where) -> dict[str, Any]:
 def _cross_checks(recipe: Recipe, where: _Where) -> None:
     d, a, t = recipe.data, recipe.adapter, recipe.train
     check_stage_format(recipe.stage, d.format, lambda: where(("data", "format")))
+    check_rewards(recipe.stage, recipe.rewards, where)
     if d.eval and d.eval_ratio:
         raise RecipeError(f"{where(('data', 'eval_ratio'))}: give data.eval or data.eval_ratio, not both")
     if not 0.0 <= d.eval_ratio < 1.0:
