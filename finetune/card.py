@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune import __version__, models
+from finetune import __version__, models, rewards
 from finetune.outputs import write_text_atomic
 
 
@@ -79,7 +79,7 @@ A **{a.method}** adapter for `{recipe.model.name_or_path}`, trained with finetun
 - trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)
 
 ## Data
-- train: `{d.train}` ({prepared.format}), {train_stats['examples']} examples, {train_stats['trained_tokens']} trained tokens of {train_stats['tokens']} (loss on answers only)
+- train: `{d.train}` ({prepared.format}), {rewards.card_data(recipe, train_stats) or f"{train_stats['examples']} examples, {train_stats['trained_tokens']} trained tokens of {train_stats['tokens']} (loss on answers only)"}
 {eval_line}
 ## Hyper-parameters
 | key | value |
@@ -88,11 +88,11 @@ A **{a.method}** adapter for `{recipe.model.name_or_path}`, trained with finetun
 | lr_scheduler_type | {t['lr_scheduler_type']} |
 | max_steps / epochs | {t['max_steps']} / {t['num_train_epochs']:g} |
 | batch (per device x accumulation) | {batch} |
-| max_length | {t['max_length']} |
+| max_length | {t.get('max_length', t.get('max_completion_length', t.get('response_length')))} |
 | precision | {"bf16" if t['bf16'] else "fp16" if t['fp16'] else "fp32"} |
 | seed | {t['seed']} |
 
-The full resolved recipe is in `recipe.yaml`; training logs in `trainer_state.json`.
+{rewards.card_section(recipe)}The full resolved recipe is in `recipe.yaml`; training logs in `trainer_state.json`.
 
 {_preference_section(metrics)}## Final metrics
 | metric | value |

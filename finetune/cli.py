@@ -52,6 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="validate recipe, data and model config; print the plan; train nothing")
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+    pipe = sub.add_parser("pipeline", help="run a multi-stage pipeline (sft -> rm -> ppo, sft -> dpo, ...)",
+                          description="Run the stages of a pipeline file in order, each into <output.dir>/<stage>; "
+                          "finished stages with the same recipe are skipped, an interrupted one resumes.")
+    pipe.add_argument("pipeline", help="pipeline YAML file")
+    pipe.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="output.dir=DIR, STAGE.section.key=value (one stage) or section.key=value (every stage)")
+    pipe.add_argument("--dry-run", action="store_true", help="validate every stage's recipe and show what would run")
+    pipe.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
     data = sub.add_parser("data", help="inspect datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prev = data_sub.add_parser("preview", help="show one example as the model sees it, trained tokens marked")
@@ -88,6 +97,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_pipeline(args) -> int:
+    from finetune import pipeline
+
+    pipe = pipeline.load(args.pipeline, args.overrides)
+    if args.dry_run:
+        print(pipeline.plan(pipe))
+        return 0
+    pipeline.run(pipe)
+    log.info("done: pipeline outputs in %s", pipe.dir)
+    return 0
+
+
 def cmd_data(args) -> int:
     from finetune import models
     from finetune.config import ModelSection
@@ -110,7 +131,7 @@ def cmd_score(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries(args.debug)
-    handler = {"train": cmd_train, "data": cmd_data, "score": cmd_score}[args.command]
+    handler = {"train": cmd_train, "pipeline": cmd_pipeline, "data": cmd_data, "score": cmd_score}[args.command]
     try:
         return handler(args)
     except FinetuneError as e:

@@ -1,0 +1,129 @@
+"""Online RL stages (ppo, grpo, rloo) learn on the tiny pre-trained model, their rule rewards score
+what they say, and their outputs describe themselves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from _support import log_series
+
+from finetune import config, rewards
+from finetune.errors import RecipeError
+
+REPO = Path(__file__).resolve().parents[1]
+SYMBOLS = r"\d+ ?\+ ?\d+ ?= ?\d+"  # the tiny model writes "a plus b is c"; GRPO/RLOO teach "a + b = c"
+
+
+def rl_recipe(stage: str, out: Path, **sections) -> config.Recipe:
+    """The shipped tiny recipe of `stage` (recipes/tiny/<stage>_lora.yaml) into `out`, sections updated."""
+    raw = yaml.safe_load((REPO / "recipes" / "tiny" / f"{stage}_lora.yaml").read_text())
+    raw["output"]["dir"] = str(out)
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return config.load(text=yaml.safe_dump(raw))
+
+
+def mean(xs) -> float:
+    return sum(xs) / len(xs)
+
+
+# ----------------------------------------------------------------------------- rule rewards
+
+
+def test_rule_rewards_score_what_they_say():
+    conv = [[{"role": "assistant", "content": "3 + 4 = 7."}], [{"role": "assistant", "content": "3 plus 4 is 7."}]]
+    regex = rewards.rule_function({"type": "regex", "pattern": SYMBOLS})
+    assert regex(completions=conv) == [1.0, 0.0]
+    assert regex.__name__ == "regex"
+    fmt = rewards.rule_function({"type": "format", "name": "think"})
+    assert fmt(completions=["<think>x</think> <answer>7</answer>", "<answer>7</answer>", "<think>x</think><answer>7</answer> more"]) == [1.0, 0.0, 0.0]
+    assert fmt.__name__ == "think"
+    words = rewards.rule_function({"type": "length", "target": 4})
+    assert words(completions=["a b c d", "a b", "a b c d e f g h", ""]) == [1.0, 0.5, 0.0, 0.0]
+    tokens = rewards.rule_function({"type": "length", "target": 2, "unit": "tokens"})
+    assert tokens(completions=["x", "y"], completion_ids=[[5, 6], [5, 6, 7]]) == [1.0, 0.5]
+    answer = rewards.rule_function({"type": "answer", "column": "solution"})
+    assert answer(completions=conv, solution=["7", "8"]) == [1.0, 0.0]
+
+
+def _rl_text(stage: str, rewards_section) -> str:
+    return yaml.safe_dump({"stage": stage, "model": {"name_or_path": "tiny-llama"}, "data": {"train": "x.jsonl", "format": "prompt"},
+                           "rewards": rewards_section, "output": {"dir": "/tmp/unused"}})
+
+
+@pytest.mark.parametrize("stage, section, message", [
+    ("grpo", {"rules": [{"type": "regex", "pattern": "("}]}, "rewards.rules[0].pattern: invalid regular expression"),
+    ("grpo", {"rules": [{"type": "lenght", "target": 3}]}, "rewards.rules[0].type: 'lenght' is not one of regex, format, length, answer; did you mean 'length'?"),
+    ("grpo", {"rules": [{"type": "length", "target": 0}]}, "rewards.rules[0].target: expected a positive whole number"),
+    ("grpo", {"rules": [{"type": "regex", "pattern": "a", "colour": 1}]}, "rewards.rules[0].colour: unknown key for a regex reward"),
+    ("grpo", {"rules": [{"type": "regex", "pattern": "a"}, {"type": "regex", "pattern": "b"}]}, "two rewards are named 'regex'"),
+    ("rloo", {}, "rewards: rloo needs rewards.model (an rm output dir) and/or rewards.rules"),
+    ("ppo", {}, "rewards.model: ppo needs a reward model"),
+    ("ppo", {"model": "rm", "rules": [{"type": "regex", "pattern": "a"}]}, "rewards.rules: ppo scores with the reward model only"),
+    ("sft", {"model": "rm"}, "rewards: only the ppo, grpo, rloo stages use rewards"),
+])
+def test_bad_rewards_section_is_a_one_line_error_naming_the_line(stage, section, message):
+    if stage == "sft":
+        text = _rl_text("sft", section).replace("format: prompt", "format: messages")
+    else:
+        text = _rl_text(stage, section)
+    with pytest.raises(RecipeError) as e:
+        config.load(text=text)
+    assert message in str(e.value)
+    assert str(e.value).startswith("recipe:") and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+def test_grpo_learns_the_rule_reward_and_writes_a_self_describing_output(tmp_path):
+    from finetune.stages import grpo
+
+    out = grpo.run(rl_recipe("grpo", tmp_path / "grpo", train={"max_steps": 16}))
+    symbols = log_series(out, "rewards/symbols/mean")
+    total = log_series(out, "reward")
+    assert mean(symbols[:3]) < 0.15 and mean(symbols[-4:]) > 0.5, symbols
+    assert mean(total[-4:]) > mean(total[:3]) + 0.4, total
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["reward_last5"] > results["reward_first5"]
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "recipe.yaml", "trainer_state.json"):
+        assert (out / name).is_file(), name
+    card = (out / "README.md").read_text()
+    assert "## Rewards" in card and "`symbols`: regex rule" in card and "prompts" in card
+    assert config.load(out / "recipe.yaml").rewards.rules[0]["name"] == "symbols"
+
+
+def test_rloo_learns_the_rule_reward(tmp_path):
+    from finetune.stages import rloo
+
+    out = rloo.run(rl_recipe("rloo", tmp_path / "rloo", train={"max_steps": 10}))
+    symbols = log_series(out, "rewards/symbols/mean")
+    assert mean(symbols[:2]) < 0.15 and mean(symbols[-3:]) > 0.5, symbols
+
+
+@pytest.mark.timeout(300)  # STACK_NOTES: one long PPO run once hung
+def test_ppo_reward_rises_with_kl_and_entropy_logged(tmp_path, tiny_rm_dir, tiny_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from finetune.stages import ppo
+
+    out = ppo.run(rl_recipe("ppo", tmp_path / "ppo", rewards={"model": str(tiny_rm_dir)}, train={"max_steps": 12}))
+    scores = log_series(out, "objective/scores")
+    kl = log_series(out, "objective/kl")
+    assert len(scores) == len(kl) == len(log_series(out, "objective/entropy")) == 12  # every step
+    assert mean(scores[-3:]) > mean(scores[:3]) + 1.0, scores
+    assert kl[0] == pytest.approx(0.0, abs=1e-3) and kl[-1] > 0.1, kl  # the policy moved away from its reference
+    card = (out / "README.md").read_text()
+    assert "experimental" in card and str(tiny_rm_dir) in card
+    # The policy adapter loads on the plain base and changes its logits.
+    base = AutoModelForCausalLM.from_pretrained(tiny_path)
+    ids = torch.tensor([[1, 50, 60, 70]])
+    with torch.no_grad():
+        before = base(ids).logits
+        after = PeftModel.from_pretrained(base, str(out))(ids).logits
+    assert (after - before).abs().max() > 1e-3
