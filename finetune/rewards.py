@@ -41,8 +41,8 @@ class RewardsSection:
         "for grpo/rloo one reward function, added to `rules`.")})
     model_weight: float = field(default=1.0, metadata={"help": "grpo/rloo: weight of the reward model's score."})
     rules: list[dict] = field(default_factory=list, metadata={"help": (
-        "grpo/rloo: built-in rule rewards, each {type: regex|format|length|answer, weight, ...} "
-        "(README: Rewards).")})
+        "grpo/rloo: built-in rule rewards, each a mapping {type, weight, ...}; types regex, format, "
+        "length, answer (README: Rewards for RL).")})
 
     def is_default(self) -> bool:
         return self.model is None and self.model_weight == 1.0 and not self.rules
