@@ -103,7 +103,11 @@ def _merge_into(adapter_dir: Path, base: str, target: Path) -> None:
 
     log.info("chaining: merging the adapter in %s into %s (cached in %s)", adapter_dir, base, target)
     model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", use_safetensors=True)
-    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    if not hasattr(model, "merge_and_unload"):  # prompt / prefix tuning: nothing to merge into the weights
+        raise RecipeError(f"model.name_or_path: {adapter_dir} holds a {model.peft_config['default'].peft_type} adapter, "
+                          "which cannot be merged into its base; a stage can only start from a mergeable (LoRA-type) adapter")
+    model = model.merge_and_unload()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

@@ -128,3 +128,14 @@ def test_dry_run_plans_a_preference_stage(tmp_path, capsys, tiny_path):
     plan = capsys.readouterr().out
     assert "stage          dpo" in plan and "128 examples from 128 records" in plan
     assert not (tmp_path / "out").exists()
+
+
+def test_preview_marks_the_answers_as_trl_trains_them(tiny_tokenizer):
+    from finetune.data.preview import preview
+
+    text = preview("preference_zh_demo", tiny_tokenizer, index=1)
+    assert "chosen: " in text and "rejected: " in text
+    assert "[[好的！8乘以6等于48。希望对你有帮助。</s>]]" in text and "[[58。</s>]]" in text
+    assert text.count("[[") == 3  # the header, then only the answers: the prompt (user turn, generation prompt) is not trained
+    kto_text = preview("kto_demo", tiny_tokenizer, index=0)
+    assert "completion (undesirable): " in kto_text and kto_text.count("[[") == 2
