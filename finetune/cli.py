@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     prev = data_sub.add_parser("preview", help="show one example as the model sees it, trained tokens marked")
     prev.add_argument("dataset", help="registry name, file, or hub dataset id")
     prev.add_argument("--model", required=True, help="model (tokenizer + chat template): hub id, path or tiny-llama")
-    prev.add_argument("--format", help="record format (alpaca, sharegpt, messages, prompt_completion, text)")
+    prev.add_argument("--format", help="record format (alpaca, sharegpt, messages, prompt_completion, text, preference, alpaca_preference, sharegpt_preference, kto, prompt)")
     prev.add_argument("--index", type=int, default=0, help="which record (default 0)")
     prev.add_argument("--max-length", type=int, default=None, help="truncate as train.max_length would")
     prev.add_argument("--tokens", action="store_true", help="also list every token with its label")
