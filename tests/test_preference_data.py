@@ -139,3 +139,17 @@ def test_preview_marks_the_answers_as_trl_trains_them(tiny_tokenizer):
     assert text.count("[[") == 3  # the header, then only the answers: the prompt (user turn, generation prompt) is not trained
     kto_text = preview("kto_demo", tiny_tokenizer, index=0)
     assert "completion (undesirable): " in kto_text and kto_text.count("[[") == 2
+
+
+@pytest.mark.parametrize("name, stage, n", [("preference_en_demo", "dpo", 160), ("preference_zh_demo", "rm", 120),
+                                            ("kto_demo", "kto", 100), ("preference_zh_demo", "kto", 240)])
+def test_preference_demo_sets_load_for_their_stages(tiny_tokenizer, name, stage, n):
+    prepared = pairs.load(DataSection(train=name), tiny_tokenizer, stage)
+    assert len(prepared.train.examples) == n and prepared.eval is None
+
+
+def test_sft_refuses_preference_data_in_one_line(tiny_tokenizer):
+    from finetune import data
+
+    with pytest.raises(RecipeError, match="preference_en_demo.jsonl: data.format: stage sft takes .* not preference"):
+        data.load(DataSection(train="preference_en_demo"), tiny_tokenizer, max_length=64)
