@@ -123,6 +123,15 @@ def test_reference_free_and_unpaired_objectives_move_the_right_way(tmp_path, tin
         assert log_series(out, "eval_rewards/accuracies")[-1] >= 0.8
 
 
+@pytest.mark.parametrize("stage, module, key", [("rm", rm, "eval_accuracy"), ("dpo", dpo, "eval_rewards/accuracies")])
+def test_qlora_preference_stages_learn_on_a_4bit_base(tmp_path, tiny_path, stage, module, key):
+    text = preference_recipe(tmp_path / stage, stage, steps=20, adapter={"method": "qlora"}, train={"eval_steps": 20})
+    out = module.run(config.load(text=text))
+    assert _results(out)[key] >= 0.9, _results(out)
+    assert json.loads((out / "adapter_config.json").read_text())["task_type"] == ("SEQ_CLS" if stage == "rm" else "CAUSAL_LM")
+    assert "4-bit nf4 base" in (out / "README.md").read_text()
+
+
 # ----------------------------------------------------------------------------- chaining
 
 
