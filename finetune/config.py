@@ -321,6 +321,8 @@ def _coerce(value, tp, path: tuple, where: _Where):
         hint = closest(str(value), [str(a) for a in args])
         raise RecipeError(f"{where(path)}: {value!r} is not one of {', '.join(str(a) for a in args)}{hint}")
     if origin is list:
+        if isinstance(value, str) and args and args[0] is str:
+            value = [value]  # train.loss_type=ipo means [ipo]
         items = value if isinstance(value, list) else None
         if items is None:
             raise bad

@@ -153,3 +153,10 @@ def test_sft_refuses_preference_data_in_one_line(tiny_tokenizer):
 
     with pytest.raises(RecipeError, match="preference_en_demo.jsonl: data.format: stage sft takes .* not preference"):
         data.load(DataSection(train="preference_en_demo"), tiny_tokenizer, max_length=64)
+
+
+def test_dpo_loss_type_takes_one_name_or_a_list():
+    base = "stage: dpo\nmodel: {name_or_path: tiny-llama}\ndata: {train: x.jsonl}\noutput: {dir: /tmp/never}\n"
+    assert config.load(text=base, overrides=["train.loss_type=ipo"]).train["loss_type"] == ["ipo"]
+    assert config.load(text=base, overrides=["train.loss_type=[sigmoid,bco_pair]"]).train["loss_type"] == ["sigmoid", "bco_pair"]
+    assert config.load(text=base).train["learning_rate"] == 5e-5  # a LoRA learning rate, not TRL's 1e-6
