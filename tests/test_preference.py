@@ -132,6 +132,24 @@ def test_qlora_preference_stages_learn_on_a_4bit_base(tmp_path, tiny_path, stage
     assert "4-bit nf4 base" in (out / "README.md").read_text()
 
 
+def test_interrupted_dpo_run_resumes_to_the_same_losses(tmp_path, tiny_path):
+    from test_resume import CrashAt
+
+    def recipe(out):
+        return config.load(text=preference_recipe(out, "dpo", steps=6, data={"max_samples": 24, "eval_ratio": 0.0},
+                                                  adapter={"dropout": 0.1}, train={"save_steps": 2, "logging_steps": 1,
+                                                                                   "eval_strategy": "no"}))
+
+    reference = dpo.run(recipe(tmp_path / "reference"))
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        dpo.run(recipe(out), callbacks=[CrashAt(5)])
+    assert not out.exists() and (tmp_path / "resumed.incomplete" / "checkpoint-4").is_dir()
+    dpo.run(recipe(out))
+    expected, got = log_series(reference, "loss"), log_series(out, "loss")
+    assert len(got) == len(expected) == 6 and got == pytest.approx(expected, abs=1e-6)
+
+
 # ----------------------------------------------------------------------------- chaining
 
 
