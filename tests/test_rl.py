@@ -127,3 +127,15 @@ def test_ppo_reward_rises_with_kl_and_entropy_logged(tmp_path, tiny_rm_dir, tiny
         before = base(ids).logits
         after = PeftModel.from_pretrained(base, str(out))(ids).logits
     assert (after - before).abs().max() > 1e-3
+
+
+def test_grpo_sums_rule_and_reward_model_rewards_with_their_weights(tmp_path, tiny_rm_dir):
+    from finetune.stages import grpo
+
+    recipe = rl_recipe("grpo", tmp_path / "grpo", rewards={"model": str(tiny_rm_dir), "model_weight": 0.5},
+                       train={"max_steps": 2, "per_device_train_batch_size": 8})
+    out = grpo.run(recipe)
+    for step in [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "reward" in h]:
+        weighted = step["rewards/symbols/mean"] + 0.5 * step["rewards/length/mean"] + 0.5 * step["rewards/reward_model/mean"]
+        assert step["reward"] == pytest.approx(weighted, abs=1e-4)
+        assert step["rewards/reward_model/std"] > 0  # the reward model tells the completions apart
