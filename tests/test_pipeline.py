@@ -89,3 +89,17 @@ def test_cli_overrides_reach_one_stage_or_every_stage(tmp_path):
     assert sft.dir == tmp_path / "elsewhere" / "sft" and grpo.recipe.model.name_or_path == str(tmp_path / "elsewhere" / "sft")
     with pytest.raises(RecipeError, match="override 'foo.bar=1': expected output.dir"):
         pipeline.load(write(tmp_path), ["foo.bar=1"])
+
+
+def test_cli_dry_run_lists_the_stages_and_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
+    from finetune import cli
+
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path)
+    assert cli.main(["pipeline", str(path), "sft.train.max_steps=3", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1:5] for line in lines[1:]] == [["sft", "stage", "sft", "new"], ["grpo", "stage", "grpo", "new"]]
+    assert not (tmp_path / "out").exists()
+    assert cli.main(["pipeline", str(path), "nope.x=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("finetune: error: override 'nope.x=1': expected output.dir=") and err.count("\n") == 1
