@@ -85,8 +85,8 @@ def test_grpo_learns_the_rule_reward_and_writes_a_self_describing_output(tmp_pat
     out = grpo.run(rl_recipe("grpo", tmp_path / "grpo", train={"max_steps": 16}))
     symbols = log_series(out, "rewards/symbols/mean")
     total = log_series(out, "reward")
-    assert mean(symbols[:3]) < 0.15 and mean(symbols[-4:]) > 0.5, symbols
-    assert mean(total[-4:]) > mean(total[:3]) + 0.4, total
+    assert mean(symbols[:3]) < 0.15 and mean(symbols[-6:]) > 0.5, symbols  # measured 0.04 -> 0.76
+    assert mean(total[-6:]) > mean(total[:3]) + 0.4, total  # measured 0.43 -> 1.10
     results = json.loads((out / "all_results.json").read_text())
     assert results["reward_last5"] > results["reward_first5"]
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "recipe.yaml", "trainer_state.json"):
@@ -101,7 +101,7 @@ def test_rloo_learns_the_rule_reward(tmp_path):
 
     out = rloo.run(rl_recipe("rloo", tmp_path / "rloo", train={"max_steps": 10}))
     symbols = log_series(out, "rewards/symbols/mean")
-    assert mean(symbols[:2]) < 0.15 and mean(symbols[-3:]) > 0.5, symbols
+    assert mean(symbols[:2]) < 0.15 and mean(symbols[-4:]) > 0.5, symbols  # measured 0.0 -> 0.91
 
 
 @pytest.mark.timeout(300)  # STACK_NOTES: one long PPO run once hung
@@ -116,7 +116,7 @@ def test_ppo_reward_rises_with_kl_and_entropy_logged(tmp_path, tiny_rm_dir, tiny
     scores = log_series(out, "objective/scores")
     kl = log_series(out, "objective/kl")
     assert len(scores) == len(kl) == len(log_series(out, "objective/entropy")) == 12  # every step
-    assert mean(scores[-3:]) > mean(scores[:3]) + 1.0, scores
+    assert mean(scores[-3:]) > mean(scores[:3]) + 1.0, scores  # measured -3.70 -> -1.20
     assert kl[0] == pytest.approx(0.0, abs=1e-3) and kl[-1] > 0.1, kl  # the policy moved away from its reference
     card = (out / "README.md").read_text()
     assert "experimental" in card and str(tiny_rm_dir) in card
