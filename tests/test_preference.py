@@ -38,6 +38,11 @@ def test_reward_model_ranks_held_out_pairs(tiny_rm_dir):
     assert f"pairwise accuracy (reward of chosen > rejected) on the eval split: {results['eval_accuracy']:.4g}" in card
 
 
+def test_dry_run_counts_the_reward_models_parameters(tiny_rm_dir, tmp_path):
+    plan = rm.plan(config.load(text=preference_recipe(tmp_path / "rm", "rm")))
+    assert f"trainable parameters: {plan.trainable:,} of {plan.total:,}" in (tiny_rm_dir / "README.md").read_text()
+
+
 def test_reward_model_loads_with_plain_transformers_and_peft(tiny_rm_dir):
     """The card's recipe (AutoModelForSequenceClassification + PeftModel, no finetune code) gives
     the same scores as finetune's merged scorer, and they rank unseen Chinese pairs too."""
