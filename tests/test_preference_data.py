@@ -59,6 +59,8 @@ def test_kto_labels_and_prompt_extras():
     assert one({"prompt": "Hi?", "completion": "Go away.", "label": "false"}, "kto") == \
         {"prompt": [U("Hi?")], "completion": [A("Go away.")], "label": False}  # CSV strings read as booleans
     assert one({"prompt": "2+2?", "answer": "4", "id": 3}, "prompt") == {"prompt": [U("2+2?")], "answer": "4", "id": 3}
+    assert guess_format({"prompt": "2+2?", "answer": "4"}) == "prompt"
+    assert guess_format({"prompt": "2+2?", "completion": "4"}) == "prompt_completion"
 
 
 @pytest.mark.parametrize("record, fmt, message", [

@@ -153,6 +153,7 @@ def guess_format(record: dict) -> str | None:
         ("messages", {"messages"}),
         ("prompt_completion", {"prompt", "completion"}),
         ("text", {"text"}),
+        ("prompt", {"prompt"}),  # prompts only (RL stages)
     ):
         if needed <= keys:
             return fmt
