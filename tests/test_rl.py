@@ -139,3 +139,16 @@ def test_grpo_sums_rule_and_reward_model_rewards_with_their_weights(tmp_path, ti
         weighted = step["rewards/symbols/mean"] + 0.5 * step["rewards/length/mean"] + 0.5 * step["rewards/reward_model/mean"]
         assert step["reward"] == pytest.approx(weighted, abs=1e-4)
         assert step["rewards/reward_model/std"] > 0  # the reward model tells the completions apart
+
+
+def test_answer_rule_on_records_without_the_field_fails_before_writing(tmp_path):
+    from _support import write_jsonl
+
+    from finetune.errors import DataError
+    from finetune.stages import grpo
+
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "What is 2 plus 3?", "answer": "5"}, {"prompt": "What is 1 plus 6?"}])
+    recipe = rl_recipe("grpo", tmp_path / "out", data={"train": str(data), "format": "prompt"}, rewards={"rules": [{"type": "answer"}]})
+    with pytest.raises(DataError, match=r"prompts.jsonl: record 2: rewards.rules\[0\] \(an answer reward\) reads the field 'answer'"):
+        grpo.run(recipe)
+    assert not list(tmp_path.glob("out*"))
