@@ -98,8 +98,10 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipel
         if not isinstance(name, str) or not NAME.fullmatch(name):
             raise RecipeError(f"{where('stages', str(name))}: a stage name is letters, digits, _ . - (it names its output dir)")
     output = raw.get("output") or {}
+    if not isinstance(output, dict):
+        raise RecipeError(f"{where('output')}: expected a mapping with {' and '.join(OUTPUT_KEYS)}")
     per_stage, every_stage = _split_overrides(overrides, output, list(stages))
-    if not isinstance(output, dict) or not output.get("dir"):
+    if not output.get("dir"):
         raise RecipeError(f"{where('output', 'dir')}: missing: the dir every stage writes its own subdir in")
     for key in output:
         if key not in OUTPUT_KEYS:
@@ -115,7 +117,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipel
         label = f"{where('stages', name)}: stage {name}"
         try:
             recipe = _load_stage(spec, p.parent, dirs, overwrite, root / name,
-                                 every_stage + per_stage.get(name, []), label)
+                                 every_stage + per_stage.get(name, []))
         except RecipeError as e:
             raise RecipeError(f"{label}: {e}") from None
         dirs[name] = str(root / name)
@@ -141,7 +143,7 @@ def _split_overrides(overrides, output: dict, names: list[str]) -> tuple[dict[st
     return per_stage, every
 
 
-def _substitute(value, dirs: dict[str, str], label: str):
+def _substitute(value, dirs: dict[str, str]):
     """`${name}` -> the output dir of the earlier stage `name`, in every string of `value`."""
     if isinstance(value, str):
         def one(match):
@@ -154,9 +156,9 @@ def _substitute(value, dirs: dict[str, str], label: str):
 
         return REFERENCE.sub(one, value)
     if isinstance(value, dict):
-        return {k: _substitute(v, dirs, label) for k, v in value.items()}
+        return {k: _substitute(v, dirs) for k, v in value.items()}
     if isinstance(value, list):
-        return [_substitute(v, dirs, label) for v in value]
+        return [_substitute(v, dirs) for v in value]
     return value
 
 
@@ -177,7 +179,7 @@ def _find_recipe(ref: str, base: Path) -> Path:
     raise RecipeError(f"recipe: {ref}: no such file (read relative to the current directory or the pipeline file)")
 
 
-def _load_stage(spec, base: Path, dirs: dict[str, str], overwrite: bool, out: Path, cli: list[str], label: str):
+def _load_stage(spec, base: Path, dirs: dict[str, str], overwrite: bool, out: Path, cli: list[str]):
     if not isinstance(spec, dict):
         raise RecipeError("expected a mapping: recipe (a file or an inline recipe) and recipe sections on top of it")
     spec = dict(spec)
@@ -187,12 +189,12 @@ def _load_stage(spec, base: Path, dirs: dict[str, str], overwrite: bool, out: Pa
             raise RecipeError(f"{key}: unknown key{closest(str(key), ('recipe', *config.TOP_LEVEL))}")
     if "dir" in (spec.get("output") or {}):
         raise RecipeError(f"output.dir: set by the pipeline ({out}); remove it")
-    spec = _substitute(spec, dirs, label)
+    spec = _substitute(spec, dirs)
     overrides = _flatten(spec) if spec else []
-    overrides += [_substitute(item, dirs, label) for item in cli]
+    overrides += [_substitute(item, dirs) for item in cli]
     overrides += [f"output.dir={json.dumps(str(out))}", f"output.overwrite={json.dumps(overwrite)}"]
     if isinstance(ref, dict):
-        return config.load(None, overrides, text=yaml.safe_dump(_substitute(ref, dirs, label)))
+        return config.load(None, overrides, text=yaml.safe_dump(_substitute(ref, dirs)))
     if ref is None:
         return config.load(None, overrides, text="{}")
     if not isinstance(ref, str):
@@ -222,9 +224,16 @@ def status(stage: Stage) -> str:
 
 
 def plan(pipe: Pipeline) -> str:
+    """What a run would do with each stage (skip, resume, train), or why it would refuse to."""
+    try:
+        actions, refusal = _actions(pipe), None
+    except OutputError as e:
+        actions, refusal = [status(stage) for stage in pipe.stages], str(e)
     lines = [f"pipeline {pipe.source} -> {pipe.dir} (dry run: nothing trained, nothing written)"]
-    for i, stage in enumerate(pipe.stages, 1):
-        lines.append(f"  {i}. {stage.name:<10} stage {stage.recipe.stage:<5} {status(stage):<8} {stage.dir}")
+    for i, (stage, action) in enumerate(zip(pipe.stages, actions), 1):
+        lines.append(f"  {i}. {stage.name:<10} stage {stage.recipe.stage:<5} {action:<8} {stage.dir}")
+    if refusal:
+        lines.append(f"  refused: {refusal}")
     return "\n".join(lines)
 
 

@@ -57,12 +57,13 @@ def test_rerun_skips_finished_stages_and_trains_the_rest(tmp_path, monkeypatch):
     assert (sft_dir / "adapter_model.safetensors").stat().st_mtime_ns == stamp
 
     pipe = pipeline.load(path)
-    assert "done" in pipeline.plan(pipe).splitlines()[2]
+    assert [line.split()[4] for line in pipeline.plan(pipe).splitlines()[1:]] == ["skip", "skip"]
     summary = pipeline.run(pipe)
     assert {v["status"] for v in summary["stages"].values()} == {"skipped"}
     assert json.loads((tmp_path / "out" / "pipeline.json").read_text()) == summary
 
     # A changed first stage would retrain both: refused before anything trains, naming the change.
+    assert "refused: pipeline stage sft" in pipeline.plan(pipeline.load(path, ["sft.train.max_steps=5"]))
     with pytest.raises(OutputError, match=r"sft: .* another recipe: train.max_steps: 4 -> 5\); set output.overwrite=true"):
         pipeline.run(pipeline.load(path, ["sft.train.max_steps=5"]))
     assert (sft_dir / "adapter_model.safetensors").stat().st_mtime_ns == stamp
@@ -98,7 +99,7 @@ def test_cli_dry_run_lists_the_stages_and_bad_input_is_one_line(tmp_path, capsys
     path = write(tmp_path)
     assert cli.main(["pipeline", str(path), "sft.train.max_steps=3", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[1:5] for line in lines[1:]] == [["sft", "stage", "sft", "new"], ["grpo", "stage", "grpo", "new"]]
+    assert [line.split()[1:5] for line in lines[1:]] == [["sft", "stage", "sft", "train"], ["grpo", "stage", "grpo", "train"]]
     assert not (tmp_path / "out").exists()
     assert cli.main(["pipeline", str(path), "nope.x=1"]) == 2
     err = capsys.readouterr().err
