@@ -94,6 +94,33 @@ def test_grpo_learns_the_rule_reward_and_writes_a_self_describing_output(tmp_pat
     card = (out / "README.md").read_text()
     assert "## Rewards" in card and "`symbols`: regex rule" in card and "prompts" in card
     assert config.load(out / "recipe.yaml").rewards.rules[0]["name"] == "symbols"
+    # The saved adapter, on the plain base, writes what was rewarded; the base alone does not.
+    base_rate, tuned_rate = (symbol_rate(out, adapter) for adapter in (False, True))
+    assert base_rate < 0.15 and tuned_rate > 0.5, (base_rate, tuned_rate)  # measured 0.06 -> 0.91
+
+
+def symbol_rate(out: Path, adapter: bool) -> float:
+    """Fraction of 32 sampled answers to 4 demo prompts that write a sum as `a + b = c`."""
+    import re
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune import tiny
+
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(tiny.resolve("tiny-llama"))
+    if adapter:
+        model = PeftModel.from_pretrained(model, str(out))
+    prompts = [[{"role": "user", "content": q}] for q in ("What is 13 times 12?", "What is 23 plus 85?", "What is 7 plus 9?", "What is 41 plus 3?")]
+    enc = tok.apply_chat_template(prompts * 8, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ids = model.generate(**enc, max_new_tokens=16, do_sample=True, pad_token_id=tok.pad_token_id)
+    texts = tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return mean([1.0 if re.search(SYMBOLS, t) else 0.0 for t in texts])
 
 
 def test_rloo_learns_the_rule_reward(tmp_path):
