@@ -179,3 +179,27 @@ def test_answer_rule_on_records_without_the_field_fails_before_writing(tmp_path)
     with pytest.raises(DataError, match=r"prompts.jsonl: record 2: rewards.rules\[0\] \(an answer reward\) reads the field 'answer'"):
         grpo.run(recipe)
     assert not list(tmp_path.glob("out*"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ppo_runs_under_two_process_ddp(tmp_path, tiny_rm_dir):
+    """TRL 1.12's PPOTrainer needs two fixes to run under DDP (finetune/stages/ppo.py)."""
+    import os
+    import subprocess
+    import sys
+
+    from _support import free_port
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", str(free_port()),
+              "-m", "finetune", "train", str(REPO / "recipes" / "tiny" / "ppo_lora.yaml"), f"output.dir={tmp_path / 'ddp'}",
+              f"rewards.model={tiny_rm_dir}", "train.max_steps=2", "train.per_device_train_batch_size=4",
+              "train.response_length=8"]
+    ddp = subprocess.run(launch, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stderr.count("finetune: done: output in") == 1
+    state = json.loads((tmp_path / "ddp" / "trainer_state.json").read_text())
+    assert state["episode"] == 2 * 4 * 2  # steps x per-device batch x processes
+    assert (tmp_path / "ddp" / "adapter_model.safetensors").is_file()

@@ -89,9 +89,25 @@ def run(recipe: Recipe, callbacks=()) -> Path:
         callbacks=list(callbacks),
     )
     _keep_adapter_in_compute_dtype(trainer.model, recipe)
+    _fit_for_several_processes(trainer)
     trainer.train()
     trainer.save_model(str(run_dir.work))  # the policy's adapter only (TRL drops the value model)
     if state.is_main_process:
         _finish(recipe, run_dir, trainer, prepared, {"episodes": trainer.state.episode, "steps": trainer.state.global_step})
     state.wait_for_everyone()
     return run_dir.final
+
+
+def _fit_for_several_processes(trainer) -> None:
+    """Two gaps of TRL 1.12's PPOTrainer in multi-process runs (each an AttributeError under DDP):
+    it disables the adapter for the reference pass through `self.model.policy`, which the
+    DistributedDataParallel wrapper does not have, so the wrapper gets a plain (unregistered)
+    reference to the policy it wraps; and it never runs Trainer.__init__, which sets
+    `is_distributed_loading_by_transformers` (read when a non-main process saves), so it gets
+    Trainer's default for a model that did not load distributed, False."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(trainer.model, DistributedDataParallel):
+        object.__setattr__(trainer.model, "policy", trainer.model.module.policy)
+    if not hasattr(trainer, "is_distributed_loading_by_transformers"):
+        trainer.is_distributed_loading_by_transformers = False
