@@ -69,7 +69,9 @@ def pair(rng: random.Random, lang: str, i: int, answer: str, wrong: str) -> tupl
         bad = [rng.choice(RUDE_EN), wrong, " ".join(words[: max(1, len(words) // 2)])]
     else:
         chosen = f"好的！{answer}希望对你有帮助。"
-        bad = [rng.choice(RUDE_ZH), wrong, answer[: max(1, len(answer) // 2)]]
+        # cut after 等于 / 是, before the value (a cut inside a word gives tokens the tiny corpus lacks)
+        cut = "等于" if "等于" in answer else "是"
+        bad = [rng.choice(RUDE_ZH), wrong, answer[: answer.index(cut) + len(cut)]]
     return chosen, bad[i % 3]
 
 
