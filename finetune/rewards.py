@@ -66,7 +66,7 @@ def check(stage: str, rewards: RewardsSection, where) -> None:
         raise RecipeError(f"{where(('rewards',))}: {stage} needs rewards.model (an rm output dir) and/or rewards.rules")
     names = []
     for i, rule in enumerate(rewards.rules):
-        names.append(_check_rule(rule, lambda key: where(("rewards", "rules")) + f"[{i}]" + (f".{key}" if key else "")))
+        names.append(_check_rule(rule, lambda key, i=i: where(("rewards", "rules")) + f"[{i}]" + (f".{key}" if key else "")))
     if rewards.model is not None:
         names.append("reward_model")
     for name in names:
@@ -161,20 +161,31 @@ def rule_function(rule: dict):
     return score
 
 
-def reward_functions(rewards: RewardsSection, load_model=None) -> tuple[list, list, list[float]]:
-    """(reward_funcs, reward_processing_classes, weights) for GRPOTrainer / RLOOTrainer.
-    `load_model(path) -> (model, tokenizer)` loads `rewards.model` (finetune.chain.load_reward_model)."""
+def load_model(recipe):
+    """(model, tokenizer) of `rewards.model` (finetune.chain.load_reward_model: merged, frozen) in
+    the recipe's model dtype; a dir that is not a reward model is an error naming the field."""
+    from finetune import chain, models
+    from finetune.errors import RecipeError
+
+    try:
+        return chain.load_reward_model(recipe.rewards.model, dtype=models.resolve_dtype(recipe.model.dtype))
+    except RecipeError as e:
+        raise RecipeError(f"rewards.model: {e}") from None
+
+
+def reward_functions(recipe) -> tuple[list, list, list[float]]:
+    """(reward_funcs, reward_processing_classes, weights) for GRPOTrainer / RLOOTrainer."""
     funcs, tokenizers, weights = [], [], []
-    for rule in rewards.rules:
+    for rule in recipe.rewards.rules:
         funcs.append(rule_function(rule))
         tokenizers.append(None)
         weights.append(float(rule.get("weight", 1.0)))
-    if rewards.model is not None:
-        model, tok = load_model(rewards.model)
+    if recipe.rewards.model is not None:
+        model, tok = load_model(recipe)
         model.config.name_or_path = "reward_model"  # TRL logs a model reward under this name
         funcs.append(model)
         tokenizers.append(tok)
-        weights.append(float(rewards.model_weight))
+        weights.append(float(recipe.rewards.model_weight))
     return funcs, tokenizers, weights
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from finetune import chain, models
+from finetune import models, rewards
 from finetune.config import Recipe
 from finetune.errors import RecipeError
 from finetune.stages.common import trl_args
@@ -42,13 +42,12 @@ def _prompt_ids(split, tok):
 
 def _reward_models(recipe: Recipe, tok):
     """(frozen reward model, trainable value model) from the `rm` dir, checked against the policy tokenizer."""
-    dtype = models.resolve_dtype(recipe.model.dtype)
-    reward_model, rm_tok = chain.load_reward_model(recipe.rewards.model, dtype=dtype)
+    reward_model, rm_tok = rewards.load_model(recipe)
     if rm_tok.get_vocab() != tok.get_vocab():
         raise RecipeError(f"rewards.model: {recipe.rewards.model}: its tokenizer differs from the policy's "
                           f"({recipe.model.name_or_path}); PPO scores the policy's tokens directly, so train the "
                           "reward model on the same base")
-    value_model, _ = chain.load_reward_model(recipe.rewards.model, dtype=dtype)
+    value_model, _ = rewards.load_model(recipe)
     value_model.train().requires_grad_(True)
     return reward_model, value_model
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune import chain, models, rewards
+from finetune import rewards
 from finetune.config import Recipe
 from finetune.errors import DataError, RecipeError
 from finetune.stages import preference
@@ -16,9 +16,7 @@ def run(trainer_cls, recipe: Recipe, callbacks=()) -> Path:
     if "reward_weights" in recipe.train:
         raise RecipeError(f"{recipe.source or 'recipe'}: train.reward_weights: give each reward its weight in the rewards section")
     # Reward models load before any output dir exists: a bad rewards.model fails first.
-    dtype = models.resolve_dtype(recipe.model.dtype)
-    funcs, tokenizers, weights = rewards.reward_functions(
-        recipe.rewards, load_model=lambda path: chain.load_reward_model(path, dtype=dtype))
+    funcs, tokenizers, weights = rewards.reward_functions(recipe)
     make = preference.trainer(trainer_cls, recipe, reward_funcs=funcs, reward_processing_classes=tokenizers)
 
     if any(rule["type"] == "answer" for rule in recipe.rewards.rules):
