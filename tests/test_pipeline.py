@@ -104,3 +104,17 @@ def test_cli_dry_run_lists_the_stages_and_bad_input_is_one_line(tmp_path, capsys
     assert cli.main(["pipeline", str(path), "nope.x=1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("finetune: error: override 'nope.x=1': expected output.dir=") and err.count("\n") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", ["dpo", "rlhf_ppo"])
+def test_shipped_pipeline_runs_end_to_end_on_the_tiny_model(name, tmp_path, monkeypatch):
+    """The shipped pipelines, 2 steps per stage: every stage chains and writes its output."""
+    monkeypatch.chdir(REPO)  # their recipe paths are relative to the repository root
+    pipe = pipeline.load(REPO / "recipes" / "pipelines" / f"{name}.yaml",
+                         [f"output.dir={tmp_path / name}", "train.max_steps=2", "train.report_to=[]"])
+    summary = pipeline.run(pipe)
+    assert [s["status"] for s in summary["stages"].values()] == ["trained"] * len(pipe.stages)
+    for stage in pipe.stages:
+        assert (stage.dir / "adapter_model.safetensors").is_file() and (stage.dir / "README.md").is_file()
