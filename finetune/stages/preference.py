@@ -6,8 +6,8 @@ differs: its model head and its TRL trainer.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from finetune import models
 from finetune.config import Recipe
