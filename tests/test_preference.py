@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from _support import REPO, log_series, preference_recipe, write_jsonl
+from _support import REPO, Watcher, log_series, preference_recipe, write_jsonl
 from finetune import chain, cli, config
 from finetune.stages import dpo, kto, orpo, rm, simpo
 
@@ -129,10 +129,16 @@ def test_reference_free_and_unpaired_objectives_move_the_right_way(tmp_path, tin
 
 
 @pytest.mark.parametrize("stage, module, key", [("rm", rm, "eval_accuracy"), ("dpo", dpo, "eval_rewards/accuracies")])
-def test_qlora_preference_stages_learn_on_a_4bit_base(tmp_path, tiny_path, stage, module, key):
+def test_qlora_preference_stages_learn_on_a_4bit_base(tmp_path, tiny_path, tiny_tokenizer, stage, module, key):
     text = preference_recipe(tmp_path / stage, stage, steps=20, adapter={"method": "qlora"}, train={"eval_steps": 20})
-    out = module.run(config.load(text=text))
+    watcher = Watcher(tiny_tokenizer)
+    out = module.run(config.load(text=text), callbacks=[watcher])
     assert _results(out)[key] >= 0.9, _results(out)
+    unchanged = [n for n, p in watcher.before_trainable.items() if torch.equal(p, watcher.after[n])]
+    moved_frozen = [n for n, p in watcher.before_frozen.items() if not torch.equal(p, watcher.after[n])]
+    assert watcher.before_trainable and not unchanged and not moved_frozen, (unchanged[:3], moved_frozen[:3])
+    names = " ".join(watcher.before_trainable)
+    assert "lora_A" in names and "lora_B" in names and (("score" in names) == (stage == "rm"))
     assert json.loads((out / "adapter_config.json").read_text())["task_type"] == ("SEQ_CLS" if stage == "rm" else "CAUSAL_LM")
     assert "4-bit nf4 base" in (out / "README.md").read_text()
 
