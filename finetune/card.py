@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune import __version__, models
+from finetune import __version__, models, rewards
 from finetune.outputs import write_text_atomic
 
 
@@ -28,6 +28,22 @@ def _versions() -> str:
     return f"finetune {__version__}, transformers {transformers.__version__}, peft {peft.__version__}, trl {trl.__version__}, torch {torch.__version__}"
 
 
+# Preference stages: what the eval split says (rm: pairwise accuracy; dpo/kto/...: implicit rewards).
+_PREFERENCE_METRICS = {
+    "eval_accuracy": "pairwise accuracy (reward of chosen > rejected) on the eval split",
+    "eval_margin": "mean reward margin (chosen - rejected) on the eval split",
+    "eval_rewards/accuracies": "implicit-reward accuracy (chosen above rejected) on the eval split",
+    "eval_rewards/margins": "mean implicit-reward margin on the eval split",
+    "train_dropped_examples": "training examples dropped as longer than train.max_length",
+    "eval_dropped_examples": "eval examples dropped as longer than train.max_length",
+}
+
+
+def _preference_section(metrics: dict) -> str:
+    lines = [f"- {what}: {_fmt(metrics[key])}" for key, what in _PREFERENCE_METRICS.items() if key in metrics]
+    return "## Preference results\n" + "\n".join(lines) + "\n\n" if lines else ""
+
+
 def model_card(recipe, prepared, metrics: dict, model, base: str) -> str:
     a, t, d = recipe.adapter, recipe.train, recipe.data
     trainable, total = models.count_parameters(model)
@@ -41,13 +57,14 @@ def model_card(recipe, prepared, metrics: dict, model, base: str) -> str:
         "---",
         "library_name: peft",
         f"base_model: {base}",
-        "pipeline_tag: text-generation",
+        f"pipeline_tag: {'text-classification' if recipe.stage == 'rm' else 'text-generation'}",
         f"tags: [finetune, {recipe.stage}, {a.method}]",
     ]
     if language:
         front.append(f"language: {language}")
     front.append("---")
     batch = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"]
+    auto = "AutoModelForSequenceClassification" if recipe.stage == "rm" else "AutoModelForCausalLM"
     return "\n".join(front) + f"""
 
 # {Path(recipe.output.dir).name}
@@ -62,7 +79,7 @@ A **{a.method}** adapter for `{recipe.model.name_or_path}`, trained with finetun
 - trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)
 
 ## Data
-- train: `{d.train}` ({prepared.format}), {train_stats['examples']} examples, {train_stats['trained_tokens']} trained tokens of {train_stats['tokens']} (loss on answers only)
+- train: `{d.train}` ({prepared.format}), {rewards.card_data(recipe, train_stats) or f"{train_stats['examples']} examples, {train_stats['trained_tokens']} trained tokens of {train_stats['tokens']} (loss on answers only)"}
 {eval_line}
 ## Hyper-parameters
 | key | value |
@@ -71,23 +88,23 @@ A **{a.method}** adapter for `{recipe.model.name_or_path}`, trained with finetun
 | lr_scheduler_type | {t['lr_scheduler_type']} |
 | max_steps / epochs | {t['max_steps']} / {t['num_train_epochs']:g} |
 | batch (per device x accumulation) | {batch} |
-| max_length | {t['max_length']} |
+| max_length | {t.get('max_length', t.get('max_completion_length', t.get('response_length')))} |
 | precision | {"bf16" if t['bf16'] else "fp16" if t['fp16'] else "fp32"} |
 | seed | {t['seed']} |
 
-The full resolved recipe is in `recipe.yaml`; training logs in `trainer_state.json`.
+{rewards.card_section(recipe)}The full resolved recipe is in `recipe.yaml`; training logs in `trainer_state.json`.
 
-## Final metrics
+{_preference_section(metrics)}## Final metrics
 | metric | value |
 |---|---|
 {metric_rows}
 
 ## Use it
 ```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import {auto}, AutoTokenizer
 from peft import PeftModel
 
-base = AutoModelForCausalLM.from_pretrained("{base}")
+base = {auto}.from_pretrained("{base}"{", num_labels=1" if recipe.stage == "rm" else ""})
 model = PeftModel.from_pretrained(base, "path/to/this/dir")
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
 ```

@@ -52,12 +52,21 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="validate recipe, data and model config; print the plan; train nothing")
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+    pipe = sub.add_parser("pipeline", help="run a multi-stage pipeline (sft -> rm -> ppo, sft -> dpo, ...)",
+                          description="Run the stages of a pipeline file in order, each into <output.dir>/<stage>; "
+                          "finished stages with the same recipe are skipped, an interrupted one resumes.")
+    pipe.add_argument("pipeline", help="pipeline YAML file")
+    pipe.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="output.dir=DIR, STAGE.section.key=value (one stage) or section.key=value (every stage)")
+    pipe.add_argument("--dry-run", action="store_true", help="validate every stage's recipe and show what would run")
+    pipe.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
     data = sub.add_parser("data", help="inspect datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prev = data_sub.add_parser("preview", help="show one example as the model sees it, trained tokens marked")
     prev.add_argument("dataset", help="registry name, file, or hub dataset id")
     prev.add_argument("--model", required=True, help="model (tokenizer + chat template): hub id, path or tiny-llama")
-    prev.add_argument("--format", help="record format (alpaca, sharegpt, messages, prompt_completion, text)")
+    prev.add_argument("--format", help="record format (alpaca, sharegpt, messages, prompt_completion, text, preference, alpaca_preference, sharegpt_preference, kto, prompt)")
     prev.add_argument("--index", type=int, default=0, help="which record (default 0)")
     prev.add_argument("--max-length", type=int, default=None, help="truncate as train.max_length would")
     prev.add_argument("--tokens", action="store_true", help="also list every token with its label")
@@ -66,6 +75,16 @@ def _parser() -> argparse.ArgumentParser:
     from finetune.eval import command as eval_command
 
     eval_command.add_parser(sub)
+
+    score = sub.add_parser("score", help="score records with a reward model (JSONL)",
+                           description="Score every record of a dataset with an `rm` output dir: chosen/rejected/margin "
+                           "for pairs, score for chats and KTO examples. JSONL to --out or stdout; a summary to stderr.")
+    score.add_argument("rm_dir", help="output dir of a `stage: rm` run")
+    score.add_argument("--data", required=True, help="registry name or file (preference, kto or chat formats)")
+    score.add_argument("--format", help="record format, when the file does not make it clear")
+    score.add_argument("--out", help="write the JSONL here (atomically) instead of stdout")
+    score.add_argument("--batch-size", type=int, default=16, help="records per forward pass (default 16)")
+    score.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
@@ -79,6 +98,18 @@ def cmd_train(args) -> int:
         return 0
     out = stage.run(recipe)
     log.info("done: output in %s", out)
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from finetune import pipeline
+
+    pipe = pipeline.load(args.pipeline, args.overrides)
+    if args.dry_run:
+        print(pipeline.plan(pipe))
+        return 0
+    pipeline.run(pipe)
+    log.info("done: pipeline outputs in %s", pipe.dir)
     return 0
 
 
@@ -99,10 +130,18 @@ def cmd_eval(args) -> int:
     return command.main(args)
 
 
+def cmd_score(args) -> int:
+    from finetune.score import score_file
+
+    summary = score_file(args.rm_dir, args.data, fmt=args.format, out=args.out, batch_size=args.batch_size)
+    log.info("scored: %s", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries(args.debug)
-    handler = {"train": cmd_train, "data": cmd_data, "eval": cmd_eval}[args.command]
+    handler = {"train": cmd_train, "pipeline": cmd_pipeline, "data": cmd_data, "score": cmd_score, "eval": cmd_eval}[args.command]
     try:
         return handler(args)
     except FinetuneError as e:

@@ -17,11 +17,22 @@ from typing import Any, Literal
 
 import yaml
 
+from finetune.rewards import RewardsSection, check as check_rewards
 from finetune.errors import RecipeError, closest
 
-STAGES = ("sft",)
+STAGES = ("sft", "rm", "dpo", "kto", "orpo", "cpo", "simpo", "ppo", "grpo", "rloo")
 ADAPTER_METHODS = ("lora", "dora", "qlora")
-DATA_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
+DATA_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text",
+                "preference", "alpaca_preference", "sharegpt_preference", "kto", "prompt")
+# What each stage trains on (formats that give it): checked when data.format is known.
+PAIRED_FORMATS = ("preference", "alpaca_preference", "sharegpt_preference")
+STAGE_FORMATS = {
+    "sft": ("alpaca", "sharegpt", "messages", "prompt_completion", "text"),
+    **{s: PAIRED_FORMATS for s in ("rm", "dpo", "orpo", "cpo", "simpo")},
+    "kto": ("kto",) + PAIRED_FORMATS,  # pairs are unpaired: chosen -> desirable, rejected -> undesirable
+    # Prompts only: the last assistant turn / completion / chosen+rejected of a record is dropped.
+    **{s: ("prompt", "alpaca", "sharegpt", "messages", "prompt_completion") + PAIRED_FORMATS for s in ("ppo", "grpo", "rloo")},
+}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Keys of `train` that are ours, not the TRL config's.
@@ -77,8 +88,10 @@ class AdapterSection:
 @dataclass
 class DataSection:
     train: str = _f(help="Training data: a name from data/datasets.yaml, a local file (json, jsonl, csv, parquet) or a hub dataset id.")
-    format: Literal["alpaca", "sharegpt", "messages", "prompt_completion", "text"] | None = _f(
-        None, help="Record format; optional for registry names (the registry says it)."
+    format: Literal["alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference", "alpaca_preference",
+                    "sharegpt_preference", "kto", "prompt"] | None = _f(
+        None, help="Record format; optional for registry names (the registry says it). Preference stages: "
+        "preference, alpaca_preference, sharegpt_preference, kto; RL stages: prompt (or any chat format)."
     )
     eval: str | None = _f(None, help="Held-out data (same forms as train).")
     eval_ratio: float = _f(0.0, help="Fraction of train held out for eval when no eval data is given (0 = none).")
@@ -100,7 +113,7 @@ class OutputSection:
 class EvalSection:
     """Optional: evaluation after training (finetune.eval.after_training); absent = none."""
 
-    data: str | None = _f(None, help="Dataset for generation metrics (registry name, file or hub id); default: the run's held-out split (data.eval or data.eval_ratio).")
+    data: str | None = _f(None, help="Dataset for generation metrics (registry name, file or hub id); default: the run's held-out split (data.eval or data.eval_ratio; SFT only).")
     max_samples: int | None = _f(200, help="Score at most this many examples (null = all).")
     max_new_tokens: int = _f(128, help="Greedy generation length limit per answer.")
     batch_size: int = _f(16, help="Prompts per generation batch (left-padded, sorted by length).")
@@ -112,9 +125,11 @@ class EvalSection:
 
 
 RESUME_VOLATILE = (("train", "resume"), ("output", "overwrite"), ("output", "keep_checkpoints"))
-SECTIONS = {"model": ModelSection, "adapter": AdapterSection, "data": DataSection, "output": OutputSection, "eval": EvalSection}
+SECTIONS = {"model": ModelSection, "adapter": AdapterSection, "data": DataSection, "output": OutputSection,
+            "rewards": RewardsSection,  # rewards: the RL stages (finetune/rewards.py)
+            "eval": EvalSection}
 OPTIONAL_SECTIONS = ("eval",)
-TOP_LEVEL = ("stage", "model", "adapter", "data", "train", "output", "eval")
+TOP_LEVEL = ("stage", "model", "adapter", "data", "train", "rewards", "output", "eval")
 
 
 @dataclass
@@ -126,6 +141,7 @@ class Recipe:
     train: dict[str, Any]  # effective kwargs for the stage's TRL config (+ TRAIN_EXTRA_KEYS)
     output: OutputSection
     source: str | None = None  # the YAML file it came from
+    rewards: RewardsSection = field(default_factory=RewardsSection)
     eval: EvalSection | None = None  # optional section: absent = no evaluation after training
 
     def to_dict(self) -> dict:
@@ -257,7 +273,7 @@ def _validate(raw: dict, where: _Where, source: str | None) -> Recipe:
     sections = {}
     for name, cls in SECTIONS.items():
         value = raw.get(name)
-        if value is None and name == "adapter":
+        if value is None and name in ("adapter", "rewards"):
             value = {}
         if value is None and name in OPTIONAL_SECTIONS:
             continue
@@ -327,6 +343,8 @@ def _coerce(value, tp, path: tuple, where: _Where):
         hint = closest(str(value), [str(a) for a in args])
         raise RecipeError(f"{where(path)}: {value!r} is not one of {', '.join(str(a) for a in args)}{hint}")
     if origin is list:
+        if isinstance(value, str) and args and args[0] is str:
+            value = [value]  # train.loss_type=ipo means [ipo]
         items = value if isinstance(value, list) else None
         if items is None:
             raise bad
@@ -381,9 +399,18 @@ def _coerce(value, tp, path: tuple, where: _Where):
 
 def trl_config_class(stage: str):
     """The TRL config dataclass whose fields the `train` section of this stage takes."""
-    from trl import SFTConfig
+    import os
 
-    return {"sft": SFTConfig}[stage]
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import trl
+
+    if stage in ("orpo", "cpo", "simpo", "ppo"):  # TRL 1.12 keeps these in trl.experimental
+        import importlib
+
+        name = {"simpo": "cpo"}.get(stage, stage)
+        return getattr(importlib.import_module(f"trl.experimental.{name}"), f"{name.upper()}Config")
+    return {"sft": trl.SFTConfig, "rm": trl.RewardConfig, "dpo": trl.DPOConfig, "kto": trl.KTOConfig,
+            "grpo": trl.GRPOConfig, "rloo": trl.RLOOConfig}[stage]
 
 
 def _cuda_bf16() -> bool:
@@ -415,7 +442,7 @@ def train_defaults(stage: str) -> dict[str, Any]:
     Measured in bench/README.md: length-grouped batches and no activation checkpointing are
     faster on a CPU; bf16 autocast only where the hardware has bf16 arithmetic."""
     bf16 = default_bf16()
-    return {
+    common = {
         "learning_rate": 2e-4,
         "num_train_epochs": 1.0,
         "max_steps": -1,
@@ -424,12 +451,9 @@ def train_defaults(stage: str) -> dict[str, Any]:
         "gradient_accumulation_steps": 1,
         "lr_scheduler_type": "cosine",
         "warmup_steps": 0.03,
-        "max_length": 1024,
-        "loss_type": "nll",
         "bf16": bf16,
         "fp16": False,
         "activation_checkpointing": False,
-        "train_sampling_strategy": "group_by_length",
         "logging_steps": 5,
         "logging_first_step": True,
         "save_strategy": "steps",
@@ -443,6 +467,25 @@ def train_defaults(stage: str) -> dict[str, Any]:
         "dataloader_num_workers": 0,
         "resume": "auto",
     }
+    return {**common, **STAGE_TRAIN_DEFAULTS[stage]}
+
+
+# Per stage, on top of the common defaults above. TRL's learning rates (1e-6 for DPO/KTO/ORPO/
+# CPO/GRPO/RLOO, 3e-6 PPO, 1e-4 reward) are for full fine-tuning; a LoRA adapter starts at zero
+# and needs ~10x more. Only keys that exist in the stage's TRL config are set.
+STAGE_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sft": {"max_length": 1024, "loss_type": "nll", "train_sampling_strategy": "group_by_length"},
+    "rm": {"learning_rate": 1e-4, "max_length": 1024},
+    "dpo": {"learning_rate": 5e-5, "max_length": 1024},
+    "kto": {"learning_rate": 5e-5, "max_length": 1024},
+    "orpo": {"learning_rate": 5e-5, "max_length": 1024},
+    "cpo": {"learning_rate": 5e-5, "max_length": 1024},
+    # SimPO (Meng et al. 2024) = CPO's simpo loss without the NLL term; beta 2.0 as in the paper.
+    "simpo": {"learning_rate": 5e-5, "max_length": 1024, "loss_type": "simpo", "cpo_alpha": 0.0, "beta": 2.0},
+    "ppo": {"learning_rate": 1e-5},
+    "grpo": {"learning_rate": 1e-5},
+    "rloo": {"learning_rate": 1e-5},
+}
 
 
 # transformers 5 renamed these; accept the old names users know, as aliases.
@@ -473,11 +516,15 @@ def _validate_train(stage: str, raw, where: _Where) -> dict[str, Any]:
 
 def _cross_checks(recipe: Recipe, where: _Where) -> None:
     d, a, t = recipe.data, recipe.adapter, recipe.train
+    check_stage_format(recipe.stage, d.format, lambda: where(("data", "format")))
+    check_rewards(recipe.stage, recipe.rewards, where)
     if d.eval and d.eval_ratio:
         raise RecipeError(f"{where(('data', 'eval_ratio'))}: give data.eval or data.eval_ratio, not both")
     if not 0.0 <= d.eval_ratio < 1.0:
         raise RecipeError(f"{where(('data', 'eval_ratio'))}: must be in [0, 1), got {d.eval_ratio}")
     if recipe.eval is not None:
+        if recipe.stage == "rm":
+            raise RecipeError(f"{where(('eval',))}: a reward model does not generate; score it with `finetune score` instead")
         for key in ("max_samples", "max_new_tokens", "batch_size"):
             if getattr(recipe.eval, key) is not None and getattr(recipe.eval, key) < 1:
                 raise RecipeError(f"{where(('eval', key))}: must be at least 1")
@@ -505,6 +552,13 @@ def _cross_checks(recipe: Recipe, where: _Where) -> None:
     resume = t["resume"]
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         raise RecipeError(f"{where(('train', 'resume'))}: {resume!r} is neither auto, never nor a checkpoint dir")
+
+
+def check_stage_format(stage: str, fmt: str | None, where) -> None:
+    """Raise if records of format `fmt` cannot feed `stage` (`where()` names the place)."""
+    allowed = STAGE_FORMATS[stage]
+    if fmt is not None and fmt not in allowed:
+        raise RecipeError(f"{where()}: stage {stage} takes {', '.join(allowed)} records, not {fmt}")
 
 
 def field_docs() -> dict[str, list[tuple[str, str, str]]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -28,8 +29,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def model_path(cfg: ModelSection) -> str:
-    """The path or hub id to load: a built-in tiny name is built (once) and cached locally."""
-    return resolve_reference(cfg.name_or_path, "model.name_or_path")
+    """The path or hub id to load: a built-in tiny name is built (once) and cached locally; a
+    previous stage's adapter dir is merged into its base (finetune.chain: merge-first)."""
+    from finetune import chain
+
+    return chain.resolve(resolve_reference(cfg.name_or_path, "model.name_or_path"))
 
 
 def resolve_reference(name: str, field: str) -> str:
@@ -94,9 +98,11 @@ def _under_fsdp() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def load_model(cfg: ModelSection, adapter: AdapterSection, activation_checkpointing: bool = False):
-    """The base causal LM, quantized for qlora and prepared for k-bit training."""
-    from transformers import AutoModelForCausalLM
+def load_model(cfg: ModelSection, adapter: AdapterSection, activation_checkpointing: bool = False, *,
+               num_labels: int | None = None, pad_token_id: int | None = None):
+    """The base causal LM, quantized for qlora and prepared for k-bit training. With `num_labels`,
+    a sequence classifier on the same base (a reward model: num_labels=1, a fresh `score` head)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = model_path(cfg)
     quant = quantization_config(adapter)
@@ -111,8 +117,15 @@ def load_model(cfg: ModelSection, adapter: AdapterSection, activation_checkpoint
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = _kbit_device_map()
+    auto_class, quiet = AutoModelForCausalLM, contextlib.nullcontext()
+    if num_labels is not None:
+        from trl.trainer.reward_trainer import suppress_seqcls_warning  # new head, unused lm_head: expected
+
+        auto_class, quiet = AutoModelForSequenceClassification, suppress_seqcls_warning()
+        kwargs.update(num_labels=num_labels, pad_token_id=pad_token_id)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with quiet:
+            model = auto_class.from_pretrained(path, **kwargs)
     except OSError as e:
         first = str(e).splitlines()[0]
         if not cfg.allow_pickle and ("safetensors" in first or "pytorch_model.bin" in first):

@@ -38,3 +38,12 @@ def tiny_tokenizer(tiny_path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_rm_dir(tiny_path, tmp_path_factory):
+    """An `rm` output dir trained once per session on the demo preference pairs (tests/_support.py:
+    train_tiny_rm); eval pairwise accuracy 1.0. Shared by the reward-model and RL tests: read only."""
+    from _support import train_tiny_rm
+
+    return train_tiny_rm(tmp_path_factory.mktemp("tiny_rm") / "rm")

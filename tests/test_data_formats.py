@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from finetune import data
-from finetune.config import DataSection
+from finetune.config import STAGE_FORMATS, DataSection
 from finetune.data import formats, sources
 from finetune.data.encode import IGNORE
 from finetune.errors import DataError
@@ -281,7 +281,7 @@ def _file_rows(path: Path) -> list:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("name", sorted(n for n, e in SHIPPED.items() if "path" in e))
+@pytest.mark.parametrize("name", sorted(n for n, e in SHIPPED.items() if "path" in e and e["format"] in STAGE_FORMATS["sft"]))
 def test_every_demo_set_loads(name, tiny_tokenizer):
     entry = SHIPPED[name]
     n_rows = len(_file_rows(REPO / "data" / entry["path"]))

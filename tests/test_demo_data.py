@@ -16,11 +16,11 @@ DATA = Path(__file__).resolve().parent.parent / "data"
 REGISTRY = DATA / "datasets.yaml"
 README = DATA / "README.md"
 
-FORMATS = {"alpaca", "sharegpt", "messages", "prompt_completion", "text"}
+FORMATS = {"alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference", "kto"}
 LANGUAGES = {"en", "zh", "mixed"}
 ENTRY_KEYS = {"path", "hub", "split", "format", "columns", "language", "description"}
 DEMO_SETS = {"alpaca_en_demo", "alpaca_zh_demo", "sharegpt_demo", "messages_demo",
-             "prompt_completion_demo", "text_demo"}
+             "prompt_completion_demo", "text_demo", "preference_en_demo", "preference_zh_demo", "kto_demo"}
 
 MAX_ANSWER_EN = 160   # characters, answers without Chinese characters
 MAX_ANSWER_ZH = 60    # characters, answers that contain Chinese characters
@@ -134,7 +134,35 @@ def view_text(r, where):
     return [], t
 
 
-VIEWS = {"alpaca": view_alpaca, "sharegpt": view_sharegpt, "messages": view_messages,
+def _answer_text(a, where):
+    """A preference/KTO answer: a string or a message list ending with the assistant turn."""
+    if isinstance(a, list):
+        for m in a:
+            assert set(m) == {"role", "content"} and nonempty_str(m["content"]), f"{where}: bad message {m!r}"
+        assert a[-1]["role"] == "assistant", f"{where}: answer must end with an assistant turn"
+        return a[-1]["content"], tuple(m["content"] for m in a[:-1])
+    assert nonempty_str(a), f"{where}: empty answer"
+    return a, ()
+
+
+def view_preference(r, where):
+    assert set(r) in ({"prompt", "chosen", "rejected"}, {"chosen", "rejected"}), f"{where}: keys {sorted(r)}"
+    (chosen, shared), (rejected, shared_r) = _answer_text(r["chosen"], where), _answer_text(r["rejected"], where)
+    assert chosen.strip() != rejected.strip(), f"{where}: chosen and rejected are identical"
+    assert shared == shared_r, f"{where}: implicit-prompt pair must share its prompt turns"
+    prompt = r.get("prompt", shared)
+    assert prompt and (not isinstance(prompt, str) or nonempty_str(prompt)), f"{where}: empty prompt"
+    return [chosen, rejected], prompt
+
+
+def view_kto(r, where):
+    assert set(r) == {"prompt", "completion", "label"}, f"{where}: keys must be prompt, completion, label"
+    assert isinstance(r["label"], bool), f"{where}: label must be true or false"
+    assert nonempty_str(r["prompt"]), f"{where}: empty prompt"
+    return [_answer_text(r["completion"], where)[0]], r["prompt"]
+
+
+VIEWS = {"preference": view_preference, "kto": view_kto, "alpaca": view_alpaca, "sharegpt": view_sharegpt, "messages": view_messages,
          "prompt_completion": view_prompt_completion, "text": view_text}
 
 

@@ -8,7 +8,8 @@ from accelerate.commands.config.config_args import ClusterConfig
 from finetune import config
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-TRAIN_RECIPES = sorted(p for p in RECIPES.rglob("*.yaml") if "accelerate" not in p.parts)
+TRAIN_RECIPES = sorted(p for p in RECIPES.rglob("*.yaml") if "accelerate" not in p.parts and "pipelines" not in p.parts)
+PIPELINES = sorted((RECIPES / "pipelines").glob("*.yaml"))
 ACCELERATE_CONFIGS = sorted((RECIPES / "accelerate").glob("*.yaml"))
 
 
@@ -34,3 +35,13 @@ def test_accelerate_config_is_valid_and_opens_with_its_command(path):
     assert cfg.num_processes >= 1
     first = path.read_text().splitlines()[0]
     assert "accelerate launch" in first and f"recipes/accelerate/{path.name}" in first
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
+def test_pipeline_validates_every_stage_and_opens_with_its_command(path, monkeypatch):
+    from finetune import pipeline
+
+    monkeypatch.chdir(RECIPES.parent)  # its recipe paths are relative to the repository root
+    pipe = pipeline.load(path)
+    assert len(pipe.stages) >= 2 and pipe.stages[0].recipe.stage == "sft"
+    assert path.read_text().splitlines()[0] == f"# finetune pipeline {path.relative_to(RECIPES.parent)}"

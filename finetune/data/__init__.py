@@ -11,7 +11,7 @@ import logging
 import statistics
 from dataclasses import dataclass, field
 
-from finetune.config import DataSection
+from finetune.config import DataSection, check_stage_format
 from finetune.data import formats, sources
 from finetune.data.encode import Encoded, encode
 from finetune.errors import DataError
@@ -102,7 +102,9 @@ def _encode_all(examples: list[dict], tok, max_length: int | None, label: str) -
 
 
 def load(cfg: DataSection, tok, max_length: int | None, seed: int = 42) -> PreparedData:
+    """The SFT data (the other stages' is `finetune.data.pairs.load`)."""
     examples, fmt, src = read_examples(cfg.train, cfg)
+    check_stage_format("sft", fmt, lambda: f"{src.label()}: data.format")
     prepared = PreparedData(train=_encode_all(examples, tok, max_length, src.label()), format=fmt, language=src.language)
     if cfg.eval:
         eval_examples, _, eval_src = read_examples(cfg.eval, cfg, fmt=None if cfg.format is None else cfg.format, field_name="data.eval")

@@ -71,8 +71,9 @@ def _check_chat(messages: list[dict], f: _Fields, field: str) -> list[dict]:
     return messages
 
 
-def _turns(f: _Fields, field: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict]:
-    turns = f.get(field)
+def _turns(f: _Fields, field: str, role_key: str, content_key: str, roles: dict[str, str], value=None) -> list[dict]:
+    """The turns of `field` (or of `value`, a part of it) as role/content messages."""
+    turns = f.get(field) if value is None else value
     if not isinstance(turns, list) or not turns:
         raise f.error(field, "expected a non-empty list of turns")
     messages = []
@@ -146,11 +147,13 @@ def guess_format(record: dict) -> str | None:
     """The format a record's columns suggest, for sources with no declared format."""
     keys = set(record)
     for fmt, needed in (
+        *_preference.GUESSES,
         ("alpaca", {"instruction", "output"}),
         ("sharegpt", {"conversations"}),
         ("messages", {"messages"}),
         ("prompt_completion", {"prompt", "completion"}),
         ("text", {"text"}),
+        ("prompt", {"prompt"}),  # prompts only (RL stages)
     ):
         if needed <= keys:
             return fmt
@@ -168,5 +171,14 @@ def convert(records: list[Record], fmt: str, columns: dict[str, str] | None, sys
         example = convert_one(_Fields(record, columns))
         if system and "messages" in example and example["messages"][0]["role"] != "system":
             example["messages"].insert(0, {"role": "system", "content": system})
+        elif system and isinstance(example.get("prompt"), list) and example["prompt"][0]["role"] != "system":
+            example["prompt"].insert(0, {"role": "system", "content": system})
         out.append(example)
     return out
+
+
+# Preference, KTO and prompt-only formats (for the rm/dpo/kto/... and RL stages) build on the helpers above.
+from finetune.data import preference as _preference  # noqa: E402
+
+CONVERTERS.update(_preference.CONVERTERS)
+FIELDS.update(_preference.FIELDS)

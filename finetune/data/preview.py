@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from finetune.config import DataSection
 from finetune.data import read_examples
-from finetune.data.encode import IGNORE, encode
+from finetune.data.encode import IGNORE, Encoded, encode
 from finetune.errors import DataError
 
 GREEN, RESET = "\033[42;30m", "\033[0m"
@@ -37,16 +37,42 @@ def preview(dataset: str, tok, fmt: str | None = None, index: int = 0, max_lengt
     examples, fmt, src = read_examples(dataset, cfg)
     if not 0 <= index < len(examples):
         raise DataError(f"{src.label()}: --index {index} is out of range (0..{len(examples) - 1})")
-    enc = encode(tok, examples[index], max_length)
     marker = "green background" if color else "[[ ]]"
-    lines = [
-        f"{src.label()} record {index} ({fmt}); {len(enc.input_ids)} tokens, {enc.n_trained} trained"
-        f"{' (truncated)' if enc.truncated else ''}; trained tokens in {marker}:",
-        "",
-        render(tok, enc.input_ids, enc.labels, color),
-    ]
-    if show_tokens:
-        lines += ["", "  pos  id     label  token"]
-        for i, (tid, label) in enumerate(zip(enc.input_ids, enc.labels)):
-            lines.append(f"  {i:<4} {tid:<6} {'train' if label != IGNORE else '-':<6} {tok.convert_ids_to_tokens(tid)!r}")
+    views = _views(tok, examples[index], max_length)
+    lines = [f"{src.label()} record {index} ({fmt}); trained tokens in {marker}:"]
+    for title, enc in views:
+        counts = f"{len(enc.input_ids)} tokens, {enc.n_trained} trained{' (truncated)' if enc.truncated else ''}"
+        if not title:  # one chat / completion / text (SFT): the counts go in the header
+            lines = [f"{src.label()} record {index} ({fmt}); {counts}; trained tokens in {marker}:", ""]
+        else:
+            lines += ["", f"{title}{counts}:"]
+        lines.append(render(tok, enc.input_ids, enc.labels, color))
+        if show_tokens:
+            lines += ["", "  pos  id     label  token"]
+            for i, (tid, label) in enumerate(zip(enc.input_ids, enc.labels)):
+                lines.append(f"  {i:<4} {tid:<6} {'train' if label != IGNORE else '-':<6} {tok.convert_ids_to_tokens(tid)!r}")
     return "\n".join(lines)
+
+
+def _views(tok, example: dict, max_length: int | None) -> list[tuple[str, Encoded]]:
+    """(title, encoded) per sequence a record trains on. Preference/KTO answers are marked as TRL
+    splits them: everything after the prompt rendered with the generation prompt."""
+    if "chosen" in example:
+        answers = [("chosen: ", example["chosen"]), ("rejected: ", example["rejected"])]
+    elif isinstance(example.get("completion"), list):
+        answers = [(f"completion ({'desirable' if example['label'] else 'undesirable'}): ", example["completion"])]
+    elif isinstance(example.get("prompt"), list):
+        answers = [("prompt (an RL stage generates the answer): ", [])]
+    else:
+        return [("", encode(tok, example, max_length))]
+    prompt = example["prompt"]
+    n_prompt = len(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    views = []
+    for title, answer in answers:
+        ids = tok.apply_chat_template(prompt + answer, add_generation_prompt=not answer, tokenize=True,
+                                      return_dict=True)["input_ids"]
+        enc = Encoded(ids, [IGNORE] * n_prompt + ids[n_prompt:])
+        if max_length is not None and len(ids) > max_length:
+            enc = Encoded(ids[:max_length], enc.labels[:max_length], truncated=True)
+        views.append((title, enc))
+    return views

@@ -16,7 +16,7 @@ log = logging.getLogger("finetune")
 
 
 def heldout_items(recipe) -> tuple[list, str, str | None]:
-    """(items, label, registry language) of eval.data, else data.eval, else the data.eval_ratio split."""
+    """(items, label, registry language) of eval.data, else (SFT only) data.eval, else the data.eval_ratio split."""
     from finetune import data, models
     from finetune.data.encode import encode
 
@@ -24,6 +24,8 @@ def heldout_items(recipe) -> tuple[list, str, str | None]:
     if cfg.data:
         items, language = generation.load_items(cfg.data, None, d.split, cfg.max_samples, d.registry)
         return items, cfg.data, language
+    if recipe.stage != "sft":  # preference / prompt data has no single reference answer: use eval.data
+        return [], "", None
     if d.eval:
         examples, _, src = data.read_examples(d.eval, d, fmt=d.format, field_name="data.eval")
     elif d.eval_ratio:

@@ -34,13 +34,16 @@ def count_adapter_parameters(recipe: Recipe) -> tuple[int, int]:
     """(trainable, total) for the recipe's model + adapter, built on the meta device (no weights read)."""
     from accelerate import init_empty_weights
     from peft import get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cfg = AutoConfig.from_pretrained(models.model_path(recipe.model), revision=recipe.model.revision,
                                      trust_remote_code=recipe.model.trust_remote_code)
+    auto, peft_config = AutoModelForCausalLM, models.adapter_config(recipe.adapter)
+    if recipe.stage == "rm":  # a reward model: a score head (trained in full) instead of lm_head
+        cfg.num_labels, auto, peft_config.task_type = 1, AutoModelForSequenceClassification, "SEQ_CLS"
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=recipe.model.trust_remote_code)
-        model = get_peft_model(model, models.adapter_config(recipe.adapter))
+        model = auto.from_config(cfg, trust_remote_code=recipe.model.trust_remote_code)
+        model = get_peft_model(model, peft_config)
     return models.count_parameters(model)
 
 

@@ -11,7 +11,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from finetune import card, data, models
+from finetune import card, data, models, rewards
 from finetune.config import Recipe
 from finetune.eval import after_training
 from finetune.outputs import RunDir, write_text_atomic
@@ -72,7 +72,6 @@ def run(recipe: Recipe, callbacks=()) -> Path:
     trainer.save_model(str(run_dir.work))  # every rank: FSDP / ZeRO-3 gather the weights here
     if state.is_main_process:
         _finish(recipe, run_dir, trainer, prepared, metrics)
-        after_training(recipe, run_dir.final)  # the recipe's `eval:` section, if any (report + model card)
     state.wait_for_everyone()
     return run_dir.final
 
@@ -94,10 +93,13 @@ def _finish(recipe: Recipe, run_dir: RunDir, trainer, prepared, metrics: dict) -
     (work / "training_args.bin").unlink(missing_ok=True)  # a pickle; recipe.yaml holds the arguments
     trainer.state.save_to_json(str(work / "trainer_state.json"))
     write_text_atomic(work / "recipe.yaml", recipe.dump())
+    metrics = {**metrics, **rewards.trend_metrics(recipe.stage, trainer.state.log_history)}  # RL stages: reward first/last
     card.write_metrics(work, metrics)
-    base = trainer.model.peft_config[trainer.model.active_adapter].base_model_name_or_path
-    write_text_atomic(work / "README.md", card.model_card(recipe, prepared, metrics, trainer.model, base))
+    model = getattr(trainer.model, "policy", trainer.model)  # PPO's trainer wraps the policy and its value model
+    base = model.peft_config[model.active_adapter].base_model_name_or_path
+    write_text_atomic(work / "README.md", card.model_card(recipe, prepared, metrics, model, base))
     if not recipe.output.keep_checkpoints:
         for ckpt in work.glob("checkpoint-*"):
             shutil.rmtree(ckpt, ignore_errors=True)
     run_dir.finish()
+    after_training(recipe, run_dir.final)  # the recipe's `eval:` section, if any (report + model card)

@@ -1,0 +1,104 @@
+"""The run shared by the preference stages (rm, dpo, kto, orpo, cpo, simpo): load, data, model,
+trainer (built by the stage), train, evaluate, save, card. Each stage file says only what
+differs: its model head and its TRL trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from finetune import models
+from finetune.config import Recipe
+from finetune.data import pairs
+from finetune.outputs import RunDir
+from finetune.stages.common import TrainPlan, trl_args
+from finetune.stages.sft import _finish, _keep_adapter_in_compute_dtype
+
+log = logging.getLogger("finetune")
+
+
+def prepare(recipe: Recipe):
+    """Everything that can fail on the user's input, before any output dir exists."""
+    run_dir = RunDir(recipe.output.dir, recipe.output.overwrite, recipe.train["resume"])
+    run_dir.check()
+    tok = models.load_tokenizer(recipe.model)
+    prepared = pairs.load(recipe.data, tok, recipe.stage, seed=recipe.train["seed"])
+    return run_dir, tok, prepared
+
+
+def plan(recipe: Recipe) -> TrainPlan:
+    _, _, prepared = prepare(recipe)
+    return TrainPlan.build(recipe, prepared)
+
+
+def run(recipe: Recipe, make_trainer: Callable, callbacks=(), num_labels: int | None = None) -> Path:
+    """Train with the trainer `make_trainer(model, args, tok, prepared, callbacks)` builds.
+    `num_labels` loads the base as a sequence classifier (the reward model)."""
+    from accelerate import PartialState
+    from transformers import set_seed
+
+    state = PartialState()
+    run_dir, tok, prepared = prepare(recipe)
+    args = trl_args(recipe, run_dir.work)  # invalid TRL combinations fail here, before anything is written
+    set_seed(recipe.train["seed"])  # the adapter (and a reward head) are initialised from this seed
+    model = models.load_model(recipe.model, recipe.adapter, recipe.train["activation_checkpointing"],
+                              num_labels=num_labels, pad_token_id=tok.pad_token_id)
+    checkpoint = run_dir.start(recipe.identity(), is_main=state.is_main_process)
+    state.wait_for_everyone()
+    if checkpoint and state.is_main_process:
+        log.info("resuming from %s", checkpoint)
+
+    trainer = make_trainer(model, args, tok, prepared, list(callbacks))
+    _keep_adapter_in_compute_dtype(trainer.model, recipe)
+    dropped = _count_dropped(trainer, prepared, recipe)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    metrics = {**dropped, **result.metrics}
+    if prepared.eval is not None:
+        metrics.update(trainer.evaluate())
+
+    trainer.save_model(str(run_dir.work))
+    if state.is_main_process:
+        _finish(recipe, run_dir, trainer, prepared, metrics)
+    state.wait_for_everyone()
+    return run_dir.final
+
+
+def _count_dropped(trainer, prepared, recipe: Recipe) -> dict:
+    """Some TRL trainers drop (not truncate) examples that do not fit train.max_length
+    (RewardTrainer: pairs longer than it; DPO: prompts that fill it): say how many."""
+    counts = {}
+    for name, split, dataset in (("train", prepared.train, trainer.train_dataset), ("eval", prepared.eval, trainer.eval_dataset)):
+        if split is None or dataset is None:
+            continue
+        split.n_dropped = counts[f"{name}_dropped_examples"] = len(split.examples) - len(dataset)
+        if split.n_dropped:
+            prepared.notes.append(f"{split.source}: {split.n_dropped} of {len(split.examples)} examples dropped: "
+                                  f"longer than train.max_length={recipe.train.get('max_length')}")
+            log.warning(prepared.notes[-1])
+            if split is prepared.train and not len(dataset):
+                from finetune.errors import DataError
+
+                raise DataError(f"{split.source}: every example is longer than train.max_length="
+                                f"{recipe.train.get('max_length')}; raise it")
+    return counts
+
+
+def trainer(trainer_cls, recipe: Recipe, peft_config=None, **extra) -> Callable:
+    """A `make_trainer` for `run`: a TRL trainer of `trainer_cls` on the prepared splits, with the
+    recipe's adapter (built by the trainer from `peft_config`) and any `extra` arguments."""
+
+    def make(model, args, tok, prepared, callbacks):
+        return trainer_cls(
+            model=model,
+            args=args,
+            train_dataset=prepared.train.dataset(),
+            eval_dataset=prepared.eval.dataset() if prepared.eval else None,
+            processing_class=tok,
+            peft_config=peft_config or models.adapter_config(recipe.adapter),
+            callbacks=callbacks,
+            **extra,
+        )
+
+    return make
