@@ -85,7 +85,58 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--out", help="write the JSONL here (atomically) instead of stdout")
     score.add_argument("--batch-size", type=int, default=16, help="records per forward pass (default 16)")
     score.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    _add_merge_export_chat(sub)
     return p
+
+
+def _add_merge_export_chat(sub) -> None:
+    dtypes = ("float32", "float16", "bfloat16")
+    merge = sub.add_parser("merge", help="merge adapter(s) into the base, verified",
+                           description="Merge an adapter into its base (or combine several adapters) and verify the "
+                                       "written model's logits against the adapter model's.")
+    merge.add_argument("adapter", nargs="?", help="adapter dir (a finetune output or any PEFT adapter)")
+    merge.add_argument("--out", required=True, help="output dir (written atomically)")
+    merge.add_argument("--adapters", nargs="+", metavar="DIR", help="combine several adapters of one base instead")
+    merge.add_argument("--method", choices=("linear", "cat", "ties", "dare_ties", "dare_linear", "magnitude_prune"),
+                       default="linear", help="--adapters: how to combine (default linear)")
+    merge.add_argument("--weights", nargs="+", type=float, help="--adapters: one weight per adapter "
+                       "(default 1/n for linear/cat, 1.0 for the others)")
+    merge.add_argument("--density", type=float, help="--adapters: share of weights kept by ties/dare/magnitude_prune (0.5)")
+    merge.add_argument("--into-base", action="store_true", help="--adapters: write a merged model instead of an adapter")
+    merge.add_argument("--seed", type=int, default=0, help="--adapters: seed of DARE's random drop")
+    merge.add_argument("--onto", choices=("dequantized", "original"), help="QLoRA: merge onto the dequantized 4-bit "
+                       "weights it was trained on (default) or the original full-precision ones")
+    merge.add_argument("--dtype", choices=dtypes, default="float32", help="weight dtype of the merged model")
+    merge.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    merge.add_argument("--base", help="base model (path, hub id or tiny name) when the adapter's recorded one moved")
+    merge.add_argument("--tolerance", type=float, help="allowed max |Δlogit| (default: per dtype, scaled by max |logit|)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    export = sub.add_parser("export", help="export a model or adapter to GGUF (llama.cpp / Ollama) or safetensors",
+                            description="Export a model dir (or an adapter dir, merged on the fly) and verify the file.")
+    export.add_argument("model", help="model dir or adapter dir")
+    export.add_argument("--format", choices=("gguf", "safetensors"), default="gguf", help="output format (default gguf)")
+    export.add_argument("--out", required=True, help="output file (.gguf) or dir (safetensors)")
+    export.add_argument("--outtype", choices=("f32", "f16", "q8_0"), default="f16", help="gguf: tensor type (default f16)")
+    export.add_argument("--ollama", action="store_true", help="gguf: also write an Ollama Modelfile beside it")
+    export.add_argument("--system", help="--ollama: the Modelfile's SYSTEM prompt (default: the chat template's own)")
+    export.add_argument("--dtype", choices=dtypes, default="float32", help="safetensors: weight dtype")
+    export.add_argument("--onto", choices=("dequantized", "original"), help="QLoRA adapter: which merge (see merge)")
+    export.add_argument("--base", help="an adapter's base model when the recorded one moved")
+    export.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+    chat = sub.add_parser("chat", help="chat with a model or adapter in the terminal",
+                          description="Chat in the terminal (/reset clears the history, /exit quits), or answer one "
+                                      "--prompt and exit.")
+    chat.add_argument("model", help="model dir or adapter dir (an adapter runs on its base, 4-bit for QLoRA)")
+    chat.add_argument("--prompt", help="answer this one message and exit")
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--max-new-tokens", type=int, default=256, help="per answer (default 256)")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
+    chat.add_argument("--base", help="an adapter's base model when the recorded one moved")
+    for p in (merge, export, chat):
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def cmd_train(args) -> int:
@@ -138,10 +189,29 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from finetune import merge
+
+    return merge.run_cli(args)
+
+
+def cmd_export(args) -> int:
+    from finetune import export
+
+    return export.run_cli(args)
+
+
+def cmd_chat(args) -> int:
+    from finetune import chat
+
+    return chat.run_cli(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries(args.debug)
-    handler = {"train": cmd_train, "pipeline": cmd_pipeline, "data": cmd_data, "score": cmd_score, "eval": cmd_eval}[args.command]
+    handler = {"train": cmd_train, "pipeline": cmd_pipeline, "data": cmd_data, "score": cmd_score, "eval": cmd_eval,
+               "merge": cmd_merge, "export": cmd_export, "chat": cmd_chat}[args.command]
     try:
         return handler(args)
     except FinetuneError as e:

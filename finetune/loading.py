@@ -1,0 +1,223 @@
+"""Load what a finetune (or any PEFT / transformers) output dir holds, for merge, export and chat.
+
+A dir is either a plain model (`config.json` + weights) or a PEFT adapter (`adapter_config.json`).
+An adapter's base comes from finetune's `recipe.yaml` (`model.name_or_path`, so a `tiny-llama`
+name resolves in this machine's cache) or else `adapter_config.json`'s `base_model_name_or_path`;
+`--base` overrides both. A QLoRA recipe (`adapter.method: qlora`) says how the base was quantized.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from finetune import models, tiny
+from finetune.config import AdapterSection
+from finetune.errors import FinetuneError
+
+# Short chats every merge and export is checked on (English and Chinese, with and without a system turn).
+PROBE_CHATS = [
+    [{"role": "user", "content": "What colour is the sky?"}],
+    [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Name three fruits."}],
+    [{"role": "user", "content": "中国的首都是哪里？"}],
+]
+PROMPT_LEARNING = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT", "CPT")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class SourceError(FinetuneError):
+    """A model or adapter dir that cannot be used as given."""
+
+
+@dataclass
+class Source:
+    """One model or adapter dir and what it says about itself."""
+
+    path: Path
+    kind: str  # "adapter" | "model"
+    peft_config: dict | None = None
+    base: str | None = None  # resolved path / hub id of an adapter's base
+    base_field: str = ""  # where the base came from (for error messages)
+    quant: AdapterSection | None = None  # how a QLoRA adapter's base was quantized
+
+    @property
+    def peft_type(self) -> str:
+        return (self.peft_config or {}).get("peft_type", "")
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return self.peft_type in PROMPT_LEARNING
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return any((self.path / f).is_file() for f in TOKENIZER_FILES)
+
+
+def inspect(path: str | Path, base: str | None = None, what: str = "MODEL_DIR") -> Source:
+    """Classify `path` and resolve an adapter's base (without loading any weights)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise SourceError(f"{what}: {path}: no such directory")
+    if (p / "adapter_config.json").is_file():
+        try:
+            peft_config = json.loads((p / "adapter_config.json").read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise SourceError(f"{p / 'adapter_config.json'}: not valid JSON ({e})") from None
+        recipe = _read_recipe(p)
+        source = Source(p.resolve(), "adapter", peft_config)
+        source.quant = _quant_section(recipe, p)
+        source.base, source.base_field = _resolve_base(p, peft_config, recipe, base)
+        return source
+    if (p / "config.json").is_file():
+        if base:
+            raise SourceError(f"--base: {path} is a full model, not an adapter; --base applies to adapter dirs")
+        return Source(p.resolve(), "model")
+    raise SourceError(f"{what}: {path}: neither a model (config.json) nor a PEFT adapter (adapter_config.json)")
+
+
+def _read_recipe(p: Path) -> dict:
+    f = p / "recipe.yaml"
+    if not f.is_file():
+        return {}
+    try:
+        return yaml.safe_load(f.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise SourceError(f"{f}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def _quant_section(recipe: dict, p: Path) -> AdapterSection | None:
+    adapter = recipe.get("adapter") or {}
+    if adapter.get("method") != "qlora":
+        return None
+    keys = ("quant_bits", "quant_type", "double_quant", "compute_dtype")
+    return AdapterSection(method="qlora", **{k: adapter[k] for k in keys if k in adapter})
+
+
+def _resolve_base(p: Path, peft_config: dict, recipe: dict, override: str | None) -> tuple[str, str]:
+    """(path or hub id, the field it came from): the first candidate that exists locally wins."""
+    candidates = []
+    if override:
+        candidates.append((override, "--base"))
+    else:
+        name = (recipe.get("model") or {}).get("name_or_path")
+        if name:
+            candidates.append((name, f"{p / 'recipe.yaml'}: model.name_or_path"))
+        if peft_config.get("base_model_name_or_path"):
+            candidates.append((peft_config["base_model_name_or_path"], f"{p / 'adapter_config.json'}: base_model_name_or_path"))
+    if not candidates:
+        raise SourceError(f"{p / 'adapter_config.json'}: base_model_name_or_path: not set; pass --base MODEL")
+    for name, field in candidates:
+        if tiny.is_tiny(name):
+            try:
+                return tiny.resolve(name), field
+            except ValueError as e:
+                raise SourceError(f"{field}: {e}") from None
+        if Path(name).expanduser().is_dir():
+            return str(Path(name).expanduser().resolve()), field
+    name, field = candidates[0]
+    if name.startswith(("/", "./", "../", "~")) or Path(name).is_absolute():
+        others = f" (nor {candidates[1][0]})" if len(candidates) > 1 else ""
+        raise SourceError(f"{field}: base model {name} not found{others}; pass --base MODEL")
+    return name, field  # a hub id: from_pretrained finds it (in the HF cache, or online)
+
+
+def load_tokenizer(source: Source):
+    """The dir's own tokenizer (it carries the chat template it was trained with), else the base's."""
+    from transformers import AutoTokenizer
+
+    where = str(source.path) if source.has_tokenizer or source.kind == "model" else source.base
+    try:
+        tok = AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError) as e:
+        raise SourceError(f"{where}: cannot load a tokenizer: {str(e).splitlines()[0]}") from None
+    if not tok.chat_template:
+        tok.chat_template = models.FALLBACK_CHAT_TEMPLATE
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(where: str, field: str, dtype=torch.float32, quant: AdapterSection | None = None):
+    """A causal LM from a plain dir (safetensors only), optionally quantized as its QLoRA recipe says."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(dtype=dtype, use_safetensors=True)
+    if quant is not None:
+        kwargs.update(quantization_config=models.quantization_config(quant), device_map={"": "cpu"}
+                      if not torch.cuda.is_available() else {"": 0}, dtype=models.resolve_dtype(quant.compute_dtype))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as e:
+        raise SourceError(f"{field}: cannot load model {where!r}: {str(e).splitlines()[0]}") from None
+    model.eval()
+    return model
+
+
+def attach_adapter(base_model, source: Source, adapter_name: str = "default"):
+    """PeftModel of `base_model` + the adapter in `source`; a misfit (other base) is a one-line error."""
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(base_model, str(source.path), adapter_name=adapter_name)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise SourceError(f"{source.path}: the adapter does not fit base {source.base} ({source.base_field}): "
+                          f"{_first_line(e)}") from None
+    model.eval()
+    return model
+
+
+def add_adapter(model, source: Source, adapter_name: str) -> None:
+    try:
+        model.load_adapter(str(source.path), adapter_name=adapter_name)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise SourceError(f"{source.path}: the adapter does not fit base {source.base}: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    # torch's "Error(s) in loading state_dict" puts the useful part (size mismatch ...) on line 2
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading"):
+        return lines[1]
+    return lines[0] if lines else type(e).__name__
+
+
+def load_for_inference(path: str | Path, base: str | None = None):
+    """(model, tokenizer, source) for chat: an adapter runs on its base as trained (4-bit for QLoRA)."""
+    source = inspect(path, base, what="MODEL_OR_ADAPTER_DIR")
+    if source.kind == "adapter":  # prompt-style adapters too: they run as PeftModels
+        base_model = load_model(source.base, source.base_field, quant=source.quant)
+        model = attach_adapter(base_model, source)
+    else:
+        model = load_model(str(source.path), "MODEL_OR_ADAPTER_DIR")
+    return model, load_tokenizer(source), source
+
+
+def probe_batch(tokenizer) -> list[dict]:
+    """PROBE_CHATS rendered as generation prompts (one tensor dict per chat: no padding effects)."""
+    out = []
+    for chat in PROBE_CHATS:
+        try:
+            enc = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        except Exception:  # a template that rejects system turns: probe without it
+            enc = tokenizer.apply_chat_template([m for m in chat if m["role"] != "system"], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)
+        out.append({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")})
+    return out
+
+
+@torch.no_grad()
+def probe_logits(model, batch: list[dict]) -> list[torch.Tensor]:
+    device = next(model.parameters()).device
+    return [model(**{k: v.to(device) for k, v in enc.items()}).logits.float().cpu() for enc in batch]
+
+
+def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def max_abs(a: list[torch.Tensor]) -> float:
+    return max(x.abs().max().item() for x in a)

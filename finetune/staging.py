@@ -1,0 +1,63 @@
+"""Write an output dir or file atomically: build it in a temp dir beside the target, rename at the end.
+
+On any failure the temp dir is removed, so nothing half-written is ever left at the target, and an
+existing target is replaced only when the caller asked to overwrite it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from finetune.errors import OutputError
+
+
+def check_free(target: str | Path, overwrite: bool, file: bool = False, flag: str = "--out") -> Path:
+    """The absolute target; fail (before any work) if it exists and overwriting was not asked for."""
+    final = Path(target).expanduser().absolute()
+    if final.exists() and not overwrite:
+        raise OutputError(f"{flag}: {final} exists; pass --overwrite to replace it, or choose another {flag}")
+    if final.exists() and final.is_dir() == file:
+        raise OutputError(f"{flag}: {final} exists and is {'a directory' if file else 'not a directory'}")
+    return final
+
+
+class Staged:
+    """`with Staged(final, overwrite) as tmp:` write into `tmp` (a dir); on success `tmp` becomes `final`
+    (or, with `file=True`, the single file `tmp / final.name` becomes `final`)."""
+
+    def __init__(self, final: Path, overwrite: bool, file: bool = False):
+        self.final, self.overwrite, self.file = Path(final), overwrite, file
+        self.tmp: Path | None = None
+        self._made_parent: Path | None = None
+
+    def __enter__(self) -> Path:
+        parent = self.final.parent
+        if not parent.exists():
+            top = parent
+            while not top.parent.exists():
+                top = top.parent
+            parent.mkdir(parents=True)
+            self._made_parent = top
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if self._made_parent is not None:
+                shutil.rmtree(self._made_parent, ignore_errors=True)
+            return
+        if self.file:
+            os.replace(self.tmp / self.final.name, self.final)  # a file replaces a file atomically
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.final.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.old-", dir=self.final.parent))
+            os.replace(self.final, trash / "old")
+            os.replace(self.tmp, self.final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.final)
