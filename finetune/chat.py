@@ -1,0 +1,96 @@
+"""`finetune chat`: talk to a model or adapter dir in the terminal, with the model's chat template.
+
+Answers stream token by token. The conversation is kept (the model sees the history); `/reset`
+clears it (the system prompt stays), `/exit` or end of input (Ctrl-D) quits. `--prompt` answers one
+message and exits, for scripts: only the answer goes to stdout.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import torch
+
+from finetune.loading import load_for_inference
+
+HELP = "commands: /reset clears the history, /exit quits"
+
+
+class Chat:
+    def __init__(self, model, tokenizer, system: str | None = None, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0):
+        self.model, self.tok = model, tokenizer
+        self.system = system
+        self.gen = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, pad_token_id=tokenizer.pad_token_id)
+        if temperature > 0:
+            self.gen.update(temperature=temperature, top_p=top_p)
+        else:  # greedy: no sampling knobs (generation_config may carry some; they would only warn)
+            self.gen.update(temperature=None, top_p=None, top_k=None)
+        self.history: list[dict] = []
+
+    def reset(self) -> None:
+        self.history = []
+
+    def messages(self) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+
+    @torch.no_grad()
+    def answer(self, text: str, stream=None) -> str:
+        """Generate the reply to `text` (printing it to `stream` as it comes) and add both to the history."""
+        self.history.append({"role": "user", "content": text})
+        enc = self.tok.apply_chat_template(self.messages(), add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+        device = next(self.model.parameters()).device
+        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        streamer = _Streamer(self.tok, stream) if stream is not None else None
+        out = self.model.generate(**enc, **self.gen, streamer=streamer)
+        reply = self.tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        self.history.append({"role": "assistant", "content": reply})
+        return reply
+
+
+def _Streamer(tok, stream):
+    """transformers' TextStreamer, writing to `stream` instead of print()."""
+    from transformers import TextStreamer
+
+    class StreamTo(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            stream.write(text + ("\n" if stream_end else ""))
+            stream.flush()
+
+    return StreamTo(tok, skip_prompt=True, skip_special_tokens=True)
+
+
+def run_cli(args) -> int:
+    from finetune.merge import quiet_progress
+
+    quiet_progress()
+    warnings.filterwarnings("ignore", message="Position ids are not supported")  # prompt-tuning adapters: harmless
+    model, tok, source = load_for_inference(args.model, args.base)
+    chat = Chat(model, tok, args.system, args.max_new_tokens, args.temperature, args.top_p)
+    if args.prompt is not None:
+        chat.answer(args.prompt, stream=sys.stdout)
+        return 0
+    what = f"{source.peft_type.lower()} adapter on {source.base}" if source.kind == "adapter" else "model"
+    print(f"chatting with {source.path} ({what}); {HELP}", file=sys.stderr)
+    while True:
+        try:
+            text = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        text = text.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            chat.reset()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if text.startswith("/"):
+            print(f"unknown command {text}; {HELP}", file=sys.stderr)
+            continue
+        sys.stdout.write("assistant> ")
+        chat.answer(text, stream=sys.stdout)

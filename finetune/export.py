@@ -1,0 +1,79 @@
+"""`finetune export`: a model dir (or an adapter dir, merged on the fly) to GGUF (+ Ollama Modelfile) or safetensors."""
+
+from __future__ import annotations
+
+import shutil
+
+from finetune import gguf_export, merge, ollama
+from finetune.loading import SourceError, inspect, load_tokenizer
+from finetune.staging import Staged, check_free
+
+
+def _not_foldable(source, fmt: str) -> SourceError:
+    return SourceError(f"{source.path}: a {source.peft_type} adapter adds virtual tokens at run time, which a "
+                       f"{fmt} file cannot hold; keep the adapter dir and load it with peft (`finetune chat DIR` runs it)")
+
+
+def export_gguf(model_dir: str, out: str, outtype: str = "f16", ollama_file: bool = False, system: str | None = None,
+                onto: str | None = None, base: str | None = None, overwrite: bool = False) -> list[str]:
+    """Write `out` (.gguf), and with `ollama_file` a `Modelfile` beside it; returns the report lines."""
+    source = inspect(model_dir, base)
+    if source.is_prompt_learning:
+        raise _not_foldable(source, "GGUF")
+    final = check_free(out, overwrite, file=True)
+    if final.suffix != ".gguf":
+        raise SourceError(f"--out: {out}: name the GGUF file *.gguf")
+    modelfile_path = final.with_name("Modelfile")
+    if ollama_file:
+        check_free(modelfile_path, overwrite, file=True, flag="--ollama Modelfile")
+    lines: list[str] = []
+    tok = load_tokenizer(source)
+    modelfile_text = ollama.modelfile(final.name, tok, system) if ollama_file else None  # fails before any work
+    if source.kind == "model":
+        gguf_export._config(source.path)  # an unsupported architecture fails before anything is written
+
+    with Staged(final, overwrite, file=True) as tmp:
+        model_path = source.path
+        if source.kind == "adapter":
+            merged = tmp / "merged"
+            report = merge.merge(str(source.path), str(merged), "float32", "50GB", onto, base)
+            lines += [f"merged on the fly: {line}" for line in report.lines()[1:]]
+            model_path = merged
+        report = gguf_export.convert(model_path, tmp / final.name, outtype, name=source.path.name)
+        report.path = final
+        lines += report.lines()
+        if modelfile_text is not None:
+            (tmp / "Modelfile").write_text(modelfile_text, encoding="utf-8")
+            lines.append(f"Ollama Modelfile written to {modelfile_path} (ollama create NAME -f {modelfile_path})")
+        if source.kind == "adapter":
+            shutil.rmtree(model_path)
+        if modelfile_text is not None:  # both files appear together: the Modelfile goes in just before the GGUF
+            (tmp / "Modelfile").replace(modelfile_path)
+    return lines
+
+
+def export_safetensors(model_dir: str, out: str, dtype: str = "float32", onto: str | None = None,
+                       base: str | None = None, overwrite: bool = False) -> list[str]:
+    """An adapter dir -> a merged, verified HF model dir (what `finetune merge` writes)."""
+    source = inspect(model_dir, base)
+    if source.kind == "model":
+        raise SourceError(f"{source.path}: already a plain safetensors model; `--format safetensors` merges an "
+                          "adapter dir (nothing to export here)")
+    if source.is_prompt_learning:
+        raise _not_foldable(source, "plain safetensors model")
+    return merge.merge(model_dir, out, dtype, "2GB", onto, base, overwrite).lines()
+
+
+def run_cli(args) -> int:
+    merge.quiet_progress()
+    if args.format == "gguf":
+        if args.dtype != "float32":
+            raise SourceError("--dtype: applies to --format safetensors; for gguf use --outtype")
+        lines = export_gguf(args.model, args.out, args.outtype, args.ollama, args.system, args.onto, args.base, args.overwrite)
+    else:
+        if args.ollama or args.system:
+            raise SourceError("--ollama / --system: apply to --format gguf")
+        lines = export_safetensors(args.model, args.out, args.dtype, args.onto, args.base, args.overwrite)
+    for line in lines:
+        print(line)
+    return 0

@@ -1,0 +1,334 @@
+"""HF model dir -> GGUF (llama.cpp / Ollama), laid out as llama.cpp's convert_hf_to_gguf.py does it.
+
+Llama-family (LlamaForCausalLM, MistralForCausalLM) and Qwen2 models: the same metadata keys, tensor
+names (gguf.TensorNameMap), the q/k row permutation llama.cpp's Llama graph expects (its RoPE
+rotates adjacent pairs; HF's rotates halves), and a byte-level BPE (`gpt2`) vocab with merges,
+token types, special token ids and the chat template (gguf.SpecialVocab). Every file is read back
+with gguf.GGUFReader and compared with the source tensors before it is handed over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from finetune.errors import FinetuneError
+
+ARCHS = {"LlamaForCausalLM": "LLAMA", "MistralForCausalLM": "LLAMA", "Qwen2ForCausalLM": "QWEN2"}
+PERMUTED = ("LLAMA",)  # architectures whose q/k rows llama.cpp wants permuted
+# tokenizer.json pre-tokenizer regexes -> llama.cpp's tokenizer.ggml.pre names
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGEX: "qwen2"}
+OUTTYPES = ("f32", "f16", "q8_0")
+
+
+class ExportError(FinetuneError):
+    """The model cannot be exported to the asked format."""
+
+
+def permute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
+    """llama.cpp's LlamaModel.permute: per head, rows (x0..x_{d/2-1}, y0..) -> (x0, y0, x1, y1, ...)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
+    """The inverse of `permute`."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@dataclass
+class GGUFReport:
+    path: Path
+    arch: str
+    outtype: str
+    tensors: int
+    max_rel_error: float  # max over tensors of max |read back - source| / max |source|
+    vocab: int
+    pre: str
+    chat_template: bool
+
+    def lines(self) -> list[str]:
+        return [f"GGUF written to {self.path} ({self.arch}, {self.outtype}, {self.tensors} tensors, vocab {self.vocab}, "
+                f"pre-tokenizer {self.pre}{', chat template' if self.chat_template else ''})",
+                f"read back with GGUFReader: names, shapes and metadata match; max |Δ| / max |w| = {self.max_rel_error:.3g} "
+                f"(tolerance {TOLERANCE[self.outtype]:g} for {self.outtype})"]
+
+
+# max |read back - source| / max |source| per tensor: fp16 rounds at 2^-11 relative; q8_0 blocks of 32
+# share one scale amax/127 (error <= half a step, plus the scale's own fp16 rounding).
+TOLERANCE = {"f32": 0.0, "f16": 1e-3, "q8_0": 1.0 / 127}
+
+
+def _config(model_dir: Path) -> tuple[dict, str]:
+    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    arch = (cfg.get("architectures") or ["?"])[0]
+    if arch not in ARCHS:
+        raise ExportError(f"{model_dir}: GGUF export supports {', '.join(ARCHS)}; this model is {arch} "
+                          "(use llama.cpp's convert_hf_to_gguf.py on the merged safetensors dir)")
+    return cfg, ARCHS[arch]
+
+
+def _rope_theta(cfg: dict) -> float | None:
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    return cfg.get("rope_theta", rope.get("rope_theta"))
+
+
+def _rope_scaling(cfg: dict) -> dict:
+    rope = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    return {**rope, "rope_type": rope_type}
+
+
+def _head_dim(cfg: dict) -> int:
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
+def _tensors(model_dir: Path):
+    """(HF name, float32 array) for every weight in the dir's safetensors files."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ExportError(f"{model_dir}: no .safetensors weights (GGUF export reads safetensors only)")
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                yield name, st.get_tensor(name).float().numpy()
+
+
+def _llama3_rope_factors(cfg: dict, rope: dict) -> np.ndarray:
+    """The `rope_freqs` tensor llama.cpp's converter adds for Llama-3.1-style rope scaling."""
+    base, dim = _rope_theta(cfg), _head_dim(cfg)
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old = rope.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old / low, old / high
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def _pre_tokenizer(tokenizer_json: dict) -> str:
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if len(steps) == 1 and steps[0].get("type") == "ByteLevel" and steps[0].get("use_regex", True):
+        return "gpt-2"
+    for step in steps:
+        if step.get("type") == "Split":
+            regex = (step.get("pattern") or {}).get("Regex")
+            if regex in PRE_TOKENIZERS:
+                return PRE_TOKENIZERS[regex]
+    raise ExportError(f"tokenizer.json: pre_tokenizer {json.dumps(pre)[:120]}...: not one llama.cpp knows by this "
+                      "exporter (gpt-2 byte-level, llama-bpe, qwen2); convert with llama.cpp's convert_hf_to_gguf.py")
+
+
+def _vocab(model_dir: Path, vocab_size: int):
+    """(tokens, token types, pre) as llama.cpp's get_vocab_base builds them for a byte-level BPE tokenizer."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    tj_path = model_dir / "tokenizer.json"
+    if not tj_path.is_file():
+        raise ExportError(f"{model_dir}: no tokenizer.json (GGUF export needs a fast byte-level BPE tokenizer)")
+    tj = json.loads(tj_path.read_text(encoding="utf-8"))
+    if (tj.get("model") or {}).get("type") != "BPE" or (tj.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ExportError(f"{tj_path}: only byte-level BPE tokenizers (GPT-2 / Llama-3 / Qwen2 style) are exported; "
+                          "this one is not")
+    pre = _pre_tokenizer(tj)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    reverse = {i: t for t, i in tok.get_vocab().items()}
+    added = tok.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        token = reverse[i]
+        if i in added:
+            if not added[i].normalized:
+                token = tok.decode(tok.encode(token, add_special_tokens=False))
+            special = added[i].special or (token.startswith(("<|", "<")) and token.endswith(("|>", ">")))
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+        tokens.append(token)
+    return tokens, types, pre
+
+
+def _qtype(name: str, data: np.ndarray, outtype: str):
+    """The stored type of one tensor, as llama.cpp's converter picks it: 1-D tensors (norms, biases,
+    rope factors) stay f32; q8_0 needs rows in whole blocks of 32 (else f16)."""
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    if outtype == "f32" or data.ndim <= 1 or name.endswith("_norm.weight"):
+        return Q.F32
+    if outtype == "q8_0" and data.shape[-1] % 32 == 0:
+        return Q.Q8_0
+    return Q.F16
+
+
+def _encode(data: np.ndarray, qtype) -> np.ndarray:
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    if qtype == Q.F32:
+        return data.astype(np.float32)
+    if qtype == Q.F16:
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data.astype(np.float32), qtype)
+
+
+def _decode(tensor) -> np.ndarray:
+    """A GGUFReader tensor as float32 in the source's (numpy) shape."""
+    import gguf
+
+    shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+    if tensor.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return np.asarray(tensor.data, dtype=np.float32).reshape(shape)
+    return gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+
+
+def convert(model_dir: Path, out_file: Path, outtype: str = "f16", name: str | None = None) -> GGUFReport:
+    """Write `model_dir` (a plain HF model dir) as GGUF to `out_file`, then verify it by reading it back."""
+    import gguf
+
+    cfg, arch_name = _config(model_dir)
+    arch = getattr(gguf.MODEL_ARCH, arch_name)
+    n_layers, n_head = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads", n_head)
+    vocab_size = cfg["vocab_size"]
+    tokens, types, pre = _vocab(model_dir, vocab_size)
+    rope = _rope_scaling(cfg)
+
+    writer = gguf.GGUFWriter(str(out_file), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_name(name or model_dir.name)
+    writer.add_block_count(n_layers)
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    if (theta := _rope_theta(cfg)) is not None:
+        writer.add_rope_freq_base(float(theta))
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+    writer.add_file_type(ftype)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if arch_name == "LLAMA":
+        writer.add_vocab_size(vocab_size)
+        writer.add_rope_dimension_count(_head_dim(cfg))
+    if rope["rope_type"] in ("linear", "yarn") and rope.get("factor"):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if rope["rope_type"] == "linear" else gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope["factor"])
+        if rope.get("original_max_position_embeddings"):
+            writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    gguf_log = logging.getLogger("gguf")
+    level, gguf_log.level = gguf_log.level, logging.ERROR  # its notes on post-processor templates are noise here
+    try:
+        special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))
+        special.add_to_gguf(writer, quiet=True)
+    finally:
+        gguf_log.setLevel(level)
+
+    count = 0
+    for new, data in gguf_tensors(model_dir, cfg, arch_name):
+        qtype = _qtype(new, data, outtype)
+        encoded = _encode(data, qtype)
+        writer.add_tensor(new, encoded, raw_dtype=qtype if encoded.dtype == np.uint8 else None)
+        count += 1
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=False)
+    writer.close()
+    worst = verify(out_file, gguf_tensors(model_dir, cfg, arch_name), outtype, tokens, special.chat_template, arch_name)
+    return GGUFReport(out_file, gguf.MODEL_ARCH_NAMES[arch], outtype, count, worst, len(tokens), pre,
+                      bool(special.chat_template))
+
+
+def gguf_tensors(model_dir: Path, cfg: dict, arch_name: str):
+    """(GGUF name, float32 array) as llama.cpp stores them: renamed, q/k rows permuted for Llama, plus
+    Llama-3.1's rope_freqs. A generator: the writer and the check each stream the weights once."""
+    import gguf
+
+    arch = getattr(gguf.MODEL_ARCH, arch_name)
+    n_head = cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads", n_head)
+    name_map = gguf.get_tensor_name_map(arch, cfg["num_hidden_layers"])
+    for hf_name, data in _tensors(model_dir):
+        if hf_name.endswith(".rotary_emb.inv_freq"):
+            continue
+        new = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise ExportError(f"{model_dir}: tensor {hf_name} has no GGUF name for {gguf.MODEL_ARCH_NAMES[arch]}")
+        if arch_name in PERMUTED:
+            if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+                data = permute(data, n_head, n_head)
+            elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+                data = permute(data, n_head, n_kv)
+        yield new, data
+    rope = _rope_scaling(cfg)
+    if arch_name == "LLAMA" and rope["rope_type"] == "llama3":
+        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", _llama3_rope_factors(cfg, rope)
+
+
+def verify(path: Path, expected, outtype: str, tokens: list[str], chat_template, arch: str) -> float:
+    """Read `path` back: the same tensor names, shapes, values within the outtype's tolerance, and metadata."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    got = {t.name: t for t in reader.tensors}
+    seen, worst = set(), 0.0
+    for name, want in expected:
+        if name not in got:
+            raise ExportError(f"{path}: tensor {name} did not read back")
+        seen.add(name)
+        back = _decode(got[name])
+        if back.shape != want.shape:
+            raise ExportError(f"{path}: {name}: shape {back.shape} read back, {want.shape} written")
+        scale = float(np.abs(want).max()) or 1.0
+        rel = float(np.abs(back - want).max()) / scale
+        worst = max(worst, rel)
+        if not rel <= TOLERANCE[outtype] * 1.01:
+            raise ExportError(f"{path}: {name}: read back differs by {rel:.3g} of max |w| (> {TOLERANCE[outtype]:g})")
+    if set(got) != seen:
+        raise ExportError(f"{path}: unexpected tensors read back: {sorted(set(got) - seen)[:3]}")
+    field = reader.get_field(gguf.Keys.General.ARCHITECTURE)
+    if field is None or field.contents() != gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch)]:
+        raise ExportError(f"{path}: general.architecture did not read back")
+    tok_field = reader.get_field(gguf.Keys.Tokenizer.LIST)
+    if tok_field is None or tok_field.contents() != tokens:
+        raise ExportError(f"{path}: tokenizer.ggml.tokens did not read back equal")
+    if chat_template:
+        ct = reader.get_field(gguf.Keys.Tokenizer.CHAT_TEMPLATE)
+        if ct is None or ct.contents() != chat_template:
+            raise ExportError(f"{path}: tokenizer.chat_template did not read back equal")
+    return worst

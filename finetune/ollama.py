@@ -1,0 +1,155 @@
+"""An Ollama Modelfile for an exported GGUF: FROM, TEMPLATE (the chat template in Go-template form),
+stop parameters and SYSTEM.
+
+The translation does not parse Jinja. It renders the model's own chat template on marker messages
+and cuts the result into the pieces every turn-based template is made of (system / user / assistant
+prefix and suffix, generation prompt, default system prompt), then re-renders other conversations
+from those pieces and checks they equal the Jinja output. ChatML (Qwen), Llama-3, the tiny model's
+and finetune's fallback template all pass; a template that is not of this shape (tool-use logic,
+content-dependent branches) is refused with a one-line error instead of being translated wrongly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from finetune.errors import FinetuneError
+
+_S, _U1, _A1, _U2, _A2, _U3 = "SYSTEMMARKERQ", "USERMARKERONE", "ASSISTANTMARKERONE", "USERMARKERTWO", "ASSISTANTMARKERTWO", "USERMARKERTHREE"
+
+
+class TemplateError(FinetuneError):
+    """The chat template cannot be expressed as an Ollama TEMPLATE."""
+
+
+@dataclass
+class Pieces:
+    bos: str
+    system_prefix: str
+    system_suffix: str
+    user_prefix: str
+    user_suffix: str
+    assistant_prefix: str
+    assistant_suffix: str
+    generation: str
+    default_system: str | None  # what the template inserts when there is no system message
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        out = self.bos
+        system = next((m["content"] for m in messages if m["role"] == "system"), self.default_system)
+        if system is not None:
+            out += self.system_prefix + system + self.system_suffix
+        for m in messages:
+            if m["role"] == "user":
+                out += self.user_prefix + m["content"] + self.user_suffix
+            elif m["role"] == "assistant":
+                out += self.assistant_prefix + m["content"] + self.assistant_suffix
+        return out + (self.generation if add_generation_prompt else "")
+
+
+def _render(tok, messages, gen: bool) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+
+
+def _between(text: str, start: str, end: str | None) -> str:
+    i = text.index(start) + len(start)
+    return text[i:] if end is None else text[i:text.index(end, i)]
+
+
+def split_template(tok) -> Pieces:
+    """Cut the tokenizer's chat template into turn pieces; TemplateError if they do not reproduce it."""
+    fail = TemplateError("the chat template cannot be translated into an Ollama TEMPLATE (its turns are not plain "
+                         "prefix/suffix text); export without --ollama and write the Modelfile TEMPLATE by hand")
+    sys_chat = [{"role": "system", "content": _S}, {"role": "user", "content": _U1},
+                {"role": "assistant", "content": _A1}, {"role": "user", "content": _U2}]
+    try:
+        full = _render(tok, sys_chat, False)
+        no_sys = _render(tok, sys_chat[1:], False)
+        gen = _render(tok, sys_chat[1:], True)
+        one = _render(tok, sys_chat[1:3], False)
+        alone = _render(tok, sys_chat[1:2], False)
+    except Exception as e:  # jinja errors, templates that raise on these roles
+        raise TemplateError(f"the chat template does not render a plain system/user/assistant chat: {e}") from None
+    try:
+        if not gen.startswith(no_sys):
+            raise fail
+        generation = gen[len(no_sys):]
+        user_suffix = _between(no_sys, _U2, None)
+        assistant_suffix = _between(one, _A1, None)
+        user_then_assistant = _between(no_sys, _U1, _A1)
+        assistant_then_user = _between(no_sys, _A1, _U2)
+        if not (user_then_assistant.startswith(user_suffix) and assistant_then_user.startswith(assistant_suffix)):
+            raise fail
+        assistant_prefix = user_then_assistant[len(user_suffix):]
+        user_prefix = assistant_then_user[len(assistant_suffix):]
+        head = full[:full.index(_S)]
+        system_then_user = _between(full, _S, _U1)
+        if not system_then_user.endswith(user_prefix):
+            raise fail
+        system_suffix = system_then_user[:len(system_then_user) - len(user_prefix)]
+        bos = tok.bos_token if tok.bos_token and head.startswith(tok.bos_token) else ""
+        system_prefix = head[len(bos):]
+        start = alone[:alone.index(_U1)]  # bos + default system block + user prefix
+        if not start.endswith(user_prefix) or not start.startswith(bos):
+            raise fail
+        default_block = start[len(bos):len(start) - len(user_prefix)]
+        default_system = None
+        if default_block:
+            if not (default_block.startswith(system_prefix) and default_block.endswith(system_suffix)):
+                raise fail
+            default_system = default_block[len(system_prefix):len(default_block) - len(system_suffix)]
+    except ValueError:  # a marker missing: the template drops or rewrites content
+        raise fail from None
+    pieces = Pieces(bos, system_prefix, system_suffix, user_prefix, user_suffix, assistant_prefix, assistant_suffix,
+                    generation, default_system)
+    checks = [
+        ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+          {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}, {"role": "user", "content": "Why?"}], True),
+        ([{"role": "user", "content": "One"}, {"role": "assistant", "content": "Two"}], False),
+        ([{"role": "user", "content": "Only a question"}], True),
+    ]
+    for messages, add in checks:
+        if pieces.render(messages, add) != _render(tok, messages, add):
+            raise fail
+    return pieces
+
+
+def go_template(p: Pieces) -> str:
+    """The pieces as an Ollama (Go text/template) TEMPLATE over .System and .Messages; no whitespace
+    trimming markers, so the literal text is kept byte for byte."""
+    for text in (p.system_prefix, p.system_suffix, p.user_prefix, p.user_suffix, p.assistant_prefix,
+                 p.assistant_suffix, p.generation):
+        if "{{" in text or '"""' in text:
+            raise TemplateError("the chat template's text contains '{{' or '\"\"\"', which an Ollama TEMPLATE cannot hold")
+    return (
+        f"{{{{ if .System }}}}{p.system_prefix}{{{{ .System }}}}{p.system_suffix}{{{{ end }}}}"
+        "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
+        f"{{{{ if eq .Role \"user\" }}}}{p.user_prefix}{{{{ .Content }}}}{p.user_suffix}"
+        f"{{{{ if $last }}}}{p.generation}{{{{ end }}}}"
+        f"{{{{ else if eq .Role \"assistant\" }}}}{p.assistant_prefix}{{{{ .Content }}}}"
+        f"{{{{ if not $last }}}}{p.assistant_suffix}{{{{ end }}}}"
+        "{{ end }}{{ end }}"
+    )
+
+
+def stops(p: Pieces) -> list[str]:
+    """End of an assistant turn, and the start of the next user turn (so a model that runs on stops there)."""
+    out = []
+    for s in (p.assistant_suffix.strip(), p.user_prefix.strip().split("\n")[0].strip()):
+        if s and s not in out:
+            out.append(s)
+    return out
+
+
+def modelfile(gguf_name: str, tok, system: str | None = None) -> str:
+    """The Modelfile text; FROM points at the GGUF beside it."""
+    p = split_template(tok)
+    lines = [f"# ollama create NAME -f Modelfile  (written by finetune export --ollama)", f"FROM ./{gguf_name}",
+             f'TEMPLATE """{go_template(p)}"""']
+    lines += [f'PARAMETER stop "{s}"' for s in stops(p)]
+    system = system if system is not None else p.default_system
+    if system:
+        if '"""' in system:
+            raise TemplateError('--system: the system prompt cannot contain \'"""\'')
+        lines.append(f'SYSTEM """{system}"""')
+    return "\n".join(lines) + "\n"
