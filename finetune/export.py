@@ -27,10 +27,10 @@ def export_gguf(model_dir: str, out: str, outtype: str = "f16", ollama_file: boo
     if ollama_file:
         check_free(modelfile_path, overwrite, file=True, flag="--ollama Modelfile")
     lines: list[str] = []
-    tok = load_tokenizer(source)
-    modelfile_text = ollama.modelfile(final.name, tok, system) if ollama_file else None  # fails before any work
     if source.kind == "model":
         gguf_export._config(source.path)  # an unsupported architecture fails before anything is written
+    tok = load_tokenizer(source)
+    modelfile_text = ollama.modelfile(final.name, tok, system) if ollama_file else None  # fails before any work
 
     with Staged(final, overwrite, file=True) as tmp:
         model_path = source.path
