@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from peft import IA3Config, PeftModel, PromptTuningConfig
+from peft import IA3Config, LoHaConfig, PeftModel, PromptTuningConfig, VeraConfig
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -29,6 +29,8 @@ def adapters(tmp_path_factory, tiny_path):
         "dora": make_adapter(tiny_path, root / "dora", lora(use_dora=True), seed=2),
         "ia3": make_adapter(tiny_path, root / "ia3", IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
                                                                feedforward_modules=["down_proj"], init_ia3_weights=False)),
+        "loha": make_adapter(tiny_path, root / "loha", LoHaConfig(r=4, target_modules="all-linear", init_weights=False)),
+        "vera": make_adapter(tiny_path, root / "vera", VeraConfig(r=16, target_modules=["q_proj", "o_proj"], init_weights=False)),
         "prompt": make_adapter(tiny_path, root / "prompt", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)),
     }
 
@@ -77,13 +79,19 @@ def test_lora_merge_loads_in_plain_transformers_with_the_adapter_logits(tmp_path
     assert "max |Δlogit|" in card and str(adapters["lora"]) in card
 
 
-@pytest.mark.parametrize("name,dtype,tol", [("dora", "float32", 1e-4), ("ia3", "float32", 1e-4), ("lora", "bfloat16", 0.5)])
+@pytest.mark.parametrize("name,dtype,tol", [("dora", "float32", 1e-4), ("ia3", "float32", 1e-4), ("loha", "float32", 1e-4),
+                                            ("vera", "float32", 1e-4), ("lora", "bfloat16", 0.5)])
 def test_other_methods_and_dtypes_merge_within_tolerance(tmp_path, adapters, tiny_path, tiny_tokenizer, name, dtype, tol):
     out = tmp_path / "merged"
-    report = merge.merge(str(adapters[name]), str(out), dtype=dtype)
+    report = merge.merge(str(adapters[name]), str(out), dtype=dtype, max_shard_size="1MB")
     assert report.max_delta <= tol
-    with safe_open(str(out / "model.safetensors"), framework="pt") as st:
-        assert {st.get_tensor(k).dtype for k in st.keys()} == {getattr(torch, dtype)}
+    shards = list(out.glob("*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    dtypes = set()
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as st:
+            dtypes |= {st.get_tensor(k).dtype for k in st.keys()}
+    assert dtypes == {getattr(torch, dtype)}
     written = logits(AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32), tiny_tokenizer)
     expected = adapter_logits(tiny_path, adapters[name], tiny_tokenizer)
     assert (written - expected).abs().max() <= tol
