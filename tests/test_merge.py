@@ -178,3 +178,18 @@ def test_a_failed_check_writes_nothing(tmp_path, adapters):
     with pytest.raises(FinetuneError, match="merge check failed"):
         merge.merge(str(adapters["lora"]), str(tmp_path / "out"), dtype="bfloat16", tolerance=1e-9)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_finetune_output_merges_by_its_recipe_when_the_recorded_base_moved(tmp_path, tiny_path, tiny_tokenizer):
+    from _support import memo_recipe
+    from finetune import config
+    from finetune.stages import sft
+
+    out = sft.run(config.load(text=memo_recipe(tmp_path, "lora", steps=3, adapter={"r": 4},
+                                               train={"learning_rate": 1e-2})))
+    trained = adapter_logits(tiny_path, out, tiny_tokenizer)
+    set_base(out, str(tmp_path / "gone" / "tiny-llama"))  # e.g. another machine's cache path
+    report = merge.merge(str(out), str(tmp_path / "merged"))  # recipe.yaml's `tiny-llama` resolves here
+    assert report.max_delta <= 1e-4
+    merged = logits(AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")), tiny_tokenizer)
+    assert (merged - trained).abs().max() <= 1e-4
