@@ -94,7 +94,7 @@ def _add_merge_export_chat(sub) -> None:
     merge = sub.add_parser("merge", help="merge adapter(s) into the base, verified",
                            description="Merge an adapter into its base (or combine several adapters) and verify the "
                                        "written model's logits against the adapter model's.")
-    merge.add_argument("adapter", nargs="?", help="adapter dir (a finetune output or any PEFT adapter)")
+    merge.add_argument("adapter", nargs="?", metavar="ADAPTER_DIR", help="adapter dir (a finetune output or any PEFT adapter)")
     merge.add_argument("--out", required=True, help="output dir (written atomically)")
     merge.add_argument("--adapters", nargs="+", metavar="DIR", help="combine several adapters of one base instead")
     merge.add_argument("--method", choices=("linear", "cat", "ties", "dare_ties", "dare_linear", "magnitude_prune"),
@@ -114,7 +114,7 @@ def _add_merge_export_chat(sub) -> None:
 
     export = sub.add_parser("export", help="export a model or adapter to GGUF (llama.cpp / Ollama) or safetensors",
                             description="Export a model dir (or an adapter dir, merged on the fly) and verify the file.")
-    export.add_argument("model", help="model dir or adapter dir")
+    export.add_argument("model", metavar="MODEL_DIR", help="model dir or adapter dir")
     export.add_argument("--format", choices=("gguf", "safetensors"), default="gguf", help="output format (default gguf)")
     export.add_argument("--out", required=True, help="output file (.gguf) or dir (safetensors)")
     export.add_argument("--outtype", choices=("f32", "f16", "q8_0"), default="f16", help="gguf: tensor type (default f16)")
@@ -128,7 +128,7 @@ def _add_merge_export_chat(sub) -> None:
     chat = sub.add_parser("chat", help="chat with a model or adapter in the terminal",
                           description="Chat in the terminal (/reset clears the history, /exit quits), or answer one "
                                       "--prompt and exit.")
-    chat.add_argument("model", help="model dir or adapter dir (an adapter runs on its base, 4-bit for QLoRA)")
+    chat.add_argument("model", metavar="MODEL_OR_ADAPTER_DIR", help="model dir or adapter dir (an adapter runs on its base, 4-bit for QLoRA)")
     chat.add_argument("--prompt", help="answer this one message and exit")
     chat.add_argument("--system", help="system prompt")
     chat.add_argument("--max-new-tokens", type=int, default=256, help="per answer (default 256)")

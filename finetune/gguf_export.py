@@ -169,12 +169,21 @@ def _vocab(model_dir: Path, vocab_size: int):
         if i in added:
             if not added[i].normalized:
                 token = tok.decode(tok.encode(token, add_special_tokens=False))
-            special = added[i].special or (token.startswith(("<|", "<")) and token.endswith(("|>", ">")))
-            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+            if added[i].special or _looks_special(token):
+                types.append(gguf.TokenType.CONTROL)
+            else:
+                token = token.replace("\u2581", " ")  # pre-normalise user-defined spaces, as llama.cpp does
+                types.append(gguf.TokenType.USER_DEFINED)
         else:
             types.append(gguf.TokenType.NORMAL)
         tokens.append(token)
     return tokens, types, pre
+
+
+def _looks_special(token: str) -> bool:
+    """llama.cpp's does_token_look_special: added tokens some models fail to mark special."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<｜") and token.endswith("｜>")) or (token.startswith("<unused") and token.endswith(">")))
 
 
 def _qtype(name: str, data: np.ndarray, outtype: str):

@@ -146,9 +146,9 @@ def load_model(where: str, field: str, dtype=torch.float32, quant: AdapterSectio
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(dtype=dtype, use_safetensors=True)
-    if quant is not None:
-        kwargs.update(quantization_config=models.quantization_config(quant), device_map={"": "cpu"}
-                      if not torch.cuda.is_available() else {"": 0}, dtype=models.resolve_dtype(quant.compute_dtype))
+    if quant is not None:  # quantized weights are placed at load time: the GPU if there is one, else the CPU
+        kwargs.update(quantization_config=models.quantization_config(quant), dtype=models.resolve_dtype(quant.compute_dtype),
+                      device_map={"": 0 if torch.cuda.is_available() else "cpu"})
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as e:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from finetune import __version__
+from finetune.config import AdapterSection
 from finetune.errors import FinetuneError
 from finetune.loading import (PROBE_CHATS, Source, SourceError, add_adapter, attach_adapter, inspect, load_model,
                               load_tokenizer, max_abs, max_abs_diff, probe_batch, probe_logits)
@@ -82,13 +83,17 @@ def merge(adapter_dir: str, out: str, dtype: str = "float32", max_shard_size: st
     """Merge one adapter into its base and write a plain HF model dir at `out` (verified)."""
     source = inspect(adapter_dir, base, what="ADAPTER_DIR")
     _check_adapter(source, "ADAPTER_DIR")
+    notes, deviations = [], {}
     if onto is not None and source.quant is None:
-        raise SourceError(f"--onto: {source.path} is not a QLoRA adapter (its recipe.yaml does not say adapter.method: "
-                          "qlora); --onto applies to QLoRA adapters only")
+        if (source.path / "recipe.yaml").is_file():
+            raise SourceError(f"--onto: {source.path}/recipe.yaml: adapter.method is not qlora; --onto applies to "
+                              "QLoRA adapters only")
+        source.quant = AdapterSection(method="qlora")  # another tool's QLoRA adapter: the usual 4-bit NF4 recipe
+        notes.append("no finetune recipe.yaml: the base was quantized as 4-bit NF4 with double quantisation "
+                     "(the QLoRA paper's and finetune's defaults)")
     final = check_free(out, overwrite)
     tok = load_tokenizer(source)
     batch = probe_batch(tok)
-    notes, deviations = [], {}
 
     full = load_model(source.base, source.base_field)
     q_logits = None
@@ -125,7 +130,7 @@ def _merge_and_unload(model, source: Source):
         raise SourceError(f"{source.path}: peft cannot merge this {source.peft_type} adapter: {str(e).splitlines()[0]}") from None
 
 
-def _qlora_reference(source: Source, dequantize_into, batch) -> list[torch.Tensor]:
+def _qlora_reference(source: Source, dequantize_into, batch) -> tuple[list[torch.Tensor], float | None]:
     """Logits of the adapter on the 4-bit base (what was trained); if `dequantize_into` is a full-precision
     model, its weights are first replaced by the dequantized 4-bit ones (and the other parameters by the
     quantized model's, which are in the compute dtype)."""

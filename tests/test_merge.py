@@ -115,6 +115,10 @@ def test_qlora_merges_both_ways_and_reports_the_deviation(tmp_path, tiny_path, t
     base = AutoModelForCausalLM.from_pretrained(tiny_path).model.layers[0].self_attn.q_proj.weight
     assert 0 < (a - b).abs().max() < 0.5 * base.abs().max()
 
+    (adapter / "recipe.yaml").unlink()  # another tool's QLoRA adapter: --onto assumes the usual NF4 + double quant
+    other = merge.merge(str(adapter), str(tmp_path / "no_recipe"), onto="dequantized")
+    assert abs(other.deviations["dequantized"] - deq) < 1e-6 and "no finetune recipe.yaml" in " ".join(other.notes)
+
 
 def test_ties_and_dare_combinations_load_and_differ_from_a_plain_average(tmp_path, adapters, tiny_path, tiny_tokenizer):
     pair = [str(adapters["lora"]), str(adapters["lora_b"])]
@@ -135,7 +139,15 @@ def test_ties_and_dare_combinations_load_and_differ_from_a_plain_average(tmp_pat
 
 
 def _cli_error(capsys, argv) -> str:
-    assert cli.main(argv) == 2
+    """Run the CLI in-process (no subprocess start-up); leave the 'finetune' logger as it was."""
+    import logging
+
+    log = logging.getLogger("finetune")
+    saved = (list(log.handlers), log.propagate, log.level)
+    try:
+        assert cli.main(argv) == 2
+    finally:
+        log.handlers[:], log.propagate, log.level = saved[0], saved[1], saved[2]
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("finetune: error: "), err
     return err[0]
