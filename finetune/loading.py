@@ -129,11 +129,14 @@ def load_tokenizer(source: Source):
     """The dir's own tokenizer (it carries the chat template it was trained with), else the base's."""
     from transformers import AutoTokenizer
 
-    where = str(source.path) if source.has_tokenizer or source.kind == "model" else source.base
+    own = source.has_tokenizer or source.kind == "model"
+    where = str(source.path) if own else source.base
     try:
         tok = AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError) as e:
-        raise SourceError(f"{where}: cannot load a tokenizer: {str(e).splitlines()[0]}") from None
+        field = str(source.path) if own else f"{source.base_field}: base model {where}"
+        hint = "" if own else "; pass --base MODEL if it lives elsewhere"
+        raise SourceError(f"{field}: cannot load a tokenizer: {str(e).splitlines()[0]}{hint}") from None
     if not tok.chat_template:
         tok.chat_template = models.FALLBACK_CHAT_TEMPLATE
     if tok.pad_token is None:
@@ -152,7 +155,8 @@ def load_model(where: str, field: str, dtype=torch.float32, quant: AdapterSectio
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as e:
-        raise SourceError(f"{field}: cannot load model {where!r}: {str(e).splitlines()[0]}") from None
+        raise SourceError(f"{field}: cannot load model {where!r}: {str(e).splitlines()[0]}; pass --base MODEL if it "
+                          "lives elsewhere") from None
     model.eval()
     return model
 
