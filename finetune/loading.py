@@ -170,6 +170,7 @@ def attach_adapter(base_model, source: Source, adapter_name: str = "default"):
     except (RuntimeError, ValueError, KeyError) as e:
         raise SourceError(f"{source.path}: the adapter does not fit base {source.base} ({source.base_field}): "
                           f"{_first_line(e)}") from None
+    _check_all_loaded(model, source, adapter_name)
     model.eval()
     return model
 
@@ -179,6 +180,26 @@ def add_adapter(model, source: Source, adapter_name: str) -> None:
         model.load_adapter(str(source.path), adapter_name=adapter_name)
     except (RuntimeError, ValueError, KeyError) as e:
         raise SourceError(f"{source.path}: the adapter does not fit base {source.base}: {_first_line(e)}") from None
+    _check_all_loaded(model, source, adapter_name)
+
+
+def _check_all_loaded(model, source: Source, adapter_name: str) -> None:
+    """peft ignores saved adapter weights the base has no module for (e.g. layers 4-7 on a 4-layer
+    base): that would merge part of the adapter without a word, so it is an error here."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    f = source.path / "adapter_model.safetensors"
+    if not f.is_file():
+        return
+    with safe_open(str(f), framework="pt") as st:
+        saved = set(st.keys())
+    loaded = set(get_peft_model_state_dict(model, adapter_name=adapter_name))
+    extra = sorted(saved - loaded)
+    if extra:
+        raise SourceError(f"{source.path}: the adapter does not fit base {source.base} ({source.base_field}): "
+                          f"{len(extra)} of its {len(saved)} weights have no module in that model (e.g. {extra[0]}); "
+                          "it was trained on a different model")
 
 
 def _first_line(e: Exception) -> str:

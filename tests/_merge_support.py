@@ -39,11 +39,12 @@ def lora(**kw):
     return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, **kw)
 
 
-def other_base(tiny_path: str, out: Path) -> Path:
-    """A random Llama with the tiny tokenizer but another width: adapters of tiny-llama do not fit it."""
+def other_base(tiny_path: str, out: Path, hidden_size: int = 64) -> Path:
+    """A random 2-layer Llama with the tiny tokenizer: adapters of (4-layer) tiny-llama do not fit it, by
+    shape (another width) or by config (the same width, fewer layers)."""
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=1536, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = LlamaConfig(vocab_size=1536, hidden_size=hidden_size, intermediate_size=3 * hidden_size, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=hidden_size // 4, max_position_embeddings=256)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(str(out))
     AutoTokenizer.from_pretrained(tiny_path).save_pretrained(str(out))
     return out

@@ -166,6 +166,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, adapters, tiny_path,
     line = _cli_error(capsys, ["merge", str(adapters["lora"]), "--out", str(out), "--base", str(other)])
     assert "does not fit base" in line and "size mismatch" in line
 
+    shallow = other_base(tiny_path, tmp_path / "shallow_base", hidden_size=128)  # same shapes, half the layers
+    line = _cli_error(capsys, ["merge", str(adapters["dora"]), "--out", str(out), "--base", str(shallow)])
+    assert "does not fit base" in line and "have no module in that model" in line and "layers.2." in line
+
     line = _cli_error(capsys, ["merge", str(adapters["prompt"]), "--out", str(out)])
     assert "PROMPT_TUNING" in line and "cannot be folded" in line and "PeftModel" in line
 
