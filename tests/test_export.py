@@ -175,7 +175,7 @@ CONTENT_DEPENDENT = ("{% for m in messages %}{% if m['role'] == 'assistant' and 
     (None, ["</s>", "<|user|>"], None),
     (CHATML, ["<|im_end|>", "<|im_start|>user"], "You are Qwen."),
     (LLAMA3, ["<|eot_id|>", "<|start_header_id|>user<|end_header_id|>"], None),
-])
+], ids=["tiny", "chatml", "llama3"])
 def test_ollama_template_reproduces_the_chat_template(tiny_tokenizer, template, stops, system):
     import copy
 
@@ -193,6 +193,87 @@ def test_ollama_template_reproduces_the_chat_template(tiny_tokenizer, template, 
     go = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     assert go.startswith("{{ if .System }}") and "{{ .Content }}" in go and "$last" in go
     assert pieces.bos not in go or not pieces.bos  # llama.cpp / Ollama add BOS themselves
+
+
+def go_render(template: str, system: str | None, messages: list[dict]) -> str:
+    """A minimal Go text/template evaluator for exactly the actions ollama.go_template emits (if / else if /
+    end, range over .Messages with $last, eq, not, .System / .Role / .Content), so the TEMPLATE itself is
+    executed, not only the pieces it is made of."""
+    import re
+
+    parts = re.split(r"({{.*?}})", template)
+    pos = 0
+
+    def block(ctx):  # evaluate until a closing/else action; return (text, the action that stopped it)
+        nonlocal pos
+        out = ""
+        while pos < len(parts):
+            part = parts[pos]
+            pos += 1
+            if not part.startswith("{{"):
+                out += part
+                continue
+            action = part[2:-2].strip()
+            if action == "end" or action.startswith("else"):
+                return out, action
+            if action.startswith("if "):
+                out += branch(ctx, action[3:])
+            elif action.startswith("range "):
+                start, text = pos, ""
+                for i, m in enumerate(ctx["Messages"]):
+                    pos = start
+                    body, _ = block({**ctx, "Role": m["role"], "Content": m["content"], "$last": i == len(ctx["Messages"]) - 1})
+                    text += body
+                out += text
+            elif action.startswith("$last :="):
+                pass  # computed by range above
+            else:
+                out += str(value(ctx, action))
+        return out, None
+
+    def branch(ctx, cond):
+        nonlocal pos
+        taken, result = False, ""
+        while True:
+            body, stop = block(ctx)
+            if not taken and value(ctx, cond):
+                taken, result = True, body
+            if stop == "end":
+                return result
+            cond = stop[len("else if "):] if stop.startswith("else if ") else "true"
+
+    def value(ctx, expr):
+        if expr == "true":
+            return True
+        if expr.startswith("not "):
+            return not value(ctx, expr[4:])
+        if expr.startswith("eq "):
+            a, b = expr[3:].split(" ", 1)
+            return value(ctx, a) == b.strip('"')
+        return ctx[expr.lstrip(".")] if expr.startswith(".") else ctx[expr]
+
+    return block({"System": system, "Messages": messages})[0]
+
+
+@pytest.mark.parametrize("template", [None, CHATML, LLAMA3], ids=["tiny", "chatml", "llama3"])
+def test_the_ollama_template_executes_to_the_chat_template(tiny_tokenizer, template):
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    if template:
+        tok.chat_template = template
+    p = ollama.split_template(tok)
+    go = ollama.go_template(p)
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Sky?"}]
+    system = "Answer in French."
+    expected = tok.apply_chat_template([{"role": "system", "content": system}, *chat], tokenize=False,
+                                       add_generation_prompt=True)
+    assert p.bos + go_render(go, system, chat) == expected
+    # Ollama appends the model's answer after the prompt: a finished turn renders its end-of-turn suffix
+    done = tok.apply_chat_template([{"role": "system", "content": system}, *chat, {"role": "assistant", "content": "Blue."},
+                                    {"role": "user", "content": "Thanks"}], tokenize=False, add_generation_prompt=True)
+    turns = chat + [{"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Thanks"}]
+    assert p.bos + go_render(go, system, turns) == done
 
 
 def test_ollama_refuses_a_template_it_cannot_translate(tiny_tokenizer):
