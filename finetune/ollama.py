@@ -116,13 +116,18 @@ def split_template(tok) -> Pieces:
 
 def go_template(p: Pieces) -> str:
     """The pieces as an Ollama (Go text/template) TEMPLATE over .System and .Messages; no whitespace
-    trimming markers, so the literal text is kept byte for byte."""
+    trimming markers, so the literal text is kept byte for byte. A template that always writes a system
+    turn (a default prompt, or an empty one as Llama-3.1's) gets it unconditionally; the Modelfile's
+    SYSTEM then carries the default."""
     for text in (p.system_prefix, p.system_suffix, p.user_prefix, p.user_suffix, p.assistant_prefix,
                  p.assistant_suffix, p.generation):
         if "{{" in text or '"""' in text:
             raise TemplateError("the chat template's text contains '{{' or '\"\"\"', which an Ollama TEMPLATE cannot hold")
+    system = f"{p.system_prefix}{{{{ .System }}}}{p.system_suffix}"
+    if p.default_system is None:  # the template writes a system turn only when there is a system message
+        system = f"{{{{ if .System }}}}{system}{{{{ end }}}}"
     return (
-        f"{{{{ if .System }}}}{p.system_prefix}{{{{ .System }}}}{p.system_suffix}{{{{ end }}}}"
+        f"{system}"
         "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
         f"{{{{ if eq .Role \"user\" }}}}{p.user_prefix}{{{{ .Content }}}}{p.user_suffix}"
         f"{{{{ if $last }}}}{p.generation}{{{{ end }}}}"

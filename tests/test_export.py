@@ -167,6 +167,11 @@ CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<
 LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
           "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
           "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+LLAMA31 = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}"
+           "{% set messages = messages[1:] %}{% else %}{% set sys = '' %}{% endif %}"
+           "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n\n{{ sys }}<|eot_id|>"
+           "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>"
+           "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 CONTENT_DEPENDENT = ("{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}{{ m['content'] }}"
                      "{% else %}[{{ m['role'] }}] {{ m['content'] | upper }}\n{% endif %}{% endfor %}")
 
@@ -191,7 +196,8 @@ def test_ollama_template_reproduces_the_chat_template(tiny_tokenizer, template, 
     assert [line.split(" ", 2)[2].strip('"') for line in text.splitlines() if line.startswith("PARAMETER stop")] == stops
     assert (f'SYSTEM """{system}"""' in text) == bool(system)
     go = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
-    assert go.startswith("{{ if .System }}") and "{{ .Content }}" in go and "$last" in go
+    assert go.startswith("{{ if .System }}") == (system is None)  # a default system turn is always written
+    assert "{{ .System }}" in go and "{{ .Content }}" in go and "$last" in go
     assert pieces.bos not in go or not pieces.bos  # llama.cpp / Ollama add BOS themselves
 
 
@@ -255,7 +261,7 @@ def go_render(template: str, system: str | None, messages: list[dict]) -> str:
     return block({"System": system, "Messages": messages})[0]
 
 
-@pytest.mark.parametrize("template", [None, CHATML, LLAMA3], ids=["tiny", "chatml", "llama3"])
+@pytest.mark.parametrize("template", [None, CHATML, LLAMA3, LLAMA31], ids=["tiny", "chatml", "llama3", "llama3.1"])
 def test_the_ollama_template_executes_to_the_chat_template(tiny_tokenizer, template):
     import copy
 
@@ -265,6 +271,9 @@ def test_the_ollama_template_executes_to_the_chat_template(tiny_tokenizer, templ
     p = ollama.split_template(tok)
     go = ollama.go_template(p)
     chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Sky?"}]
+    # no system message: Ollama passes the Modelfile's SYSTEM (the template's default, if it has one)
+    assert p.bos + go_render(go, p.default_system, chat) == tok.apply_chat_template(chat, tokenize=False,
+                                                                                    add_generation_prompt=True)
     system = "Answer in French."
     expected = tok.apply_chat_template([{"role": "system", "content": system}, *chat], tokenize=False,
                                        add_generation_prompt=True)
