@@ -12,6 +12,7 @@ import warnings
 
 import torch
 
+from finetune.errors import FinetuneError
 from finetune.loading import load_for_inference
 
 HELP = "commands: /reset clears the history, /exit quits"
@@ -38,19 +39,25 @@ class Chat:
     @torch.no_grad()
     def answer(self, text: str, stream=None) -> str:
         """Generate the reply to `text` (printing it to `stream` as it comes) and add both to the history."""
+        from jinja2 import TemplateError
+
         self.history.append({"role": "user", "content": text})
-        enc = self.tok.apply_chat_template(self.messages(), add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)
+        try:
+            enc = self.tok.apply_chat_template(self.messages(), add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)
+        except TemplateError as e:  # e.g. a template that refuses system turns
+            self.history.pop()
+            raise FinetuneError(f"the model's chat template refused this conversation: {e}") from None
         device = next(self.model.parameters()).device
         enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-        streamer = _Streamer(self.tok, stream) if stream is not None else None
+        streamer = _streamer(self.tok, stream) if stream is not None else None
         out = self.model.generate(**enc, **self.gen, streamer=streamer)
         reply = self.tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         self.history.append({"role": "assistant", "content": reply})
         return reply
 
 
-def _Streamer(tok, stream):
+def _streamer(tok, stream):
     """transformers' TextStreamer, writing to `stream` instead of print()."""
     from transformers import TextStreamer
 

@@ -81,6 +81,7 @@ def _check_adapter(source: Source, what: str) -> None:
 def merge(adapter_dir: str, out: str, dtype: str = "float32", max_shard_size: str = "2GB", onto: str | None = None,
           base: str | None = None, overwrite: bool = False, tolerance: float | None = None) -> MergeReport:
     """Merge one adapter into its base and write a plain HF model dir at `out` (verified)."""
+    _check_shard_size(max_shard_size)
     source = inspect(adapter_dir, base, what="ADAPTER_DIR")
     _check_adapter(source, "ADAPTER_DIR")
     notes, deviations = [], {}
@@ -166,13 +167,19 @@ def _copy_dequantized(q_model, full) -> None:
             params[name].data.copy_(p.data.to(torch.float32))
 
 
+def _check_shard_size(max_shard_size: str) -> None:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        convert_file_size_to_int(max_shard_size)
+    except ValueError:
+        raise SourceError(f"--max-shard-size: {max_shard_size!r}: not a size like 500MB or 2GB") from None
+
+
 def _save_model(model, tok, tmp: Path, max_shard_size: str) -> None:
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
-    try:
-        model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
-    except ValueError as e:
-        raise SourceError(f"--max-shard-size: {max_shard_size}: {str(e).splitlines()[0]}") from None
+    model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
     tok.save_pretrained(str(tmp))
 
 
@@ -233,6 +240,7 @@ def merge_adapters(adapter_dirs: list[str], out: str, method: str = "linear", we
     """Combine LoRA adapters with PEFT's add_weighted_adapter: an adapter dir, or (into_base) a merged model."""
     if len(adapter_dirs) < 2:
         raise SourceError("--adapters: give at least two adapter dirs (for one, use `finetune merge ADAPTER_DIR`)")
+    _check_shard_size(max_shard_size)
     weights = _weights(weights, len(adapter_dirs), method)
     if method in PRUNING:
         density = 0.5 if density is None else density
