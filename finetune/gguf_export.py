@@ -268,15 +268,23 @@ def convert(model_dir: Path, out_file: Path, outtype: str = "f16", name: str | N
     finally:
         gguf_log.setLevel(level)
 
+    # Two passes over the weights, one tensor in memory at a time: the tensor infos (types, byte sizes)
+    # go in the header, then the data streams after it.
     count = 0
     for new, data in gguf_tensors(model_dir, cfg, arch_name):
         qtype = _qtype(new, data, outtype)
-        encoded = _encode(data, qtype)
-        writer.add_tensor(new, encoded, raw_dtype=qtype if encoded.dtype == np.uint8 else None)
+        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            dtype = np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16
+            writer.add_tensor_info(new, data.shape, np.dtype(dtype), data.size * np.dtype(dtype).itemsize)
+        else:
+            byte_shape = gguf.quant_shape_to_byte_shape(data.shape, qtype)
+            writer.add_tensor_info(new, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
         count += 1
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=False)
+    writer.write_ti_data_to_file()
+    for new, data in gguf_tensors(model_dir, cfg, arch_name):
+        writer.write_tensor_data(_encode(data, _qtype(new, data, outtype)))
     writer.close()
     worst = verify(out_file, gguf_tensors(model_dir, cfg, arch_name), outtype, tokens, special.chat_template, arch_name)
     return GGUFReport(out_file, gguf.MODEL_ARCH_NAMES[arch], outtype, count, worst, len(tokens), pre,
@@ -285,7 +293,8 @@ def convert(model_dir: Path, out_file: Path, outtype: str = "f16", name: str | N
 
 def gguf_tensors(model_dir: Path, cfg: dict, arch_name: str):
     """(GGUF name, float32 array) as llama.cpp stores them: renamed, q/k rows permuted for Llama, plus
-    Llama-3.1's rope_freqs. A generator: the writer and the check each stream the weights once."""
+    Llama-3.1's rope_freqs. A generator, in a fixed order: the writer's two passes and the check each
+    stream the weights once."""
     import gguf
 
     arch = getattr(gguf.MODEL_ARCH, arch_name)
