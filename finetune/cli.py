@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_merge_export_chat(sub) -> None:
-    dtypes = ("float32", "float16", "bfloat16")
+    dtypes = ("auto", "float32", "float16", "bfloat16")
     merge = sub.add_parser("merge", help="merge adapter(s) into the base, verified",
                            description="Merge an adapter into its base (or combine several adapters) and verify the "
                                        "written model's logits against the adapter model's.")
@@ -106,7 +106,8 @@ def _add_merge_export_chat(sub) -> None:
     merge.add_argument("--seed", type=int, default=0, help="--adapters: seed of DARE's random drop")
     merge.add_argument("--onto", choices=("dequantized", "original"), help="QLoRA: merge onto the dequantized 4-bit "
                        "weights it was trained on (default) or the original full-precision ones")
-    merge.add_argument("--dtype", choices=dtypes, default="float32", help="weight dtype of the merged model")
+    merge.add_argument("--dtype", choices=dtypes, default="auto", help="weight dtype of the merged model "
+                       "(default auto: the base model's)")
     merge.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
     merge.add_argument("--base", help="base model (path, hub id or tiny name) when the adapter's recorded one moved")
     merge.add_argument("--tolerance", type=float, help="allowed max |Δlogit| (default: per dtype, scaled by max |logit|)")
@@ -120,7 +121,7 @@ def _add_merge_export_chat(sub) -> None:
     export.add_argument("--outtype", choices=("f32", "f16", "q8_0"), default="f16", help="gguf: tensor type (default f16)")
     export.add_argument("--ollama", action="store_true", help="gguf: also write an Ollama Modelfile beside it")
     export.add_argument("--system", help="--ollama: the Modelfile's SYSTEM prompt (default: the chat template's own)")
-    export.add_argument("--dtype", choices=dtypes, default="float32", help="safetensors: weight dtype")
+    export.add_argument("--dtype", choices=dtypes, default="auto", help="safetensors: weight dtype (default: the base's)")
     export.add_argument("--onto", choices=("dequantized", "original"), help="QLoRA adapter: which merge (see merge)")
     export.add_argument("--base", help="an adapter's base model when the recorded one moved")
     export.add_argument("--overwrite", action="store_true", help="replace existing outputs")

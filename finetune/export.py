@@ -52,7 +52,7 @@ def export_gguf(model_dir: str, out: str, outtype: str = "f16", ollama_file: boo
     return lines
 
 
-def export_safetensors(model_dir: str, out: str, dtype: str = "float32", onto: str | None = None,
+def export_safetensors(model_dir: str, out: str, dtype: str = "auto", onto: str | None = None,
                        base: str | None = None, overwrite: bool = False) -> list[str]:
     """An adapter dir -> a merged, verified HF model dir (what `finetune merge` writes)."""
     source = inspect(model_dir, base)
@@ -67,7 +67,7 @@ def export_safetensors(model_dir: str, out: str, dtype: str = "float32", onto: s
 def run_cli(args) -> int:
     merge.quiet_progress()
     if args.format == "gguf":
-        if args.dtype != "float32":
+        if args.dtype != "auto":
             raise SourceError("--dtype: applies to --format safetensors; for gguf use --outtype")
         lines = export_gguf(args.model, args.out, args.outtype, args.ollama, args.system, args.onto, args.base, args.overwrite)
     else:

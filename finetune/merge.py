@@ -78,7 +78,7 @@ def _check_adapter(source: Source, what: str) -> None:
 # --------------------------------------------------------------------------- single adapter
 
 
-def merge(adapter_dir: str, out: str, dtype: str = "float32", max_shard_size: str = "2GB", onto: str | None = None,
+def merge(adapter_dir: str, out: str, dtype: str = "auto", max_shard_size: str = "2GB", onto: str | None = None,
           base: str | None = None, overwrite: bool = False, tolerance: float | None = None) -> MergeReport:
     """Merge one adapter into its base and write a plain HF model dir at `out` (verified)."""
     _check_shard_size(max_shard_size)
@@ -93,6 +93,7 @@ def merge(adapter_dir: str, out: str, dtype: str = "float32", max_shard_size: st
         notes.append("no finetune recipe.yaml: the base was quantized as 4-bit NF4 with double quantisation "
                      "(the QLoRA paper's and finetune's defaults)")
     final = check_free(out, overwrite)
+    dtype = _output_dtype(dtype, source)
     tok = load_tokenizer(source)
     batch = probe_batch(tok)
 
@@ -167,6 +168,20 @@ def _copy_dequantized(q_model, full) -> None:
             params[name].data.copy_(p.data.to(torch.float32))
 
 
+def _output_dtype(dtype: str, source: Source) -> str:
+    """`auto`: the base model's own dtype (a bf16 model stays bf16), float32 when it does not say."""
+    if dtype != "auto":
+        return dtype
+    from transformers import AutoConfig
+
+    try:
+        declared = AutoConfig.from_pretrained(source.base).dtype
+    except (OSError, ValueError):
+        return "float32"
+    name = str(declared).replace("torch.", "") if declared is not None else "float32"
+    return name if name in DTYPES else "float32"
+
+
 def _check_shard_size(max_shard_size: str) -> None:
     from transformers.utils.hub import convert_file_size_to_int
 
@@ -234,7 +249,7 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
 
 
 def merge_adapters(adapter_dirs: list[str], out: str, method: str = "linear", weights: list[float] | None = None,
-                   density: float | None = None, into_base: bool = False, dtype: str = "float32",
+                   density: float | None = None, into_base: bool = False, dtype: str = "auto",
                    max_shard_size: str = "2GB", base: str | None = None, overwrite: bool = False,
                    tolerance: float | None = None, seed: int = 0) -> MergeReport:
     """Combine LoRA adapters with PEFT's add_weighted_adapter: an adapter dir, or (into_base) a merged model."""
@@ -255,6 +270,7 @@ def merge_adapters(adapter_dirs: list[str], out: str, method: str = "linear", we
     final = check_free(out, overwrite)
 
     first = sources[0]
+    dtype = _output_dtype(dtype, first)
     tok = load_tokenizer(first)
     batch = probe_batch(tok)
     notes = []

@@ -209,3 +209,14 @@ def test_a_finetune_output_merges_by_its_recipe_when_the_recorded_base_moved(tmp
     assert report.max_delta <= 1e-4
     merged = logits(AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")), tiny_tokenizer)
     assert (merged - trained).abs().max() <= 1e-4
+
+
+def test_dtype_auto_keeps_the_base_models_dtype(tmp_path, tiny_path, tiny_tokenizer):
+    base = tmp_path / "bf16_base"
+    AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.bfloat16).save_pretrained(str(base))
+    tiny_tokenizer.save_pretrained(str(base))
+    adapter = make_adapter(str(base), tmp_path / "adapter", lora())
+    report = merge.merge(str(adapter), str(tmp_path / "merged"))
+    assert report.dtype == "bfloat16" and report.max_delta <= report.tolerance
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), framework="pt") as st:
+        assert {st.get_tensor(k).dtype for k in st.keys()} == {torch.bfloat16}
