@@ -27,8 +27,18 @@ def export_gguf(model_dir: str, out: str, outtype: str = "f16", ollama_file: boo
     if ollama_file:
         check_free(modelfile_path, overwrite, file=True, flag="--ollama Modelfile")
     lines: list[str] = []
+    # an unsupported architecture fails before anything is merged or written
     if source.kind == "model":
-        gguf_export._config(source.path)  # an unsupported architecture fails before anything is written
+        gguf_export.model_config(source.path)
+    else:
+        from transformers import AutoConfig
+
+        try:
+            archs = AutoConfig.from_pretrained(source.base).architectures
+        except (OSError, ValueError) as e:
+            raise SourceError(f"{source.base_field}: cannot load base {source.base}: {str(e).splitlines()[0]}; "
+                              "pass --base MODEL if it lives elsewhere") from None
+        gguf_export.check_architecture((archs or ["?"])[0], f"{source.base_field}: {source.base}")
     tok = load_tokenizer(source)
     modelfile_text = ollama.modelfile(final.name, tok, system) if ollama_file else None  # fails before any work
 

@@ -71,13 +71,17 @@ class GGUFReport:
 TOLERANCE = {"f32": 0.0, "f16": 1e-3, "q8_0": 1.0 / 127}
 
 
-def _config(model_dir: Path) -> tuple[dict, str]:
+def model_config(model_dir: Path) -> tuple[dict, str]:
     cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    arch = (cfg.get("architectures") or ["?"])[0]
+    return cfg, check_architecture((cfg.get("architectures") or ["?"])[0], str(model_dir))
+
+
+def check_architecture(arch: str, where: str) -> str:
+    """The gguf MODEL_ARCH name for a transformers architecture, or a one-line error."""
     if arch not in ARCHS:
-        raise ExportError(f"{model_dir}: GGUF export supports {', '.join(ARCHS)}; this model is {arch} "
+        raise ExportError(f"{where}: GGUF export supports {', '.join(ARCHS)}; this model is {arch} "
                           "(use llama.cpp's convert_hf_to_gguf.py on the merged safetensors dir)")
-    return cfg, ARCHS[arch]
+    return ARCHS[arch]
 
 
 def _rope_theta(cfg: dict) -> float | None:
@@ -224,7 +228,7 @@ def convert(model_dir: Path, out_file: Path, outtype: str = "f16", name: str | N
     """Write `model_dir` (a plain HF model dir) as GGUF to `out_file`, then verify it by reading it back."""
     import gguf
 
-    cfg, arch_name = _config(model_dir)
+    cfg, arch_name = model_config(model_dir)
     arch = getattr(gguf.MODEL_ARCH, arch_name)
     n_layers, n_head = cfg["num_hidden_layers"], cfg["num_attention_heads"]
     n_kv = cfg.get("num_key_value_heads", n_head)
