@@ -1,7 +1,7 @@
 """`finetune chat`: talk to a model or adapter dir in the terminal, with the model's chat template.
 
 Answers stream token by token. The conversation is kept (the model sees the history); `/reset`
-clears it (the system prompt stays), `/exit` or end of input (Ctrl-D) quits. `--prompt` answers one
+clears it (the system prompt stays), `/exit` or end of input (Ctrl-D) quits; Ctrl-C stops an answer. `--prompt` answers one
 message and exits, for scripts: only the answer goes to stdout.
 """
 
@@ -84,7 +84,7 @@ def run_cli(args) -> int:
     while True:
         try:
             text = input("you> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return 0
         text = text.strip()
@@ -100,4 +100,8 @@ def run_cli(args) -> int:
             print(f"unknown command {text}; {HELP}", file=sys.stderr)
             continue
         sys.stdout.write("assistant> ")
-        chat.answer(text, stream=sys.stdout)
+        try:
+            chat.answer(text, stream=sys.stdout)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+            chat.history = chat.history[:-1] if chat.history and chat.history[-1]["role"] == "user" else chat.history
+            print("\n(answer interrupted)", file=sys.stderr)
