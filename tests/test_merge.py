@@ -139,15 +139,20 @@ def test_ties_and_dare_combinations_load_and_differ_from_a_plain_average(tmp_pat
 
 
 def _cli_error(capsys, argv) -> str:
-    """Run the CLI in-process (no subprocess start-up); leave the 'finetune' logger as it was."""
+    """Run the CLI in-process (no subprocess start-up); leave the loggers as they were."""
     import logging
+
+    from transformers.utils import logging as hf_logging
 
     log = logging.getLogger("finetune")
     saved = (list(log.handlers), log.propagate, log.level)
+    hf_saved = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
     try:
         assert cli.main(argv) == 2
     finally:
         log.handlers[:], log.propagate, log.level = saved[0], saved[1], saved[2]
+        hf_logging.set_verbosity(hf_saved[0])
+        (hf_logging.enable_progress_bar if hf_saved[1] else hf_logging.disable_progress_bar)()
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("finetune: error: "), err
     return err[0]
