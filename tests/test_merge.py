@@ -147,6 +147,7 @@ def _cli_error(capsys, argv) -> str:
     log = logging.getLogger("finetune")
     saved = (list(log.handlers), log.propagate, log.level)
     hf_saved = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
+    capsys.readouterr()  # only what this command prints
     try:
         assert cli.main(argv) == 2
     finally:
