@@ -1,9 +1,8 @@
 """Load what `finetune eval` scores: a full model (dir, hub id or tiny name) or an adapter dir
-(its base from adapter_config.json, or from the run's recipe.yaml when that path has moved)."""
+(base and quantization resolved by `finetune.loading`, as merge, export and chat do)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,41 +40,39 @@ def _model_section(path: Path | None, name_or_path: str) -> tuple[ModelSection, 
 
 def load(name: str, field: str = "MODEL", dtype: str = "auto", tokenizer: str | None = None):
     """(Loaded) model in eval mode + a left-padding tokenizer with a chat template (from
-    `tokenizer` when given: the tuned run's, so a baseline sees the same prompts)."""
+    `tokenizer` when given: the tuned run's, so a baseline sees the same prompts). An adapter
+    dir runs on its base as it was trained (4-bit for a QLoRA run), through `finetune.loading`."""
     from transformers import AutoModelForCausalLM
 
+    from finetune import loading
+
     path = Path(name).expanduser()
-    adapter = path / "adapter_config.json" if path.is_dir() else None
-    if path.is_dir() and not adapter.is_file() and not (path / "config.json").is_file():
-        raise RecipeError(f"{field}: {name}: neither a model dir (config.json) nor an adapter dir (adapter_config.json)")
-    if adapter is not None and adapter.is_file():
-        try:
-            base = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
-        except (ValueError, KeyError) as e:
-            raise RecipeError(f"{adapter}: base_model_name_or_path: cannot read it ({e})") from None
-        cfg, recipe_name = _model_section(path, base)
-        if not Path(base).exists() and recipe_name:  # e.g. the tiny-model cache moved: use the recipe's name
-            cfg.name_or_path = recipe_name
+    source = loading.inspect(path, what=field) if path.is_dir() else None
+    if source is not None and source.kind == "adapter":
+        cfg, _ = _model_section(path, source.base)
         cfg.tokenizer = str(path)  # the run saved its tokenizer (and chat template) with the adapter
     else:
         cfg, _ = _model_section(path if path.is_dir() else None, name)
     cfg.dtype = dtype if dtype != "auto" else cfg.dtype
     cfg.tokenizer = tokenizer or cfg.tokenizer
-    base_path = models.resolve_reference(cfg.name_or_path, field)
     tok = models.load_tokenizer(cfg, padding_side="left")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            base_path, dtype=models.resolve_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code,
-            use_safetensors=None if cfg.allow_pickle else True, revision=cfg.revision,
-        )
-    except OSError as e:
-        raise RecipeError(f"{field}: cannot load {base_path!r}: {str(e).splitlines()[0]}") from None
     adapter_dir = None
-    if adapter is not None and adapter.is_file():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(path))
+    if source is not None and source.kind == "adapter":
+        base_path = source.base
+        base = loading.load_model(base_path, source.base_field, dtype=models.resolve_dtype(cfg.dtype), quant=source.quant)
+        model = loading.attach_adapter(base, source)
         adapter_dir = str(path)
-    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    else:
+        base_path = models.resolve_reference(cfg.name_or_path, field)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                base_path, dtype=models.resolve_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code,
+                use_safetensors=None if cfg.allow_pickle else True, revision=cfg.revision,
+            )
+        except OSError as e:
+            raise RecipeError(f"{field}: cannot load {base_path!r}: {str(e).splitlines()[0]}") from None
+    if source is None or source.quant is None:  # a quantized base is placed at load time
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+    model.eval()
     state = path / "trainer_state.json" if path.is_dir() else None
     return Loaded(model, tok, name, base_path, adapter_dir, state if state and state.is_file() else None)
