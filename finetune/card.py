@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune import __version__, models, rewards
+from finetune import __version__, adapters, models, rewards
 from finetune.outputs import write_text_atomic
 
 
@@ -55,7 +55,7 @@ def model_card(recipe, prepared, metrics: dict, model, base: str) -> str:
     language = {"en": "en", "zh": "zh", "mixed": "[en, zh]"}.get(prepared.language or "", None)
     front = [
         "---",
-        "library_name: peft",
+        f"library_name: {'peft' if adapters.is_adapter(a.method) else 'transformers'}",
         f"base_model: {base}",
         f"pipeline_tag: {'text-classification' if recipe.stage == 'rm' else 'text-generation'}",
         f"tags: [finetune, {recipe.stage}, {a.method}]",
@@ -69,13 +69,13 @@ def model_card(recipe, prepared, metrics: dict, model, base: str) -> str:
 
 # {Path(recipe.output.dir).name}
 
-A **{a.method}** adapter for `{recipe.model.name_or_path}`, trained with finetune's `{recipe.stage}` stage.
+A **{a.method}** {"adapter for" if adapters.is_adapter(a.method) else "fine-tune (full model weights) of"} `{recipe.model.name_or_path}`, trained with finetune's `{recipe.stage}` stage.
 
 ## Base model
 - `{recipe.model.name_or_path}` (loaded from `{base}`)
 
 ## Method
-- {a.method}: r={a.r}, alpha={a.alpha}, dropout={a.dropout}, targets `{a.target_modules}`{", rsLoRA" if a.use_rslora else ""}{", DoRA" if a.use_dora else ""}{f", {a.quant_bits}-bit {a.quant_type} base" if a.method == "qlora" else ""}
+- {adapters.describe(a)}{_conversion_note(a)}
 - trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)
 
 ## Data
@@ -101,13 +101,28 @@ A **{a.method}** adapter for `{recipe.model.name_or_path}`, trained with finetun
 
 ## Use it
 ```python
-from transformers import {auto}, AutoTokenizer
-from peft import PeftModel
-
-base = {auto}.from_pretrained("{base}"{", num_labels=1" if recipe.stage == "rm" else ""})
-model = PeftModel.from_pretrained(base, "path/to/this/dir")
-tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
+{_use_it(a.method, base, auto, recipe.stage)}
 ```
 
 Trained with {_versions()}.
 """
+
+
+def _conversion_note(a) -> str:
+    if a.method in ("pissa", "olora"):
+        return f" (saved converted: a rank-{2 * a.r} LoRA on the original base weights)"
+    return ""
+
+
+def _use_it(method: str, base: str, auto: str, stage: str) -> str:
+    if not adapters.is_adapter(method):
+        return f"""from transformers import {auto}, AutoTokenizer
+
+model = {auto}.from_pretrained("path/to/this/dir")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")"""
+    return f"""from transformers import {auto}, AutoTokenizer
+from peft import PeftModel
+
+base = {auto}.from_pretrained("{base}"{", num_labels=1" if stage == "rm" else ""})
+model = PeftModel.from_pretrained(base, "path/to/this/dir")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")"""

@@ -21,7 +21,8 @@ from finetune.rewards import RewardsSection, check as check_rewards
 from finetune.errors import RecipeError, closest
 
 STAGES = ("sft", "rm", "dpo", "kto", "orpo", "cpo", "simpo", "ppo", "grpo", "rloo")
-ADAPTER_METHODS = ("lora", "dora", "qlora")
+ADAPTER_METHODS = ("lora", "dora", "qlora", "pissa", "olora", "adalora", "loha", "lokr", "vera", "ia3",
+                   "prompt_tuning", "prefix_tuning", "p_tuning", "freeze", "full")  # finetune/adapters.py
 DATA_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text",
                 "preference", "alpaca_preference", "sharegpt_preference", "kto", "prompt")
 # What each stage trains on (formats that give it): checked when data.format is known.
@@ -66,12 +67,17 @@ class ModelSection:
 
 @dataclass
 class AdapterSection:
-    method: Literal["lora", "dora", "qlora"] = _f("lora", help="lora | dora (weight-decomposed LoRA) | qlora (LoRA on a 4/8-bit base).")
-    r: int = _f(8, help="LoRA rank.")
-    alpha: int = _f(16, help="LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with use_rslora).")
-    dropout: float = _f(0.05, help="Dropout on the LoRA input.")
-    target_modules: str | list[str] = _f(
-        "all-linear", help="Modules that get adapters: all-linear, or a list of names (q_proj, v_proj, ...)."
+    method: Literal[ADAPTER_METHODS] = _f(
+        "lora", help="lora, dora (weight-decomposed LoRA), qlora (LoRA on a 4/8-bit base), pissa / olora (LoRA initialised "
+        "from the SVD / QR of the weights), adalora, loha, lokr, vera, ia3, prompt_tuning, prefix_tuning, p_tuning, "
+        "freeze (train some layers in full, no adapter), full (train every weight). See 'Adapter methods'."
+    )
+    r: int = _f(8, help="Rank: LoRA family, adalora (target average rank), loha, lokr, vera.")
+    alpha: int = _f(16, help="Alpha: LoRA family, adalora, loha, lokr (scale = alpha / r, or alpha / sqrt(r) with use_rslora).")
+    dropout: float = _f(0.05, help="Dropout on the adapter input: LoRA family, adalora, vera.")
+    target_modules: str | list[str] | None = _f(
+        "all-linear", help="Modules that get adapters: all-linear, or a list of names (q_proj, v_proj, ...); "
+        "null = PEFT's default for the architecture (the ia3 default)."
     )
     modules_to_save: list[str] | None = _f(None, help="Modules trained in full and saved with the adapter (e.g. lm_head).")
     use_rslora: bool = _f(False, help="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
@@ -82,6 +88,25 @@ class AdapterSection:
     double_quant: bool = _f(True, help="qlora 4-bit: quantise the quantisation constants too.")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
         "auto", help="qlora: dtype of the matmuls (auto = bfloat16 on a bf16 GPU, else float32)."
+    )
+    loraplus_lr_ratio: float | None = _f(
+        None, help="LoRA+ (lora, dora, qlora, pissa, olora): the B matrices learn at ratio x train.learning_rate (paper: 16). "
+        "Uses AdamW with train.weight_decay and train.adam_*; train.optim is not used."
+    )
+    init_r: int | None = _f(None, help="adalora: rank of every layer before pruning towards r (None = 1.5 x r).")
+    feedforward_modules: list[str] | None = _f(
+        None, help="ia3: which target_modules are feed-forward (scaled on their input); None = PEFT's default for the architecture."
+    )
+    num_virtual_tokens: int = _f(20, help="prompt_tuning, prefix_tuning, p_tuning: number of virtual tokens.")
+    init_text: str | None = _f(None, help="prompt_tuning: initialise the virtual tokens from the embeddings of this text (None = random).")
+    prefix_projection: bool = _f(False, help="prefix_tuning: train the prefix through a 2-layer MLP (P-tuning v2 without it).")
+    encoder_type: Literal["mlp", "lstm"] = _f("mlp", help="p_tuning: the prompt encoder, mlp or lstm.")
+    encoder_hidden_size: int | None = _f(
+        None, help="p_tuning, prefix_tuning with prefix_projection: hidden size of the encoder (None = the model's hidden size)."
+    )
+    trainable_layers: int = _f(2, help="freeze: train the last N decoder layers in full (0 = none).")
+    trainable_modules: list[str] | None = _f(
+        None, help="freeze: also train these modules, by dotted name part (e.g. lm_head, embed_tokens, mlp, layers.0)."
     )
 
 
@@ -282,6 +307,9 @@ def _validate(raw: dict, where: _Where, source: str | None) -> Recipe:
         sections[name] = _build(cls, value, (name,), where)
     train = _validate_train(stage, raw.get("train") or {}, where)
     recipe = Recipe(stage=stage, train=train, source=source, **sections)
+    from finetune import adapters  # lazy: adapters reads config's types
+
+    adapters.resolve(recipe, raw, where)
     _cross_checks(recipe, where)
     return recipe
 

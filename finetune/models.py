@@ -147,21 +147,11 @@ def _kbit_device_map():
     return {"": PartialState().local_process_index}
 
 
-def adapter_config(adapter: AdapterSection):
-    """The PEFT config for the recipe's adapter section."""
-    from peft import LoraConfig, TaskType
+def adapter_config(adapter: AdapterSection, model=None, **kw):
+    """The PEFT config for the recipe's adapter section (None for freeze/full); see finetune.adapters."""
+    from finetune import adapters
 
-    return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=adapter.r,
-        lora_alpha=adapter.alpha,
-        lora_dropout=adapter.dropout,
-        target_modules=adapter.target_modules,
-        modules_to_save=adapter.modules_to_save,
-        use_rslora=adapter.use_rslora,
-        use_dora=adapter.use_dora or adapter.method == "dora",
-        bias=adapter.bias,
-    )
+    return adapters.peft_config(adapter, model, **kw)
 
 
 def count_parameters(model) -> tuple[int, int]:

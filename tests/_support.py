@@ -116,12 +116,15 @@ HELD_OUT = [  # corpus-like sentences (new combinations of corpus phrases), not 
 
 
 def heldout_loss(model, tok) -> float:
-    """Mean loss on HELD_OUT (each sentence + EOS)."""
+    """Mean loss on HELD_OUT (each sentence + EOS), from the logits of the sentence's own positions:
+    the same tokens scored for every model, PEFT prompt-tuning ones (which prepend virtual-token
+    logits) included, and no labels passed (a reloaded AdaLoRA model fails on labels in peft 0.21)."""
     losses = []
     with torch.no_grad():
         for s in HELD_OUT:
             ids = torch.tensor([tok(s)["input_ids"] + [tok.eos_token_id]])
-            losses.append(model(input_ids=ids, labels=ids).loss.item())
+            logits = model(input_ids=ids).logits[:, -ids.shape[1]:].float()
+            losses.append(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item())
     return sum(losses) / len(losses)
 
 

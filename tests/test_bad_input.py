@@ -184,6 +184,17 @@ def _cases(root: Path) -> dict[str, Case]:
     cases.append(Case("bad_trl_combination", d, TRAIN + [str(recipe), "train.load_best_model_at_end=true"],
                       [str(recipe), "load_best_model_at_end"], out))
 
+    # Adapter methods: a key the method does not read fails at load; a freeze selection the model
+    # does not have fails once the model is loaded, still before the output dir exists.
+    d = new("full_with_4bit")
+    recipe, out = _recipe(d, _jsonl(d / "ok.jsonl", [GOOD] * 4))
+    cases.append(Case("full_with_4bit", d, TRAIN + [str(recipe), "adapter.method=full", "adapter.quant_bits=8"],
+                      ["override 'adapter.quant_bits=8'", "not used by adapter.method=full"], out))
+    d = new("freeze_unknown_module")
+    recipe, out = _recipe(d, _jsonl(d / "ok.jsonl", [GOOD] * 4))
+    cases.append(Case("freeze_unknown_module", d, TRAIN + [str(recipe), "adapter.method=freeze", "adapter.trainable_modules=[lm_heda]"],
+                      ["adapter.trainable_modules", "'lm_heda' matches no module"], out))
+
     # --debug: the same (cheap) recipe error, with the traceback
     for name, argv in (("debug_after", ["RECIPE", "data.format=foo", "--debug"]),
                        ("debug_before", ["--debug", "train", "RECIPE", "data.format=foo"])):
@@ -217,7 +228,7 @@ def cli(tmp_path_factory, tiny_path) -> dict[str, Case]:
 
 ERROR_CASES = ["missing_file", "malformed_json_line", "missing_field", "empty_jsonl", "empty_json_array",
                "unknown_format", "misspelt_format", "no_assistant_turn", "all_too_long", "unknown_key",
-               "bad_type", "yaml_syntax", "existing_output"]
+               "bad_type", "yaml_syntax", "existing_output", "full_with_4bit", "freeze_unknown_module"]
 
 
 @pytest.mark.parametrize("name", ERROR_CASES)

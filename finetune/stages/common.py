@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from finetune import models
+from finetune import adapters, models
 from finetune.config import TRAIN_EXTRA_KEYS, Recipe, trl_config_class
 from finetune.errors import RecipeError
 
@@ -33,18 +33,24 @@ def world_size() -> int:
 def count_adapter_parameters(recipe: Recipe) -> tuple[int, int]:
     """(trainable, total) for the recipe's model + adapter, built on the meta device (no weights read)."""
     from accelerate import init_empty_weights
-    from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cfg = AutoConfig.from_pretrained(models.model_path(recipe.model), revision=recipe.model.revision,
                                      trust_remote_code=recipe.model.trust_remote_code)
-    auto, peft_config = AutoModelForCausalLM, models.adapter_config(recipe.adapter)
+    auto, task_type = AutoModelForCausalLM, None
     if recipe.stage == "rm":  # a reward model: a score head (trained in full) instead of lm_head
-        cfg.num_labels, auto, peft_config.task_type = 1, AutoModelForSequenceClassification, "SEQ_CLS"
+        cfg.num_labels, auto, task_type = 1, AutoModelForSequenceClassification, "SEQ_CLS"
     with init_empty_weights():
         model = auto.from_config(cfg, trust_remote_code=recipe.model.trust_remote_code)
-        model = get_peft_model(model, peft_config)
+        model = adapters.for_counting(model, recipe.adapter, task_type)
     return models.count_parameters(model)
+
+
+def planned_steps(recipe: Recipe, n_examples: int, world: int) -> int:
+    """Optimizer steps of the run: train.max_steps, or the epochs over the data."""
+    t = recipe.train
+    effective = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] * world
+    return t["max_steps"] if t["max_steps"] > 0 else math.ceil(math.ceil(n_examples / effective) * t["num_train_epochs"])
 
 
 @dataclass
@@ -66,8 +72,7 @@ class TrainPlan:
         trainable, total = count_adapter_parameters(recipe)
         world = world_size()
         effective = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] * world
-        n = len(prepared.train.encoded)
-        steps = t["max_steps"] if t["max_steps"] > 0 else math.ceil(math.ceil(n / effective) * t["num_train_epochs"])
+        steps = planned_steps(recipe, len(prepared.train.encoded), world)
         return cls(recipe, trainable, total, prepared.train.stats(),
                    prepared.eval.stats() if prepared.eval else None, world, effective, steps, list(prepared.notes))
 
@@ -79,7 +84,7 @@ class TrainPlan:
             f"plan for {r.source or 'recipe'} (dry run: nothing trained, nothing written)",
             f"  stage          {r.stage}",
             f"  model          {r.model.name_or_path} -> {models.model_path(r.model)}",
-            f"  adapter        {r.adapter.method} r={r.adapter.r} alpha={r.adapter.alpha} targets={r.adapter.target_modules}",
+            f"  adapter        {adapters.describe(r.adapter)}",
             f"  parameters     {self.trainable:,} trainable of {self.total:,} ({100 * self.trainable / max(self.total, 1):.3f}%)",
             f"  device         {device} x {self.world} process(es), {dtype}",
             f"  batch          {t['per_device_train_batch_size']} per device x {t['gradient_accumulation_steps']} accumulation"

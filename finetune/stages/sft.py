@@ -11,11 +11,11 @@ import logging
 import shutil
 from pathlib import Path
 
-from finetune import card, data, models, rewards
+from finetune import adapters, card, data, models, rewards
 from finetune.config import Recipe
 from finetune.eval import after_training
 from finetune.outputs import RunDir, write_text_atomic
-from finetune.stages.common import TrainPlan, trl_args
+from finetune.stages.common import TrainPlan, planned_steps, trl_args
 
 log = logging.getLogger("finetune")
 
@@ -49,19 +49,24 @@ def run(recipe: Recipe, callbacks=()) -> Path:
     # recipe gives the same initial adapter (and the same run) every time.
     set_seed(recipe.train["seed"])
     model = models.load_model(recipe.model, recipe.adapter, recipe.train["activation_checkpointing"])
+    # The method's adapter (or frozen weights), callbacks and optimizer: finetune/adapters.py.
+    steps = planned_steps(recipe, len(prepared.train.encoded), state.num_processes)
+    training = adapters.for_training(model, recipe, args, steps, tokenizer=tok.name_or_path)
     checkpoint = run_dir.start(recipe.identity(), is_main=state.is_main_process)
+    training.keep_initial(run_dir.work, is_main=state.is_main_process)
     state.wait_for_everyone()
     if checkpoint and state.is_main_process:
         log.info("resuming from %s", checkpoint)
 
     trainer = SFTTrainer(
-        model=model,
+        model=training.model,
         args=args,
         train_dataset=prepared.train.dataset(),
         eval_dataset=prepared.eval.dataset() if prepared.eval else None,
         processing_class=tok,
-        peft_config=models.adapter_config(recipe.adapter),
-        callbacks=list(callbacks),
+        peft_config=training.peft_config,
+        callbacks=list(callbacks) + training.callbacks,
+        optimizers=training.optimizers,
     )
     _keep_adapter_in_compute_dtype(trainer.model, recipe)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -71,6 +76,7 @@ def run(recipe: Recipe, callbacks=()) -> Path:
 
     trainer.save_model(str(run_dir.work))  # every rank: FSDP / ZeRO-3 gather the weights here
     if state.is_main_process:
+        training.save(run_dir.work)
         _finish(recipe, run_dir, trainer, prepared, metrics)
     state.wait_for_everyone()
     return run_dir.final
@@ -96,7 +102,7 @@ def _finish(recipe: Recipe, run_dir: RunDir, trainer, prepared, metrics: dict) -
     metrics = {**metrics, **rewards.trend_metrics(recipe.stage, trainer.state.log_history)}  # RL stages: reward first/last
     card.write_metrics(work, metrics)
     model = getattr(trainer.model, "policy", trainer.model)  # PPO's trainer wraps the policy and its value model
-    base = model.peft_config[model.active_adapter].base_model_name_or_path
+    base = adapters.base_model_path(model)
     write_text_atomic(work / "README.md", card.model_card(recipe, prepared, metrics, model, base))
     if not recipe.output.keep_checkpoints:
         for ckpt in work.glob("checkpoint-*"):

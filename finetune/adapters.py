@@ -1,0 +1,365 @@
+"""Adapter methods: which recipe keys each reads, its defaults, its PEFT config, and what training
+needs beyond that config.
+
+Beyond the config (STACK_NOTES): AdaLoRA reallocates ranks after every optimizer step (a
+callback); LoRA+ needs its own optimizer; PiSSA/OLoRA change the base weights, so they are saved
+converted to a plain LoRA on the original base; freeze/full train base weights (no PEFT) and
+save a full model. The fields themselves are documented once, in `config.AdapterSection`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from finetune.errors import RecipeError
+
+LORA = ("lora", "dora", "qlora", "pissa", "olora")
+PROMPT = ("prompt_tuning", "prefix_tuning", "p_tuning")
+FULL_WEIGHTS = ("freeze", "full")
+
+_LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "modules_to_save", "use_rslora", "bias", "loraplus_lr_ratio")
+_QUANT_KEYS = ("quant_bits", "quant_type", "double_quant", "compute_dtype")
+_PROMPT_KEYS = ("num_virtual_tokens", "modules_to_save")
+KEYS = {  # the adapter.* keys each method reads, besides `method`
+    "lora": _LORA_KEYS + ("use_dora",),
+    "dora": _LORA_KEYS + ("use_dora",),
+    "qlora": _LORA_KEYS + ("use_dora",) + _QUANT_KEYS,
+    "pissa": _LORA_KEYS,
+    "olora": _LORA_KEYS,
+    "adalora": ("r", "init_r", "alpha", "dropout", "target_modules", "modules_to_save", "bias"),
+    "loha": ("r", "alpha", "target_modules", "modules_to_save"),
+    "lokr": ("r", "alpha", "target_modules", "modules_to_save"),
+    "vera": ("r", "dropout", "target_modules", "modules_to_save", "bias"),
+    "ia3": ("target_modules", "feedforward_modules", "modules_to_save"),
+    "prompt_tuning": _PROMPT_KEYS + ("init_text",),
+    "prefix_tuning": _PROMPT_KEYS + ("prefix_projection", "encoder_hidden_size"),
+    "p_tuning": _PROMPT_KEYS + ("encoder_type", "encoder_hidden_size"),
+    "freeze": ("trainable_layers", "trainable_modules"),
+    "full": (),
+}
+
+# Defaults per method, used where the recipe does not set the key. Learning rates differ by
+# orders of magnitude: a few thousand prompt parameters need ~1e-2, LoRA 2e-4, every weight of
+# the model 2e-5 (the values the methods' papers and PEFT's examples use for AdamW). Methods that
+# train base weights load them in float32: bf16 autocast still runs the matmuls in bf16, but an
+# AdamW step of 2e-5 on a bf16 weight mostly rounds away (bf16 keeps ~3 significant digits).
+_LORA_LR = {"train.learning_rate": 2e-4}
+DEFAULTS = {
+    **{m: _LORA_LR for m in LORA + ("adalora", "loha", "lokr")},
+    "vera": {"train.learning_rate": 4e-3, "adapter.r": 256},
+    "ia3": {"train.learning_rate": 3e-3, "adapter.target_modules": None},
+    "prompt_tuning": {"train.learning_rate": 3e-2},
+    "prefix_tuning": {"train.learning_rate": 1e-2},
+    "p_tuning": {"train.learning_rate": 1e-2},
+    "freeze": {"train.learning_rate": 5e-5, "model.dtype": "float32"},
+    "full": {"train.learning_rate": 2e-5, "model.dtype": "float32"},
+}
+
+
+# ----------------------------------------------------------------------------- recipe load
+
+
+def resolve(recipe, raw: dict, where) -> None:
+    """Fill the method's defaults (stage sft) where the recipe (`raw`, overrides applied) left a key
+    unset, then reject keys the method does not read and combinations that cannot work."""
+    a = recipe.adapter
+    if recipe.stage != "sft":  # the other stages have their own learning rates (config.train_defaults) and take LoRA only
+        if a.method not in ("lora", "dora", "qlora"):
+            raise RecipeError(f"{where(('adapter', 'method'))}: {a.method} runs through stage sft only "
+                              f"(stage {recipe.stage} takes lora, dora or qlora)")
+        _check_keys(a, where)
+        return
+    given = {name: raw.get(name) or {} for name in ("model", "adapter", "train")}
+    for dotted, value in DEFAULTS[a.method].items():
+        section, key = dotted.split(".")
+        if key in given[section]:
+            continue
+        if section == "train":
+            recipe.train[key] = value
+        else:
+            setattr(getattr(recipe, section), key, value)
+    _check_keys(a, where)
+    _check_combinations(recipe, given["train"], where)
+
+
+def _check_keys(a, where) -> None:
+    reads = KEYS[a.method]
+    for f in dataclasses.fields(a):
+        if f.name == "method" or f.name in reads:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if getattr(a, f.name) != default:
+            used = ", ".join(reads) or "no other adapter key"
+            raise RecipeError(f"{where(('adapter', f.name))}: not used by adapter.method={a.method} (it reads: {used}); remove it")
+
+
+def _check_combinations(recipe, train_given: dict, where) -> None:
+    a, t, m = recipe.adapter, recipe.train, recipe.adapter.method
+    if m in PROMPT:
+        for key in ("packing", "padding_free"):
+            if t.get(key):
+                raise RecipeError(f"{where(('train', key))}: not with adapter.method={m}: virtual tokens are prepended to "
+                                  "every row, and a packed / padding-free row holds several examples")
+        if a.num_virtual_tokens < 1:
+            raise RecipeError(f"{where(('adapter', 'num_virtual_tokens'))}: must be at least 1")
+    if m in FULL_WEIGHTS and recipe.model.dtype == "float16":
+        raise RecipeError(f"{where(('model', 'dtype'))}: float16 weights cannot be trained by adapter.method={m} "
+                          "(mixed precision needs float32 master weights); use bfloat16 or float32")
+    if m == "freeze":
+        if a.trainable_layers < 0:
+            raise RecipeError(f"{where(('adapter', 'trainable_layers'))}: must be 0 or more")
+        if a.trainable_layers == 0 and not a.trainable_modules:
+            raise RecipeError(f"{where(('adapter', 'trainable_layers'))}: 0 and no adapter.trainable_modules: nothing would train")
+    if m == "ia3":
+        if a.target_modules == "all-linear":  # PEFT 0.21 saves the expanded names, and its reload rejects them
+            raise RecipeError(f"{where(('adapter', 'target_modules'))}: ia3 needs module names (e.g. [k_proj, v_proj, down_proj]) "
+                              "or null for PEFT's default, not all-linear")
+        if a.feedforward_modules and not set(a.feedforward_modules) <= set(a.target_modules or []):
+            raise RecipeError(f"{where(('adapter', 'feedforward_modules'))}: must be a subset of adapter.target_modules")
+    if a.init_r is not None and a.init_r < a.r:
+        raise RecipeError(f"{where(('adapter', 'init_r'))}: must be at least adapter.r ({a.r}): AdaLoRA prunes ranks down to r")
+    if a.loraplus_lr_ratio is not None:
+        if a.loraplus_lr_ratio <= 0:
+            raise RecipeError(f"{where(('adapter', 'loraplus_lr_ratio'))}: must be positive")
+        if "optim" in train_given:
+            raise RecipeError(f"{where(('train', 'optim'))}: adapter.loraplus_lr_ratio builds its own AdamW; remove one of the two")
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            raise RecipeError(f"{where(('adapter', 'loraplus_lr_ratio'))}: not under FSDP (transformers refuses an optimizer "
+                              "built outside the Trainer); use DDP or DeepSpeed")
+
+
+# ----------------------------------------------------------------------------- PEFT configs
+
+
+def peft_config(adapter, model=None, *, total_steps: int | None = None, tokenizer: str | None = None, counting: bool = False):
+    """The PEFT config of `adapter` (an AdapterSection); None for freeze/full. `model` gives the
+    hidden size prompt encoders default to; `counting` skips data-dependent initialisation
+    (SVD, text embeddings) so the config can be applied to a model on the meta device."""
+    import peft
+
+    a, m = adapter, adapter.method
+    common = dict(task_type=peft.TaskType.CAUSAL_LM, modules_to_save=a.modules_to_save)
+    if m in LORA:
+        init = {"pissa": "pissa_niter_16", "olora": "olora"}.get(m, True)
+        return peft.LoraConfig(**common, r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=a.target_modules,
+                               use_rslora=a.use_rslora, use_dora=a.use_dora or m == "dora", bias=a.bias,
+                               init_lora_weights=True if counting else init)
+    if m == "adalora":
+        total = max(total_steps or 1, 1)
+        tinit, tfinal = adalora_schedule(total)
+        return peft.AdaLoraConfig(**common, target_r=a.r, init_r=a.init_r or math.ceil(1.5 * a.r), lora_alpha=a.alpha,
+                                  lora_dropout=a.dropout, target_modules=a.target_modules, bias=a.bias,
+                                  tinit=tinit, tfinal=tfinal, deltaT=1, total_step=total)
+    if m == "loha":
+        return peft.LoHaConfig(**common, r=a.r, alpha=a.alpha, target_modules=a.target_modules)
+    if m == "lokr":
+        return peft.LoKrConfig(**common, r=a.r, alpha=a.alpha, target_modules=a.target_modules)
+    if m == "vera":
+        return peft.VeraConfig(**common, r=a.r, vera_dropout=a.dropout, target_modules=a.target_modules, bias=a.bias,
+                               save_projection=True)
+    if m == "ia3":
+        return peft.IA3Config(**common, target_modules=a.target_modules, feedforward_modules=a.feedforward_modules)
+    if m == "prompt_tuning":
+        if a.init_text and not counting:
+            return peft.PromptTuningConfig(**common, num_virtual_tokens=a.num_virtual_tokens,
+                                           prompt_tuning_init=peft.PromptTuningInit.TEXT,
+                                           prompt_tuning_init_text=a.init_text, tokenizer_name_or_path=tokenizer)
+        return peft.PromptTuningConfig(**common, num_virtual_tokens=a.num_virtual_tokens)
+    hidden = a.encoder_hidden_size or _hidden_size(model)
+    if m == "prefix_tuning":
+        return peft.PrefixTuningConfig(**common, num_virtual_tokens=a.num_virtual_tokens,
+                                       prefix_projection=a.prefix_projection, encoder_hidden_size=hidden)
+    if m == "p_tuning":
+        return peft.PromptEncoderConfig(**common, num_virtual_tokens=a.num_virtual_tokens, encoder_hidden_size=hidden,
+                                        encoder_reparameterization_type=a.encoder_type.upper())
+    return None  # freeze, full: no adapter
+
+
+def _hidden_size(model) -> int:
+    if model is None:
+        raise ValueError("the model is needed for the encoder's hidden size")
+    return model.config.get_text_config().hidden_size
+
+
+def adalora_schedule(total_steps: int) -> tuple[int, int]:
+    """(tinit, tfinal): the first 10% of steps at the initial rank, the last 20% at the final
+    allocation, ranks pruned in between (the phases of the AdaLoRA paper)."""
+    return total_steps // 10, total_steps // 5
+
+
+class AdaLoraAllocation(TrainerCallback):
+    """AdaLoRA's rank allocation after each optimizer step, while the gradients it scores are
+    still there (`on_optimizer_step` runs before `zero_grad`)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        cfg = model.peft_config[model.active_adapter]  # the trainer's exact step count replaces the estimate
+        cfg.total_step = state.max_steps
+        cfg.tinit, cfg.tfinal = adalora_schedule(state.max_steps)
+
+    def on_optimizer_step(self, args, state, control, model=None, **kw):
+        model.base_model.update_and_allocate(state.global_step)
+
+
+# ----------------------------------------------------------------------------- freeze
+
+
+def select_trainable(model, adapter) -> list[str]:
+    """freeze: make exactly the last `trainable_layers` decoder layers and the parameters named
+    by `trainable_modules` trainable; returns the trainable parameter names."""
+    layers = _decoder_layers(model)
+    n = adapter.trainable_layers
+    if n > len(layers):
+        raise RecipeError(f"adapter.trainable_layers: {n}, but the model has {len(layers)} decoder layers")
+    chosen = {id(p) for layer in list(layers)[len(layers) - n:] for p in layer.parameters()} if n else set()
+    named = list(model.named_parameters(remove_duplicate=False))  # tied weights answer to both names
+    for pattern in adapter.trainable_modules or []:
+        hits = [p for name, p in named if f".{pattern}." in f".{name}."]
+        if not hits:
+            sample = ", ".join(sorted({name.rsplit(".", 1)[0] for name, _ in named})[:6])
+            raise RecipeError(f"adapter.trainable_modules: {pattern!r} matches no module of the model (modules: {sample}, ...)")
+        chosen.update(id(p) for p in hits)
+    for _, p in named:
+        p.requires_grad_(id(p) in chosen)
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def _decoder_layers(model):
+    import torch
+
+    n = model.config.get_text_config().num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise RecipeError("adapter.trainable_layers: cannot find this model's decoder layers; use adapter.trainable_layers=0 "
+                      "and name the modules in adapter.trainable_modules")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class Training:
+    """What the trainer gets for the recipe's method."""
+
+    model: object
+    peft_config: object = None  # for SFTTrainer(peft_config=...), which then builds the adapter
+    callbacks: list = field(default_factory=list)
+    optimizers: tuple = (None, None)
+    convert_on_save: bool = False  # pissa/olora: saved as the difference to the initial adapter (a LoRA on the original base)
+    initial_adapter: Path | None = None  # where keep_initial saved the adapter as initialised
+
+    def keep_initial(self, work: Path, is_main: bool) -> None:
+        """PiSSA/OLoRA: save the adapter as initialised into the run's work dir, for the conversion on save."""
+        if not self.convert_on_save:
+            return
+        cfg = self.model.peft_config[self.model.active_adapter]
+        self.initial_adapter = Path(work) / "initial_adapter"
+        init, cfg.init_lora_weights = cfg.init_lora_weights, True  # reloading it must not re-run the SVD on the residual base
+        self.model.save_pretrained(str(self.initial_adapter), is_main_process=is_main)
+        cfg.init_lora_weights = init
+
+    def save(self, out: Path) -> None:
+        """After trainer.save_model (main process): PiSSA/OLoRA re-saved as a LoRA on the original base."""
+        if self.initial_adapter is not None:
+            self.model.save_pretrained(str(out), path_initial_model_for_weight_conversion=str(self.initial_adapter))
+            shutil.rmtree(self.initial_adapter)
+
+
+def for_training(model, recipe, args, total_steps: int, tokenizer: str | None = None) -> Training:
+    """The model (adapter attached where the trainer cannot do it), callbacks and optimizer.
+    Fails on a bad freeze selection before the run's output dir exists."""
+    a, m = recipe.adapter, recipe.adapter.method
+    if m == "full":
+        model.requires_grad_(True)
+        return Training(model)
+    if m == "freeze":
+        select_trainable(model, a)
+        return Training(model)
+    t = Training(model, peft_config(a, model, total_steps=total_steps, tokenizer=tokenizer))
+    if m == "adalora":
+        t.callbacks.append(AdaLoraAllocation())
+    if m in ("pissa", "olora") or a.loraplus_lr_ratio:
+        t.model, t.peft_config = attach(model, t.peft_config), None
+        t.convert_on_save = m in ("pissa", "olora")
+    if a.loraplus_lr_ratio:
+        import torch
+        from peft.optimizers import create_loraplus_optimizer
+
+        opt = create_loraplus_optimizer(t.model, torch.optim.AdamW, lr=args.learning_rate, loraplus_lr_ratio=a.loraplus_lr_ratio,
+                                        weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+        t.optimizers = (opt, None)
+    return t
+
+
+def for_counting(model, adapter, task_type: str | None = None):
+    """The model as it would train (adapter attached or weights frozen), for parameter counts on the meta device;
+    `task_type` replaces the adapter's (SEQ_CLS for a reward model)."""
+    if adapter.method == "full":
+        return model.requires_grad_(True)
+    if adapter.method == "freeze":
+        select_trainable(model, adapter)
+        return model
+    cfg = peft_config(adapter, model, counting=True)
+    if task_type:
+        cfg.task_type = task_type
+    return attach(model, cfg)
+
+
+def attach(model, cfg):
+    """get_peft_model, its complaints about the recipe (e.g. target modules not in the model) as one-line errors."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:
+        raise RecipeError(f"adapter: {str(e).strip().splitlines()[0]}") from None
+
+
+# ----------------------------------------------------------------------------- descriptions
+
+
+def is_adapter(method: str) -> bool:
+    """Whether the method saves a PEFT adapter (else a full model)."""
+    return method not in FULL_WEIGHTS
+
+
+def base_model_path(model) -> str:
+    """The base an adapter loads on (its adapter_config's), or the full model's own source."""
+    cfg = getattr(model, "peft_config", None)
+    return cfg[model.active_adapter].base_model_name_or_path if cfg else model.name_or_path
+
+
+def describe(a) -> str:
+    """One line naming the method and its settings (dry-run plan, model card)."""
+    m, targets = a.method, f"targets={a.target_modules}"
+    if m in LORA:
+        extras = [("rsLoRA", a.use_rslora), ("DoRA", a.use_dora or m == "dora"),
+                  (f"LoRA+ ratio {a.loraplus_lr_ratio:g}" if a.loraplus_lr_ratio else "", a.loraplus_lr_ratio),
+                  (f"{a.quant_bits}-bit {a.quant_type} base", m == "qlora")]
+        more = "".join(f", {text}" for text, on in extras if on)
+        return f"{m} r={a.r} alpha={a.alpha} dropout={a.dropout} {targets}{more}"
+    if m == "adalora":
+        return f"adalora r={a.r} (from init_r={a.init_r or math.ceil(1.5 * a.r)}) alpha={a.alpha} dropout={a.dropout} {targets}"
+    if m in ("loha", "lokr"):
+        return f"{m} r={a.r} alpha={a.alpha} {targets}"
+    if m == "vera":
+        return f"vera r={a.r} dropout={a.dropout} {targets}"
+    if m == "ia3":
+        return f"ia3 {targets} feedforward={a.feedforward_modules or 'PEFT default'}"
+    if m == "prompt_tuning":
+        return f"prompt_tuning {a.num_virtual_tokens} virtual tokens, " + (f"init from text {a.init_text!r}" if a.init_text else "random init")
+    if m == "prefix_tuning":
+        projection = f"MLP projection (hidden {a.encoder_hidden_size or 'model'})" if a.prefix_projection else "no projection"
+        return f"prefix_tuning {a.num_virtual_tokens} virtual tokens per layer, {projection}"
+    if m == "p_tuning":
+        return f"p_tuning {a.num_virtual_tokens} virtual tokens, {a.encoder_type} encoder (hidden {a.encoder_hidden_size or 'model'})"
+    if m == "freeze":
+        return f"freeze: last {a.trainable_layers} decoder layers" + (f" + {a.trainable_modules}" if a.trainable_modules else "") + " trained in full"
+    return "full: every weight trained"
