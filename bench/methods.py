@@ -135,7 +135,7 @@ def table(rows: list[dict], steps: int) -> str:
                      f"{r['peak_delta_mb']:.0f} | {r['tok_s']:,.0f} | {r['first_loss']:.3f} -> {r['train_loss']:.3f} | "
                      f"{r['heldout_loss']:.3f} | {r['exact']}/{len(CHATS)} |")
     if any(r["method"] == "adalora" for r in rows):
-        lines.append("\nadalora's train loss includes its orthogonality regulariser (PEFT's orth_reg_weight 0.5 x ||PᵀP - I||).")
+        lines.append("\nadalora's train loss includes its orthogonality regulariser (PEFT's `orth_reg_weight` 0.5).")
     return "\n".join(lines)
 
 
