@@ -17,8 +17,9 @@ from typing import Any, Literal
 
 import yaml
 
-from finetune.rewards import RewardsSection, check as check_rewards
 from finetune.errors import RecipeError, closest
+from finetune.rewards import RewardsSection
+from finetune.rewards import check as check_rewards
 
 STAGES = ("sft", "rm", "dpo", "kto", "orpo", "cpo", "simpo", "ppo", "grpo", "rloo")
 ADAPTER_METHODS = ("lora", "dora", "qlora", "pissa", "olora", "adalora", "loha", "lokr", "vera", "ia3",
@@ -220,8 +221,8 @@ class _Where:
         return f"{self.source or 'recipe'}: {key}"
 
 
-def _line_map(text: str) -> dict[tuple, int]:
-    """(section, key) -> 1-based line of that key in the YAML text."""
+def line_map(text: str) -> dict[tuple, int]:
+    """(key or list index, ...) -> 1-based line of that node in the YAML text (recipes, pipelines, suites)."""
     lines: dict[tuple, int] = {}
 
     def walk(node, prefix):
@@ -230,6 +231,10 @@ def _line_map(text: str) -> dict[tuple, int]:
                 path = prefix + (key_node.value,)
                 lines[path] = key_node.start_mark.line + 1
                 walk(value_node, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[prefix + (i,)] = item.start_mark.line + 1
+                walk(item, prefix + (i,))
 
     try:
         walk(yaml.compose(text, Loader=yaml.SafeLoader), ())
@@ -272,7 +277,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
             problem += f" ({getattr(e, 'context', None) or 'started'} on line {context.line + 1})"
         raise RecipeError(f"{source or 'recipe'}{line}: invalid YAML: {problem}") from None
     raw = {} if raw is None else raw
-    where = _Where(source, _line_map(text))
+    where = _Where(source, line_map(text))
     if not isinstance(raw, dict):
         raise RecipeError(f"{source or 'recipe'}: a recipe is a mapping of sections ({', '.join(TOP_LEVEL)})")
 

@@ -80,7 +80,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipel
                           f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: a pipeline is a mapping with {' and '.join(PIPELINE_KEYS)}")
-    lines = config._line_map(p.read_text(encoding="utf-8"))
+    lines = config.line_map(p.read_text(encoding="utf-8"))
 
     def where(*keys) -> str:
         for n in range(len(keys), 0, -1):

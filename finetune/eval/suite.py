@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from finetune.config import line_map
 from finetune.errors import DataError, RecipeError, closest
 
 TASK_TYPES = ("perplexity", "multiple_choice", "instruction", "lm_eval")
@@ -82,27 +83,6 @@ class Suite:
     description: str = ""
 
 
-def _lines(text: str) -> dict[tuple, int]:
-    """(key or index, ...) -> 1-based line, for mappings and sequences."""
-    out: dict[tuple, int] = {}
-
-    def walk(node, prefix):
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                out[prefix + (k.value,)] = k.start_mark.line + 1
-                walk(v, prefix + (k.value,))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                out[prefix + (i,)] = v.start_mark.line + 1
-                walk(v, prefix + (i,))
-
-    try:
-        walk(yaml.compose(text, Loader=yaml.SafeLoader), ())
-    except yaml.YAMLError:
-        pass
-    return out
-
-
 def load(path: str | Path) -> Suite:
     """Parse and check a suite file; errors name the file, line and field."""
     path = Path(path)
@@ -114,7 +94,7 @@ def load(path: str | Path) -> Suite:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise RecipeError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML: {getattr(e, 'problem', e)}") from None
-    lines = _lines(text)
+    lines = line_map(text)
 
     def where(*keys) -> str:
         for n in range(len(keys), 0, -1):
