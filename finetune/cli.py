@@ -209,7 +209,13 @@ def cmd_chat(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # `train RECIPE --dry-run k=v`: overrides after an option land in `extra`; they are still overrides.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_libraries(args.debug)
     handler = {"train": cmd_train, "pipeline": cmd_pipeline, "data": cmd_data, "score": cmd_score, "eval": cmd_eval,
                "merge": cmd_merge, "export": cmd_export, "chat": cmd_chat}[args.command]

@@ -71,9 +71,11 @@ def test_quickstart_recipe_trains_and_writes_a_self_describing_output(tmp_path):
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     out = tmp_path / "out"
-    r = run_cli(["train", QUICKSTART, f"output.dir={out}", "--dry-run"], cwd=tmp_path)
+    # overrides after the option still apply (argparse alone would reject them)
+    r = run_cli(["train", QUICKSTART, "--dry-run", f"output.dir={out}", "train.max_steps=3"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trainable of" in r.stdout and "examples from" in r.stdout and "per step" in r.stdout
+    assert f"output         {out}" in r.stdout and "steps          3 " in r.stdout
     assert not out.exists() and not (tmp_path / "out.incomplete").exists()
 
 
