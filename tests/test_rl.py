@@ -203,3 +203,11 @@ def test_ppo_runs_under_two_process_ddp(tmp_path, tiny_rm_dir):
     state = json.loads((tmp_path / "ddp" / "trainer_state.json").read_text())
     assert state["episode"] == 2 * 4 * 2  # steps x per-device batch x processes
     assert (tmp_path / "ddp" / "adapter_model.safetensors").is_file()
+
+
+def test_dry_run_plan_of_an_rl_stage_counts_prompts_not_trained_tokens(tmp_path):
+    from finetune.stages import grpo
+
+    text = grpo.plan(rl_recipe("grpo", tmp_path / "out")).render()
+    assert "prompts only (answers are generated" in text and "tokens trained" not in text
+    assert not (tmp_path / "out").exists()

@@ -10,6 +10,7 @@ import torch
 from finetune import adapters, models
 from finetune.config import TRAIN_EXTRA_KEYS, Recipe, trl_config_class
 from finetune.errors import RecipeError
+from finetune.rewards import RL_STAGES
 
 
 def trl_args(recipe: Recipe, output_dir):
@@ -33,7 +34,11 @@ def world_size() -> int:
 def count_adapter_parameters(recipe: Recipe) -> tuple[int, int]:
     """(trainable, total) for the recipe's model + adapter, built on the meta device (no weights read)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+    )
 
     cfg = AutoConfig.from_pretrained(models.model_path(recipe.model), revision=recipe.model.revision,
                                      trust_remote_code=recipe.model.trust_remote_code)
@@ -92,14 +97,17 @@ class TrainPlan:
             f"  steps          {self.steps} (lr {t['learning_rate']:g}, {t['lr_scheduler_type']})",
             f"  output         {r.output.dir}",
         ]
+        online = r.stage in RL_STAGES  # prompts only: the trained tokens are generated during training
         for name, stats in (("train", self.train_stats), ("eval", self.eval_stats)):
             if stats:
+                trained = ("prompts only (answers are generated and scored during training)" if online else
+                           f"{stats['trained_tokens']} of {stats['tokens']} tokens trained "
+                           f"({100 * stats['trained_tokens'] / max(stats['tokens'], 1):.0f}%)")
                 lines.append(
-                    f"  {name:<14} {stats['examples']} examples from {stats['records']} records; tokens/example "
+                    f"  {name:<14} {stats['examples']} {'prompts' if online else 'examples'} from {stats['records']} "
+                    f"records; tokens/{'prompt' if online else 'example'} "
                     f"min {stats['length_min']} mean {stats['length_mean']} p50 {stats['length_p50']} "
-                    f"p95 {stats['length_p95']} max {stats['length_max']}; "
-                    f"{stats['trained_tokens']} of {stats['tokens']} tokens trained "
-                    f"({100 * stats['trained_tokens'] / max(stats['tokens'], 1):.0f}%)"
+                    f"p95 {stats['length_p95']} max {stats['length_max']}; {trained}"
                 )
         lines += [f"  note           {n}" for n in self.notes]
         return "\n".join(lines)
