@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from finetune import models, tiny
+from finetune import chain, models, tiny
 from finetune.config import AdapterSection
 from finetune.errors import FinetuneError
 
@@ -116,6 +116,11 @@ def _resolve_base(p: Path, peft_config: dict, recipe: dict, override: str | None
                 return tiny.resolve(name), field
             except ValueError as e:
                 raise SourceError(f"{field}: {e}") from None
+        if chain.is_adapter_dir(Path(name).expanduser()):  # a chained stage trained on its merged copy
+            try:
+                return chain.resolve(str(Path(name).expanduser()), field), field
+            except FinetuneError as e:
+                raise SourceError(str(e)) from None
         if Path(name).expanduser().is_dir():
             return str(Path(name).expanduser().resolve()), field
     name, field = candidates[0]

@@ -118,3 +118,8 @@ def test_shipped_pipeline_runs_end_to_end_on_the_tiny_model(name, tmp_path, monk
     assert [s["status"] for s in summary["stages"].values()] == ["trained"] * len(pipe.stages)
     for stage in pipe.stages:
         assert (stage.dir / "adapter_model.safetensors").is_file() and (stage.dir / "README.md").is_file()
+    if name == "dpo":  # a chained stage's output merges onto the SFT-merged base it trained on
+        from finetune import merge
+
+        report = merge.merge(str(pipe.stages[-1].dir), str(tmp_path / "merged"))
+        assert report.max_delta <= 1e-4 and (tmp_path / "merged" / "config.json").is_file()
