@@ -221,6 +221,19 @@ class _Where:
         return f"{self.source or 'recipe'}: {key}"
 
 
+def parse_yaml(text: str, source: str):
+    """`yaml.safe_load` whose syntax errors are one line: `file:line: invalid YAML: problem`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark, context = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if context is not None and mark is not None and context.line != mark.line:
+            problem += f" ({getattr(e, 'context', None) or 'started'} on line {context.line + 1})"
+        raise RecipeError(f"{source}{line}: invalid YAML: {problem}") from None
+
+
 def line_map(text: str) -> dict[tuple, int]:
     """(key or list index, ...) -> 1-based line of that node in the YAML text (recipes, pipelines, suites)."""
     lines: dict[tuple, int] = {}
@@ -267,15 +280,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         if not p.is_file():
             raise RecipeError(f"{path}: recipe file not found")
         text = p.read_text(encoding="utf-8")
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark, context = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        if context is not None and mark is not None and context.line != mark.line:
-            problem += f" ({getattr(e, 'context', None) or 'started'} on line {context.line + 1})"
-        raise RecipeError(f"{source or 'recipe'}{line}: invalid YAML: {problem}") from None
+    raw = parse_yaml(text, source or "recipe")
     raw = {} if raw is None else raw
     where = _Where(source, line_map(text))
     if not isinstance(raw, dict):

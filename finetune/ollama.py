@@ -149,7 +149,7 @@ def stops(p: Pieces) -> list[str]:
 def modelfile(gguf_name: str, tok, system: str | None = None) -> str:
     """The Modelfile text; FROM points at the GGUF beside it."""
     p = split_template(tok)
-    lines = [f"# ollama create NAME -f Modelfile  (written by finetune export --ollama)", f"FROM ./{gguf_name}",
+    lines = ["# ollama create NAME -f Modelfile  (written by finetune export --ollama)", f"FROM ./{gguf_name}",
              f'TEMPLATE """{go_template(p)}"""']
     lines += [f'PARAMETER stop "{s}"' for s in stops(p)]
     system = system if system is not None else p.default_system

@@ -92,14 +92,19 @@ class RunDir:
     def finish(self) -> Path:
         """Atomically replace `final` by the finished work dir (main process only)."""
         self.check()  # someone may have written there while we trained
-        if self.final.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.old-", dir=self.final.parent))
-            os.replace(self.final, trash / "old")
-            os.replace(self.work, self.final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(self.work, self.final)
+        replace_dir(self.work, self.final)
         return self.final
+
+
+def replace_dir(src: Path, final: Path) -> None:
+    """Make the finished dir `src` become `final`, swapping out an existing `final` (two renames)."""
+    if final.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, trash / "old")
+        os.replace(src, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(src, final)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

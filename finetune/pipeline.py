@@ -72,15 +72,11 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipel
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"{source}: pipeline file not found")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise RecipeError(f"{source}{f':{mark.line + 1}' if mark else ''}: invalid YAML: "
-                          f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
+    text = p.read_text(encoding="utf-8")
+    raw = config.parse_yaml(text, source)
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: a pipeline is a mapping with {' and '.join(PIPELINE_KEYS)}")
-    lines = config.line_map(p.read_text(encoding="utf-8"))
+    lines = config.line_map(text)
 
     def where(*keys) -> str:
         for n in range(len(keys), 0, -1):

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from finetune.errors import OutputError
+from finetune.outputs import replace_dir
 
 
 def check_free(target: str | Path, overwrite: bool, file: bool = False, flag: str = "--out") -> Path:
@@ -54,10 +55,4 @@ class Staged:
             os.replace(self.tmp / self.final.name, self.final)  # a file replaces a file atomically
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        if self.final.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.old-", dir=self.final.parent))
-            os.replace(self.final, trash / "old")
-            os.replace(self.tmp, self.final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.final)
+        replace_dir(self.tmp, self.final)

@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
-from finetune.config import line_map
+from finetune.config import line_map, parse_yaml
 from finetune.errors import DataError, RecipeError, closest
 
 TASK_TYPES = ("perplexity", "multiple_choice", "instruction", "lm_eval")
@@ -89,11 +88,7 @@ def load(path: str | Path) -> Suite:
     if not path.is_file():
         raise RecipeError(f"--suite: {path}: file not found")
     text = path.read_text(encoding="utf-8")
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise RecipeError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    raw = parse_yaml(text, str(path))
     lines = line_map(text)
 
     def where(*keys) -> str:
