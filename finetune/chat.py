@@ -13,6 +13,7 @@ import warnings
 import torch
 
 from finetune.errors import FinetuneError
+from finetune.generate import generate
 from finetune.loading import load_for_inference
 
 HELP = "commands: /reset clears the history, /exit quits"
@@ -51,7 +52,7 @@ class Chat:
         device = next(self.model.parameters()).device
         enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         streamer = _streamer(self.tok, stream) if stream is not None else None
-        out = self.model.generate(**enc, **self.gen, streamer=streamer)
+        out = generate(self.model, **enc, **self.gen, streamer=streamer)
         reply = self.tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         self.history.append({"role": "assistant", "content": reply})
         return reply

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from _support import REPO, Watcher, logged_losses, memo_recipe, probe_inputs
 from finetune import adapters, config
 from finetune.errors import RecipeError
+from finetune.generate import peft_misses_the_cache
 from finetune.stages import sft
 
 STEPS = 25
@@ -180,7 +181,9 @@ def test_output_reloads_in_plain_peft_with_the_trained_logits_and_generates(runs
     prompt_len = probe_inputs(watcher.tokenizer)["input_ids"].shape[1]
     assert got["cached"].shape[1] > prompt_len, "generate() produced nothing"
     assert torch.equal(got["cached"], watcher.generated), "reloaded model generates differently from the trained one"
-    if case != "prefix_tuning":
+    if case != "prefix_tuning" and not (case in ("prompt_tuning", "p_tuning") and peft_misses_the_cache()):
+        # (plain peft <= 0.21.2 on transformers >= 5.24 re-injects the virtual tokens at every cached step;
+        # finetune's own generation works around it: tests/test_generate.py)
         assert torch.equal(got["cached"], got["uncached"]), "generation with the KV cache differs from generation without"
     files = {p.name for p in out.iterdir()}
     if adapters.is_adapter(CASES[case][0]["method"]):

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from finetune.errors import DataError
+from finetune.generate import generate as generate_tokens
 
 
 @dataclass
@@ -73,8 +74,8 @@ def generate(model, tok, prompts: list, max_new_tokens: int = 128, batch_size: i
         for row, i in enumerate(batch):
             input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
             attention[row, width - len(ids[i]):] = 1
-        generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                   max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        generated = generate_tokens(model, input_ids.to(device), attention.to(device),
+                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         for row, i in enumerate(batch):
             out[i] = tok.decode(generated[row, width:], skip_special_tokens=True).strip()
     return out
