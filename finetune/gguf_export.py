@@ -1,10 +1,15 @@
 """HF model dir -> GGUF (llama.cpp / Ollama), laid out as llama.cpp's convert_hf_to_gguf.py does it.
 
-Llama-family (LlamaForCausalLM, MistralForCausalLM) and Qwen2 models: the same metadata keys, tensor
-names (gguf.TensorNameMap), the q/k row permutation llama.cpp's Llama graph expects (its RoPE
-rotates adjacent pairs; HF's rotates halves), and a byte-level BPE (`gpt2`) vocab with merges,
-token types, special token ids and the chat template (gguf.SpecialVocab). Every file is read back
-with gguf.GGUFReader and compared with the source tensors before it is handed over.
+Llama / Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 (text) and Phi-3: the same metadata keys and
+tensor names (gguf.TensorNameMap) as llama.cpp's converter, with its per-architecture quirks: the q/k row
+permutation of its Llama graph (its RoPE rotates adjacent pairs; HF's rotates halves), Gemma's RMSNorm
+weights stored as 1 + w, MoE experts stacked into one 3-D tensor per projection, Phi-3's fused qkv and
+gate_up kept fused, and the sliding-window / soft-capping / per-layer rope keys. A configuration llama.cpp
+would compute differently (a sliding-window layout or attention scale it does not read from the file) is
+refused, not written. The vocab is byte-level BPE (`gpt2`) with merges, token types, special ids and the
+chat template (gguf.SpecialVocab); its pre-tokenizer is the llama.cpp one that splits text as the
+tokenizer actually does (probed, not read from tokenizer.json). Every file is read back with
+gguf.GGUFReader and compared with the source tensors before it is handed over.
 """
 
 from __future__ import annotations
@@ -19,8 +24,14 @@ import numpy as np
 
 from finetune.errors import FinetuneError
 
-ARCHS = {"LlamaForCausalLM": "LLAMA", "MistralForCausalLM": "LLAMA", "Qwen2ForCausalLM": "QWEN2"}
+ARCHS = {"LlamaForCausalLM": "LLAMA", "MistralForCausalLM": "LLAMA", "Qwen2ForCausalLM": "QWEN2",
+         "Qwen3ForCausalLM": "QWEN3", "Qwen3MoeForCausalLM": "QWEN3MOE", "Gemma2ForCausalLM": "GEMMA2",
+         "Gemma3ForCausalLM": "GEMMA3", "Phi3ForCausalLM": "PHI3"}
 PERMUTED = ("LLAMA",)  # architectures whose q/k rows llama.cpp wants permuted
+NORM_PLUS_ONE = ("GEMMA2", "GEMMA3")  # HF's Gemma RMSNorm multiplies by (1 + w); llama.cpp by the stored weight
+# llama.cpp's sliding-window layout when the file names none: every n-th layer (n-1, 2n-1, ...) is global
+SWA_PATTERN = {"GEMMA2": 2, "GEMMA3": 6}
+MOE = ("QWEN3MOE",)
 # tokenizer.json pre-tokenizer regexes -> llama.cpp's tokenizer.ggml.pre names
 _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -73,7 +84,7 @@ TOLERANCE = {"f32": 0.0, "f16": 1e-3, "q8_0": 1.0 / 127}
 
 def model_config(model_dir: Path) -> tuple[dict, str]:
     cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    return cfg, check_architecture((cfg.get("architectures") or ["?"])[0], str(model_dir))
+    return cfg, check_config(cfg, str(model_dir / "config.json"))
 
 
 def check_architecture(arch: str, where: str) -> str:
@@ -84,13 +95,59 @@ def check_architecture(arch: str, where: str) -> str:
     return ARCHS[arch]
 
 
-def _rope_theta(cfg: dict) -> float | None:
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    return cfg.get("rope_theta", rope.get("rope_theta"))
+def check_config(cfg: dict, where: str) -> str:
+    """The gguf MODEL_ARCH name, after refusing (one line) a configuration that llama.cpp's graph for that
+    architecture would compute differently from transformers: it reads these from no GGUF key."""
+    arch = check_architecture((cfg.get("architectures") or ["?"])[0], where)
+
+    def refuse(field: str, why: str):
+        raise ExportError(f"{where}: {field}: {why}; llama.cpp's {arch.lower()} graph would compute a different "
+                          "model, so no GGUF is written")
+
+    if arch in SWA_PATTERN:
+        n, head_dim = SWA_PATTERN[arch], _head_dim(cfg)
+        if cfg.get("query_pre_attn_scalar", head_dim) != head_dim:
+            refuse("query_pre_attn_scalar", f"{cfg['query_pre_attn_scalar']} is not head_dim {head_dim}")
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act")
+        if act not in (None, "gelu_pytorch_tanh"):
+            refuse("hidden_activation", f"{act} (llama.cpp uses tanh-approximated GELU)")
+        want = ["sliding_attention" if i % n < n - 1 else "full_attention" for i in range(cfg["num_hidden_layers"])]
+        if cfg.get("layer_types") and cfg["layer_types"] != want and cfg.get("sliding_window"):
+            refuse("layer_types", f"not llama.cpp's layout (every {n}th layer global)")
+        if arch == "GEMMA2" and not cfg.get("tie_word_embeddings", True):
+            refuse("tie_word_embeddings", "false (llama.cpp's Gemma 2 has no separate output matrix)")
+        if arch == "GEMMA3" and cfg.get("attn_logit_softcapping"):
+            refuse("attn_logit_softcapping", "set (llama.cpp's Gemma 3 has none)")
+    if arch in MOE:
+        if not cfg.get("norm_topk_prob", False):
+            refuse("norm_topk_prob", "false (llama.cpp renormalises the top-k router weights)")
+        if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+            refuse("mlp_only_layers / decoder_sparse_step", "some layers are dense (llama.cpp expects experts in all)")
+    rope = _rope_scaling(cfg)
+    if rope["rope_type"] not in ("default", "linear", "yarn", "llama3"):
+        refuse("rope_scaling", f"rope type {rope['rope_type']} is not exported by finetune "
+               "(use llama.cpp's convert_hf_to_gguf.py)")
+    if arch == "PHI3" and rope["rope_type"] != "default":
+        refuse("rope_scaling", f"{rope['rope_type']} on Phi-3 is not exported by finetune")
+    return arch
+
+
+def _rope_params(cfg: dict, layer_type: str = "full_attention") -> dict:
+    """The rope parameters of one layer type (transformers 5 nests them per type for Gemma 3)."""
+    rope = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+    if isinstance(rope.get(layer_type), dict):
+        rope = dict(rope[layer_type])
+    elif any(isinstance(v, dict) for v in rope.values()):
+        rope = {}
+    return rope
+
+
+def _rope_theta(cfg: dict, layer_type: str = "full_attention") -> float | None:
+    return _rope_params(cfg, layer_type).get("rope_theta", cfg.get("rope_theta"))
 
 
 def _rope_scaling(cfg: dict) -> dict:
-    rope = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+    rope = _rope_params(cfg)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     return {**rope, "rope_type": rope_type}
 
@@ -238,27 +295,11 @@ def convert(model_dir: Path, out_file: Path, outtype: str = "f16", name: str | N
 
     writer = gguf.GGUFWriter(str(out_file), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(name or model_dir.name)
-    writer.add_block_count(n_layers)
-    writer.add_context_length(cfg["max_position_embeddings"])
-    writer.add_embedding_length(cfg["hidden_size"])
-    writer.add_feed_forward_length(cfg["intermediate_size"])
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    if (theta := _rope_theta(cfg)) is not None:
-        writer.add_rope_freq_base(float(theta))
-    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    write_hparams(writer, cfg, arch_name)
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
     writer.add_file_type(ftype)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    if arch_name == "LLAMA":
-        writer.add_vocab_size(vocab_size)
-        writer.add_rope_dimension_count(_head_dim(cfg))
-    if rope["rope_type"] in ("linear", "yarn") and rope.get("factor"):
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if rope["rope_type"] == "linear" else gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(rope["factor"])
-        if rope.get("original_max_position_embeddings"):
-            writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
 
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
@@ -295,9 +336,84 @@ def convert(model_dir: Path, out_file: Path, outtype: str = "f16", name: str | N
                       bool(special.chat_template))
 
 
+def write_hparams(writer, cfg: dict, arch_name: str) -> None:
+    """The architecture's hyper-parameter keys, as llama.cpp's converter writes them for it."""
+    import gguf
+
+    n_head = cfg["num_attention_heads"]
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(cfg.get("num_key_value_heads") or n_head)
+    if (theta := _rope_theta(cfg)) is not None:
+        writer.add_rope_freq_base(float(theta))
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    if cfg.get("head_dim"):
+        writer.add_key_length(cfg["head_dim"])
+        writer.add_value_length(cfg["head_dim"])
+    if arch_name == "LLAMA":
+        writer.add_vocab_size(cfg["vocab_size"])
+        writer.add_rope_dimension_count(_head_dim(cfg))
+    if arch_name == "PHI3":
+        writer.add_rope_dimension_count(int(cfg.get("partial_rotary_factor", 1.0) * cfg["hidden_size"]) // n_head)
+        writer.add_rope_scaling_orig_ctx_len(cfg.get("original_max_position_embeddings") or cfg["max_position_embeddings"])
+        writer.add_sliding_window(cfg.get("sliding_window") or 0)
+    if arch_name in SWA_PATTERN:
+        if cfg.get("sliding_window"):
+            writer.add_sliding_window(cfg["sliding_window"])
+        if (theta_swa := _rope_theta(cfg, "sliding_attention")) is not None and theta_swa != theta:
+            writer.add_rope_freq_base_swa(float(theta_swa))
+        if arch_name == "GEMMA2" and cfg.get("attn_logit_softcapping"):
+            writer.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+        if cfg.get("final_logit_softcapping"):
+            writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    if arch_name in MOE:
+        writer.add_expert_count(cfg.get("num_experts") or cfg["num_local_experts"])
+        writer.add_expert_used_count(cfg["num_experts_per_tok"])
+        writer.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    rope = _rope_scaling(cfg)
+    if rope["rope_type"] in ("linear", "yarn") and rope.get("factor"):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if rope["rope_type"] == "linear" else gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope["factor"])
+        if rope.get("original_max_position_embeddings"):
+            writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+
+
+def _stacked_experts(model_dir: Path, cfg: dict):
+    """(HF name, array) with each layer's per-expert projections stacked into one (n_expert, out, in) tensor
+    named `...mlp.experts.{gate,up,down}_proj.weight`, as llama.cpp's converter does; a fused
+    `experts.gate_up_proj` (n_expert, 2*ff, hidden) is split into gate and up."""
+    import re
+
+    n_experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+    pending: dict[str, dict[int, np.ndarray]] = {}
+    per_expert = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+    for name, data in _tensors(model_dir):
+        m = per_expert.match(name)
+        if m:
+            key = f"{m.group(1)}.{m.group(3)}.weight"
+            pending.setdefault(key, {})[int(m.group(2))] = data
+            if len(pending[key]) == n_experts:
+                parts = pending.pop(key)
+                yield key, np.stack([parts[i] for i in range(n_experts)])
+        elif name.endswith(("experts.gate_up_proj", "experts.gate_up_proj.weight")):
+            base = name.removesuffix(".weight").removesuffix(".gate_up_proj")
+            half = data.shape[-2] // 2
+            yield f"{base}.gate_proj.weight", np.ascontiguousarray(data[..., :half, :])
+            yield f"{base}.up_proj.weight", np.ascontiguousarray(data[..., half:, :])
+        elif name.endswith(("experts.down_proj", "experts.down_proj.weight")):
+            yield name.removesuffix(".weight") + ".weight", data
+        else:
+            yield name, data
+    if pending:
+        raise ExportError(f"{model_dir}: incomplete experts for {sorted(pending)[0]} (expected {n_experts})")
+
+
 def gguf_tensors(model_dir: Path, cfg: dict, arch_name: str):
     """(GGUF name, float32 array) as llama.cpp stores them: renamed, q/k rows permuted for Llama, plus
-    Llama-3.1's rope_freqs. A generator, in a fixed order: the writer's two passes and the check each
+    Llama-3.1's rope_freqs, Gemma's norms shifted by one, MoE experts stacked. A generator, in a fixed order: the writer's two passes and the check each
     stream the weights once."""
     import gguf
 
@@ -305,8 +421,10 @@ def gguf_tensors(model_dir: Path, cfg: dict, arch_name: str):
     n_head = cfg["num_attention_heads"]
     n_kv = cfg.get("num_key_value_heads", n_head)
     name_map = gguf.get_tensor_name_map(arch, cfg["num_hidden_layers"])
-    for hf_name, data in _tensors(model_dir):
-        if hf_name.endswith(".rotary_emb.inv_freq"):
+    source = _stacked_experts(model_dir, cfg) if arch_name in MOE else _tensors(model_dir)
+    tied = cfg.get("tie_word_embeddings", arch_name in NORM_PLUS_ONE)
+    for hf_name, data in source:
+        if hf_name.endswith(".rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
             continue
         new = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if new is None:
@@ -316,6 +434,8 @@ def gguf_tensors(model_dir: Path, cfg: dict, arch_name: str):
                 data = permute(data, n_head, n_head)
             elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
                 data = permute(data, n_head, n_kv)
+        if arch_name in NORM_PLUS_ONE and hf_name.endswith("norm.weight"):
+            data = data + 1.0
         yield new, data
     rope = _rope_scaling(cfg)
     if arch_name == "LLAMA" and rope["rope_type"] == "llama3":
