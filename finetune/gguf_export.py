@@ -76,12 +76,14 @@ class GGUFReport:
     vocab: int
     pre: str
     chat_template: bool
+    add_bos: bool
 
     def lines(self) -> list[str]:
-        return [f"GGUF written to {self.path} ({self.arch}, {self.outtype}, {self.tensors} tensors, vocab {self.vocab}, "
-                f"pre-tokenizer {self.pre}{', chat template' if self.chat_template else ''})",
-                f"read back with GGUFReader: names, shapes and metadata match; max |Δ| / max |w| = {self.max_rel_error:.3g} "
-                f"(tolerance {TOLERANCE[self.outtype]:g} for {self.outtype})"]
+        return [(f"GGUF written to {self.path} ({self.arch}, {self.outtype}, {self.tensors} tensors, vocab {self.vocab}, "
+                 f"pre-tokenizer {self.pre}{', chat template' if self.chat_template else ''}, "
+                 f"add_bos_token {str(self.add_bos).lower()}: as training saw it)"),
+                (f"read back: names, shapes and metadata match; max |Δ| / max |w| = {self.max_rel_error:.3g} "
+                 f"(tolerance {TOLERANCE[self.outtype]:g} for {self.outtype})")]
 
 
 # max |read back - source| / max |source| per tensor: fp16 rounds at 2^-11 relative; q8_0 blocks of 32
@@ -253,7 +255,20 @@ def _vocab(model_dir: Path, vocab_size: int):
         else:
             types.append(gguf.TokenType.NORMAL)
         tokens.append(token)
-    return tokens, types, pre
+    return tokens, types, pre, tok
+
+
+def adds_bos(tok) -> bool:
+    """Whether inference should prepend BOS (the GGUF's add_bos_token, which llama.cpp and Ollama's runner
+    obey): exactly when training saw one, i.e. when the chat template writes BOS itself (the rendered prompt
+    is then tokenized without adding another); with no chat template, when the tokenizer adds one."""
+    if not tok.bos_token:
+        return False
+    if tok.chat_template:
+        prompt = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+        return prompt.startswith(tok.bos_token)
+    ids = tok("x")["input_ids"]
+    return bool(ids) and ids[0] == tok.bos_token_id
 
 
 def _looks_special(token: str) -> bool:
@@ -302,11 +317,7 @@ def convert(model_dir: Path, out_file: Path, outtype: str = "f16", name: str | N
 
     cfg, arch_name = model_config(model_dir)
     arch = getattr(gguf.MODEL_ARCH, arch_name)
-    n_layers, n_head = cfg["num_hidden_layers"], cfg["num_attention_heads"]
-    n_kv = cfg.get("num_key_value_heads", n_head)
-    vocab_size = cfg["vocab_size"]
-    tokens, types, pre = _vocab(model_dir, vocab_size)
-    rope = _rope_scaling(cfg)
+    tokens, types, pre, tok = _vocab(model_dir, cfg["vocab_size"])
 
     writer = gguf.GGUFWriter(str(out_file), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(name or model_dir.name)
@@ -324,6 +335,7 @@ def convert(model_dir: Path, out_file: Path, outtype: str = "f16", name: str | N
     level, gguf_log.level = gguf_log.level, logging.ERROR  # its notes on post-processor templates are noise here
     try:
         special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))
+        special.add_special_token["bos"] = add_bos = adds_bos(tok)
         special.add_to_gguf(writer, quiet=True)
     finally:
         gguf_log.setLevel(level)
@@ -348,7 +360,7 @@ def convert(model_dir: Path, out_file: Path, outtype: str = "f16", name: str | N
     writer.close()
     worst = verify(out_file, gguf_tensors(model_dir, cfg, arch_name), outtype, tokens, special.chat_template, arch_name)
     return GGUFReport(out_file, gguf.MODEL_ARCH_NAMES[arch], outtype, count, worst, len(tokens), pre,
-                      bool(special.chat_template))
+                      bool(special.chat_template), add_bos)
 
 
 def write_hparams(writer, cfg: dict, arch_name: str) -> None:
@@ -423,7 +435,7 @@ def _stacked_experts(model_dir: Path, cfg: dict):
         else:
             yield name, data
     if pending:
-        raise ExportError(f"{model_dir}: incomplete experts for {sorted(pending)[0]} (expected {n_experts})")
+        raise ExportError(f"{model_dir}: incomplete experts for {min(pending)} (expected {n_experts})")
 
 
 def gguf_tensors(model_dir: Path, cfg: dict, arch_name: str):

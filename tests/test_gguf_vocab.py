@@ -6,6 +6,7 @@ byte-level BPE with the file's own tokens and merges."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -61,7 +62,7 @@ class GGUFBPE:
             return [self.ids[word]]
         parts = list(word)
         while len(parts) > 1:
-            ranked = [(self.ranks.get(pair, 1 << 60), i) for i, pair in enumerate(zip(parts, parts[1:]))]
+            ranked = [(self.ranks.get(pair, 1 << 60), i) for i, pair in enumerate(itertools.pairwise(parts))]
             rank, i = min(ranked)
             if rank == 1 << 60:
                 break
