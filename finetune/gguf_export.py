@@ -232,7 +232,8 @@ def _vocab(model_dir: Path, vocab_size: int):
     tj = json.loads(tj_path.read_text(encoding="utf-8"))
     if (tj.get("model") or {}).get("type") != "BPE" or (tj.get("decoder") or {}).get("type") != "ByteLevel":
         raise ExportError(f"{tj_path}: only byte-level BPE tokenizers (GPT-2 / Llama-3 / Qwen2 style) are exported; "
-                          "this one is not")
+                          "this one is not (SentencePiece-style ones, e.g. Gemma's and Phi-3's: merge to safetensors and "
+                          "use llama.cpp's convert_hf_to_gguf.py)")
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     pre = _pre_tokenizer(tok)
     reverse = {i: t for t, i in tok.get_vocab().items()}
