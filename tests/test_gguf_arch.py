@@ -94,3 +94,13 @@ def test_a_configuration_llama_cpp_would_compute_differently_is_refused(tmp_path
         gguf_export.convert(model_dir, tmp_path / "x.gguf", "f32")
     assert "\n" not in str(e.value)
     assert not (tmp_path / "x.gguf").exists()
+    # an adapter on such a base is refused before anything is merged or written
+    from _merge_support import make_adapter
+    from peft import LoraConfig
+
+    from finetune.export import export_gguf
+
+    adapter = make_adapter(str(model_dir), tmp_path / "adapter", LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(FinetuneError, match=field):
+        export_gguf(str(adapter), str(tmp_path / "out" / "m.gguf"))
+    assert not (tmp_path / "out").exists()
