@@ -6,9 +6,10 @@ permutation of its Llama graph (its RoPE rotates adjacent pairs; HF's rotates ha
 weights stored as 1 + w, MoE experts stacked into one 3-D tensor per projection, Phi-3's fused qkv and
 gate_up kept fused, and the sliding-window / soft-capping / per-layer rope keys. A configuration llama.cpp
 would compute differently (a sliding-window layout or attention scale it does not read from the file) is
-refused, not written. The vocab is byte-level BPE (`gpt2`) with merges, token types, special ids and the
-chat template (gguf.SpecialVocab); its pre-tokenizer is the llama.cpp one that splits text as the
-tokenizer actually does (probed, not read from tokenizer.json). Every file is read back with
+refused, not written. The vocab is byte-level BPE (`gpt2`, with merges and the llama.cpp pre-tokenizer
+that splits text as the tokenizer actually does: probed, not read from tokenizer.json) or SentencePiece-style
+BPE with byte fallback (`llama`, scores ranking the merges), with token types, special ids, add_bos_token as
+training saw it, and the chat template (gguf.SpecialVocab). Every file is read back with
 gguf.GGUFReader and compared with the source tensors before it is handed over.
 """
 
@@ -221,42 +222,79 @@ def _pre_tokenizer(tok) -> str:
                       "convert with llama.cpp's convert_hf_to_gguf.py")
 
 
-def _vocab(model_dir: Path, vocab_size: int):
-    """(tokens, token types, pre) as llama.cpp's get_vocab_base builds them for a byte-level BPE tokenizer."""
+@dataclass
+class Vocab:
+    model: str  # tokenizer.ggml.model: gpt2 (byte-level BPE) or llama (SentencePiece-style BPE, byte fallback)
+    tokens: list[str]
+    types: list[int]
+    pre: str
+    tok: object  # the transformers tokenizer
+    scores: list[float] | None = None  # llama: merge priority, higher first
+    add_space_prefix: bool = False
+
+
+def _vocab(model_dir: Path, vocab_size: int) -> Vocab:
+    """The vocab as llama.cpp's converter builds it: byte-level BPE (get_vocab_base), or SentencePiece-style BPE
+    with byte fallback (Llama-2 / Phi-3 / Gemma style tokenizer.json) as a `llama` vocab whose scores rank the
+    merges the way the tokenizer's merge list does."""
     import gguf
     from transformers import AutoTokenizer
 
     tj_path = model_dir / "tokenizer.json"
     if not tj_path.is_file():
-        raise ExportError(f"{model_dir}: no tokenizer.json (GGUF export needs a fast byte-level BPE tokenizer)")
+        raise ExportError(f"{model_dir}: no tokenizer.json (GGUF export needs a fast BPE tokenizer)")
     tj = json.loads(tj_path.read_text(encoding="utf-8"))
-    if (tj.get("model") or {}).get("type") != "BPE" or (tj.get("decoder") or {}).get("type") != "ByteLevel":
-        raise ExportError(f"{tj_path}: only byte-level BPE tokenizers (GPT-2 / Llama-3 / Qwen2 style) are exported; "
-                          "this one is not (SentencePiece-style ones, e.g. Gemma's and Phi-3's: merge to safetensors and "
-                          "use llama.cpp's convert_hf_to_gguf.py)")
+    bpe = (tj.get("model") or {}).get("type") == "BPE"
+    byte_level = (tj.get("decoder") or {}).get("type") == "ByteLevel"
+    spm = bpe and not byte_level and tj["model"].get("byte_fallback") and not tj.get("pre_tokenizer")
+    if not (bpe and byte_level) and not spm:
+        raise ExportError(f"{tj_path}: only byte-level BPE (GPT-2 / Llama-3 / Qwen2 style) and SentencePiece-style BPE "
+                          "with byte fallback (Llama-2 / Phi-3 / Gemma style) tokenizers are exported; this one is "
+                          "neither: merge to safetensors and use llama.cpp's convert_hf_to_gguf.py")
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    pre = _pre_tokenizer(tok)
+    pre = "default" if spm else _pre_tokenizer(tok)
     reverse = {i: t for t, i in tok.get_vocab().items()}
     added = tok.added_tokens_decoder
-    tokens, types = [], []
+    ranks = {}
+    if spm:  # a token's score: minus the rank of the merge that makes it (llama.cpp merges the best score first)
+        for rank, merge in enumerate(tj["model"].get("merges") or []):
+            left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
+            ranks.setdefault(left + right, rank)
+    tokens, types, scores = [], [], []
     for i in range(vocab_size):
         if i not in reverse:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
+            scores.append(-1000.0)
             continue
         token = reverse[i]
+        score = -float(ranks.get(token, 0))
         if i in added:
-            if not added[i].normalized:
+            score = -1000.0
+            if not added[i].normalized and not spm:
                 token = tok.decode(tok.encode(token, add_special_tokens=False))
-            if added[i].special or _looks_special(token):
+            if token == tok.unk_token and spm:
+                types.append(gguf.TokenType.UNKNOWN)
+            elif added[i].special or _looks_special(token):
                 types.append(gguf.TokenType.CONTROL)
             else:
-                token = token.replace("\u2581", " ")  # pre-normalise user-defined spaces, as llama.cpp does
+                token = token if spm else token.replace("\u2581", " ")  # llama.cpp pre-normalises BPE user spaces
                 types.append(gguf.TokenType.USER_DEFINED)
+        elif spm and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            types.append(gguf.TokenType.BYTE)
+            score = 0.0
+        elif spm and token == tok.unk_token:
+            types.append(gguf.TokenType.UNKNOWN)
         else:
             types.append(gguf.TokenType.NORMAL)
         tokens.append(token)
-    return tokens, types, pre, tok
+        scores.append(score)
+    if not spm:
+        return Vocab("gpt2", tokens, types, pre, tok)
+    normalizers = tj.get("normalizer") or {}
+    steps = normalizers.get("normalizers", [normalizers])
+    prefix = any(step.get("type") == "Prepend" and step.get("prepend") == "\u2581" for step in steps)
+    return Vocab("llama", tokens, types, pre, tok, scores, prefix)
 
 
 def adds_bos(tok) -> bool:
@@ -318,7 +356,8 @@ def convert(model_dir: Path, out_file: Path, outtype: str = "f16", name: str | N
 
     cfg, arch_name = model_config(model_dir)
     arch = getattr(gguf.MODEL_ARCH, arch_name)
-    tokens, types, pre, tok = _vocab(model_dir, cfg["vocab_size"])
+    vocab = _vocab(model_dir, cfg["vocab_size"])
+    tokens, types, pre, tok = vocab.tokens, vocab.types, vocab.pre, vocab.tok
 
     writer = gguf.GGUFWriter(str(out_file), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(name or model_dir.name)
@@ -328,14 +367,17 @@ def convert(model_dir: Path, out_file: Path, outtype: str = "f16", name: str | N
     writer.add_file_type(ftype)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
+        writer.add_add_space_prefix(vocab.add_space_prefix)
     gguf_log = logging.getLogger("gguf")
     level, gguf_log.level = gguf_log.level, logging.ERROR  # its notes on post-processor templates are noise here
     try:
-        special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))
+        special = gguf.SpecialVocab(model_dir, load_merges=vocab.model == "gpt2", n_vocab=len(tokens))
         special.add_special_token["bos"] = add_bos = adds_bos(tok)
         special.add_to_gguf(writer, quiet=True)
     finally:

@@ -125,3 +125,74 @@ def test_a_gguf_with_a_real_tokenizer_tokenizes_like_hf(tmp_path, name, tokenize
     if claim_gpt2:  # what tokenizer.json claims (gpt-2) would have tokenized some test strings differently
         gpt2 = GGUFBPE({**meta, "tokenizer.ggml.pre": "gpt-2"})
         assert sum(gpt2.encode(text) != ids for text, ids in cases) >= 3
+
+
+class GGUFSPM:
+    """llama.cpp's SentencePiece tokenizer (llm_tokenizer_spm), from a GGUF's metadata alone: spaces become
+    U+2581 (one prepended when add_space_prefix), then the adjacent pair whose concatenation is a token with
+    the highest score merges first (leftmost on ties); characters with no token fall back to <0xXX> bytes."""
+
+    def __init__(self, meta):
+        self.ids = {t: i for i, t in enumerate(meta["tokenizer.ggml.tokens"])}
+        self.scores = meta["tokenizer.ggml.scores"]
+        self.prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+
+    def encode(self, text):
+        import heapq
+
+        if not text:
+            return []
+        text = ("\u2581" if self.prefix else "") + text.replace(" ", "\u2581")
+        symbols = list(text)
+        alive = [True] * len(symbols)
+        nxt, prv = list(range(1, len(symbols) + 1)), list(range(-1, len(symbols) - 1))
+        heap = []
+
+        def push(left):
+            right = nxt[left]
+            if right < len(symbols):
+                merged = symbols[left] + symbols[right]
+                if merged in self.ids:
+                    heapq.heappush(heap, (-self.scores[self.ids[merged]], left, merged))
+
+        for i in range(len(symbols) - 1):
+            push(i)
+        while heap:
+            _, left, merged = heapq.heappop(heap)
+            right = nxt[left] if alive[left] else len(symbols)
+            if right >= len(symbols) or symbols[left] + symbols[right] != merged:
+                continue  # stale
+            symbols[left], alive[right] = merged, False
+            nxt[left] = nxt[right]
+            if nxt[right] < len(symbols):
+                prv[nxt[right]] = left
+            if prv[left] >= 0:
+                push(prv[left])
+            push(left)
+        out = []
+        for i, sym in enumerate(symbols):
+            if alive[i]:
+                out += [self.ids[sym]] if sym in self.ids else [self.ids[f"<0x{b:02X}>"] for b in sym.encode("utf-8")]
+        return out
+
+
+def test_a_gguf_with_a_real_sentencepiece_tokenizer_tokenizes_like_hf(tmp_path):
+    """Phi-3's tokenizer (SentencePiece-style BPE with byte fallback; Gemma's and Llama-2's are of this kind):
+    written as a `llama` vocab whose scores rank the merges, it tokenizes llama.cpp's test strings as HF does."""
+    import shutil
+
+    model_dir = tmp_path / "phi3"
+    shutil.copytree(VOCAB / "phi-3-hf", model_dir)
+    hf = AutoTokenizer.from_pretrained(str(model_dir))
+    cases = vectors("phi-3")
+    assert [hf.encode(text, add_special_tokens=False) == ids for text, ids in cases] == [True] * len(cases)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(hf), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(str(model_dir))
+
+    gguf_export.convert(model_dir, tmp_path / "m.gguf", "f16")
+    meta, _ = gguf_export.read_gguf(tmp_path / "m.gguf")
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] is True
+    spm = GGUFSPM(meta)
+    assert [spm.encode(text) == ids for text, ids in cases] == [True] * len(cases)
