@@ -304,8 +304,12 @@ def adds_bos(tok) -> bool:
     if not tok.bos_token:
         return False
     if tok.chat_template:
-        prompt = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
-        return prompt.startswith(tok.bos_token)
+        try:
+            prompt = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 -- a template that refuses this chat: fall back to the tokenizer's own habit
+            prompt = None
+        if prompt is not None:
+            return prompt.startswith(tok.bos_token)
     ids = tok("x")["input_ids"]
     return bool(ids) and ids[0] == tok.bos_token_id
 

@@ -13,6 +13,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from _gguf_forward import gguf_forward, read
 from _merge_support import lora, make_adapter
 from _support import run_cli
 from transformers import AutoModelForCausalLM, Qwen2Config
@@ -20,66 +21,6 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 from finetune import gguf_export, ollama
 from finetune.errors import FinetuneError
 from finetune.export import export_gguf
-
-
-def read(path):
-    reader = gguf.GGUFReader(str(path))
-    tensors = {t.name: gguf_export._decode(t) for t in reader.tensors}
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    return tensors, meta, {t.name: t.tensor_type for t in reader.tensors}
-
-
-def rope(x, pos, base, neox):
-    """x: (T, heads, d). llama.cpp's two RoPE layouts: NORM rotates adjacent pairs (x0, x1), NEOX rotates
-    (x_i, x_{i+d/2}) like HF's rotate_half."""
-    d = x.shape[-1]
-    theta = pos[:, None] * base ** (-np.arange(0, d, 2) / d)  # (T, d/2)
-    cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
-    a, b = (x[..., : d // 2], x[..., d // 2:]) if neox else (x[..., 0::2], x[..., 1::2])
-    ra, rb = a * cos - b * sin, a * sin + b * cos
-    out = np.empty_like(x)
-    if neox:
-        out[..., : d // 2], out[..., d // 2:] = ra, rb
-    else:
-        out[..., 0::2], out[..., 1::2] = ra, rb
-    return out
-
-
-def gguf_forward(path, ids):
-    """Logits of a GGUF Llama / Qwen2 computed from the file alone, as llama.cpp's graph does."""
-    t, meta, _ = read(path)
-    arch = meta["general.architecture"]
-    n_head, n_kv = meta[f"{arch}.attention.head_count"], meta[f"{arch}.attention.head_count_kv"]
-    eps, base = meta[f"{arch}.attention.layer_norm_rms_epsilon"], meta[f"{arch}.rope.freq_base"]
-    neox = arch == "qwen2"  # llama.cpp: LLM_ARCH_LLAMA uses LLAMA_ROPE_TYPE_NORM, QWEN2 uses NEOX
-
-    def norm(x, w):
-        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
-
-    def lin(x, name):
-        y = x @ t[name + ".weight"].T
-        return y + t[name + ".bias"] if name + ".bias" in t else y
-
-    x = t["token_embd.weight"][ids].astype(np.float64)
-    T, pos = len(ids), np.arange(len(ids), dtype=np.float64)
-    mask = np.triu(np.full((T, T), -np.inf), 1)
-    for i in range(meta[f"{arch}.block_count"]):
-        p = f"blk.{i}."
-        h = norm(x, t[p + "attn_norm.weight"])
-        q, k, v = lin(h, p + "attn_q"), lin(h, p + "attn_k"), lin(h, p + "attn_v")
-        d = q.shape[-1] // n_head
-        q = rope(q.reshape(T, n_head, d), pos, base, neox)
-        k = np.repeat(rope(k.reshape(T, n_kv, d), pos, base, neox), n_head // n_kv, axis=1)
-        v = np.repeat(v.reshape(T, n_kv, d), n_head // n_kv, axis=1)
-        s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d) + mask
-        s = np.exp(s - s.max(-1, keepdims=True))
-        a = np.einsum("hqk,khd->qhd", s / s.sum(-1, keepdims=True), v).reshape(T, -1)
-        x = x + lin(a, p + "attn_output")
-        h = norm(x, t[p + "ffn_norm.weight"])
-        g = lin(h, p + "ffn_gate")
-        x = x + lin(g / (1 + np.exp(-g)) * lin(h, p + "ffn_up"), p + "ffn_down")
-    out = t["output.weight"] if "output.weight" in t else t["token_embd.weight"]
-    return norm(x, t["output_norm.weight"]) @ out.T
 
 
 def hf_logits(model_dir, ids):
@@ -137,7 +78,7 @@ def test_gguf_outtypes_read_back_within_tolerance(tmp_path, tiny_path, probe_ids
     out = tmp_path / f"tiny-{outtype}.gguf"
     report = gguf_export.convert(Path(tiny_path), out, outtype)
     assert 0 < report.max_rel_error <= gguf_export.TOLERANCE[outtype]
-    _, meta, types = read(out)
+    _, _, types = read(out)
     assert types["blk.0.attn_q.weight"] == qtype and types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
     got, expected = gguf_forward(out, probe_ids), hf_logits(tiny_path, probe_ids)
     assert np.abs(got - expected).max() < {"f16": 0.02, "q8_0": 0.2}[outtype]
