@@ -169,11 +169,30 @@ def stops(p: Pieces) -> list[str]:
     return out
 
 
+TOOLS_NOTE = ("the chat template renders a tool list, which the Ollama TEMPLATE does not carry: "
+              "requests with tools get no tool instructions")
+_PROBE_TOOLS = [{"type": "function", "function": {"name": "probe_tool", "description": "A probe.",
+                                                   "parameters": {"type": "object", "properties": {}}}}]
+
+
+def renders_tools(tok) -> bool:
+    """Whether the chat template writes something for a `tools` list (which the translated TEMPLATE ignores)."""
+    chat = [{"role": "user", "content": _U1}]
+    try:
+        with_tools = tok.apply_chat_template(chat, tools=_PROBE_TOOLS, tokenize=False, add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 -- a template that cannot take tools renders none
+        return False
+    return with_tools != _render(tok, chat, True)
+
+
 def modelfile(gguf_name: str, tok, system: str | None = None) -> str:
-    """The Modelfile text; FROM points at the GGUF beside it."""
+    """The Modelfile text; FROM points at the GGUF beside it. A template with tool support gets a comment
+    saying the TEMPLATE drops it (`TOOLS_NOTE`)."""
     p = split_template(tok)
-    lines = ["# ollama create NAME -f Modelfile  (written by finetune export --ollama)", f"FROM ./{gguf_name}",
-             f'TEMPLATE """{go_template(p)}"""']
+    lines = ["# ollama create NAME -f Modelfile  (written by finetune export --ollama)"]
+    if renders_tools(tok):
+        lines.append(f"# note: {TOOLS_NOTE}")
+    lines += [f"FROM ./{gguf_name}", f'TEMPLATE """{go_template(p)}"""']
     lines += [f'PARAMETER stop "{s}"' for s in stops(p)]
     system = system if system is not None else p.default_system
     if system:

@@ -131,3 +131,14 @@ def test_an_empty_system_message_is_a_system_turn(go_render, tiny_tokenizer):
     [result] = go_render([{"template": go, "messages": CHATS["empty_system"], "tools": []}])
     assert result["text"].startswith("<|im_start|>system\n<|im_end|>\n")
     assert "if .System" not in go
+
+
+def test_a_template_with_tool_support_is_flagged(tiny_tokenizer):
+    """The TEMPLATE carries no .Tools: a chat template that renders a tool list gets a note in the Modelfile."""
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = ("{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+                         + CHATML_NO_DEFAULT)
+    assert ollama.renders_tools(tok)
+    assert f"# note: {ollama.TOOLS_NOTE}" in ollama.modelfile("m.gguf", tok)
+    tok.chat_template = CHATML_NO_DEFAULT
+    assert not ollama.renders_tools(tok) and "note:" not in ollama.modelfile("m.gguf", tok)
