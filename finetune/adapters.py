@@ -138,6 +138,22 @@ def _check_combinations(recipe, train_given: dict, where) -> None:
 # ----------------------------------------------------------------------------- PEFT configs
 
 
+def moe_attention_targets(model) -> list[str] | None:
+    """`all-linear` on a mixture-of-experts model (one with an `experts` module): the linear layers of its
+    attention blocks only. PEFT 0.21 resolves `all-linear` there to transformers 5's fused 3-D expert tensors
+    (a rank-r LoRA per expert, refused with dropout) and to the router (whose LoRA changes which experts are
+    picked). None for a dense model; name the expert projections (gate_proj, up_proj, down_proj) to train them."""
+    import torch
+
+    modules = list(model.named_modules())
+    if not any(name.rsplit(".", 1)[-1] == "experts" for name, _ in modules):
+        return None
+    attention = ("self_attn", "self_attention", "attention", "attn")
+    names = {name.rsplit(".", 1)[-1] for name, module in modules
+             if isinstance(module, torch.nn.Linear) and any(part in attention for part in name.split(".")[:-1])}
+    return sorted(names) or None
+
+
 def peft_config(adapter, model=None, *, total_steps: int | None = None, tokenizer: str | None = None, counting: bool = False):
     """The PEFT config of `adapter` (an AdapterSection); None for freeze/full. `model` gives the
     hidden size prompt encoders default to; `counting` skips data-dependent initialisation
@@ -148,7 +164,9 @@ def peft_config(adapter, model=None, *, total_steps: int | None = None, tokenize
     common = dict(task_type=peft.TaskType.CAUSAL_LM, modules_to_save=a.modules_to_save)
     if m in LORA:
         init = {"pissa": "pissa_niter_16", "olora": "olora"}.get(m, True)
-        return peft.LoraConfig(**common, r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=a.target_modules,
+        targets = (moe_attention_targets(model) if model is not None and a.target_modules == "all-linear" else None)
+        return peft.LoraConfig(**common, r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
+                               target_modules=targets or a.target_modules,
                                use_rslora=a.use_rslora, use_dora=a.use_dora or m == "dora", bias=a.bias,
                                init_lora_weights=True if counting else init)
     if m == "adalora":

@@ -34,11 +34,11 @@ def export_gguf(model_dir: str, out: str, outtype: str = "f16", ollama_file: boo
         from transformers import AutoConfig
 
         try:
-            archs = AutoConfig.from_pretrained(source.base).architectures
+            base_config = AutoConfig.from_pretrained(source.base).to_dict()
         except (OSError, ValueError) as e:
             raise SourceError(f"{source.base_field}: cannot load base {source.base}: {str(e).splitlines()[0]}; "
                               "pass --base MODEL if it lives elsewhere") from None
-        gguf_export.check_architecture((archs or ["?"])[0], f"{source.base_field}: {source.base}")
+        gguf_export.check_config(base_config, f"{source.base_field}: {source.base}")
     tok = load_tokenizer(source)
     modelfile_text = ollama.modelfile(final.name, tok, system) if ollama_file else None  # fails before any work
 
@@ -55,6 +55,8 @@ def export_gguf(model_dir: str, out: str, outtype: str = "f16", ollama_file: boo
         if modelfile_text is not None:
             (tmp / "Modelfile").write_text(modelfile_text, encoding="utf-8")
             lines.append(f"Ollama Modelfile written to {modelfile_path} (ollama create NAME -f {modelfile_path})")
+            if ollama.TOOLS_NOTE in modelfile_text:
+                lines.append(f"note: {ollama.TOOLS_NOTE}")
         if source.kind == "adapter":
             shutil.rmtree(model_path)
         if modelfile_text is not None:  # both files appear together: the Modelfile goes in just before the GGUF

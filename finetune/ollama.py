@@ -7,6 +7,12 @@ prefix and suffix, generation prompt, default system prompt), then re-renders ot
 from those pieces and checks they equal the Jinja output. ChatML (Qwen), Llama-3, the tiny model's
 and finetune's fallback template all pass; a template that is not of this shape (tool-use logic,
 content-dependent branches) is refused with a one-line error instead of being translated wrongly.
+
+Three things a Go text/template cannot mirror are checked, not assumed: a template that trims message
+content (Jinja `| trim`: Go templates have no trim, and Ollama passes content as sent) is refused; an
+empty system message is a system turn (the TEMPLATE ranges over .Messages, where `{{ if .System }}`
+would drop it); and the BOS that Ollama's runner prepends (the GGUF's add_bos_token) is left out of
+the TEMPLATE.
 """
 
 from __future__ import annotations
@@ -62,6 +68,19 @@ def split_template(tok) -> Pieces:
                          "prefix/suffix text); export without --ollama and write the Modelfile TEMPLATE by hand")
     sys_chat = [{"role": "system", "content": _S}, {"role": "user", "content": _U1},
                 {"role": "assistant", "content": _A1}, {"role": "user", "content": _U2}]
+    padded = [{"role": "system", "content": "  " + _S + " \n"}, {"role": "user", "content": "\n " + _U1 + "  "},
+              {"role": "assistant", "content": " " + _A1 + "\t\n"}, {"role": "user", "content": _U2}]
+    try:
+        spaced = _render(tok, padded, False)
+    except Exception:  # noqa: BLE001 -- a template that refuses this chat is judged (and refused) below
+        spaced = None
+    if spaced is not None:
+        for m in padded[:3]:
+            if m["content"] not in spaced and m["content"].strip() in spaced:
+                raise TemplateError(f"the chat template strips the whitespace around {m['role']} message content (Jinja "
+                                    "`| trim`), which an Ollama TEMPLATE (Go text/template) cannot do: Ollama would "
+                                    "render different text than training saw; export without --ollama and write the "
+                                    "Modelfile TEMPLATE by hand")
     try:
         full = _render(tok, sys_chat, False)
         no_sys = _render(tok, sys_chat[1:], False)
@@ -107,6 +126,7 @@ def split_template(tok) -> Pieces:
           {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}, {"role": "user", "content": "Why?"}], True),
         ([{"role": "user", "content": "One"}, {"role": "assistant", "content": "Two"}], False),
         ([{"role": "user", "content": "Only a question"}], True),
+        ([{"role": "system", "content": ""}, {"role": "user", "content": "Empty system"}], True),
     ]
     for messages, add in checks:
         if pieces.render(messages, add) != _render(tok, messages, add):
@@ -115,21 +135,24 @@ def split_template(tok) -> Pieces:
 
 
 def go_template(p: Pieces) -> str:
-    """The pieces as an Ollama (Go text/template) TEMPLATE over .System and .Messages; no whitespace
-    trimming markers, so the literal text is kept byte for byte. A template that always writes a system
-    turn (a default prompt, or an empty one as Llama-3.1's) gets it unconditionally; the Modelfile's
-    SYSTEM then carries the default."""
-    for text in (p.system_prefix, p.system_suffix, p.user_prefix, p.user_suffix, p.assistant_prefix,
-                 p.assistant_suffix, p.generation):
+    """The pieces as an Ollama (Go text/template) TEMPLATE over .Messages, where Ollama keeps system messages:
+    a system turn is written for every system message, empty ones included (`{{ if .System }}` would drop
+    ""). No whitespace-trimming markers, so the literal text is kept byte for byte. A template that writes a
+    system turn even with no system message (a default prompt, or an empty one as Llama-3.1's) writes it
+    literally before a first message that is not a system one; the Modelfile's SYSTEM carries the default."""
+    texts = (p.system_prefix, p.system_suffix, p.user_prefix, p.user_suffix, p.assistant_prefix, p.assistant_suffix,
+             p.generation, p.default_system or "")
+    for text in texts:
         if "{{" in text or '"""' in text:
             raise TemplateError("the chat template's text contains '{{' or '\"\"\"', which an Ollama TEMPLATE cannot hold")
-    system = f"{p.system_prefix}{{{{ .System }}}}{p.system_suffix}"
-    if p.default_system is None:  # the template writes a system turn only when there is a system message
-        system = f"{{{{ if .System }}}}{system}{{{{ end }}}}"
+    default = ""
+    if p.default_system is not None:
+        default = f'{{{{ if and (eq $i 0) (ne .Role "system") }}}}{p.system_prefix}{p.default_system}{p.system_suffix}{{{{ end }}}}'
     return (
-        f"{system}"
         "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
-        f"{{{{ if eq .Role \"user\" }}}}{p.user_prefix}{{{{ .Content }}}}{p.user_suffix}"
+        f"{default}"
+        f"{{{{ if eq .Role \"system\" }}}}{p.system_prefix}{{{{ .Content }}}}{p.system_suffix}"
+        f"{{{{ else if eq .Role \"user\" }}}}{p.user_prefix}{{{{ .Content }}}}{p.user_suffix}"
         f"{{{{ if $last }}}}{p.generation}{{{{ end }}}}"
         f"{{{{ else if eq .Role \"assistant\" }}}}{p.assistant_prefix}{{{{ .Content }}}}"
         f"{{{{ if not $last }}}}{p.assistant_suffix}{{{{ end }}}}"
@@ -146,11 +169,30 @@ def stops(p: Pieces) -> list[str]:
     return out
 
 
+TOOLS_NOTE = ("the chat template renders a tool list, which the Ollama TEMPLATE does not carry: "
+              "requests with tools get no tool instructions")
+_PROBE_TOOLS = [{"type": "function", "function": {"name": "probe_tool", "description": "A probe.",
+                                                   "parameters": {"type": "object", "properties": {}}}}]
+
+
+def renders_tools(tok) -> bool:
+    """Whether the chat template writes something for a `tools` list (which the translated TEMPLATE ignores)."""
+    chat = [{"role": "user", "content": _U1}]
+    try:
+        with_tools = tok.apply_chat_template(chat, tools=_PROBE_TOOLS, tokenize=False, add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 -- a template that cannot take tools renders none
+        return False
+    return with_tools != _render(tok, chat, True)
+
+
 def modelfile(gguf_name: str, tok, system: str | None = None) -> str:
-    """The Modelfile text; FROM points at the GGUF beside it."""
+    """The Modelfile text; FROM points at the GGUF beside it. A template with tool support gets a comment
+    saying the TEMPLATE drops it (`TOOLS_NOTE`)."""
     p = split_template(tok)
-    lines = ["# ollama create NAME -f Modelfile  (written by finetune export --ollama)", f"FROM ./{gguf_name}",
-             f'TEMPLATE """{go_template(p)}"""']
+    lines = ["# ollama create NAME -f Modelfile  (written by finetune export --ollama)"]
+    if renders_tools(tok):
+        lines.append(f"# note: {TOOLS_NOTE}")
+    lines += [f"FROM ./{gguf_name}", f'TEMPLATE """{go_template(p)}"""']
     lines += [f'PARAMETER stop "{s}"' for s in stops(p)]
     system = system if system is not None else p.default_system
     if system:

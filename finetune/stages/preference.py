@@ -45,6 +45,7 @@ def run(recipe: Recipe, make_trainer: Callable, callbacks=(), num_labels: int | 
     set_seed(recipe.train["seed"])  # the adapter (and a reward head) are initialised from this seed
     model = models.load_model(recipe.model, recipe.adapter, recipe.train["activation_checkpointing"],
                               num_labels=num_labels, pad_token_id=tok.pad_token_id)
+    models.align_router_aux_loss(model, args)
     checkpoint = run_dir.start(recipe.identity(), is_main=state.is_main_process)
     state.wait_for_everyone()
     if checkpoint and state.is_main_process:
@@ -96,7 +97,7 @@ def trainer(trainer_cls, recipe: Recipe, peft_config=None, **extra) -> Callable:
             train_dataset=prepared.train.dataset(),
             eval_dataset=prepared.eval.dataset() if prepared.eval else None,
             processing_class=tok,
-            peft_config=peft_config or models.adapter_config(recipe.adapter),
+            peft_config=peft_config or models.adapter_config(recipe.adapter, model),
             callbacks=callbacks,
             **extra,
         )

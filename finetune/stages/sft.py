@@ -49,6 +49,7 @@ def run(recipe: Recipe, callbacks=()) -> Path:
     # recipe gives the same initial adapter (and the same run) every time.
     set_seed(recipe.train["seed"])
     model = models.load_model(recipe.model, recipe.adapter, recipe.train["activation_checkpointing"])
+    models.align_router_aux_loss(model, args)
     # The method's adapter (or frozen weights), callbacks and optimizer: finetune/adapters.py.
     steps = planned_steps(recipe, len(prepared.train.encoded), state.num_processes)
     training = adapters.for_training(model, recipe, args, steps, tokenizer=tok.name_or_path)

@@ -1,0 +1,126 @@
+"""A numpy forward pass of a GGUF computed from the file alone, the way llama.cpp's graphs for the exported
+architectures compute (llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3): its RoPE layouts, Gemma's
+embedding scale, soft-capping and sliding-window layout, q/k norms, top-k MoE routing and Phi-3's fused
+projections. Used to show an exported file computes what transformers computes."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+
+from finetune import gguf_export
+
+NEOX = {"qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3"}  # llama.cpp's LLAMA_ROPE_TYPE_NEOX archs
+SWA_PATTERN = {"gemma2": 2, "gemma3": 6}  # llama.cpp's load_swa_pattern defaults: layer il is local unless il % n == n-1
+
+
+def read(path):
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: gguf_export._decode(t) for t in reader.tensors}
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    return tensors, meta, {t.name: t.tensor_type for t in reader.tensors}
+
+
+def rope(x, pos, base, neox, n_rot=None, scale=1.0):
+    """x: (T, heads, d). NORM rotates adjacent pairs (x0, x1), NEOX rotates (x_i, x_{i+n_rot/2}); only the
+    first n_rot dims rotate; positions are multiplied by `scale` (linear rope scaling)."""
+    d = x.shape[-1]
+    n_rot = n_rot or d
+    theta = (pos * scale)[:, None] * base ** (-np.arange(0, n_rot, 2) / n_rot)
+    cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
+    r = x[..., :n_rot]
+    a, b = (r[..., : n_rot // 2], r[..., n_rot // 2:]) if neox else (r[..., 0::2], r[..., 1::2])
+    ra, rb = a * cos - b * sin, a * sin + b * cos
+    out = x.copy()
+    if neox:
+        out[..., : n_rot // 2], out[..., n_rot // 2:n_rot] = ra, rb
+    else:
+        out[..., 0:n_rot:2], out[..., 1:n_rot:2] = ra, rb
+    return out
+
+
+def gguf_forward(path, ids):
+    t, meta, _ = read(path)
+    arch = meta["general.architecture"]
+
+    def key(name, default=None):
+        return meta.get(f"{arch}.{name}", default)
+
+    n_head, n_kv, eps = key("attention.head_count"), key("attention.head_count_kv"), key("attention.layer_norm_rms_epsilon")
+    base, base_swa = key("rope.freq_base", 10000.0), key("rope.freq_base_swa", key("rope.freq_base", 10000.0))
+    scale = 1.0 / key("rope.scaling.factor", 1.0) if key("rope.scaling.type") == "linear" else 1.0
+    window, attn_cap, final_cap = key("attention.sliding_window", 0), key("attn_logit_softcapping"), key("final_logit_softcapping")
+    gemma = arch.startswith("gemma")
+
+    def norm(x, w):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+    def lin(x, name):
+        y = x @ t[name + ".weight"].T
+        return y + t[name + ".bias"] if name + ".bias" in t else y
+
+    def act(g):
+        if gemma:  # GELU, tanh approximation
+            return 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3)))
+        return g / (1 + np.exp(-g))
+
+    x = t["token_embd.weight"][ids].astype(np.float64)
+    if gemma:
+        x = x * np.sqrt(x.shape[-1])
+    T, pos = len(ids), np.arange(len(ids), dtype=np.float64)
+    causal = np.triu(np.full((T, T), -np.inf), 1)
+    local = causal + np.where(pos[:, None] - pos[None, :] >= (window or T + 1), -np.inf, 0.0)
+    for i in range(key("block_count")):
+        p = f"blk.{i}."
+        swa = arch in SWA_PATTERN and window and i % SWA_PATTERN[arch] < SWA_PATTERN[arch] - 1
+        h = norm(x, t[p + "attn_norm.weight"])
+        if p + "attn_qkv.weight" in t:
+            qkv = lin(h, p + "attn_qkv")
+            d = qkv.shape[-1] // (n_head + 2 * n_kv)
+            q, k, v = np.split(qkv, [n_head * d, (n_head + n_kv) * d], axis=-1)
+        else:
+            q, k, v = lin(h, p + "attn_q"), lin(h, p + "attn_k"), lin(h, p + "attn_v")
+        d = key("attention.key_length") or q.shape[-1] // n_head
+        q, k, v = q.reshape(T, n_head, d), k.reshape(T, n_kv, d), v.reshape(T, n_kv, d)
+        if p + "attn_q_norm.weight" in t:
+            q, k = norm(q, t[p + "attn_q_norm.weight"]), norm(k, t[p + "attn_k_norm.weight"])
+        n_rot = key("rope.dimension_count", d)
+        layer_base, layer_scale = (base_swa, 1.0) if swa else (base, scale)
+        q = rope(q, pos, layer_base, arch in NEOX, n_rot, layer_scale)
+        k = np.repeat(rope(k, pos, layer_base, arch in NEOX, n_rot, layer_scale), n_head // n_kv, axis=1)
+        v = np.repeat(v, n_head // n_kv, axis=1)
+        s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d)
+        if attn_cap:
+            s = np.tanh(s / attn_cap) * attn_cap
+        s = s + (local if swa or (window and arch == "phi3") else causal)
+        s = np.exp(s - s.max(-1, keepdims=True))
+        a = lin(np.einsum("hqk,khd->qhd", s / s.sum(-1, keepdims=True), v).reshape(T, -1), p + "attn_output")
+        if p + "post_attention_norm.weight" in t:
+            a = norm(a, t[p + "post_attention_norm.weight"])
+        x = x + a
+        h = norm(x, t[p + "ffn_norm.weight"])
+        if p + "ffn_gate_inp.weight" in t:  # top-k experts, softmax router, weights renormalised
+            logits = lin(h, p + "ffn_gate_inp")
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            top = np.argsort(-probs, axis=-1)[:, : key("expert_used_count")]
+            f = np.zeros_like(h)
+            for row in range(T):
+                w = probs[row, top[row]] / probs[row, top[row]].sum()
+                for e, we in zip(top[row], w):
+                    g = t[p + "ffn_gate_exps.weight"][e] @ h[row]
+                    u = t[p + "ffn_up_exps.weight"][e] @ h[row]
+                    f[row] += we * (t[p + "ffn_down_exps.weight"][e] @ (act(g) * u))
+        elif p + "ffn_gate.weight" in t:
+            f = lin(act(lin(h, p + "ffn_gate")) * lin(h, p + "ffn_up"), p + "ffn_down")
+        else:  # phi3: ffn_up holds gate and up, in that order
+            g, u = np.split(lin(h, p + "ffn_up"), 2, axis=-1)
+            f = lin(act(g) * u, p + "ffn_down")
+        if p + "post_ffw_norm.weight" in t:
+            f = norm(f, t[p + "post_ffw_norm.weight"])
+        x = x + f
+    out = t["output.weight"] if "output.weight" in t else t["token_embd.weight"]
+    logits = norm(x, t["output_norm.weight"]) @ out.T
+    if final_cap:
+        logits = np.tanh(logits / final_cap) * final_cap
+    return logits

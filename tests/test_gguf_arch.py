@@ -1,0 +1,106 @@
+"""GGUF export per architecture: a tiny random model of each family is written, read back (names, shapes,
+metadata) and run by a numpy forward that computes as llama.cpp's graph does from the file alone; its
+logits equal transformers' (fp32)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _gguf_forward import gguf_forward, read
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from finetune import gguf_export
+from finetune.errors import FinetuneError
+
+SMALL = {"vocab_size": 1536, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "max_position_embeddings": 256}
+CONFIGS = {
+    "qwen3": {"model_type": "qwen3", "head_dim": 16, "tie_word_embeddings": True},
+    "qwen3_moe": {"model_type": "qwen3_moe", "head_dim": 16, "moe_intermediate_size": 32, "num_experts": 4,
+                      "num_experts_per_tok": 2, "norm_topk_prob": True},
+    # sliding_window 4 < the probe's length: the local/global layer layout is exercised
+    "gemma2": {"model_type": "gemma2", "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4,
+                   "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+    "gemma3_text": {"model_type": "gemma3_text", "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4,
+                        "num_hidden_layers": 7, "rope_parameters": {
+                            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+    "phi3": {"model_type": "phi3", "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+}
+GGUF_ARCH = {"qwen3": "qwen3", "qwen3_moe": "qwen3moe", "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
+
+
+def tiny_model_dir(root: Path, family: str, tokenizer, **overrides) -> Path:
+    kwargs = {**SMALL, **CONFIGS[family], **overrides}
+    cfg = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # random norm weights, so the Gemma +1 shift (or its absence) shows
+                p.normal_(0.0, 0.3)
+    out = root / family
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def hf_logits(model_dir, ids):
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
+
+
+@pytest.fixture(scope="module")
+def ids(tiny_tokenizer):
+    return tiny_tokenizer("The sky is blue because of Rayleigh scattering.", add_special_tokens=False)["input_ids"][:12]
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, tiny_tokenizer, ids, family):
+    assert len(ids) > 4
+    model_dir = tiny_model_dir(tmp_path, family, tiny_tokenizer)
+    out = tmp_path / f"{family}.gguf"
+    report = gguf_export.convert(model_dir, out, "f32")
+    assert report.max_rel_error == 0.0
+    tensors, meta, _ = read(out)
+    assert meta["general.architecture"] == GGUF_ARCH[family]
+    got, want = gguf_forward(out, ids), hf_logits(model_dir, ids)
+    deviation = float(np.abs(got - want).max())
+    print(f"{family}: max |dlogit| {deviation:.2e} (mean |logit| {np.abs(want).mean():.3f})")
+    assert deviation < 1e-4
+    if family == "qwen3_moe":  # experts stacked: (n_expert, ff, hidden) per projection, router kept
+        assert tensors["blk.0.ffn_gate_exps.weight"].shape == (4, 32, 64)
+        assert tensors["blk.1.ffn_down_exps.weight"].shape == (4, 64, 32)
+        assert meta["qwen3moe.expert_count"] == 4 and meta["qwen3moe.expert_used_count"] == 2
+    if family.startswith("gemma"):  # norms stored as 1 + w; tied output
+        hf = AutoModelForCausalLM.from_pretrained(str(model_dir)).state_dict()
+        assert np.allclose(tensors["blk.0.attn_norm.weight"], hf["model.layers.0.input_layernorm.weight"].numpy() + 1)
+        assert "output.weight" not in tensors and meta[f"{GGUF_ARCH[family]}.attention.sliding_window"] == 4
+    if family == "phi3":
+        assert tensors["blk.0.attn_qkv.weight"].shape == (64 + 2 * 32, 64)
+
+
+@pytest.mark.parametrize("family,override,field", [
+    ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob"),
+    ("gemma2", {"query_pre_attn_scalar": 32}, "query_pre_attn_scalar"),
+])
+def test_a_configuration_llama_cpp_would_compute_differently_is_refused(tmp_path, tiny_tokenizer, family, override, field):
+    model_dir = tiny_model_dir(tmp_path, family, tiny_tokenizer, **override)
+    with pytest.raises(FinetuneError, match=field) as e:
+        gguf_export.convert(model_dir, tmp_path / "x.gguf", "f32")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "x.gguf").exists()
+    # an adapter on such a base is refused before anything is merged or written
+    from _merge_support import make_adapter
+    from peft import LoraConfig
+
+    from finetune.export import export_gguf
+
+    adapter = make_adapter(str(model_dir), tmp_path / "adapter", LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(FinetuneError, match=field):
+        export_gguf(str(adapter), str(tmp_path / "out" / "m.gguf"))
+    assert not (tmp_path / "out").exists()
