@@ -29,7 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -148,22 +148,24 @@ def response_schema(tok) -> tuple[dict | None, frozenset]:
     fields["content"] = {"content": "text"}
     # The parser is given the rendered prompt and starts reading after the last generation prompt, so a
     # template that opens `<think>` in the generation prompt is parsed as reasoning from the first token.
-    return {"defaults": {"role": "assistant"}, "start_anchor": _generation_prompt(tok, tags), "fields": fields}, keep
+    anchor = _generation_prompt(tok, tags)
+    start = {"start_anchor": anchor} if anchor else {"start_anchor_pattern": r"\Z"}  # else: nothing of the prompt
+    return {"defaults": {"role": "assistant"}, **start, "fields": fields}, keep
 
 
 def _generation_prompt(tok, tags: list[str]) -> str:
-    """What `add_generation_prompt=True` appends (up to an opening reasoning tag), e.g. `<|im_start|>assistant\\n`."""
+    """What `add_generation_prompt=True` appends, up to an opening tag (e.g. `<|im_start|>assistant\\n`); '' if unknown."""
     chat = [{"role": "user", "content": "x"}]
     try:
         with_prompt = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
         without = tok.apply_chat_template(chat, add_generation_prompt=False, tokenize=False)
-    except Exception:  # a template that needs more than a plain user turn: parse the whole output
-        return "\x00"
+    except Exception:  # noqa: BLE001 - any template error: a template that needs more than a plain user turn
+        return ""
     tail = with_prompt[len(without):] if with_prompt.startswith(without) else ""
     for tag in tags:
         if tag in tail:
             tail = tail[:tail.index(tag)]
-    return tail or "\x00"  # an anchor that never matches: the parser reads the whole prefix tail (none)
+    return tail
 
 
 # ---------------------------------------------------------------- generation
@@ -191,7 +193,7 @@ class Row:
     prompt_text: str
     sampling: Sampling
     emit: Any  # called (from the worker thread) with ("content"|"reasoning", text), ("tool_call", ToolCall), ("done", reason, n_tokens)
-    parse: bool = True  # chat: reasoning / tool-call parsing; completions: raw text
+    chat: bool = True  # chat: reasoning / tool calls parsed, content stripped; completions: the raw text
     group: str = ""  # rows of one seeded request run together, alone
     cancelled: threading.Event = field(default_factory=threading.Event)
     ids: list[int] = field(default_factory=list)
@@ -205,7 +207,7 @@ class Row:
     def start(self) -> None:
         from transformers.utils.chat_parsing import ResponseParser
 
-        if self.parse and self.served.schema is not None:
+        if self.chat and self.served.schema is not None:
             self._parser = ResponseParser(self.served.schema, prefix=self.prompt_text)
             self._route(self._parser.initial_events)
 
@@ -272,8 +274,11 @@ class Row:
                 self._out("content", item)
 
     def _out(self, kind: str, text: str) -> None:
-        """Content without leading or trailing whitespace (as `finetune chat` prints it): trailing
-        whitespace is held until more text follows it."""
+        """Chat content without leading or trailing whitespace (as `finetune chat` prints it): trailing
+        whitespace is held until more text follows it. Completions get the raw text."""
+        if not self.chat:
+            self.emit((kind, text))
+            return
         if not self._started:
             text = text.lstrip()
             if not text:
@@ -306,6 +311,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
         self.queue: queue.Queue = queue.Queue()
+        self.batch_sizes: list[int] = []  # rows per generate call, for tests and benchmarks
         self.thread = threading.Thread(target=self._loop, name="finetune-serve-engine", daemon=True)
         self.thread.start()
 
@@ -354,6 +360,7 @@ class Engine:
                     r.step(-1, set())
             if not live:
                 return
+            self.batch_sizes.append(len(live))
             model, tok = served.model, served.tokenizer
             if served.adapter is not None and hasattr(model, "set_adapter"):
                 model.set_adapter(served.adapter)
@@ -365,7 +372,7 @@ class Engine:
                 input_ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
                 attention[i, width - len(r.prompt_ids):] = 1
             eos = _eos_ids(model, tok)
-            gen = dict(max_new_tokens=max(r.sampling.max_tokens for r in live), pad_token_id=pad, do_sample=not s.greedy)
+            gen = {"max_new_tokens": max(r.sampling.max_tokens for r in live), "pad_token_id": pad, "do_sample": not s.greedy}
             if s.greedy:
                 gen.update(temperature=None, top_p=None, top_k=None)
             else:
@@ -405,7 +412,7 @@ def _eos_ids(model, tok) -> set[int]:
 class APIError(Exception):
     """An OpenAI-style error response."""
 
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+    TYPES: ClassVar[dict[int, str]] = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
              405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
              500: "server_error", 503: "server_error"}
 
@@ -568,7 +575,7 @@ def create_app(served: dict[str, Served], api_key: str | None = None, limits: Li
                            param="messages") from None
         return text, target.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def run(rows_for: list[tuple[str, list[int]]], target: Served, s: Sampling, n: int, parse: bool, seeded: bool):
+    def run(rows_for: list[tuple[str, list[int]]], target: Served, s: Sampling, n: int, chat: bool, seeded: bool):
         """Queue n rows per prompt; returns (per-choice asyncio queues, the rows)."""
         loop = asyncio.get_running_loop()
         queues, rows = [], []
@@ -580,7 +587,7 @@ def create_app(served: dict[str, Served], api_key: str | None = None, limits: Li
                 def emit(item, q=q):
                     loop.call_soon_threadsafe(q.put_nowait, item)
 
-                rows.append(Row(target, ids, text, s, emit, parse=parse, group=group))
+                rows.append(Row(target, ids, text, s, emit, chat=chat, group=group))
                 queues.append(q)
         engine.submit(rows)
         return queues, rows
@@ -623,7 +630,7 @@ def create_app(served: dict[str, Served], api_key: str | None = None, limits: Li
         text, ids = render_chat(body, target)
         s = sampling(body, target, len(ids))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        queues, rows = run([(text, ids)], target, s, body.n, parse=True, seeded=body.seed is not None)
+        queues, rows = run([(text, ids)], target, s, body.n, chat=True, seeded=body.seed is not None)
         name = target.name
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -661,7 +668,7 @@ def create_app(served: dict[str, Served], api_key: str | None = None, limits: Li
         encoded = [(p, target.tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
         s = sampling(body, target, max(len(ids) for _, ids in encoded))
         rid = f"cmpl-{uuid.uuid4().hex}"
-        queues, rows = run(encoded, target, s, body.n, parse=False, seeded=body.seed is not None)
+        queues, rows = run(encoded, target, s, body.n, chat=False, seeded=body.seed is not None)
         n_prompt = sum(len(ids) for _, ids in encoded)
         if body.stream:
             return StreamingResponse(_completion_stream(rid, target.name, queues, rows, Completion),
