@@ -17,7 +17,7 @@ import pytest
 import uvicorn
 from _merge_support import make_adapter
 from _support import MEMO_CHATS, REPO, free_port, run_cli
-from peft import LoraConfig
+from peft import LoraConfig, PromptTuningConfig
 
 from finetune import chat, loading, serve
 
@@ -28,17 +28,20 @@ ANSWERS = [c[1]["content"] for c in MEMO_CHATS]
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, tiny_path, memo_lora_dir):
-    """memo (trained) and rand (random LoRA) on the same fp32 base; qlora (random) on the 4-bit base."""
+    """memo (trained) and rand (random LoRA) on the same fp32 base; qlora (random) on the 4-bit base;
+    prompt (random prompt tuning: virtual tokens in the PeftModel's forward)."""
     root = tmp_path_factory.mktemp("serve_adapters")
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    prompt = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
     return {"memo": memo_lora_dir, "rand": make_adapter(tiny_path, root / "rand", lora, seed=1),
-            "qlora": make_adapter(tiny_path, root / "qlora", copy.deepcopy(lora), seed=2, qlora=True)}
+            "qlora": make_adapter(tiny_path, root / "qlora", copy.deepcopy(lora), seed=2, qlora=True),
+            "prompt": make_adapter(tiny_path, root / "prompt", prompt, seed=3)}
 
 
 @pytest.fixture(scope="module")
 def server(adapters):
-    served = serve.load_served(str(adapters["memo"]), [("rand", str(adapters["rand"])), ("qlora", str(adapters["qlora"]))],
-                               name="memo")
+    others = [(name, str(adapters[name])) for name in ("rand", "qlora", "prompt")]
+    served = serve.load_served(str(adapters["memo"]), others, name="memo")
     app = serve.create_app(served, api_key=KEY, limits=serve.Limits(max_tokens=64, max_body_bytes=20_000))
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -105,7 +108,7 @@ def test_sixteen_concurrent_requests_are_batched_and_all_correct(server):
 
 def test_two_adapters_on_one_base_are_served_by_name(server, adapters):
     c = client(server)
-    assert {m.id for m in c.models.list().data} == {"memo", "rand", "qlora"}
+    assert {m.id for m in c.models.list().data} == {"memo", "rand", "qlora", "prompt"}
     memo, rand = server["served"]["memo"], server["served"]["rand"]
     assert memo.model is rand.model and memo.adapter != rand.adapter  # one base, peft's multi-adapter
     with concurrent.futures.ThreadPoolExecutor(4) as pool:  # interleaved requests for both names
@@ -115,6 +118,9 @@ def test_two_adapters_on_one_base_are_served_by_name(server, adapters):
     assert got == [expected_rand, ANSWERS[1], expected_rand, ANSWERS[1]] and expected_rand != ANSWERS[1]
     both = ask(c, QUESTIONS[1], model="rand", n=2)  # n choices
     assert [ch.message.content for ch in both.choices] == [expected_rand] * 2
+    sampled = [ask(c, QUESTIONS[1], model="rand", temperature=1.0, top_p=0.9, seed=s).choices[0].message.content
+               for s in (7, 7)]
+    assert sampled[0] == sampled[1]  # a seed makes sampling repeatable
     text = c.completions.create(model="memo", prompt="The farmer found", max_tokens=8, temperature=0).choices[0]
     model, tok, _ = loading.load_for_inference(adapters["memo"])
     from finetune.eval.generation import generate
@@ -122,11 +128,13 @@ def test_two_adapters_on_one_base_are_served_by_name(server, adapters):
     assert text.text.strip() == generate(model, tok, ["The farmer found"], max_new_tokens=8)[0]
 
 
-def test_a_qlora_adapter_is_served_on_its_4bit_base(server, adapters):
+def test_qlora_and_prompt_tuning_adapters_are_served_as_trained(server, adapters):
     served = server["served"]["qlora"]
-    assert getattr(served.model, "is_loaded_in_4bit", False) or served.model.base_model.model.is_loaded_in_4bit
+    assert served.model.base_model.model.is_loaded_in_4bit  # on its 4-bit base, as QLoRA trains
     got = ask(client(server), QUESTIONS[2], model="qlora").choices[0].message.content
     assert got == chat_answer(adapters["qlora"], QUESTIONS[2])
+    got = ask(client(server), QUESTIONS[2], model="prompt").choices[0].message.content
+    assert got == chat_answer(adapters["prompt"], QUESTIONS[2])
 
 
 def test_api_key_is_required_on_the_api_and_health_is_open(server):

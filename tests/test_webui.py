@@ -159,3 +159,21 @@ def test_train_chat_data_eval_export_in_a_browser(ui, page, tiny_path):
     page.get_by_role("tab", name="训练").click()
     wait_for(lambda: page.get_by_role("button", name="开始 / 继续").count() == 1, 30, "Chinese labels")
     shot(page, ui, "6-train-zh")
+
+
+def test_a_missing_extra_is_one_line_naming_the_install(monkeypatch):
+    import builtins
+
+
+    real_import = builtins.__import__
+
+    def no_gradio(name, *args, **kw):
+        if name == "gradio":
+            raise ImportError(name)
+        return real_import(name, *args, **kw)
+
+    from finetune import webui
+
+    monkeypatch.setattr(builtins, "__import__", no_gradio)
+    with pytest.raises(webui.FinetuneError, match=r"needs gradio: pip install 'finetune\[webui\]'"):
+        webui.require_extra()
