@@ -109,6 +109,8 @@ def load_served(primary: str, adapters: list[tuple[str, str]] = (), name: str | 
                                                source, internal)
                 shared[key] = model
             adapter = internal
+        if torch.cuda.is_available() and source.quant is None and next(model.parameters()).device.type == "cpu":
+            model.to("cuda")  # a quantized base is placed at load time
         tok = loading.load_tokenizer(source)
         schema, keep = response_schema(tok)
         served[served_name] = Served(served_name, source.path, model, tok, adapter, schema, keep)
