@@ -171,7 +171,7 @@ def build(lang: str = "en", runs_dir: str = "runs"):
     first = next((r for r in recipes if r.endswith("tiny/sft_lora.yaml")), recipes[0] if recipes else None)
     base_recipe = read_recipe(first) if first else {"stage": "sft", "model": {"name_or_path": "tiny-llama"}}
 
-    with gr.Blocks(title="finetune") as app:
+    with gr.Blocks(title="finetune", analytics_enabled=False) as app:  # offline: no usage pings
         state_recipe = gr.State(base_recipe)
         with gr.Row():
             L(gr.Markdown(f"## {t('title', lang)}\n{t('subtitle', lang)}"), "title", "value")
