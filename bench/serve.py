@@ -42,8 +42,9 @@ def main() -> None:
     prompts = [questions[i % len(questions)] for i in range(args.requests)]
 
     def ask(q):
-        r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": q}], temperature=0,
-                                           max_tokens=args.max_tokens)
+        r = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": q}], temperature=0, max_tokens=args.max_tokens
+        )
         return r.choices[0].message.content, r.usage.completion_tokens
 
     ask(prompts[0])  # warm-up
@@ -66,8 +67,10 @@ def main() -> None:
     print(f"model {path}; {args.requests} requests x up to {args.max_tokens} tokens")
     print(f"one chat completion: median {statistics.median(latencies) * 1000:.0f} ms")
     print(f"sequential: {t_seq:.2f} s ({tokens / t_seq:.0f} tokens/s)")
-    print(f"concurrent: {t_con:.2f} s ({sum(n for _, n in concurrent_) / t_con:.0f} tokens/s); batches "
-          f"{engine.batch_sizes[before:]}")
+    print(
+        f"concurrent: {t_con:.2f} s ({sum(n for _, n in concurrent_) / t_con:.0f} tokens/s); batches "
+        f"{engine.batch_sizes[before:]}"
+    )
     print(f"speed-up {t_seq / t_con:.1f}x; identical answers {same}/{args.requests}")
     server.should_exit = True
 

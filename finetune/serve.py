@@ -16,7 +16,6 @@ and sampling settings, and runs one left-padded `generate` per group (peft's `se
 adapter). A stopping criterion follows every row: its own max_tokens, stop strings, EOS, a dropped stream.
 """
 
-
 import asyncio
 import hmac
 import json
@@ -77,16 +76,19 @@ class Served:
         return getattr(config, "max_position_embeddings", None)
 
 
-def load_served(primary: str, adapters: list[tuple[str, str]] = (), name: str | None = None,
-                base: str | None = None) -> dict[str, Served]:
+def load_served(
+    primary: str, adapters: list[tuple[str, str]] = (), name: str | None = None, base: str | None = None
+) -> dict[str, Served]:
     """Load the primary dir and every `--adapter NAME=DIR`. Weight-space adapters that share a base (same
     path, same quantization) share one model: peft's multi-adapter, switched per batch."""
     specs = [(name or Path(primary).expanduser().resolve().name, primary, base), *[(n, d, None) for n, d in adapters]]
     names = [n for n, _, _ in specs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ServeError(f"--adapter: the name {dupes[0]!r} is used twice (the primary dir is named {names[0]!r}; "
-                         "--name renames it)")
+        raise ServeError(
+            f"--adapter: the name {dupes[0]!r} is used twice (the primary dir is named {names[0]!r}; "
+            "--name renames it)"
+        )
     shared: dict[tuple, Any] = {}
     served: dict[str, Served] = {}
     for i, (served_name, path, base_override) in enumerate(specs):
@@ -96,8 +98,9 @@ def load_served(primary: str, adapters: list[tuple[str, str]] = (), name: str | 
         if source.kind == "model":
             model, adapter = loading.load_model(str(source.path), what), None
         elif source.is_prompt_learning:  # virtual tokens live in the PeftModel's forward: one model each
-            model = loading.attach_adapter(loading.load_model(source.base, source.base_field, quant=source.quant),
-                                           source, internal)
+            model = loading.attach_adapter(
+                loading.load_model(source.base, source.base_field, quant=source.quant), source, internal
+            )
             adapter = internal
         else:
             key = (source.base, repr(source.quant))
@@ -105,8 +108,9 @@ def load_served(primary: str, adapters: list[tuple[str, str]] = (), name: str | 
                 model = shared[key]
                 loading.add_adapter(model, source, internal)
             else:
-                model = loading.attach_adapter(loading.load_model(source.base, source.base_field, quant=source.quant),
-                                               source, internal)
+                model = loading.attach_adapter(
+                    loading.load_model(source.base, source.base_field, quant=source.quant), source, internal
+                )
                 shared[key] = model
             adapter = internal
         if torch.cuda.is_available() and source.quant is None and next(model.parameters()).device.type == "cpu":
@@ -138,8 +142,13 @@ def response_schema(tok) -> tuple[dict | None, frozenset]:
         tags += [f"<{think}>", f"</{think}>"]
     tool = next((t for t in TOOL_TAGS if f"<{t}>" in template and f"</{t}>" in template), None)
     if tool:
-        fields["tool_calls"] = {"open_pattern": rf"\s*<{tool}>", "close": f"</{tool}>", "repeats": True,
-                                "content": "json", "transform": {"type": "function", "function": "{content}"}}
+        fields["tool_calls"] = {
+            "open_pattern": rf"\s*<{tool}>",
+            "close": f"</{tool}>",
+            "repeats": True,
+            "content": "json",
+            "transform": {"type": "function", "function": "{content}"},
+        }
         tags += [f"<{tool}>", f"</{tool}>"]
     vocab = tok.get_vocab()
     keep = frozenset(vocab[t] for t in tags if t in vocab and vocab[t] in set(tok.all_special_ids))
@@ -156,17 +165,18 @@ def response_schema(tok) -> tuple[dict | None, frozenset]:
 
 
 def _generation_prompt(tok, tags: list[str]) -> str:
-    """What `add_generation_prompt=True` appends, up to an opening tag (e.g. `<|im_start|>assistant\\n`); '' if unknown."""
+    """What `add_generation_prompt=True` appends, up to an opening tag (e.g. `<|im_start|>assistant\\n`);
+    '' if unknown."""
     chat = [{"role": "user", "content": "x"}]
     try:
         with_prompt = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
         without = tok.apply_chat_template(chat, add_generation_prompt=False, tokenize=False)
     except Exception:  # noqa: BLE001 - any template error: a template that needs more than a plain user turn
         return ""
-    tail = with_prompt[len(without):] if with_prompt.startswith(without) else ""
+    tail = with_prompt[len(without) :] if with_prompt.startswith(without) else ""
     for tag in tags:
         if tag in tail:
-            tail = tail[:tail.index(tag)]
+            tail = tail[: tail.index(tag)]
     return tail
 
 
@@ -194,7 +204,9 @@ class Row:
     prompt_ids: list[int]
     prompt_text: str
     sampling: Sampling
-    emit: Any  # called (from the worker thread) with ("content"|"reasoning", text), ("tool_call", ToolCall), ("done", reason, n_tokens)
+    # called from the worker thread with ("content" | "reasoning", text), ("tool_call", ToolCall),
+    # ("done", reason, n_tokens) or ("error", message)
+    emit: Any
     chat: bool = True  # chat: reasoning / tool calls parsed, content stripped; completions: the raw text
     group: str = ""  # rows of one seeded request run together, alone
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -237,7 +249,7 @@ class Row:
         if len(self.ids) >= self.sampling.max_tokens:
             return self._finish("length")
         hold = max((len(s) - 1 for s in self.sampling.stop), default=0)  # a stop string may be starting
-        self._push(self._text[:len(self._text) - hold] if hold else self._text)
+        self._push(self._text[: len(self._text) - hold] if hold else self._text)
         return False
 
     @property
@@ -246,7 +258,7 @@ class Row:
 
     def _push(self, upto: str) -> None:
         if len(upto) > self._sent:
-            delta, self._sent = upto[self._sent:], len(upto)
+            delta, self._sent = upto[self._sent :], len(upto)
             if self._parser is not None:
                 self._route(self._parser.feed(delta))
             else:
@@ -288,7 +300,7 @@ class Row:
             self._started = True
         text = self._pending_ws + text
         body = text.rstrip()
-        self._pending_ws = text[len(body):]
+        self._pending_ws = text[len(body) :]
         if body:
             self.emit((kind, body))
 
@@ -348,7 +360,7 @@ class Engine:
             s = row.sampling
             key = (id(row.served.model), row.served.adapter, s.greedy, s.temperature, s.top_p, row.group)
             groups.setdefault(key, []).append(row)
-        return [g[i:i + self.max_batch_size] for g in groups.values() for i in range(0, len(g), self.max_batch_size)]
+        return [g[i : i + self.max_batch_size] for g in groups.values() for i in range(0, len(g), self.max_batch_size)]
 
     @torch.no_grad()
     def _generate(self, rows: list[Row]) -> None:
@@ -371,10 +383,14 @@ class Engine:
             input_ids = torch.full((len(live), width), pad, dtype=torch.long)
             attention = torch.zeros((len(live), width), dtype=torch.long)
             for i, r in enumerate(live):  # left padding: every answer starts right after its prompt
-                input_ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-                attention[i, width - len(r.prompt_ids):] = 1
+                input_ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+                attention[i, width - len(r.prompt_ids) :] = 1
             eos = _eos_ids(model, tok)
-            gen = {"max_new_tokens": max(r.sampling.max_tokens for r in live), "pad_token_id": pad, "do_sample": not s.greedy}
+            gen = {
+                "max_new_tokens": max(r.sampling.max_tokens for r in live),
+                "pad_token_id": pad,
+                "do_sample": not s.greedy,
+            }
             if s.greedy:
                 gen.update(temperature=None, top_p=None, top_k=None)
             else:
@@ -384,8 +400,12 @@ class Engine:
             from transformers import StoppingCriteriaList
 
             device = next(model.parameters()).device
-            model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                           stopping_criteria=StoppingCriteriaList([_RowCriteria(live, eos)]), **gen)
+            model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                stopping_criteria=StoppingCriteriaList([_RowCriteria(live, eos)]),
+                **gen,
+            )
             for r in live:  # rows the criteria never finished (generate stopped at max_new_tokens)
                 if not r.done:
                     r._finish("length")
@@ -394,7 +414,9 @@ class Engine:
             for r in rows:
                 if not r.done:
                     r.done = True
-                    r.emit(("error", f"generation failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+                    r.emit(
+                        ("error", f"generation failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                    )
 
 
 def _eos_ids(model, tok) -> set[int]:
@@ -414,17 +436,30 @@ def _eos_ids(model, tok) -> set[int]:
 class APIError(Exception):
     """An OpenAI-style error response."""
 
-    TYPES: ClassVar[dict[int, str]] = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
-             500: "server_error", 503: "server_error"}
+    TYPES: ClassVar[dict[int, str]] = {
+        400: "invalid_request_error",
+        401: "invalid_request_error",
+        404: "invalid_request_error",
+        405: "invalid_request_error",
+        413: "invalid_request_error",
+        422: "invalid_request_error",
+        500: "server_error",
+        503: "server_error",
+    }
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
-                          "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.TYPES.get(self.status, "invalid_request_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 @dataclass
@@ -540,20 +575,30 @@ def create_app(served: dict[str, Served], api_key: str | None = None, limits: Li
     def pick(body) -> Served:
         name = body.model or default_name
         if name not in served:
-            raise APIError(404, f"model {name!r} is not served here; see /v1/models (served: {', '.join(served)})",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"model {name!r} is not served here; see /v1/models (served: {', '.join(served)})",
+                param="model",
+                code="model_not_found",
+            )
         return served[name]
 
     def sampling(body, target: Served, prompt_len: int) -> Sampling:
         requested = body.max_completion_tokens or body.max_tokens
         if requested is not None and requested > limits.max_tokens:
-            raise APIError(400, f"max_tokens: {requested} is over this server's cap of {limits.max_tokens}",
-                           param="max_tokens")
+            raise APIError(
+                400, f"max_tokens: {requested} is over this server's cap of {limits.max_tokens}", param="max_tokens"
+            )
         max_tokens = requested or limits.max_tokens
         room = target.max_positions
         if room is not None and prompt_len + (requested or 1) > room:
-            raise APIError(400, f"the prompt ({prompt_len} tokens) plus max_tokens ({requested or 1}) is over the "
-                           f"model's context of {room} tokens", param="messages", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt ({prompt_len} tokens) plus max_tokens ({requested or 1}) is over the "
+                f"model's context of {room} tokens",
+                param="messages",
+                code="context_length_exceeded",
+            )
         if room is not None:
             max_tokens = min(max_tokens, room - prompt_len)
         if body.n > limits.max_n:
@@ -568,13 +613,20 @@ def create_app(served: dict[str, Served], api_key: str | None = None, limits: Li
         from transformers.cli.serving.utils import BaseHandler, Modality
 
         messages = BaseHandler.get_processor_inputs_from_messages(
-            [m.model_dump(exclude_none=True) for m in body.messages], Modality.LLM)
+            [m.model_dump(exclude_none=True) for m in body.messages], Modality.LLM
+        )
         try:
-            text = target.tokenizer.apply_chat_template(messages, tools=body.tools, add_generation_prompt=True,
-                                                        tokenize=False, **(body.chat_template_kwargs or {}))
+            text = target.tokenizer.apply_chat_template(
+                messages,
+                tools=body.tools,
+                add_generation_prompt=True,
+                tokenize=False,
+                **(body.chat_template_kwargs or {}),
+            )
         except (TemplateError, TypeError, ValueError, KeyError) as e:
-            raise APIError(400, f"the model's chat template refused these messages: {str(e).splitlines()[0]}",
-                           param="messages") from None
+            raise APIError(
+                400, f"the model's chat template refused these messages: {str(e).splitlines()[0]}", param="messages"
+            ) from None
         return text, target.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def run(rows_for: list[tuple[str, list[int]]], target: Served, s: Sampling, n: int, chat: bool, seeded: bool):
@@ -614,8 +666,10 @@ def create_app(served: dict[str, Served], api_key: str | None = None, limits: Li
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "finetune"}
-                                           for n in served]}
+        return {
+            "object": "list",
+            "data": [{"id": n, "object": "model", "created": created, "owned_by": "finetune"} for n in served],
+        }
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str):
@@ -636,8 +690,10 @@ def create_app(served: dict[str, Served], api_key: str | None = None, limits: Li
         name = target.name
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_chat_stream(rid, name, queues, rows, len(ids), include_usage, ChatCompletionChunk),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                _chat_stream(rid, name, queues, rows, len(ids), include_usage, ChatCompletionChunk),
+                media_type="text/event-stream",
+            )
         try:
             results = [await collect(q) for q in queues]
         except asyncio.CancelledError:
@@ -646,16 +702,33 @@ def create_app(served: dict[str, Served], api_key: str | None = None, limits: Li
             raise
         choices = []
         for i, r in enumerate(results):
-            calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                      "function": {"name": c.name, "arguments": c.arguments}} for c in r["tool_calls"]]
-            message = {"role": "assistant", "content": "".join(r["content"]),
-                       "reasoning_content": "".join(r["reasoning"]).strip() or None, "tool_calls": calls or None}
+            calls = [
+                {
+                    "id": f"call_{uuid.uuid4().hex[:24]}",
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                }
+                for c in r["tool_calls"]
+            ]
+            message = {
+                "role": "assistant",
+                "content": "".join(r["content"]),
+                "reasoning_content": "".join(r["reasoning"]).strip() or None,
+                "tool_calls": calls or None,
+            }
             finish = "tool_calls" if calls else _finish(r["finish"])
             choices.append({"index": i, "message": message, "finish_reason": finish})
         used = sum(r["tokens"] for r in results)
-        response = ChatCompletion.model_validate({
-            "id": rid, "object": "chat.completion", "created": int(time.time()), "model": name, "choices": choices,
-            "usage": {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used}})
+        response = ChatCompletion.model_validate(
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": name,
+                "choices": choices,
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used},
+            }
+        )
         return JSONResponse(response.model_dump(exclude_none=True))
 
     @app.post("/v1/completions")
@@ -673,15 +746,29 @@ def create_app(served: dict[str, Served], api_key: str | None = None, limits: Li
         queues, rows = run(encoded, target, s, body.n, chat=False, seeded=body.seed is not None)
         n_prompt = sum(len(ids) for _, ids in encoded)
         if body.stream:
-            return StreamingResponse(_completion_stream(rid, target.name, queues, rows, Completion),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                _completion_stream(rid, target.name, queues, rows, Completion), media_type="text/event-stream"
+            )
         results = [await collect(q) for q in queues]
         used = sum(r["tokens"] for r in results)
-        response = Completion.model_validate({
-            "id": rid, "object": "text_completion", "created": int(time.time()), "model": target.name,
-            "choices": [{"index": i, "text": "".join(r["content"]), "finish_reason": _finish(r["finish"]),
-                         "logprobs": None} for i, r in enumerate(results)],
-            "usage": {"prompt_tokens": n_prompt, "completion_tokens": used, "total_tokens": n_prompt + used}})
+        response = Completion.model_validate(
+            {
+                "id": rid,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": target.name,
+                "choices": [
+                    {
+                        "index": i,
+                        "text": "".join(r["content"]),
+                        "finish_reason": _finish(r["finish"]),
+                        "logprobs": None,
+                    }
+                    for i, r in enumerate(results)
+                ],
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": used, "total_tokens": n_prompt + used},
+            }
+        )
         return JSONResponse(response.model_dump(exclude_none=True))
 
     return app
@@ -710,8 +797,16 @@ async def _merged(queues: list[asyncio.Queue]):
 
 async def _chat_stream(rid, name, queues, rows, n_prompt, include_usage, Chunk):
     def sse(choices, usage=None) -> str:
-        chunk = Chunk.model_validate({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                                      "model": name, "choices": choices, "usage": usage})
+        chunk = Chunk.model_validate(
+            {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": name,
+                "choices": choices,
+                "usage": usage,
+            }
+        )
         return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
 
     calls = [0] * len(queues)
@@ -726,8 +821,12 @@ async def _chat_stream(rid, name, queues, rows, n_prompt, include_usage, Chunk):
             elif kind == "reasoning":
                 yield sse([{"index": i, "delta": {"reasoning_content": item[1]}}])
             elif kind == "tool_call":
-                call = {"index": calls[i], "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                        "function": {"name": item[1].name, "arguments": item[1].arguments}}
+                call = {
+                    "index": calls[i],
+                    "id": f"call_{uuid.uuid4().hex[:24]}",
+                    "type": "function",
+                    "function": {"name": item[1].name, "arguments": item[1].arguments},
+                }
                 calls[i] += 1
                 yield sse([{"index": i, "delta": {"tool_calls": [call]}}])
             elif kind == "error":
@@ -746,9 +845,15 @@ async def _chat_stream(rid, name, queues, rows, n_prompt, include_usage, Chunk):
 
 async def _completion_stream(rid, name, queues, rows, Completion):
     def sse(i, text, finish=None) -> str:
-        chunk = Completion.model_validate({"id": rid, "object": "text_completion", "created": int(time.time()),
-                                           "model": name, "choices": [{"index": i, "text": text,
-                                                                       "finish_reason": finish, "logprobs": None}]})
+        chunk = Completion.model_validate(
+            {
+                "id": rid,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": name,
+                "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}],
+            }
+        )
         return f"data: {chunk.model_dump_json()}\n\n"
 
     try:
@@ -786,14 +891,19 @@ def run_cli(args) -> int:
     quiet_progress()
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        log.warning("listening on %s without an API key: anyone who can reach it can use the model "
-                    "(set --api-key or %s)", args.host, API_KEY_ENV)
+        log.warning(
+            "listening on %s without an API key: anyone who can reach it can use the model (set --api-key or %s)",
+            args.host,
+            API_KEY_ENV,
+        )
     adapters = [parse_adapter(a) for a in args.adapter or []]
     served = load_served(args.model, adapters, name=args.name, base=args.base)
     limits = Limits(max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size)
     app = create_app(served, api_key=api_key, limits=limits)
     for s in served.values():
         log.info("serving %s (%s)", s.name, s.path)
-    log.info("OpenAI-compatible API at http://%s:%d/v1%s", args.host, args.port, " (API key required)" if api_key else "")
+    log.info(
+        "OpenAI-compatible API at http://%s:%d/v1%s", args.host, args.port, " (API key required)" if api_key else ""
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -33,9 +33,12 @@ def adapters(tmp_path_factory, tiny_path, memo_lora_dir):
     root = tmp_path_factory.mktemp("serve_adapters")
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     prompt = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
-    return {"memo": memo_lora_dir, "rand": make_adapter(tiny_path, root / "rand", lora, seed=1),
-            "qlora": make_adapter(tiny_path, root / "qlora", copy.deepcopy(lora), seed=2, qlora=True),
-            "prompt": make_adapter(tiny_path, root / "prompt", prompt, seed=3)}
+    return {
+        "memo": memo_lora_dir,
+        "rand": make_adapter(tiny_path, root / "rand", lora, seed=1),
+        "qlora": make_adapter(tiny_path, root / "qlora", copy.deepcopy(lora), seed=2, qlora=True),
+        "prompt": make_adapter(tiny_path, root / "prompt", prompt, seed=3),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +75,10 @@ def chat_answer(adapter_dir, question, n=24):
 def test_chat_completion_equals_finetune_chat_streamed_or_not(server, adapters, tmp_path):
     c = client(server)
     system = "You are a helpful assistant."
-    r = run_cli(["chat", str(adapters["memo"]), "--prompt", QUESTIONS[0], "--system", system, "--max-new-tokens", "24"],
-                cwd=tmp_path)
+    r = run_cli(
+        ["chat", str(adapters["memo"]), "--prompt", QUESTIONS[0], "--system", system, "--max-new-tokens", "24"],
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     expected = r.stdout.strip()
     assert expected == ANSWERS[0]  # the memorised answer: the model and the comparison are real
@@ -81,8 +86,16 @@ def test_chat_completion_equals_finetune_chat_streamed_or_not(server, adapters, 
     done = c.chat.completions.create(model="memo", messages=messages, temperature=0, max_tokens=24)
     assert done.choices[0].message.content == expected
     assert done.choices[0].finish_reason == "stop" and done.usage.completion_tokens > 0
-    chunks = list(c.chat.completions.create(model="memo", messages=messages, temperature=0, max_tokens=24, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        c.chat.completions.create(
+            model="memo",
+            messages=messages,
+            temperature=0,
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert streamed == expected
     assert sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.content) > 1  # it did stream, token by token
@@ -92,7 +105,7 @@ def test_chat_completion_equals_finetune_chat_streamed_or_not(server, adapters, 
     short = ask(c, QUESTIONS[0], max_tokens=2).choices[0]
     assert short.finish_reason == "length" and expected.startswith(short.message.content)
     stopped = ask(c, QUESTIONS[0], stop=["blue"]).choices[0]
-    assert stopped.message.content == expected[:expected.index("blue")].strip() and stopped.finish_reason == "stop"
+    assert stopped.message.content == expected[: expected.index("blue")].strip() and stopped.finish_reason == "stop"
 
 
 def test_sixteen_concurrent_requests_are_batched_and_all_correct(server):
@@ -112,14 +125,19 @@ def test_two_adapters_on_one_base_are_served_by_name(server, adapters):
     memo, rand = server["served"]["memo"], server["served"]["rand"]
     assert memo.model is rand.model and memo.adapter != rand.adapter  # one base, peft's multi-adapter
     with concurrent.futures.ThreadPoolExecutor(4) as pool:  # interleaved requests for both names
-        got = list(pool.map(lambda m: ask(c, QUESTIONS[1], model=m).choices[0].message.content,
-                            ["rand", "memo", "rand", "memo"]))
+        got = list(
+            pool.map(
+                lambda m: ask(c, QUESTIONS[1], model=m).choices[0].message.content, ["rand", "memo", "rand", "memo"]
+            )
+        )
     expected_rand = chat_answer(adapters["rand"], QUESTIONS[1])
     assert got == [expected_rand, ANSWERS[1], expected_rand, ANSWERS[1]] and expected_rand != ANSWERS[1]
     both = ask(c, QUESTIONS[1], model="rand", n=2)  # n choices
     assert [ch.message.content for ch in both.choices] == [expected_rand] * 2
-    sampled = [ask(c, QUESTIONS[1], model="rand", temperature=1.0, top_p=0.9, seed=s).choices[0].message.content
-               for s in (7, 7)]
+    sampled = [
+        ask(c, QUESTIONS[1], model="rand", temperature=1.0, top_p=0.9, seed=s).choices[0].message.content
+        for s in (7, 7)
+    ]
     assert sampled[0] == sampled[1]  # a seed makes sampling repeatable
     text = c.completions.create(model="memo", prompt="The farmer found", max_tokens=8, temperature=0).choices[0]
     model, tok, _ = loading.load_for_inference(adapters["memo"])
@@ -151,17 +169,38 @@ MALFORMED = [  # (what, request kwargs, status, words in the message)
     ("no messages", {"json": {"model": "memo"}}, 422, "messages"),
     ("empty messages", {"json": {"model": "memo", "messages": []}}, 422, "messages"),
     ("unknown role", {"json": {"model": "memo", "messages": [{"role": "wizard", "content": "hi"}]}}, 422, "role"),
-    ("temperature not a number", {"json": {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}}, 422,
-     "temperature"),
-    ("temperature out of range", {"json": {"messages": [{"role": "user", "content": "hi"}], "temperature": 7}}, 422,
-     "temperature"),
+    (
+        "temperature not a number",
+        {"json": {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}},
+        422,
+        "temperature",
+    ),
+    (
+        "temperature out of range",
+        {"json": {"messages": [{"role": "user", "content": "hi"}], "temperature": 7}},
+        422,
+        "temperature",
+    ),
     ("unknown model", {"json": {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}}, 404, "gpt-9"),
-    ("max_tokens over the cap", {"json": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10_000}}, 400,
-     "max_tokens"),
+    (
+        "max_tokens over the cap",
+        {"json": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10_000}},
+        400,
+        "max_tokens",
+    ),
     ("n over the cap", {"json": {"messages": [{"role": "user", "content": "hi"}], "n": 99}}, 400, "n:"),
-    ("five stop strings", {"json": {"messages": [{"role": "user", "content": "hi"}], "stop": list("abcde")}}, 400, "stop"),
-    ("template refuses a role", {"json": {"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}}, 400,
-     "chat template"),
+    (
+        "five stop strings",
+        {"json": {"messages": [{"role": "user", "content": "hi"}], "stop": list("abcde")}},
+        400,
+        "stop",
+    ),
+    (
+        "template refuses a role",
+        {"json": {"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}},
+        400,
+        "chat template",
+    ),
     ("prompt over the context", {"json": {"messages": [{"role": "user", "content": "sky " * 2000}]}}, 400, "context"),
     ("body too large", {"json": {"messages": [{"role": "user", "content": "x" * 30_000}]}}, 413, "body"),
 ]
@@ -188,16 +227,20 @@ def test_reasoning_and_tool_calls_come_back_in_their_fields(tiny_tokenizer):
     reasoning_content, content and tool_calls (transformers' ResponseParser on a schema derived from the
     template's own tags), token by token as the server streams it."""
     tok = copy.deepcopy(tiny_tokenizer)
-    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{% if m.get('reasoning_content') %}<think>"
-                         "{{ m['reasoning_content'] }}</think>{% endif %}{{ m['content'] }}{% for t in m.get('tool_calls', []) %}"
-                         "<tool_call>{{ t['function'] | tojson }}</tool_call>{% endfor %}\n{% endfor %}"
-                         "{% if add_generation_prompt %}<|assistant|>\n<think>{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{% if m.get('reasoning_content') %}<think>"
+        "{{ m['reasoning_content'] }}</think>{% endif %}{{ m['content'] }}{% for t in m.get('tool_calls', []) %}"
+        "<tool_call>{{ t['function'] | tojson }}</tool_call>{% endfor %}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n<think>{% endif %}"
+    )
     schema, _ = serve.response_schema(tok)
     assert set(schema["fields"]) == {"reasoning_content", "tool_calls", "content"}
     served = serve.Served("t", REPO, None, tok, None, schema)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Weather in Paris?"}], add_generation_prompt=True,
-                                     tokenize=False)
-    answer = 'I should call the tool.</think>Let me check. <tool_call>{"name": "weather", "arguments": {"city": "Paris"}}</tool_call>'
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Weather in Paris?"}], add_generation_prompt=True, tokenize=False
+    )
+    call = '{"name": "weather", "arguments": {"city": "Paris"}}'
+    answer = f"I should call the tool.</think>Let me check. <tool_call>{call}</tool_call>"
     items = []
     row = serve.Row(served, [], prompt, serve.Sampling(200, 0, 1), items.append)
     row.start()
@@ -216,11 +259,22 @@ def test_reasoning_and_tool_calls_come_back_in_their_fields(tiny_tokenizer):
 def test_cli_serves_with_the_env_api_key_and_rejects_a_bad_dir(adapters, tmp_path):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), serve.API_KEY_ENV: KEY}
-    bad = subprocess.run([sys.executable, "-m", "finetune", "serve", str(tmp_path / "missing")], env=env, check=False,
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "finetune", "serve", str(tmp_path / "missing")],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "no such directory" in bad.stderr and "Traceback" not in bad.stderr
-    proc = subprocess.Popen([sys.executable, "-m", "finetune", "serve", str(adapters["memo"]), "--port", str(port)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finetune", "serve", str(adapters["memo"]), "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(600):

@@ -164,7 +164,6 @@ def test_train_chat_data_eval_export_in_a_browser(ui, page, tiny_path):
 def test_a_missing_extra_is_one_line_naming_the_install(monkeypatch):
     import builtins
 
-
     real_import = builtins.__import__
 
     def no_gradio(name, *args, **kw):

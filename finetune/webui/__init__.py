@@ -19,8 +19,9 @@ def run_cli(args) -> int:
     from finetune.webui.app import launch
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        logging.getLogger("finetune").warning("the web UI on %s can start training runs for anyone who can reach it",
-                                              args.host)
+        logging.getLogger("finetune").warning(
+            "the web UI on %s can start training runs for anyone who can reach it", args.host
+        )
     logging.getLogger("finetune").info("web UI at http://%s:%d", args.host, args.port)
     launch(args.host, args.port, args.lang, args.runs_dir)
     return 0

@@ -19,10 +19,17 @@ from finetune.webui.runner import Runner, child_env, finetune_command
 REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 ANSI_GREEN = re.compile(r"\x1b\[42;30m(.*?)\x1b\[0m", re.DOTALL)
 FORM_KEYS = [  # (form field, recipe section, key)
-    ("stage", None, "stage"), ("model", "model", "name_or_path"), ("method", "adapter", "method"),
-    ("data", "data", "train"), ("lr", "train", "learning_rate"), ("epochs", "train", "num_train_epochs"),
-    ("max_steps", "train", "max_steps"), ("batch", "train", "per_device_train_batch_size"),
-    ("max_length", "train", "max_length"), ("lora_r", "adapter", "r"), ("lora_alpha", "adapter", "alpha"),
+    ("stage", None, "stage"),
+    ("model", "model", "name_or_path"),
+    ("method", "adapter", "method"),
+    ("data", "data", "train"),
+    ("lr", "train", "learning_rate"),
+    ("epochs", "train", "num_train_epochs"),
+    ("max_steps", "train", "max_steps"),
+    ("batch", "train", "per_device_train_batch_size"),
+    ("max_length", "train", "max_length"),
+    ("lora_r", "adapter", "r"),
+    ("lora_alpha", "adapter", "alpha"),
     ("output_dir", "output", "dir"),
 ]
 
@@ -30,8 +37,11 @@ FORM_KEYS = [  # (form field, recipe section, key)
 def shipped_recipes() -> list[str]:
     if not REPO_RECIPES.is_dir():
         return []
-    return sorted(str(p.relative_to(REPO_RECIPES.parent)) for p in REPO_RECIPES.rglob("*.yaml")
-                  if "accelerate" not in p.parts and "pipelines" not in p.parts)
+    return sorted(
+        str(p.relative_to(REPO_RECIPES.parent))
+        for p in REPO_RECIPES.rglob("*.yaml")
+        if "accelerate" not in p.parts and "pipelines" not in p.parts
+    )
 
 
 def read_recipe(path: str) -> dict:
@@ -84,7 +94,11 @@ def preview_html(dataset: str, model: str, index: int) -> str:
     except (FinetuneError, OSError, ValueError) as e:
         return f"<pre class='ft-error'>{html.escape(str(e))}</pre>"
     body = ANSI_GREEN.sub(lambda m: "\x00" + m.group(1) + "\x01", text)
-    body = html.escape(body).replace("\x00", "<mark class='ft-trained' style='background:#9be59b'>").replace("\x01", "</mark>")
+    body = (
+        html.escape(body)
+        .replace("\x00", "<mark class='ft-trained' style='background:#9be59b'>")
+        .replace("\x01", "</mark>")
+    )
     return f"<pre class='ft-preview' style='white-space: pre-wrap'>{body}</pre>"
 
 
@@ -104,8 +118,9 @@ class ChatSessions:
                 self.path = path
             return self.model, self.tok
 
-    def stream(self, path: str, system: str, history: list[dict], message: str, max_new_tokens: int,
-               temperature: float):
+    def stream(
+        self, path: str, system: str, history: list[dict], message: str, max_new_tokens: int, temperature: float
+    ):
         """Yield the growing answer (finetune.chat.Chat generating, streamed through a queue)."""
         from finetune.chat import Chat
 
@@ -142,8 +157,9 @@ class ChatSessions:
 
 
 def run_command(args: list[str], cwd: Path, timeout: int = 3600) -> tuple[int, str]:
-    r = subprocess.run(finetune_command(*args), cwd=cwd, env=child_env(), capture_output=True, text=True,
-                       timeout=timeout, check=False)
+    r = subprocess.run(
+        finetune_command(*args), cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=timeout, check=False
+    )
     return r.returncode, (r.stdout + ("\n" if r.stdout and r.stderr else "") + r.stderr).strip()
 
 
@@ -175,13 +191,21 @@ def build(lang: str = "en", runs_dir: str = "runs"):
         state_recipe = gr.State(base_recipe)
         with gr.Row():
             L(gr.Markdown(f"## {t('title', lang)}\n{t('subtitle', lang)}"), "title", "value")
-            lang_box = gr.Radio(["English", "中文"], value="中文" if lang == "zh" else "English",
-                                label=t("lang", lang), scale=0, min_width=200, elem_id="ft-lang")
+            lang_box = gr.Radio(
+                ["English", "中文"],
+                value="中文" if lang == "zh" else "English",
+                label=t("lang", lang),
+                scale=0,
+                min_width=200,
+                elem_id="ft-lang",
+            )
 
         with gr.Tab(t("tab_train", lang), id="train") as tab_train:
             L(tab_train, "tab_train")
             with gr.Row():
-                shipped = L(gr.Dropdown(recipes, value=first, label=t("shipped", lang), elem_id="ft-shipped"), "shipped")
+                shipped = L(
+                    gr.Dropdown(recipes, value=first, label=t("shipped", lang), elem_id="ft-shipped"), "shipped"
+                )
                 recipe_file = L(gr.Textbox(label=t("recipe_file", lang), elem_id="ft-recipe-file"), "recipe_file")
                 load_btn = L(gr.Button(t("load", lang), scale=0, elem_id="ft-load"), "load", "value")
             with gr.Row():
@@ -192,10 +216,12 @@ def build(lang: str = "en", runs_dir: str = "runs"):
             with gr.Row():
                 for (name, _, _), value in zip(FORM_KEYS[4:11], values[4:11]):
                     fields[name] = L(gr.Number(value=value, label=t(name, lang), elem_id=f"ft-{name}"), name)
-            fields["output_dir"] = L(gr.Textbox(value=values[11], label=t("output_dir", lang), elem_id="ft-output_dir"),
-                                     "output_dir")
-            recipe_yaml = L(gr.Code(to_yaml(base_recipe), language="yaml", label=t("yaml", lang), elem_id="ft-yaml"),
-                            "yaml")
+            fields["output_dir"] = L(
+                gr.Textbox(value=values[11], label=t("output_dir", lang), elem_id="ft-output_dir"), "output_dir"
+            )
+            recipe_yaml = L(
+                gr.Code(to_yaml(base_recipe), language="yaml", label=t("yaml", lang), elem_id="ft-yaml"), "yaml"
+            )
             with gr.Row():
                 dry_btn = L(gr.Button(t("dry_run", lang), elem_id="ft-dry-run"), "dry_run", "value")
                 start_btn = L(gr.Button(t("start", lang), variant="primary", elem_id="ft-start"), "start", "value")
@@ -203,10 +229,27 @@ def build(lang: str = "en", runs_dir: str = "runs"):
             status = L(gr.Textbox(label=t("status", lang), interactive=False, elem_id="ft-status"), "status")
             plan = L(gr.Textbox(label=t("plan", lang), lines=6, interactive=False, elem_id="ft-plan"), "plan")
             with gr.Row():
-                log_box = L(gr.Textbox(label=t("log", lang), lines=14, max_lines=14, interactive=False, autoscroll=True,
-                                       elem_id="ft-log"), "log")
-                curve = L(gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss",
-                                      label=t("loss", lang), elem_id="ft-curve"), "loss")
+                log_box = L(
+                    gr.Textbox(
+                        label=t("log", lang),
+                        lines=14,
+                        max_lines=14,
+                        interactive=False,
+                        autoscroll=True,
+                        elem_id="ft-log",
+                    ),
+                    "log",
+                )
+                curve = L(
+                    gr.LinePlot(
+                        pd.DataFrame({"step": [], "loss": []}),
+                        x="step",
+                        y="loss",
+                        label=t("loss", lang),
+                        elem_id="ft-curve",
+                    ),
+                    "loss",
+                )
             timer = gr.Timer(1.0)
 
         with gr.Tab(t("tab_data", lang), id="data") as tab_data:
@@ -228,7 +271,9 @@ def build(lang: str = "en", runs_dir: str = "runs"):
             chatbot = L(gr.Chatbot(label=t("chatbot", lang), height=320, elem_id="ft-chatbot"), "chatbot")
             with gr.Row():
                 c_msg = L(gr.Textbox(label=t("message", lang), scale=4, elem_id="ft-c-msg"), "message")
-                c_send = L(gr.Button(t("send", lang), variant="primary", scale=1, elem_id="ft-c-send"), "send", "value")
+                c_send = L(
+                    gr.Button(t("send", lang), variant="primary", scale=1, elem_id="ft-c-send"), "send", "value"
+                )
                 c_reset = L(gr.Button(t("reset", lang), scale=1, elem_id="ft-c-reset"), "reset", "value")
 
         with gr.Tab(t("tab_eval", lang), id="eval") as tab_eval:
@@ -249,17 +294,28 @@ def build(lang: str = "en", runs_dir: str = "runs"):
             L(tab_export, "tab_export")
             with gr.Row():
                 x_dir = L(gr.Textbox(label=t("export_dir", lang), elem_id="ft-x-dir"), "export_dir")
-                x_kind = L(gr.Radio(["merge", "gguf", "safetensors"], value="merge", label=t("export_kind", lang),
-                                    elem_id="ft-x-kind"), "export_kind")
+                x_kind = L(
+                    gr.Radio(
+                        ["merge", "gguf", "safetensors"],
+                        value="merge",
+                        label=t("export_kind", lang),
+                        elem_id="ft-x-kind",
+                    ),
+                    "export_kind",
+                )
                 x_outtype = L(gr.Radio(["f32", "f16", "q8_0"], value="f16", label=t("outtype", lang)), "outtype")
             with gr.Row():
-                x_out = L(gr.Textbox(str(runs / "export" / "merged"), label=t("export_out", lang), elem_id="ft-x-out"),
-                          "export_out")
+                x_out = L(
+                    gr.Textbox(str(runs / "export" / "merged"), label=t("export_out", lang), elem_id="ft-x-out"),
+                    "export_out",
+                )
                 x_ollama = L(gr.Checkbox(False, label=t("ollama", lang)), "ollama")
                 x_over = L(gr.Checkbox(False, label=t("overwrite", lang)), "overwrite")
             x_btn = L(gr.Button(t("run_export", lang), variant="primary", elem_id="ft-x-run"), "run_export", "value")
             x_log = L(gr.Textbox(label=t("log", lang), lines=8, interactive=False, elem_id="ft-x-log"), "log")
-            x_files = L(gr.Textbox(label=t("written", lang), lines=6, interactive=False, elem_id="ft-x-files"), "written")
+            x_files = L(
+                gr.Textbox(label=t("written", lang), lines=6, interactive=False, elem_id="ft-x-files"), "written"
+            )
 
         # ---- language
         def switch(choice):
@@ -303,8 +359,10 @@ def build(lang: str = "en", runs_dir: str = "runs"):
             out_dir = out_dir if out_dir.is_absolute() else cwd / out_dir
             runs.mkdir(parents=True, exist_ok=True)
             path = runs / f"{out_dir.name}.yaml"
-            path.write_text(f"# finetune train {path}\n" + yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True),
-                            encoding="utf-8")
+            path.write_text(
+                f"# finetune train {path}\n" + yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True),
+                encoding="utf-8",
+            )
             return path, out_dir
 
         def dry_run(text):
@@ -395,8 +453,14 @@ def build(lang: str = "en", runs_dir: str = "runs"):
                 metrics = _flat({k: data[k] for k in ("generation", "suite") if isinstance(data.get(k), dict)})
                 table = pd.DataFrame({"metric": list(metrics), "value": list(metrics.values())})
             page = report.with_suffix(".html")
-            frame = (f"<iframe style='width:100%;height:600px;border:0' srcdoc='{html.escape(page.read_text())}'>"
-                     "</iframe>") if rc == 0 and page.is_file() else ""
+            frame = (
+                (
+                    f"<iframe style='width:100%;height:600px;border:0' srcdoc='{html.escape(page.read_text())}'>"
+                    "</iframe>"
+                )
+                if rc == 0 and page.is_file()
+                else ""
+            )
             return text[-4000:], table, frame
 
         e_btn.click(evaluate, [e_dir, e_data, e_suite, e_base, e_max, e_out], [e_log, e_table, e_report])
@@ -431,10 +495,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def launch(host: str = "127.0.0.1", port: int = 7860, lang: str = "en", runs_dir: str = "runs",
-           block: bool = True):
+def launch(host: str = "127.0.0.1", port: int = 7860, lang: str = "en", runs_dir: str = "runs", block: bool = True):
     app = build(lang, runs_dir)
     app.queue(default_concurrency_limit=4)
-    app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True,
-               inbrowser=False, quiet=True)
+    app.launch(
+        server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True, inbrowser=False, quiet=True
+    )
     return app

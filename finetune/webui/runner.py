@@ -52,9 +52,15 @@ class Runner:
             with open(self.log_path, "a", encoding="utf-8") as log:
                 log.write(f"$ finetune train {recipe_path}\n")
                 log.flush()
-                self.proc = subprocess.Popen(finetune_command("train", str(recipe_path)), cwd=cwd, env=child_env(),
-                                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             start_new_session=True)
+                self.proc = subprocess.Popen(
+                    finetune_command("train", str(recipe_path)),
+                    cwd=cwd,
+                    env=child_env(),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
             return True
 
     def stop(self) -> None:
