@@ -138,6 +138,33 @@ def _add_merge_export_chat(sub) -> None:
     chat.add_argument("--base", help="an adapter's base model when the recorded one moved")
     for p in (merge, export, chat):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    _add_serve_webui(sub)
+
+
+def _add_serve_webui(sub) -> None:
+    serve = sub.add_parser("serve", help="serve models / adapters over an OpenAI-compatible HTTP API",
+                           description="Serve a model or adapter dir (and more adapters by name) at /v1/chat/completions, "
+                                       "/v1/completions, /v1/models and /health. Needs finetune[serve].")
+    serve.add_argument("model", metavar="MODEL_OR_ADAPTER_DIR", help="model dir or adapter dir (an adapter runs on its base, 4-bit for QLoRA)")
+    serve.add_argument("--adapter", action="append", metavar="NAME=DIR", help="also serve this adapter as model NAME "
+                       "(repeatable; adapters on the same base share it)")
+    serve.add_argument("--name", help="model name of MODEL_OR_ADAPTER_DIR in requests (default: the dir's name)")
+    serve.add_argument("--base", help="an adapter's base model when the recorded one moved")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--api-key", help="require Authorization: Bearer KEY (default: $FINETUNE_API_KEY, if set)")
+    serve.add_argument("--max-tokens", type=int, default=1024, help="cap on a request's max_tokens, and its default (1024)")
+    serve.add_argument("--max-batch-size", type=int, default=16, help="rows generated together (default 16)")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+
+    webui = sub.add_parser("webui", help="the web UI: train, data, chat, evaluate, export (Gradio)",
+                           description="A Gradio web UI over the same commands. Needs finetune[webui].")
+    webui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    webui.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    webui.add_argument("--lang", choices=("en", "zh"), default="en", help="UI language at start (switchable in the UI)")
+    webui.add_argument("--runs-dir", default="runs", help="where runs started from the UI write (default ./runs)")
+    for p in (serve, webui):
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def cmd_train(args) -> int:
@@ -208,6 +235,18 @@ def cmd_chat(args) -> int:
     return chat.run_cli(args)
 
 
+def cmd_serve(args) -> int:
+    from finetune import serve
+
+    return serve.run_cli(args)
+
+
+def cmd_webui(args) -> int:
+    from finetune import webui
+
+    return webui.run_cli(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -218,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_libraries(args.debug)
     handler = {"train": cmd_train, "pipeline": cmd_pipeline, "data": cmd_data, "score": cmd_score, "eval": cmd_eval,
-               "merge": cmd_merge, "export": cmd_export, "chat": cmd_chat}[args.command]
+               "merge": cmd_merge, "export": cmd_export, "chat": cmd_chat,
+               "serve": cmd_serve, "webui": cmd_webui}[args.command]
     try:
         return handler(args)
     except FinetuneError as e:

@@ -47,3 +47,17 @@ def tiny_rm_dir(tiny_path, tmp_path_factory):
     from _support import train_tiny_rm
 
     return train_tiny_rm(tmp_path_factory.mktemp("tiny_rm") / "rm")
+
+
+@pytest.fixture(scope="session")
+def memo_lora_dir(tiny_path, tmp_path_factory):
+    """An SFT LoRA output dir that memorised tests/_support.MEMO_CHATS (30 steps, once per session); greedy
+    answers are the memorised ones. Shared by the serve and web UI tests: read only."""
+    from _support import memo_recipe
+
+    from finetune import config
+    from finetune.stages import sft
+
+    root = tmp_path_factory.mktemp("memo_lora")
+    (root / "recipe.yaml").write_text(memo_recipe(root, steps=30), encoding="utf-8")
+    return sft.run(config.load(str(root / "recipe.yaml"), []))

@@ -1,0 +1,178 @@
+"""`finetune webui` in a real browser (Debian's chromium driven by Playwright): fill the Train tab with the
+tiny recipe and start it, watch the loss and the curve appear, chat with the result, preview data, evaluate,
+export (a verified merge), switch the UI to Chinese. Screenshots of every tab go to the test's tmp dir (and
+to $FINETUNE_SCREENSHOTS when set)."""
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from _support import MEMO_CHATS, free_port, memo_recipe
+
+from finetune import chat, loading
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory):
+    from finetune.webui.app import launch
+
+    root = tmp_path_factory.mktemp("webui")
+    port = free_port()
+    app = launch(port=port, runs_dir=str(root / "runs"), block=False)
+    yield {"url": f"http://127.0.0.1:{port}", "root": root, "app": app}
+    app.finetune_runner.stop()
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def page(ui):
+    if CHROMIUM is None:
+        pytest.skip("needs Debian's chromium (apt-get install -y chromium); CI installs it")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(ui["url"])
+        page.wait_for_selector("#ft-yaml")
+        yield page
+        browser.close()
+
+
+def shot(page, ui, name):
+    path = ui["root"] / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    extra = os.environ.get("FINETUNE_SCREENSHOTS")
+    if extra:
+        Path(extra).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(extra) / path.name)
+
+
+def fill(page, elem_id, text):
+    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+    box.fill(str(text))
+    box.press("Tab")  # commit the change
+
+
+def value(page, elem_id) -> str:
+    return page.locator(f"#{elem_id} textarea, #{elem_id} input").first.input_value()
+
+
+def wait_for(predicate, timeout=300, what=""):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_train_chat_data_eval_export_in_a_browser(ui, page, tiny_path):
+    root = ui["root"]
+    recipe = root / "memo.yaml"
+    recipe.write_text(memo_recipe(root, steps=25, train={"save_steps": 5}), encoding="utf-8")
+    out_dir = root / "memo_out"
+
+    # Train: load the recipe file, change the form (the YAML follows), dry-run, start, watch the loss
+    fill(page, "ft-recipe-file", recipe)
+    page.locator("#ft-load").click()
+    wait_for(lambda: "memo.jsonl" in value(page, "ft-data"), 30, "the recipe in the form")
+    fill(page, "ft-output_dir", out_dir)
+    fill(page, "ft-max_steps", 40)
+    wait_for(lambda: str(out_dir) in page.locator("#ft-yaml").inner_text(), 30, "the form in the YAML")
+    text = page.locator("#ft-yaml").inner_text()
+    assert "max_steps: 40" in text
+    page.locator("#ft-dry-run").click()
+    wait_for(lambda: "steps          40" in value(page, "ft-plan"), 60, "the dry-run plan")
+    # start, stop once a checkpoint is written, then the same button resumes it
+    page.locator("#ft-start").click()
+    checkpoint = out_dir.with_name(out_dir.name + ".incomplete") / "checkpoint-5" / "trainer_state.json"
+    wait_for(checkpoint.is_file, 300, "the first checkpoint")
+    page.locator("#ft-stop").click()
+    wait_for(lambda: value(page, "ft-status").startswith("stopped"), 60, "the run to stop")
+    assert not out_dir.exists()  # an interrupted run never looks finished
+    page.locator("#ft-start").click()
+    wait_for(lambda: value(page, "ft-status").startswith("finished"), 300, "the resumed run to finish")
+    log_text = (ui["root"] / "runs" / "memo_out.log").read_text()
+    assert "interrupted" in log_text and "resuming from" in log_text
+    status = value(page, "ft-status")
+    final_loss = float(re.search(r"loss ([0-9.]+)", status).group(1))
+    state = yaml.safe_load((out_dir / "trainer_state.json").read_text())
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert state["global_step"] == 40 and final_loss == pytest.approx(losses[-1], abs=1e-4)
+    assert losses[-1] < losses[0] / 3
+    page.wait_for_selector("#ft-curve canvas, #ft-curve svg")  # the curve is drawn
+    assert f"done: output in {out_dir}" in value(page, "ft-log")
+    shot(page, ui, "1-train")
+
+    # Chat: the trained dir answers as `finetune chat` does, streamed into the chat box
+    question = MEMO_CHATS[0][0]["content"]
+    model, tok, _ = loading.load_for_inference(out_dir)
+    expected = chat.Chat(model, tok, max_new_tokens=128).answer(question)
+    page.get_by_role("tab", name="Chat").click()
+    fill(page, "ft-c-dir", out_dir)
+    fill(page, "ft-c-msg", question)
+    page.locator("#ft-c-send").click()
+    bot = page.locator("#ft-chatbot")
+    wait_for(lambda: expected in bot.inner_text(), 120, f"the answer {expected!r}")
+    shot(page, ui, "3-chat")
+
+    # Data: the memo record with its trained tokens highlighted
+    page.get_by_role("tab", name="Data").click()
+    fill(page, "ft-d-data", root / "memo.jsonl")
+    page.locator("#ft-d-preview").click()
+    page.wait_for_selector("#ft-d-out mark.ft-trained")
+    assert MEMO_CHATS[0][1]["content"] in page.locator("#ft-d-out mark.ft-trained").first.inner_text()
+    shot(page, ui, "2-data")
+
+    # Evaluate: finetune eval on the memo chats, metrics table and report
+    page.get_by_role("tab", name="Evaluate").click()
+    fill(page, "ft-e-dir", out_dir)
+    fill(page, "ft-e-data", root / "memo.jsonl")
+    fill(page, "ft-e-out", root / "eval")
+    page.locator("#ft-e-run").click()
+    wait_for(lambda: "report:" in value(page, "ft-e-log") or "error" in value(page, "ft-e-log"), 300, "the evaluation")
+    wait_for(lambda: "generation.tuned.exact_match" in page.locator("#ft-e-metrics").inner_text(), 30, "the metrics")
+    assert "exact_match 1" in value(page, "ft-e-log")  # the memorised answers, scored by finetune eval
+    shot(page, ui, "4-evaluate")
+
+    # Export: a verified merge; the written files are listed
+    page.get_by_role("tab", name="Export").click()
+    fill(page, "ft-x-dir", out_dir)
+    fill(page, "ft-x-out", root / "merged")
+    page.locator("#ft-x-run").click()
+    wait_for(lambda: "(exit" in value(page, "ft-x-log"), 300, "the merge")
+    log = value(page, "ft-x-log")
+    assert "(exit 0)" in log and "logit" in log, log
+    assert "model.safetensors" in value(page, "ft-x-files") and (root / "merged" / "config.json").is_file()
+    shot(page, ui, "5-export")
+
+    # Language: the whole UI switches to Chinese
+    page.get_by_text("中文", exact=True).click()
+    page.get_by_role("tab", name="训练").click()
+    wait_for(lambda: page.get_by_role("button", name="开始 / 继续").count() == 1, 30, "Chinese labels")
+    shot(page, ui, "6-train-zh")
+
+
+def test_a_missing_extra_is_one_line_naming_the_install(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_gradio(name, *args, **kw):
+        if name == "gradio":
+            raise ImportError(name)
+        return real_import(name, *args, **kw)
+
+    from finetune import webui
+
+    monkeypatch.setattr(builtins, "__import__", no_gradio)
+    with pytest.raises(webui.FinetuneError, match=r"needs gradio: pip install 'finetune\[webui\]'"):
+        webui.require_extra()
