@@ -175,10 +175,10 @@ def test_truncated_and_dropped_records_are_counted(tmp_path, tiny_tokenizer):
                                        {"role": "assistant", "content": long_answer["output"]}]})
     assert kept_long.input_ids == full.input_ids[:max_length] and kept_long.labels == full.labels[:max_length]
     assert kept_long.labels[-1] != IGNORE  # the cut answer is still trained up to the limit
-    assert prepared.notes[1:] == [
+    assert prepared.notes == [
         f"{path}: 2 of 3 records truncated to train.max_length={max_length}, 1 dropped (no answer token left)"
     ]
-    assert prepared.notes[0].startswith(f"{path}: chat template prefix-consistent: one sequence per record")
+    assert prepared.modes[0].startswith(f"{path}: chat template prefix-consistent: one sequence per record")
     stats = split.stats()
     assert (stats["records"], stats["examples"], stats["truncated"], stats["dropped"], stats["length_max"]) == (3, 2, 2, 1, max_length)
 

@@ -67,6 +67,7 @@ class PreparedData:
     format: str = ""
     language: str | None = None
     notes: list[str] = field(default_factory=list)
+    modes: list[str] = field(default_factory=list)  # chat data: how records became sequences, and why (plan)
 
 
 def read_examples(name: str, cfg: DataSection, fmt: str | None = None, field_name: str = "data.train") -> tuple[list[dict], str, sources.Source]:
@@ -81,7 +82,7 @@ def read_examples(name: str, cfg: DataSection, fmt: str | None = None, field_nam
     if fmt not in formats.CONVERTERS:
         raise DataError(f"{src.label()}: unknown format {fmt!r} (one of {', '.join(formats.CONVERTERS)})")
     columns = {**(src.columns or {}), **cfg.columns}
-    return formats.convert(records, fmt, columns, cfg.system), fmt, src
+    return formats.convert(records, fmt, columns, cfg.system, cfg.reasoning_tags), fmt, src
 
 
 def _encode_all(examples: list[dict], tok, max_length: int | None, label: str,
@@ -128,8 +129,7 @@ def load(cfg: DataSection, tok, max_length: int | None, seed: int = 42, options:
     check_stage_format("sft", fmt, lambda: f"{src.label()}: data.format")
     prepared = PreparedData(train=_encode_all(examples, tok, max_length, src.label(), options), format=fmt,
                             language=src.language)
-    if prepared.train.mode:
-        prepared.notes.append(prepared.train.mode)
+    prepared.modes = [prepared.train.mode] if prepared.train.mode else []
     if cfg.eval:
         eval_examples, _, eval_src = read_examples(cfg.eval, cfg, fmt=None if cfg.format is None else cfg.format, field_name="data.eval")
         prepared.eval = _encode_all(eval_examples, tok, max_length, eval_src.label(), options)

@@ -358,3 +358,9 @@ def encode(tok, example: dict, max_length: int | None = None, *, options: Encode
         encoded = [replace(e, input_ids=e.input_ids[:max_length], labels=e.labels[:max_length], truncated=True)
                    if len(e.input_ids) > max_length else e for e in encoded]
     return encoded
+
+
+def options_of(recipe) -> EncodeOptions:
+    """The encode options a recipe asks for."""
+    return EncodeOptions(chat_template_kwargs=dict(recipe.model.chat_template_kwargs), train_on=recipe.data.train_on,
+                         reasoning_tags=tuple(recipe.data.reasoning_tags))
