@@ -13,34 +13,78 @@ from itertools import groupby
 from pathlib import Path
 
 import pytest
+from jinja2 import TemplateError
 
 from finetune.data.encode import IGNORE, EncodeOptions, _template_messages, encode, fold_system
 from finetune.errors import DataError
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 TEXT = {
-    "en": dict(system="You are a helpful assistant.", q1="What colour is the sky?", a1="The sky is blue.",
-               r1="Sunlight scatters; blue scatters most.", q2="What is the weather in Paris?", a2="It is sunny, 21 degrees.",
-               r2="I should call the weather tool.", city="Paris"),
-    "zh": dict(system="你是一个乐于助人的助手。", q1="天空是什么颜色的？", a1="天空是蓝色的。", r1="阳光散射，蓝光散射最多。",
-               q2="北京的天气怎么样？", a2="北京今天晴，21度。", r2="我应该调用天气工具。", city="北京"),
+    "en": {
+        "system": "You are a helpful assistant.",
+        "q1": "What colour is the sky?",
+        "a1": "The sky is blue.",
+        "r1": "Sunlight scatters; blue scatters most.",
+        "q2": "What is the weather in Paris?",
+        "a2": "It is sunny, 21 degrees.",
+        "r2": "I should call the weather tool.",
+        "city": "Paris",
+    },
+    "zh": {
+        "system": "你是一个乐于助人的助手。",
+        "q1": "天空是什么颜色的？",
+        "a1": "天空是蓝色的。",
+        "r1": "阳光散射，蓝光散射最多。",
+        "q2": "北京的天气怎么样？",
+        "a2": "北京今天晴，21度。",
+        "r2": "我应该调用天气工具。",
+        "city": "北京",
+    },
 }
 
 
 def conversation(lang: str, reasoning: bool = False, tools: bool = False) -> list[dict]:
     t = TEXT[lang]
-    msgs = [{"role": "system", "content": t["system"]}, {"role": "user", "content": t["q1"]},
-            {"role": "assistant", "content": t["a1"]}, {"role": "user", "content": t["q2"]}]
+    msgs = [
+        {"role": "system", "content": t["system"]},
+        {"role": "user", "content": t["q1"]},
+        {"role": "assistant", "content": t["a1"]},
+        {"role": "user", "content": t["q2"]},
+    ]
     if reasoning:
         msgs[2]["reasoning_content"] = t["r1"]
     if tools:
-        msgs.append({"role": "assistant", "content": "", "tool_calls": [
-            {"type": "function", "id": "call00001", "function": {"name": "get_weather", "arguments": {"city": t["city"]}}}]})
-        msgs.append({"role": "tool", "content": '{"sky": "sunny", "celsius": 21}', "tool_call_id": "call00001",
-                     "name": "get_weather"})
+        msgs.append(
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "type": "function",
+                        "id": "call00001",
+                        "function": {"name": "get_weather", "arguments": {"city": t["city"]}},
+                    }
+                ],
+            }
+        )
+        msgs.append(
+            {
+                "role": "tool",
+                "content": '{"sky": "sunny", "celsius": 21}',
+                "tool_call_id": "call00001",
+                "name": "get_weather",
+            }
+        )
     msgs.append({"role": "assistant", "content": t["a2"]})
     if reasoning:
         msgs[-1]["reasoning_content"] = t["r2"]
@@ -55,12 +99,22 @@ def with_template(tok, name: str):
 
 def assert_exact(tok, msgs, tools, sequences, options: EncodeOptions) -> list[int]:
     """Every trained run is one assistant turn, after exactly its inference prompt; returns the turns."""
+
     def prompt_ids(history):
-        return list(tok.apply_chat_template(_template_messages(history), tools=tools, add_generation_prompt=True,
-                                            tokenize=True, return_dict=True, **options.chat_template_kwargs)["input_ids"])
+        return list(
+            tok.apply_chat_template(
+                _template_messages(history),
+                tools=tools,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                **options.chat_template_kwargs,
+            )["input_ids"]
+        )
+
     try:
         prompt_ids(msgs[:2])
-    except Exception:  # a template with no system role: encode folded it into the first user turn
+    except TemplateError:  # a template with no system role: encode folded it into the first user turn
         msgs = fold_system(msgs)
     turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
     prompts = {k: prompt_ids(msgs[:k]) for k in turns}
@@ -132,7 +186,7 @@ def test_exact_masks_with_real_templates(tiny_tokenizer, name, variant, kwargs, 
     last = encode(tok, example, options=EncodeOptions(chat_template_kwargs=kwargs, train_on="last_turn"))
     assert len(last) == 1
     assert_exact(tok, msgs, tools, last, EncodeOptions(chat_template_kwargs=kwargs, train_on="last_turn"))
-    assert last[0].input_ids == sequences[-1].input_ids[:len(last[0].input_ids)]
+    assert last[0].input_ids == sequences[-1].input_ids[: len(last[0].input_ids)]
 
 
 def test_every_vendored_template_gives_exact_masks_or_a_clean_error(tiny_tokenizer):
@@ -151,8 +205,10 @@ def test_every_vendored_template_gives_exact_masks_or_a_clean_error(tiny_tokeniz
             outcomes[path.stem, lang] = "exact"
     errors = {k: v for k, v in outcomes.items() if v != "exact"}
     # Only the templates written for tool use alone refuse a chat without tools, in the template's own words.
-    assert {name for name, _ in errors} == {"CohereForAI-c4ai-command-r-plus-tool_use",
-                                            "NousResearch-Hermes-3-Llama-3.1-8B-tool_use"}
+    assert {name for name, _ in errors} == {
+        "CohereForAI-c4ai-command-r-plus-tool_use",
+        "NousResearch-Hermes-3-Llama-3.1-8B-tool_use",
+    }
     assert all("TypeError: 'NoneType' object is not iterable" in v and "\n" not in v for v in errors.values())
 
 

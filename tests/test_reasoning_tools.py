@@ -16,14 +16,13 @@ import yaml
 
 from finetune import cli, config
 from finetune.data import formats
-from finetune.data.encode import IGNORE, EncodeOptions, encode
+from finetune.data.encode import IGNORE, encode
 from finetune.data.sources import Record
-from finetune.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
 THINK = re.compile(r"^<think>\n[^<]+\n</think>\n\n[^<]+</s>$")
-TOOL_CALL = re.compile(r"^<tool_call>(.*)</tool_call></s>$", re.S)
+TOOL_CALL = re.compile(r"^<tool_call>(.*)</tool_call></s>$", re.DOTALL)
 
 
 def canonical(fmt: str, row: dict, **kw) -> dict:
@@ -32,9 +31,11 @@ def canonical(fmt: str, row: dict, **kw) -> dict:
 
 
 def runs(tok, enc, trained: bool) -> list[str]:
-    return [tok.decode([t for t, _ in g], skip_special_tokens=False)
-            for is_trained, g in groupby(zip(enc.input_ids, enc.labels), key=lambda p: p[1] != IGNORE)
-            if is_trained == trained]
+    return [
+        tok.decode([t for t, _ in g], skip_special_tokens=False)
+        for is_trained, g in groupby(zip(enc.input_ids, enc.labels), key=lambda p: p[1] != IGNORE)
+        if is_trained == trained
+    ]
 
 
 def demo_rows(name: str) -> list[dict]:
@@ -45,13 +46,26 @@ def demo_rows(name: str) -> list[dict]:
 
 
 def test_reasoning_keys_inline_think_and_columns_become_reasoning_content():
-    expected = {"messages": [{"role": "user", "content": "2+2?"},
-                             {"role": "assistant", "content": "4.", "reasoning_content": "Two and two."}]}
-    for turn in ({"reasoning_content": "Two and two.", "content": "4."}, {"reasoning": "Two and two.", "content": "4."},
-                 {"thinking": "Two and two.", "content": "4."}, {"content": "<think>\nTwo and two.\n</think>\n\n4."}):
+    expected = {
+        "messages": [
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4.", "reasoning_content": "Two and two."},
+        ]
+    }
+    for turn in (
+        {"reasoning_content": "Two and two.", "content": "4."},
+        {"reasoning": "Two and two.", "content": "4."},
+        {"thinking": "Two and two.", "content": "4."},
+        {"content": "<think>\nTwo and two.\n</think>\n\n4."},
+    ):
         row = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", **turn}]}
         assert canonical("messages", row) == expected
-    row = {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4.", "reasoning": "Two and two."}]}
+    row = {
+        "conversations": [
+            {"from": "human", "value": "2+2?"},
+            {"from": "gpt", "value": "4.", "reasoning": "Two and two."},
+        ]
+    }
     assert canonical("sharegpt", row) == expected
     row = {"instruction": "2+2?", "output": "4.", "reasoning": "Two and two."}
     assert canonical("alpaca", row) == expected
@@ -66,7 +80,11 @@ def test_llamafactory_tool_convention_equals_the_openai_form():
     assert a == b
     assert b["tools"][0] == {"type": "function", "function": json.loads(sharegpt_rows[0]["tools"])[0]}
     call = b["messages"][1]["tool_calls"][0]
-    assert call == {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}, "id": "call00001"}
+    assert call == {
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+        "id": "call00001",
+    }
     assert b["messages"][2]["tool_call_id"] == "call00001" and b["messages"][2]["role"] == "tool"
 
 
@@ -78,11 +96,14 @@ def test_tool_calls_and_answers_are_trained_never_tool_results_or_the_tool_list(
         example = canonical("messages", row)
         [enc] = encode(tok, example)
         msgs = example["messages"]
-        call = json.dumps({"name": "get_weather", "arguments": msgs[1]["tool_calls"][0]["function"]["arguments"]},
-                          ensure_ascii=False)
+        call = json.dumps(
+            {"name": "get_weather", "arguments": msgs[1]["tool_calls"][0]["function"]["arguments"]}, ensure_ascii=False
+        )
         assert runs(tok, enc, True) == [f"<tool_call>{call}</tool_call></s>", f"{msgs[3]['content']}</s>"]
         untrained = "".join(runs(tok, enc, False))
-        assert "Tools: get_weather" in untrained and f"<tool_response>{msgs[2]['content']}</tool_response>" in untrained
+        assert (
+            "Tools: get_weather" in untrained and f"<tool_response>{msgs[2]['content']}</tool_response>" in untrained
+        )
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -92,9 +113,14 @@ def _bad_case(tmp_path: Path, rows: list[dict], **model) -> tuple[Path, Path]:
     data = tmp_path / "bad.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     out = tmp_path / "out"
-    recipe = {"stage": "sft", "model": {"name_or_path": "tiny-llama", **model}, "adapter": {"method": "lora"},
-              "data": {"train": str(data), "format": "messages"},
-              "train": {"max_steps": 1, "bf16": False, "report_to": []}, "output": {"dir": str(out)}}
+    recipe = {
+        "stage": "sft",
+        "model": {"name_or_path": "tiny-llama", **model},
+        "adapter": {"method": "lora"},
+        "data": {"train": str(data), "format": "messages"},
+        "train": {"max_steps": 1, "bf16": False, "report_to": []},
+        "output": {"dir": str(out)},
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
     return path, out
@@ -103,17 +129,37 @@ def _bad_case(tmp_path: Path, rows: list[dict], **model) -> tuple[Path, Path]:
 GOOD = [{"role": "user", "content": "Weather in Paris?"}]
 CALL = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
 BAD = {
-    "template raises": ([{"messages": GOOD + [{"role": "assistant", "content": "Sunny."}]}],
-                        {"chat_template": "{{ raise_exception('this model takes no ' + messages[0]['role'] + ' turns') }}"},
-                        "record 0: the chat template cannot render this conversation: TemplateError: this model takes no user turns"),
-    "invalid tool JSON": ([{"messages": GOOD + [{"role": "assistant", "content": "", "tool_calls": [
-                            {**CALL, "function": {"name": "get_weather", "arguments": '{"city": Paris}'}}]}]}], {},
-                          "bad.jsonl:1: field 'messages': turn 1 tool call 0: tool call 'get_weather': arguments are not valid JSON"),
-    "tool result without a call": ([{"messages": GOOD + [{"role": "tool", "content": "sunny"},
-                                                         {"role": "assistant", "content": "Sunny."}]}], {},
-                                   "bad.jsonl:1: field 'messages': turn 1: a tool result with no tool call before it"),
-    "reasoning on a user turn": ([{"messages": [{**GOOD[0], "reasoning_content": "hmm"}, {"role": "assistant", "content": "Sunny."}]}],
-                                 {}, "bad.jsonl:1: field 'messages': turn 0: reasoning on a user turn"),
+    "template raises": (
+        [{"messages": GOOD + [{"role": "assistant", "content": "Sunny."}]}],
+        {"chat_template": "{{ raise_exception('this model takes no ' + messages[0]['role'] + ' turns') }}"},
+        "record 0: the chat template cannot render this conversation: TemplateError: this model takes no user turns",
+    ),
+    "invalid tool JSON": (
+        [
+            {
+                "messages": GOOD
+                + [
+                    {
+                        "role": "assistant",
+                        "content": "",
+                        "tool_calls": [{**CALL, "function": {"name": "get_weather", "arguments": '{"city": Paris}'}}],
+                    }
+                ]
+            }
+        ],
+        {},
+        "bad.jsonl:1: field 'messages': turn 1 tool call 0: tool call 'get_weather': arguments are not valid JSON",
+    ),
+    "tool result without a call": (
+        [{"messages": GOOD + [{"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]}],
+        {},
+        "bad.jsonl:1: field 'messages': turn 1: a tool result with no tool call before it",
+    ),
+    "reasoning on a user turn": (
+        [{"messages": [{**GOOD[0], "reasoning_content": "hmm"}, {"role": "assistant", "content": "Sunny."}]}],
+        {},
+        "bad.jsonl:1: field 'messages': turn 0: reasoning on a user turn",
+    ),
 }
 
 
@@ -139,10 +185,12 @@ def _train(recipe_name: str, out: Path):
 def _greedy(model, tok, chats, tools=None) -> list[str]:
     answers = []
     for chat in chats:
-        enc = tok.apply_chat_template(chat, tools=tools, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        enc = tok.apply_chat_template(
+            chat, tools=tools, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=80, do_sample=False, pad_token_id=tok.pad_token_id)
-        answers.append(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=False))
+        answers.append(tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=False))
     return answers
 
 
@@ -167,7 +215,9 @@ def test_reasoning_recipe_teaches_think_then_answer(tmp_path_factory, base_model
     assert all(THINK.match(a) for a in after), after
 
 
-def test_tools_recipe_teaches_a_parseable_tool_call_for_a_held_out_request(tmp_path_factory, base_model, tiny_tokenizer):
+def test_tools_recipe_teaches_a_parseable_tool_call_for_a_held_out_request(
+    tmp_path_factory, base_model, tiny_tokenizer
+):
     from finetune.loading import load_for_inference
 
     recipe = yaml.safe_load((REPO / "recipes" / "tiny" / "sft_tools.yaml").read_text(encoding="utf-8"))

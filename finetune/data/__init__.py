@@ -118,12 +118,14 @@ def chat_mode_note(label: str, split: Split, options: EncodeOptions, why: str) -
     turns = "the last assistant turn of each record" if options.train_on == "last_turn" else "every assistant turn"
     n_seq, n_rec = len(split.encoded), split.n_records - split.n_dropped
     if n_seq <= n_rec and not why:
-        return f"{label}: chat template prefix-consistent: one sequence per record, {turns} trained (data.train_on={options.train_on})"
-    return (f"{label}: {n_seq} sequences from {split.n_records} records, {turns} trained (data.train_on={options.train_on}), "
-            f"each on exactly its inference prompt; first case: {why}")
+        return (f"{label}: chat template prefix-consistent: one sequence per record, {turns} trained "
+                f"(data.train_on={options.train_on})")
+    return (f"{label}: {n_seq} sequences from {split.n_records} records, {turns} trained "
+            f"(data.train_on={options.train_on}), each on exactly its inference prompt; first case: {why}")
 
 
-def load(cfg: DataSection, tok, max_length: int | None, seed: int = 42, options: EncodeOptions | None = None) -> PreparedData:
+def load(cfg: DataSection, tok, max_length: int | None, seed: int = 42,
+         options: EncodeOptions | None = None) -> PreparedData:
     """The SFT data (the other stages' is `finetune.data.pairs.load`)."""
     examples, fmt, src = read_examples(cfg.train, cfg)
     check_stage_format("sft", fmt, lambda: f"{src.label()}: data.format")

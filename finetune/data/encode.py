@@ -66,8 +66,11 @@ class EncodeOptions:
         object.__setattr__(self, "reasoning_tags", tuple(self.reasoning_tags))
 
     def key(self) -> dict:
-        return {"chat_template_kwargs": dict(self.chat_template_kwargs), "train_on": self.train_on,
-                "reasoning_tags": list(self.reasoning_tags)}
+        return {
+            "chat_template_kwargs": dict(self.chat_template_kwargs),
+            "train_on": self.train_on,
+            "reasoning_tags": list(self.reasoning_tags),
+        }
 
     def wrap(self, reasoning: str) -> str:
         """Reasoning inline, for templates without reasoning support."""
@@ -100,12 +103,17 @@ class _Renderer:
 
         try:
             return self.tok.apply_chat_template(
-                _template_messages(messages), tools=self.tools, tokenize=False,
-                add_generation_prompt=generation_prompt, **self.options.chat_template_kwargs,
+                _template_messages(messages),
+                tools=self.tools,
+                tokenize=False,
+                add_generation_prompt=generation_prompt,
+                **self.options.chat_template_kwargs,
             )
         except (TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
             message = (str(e).strip().splitlines() or [""])[0]
-            raise _TemplateFailure(f"the chat template cannot render this conversation: {type(e).__name__}: {message}") from None
+            raise _TemplateFailure(
+                f"the chat template cannot render this conversation: {type(e).__name__}: {message}"
+            ) from None
 
 
 class _TemplateFailure(DataError):
@@ -159,7 +167,7 @@ def _turn(render: _Renderer, messages: list[dict], k: int, options: EncodeOption
     prompt = render(history, generation_prompt=True)
     full = render(history + [turn])
     reasoning = turn.get("reasoning_content") or ""
-    if reasoning and reasoning not in full[_common_prefix(prompt, full):]:
+    if reasoning and reasoning not in full[_common_prefix(prompt, full) :]:
         # the template does not write this turn's reasoning key: inline it in the turn, in reasoning_tags
         full = render(history + [{**_without_reasoning(turn), "content": options.wrap(reasoning) + turn["content"]}])
         if reasoning not in full:
@@ -194,14 +202,14 @@ def _completion(render, history, turn, prompt: str, full: str, reasoning: str, o
           (the template's thinking mode is off): an error.
     """
     if full.startswith(prompt):
-        return full[len(prompt):]
+        return full[len(prompt) :]
     c = _token_start(render.tok, full, _common_prefix(prompt, full))
     opener, rest = prompt[c:], full[c:]
     dropped = reasoning and reasoning not in rest
     if dropped or not reasoning:
         spliced = options.wrap(reasoning) + rest
         if spliced.startswith(opener):
-            return spliced[len(opener):]
+            return spliced[len(opener) :]
     variant = {**_without_reasoning(turn), "content": "\u2063" + turn["content"] + "\u2063"}
     own = max(c, _common_prefix(full, render(history + [variant])))
     i = max(i for i in range(c, own + 1) if opener.endswith(full[c:i]))
@@ -227,14 +235,20 @@ def _check_turn(turn: dict, completion: str, k: int) -> None:
     """The completion holds the turn's answer and tool calls (else the template dropped them)."""
     content = turn["content"].strip()
     if turn.get("reasoning_content") and turn["reasoning_content"].strip() not in completion:
-        raise DataError(f"assistant turn {k}: the chat template drops this turn's reasoning, even written inline in "
-                        "data.reasoning_tags; train without it, or with a template that writes reasoning")
+        raise DataError(
+            f"assistant turn {k}: the chat template drops this turn's reasoning, even written inline in "
+            "data.reasoning_tags; train without it, or with a template that writes reasoning"
+        )
     if content and content not in completion:
-        raise DataError(f"assistant turn {k}: the chat template does not write the answer where this turn is generated")
+        raise DataError(
+            f"assistant turn {k}: the chat template does not write the answer where this turn is generated"
+        )
     for call in turn.get("tool_calls") or []:
         if call["function"]["name"] not in completion:
-            raise DataError(f"assistant turn {k}: the chat template does not render tool calls "
-                            f"(function {call['function']['name']!r} is not in the turn)")
+            raise DataError(
+                f"assistant turn {k}: the chat template does not render tool calls "
+                f"(function {call['function']['name']!r} is not in the turn)"
+            )
 
 
 # ----------------------------------------------------------------------------- sequences
@@ -263,8 +277,12 @@ def _encode_sequence(tok, seq: _Sequence) -> tuple[Encoded, list[Turn]]:
     labels, misfits = [IGNORE] * len(ids), []
     for turn in seq.turns:
         i, j = starts.get(len(turn.prompt)), starts.get(len(turn.text))
-        ok = i is not None and j is not None and ids[:i] == _tokenize(tok, turn.prompt)["input_ids"] \
+        ok = (
+            i is not None
+            and j is not None
+            and ids[:i] == _tokenize(tok, turn.prompt)["input_ids"]
             and ids[i:j] == _tokenize(tok, turn.completion)["input_ids"]
+        )
         if not ok:
             misfits.append(turn)
             continue
@@ -278,8 +296,9 @@ def _alone(tok, turn: Turn) -> Encoded:
     return Encoded(prompt_ids + completion_ids, [IGNORE] * len(prompt_ids) + completion_ids)
 
 
-def encode_chat(tok, messages: list[dict], tools: list[dict] | None = None,
-                options: EncodeOptions | None = None) -> list[Encoded]:
+def encode_chat(
+    tok, messages: list[dict], tools: list[dict] | None = None, options: EncodeOptions | None = None
+) -> list[Encoded]:
     options = options or EncodeOptions()
     render = _Renderer(tok, tools, options)
     note = ""
@@ -301,8 +320,10 @@ def encode_chat(tok, messages: list[dict], tools: list[dict] | None = None,
         home = next((s for s in sequences if s.text.startswith(turn.text)), None)
         if home is None:
             if sequences and not note:
-                note = (f"assistant turn {turn.index} renders differently once later turns follow it, so it is "
-                        "trained in a sequence of its own")
+                note = (
+                    f"assistant turn {turn.index} renders differently once later turns follow it, so it is "
+                    "trained in a sequence of its own"
+                )
             sequences.append(_Sequence(turn.rendered if turn.rendered.startswith(turn.text) else turn.text, []))
             home = sequences[-1]
         home.turns.append(turn)
@@ -345,7 +366,9 @@ def encode_text(tok, text: str) -> Encoded:
     return Encoded(ids, list(ids))
 
 
-def encode(tok, example: dict, max_length: int | None = None, *, options: EncodeOptions | None = None) -> list[Encoded]:
+def encode(
+    tok, example: dict, max_length: int | None = None, *, options: EncodeOptions | None = None
+) -> list[Encoded]:
     """The training sequences of one canonical example (a chat may give several); each keeps its
     start when it is longer than `max_length`."""
     if "messages" in example:
@@ -355,12 +378,19 @@ def encode(tok, example: dict, max_length: int | None = None, *, options: Encode
     else:
         encoded = [encode_text(tok, example["text"])]
     if max_length is not None:
-        encoded = [replace(e, input_ids=e.input_ids[:max_length], labels=e.labels[:max_length], truncated=True)
-                   if len(e.input_ids) > max_length else e for e in encoded]
+        encoded = [
+            replace(e, input_ids=e.input_ids[:max_length], labels=e.labels[:max_length], truncated=True)
+            if len(e.input_ids) > max_length
+            else e
+            for e in encoded
+        ]
     return encoded
 
 
 def options_of(recipe) -> EncodeOptions:
     """The encode options a recipe asks for."""
-    return EncodeOptions(chat_template_kwargs=dict(recipe.model.chat_template_kwargs), train_on=recipe.data.train_on,
-                         reasoning_tags=tuple(recipe.data.reasoning_tags))
+    return EncodeOptions(
+        chat_template_kwargs=dict(recipe.model.chat_template_kwargs),
+        train_on=recipe.data.train_on,
+        reasoning_tags=tuple(recipe.data.reasoning_tags),
+    )

@@ -21,8 +21,16 @@ from typing import Any, Callable
 from finetune.data.sources import Record
 from finetune.errors import DataError
 
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
 MESSAGE_ROLES = ("system", "user", "assistant")
 CHAT_ROLES = (*MESSAGE_ROLES, "tool")
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
@@ -115,7 +123,9 @@ def _tool_call(f: _Fields, field: str, where: str, call) -> dict:
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
         except json.JSONDecodeError as e:
-            raise f.error(field, f"{where}: tool call {name!r}: arguments are not valid JSON ({e.msg} at char {e.pos})") from None
+            raise f.error(
+                field, f"{where}: tool call {name!r}: arguments are not valid JSON ({e.msg} at char {e.pos})"
+            ) from None
     if not isinstance(arguments, dict):
         raise f.error(field, f"{where}: tool call {name!r}: arguments must be a JSON object")
     out = {"type": "function", "function": {"name": name, "arguments": arguments}}
@@ -129,7 +139,7 @@ def _split_inline_reasoning(content: str, tags) -> tuple[str, str]:
     open_tag, close_tag = tags
     stripped = content.lstrip()
     if stripped.startswith(open_tag) and close_tag in stripped:
-        reasoning, answer = stripped[len(open_tag):].split(close_tag, 1)
+        reasoning, answer = stripped[len(open_tag) :].split(close_tag, 1)
         return reasoning.strip("\n"), answer.lstrip("\n")
     return "", content
 
@@ -148,7 +158,9 @@ def _message(f: _Fields, field: str, i: int, role: str, turn: dict, content, sou
             try:
                 calls = json.loads(calls)
             except json.JSONDecodeError as e:
-                raise f.error(field, f"{where}: the function call is not valid JSON ({e.msg} at char {e.pos})") from None
+                raise f.error(
+                    field, f"{where}: the function call is not valid JSON ({e.msg} at char {e.pos})"
+                ) from None
         calls = calls if isinstance(calls, list) else [calls]
         return {"role": "assistant", "content": "", "tool_calls": [_tool_call(f, field, where, c) for c in calls]}
     tool_calls = turn.get("tool_calls")
@@ -166,7 +178,9 @@ def _message(f: _Fields, field: str, i: int, role: str, turn: dict, content, sou
         if tool_calls:
             if not isinstance(tool_calls, list):
                 raise f.error(field, f"{where}: tool_calls must be a list")
-            message["tool_calls"] = [_tool_call(f, field, f"{where} tool call {j}", c) for j, c in enumerate(tool_calls)]
+            message["tool_calls"] = [
+                _tool_call(f, field, f"{where} tool call {j}", c) for j, c in enumerate(tool_calls)
+            ]
     elif tool_calls:
         raise f.error(field, f"{where}: tool_calls on a {role} turn (only assistant turns make tool calls)")
     if role == "tool":
@@ -238,8 +252,14 @@ def alpaca(f: _Fields) -> dict:
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
             raise f.error("history", f"item {i}: expected a [user, assistant] pair of strings")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    answer = _message(f, "output", len(messages) + 1, "assistant",
-                      {"reasoning": f.text("reasoning", required=False)}, f.text("output"))
+    answer = _message(
+        f,
+        "output",
+        len(messages) + 1,
+        "assistant",
+        {"reasoning": f.text("reasoning", required=False)},
+        f.text("output"),
+    )
     messages += [{"role": "user", "content": user}, answer]
     return {"messages": _check_chat(messages, f, "output")}
 
@@ -296,8 +316,13 @@ def guess_format(record: dict) -> str | None:
     return None
 
 
-def convert(records: list[Record], fmt: str, columns: dict[str, str] | None, system: str | None = None,
-            reasoning_tags=DEFAULT_REASONING_TAGS) -> list[dict]:
+def convert(
+    records: list[Record],
+    fmt: str,
+    columns: dict[str, str] | None,
+    system: str | None = None,
+    reasoning_tags=DEFAULT_REASONING_TAGS,
+) -> list[dict]:
     columns = columns or {}
     unknown = [k for k in columns if k not in FIELDS[fmt]]
     if unknown:

@@ -33,9 +33,17 @@ def render(tok, ids: list[int], labels: list[int], color: bool) -> str:
     return "".join(out)
 
 
-def preview(dataset: str, tok, fmt: str | None = None, index: int = 0, max_length: int | None = None,
-            color: bool = False, columns: dict | None = None, show_tokens: bool = False,
-            options: EncodeOptions | None = None) -> str:
+def preview(
+    dataset: str,
+    tok,
+    fmt: str | None = None,
+    index: int = 0,
+    max_length: int | None = None,
+    color: bool = False,
+    columns: dict | None = None,
+    show_tokens: bool = False,
+    options: EncodeOptions | None = None,
+) -> str:
     options = options or EncodeOptions()
     cfg = DataSection(train=dataset, format=fmt, columns=columns or {}, reasoning_tags=list(options.reasoning_tags))
     examples, fmt, src = read_examples(dataset, cfg)
@@ -59,7 +67,9 @@ def preview(dataset: str, tok, fmt: str | None = None, index: int = 0, max_lengt
         if show_tokens:
             lines += ["", "  pos  id     label  token"]
             for i, (tid, label) in enumerate(zip(enc.input_ids, enc.labels)):
-                lines.append(f"  {i:<4} {tid:<6} {'train' if label != IGNORE else '-':<6} {tok.convert_ids_to_tokens(tid)!r}")
+                lines.append(
+                    f"  {i:<4} {tid:<6} {'train' if label != IGNORE else '-':<6} {tok.convert_ids_to_tokens(tid)!r}"
+                )
     return "\n".join(lines)
 
 
@@ -78,11 +88,14 @@ def _views(tok, example: dict, max_length: int | None, options: EncodeOptions) -
             return [("", sequences[0])]
         return [(f"sequence {i + 1} of {len(sequences)}: ", enc) for i, enc in enumerate(sequences)]
     prompt = example["prompt"]
-    n_prompt = len(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    n_prompt = len(
+        tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    )
     views = []
     for title, answer in answers:
-        ids = tok.apply_chat_template(prompt + answer, add_generation_prompt=not answer, tokenize=True,
-                                      return_dict=True)["input_ids"]
+        ids = tok.apply_chat_template(
+            prompt + answer, add_generation_prompt=not answer, tokenize=True, return_dict=True
+        )["input_ids"]
         enc = Encoded(ids, [IGNORE] * n_prompt + ids[n_prompt:])
         if max_length is not None and len(ids) > max_length:
             enc = Encoded(ids[:max_length], enc.labels[:max_length], truncated=True)
