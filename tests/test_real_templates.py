@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from jinja2 import TemplateError
 
-from finetune.data.encode import IGNORE, EncodeOptions, _template_messages, encode, fold_system
+from finetune.data.encode import IGNORE, EncodeOptions, template_messages, encode, fold_system
 from finetune.errors import DataError
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
@@ -103,7 +103,7 @@ def assert_exact(tok, msgs, tools, sequences, options: EncodeOptions) -> list[in
     def prompt_ids(history):
         return list(
             tok.apply_chat_template(
-                _template_messages(history),
+                template_messages(history),
                 tools=tools,
                 add_generation_prompt=True,
                 tokenize=True,

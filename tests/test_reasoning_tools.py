@@ -213,6 +213,13 @@ def test_reasoning_recipe_teaches_think_then_answer(tmp_path_factory, base_model
     model, tok, _ = load_for_inference(_train("sft_reasoning.yaml", tmp_path_factory.mktemp("reasoning") / "out"))
     after = _greedy(model.eval(), tok, chats)
     assert all(THINK.match(a) for a in after), after
+    # `finetune chat` keeps the reasoning apart in its history, as the training data has it
+    from finetune.chat import Chat
+
+    chat = Chat(model, tok)
+    reply = chat.answer(held_out[0])
+    assert THINK.match(reply + "</s>") and chat.history[-1]["reasoning_content"] in reply
+    assert "<think>" not in chat.history[-1]["content"] and chat.history[-1]["content"] in reply
 
 
 def test_tools_recipe_teaches_a_parseable_tool_call_for_a_held_out_request(

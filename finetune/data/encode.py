@@ -80,7 +80,7 @@ class EncodeOptions:
 # ----------------------------------------------------------------------------- rendering
 
 
-def _template_messages(messages: list[dict]) -> list[dict]:
+def template_messages(messages: list[dict]) -> list[dict]:
     """Messages as templates read them: reasoning under every key a template may use."""
     out = []
     for m in messages:
@@ -103,7 +103,7 @@ class _Renderer:
 
         try:
             return self.tok.apply_chat_template(
-                _template_messages(messages),
+                template_messages(messages),
                 tools=self.tools,
                 tokenize=False,
                 add_generation_prompt=generation_prompt,

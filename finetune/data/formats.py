@@ -134,7 +134,7 @@ def _tool_call(f: _Fields, field: str, where: str, call) -> dict:
     return out
 
 
-def _split_inline_reasoning(content: str, tags) -> tuple[str, str]:
+def split_inline_reasoning(content: str, tags) -> tuple[str, str]:
     """(reasoning, answer) of an answer that starts with `<think>...</think>`; ("", content) otherwise."""
     open_tag, close_tag = tags
     stripped = content.lstrip()
@@ -171,7 +171,7 @@ def _message(f: _Fields, field: str, i: int, role: str, turn: dict, content, sou
     message = {"role": role, "content": content}
     if role == "assistant":
         if reasoning is None:
-            reasoning, content = _split_inline_reasoning(content, f.reasoning_tags)
+            reasoning, content = split_inline_reasoning(content, f.reasoning_tags)
             message["content"] = content
         if reasoning:
             message["reasoning_content"] = reasoning
