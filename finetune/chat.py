@@ -60,7 +60,10 @@ class Chat:
         reply = self.tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         reasoning, answer = split_inline_reasoning(reply, self.reasoning_tags)
         # the history holds the reasoning apart, as training data does: the template shows it as it shows it there
-        self.history.append({"role": "assistant", "content": answer, **({"reasoning_content": reasoning} if reasoning else {})})
+        turn = {"role": "assistant", "content": answer}
+        if reasoning:
+            turn["reasoning_content"] = reasoning
+        self.history.append(turn)
         return reply
 
 
