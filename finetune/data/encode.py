@@ -186,8 +186,8 @@ def _completion(render, history, turn, prompt: str, full: str, reasoning: str, o
     """What the template writes for the turn after its generation prompt.
 
     1. The rendering of history + turn starts with the generation prompt: the rest (the usual case).
-    2. Else let c be where they part (moved back to the start of the token it falls in, so a special
-       token is written whole), `opener` the rest of the generation prompt and `rest` the rest of
+    2. Else let c be where they part (moved back to the start of the token it falls in and out of any
+       `<...>` / `[...]` marker, so a special token is written whole), `opener` the rest of the generation prompt and `rest` the rest of
        the finished rendering.
        a. The turn's reasoning, which the template drops, (or an empty think block, when it has
           none) wrapped in reasoning_tags and followed by `rest` starts with `opener`: what follows
@@ -224,10 +224,16 @@ def _completion(render, history, turn, prompt: str, full: str, reasoning: str, o
 
 
 def _token_start(tok, text: str, pos: int) -> int:
-    """The start of the token of `text` that holds character `pos`."""
+    """The start of the token of `text` that holds character `pos`, and never inside a `<...>` or
+    `[...]` marker (a tokenizer that does not know the template's special tokens splits them)."""
     for start, end in tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]:
         if start <= pos < end:
-            return start
+            pos = start
+            break
+    for opening, closing in ("<>", "[]"):
+        i = text.rfind(opening, 0, pos)
+        if i >= 0 and closing not in text[i:pos] and "\n" not in text[i:pos]:
+            pos = i
     return pos
 
 
