@@ -9,16 +9,18 @@ answer, tool calls and reasoning, and nothing of the prompt side."""
 from __future__ import annotations
 
 import copy
+import json
 from itertools import groupby
 from pathlib import Path
 
 import pytest
 from jinja2 import TemplateError
 
-from finetune.data.encode import IGNORE, EncodeOptions, template_messages, encode, fold_system
+from finetune.data.encode import IGNORE, EncodeOptions, encode, fold_system, template_messages
 from finetune.errors import DataError
 
-TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATES = REPO / "tests" / "fixtures" / "templates"
 TOOLS = [
     {
         "type": "function",
@@ -241,3 +243,35 @@ def test_reasoning_without_template_support_is_written_in_think_tags(tiny_tokeni
     trained = [tok.decode([t for t, lab in zip(e.input_ids, e.labels) if lab != IGNORE]) for e in (first, second)]
     assert trained[1] == f"<reason>\n{msgs[4]['reasoning_content']}\n</reason>\n\n{msgs[4]['content']}<|eot_id|>"
     assert msgs[2]["reasoning_content"] not in tok.decode(second.input_ids)
+
+
+def test_dry_run_plan_says_which_mode_each_dataset_got_and_why(tmp_path, capsys):
+    from finetune import cli
+
+    rows = [{"messages": conversation(lang)} for lang in ("en", "zh")]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    base = [
+        "train",
+        str(REPO / "recipes" / "tiny" / "sft_lora.yaml"),
+        "--dry-run",
+        f"data.train={data}",
+        "data.eval_ratio=0",
+        f"output.dir={tmp_path / 'out'}",
+    ]
+    assert cli.main([*base, f"model.chat_template={TEMPLATES / 'Qwen-Qwen3-0.6B.jinja'}"]) == 0
+    plan = capsys.readouterr().out
+    assert f"{data}: 4 sequences from 2 records, every assistant turn trained (data.train_on=all_turns)" in plan
+    assert "first case: record 0: assistant turn 2 renders differently once later turns follow it" in plan
+    assert (
+        cli.main([*base, f"model.chat_template={TEMPLATES / 'Qwen-Qwen3-0.6B.jinja'}", "data.train_on=last_turn"]) == 0
+    )
+    assert (
+        "one sequence per record, the last assistant turn of each record trained on its inference prompt"
+        in capsys.readouterr().out
+    )
+    assert cli.main([*base, f"model.chat_template={TEMPLATES / 'google-gemma-2-2b-it.jinja'}"]) == 0
+    assert (
+        "system prompt folded into the first user turn (the chat template cannot render this conversation: "
+        "TemplateError: System role not supported)" in capsys.readouterr().out
+    )

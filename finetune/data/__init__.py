@@ -117,6 +117,8 @@ def chat_mode_note(label: str, split: Split, options: EncodeOptions, why: str) -
     """Which encoding mode a chat dataset got, and why (one line for the dry-run plan)."""
     turns = "the last assistant turn of each record" if options.train_on == "last_turn" else "every assistant turn"
     n_seq, n_rec = len(split.encoded), split.n_records - split.n_dropped
+    if options.train_on == "last_turn" and not why:
+        return f"{label}: one sequence per record, {turns} trained on its inference prompt (data.train_on=last_turn)"
     if n_seq <= n_rec and not why:
         return (f"{label}: chat template prefix-consistent: one sequence per record, {turns} trained "
                 f"(data.train_on={options.train_on})")
