@@ -198,8 +198,9 @@ def _completion(render, history, turn, prompt: str, full: str, reasoning: str, o
           block when thinking is off); i later when the history renders differently once the turn
           follows it (a system prompt moved into the last user turn, a tool result closed
           differently), after the turn header both end with.
-       c. A turn whose reasoning is then not in its completion cannot be trained after this prompt
-          (the template's thinking mode is off): an error.
+       c. A turn with reasoning cannot be trained after this prompt when its reasoning is then not in
+          its completion, or when the prompt pre-fills text (i = c) where the finished turn writes
+          reasoning (the template's thinking mode is off, e.g. an empty think block): an error.
     """
     if full.startswith(prompt):
         return full[len(prompt) :]
@@ -214,7 +215,7 @@ def _completion(render, history, turn, prompt: str, full: str, reasoning: str, o
     own = max(c, _common_prefix(full, render(history + [variant])))
     i = max(i for i in range(c, own + 1) if opener.endswith(full[c:i]))
     completion = full[i:]
-    if reasoning and reasoning not in completion:
+    if reasoning and (reasoning not in completion or (i == c and opener.strip())):
         raise DataError(
             f"assistant turn {k}: the chat template's generation prompt ends with {opener[-40:]!r}, after which this turn's "
             "reasoning cannot be written (is the template's thinking mode off? see model.chat_template_kwargs, "
