@@ -12,6 +12,8 @@ import warnings
 
 import torch
 
+from finetune.data.encode import template_messages
+from finetune.data.formats import DEFAULT_REASONING_TAGS, split_inline_reasoning
 from finetune.errors import FinetuneError
 from finetune.generate import generate
 from finetune.loading import load_for_inference
@@ -21,9 +23,12 @@ HELP = "commands: /reset clears the history, /exit quits"
 
 class Chat:
     def __init__(self, model, tokenizer, system: str | None = None, max_new_tokens: int = 256,
-                 temperature: float = 0.0, top_p: float = 1.0):
+                 temperature: float = 0.0, top_p: float = 1.0, template_kwargs: dict | None = None,
+                 reasoning_tags=DEFAULT_REASONING_TAGS):
         self.model, self.tok = model, tokenizer
         self.system = system
+        # as in training (model.chat_template_kwargs, data.reasoning_tags of the run's recipe)
+        self.template_kwargs, self.reasoning_tags = dict(template_kwargs or {}), tuple(reasoning_tags)
         self.gen = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, pad_token_id=tokenizer.pad_token_id)
         if temperature > 0:
             self.gen.update(temperature=temperature, top_p=top_p)
@@ -44,8 +49,8 @@ class Chat:
 
         self.history.append({"role": "user", "content": text})
         try:
-            enc = self.tok.apply_chat_template(self.messages(), add_generation_prompt=True, return_tensors="pt",
-                                               return_dict=True)
+            enc = self.tok.apply_chat_template(template_messages(self.messages()), add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True, **self.template_kwargs)
         except TemplateError as e:  # e.g. a template that refuses system turns
             self.history.pop()
             raise FinetuneError(f"the model's chat template refused this conversation: {e}") from None
@@ -54,7 +59,12 @@ class Chat:
         streamer = _streamer(self.tok, stream) if stream is not None else None
         out = generate(self.model, **enc, **self.gen, streamer=streamer)
         reply = self.tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-        self.history.append({"role": "assistant", "content": reply})
+        reasoning, answer = split_inline_reasoning(reply, self.reasoning_tags)
+        # the history holds the reasoning apart, as training data does: the template shows it as it shows it there
+        turn = {"role": "assistant", "content": answer}
+        if reasoning:
+            turn["reasoning_content"] = reasoning
+        self.history.append(turn)
         return reply
 
 
@@ -76,7 +86,12 @@ def run_cli(args) -> int:
     quiet_progress()
     warnings.filterwarnings("ignore", message="Position ids are not supported")  # prompt-tuning adapters: harmless
     model, tok, source = load_for_inference(args.model, args.base)
-    chat = Chat(model, tok, args.system, args.max_new_tokens, args.temperature, args.top_p)
+    from finetune.loading import _read_recipe
+
+    recipe = _read_recipe(source.path)
+    chat = Chat(model, tok, args.system, args.max_new_tokens, args.temperature, args.top_p,
+                template_kwargs=(recipe.get("model") or {}).get("chat_template_kwargs"),
+                reasoning_tags=(recipe.get("data") or {}).get("reasoning_tags") or DEFAULT_REASONING_TAGS)
     if args.prompt is not None:
         chat.answer(args.prompt, stream=sys.stdout)
         return 0

@@ -70,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     prev.add_argument("--index", type=int, default=0, help="which record (default 0)")
     prev.add_argument("--max-length", type=int, default=None, help="truncate as train.max_length would")
     prev.add_argument("--tokens", action="store_true", help="also list every token with its label")
+    prev.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
+                      help='extra chat template variables, as model.chat_template_kwargs (e.g. \'{"enable_thinking": true}\')')
+    prev.add_argument("--train-on", choices=["all_turns", "last_turn"], default="all_turns",
+                      help="chat data: train every assistant turn or only the last (data.train_on)")
+    prev.add_argument("--chat-template", default=None, help="a Jinja chat template or .jinja file replacing the model's")
     prev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     from finetune.eval import command as eval_command
@@ -197,9 +202,21 @@ def cmd_data(args) -> int:
     from finetune.config import ModelSection
     from finetune.data.preview import preview
 
-    tok = models.load_tokenizer(ModelSection(name_or_path=args.model))
+    import json
+
+    from finetune.data.encode import EncodeOptions
+    from finetune.errors import RecipeError
+
+    try:
+        kwargs = json.loads(args.chat_template_kwargs) if args.chat_template_kwargs else {}
+    except json.JSONDecodeError as e:
+        raise RecipeError(f"--chat-template-kwargs: not valid JSON ({e.msg})") from None
+    if not isinstance(kwargs, dict):
+        raise RecipeError("--chat-template-kwargs: expected a JSON object")
+    tok = models.load_tokenizer(ModelSection(name_or_path=args.model, chat_template=args.chat_template))
     print(preview(args.dataset, tok, fmt=args.format, index=args.index, max_length=args.max_length,
-                  color=sys.stdout.isatty(), show_tokens=args.tokens))
+                  color=sys.stdout.isatty(), show_tokens=args.tokens,
+                  options=EncodeOptions(chat_template_kwargs=kwargs, train_on=args.train_on)))
     return 0
 
 

@@ -62,6 +62,9 @@ class ModelSection:
     )
     attn_implementation: str | None = _f(None, help="e.g. sdpa, eager, flash_attention_2; None lets transformers pick.")
     chat_template: str | None = _f(None, help="A Jinja chat template (or the path of a .jinja file) replacing the tokenizer's.")
+    chat_template_kwargs: dict[str, Any] = _f(
+        {}, help="Extra variables for the chat template, e.g. {enable_thinking: true}; used for training data, chat and eval alike."
+    )
     trust_remote_code: bool = _f(False, help="Run code shipped with the model repo. Off unless you trust its author.")
     allow_pickle: bool = _f(False, help="Allow loading .bin/.pt (pickle) weights. Off: safetensors only.")
 
@@ -125,6 +128,15 @@ class DataSection:
     split: str = _f("train", help="Split of a hub dataset.")
     max_samples: int | None = _f(None, help="Use only the first N training records.")
     system: str | None = _f(None, help="System prompt added to chat examples that have none.")
+    train_on: Literal["all_turns", "last_turn"] = _f(
+        "all_turns", help="Chat data: train every assistant turn, or only the last one of each record. Each trained turn is "
+        "trained on exactly its inference prompt (where the template renders a turn differently once later turns follow, "
+        "it gets a sequence of its own; the dry-run plan says which)."
+    )
+    reasoning_tags: list[str] = _f(
+        ["<think>", "</think>"], help="Open and close tags of reasoning written inline in an answer, and of the reasoning "
+        "finetune writes inline for templates that have no reasoning support."
+    )
     registry: str | None = _f(None, help="Path of a datasets.yaml registry (default: ./data/datasets.yaml, then the shipped one).")
 
 
@@ -560,6 +572,8 @@ def _cross_checks(recipe: Recipe, where: _Where) -> None:
         raise RecipeError(f"{where(('data', 'eval_ratio'))}: give data.eval or data.eval_ratio, not both")
     if not 0.0 <= d.eval_ratio < 1.0:
         raise RecipeError(f"{where(('data', 'eval_ratio'))}: must be in [0, 1), got {d.eval_ratio}")
+    if len(d.reasoning_tags) != 2 or not all(isinstance(t, str) and t.strip() for t in d.reasoning_tags):
+        raise RecipeError(f"{where(('data', 'reasoning_tags'))}: expected [open tag, close tag], got {d.reasoning_tags}")
     if recipe.eval is not None:
         if recipe.stage == "rm":
             raise RecipeError(f"{where(('eval',))}: a reward model does not generate; score it with `finetune score` instead")

@@ -285,7 +285,14 @@ def _file_rows(path: Path) -> list:
 def test_every_demo_set_loads(name, tiny_tokenizer):
     entry = SHIPPED[name]
     n_rows = len(_file_rows(REPO / "data" / entry["path"]))
-    prepared = data.load(DataSection(train=name), tiny_tokenizer, max_length=1024)
+    tok = tiny_tokenizer
+    if name in ("tools_demo", "sharegpt_tools_demo"):  # the tiny template has no tool support: the recipe's has
+        import copy
+
+        tok = copy.deepcopy(tiny_tokenizer)
+        recipe = yaml.safe_load((REPO / "recipes" / "tiny" / "sft_tools.yaml").read_text(encoding="utf-8"))
+        tok.chat_template = recipe["model"]["chat_template"]
+    prepared = data.load(DataSection(train=name), tok, max_length=1024)
     assert prepared.format == entry["format"]
     assert prepared.language == entry["language"]
     assert prepared.eval is None and prepared.notes == []

@@ -166,6 +166,25 @@ VIEWS = {"preference": view_preference, "kto": view_kto, "alpaca": view_alpaca, 
          "prompt_completion": view_prompt_completion, "text": view_text}
 
 
+def view_converted(fmt):
+    """Chats with reasoning or tool calls: read by finetune's own converter (which checks them)."""
+    def view(r, where):
+        from finetune.data import formats
+        from finetune.data.sources import Record
+
+        [example] = formats.convert([Record(r, where)], fmt, {})
+        msgs = example["messages"]
+        assert "tools" in example or any(m.get("reasoning_content") for m in msgs), f"{where}: no tools or reasoning"
+        return [m["content"] for m in msgs if m["role"] == "assistant" and m["content"]], \
+            tuple(m["content"] for m in msgs if m["role"] == "user")
+    return view
+
+
+# the demo sets of reasoning and tool calls (finetune/data/formats.py defines their fields)
+NAME_VIEWS = {"reasoning_demo": view_converted("messages"), "tools_demo": view_converted("messages"),
+              "sharegpt_tools_demo": view_converted("sharegpt")}
+
+
 def normalise(obj) -> str:
     s = json.dumps(obj, ensure_ascii=False, sort_keys=True).lower()
     return re.sub(r"[\W_]+", "", s)
@@ -195,7 +214,7 @@ def test_rows_valid(name):
     e = registry()[name]
     rows = load_rows(e)
     assert rows, f"{name}: no rows"
-    view = VIEWS[e["format"]]
+    view = NAME_VIEWS.get(name) or VIEWS[e["format"]]
     seen_rows, seen_keys = {}, {}
     for i, r in enumerate(rows):
         where = f"{e['path']} row {i}"

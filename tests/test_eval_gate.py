@@ -300,7 +300,7 @@ def test_after_training_scores_exactly_the_examples_training_held_out(tiny_path)
     assert len(items) == len(prepared.eval.encoded) > 1 and language == "en"
     for item, held in zip(items, prepared.eval.encoded):
         chat = item.prompt + [{"role": "assistant", "content": item.reference}]
-        assert encode(tok, {"messages": chat}, recipe.train["max_length"]).input_ids == held.input_ids
+        assert [e.input_ids for e in encode(tok, {"messages": chat}, recipe.train["max_length"])] == [held.input_ids]
 
 
 def test_eval_settings_do_not_block_resuming_an_interrupted_run(tmp_path):

@@ -60,7 +60,7 @@ def test_chat_mask_equals_generation_markers(tiny_tokenizer, lang, n_turns, syst
     tok = tiny_tokenizer
     msgs = conversation(lang, n_turns, system)
     ref = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    enc = encode(tok, {"messages": msgs})
+    [enc] = encode(tok, {"messages": msgs})
     assert enc.input_ids == list(ref["input_ids"])
     assert len(enc.labels) == len(enc.input_ids)
     assert trained_positions(enc.labels) == [i for i, m in enumerate(ref["assistant_masks"]) if m]
@@ -86,7 +86,7 @@ def test_chat_mask_without_generation_markers(tiny_tokenizer, lang, n_turns, sys
     tok = copy.deepcopy(tiny_tokenizer)
     tok.chat_template = CHATML
     msgs = conversation(lang, n_turns, system)
-    enc = encode(tok, {"messages": msgs})
+    [enc] = encode(tok, {"messages": msgs})
     assert tok.decode(enc.input_ids) == tok.apply_chat_template(msgs, tokenize=False)
     assert len(enc.labels) == len(enc.input_ids)
     answers = [m["content"] + "<|im_end|>" for m in msgs if m["role"] == "assistant"]
@@ -96,7 +96,7 @@ def test_chat_mask_without_generation_markers(tiny_tokenizer, lang, n_turns, sys
     assert all(r.endswith("<|im_start|>assistant\n") for r in untrained[:-1])
 
 
-def test_template_that_is_not_prefix_consistent_is_a_data_error(tiny_tokenizer):
+def test_template_that_is_not_prefix_consistent_trains_each_turn_on_its_inference_prompt(tiny_tokenizer):
     tok = copy.deepcopy(tiny_tokenizer)
     # renders earlier assistant turns differently from the last one (like templates that drop
     # the reasoning of past turns): the rendered prefix is not the start of the whole
@@ -105,31 +105,37 @@ def test_template_that_is_not_prefix_consistent_is_a_data_error(tiny_tokenizer):
         "{% else %}<{{ m['role'] }}> {{ m['content'] }}\n{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}<assistant> {% endif %}"
     )
-    with pytest.raises(DataError, match="not prefix-consistent"):
-        encode(tok, {"messages": conversation("en", 2, False)})
+    msgs = conversation("en", 2, False)
+    first, second = encode(tok, {"messages": msgs})  # one sequence per assistant turn
+    assert first.note.startswith("assistant turn 1 renders differently")
+    for enc, k in ((first, 1), (second, 3)):
+        prompt = tok.apply_chat_template(msgs[:k], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        n = len(prompt)
+        assert enc.input_ids[:n] == list(prompt) and set(enc.labels[:n]) == {IGNORE}
+        assert runs(tok, enc.input_ids, enc.labels) == [msgs[k]["content"]]  # up to the newline that ends the turn
 
 
 def test_prompt_completion_trains_completion_and_eos(tiny_tokenizer):
     tok = tiny_tokenizer
     for prompt, completion in (("Q: What is the capital of Japan?\nA:", " Tokyo."), ("天空是", "蓝色的。")):
-        enc = encode(tok, {"prompt": prompt, "completion": completion})
+        [enc] = encode(tok, {"prompt": prompt, "completion": completion})
         assert enc.input_ids[0] == tok.bos_token_id and enc.input_ids[-1] == tok.eos_token_id
         assert len(enc.labels) == len(enc.input_ids)
         assert runs(tok, enc.input_ids, enc.labels) == [completion + "</s>"]
         assert runs(tok, enc.input_ids, enc.labels, trained=False) == ["<s>" + prompt]
     # a completion that already ends with EOS gets no second one
-    enc = encode(tok, {"prompt": "Say hi:", "completion": " hi</s>"})
+    [enc] = encode(tok, {"prompt": "Say hi:", "completion": " hi</s>"})
     assert runs(tok, enc.input_ids, enc.labels) == [" hi</s>"]
 
 
 def test_text_trains_every_token_and_appends_eos(tiny_tokenizer):
     tok = tiny_tokenizer
     for text in ("The sun is a star.", "运动对身体很有好处。"):
-        enc = encode(tok, {"text": text})
+        [enc] = encode(tok, {"text": text})
         assert enc.labels == enc.input_ids
         assert enc.input_ids[0] == tok.bos_token_id and enc.input_ids[-1] == tok.eos_token_id
         assert tok.decode(enc.input_ids, skip_special_tokens=False) == "<s>" + text + "</s>"
-    assert encode(tok, {"text": "Done.</s>"}).input_ids.count(tok.eos_token_id) == 1
+    assert encode(tok, {"text": "Done.</s>"})[0].input_ids.count(tok.eos_token_id) == 1
 
 
 # ----------------------------------------------------------------------------- truncation
@@ -137,12 +143,12 @@ def test_text_trains_every_token_and_appends_eos(tiny_tokenizer):
 
 def test_truncation_keeps_the_start(tiny_tokenizer):
     msgs = conversation("en", 3, True)
-    full = encode(tiny_tokenizer, {"messages": msgs})
+    [full] = encode(tiny_tokenizer, {"messages": msgs})
     n = len(full.input_ids) - 5
-    cut = encode(tiny_tokenizer, {"messages": msgs}, max_length=n)
+    [cut] = encode(tiny_tokenizer, {"messages": msgs}, max_length=n)
     assert cut.truncated and not full.truncated
     assert cut.input_ids == full.input_ids[:n] and cut.labels == full.labels[:n]
-    same = encode(tiny_tokenizer, {"messages": msgs}, max_length=len(full.input_ids))
+    [same] = encode(tiny_tokenizer, {"messages": msgs}, max_length=len(full.input_ids))
     assert not same.truncated and same.input_ids == full.input_ids
 
 
@@ -165,13 +171,14 @@ def test_truncated_and_dropped_records_are_counted(tmp_path, tiny_tokenizer):
     kept_short, kept_long = split.encoded
     assert not kept_short.truncated and kept_long.truncated
     assert len(kept_long.input_ids) == len(kept_long.labels) == max_length
-    full = encode(tok, {"messages": [{"role": "user", "content": long_answer["instruction"]},
-                                     {"role": "assistant", "content": long_answer["output"]}]})
+    [full] = encode(tok, {"messages": [{"role": "user", "content": long_answer["instruction"]},
+                                       {"role": "assistant", "content": long_answer["output"]}]})
     assert kept_long.input_ids == full.input_ids[:max_length] and kept_long.labels == full.labels[:max_length]
     assert kept_long.labels[-1] != IGNORE  # the cut answer is still trained up to the limit
     assert prepared.notes == [
         f"{path}: 2 of 3 records truncated to train.max_length={max_length}, 1 dropped (no answer token left)"
     ]
+    assert prepared.modes[0].startswith(f"{path}: chat template prefix-consistent: one sequence per record")
     stats = split.stats()
     assert (stats["records"], stats["examples"], stats["truncated"], stats["dropped"], stats["length_max"]) == (3, 2, 2, 1, max_length)
 

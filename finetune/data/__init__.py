@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from finetune.config import DataSection, check_stage_format
 from finetune.data import formats, sources
-from finetune.data.encode import Encoded, encode
+from finetune.data.encode import Encoded, EncodeOptions, encode
 from finetune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ class Split:
     n_records: int
     n_truncated: int = 0
     n_dropped: int = 0  # truncated until no trained token was left
+    mode: str = ""  # chat data: how records became sequences, and why (for the plan)
 
     def dataset(self):
         import datasets
@@ -66,6 +67,7 @@ class PreparedData:
     format: str = ""
     language: str | None = None
     notes: list[str] = field(default_factory=list)
+    modes: list[str] = field(default_factory=list)  # chat data: how records became sequences, and why (plan)
 
 
 def read_examples(name: str, cfg: DataSection, fmt: str | None = None, field_name: str = "data.train") -> tuple[list[dict], str, sources.Source]:
@@ -80,19 +82,29 @@ def read_examples(name: str, cfg: DataSection, fmt: str | None = None, field_nam
     if fmt not in formats.CONVERTERS:
         raise DataError(f"{src.label()}: unknown format {fmt!r} (one of {', '.join(formats.CONVERTERS)})")
     columns = {**(src.columns or {}), **cfg.columns}
-    return formats.convert(records, fmt, columns, cfg.system), fmt, src
+    return formats.convert(records, fmt, columns, cfg.system, cfg.reasoning_tags), fmt, src
 
 
-def _encode_all(examples: list[dict], tok, max_length: int | None, label: str) -> Split:
+def _encode_all(examples: list[dict], tok, max_length: int | None, label: str,
+                options: EncodeOptions | None = None) -> Split:
     split = Split(source=label, encoded=[], n_records=len(examples))
-    for example in examples:
-        enc = encode(tok, example, max_length)
-        if enc.truncated:
-            split.n_truncated += 1
-        if enc.n_trained == 0:
-            split.n_dropped += 1
-            continue
-        split.encoded.append(enc)
+    note = ""
+    for i, example in enumerate(examples):
+        try:
+            sequences = encode(tok, example, max_length, options=options)
+        except DataError as e:
+            raise DataError(f"{label} record {i}: {e}") from None
+        if sequences[0].note and not note:
+            note = f"record {i}: {sequences[0].note}"
+        for enc in sequences:
+            if enc.truncated:
+                split.n_truncated += 1
+            if enc.n_trained == 0:
+                split.n_dropped += 1
+                continue
+            split.encoded.append(enc)
+    if "messages" in (examples[0] if examples else {}):
+        split.mode = chat_mode_note(label, split, options or EncodeOptions(), note)
     if not split.encoded:
         raise DataError(
             f"{label}: all {split.n_records} records are longer than train.max_length={max_length} "
@@ -101,14 +113,30 @@ def _encode_all(examples: list[dict], tok, max_length: int | None, label: str) -
     return split
 
 
-def load(cfg: DataSection, tok, max_length: int | None, seed: int = 42) -> PreparedData:
+def chat_mode_note(label: str, split: Split, options: EncodeOptions, why: str) -> str:
+    """Which encoding mode a chat dataset got, and why (one line for the dry-run plan)."""
+    turns = "the last assistant turn of each record" if options.train_on == "last_turn" else "every assistant turn"
+    n_seq, n_rec = len(split.encoded), split.n_records - split.n_dropped
+    if options.train_on == "last_turn" and not why:
+        return f"{label}: one sequence per record, {turns} trained on its inference prompt (data.train_on=last_turn)"
+    if n_seq <= n_rec and not why:
+        return (f"{label}: chat template prefix-consistent: one sequence per record, {turns} trained "
+                f"(data.train_on={options.train_on})")
+    return (f"{label}: {n_seq} sequences from {split.n_records} records, {turns} trained "
+            f"(data.train_on={options.train_on}), each on exactly its inference prompt; first case: {why}")
+
+
+def load(cfg: DataSection, tok, max_length: int | None, seed: int = 42,
+         options: EncodeOptions | None = None) -> PreparedData:
     """The SFT data (the other stages' is `finetune.data.pairs.load`)."""
     examples, fmt, src = read_examples(cfg.train, cfg)
     check_stage_format("sft", fmt, lambda: f"{src.label()}: data.format")
-    prepared = PreparedData(train=_encode_all(examples, tok, max_length, src.label()), format=fmt, language=src.language)
+    prepared = PreparedData(train=_encode_all(examples, tok, max_length, src.label(), options), format=fmt,
+                            language=src.language)
+    prepared.modes = [prepared.train.mode] if prepared.train.mode else []
     if cfg.eval:
         eval_examples, _, eval_src = read_examples(cfg.eval, cfg, fmt=None if cfg.format is None else cfg.format, field_name="data.eval")
-        prepared.eval = _encode_all(eval_examples, tok, max_length, eval_src.label())
+        prepared.eval = _encode_all(eval_examples, tok, max_length, eval_src.label(), options)
     elif cfg.eval_ratio:
         prepared.train, prepared.eval = _split(prepared.train, cfg.eval_ratio, seed)
     for split in (prepared.train, prepared.eval):

@@ -1,12 +1,14 @@
 """`finetune data preview`: one example as the model sees it, trained tokens marked.
 
-A wrong template or loss mask is the most common silent fine-tuning bug; this shows it."""
+A wrong template or loss mask is the most common silent fine-tuning bug; this shows it. A chat
+record that becomes several training sequences (a template that renders earlier turns differently
+once later turns follow: each such turn is trained on its own inference prompt) shows every one."""
 
 from __future__ import annotations
 
 from finetune.config import DataSection
 from finetune.data import read_examples
-from finetune.data.encode import IGNORE, Encoded, encode
+from finetune.data.encode import IGNORE, Encoded, EncodeOptions, encode
 from finetune.errors import DataError
 
 GREEN, RESET = "\033[42;30m", "\033[0m"
@@ -31,15 +33,30 @@ def render(tok, ids: list[int], labels: list[int], color: bool) -> str:
     return "".join(out)
 
 
-def preview(dataset: str, tok, fmt: str | None = None, index: int = 0, max_length: int | None = None,
-            color: bool = False, columns: dict | None = None, show_tokens: bool = False) -> str:
-    cfg = DataSection(train=dataset, format=fmt, columns=columns or {})
+def preview(
+    dataset: str,
+    tok,
+    fmt: str | None = None,
+    index: int = 0,
+    max_length: int | None = None,
+    color: bool = False,
+    columns: dict | None = None,
+    show_tokens: bool = False,
+    options: EncodeOptions | None = None,
+) -> str:
+    options = options or EncodeOptions()
+    cfg = DataSection(train=dataset, format=fmt, columns=columns or {}, reasoning_tags=list(options.reasoning_tags))
     examples, fmt, src = read_examples(dataset, cfg)
     if not 0 <= index < len(examples):
         raise DataError(f"{src.label()}: --index {index} is out of range (0..{len(examples) - 1})")
     marker = "green background" if color else "[[ ]]"
-    views = _views(tok, examples[index], max_length)
+    try:
+        views = _views(tok, examples[index], max_length, options)
+    except DataError as e:
+        raise DataError(f"{src.label()} record {index}: {e}") from None
     lines = [f"{src.label()} record {index} ({fmt}); trained tokens in {marker}:"]
+    if len(views) > 1 and views[0][1].note:
+        lines.append(f"{len(views)} sequences: {views[0][1].note}")
     for title, enc in views:
         counts = f"{len(enc.input_ids)} tokens, {enc.n_trained} trained{' (truncated)' if enc.truncated else ''}"
         if not title:  # one chat / completion / text (SFT): the counts go in the header
@@ -50,11 +67,13 @@ def preview(dataset: str, tok, fmt: str | None = None, index: int = 0, max_lengt
         if show_tokens:
             lines += ["", "  pos  id     label  token"]
             for i, (tid, label) in enumerate(zip(enc.input_ids, enc.labels)):
-                lines.append(f"  {i:<4} {tid:<6} {'train' if label != IGNORE else '-':<6} {tok.convert_ids_to_tokens(tid)!r}")
+                lines.append(
+                    f"  {i:<4} {tid:<6} {'train' if label != IGNORE else '-':<6} {tok.convert_ids_to_tokens(tid)!r}"
+                )
     return "\n".join(lines)
 
 
-def _views(tok, example: dict, max_length: int | None) -> list[tuple[str, Encoded]]:
+def _views(tok, example: dict, max_length: int | None, options: EncodeOptions) -> list[tuple[str, Encoded]]:
     """(title, encoded) per sequence a record trains on. Preference/KTO answers are marked as TRL
     splits them: everything after the prompt rendered with the generation prompt."""
     if "chosen" in example:
@@ -64,13 +83,19 @@ def _views(tok, example: dict, max_length: int | None) -> list[tuple[str, Encode
     elif isinstance(example.get("prompt"), list):
         answers = [("prompt (an RL stage generates the answer): ", [])]
     else:
-        return [("", encode(tok, example, max_length))]
+        sequences = encode(tok, example, max_length, options=options)
+        if len(sequences) == 1:
+            return [("", sequences[0])]
+        return [(f"sequence {i + 1} of {len(sequences)}: ", enc) for i, enc in enumerate(sequences)]
     prompt = example["prompt"]
-    n_prompt = len(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    n_prompt = len(
+        tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    )
     views = []
     for title, answer in answers:
-        ids = tok.apply_chat_template(prompt + answer, add_generation_prompt=not answer, tokenize=True,
-                                      return_dict=True)["input_ids"]
+        ids = tok.apply_chat_template(
+            prompt + answer, add_generation_prompt=not answer, tokenize=True, return_dict=True
+        )["input_ids"]
         enc = Encoded(ids, [IGNORE] * n_prompt + ids[n_prompt:])
         if max_length is not None and len(ids) > max_length:
             enc = Encoded(ids[:max_length], enc.labels[:max_length], truncated=True)

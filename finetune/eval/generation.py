@@ -53,16 +53,19 @@ def load_items(dataset: str, fmt: str | None = None, split: str = "test", max_sa
     return items[:max_samples] if max_samples else items, src.language
 
 
-def render(tok, prompt) -> list[int]:
+def render(tok, prompt, template_kwargs: dict | None = None) -> list[int]:
     if isinstance(prompt, str):
         return tok(prompt, add_special_tokens=True)["input_ids"]
-    return list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    return list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                        **(template_kwargs or {}))["input_ids"])
 
 
 @torch.no_grad()
-def generate(model, tok, prompts: list, max_new_tokens: int = 128, batch_size: int = 16) -> list[str]:
-    """Greedy answers, in the order of `prompts`: length-sorted, left-padded batches."""
-    ids = [render(tok, p) for p in prompts]
+def generate(model, tok, prompts: list, max_new_tokens: int = 128, batch_size: int = 16,
+             template_kwargs: dict | None = None) -> list[str]:
+    """Greedy answers, in the order of `prompts`: length-sorted, left-padded batches (chat prompts
+    rendered with the run's model.chat_template_kwargs, as in training)."""
+    ids = [render(tok, p, template_kwargs) for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
     out: list[str] = [""] * len(ids)
     device = next(model.parameters()).device

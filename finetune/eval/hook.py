@@ -31,7 +31,7 @@ def heldout_items(recipe) -> tuple[list, str, str | None]:
     elif d.eval_ratio:
         tok = models.load_tokenizer(recipe.model)
         examples, _, src = data.read_examples(d.train, d)
-        kept = [ex for ex in examples if encode(tok, ex, recipe.train["max_length"]).n_trained > 0]
+        kept = [ex for ex in examples if any(e.n_trained for e in encode(tok, ex, recipe.train["max_length"]))]
         held = data.heldout_indices(len(kept), d.eval_ratio, recipe.train["seed"])
         examples = [kept[i] for i in sorted(held)]
     else:

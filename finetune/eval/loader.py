@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ class Loaded:
     base: str  # the base model path (== name's path for a full model)
     adapter: str | None = None
     train_state: Path | None = None  # trainer_state.json of a finetune output dir, if any
+    template_kwargs: dict = field(default_factory=dict)  # the run's model.chat_template_kwargs
 
 
 def _model_section(path: Path | None, name_or_path: str) -> tuple[ModelSection, str | None]:
@@ -75,4 +76,5 @@ def load(name: str, field: str = "MODEL", dtype: str = "auto", tokenizer: str | 
         model.to("cuda" if torch.cuda.is_available() else "cpu")
     model.eval()
     state = path / "trainer_state.json" if path.is_dir() else None
-    return Loaded(model, tok, name, base_path, adapter_dir, state if state and state.is_file() else None)
+    return Loaded(model, tok, name, base_path, adapter_dir, state if state and state.is_file() else None,
+                  dict(cfg.chat_template_kwargs))

@@ -106,7 +106,7 @@ def _score_model(req: Request, name: str, field: str, prefix: str, work: Path, s
     if req.items:
         log.info("generating %d answers with %s", len(req.items), name)
         answers = generation.generate(loaded.model, loaded.tokenizer, [it.prompt for it in req.items],
-                                      req.max_new_tokens, req.batch_size)
+                                      req.max_new_tokens, req.batch_size, template_kwargs=loaded.template_kwargs)
         generation.write_predictions(work / f"{prefix}predictions.jsonl", loaded.tokenizer, req.items, answers)
         gen = modules.score(answers, [it.reference for it in req.items], **metric_kw)
     if suite:

@@ -79,7 +79,8 @@ class TrainPlan:
         effective = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] * world
         steps = planned_steps(recipe, len(prepared.train.encoded), world)
         return cls(recipe, trainable, total, prepared.train.stats(),
-                   prepared.eval.stats() if prepared.eval else None, world, effective, steps, list(prepared.notes))
+                   prepared.eval.stats() if prepared.eval else None, world, effective, steps,
+                   [*getattr(prepared, "modes", []), *prepared.notes])
 
     def render(self) -> str:
         r, t = self.recipe, self.recipe.train

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from finetune import adapters, card, data, models, rewards
 from finetune.config import Recipe
+from finetune.data.encode import options_of
 from finetune.eval import after_training
 from finetune.outputs import RunDir, write_text_atomic
 from finetune.stages.common import TrainPlan, planned_steps, trl_args
@@ -25,7 +26,8 @@ def prepare(recipe: Recipe):
     run_dir = RunDir(recipe.output.dir, recipe.output.overwrite, recipe.train["resume"])
     run_dir.check()
     tok = models.load_tokenizer(recipe.model)
-    prepared = data.load(recipe.data, tok, recipe.train["max_length"], seed=recipe.train["seed"])
+    prepared = data.load(recipe.data, tok, recipe.train["max_length"], seed=recipe.train["seed"],
+                         options=options_of(recipe))
     for note in prepared.notes:
         log.warning(note)
     return run_dir, tok, prepared
