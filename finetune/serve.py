@@ -34,6 +34,7 @@ import torch
 
 from finetune import loading
 from finetune.errors import FinetuneError
+from finetune.generate import generate
 
 log = logging.getLogger("finetune")
 API_KEY_ENV = "FINETUNE_API_KEY"
@@ -400,9 +401,10 @@ class Engine:
             from transformers import StoppingCriteriaList
 
             device = next(model.parameters()).device
-            model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention.to(device),
+            generate(  # finetune.generate: prompt-tuning adapters right on every transformers version
+                model,
+                input_ids.to(device),
+                attention.to(device),
                 stopping_criteria=StoppingCriteriaList([_RowCriteria(live, eos)]),
                 **gen,
             )
