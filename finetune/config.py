@@ -22,6 +22,7 @@ from finetune.rewards import RewardsSection
 from finetune.rewards import check as check_rewards
 
 STAGES = ("sft", "rm", "dpo", "kto", "orpo", "cpo", "simpo", "ppo", "grpo", "rloo")
+RL_STAGES = ("ppo", "grpo", "rloo")  # online RL: prompts in, completions generated and scored
 ADAPTER_METHODS = ("lora", "dora", "qlora", "pissa", "olora", "adalora", "loha", "lokr", "vera", "ia3",
                    "prompt_tuning", "prefix_tuning", "p_tuning", "freeze", "full")  # finetune/adapters.py
 DATA_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text",
@@ -182,12 +183,20 @@ class Recipe:
         return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False, allow_unicode=True)
 
     def identity(self) -> str:
-        """The dump less the keys that may change between an interrupted run and its resumption."""
-        d = _plain(self.to_dict())
-        d.pop("eval", None)  # evaluation settings do not change the training
-        for section, key in RESUME_VOLATILE:
-            d[section].pop(key, None)
-        return yaml.safe_dump(d, sort_keys=False, allow_unicode=True)
+        """What makes two runs the same training (`identity()`), as YAML: the resume stamp."""
+        return yaml.safe_dump(identity(self.to_dict()), sort_keys=False, allow_unicode=True)
+
+
+def identity(recipe: dict) -> dict:
+    """A recipe (as dumped, or a parsed `recipe.yaml`) less what does not change the training:
+    the `eval:` section and the keys that may change between an interrupted run and its
+    resumption. The one comparison of "same recipe" for resume, pipeline re-runs and output dirs."""
+    d = _plain(recipe)
+    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    d.pop("eval", None)  # evaluation settings do not change the training
+    for section, key in RESUME_VOLATILE:
+        (d.get(section) or {}).pop(key, None)
+    return d
 
 
 def _plain(value):

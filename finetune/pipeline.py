@@ -17,8 +17,8 @@ substitution, no code runs. Overrides on the command line: `output.dir=...`, `NA
 (one stage) or `section.key=v` (every stage). Recipe paths are read relative to the current
 directory, else to the pipeline file's.
 
-Re-running skips each stage whose output dir is finished with the same recipe (identity as in
-`RunDir`), and resumes an interrupted one from its last checkpoint; once a stage trains, every
+Re-running skips each stage whose output dir is finished with the same recipe (`OutputDir.identity`,
+the comparison `RunDir` resumes by), and resumes an interrupted one from its last checkpoint; once a stage trains, every
 later stage trains too (its input changed). A finished stage of a different recipe is an error
 unless `output.overwrite: true`. Every recipe is validated before the first stage trains.
 """
@@ -37,7 +37,7 @@ import yaml
 
 from finetune import config
 from finetune.errors import OutputError, RecipeError, closest
-from finetune.outputs import _first_difference, write_text_atomic
+from finetune.outputs import OutputDir, _first_difference, write_text_atomic
 
 log = logging.getLogger("finetune")
 
@@ -201,20 +201,12 @@ def _load_stage(spec, base: Path, dirs: dict[str, str], overwrite: bool, out: Pa
 # ----------------------------------------------------------------------------- running
 
 
-def _identity(recipe_yaml: str) -> dict:
-    d = yaml.safe_load(recipe_yaml) or {}
-    for section, key in config.RESUME_VOLATILE:
-        (d.get(section) or {}).pop(key, None)
-    return d
-
-
 def status(stage: Stage) -> str:
     """done (finished, same recipe) | changed (finished, another recipe) | resume | new."""
-    stamp = stage.dir / "recipe.yaml"
-    if stamp.is_file():
-        same = _identity(stamp.read_text(encoding="utf-8")) == _identity(stage.recipe.identity())
-        return "done" if same else "changed"
-    if stage.dir.with_name(stage.dir.name + ".incomplete").is_dir():
+    out = OutputDir(stage.dir)
+    if out.finished:
+        return "done" if out.identity() == yaml.safe_load(stage.recipe.identity()) else "changed"
+    if out.interrupted:
         return "resume"
     return "new"
 
@@ -244,7 +236,7 @@ def _actions(pipe: Pipeline) -> list[str]:
             continue
         if st in ("done", "changed") and not pipe.overwrite:
             why = ("an earlier stage is retrained" if st == "done" else "it holds a finished run of another recipe: "
-                   + _first_difference((stage.dir / "recipe.yaml").read_text(encoding="utf-8"), stage.recipe.dump()))
+                   + _first_difference(yaml.safe_dump(OutputDir(stage.dir).identity()), stage.recipe.identity()))
             raise OutputError(f"pipeline stage {stage.name}: {stage.dir} would be retrained ({why}); "
                               "set output.overwrite=true to replace it, or choose another output.dir")
         actions.append("resume" if st == "resume" else "train")

@@ -1,16 +1,19 @@
-"""Glue shared by the training stages: the TRL config from a recipe, and the dry-run plan."""
+"""Glue shared by the training stages: the TRL config from a recipe, the dry-run plan, and the
+end of every run (`finish`: save what describes the output, swap it into place, evaluate)."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from dataclasses import dataclass, field
 
 import torch
 
-from finetune import adapters, models
-from finetune.config import TRAIN_EXTRA_KEYS, Recipe, trl_config_class
+from finetune import adapters, card, models, rewards, tiny
+from finetune.config import RL_STAGES, TRAIN_EXTRA_KEYS, Recipe, trl_config_class
 from finetune.errors import RecipeError
-from finetune.rewards import RL_STAGES
+from finetune.outputs import ADAPTER_CONFIG, RunDir, record_base, write_text_atomic
 
 
 def trl_args(recipe: Recipe, output_dir):
@@ -111,3 +114,50 @@ class TrainPlan:
                 )
         lines += [f"  note           {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def keep_adapter_in_compute_dtype(model, recipe: Recipe) -> None:
+    """SFTTrainer casts a quantized model's trainable weights to bf16 (the QLoRA paper's GPU
+    recipe). With a float32 compute dtype (the CPU default) that only loses precision and
+    mixes dtypes, so cast them back before the optimizer is built."""
+    if recipe.adapter.method != "qlora":
+        return
+    dtype = models.resolve_dtype(recipe.adapter.compute_dtype)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+def finish(recipe: Recipe, run_dir: RunDir, trainer, prepared, metrics: dict) -> None:
+    """Main process, after the weights are saved: the files that make the output describe itself
+    (recipe, state, metrics, card; a chained stage's base.json), then the atomic swap into
+    output.dir, then the recipe's `eval:` section (an eval failure never costs the training)."""
+    from finetune.eval import after_training
+
+    work = run_dir.work
+    (work / "training_args.bin").unlink(missing_ok=True)  # a pickle; recipe.yaml holds the arguments
+    trainer.state.save_to_json(str(work / "trainer_state.json"))
+    write_text_atomic(work / "recipe.yaml", recipe.dump())
+    metrics = {**metrics, **rewards.trend_metrics(recipe.stage, trainer.state.log_history)}  # RL stages: reward first/last
+    card.write_metrics(work, metrics)
+    model = getattr(trainer.model, "policy", trainer.model)  # PPO's trainer wraps the policy and its value model
+    base = adapters.base_model_path(model)
+    chained = record_base(work, run_dir.final, recipe.model.name_or_path)
+    if chained is not None:  # name the original model, not this machine's merged copy in the cache
+        base = tiny.resolve(chained["base"]) if tiny.is_tiny(chained["base"]) else chained["base"]
+        _rename_base(work, base)
+    write_text_atomic(work / "README.md", card.model_card(recipe, prepared, metrics, model, base, chained))
+    if not recipe.output.keep_checkpoints:
+        for ckpt in work.glob("checkpoint-*"):
+            shutil.rmtree(ckpt, ignore_errors=True)
+    run_dir.finish()
+    after_training(recipe, run_dir.final)  # the recipe's `eval:` section, if any (report + model card)
+
+
+def _rename_base(work, base: str) -> None:
+    """adapter_config.json's base_model_name_or_path -> `base` (PEFT wrote the merged copy's path)."""
+    f = work / ADAPTER_CONFIG
+    if f.is_file():
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+        cfg["base_model_name_or_path"] = base
+        write_text_atomic(f, json.dumps(cfg, indent=2, sort_keys=True) + "\n")

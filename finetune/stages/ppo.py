@@ -21,9 +21,8 @@ from pathlib import Path
 from finetune import models, rewards
 from finetune.config import Recipe
 from finetune.errors import RecipeError
-from finetune.stages.common import trl_args
+from finetune.stages.common import finish, keep_adapter_in_compute_dtype, trl_args
 from finetune.stages.preference import plan, prepare  # noqa: F401  (the stage interface: run, plan)
-from finetune.stages.sft import _finish, _keep_adapter_in_compute_dtype
 
 log = logging.getLogger("finetune")
 
@@ -87,12 +86,12 @@ def run(recipe: Recipe, callbacks=()) -> Path:
         peft_config=models.adapter_config(recipe.adapter),
         callbacks=list(callbacks),
     )
-    _keep_adapter_in_compute_dtype(trainer.model, recipe)
+    keep_adapter_in_compute_dtype(trainer.model, recipe)
     _fit_for_several_processes(trainer)
     trainer.train()
     trainer.save_model(str(run_dir.work))  # the policy's adapter only (TRL drops the value model)
     if state.is_main_process:
-        _finish(recipe, run_dir, trainer, prepared, {"episodes": trainer.state.episode, "steps": trainer.state.global_step})
+        finish(recipe, run_dir, trainer, prepared, {"episodes": trainer.state.episode, "steps": trainer.state.global_step})
     state.wait_for_everyone()
     return run_dir.final
 

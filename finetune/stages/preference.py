@@ -13,8 +13,7 @@ from finetune import models
 from finetune.config import Recipe
 from finetune.data import pairs
 from finetune.outputs import RunDir
-from finetune.stages.common import TrainPlan, trl_args
-from finetune.stages.sft import _finish, _keep_adapter_in_compute_dtype
+from finetune.stages.common import TrainPlan, finish, keep_adapter_in_compute_dtype, trl_args
 
 log = logging.getLogger("finetune")
 
@@ -51,7 +50,7 @@ def run(recipe: Recipe, make_trainer: Callable, callbacks=(), num_labels: int | 
         log.info("resuming from %s", checkpoint)
 
     trainer = make_trainer(model, args, tok, prepared, list(callbacks))
-    _keep_adapter_in_compute_dtype(trainer.model, recipe)
+    keep_adapter_in_compute_dtype(trainer.model, recipe)
     dropped = _count_dropped(trainer, prepared, recipe)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics = {**dropped, **result.metrics}
@@ -60,7 +59,7 @@ def run(recipe: Recipe, make_trainer: Callable, callbacks=(), num_labels: int | 
 
     trainer.save_model(str(run_dir.work))
     if state.is_main_process:
-        _finish(recipe, run_dir, trainer, prepared, metrics)
+        finish(recipe, run_dir, trainer, prepared, metrics)
     state.wait_for_everyone()
     return run_dir.final
 
