@@ -88,9 +88,10 @@ class TrainPlan:
         r, t = self.recipe, self.recipe.train
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = "bf16" if t["bf16"] else "fp16" if t["fp16"] else "fp32"
+        stage_origin = r.origins.get("stage", "recipe")
         lines = [
             f"plan for {r.source or 'recipe'} (dry run: nothing trained, nothing written)",
-            f"  stage          {r.stage}",
+            f"  stage          {r.stage}" + ("" if stage_origin in ("recipe", "override") else f" ({stage_origin})"),
             f"  model          {r.model.name_or_path} -> {models.model_path(r.model)}",
             f"  adapter        {adapters.describe(r.adapter)}",
             f"  parameters     {self.trainable:,} trainable of {self.total:,} ({100 * self.trainable / max(self.total, 1):.3f}%)",
@@ -113,7 +114,28 @@ class TrainPlan:
                     f"p95 {stats['length_p95']} max {stats['length_max']}; {trained}"
                 )
         lines += [f"  note           {n}" for n in self.notes]
+        lines += origin_lines(r)
         return "\n".join(lines)
+
+
+ORIGINS = ("override", "recipe", "method default", "stage default", "default")
+
+
+def origin_lines(recipe: Recipe) -> list[str]:
+    """Where each effective value came from, one line per source (recipe, override, method
+    default, stage default, default), for the dry-run plan."""
+    by_origin: dict[str, list[str]] = {}
+    for dotted, origin in recipe.origins.items():
+        if "." not in dotted:
+            continue
+        section, key = dotted.split(".", 1)
+        value = recipe.train.get(key) if section == "train" else getattr(getattr(recipe, section, None), key, None)
+        by_origin.setdefault(origin, []).append(f"{dotted}={value}")
+    lines = []
+    for origin in ORIGINS:
+        if by_origin.get(origin):
+            lines.append(f"  {origin + ':':<15}{', '.join(by_origin[origin])}")
+    return lines
 
 
 def keep_adapter_in_compute_dtype(model, recipe: Recipe) -> None:
