@@ -28,35 +28,12 @@ def trl_config_class(stage: str):
             "grpo": trl.GRPOConfig, "rloo": trl.RLOOConfig}[stage]
 
 
-def _cuda_bf16() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def _cpu_native_bf16() -> bool:
-    """Whether this CPU has bf16 matmul instructions (AVX512-BF16 or AMX), where bf16 autocast
-    trained a 25M-param model ~1.6x faster than fp32 (bench/README.md)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
-
-
-def default_bf16() -> bool:
-    import torch
-
-    return _cuda_bf16() if torch.cuda.is_available() else _cpu_native_bf16()
-
-
-def train_defaults(stage: str) -> dict[str, Any]:
+def train_defaults(stage: str, bf16: bool) -> dict[str, Any]:
     """Our explicit defaults, replacing TRL's where they bite (STACK_NOTES: bf16 and
     activation checkpointing default to on even on a CPU; SFT lr 2e-5 is for full tuning).
     Measured in bench/README.md: length-grouped batches and no activation checkpointing are
-    faster on a CPU; bf16 autocast only where the hardware has bf16 arithmetic."""
-    bf16 = default_bf16()
+    faster on a CPU; bf16 autocast only where the hardware has bf16 arithmetic (`bf16`: the
+    hardware probe, config.default_bf16)."""
     common = {
         "learning_rate": 2e-4,
         "num_train_epochs": 1.0,
@@ -103,12 +80,12 @@ STAGE_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def table(stage: str, method: str) -> dict[tuple[str, str], tuple[Any, str]]:
+def table(stage: str, method: str, bf16: bool) -> dict[tuple[str, str], tuple[Any, str]]:
     """(section, key) -> (default value, where it comes from: default | stage default | method
     default) for a recipe of this stage and adapter method. The method's defaults (learning rates
     that differ by orders of magnitude, float32 weights for full tuning) apply to stage sft, the
     one stage every method runs through; the other stages take LoRA and their own learning rates."""
-    common = train_defaults(stage)
+    common = train_defaults(stage, bf16)
     out = {("train", k): (v, "stage default" if k in STAGE_TRAIN_DEFAULTS[stage] else "default") for k, v in common.items()}
     if stage == "sft":
         for dotted, value in METHOD_DEFAULTS[method].items():
