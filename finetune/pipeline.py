@@ -25,7 +25,6 @@ unless `output.overwrite: true`. Every recipe is validated before the first stag
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import re
@@ -38,6 +37,7 @@ import yaml
 from finetune import config
 from finetune.errors import OutputError, RecipeError, closest
 from finetune.outputs import OutputDir, _first_difference, write_text_atomic
+from finetune.stages import module as stage_module
 
 log = logging.getLogger("finetune")
 
@@ -258,7 +258,7 @@ def run(pipe: Pipeline) -> dict:
             continue
         log.info("%s: %s -> %s", head, "resuming" if action == "resume" else "training", stage.dir)
         start = time.time()
-        importlib.import_module(f"finetune.stages.{stage.recipe.stage}").run(stage.recipe)
+        stage_module(stage.recipe.stage).run(stage.recipe)
         summary["stages"][stage.name] = {"dir": str(stage.dir), "status": "resumed" if action == "resume" else "trained",
                                          "seconds": round(time.time() - start, 1)}
         if state.is_main_process:

@@ -6,13 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
-CHECKOUT = PACKAGE.parent  # a source checkout or editable install: data/ and eval/ sit beside finetune/
-INSTALLED = PACKAGE / "shipped"  # a wheel: data/ and eval/ are package data under finetune/shipped/
+# finetune/shipped/{data,eval} are links to the checkout's data/ and eval/; a wheel holds copies
+# (package data, pyproject.toml), so one lookup works in a checkout, an editable and a plain install.
+INSTALLED = PACKAGE / "shipped"
+CHECKOUT = PACKAGE.parent  # where the links point (a checkout whose links were not kept)
 
 
 def shipped(relative: str) -> Path | None:
     """`data/datasets.yaml`, `eval/suites/general.yaml`, ... as shipped, or None."""
-    for root in (CHECKOUT, INSTALLED):
+    for root in (INSTALLED, CHECKOUT):
         if (root / relative).exists():
             return root / relative
     return None

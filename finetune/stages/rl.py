@@ -19,14 +19,15 @@ def run(trainer_cls, recipe: Recipe, callbacks=()) -> Path:
     funcs, tokenizers, weights = rewards.reward_functions(recipe)
     make = preference.trainer(trainer_cls, recipe, reward_funcs=funcs, reward_processing_classes=tokenizers)
 
+    loaded = preference.prepare(recipe)  # the data, once
     if any(rule["type"] == "answer" for rule in recipe.rewards.rules):
-        _check_answer_columns(recipe, preference.prepare(recipe)[2])  # before any output dir exists
+        _check_answer_columns(recipe, loaded[2])  # before any output dir exists
 
     def make_weighted(model, args, tok, prepared, callbacks):
         args.reward_weights = weights
         return make(model, args, tok, prepared, callbacks)
 
-    return preference.run(recipe, make_weighted, callbacks)
+    return preference.run(recipe, make_weighted, callbacks, prepared=loaded)
 
 
 def _check_answer_columns(recipe: Recipe, prepared) -> None:
