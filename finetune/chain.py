@@ -39,7 +39,9 @@ def resolve(path: str, field: str = "model.name_or_path") -> str:
         return path
     out = OutputDir(path, field)
     if out.task_type not in (None, "CAUSAL_LM"):
-        raise RecipeError(f"{field}: {path} holds a {out.task_type} adapter (a reward model?), not a language model to train on")
+        raise RecipeError(
+            f"{field}: {path} holds a {out.task_type} adapter (a reward model?), not a language model to train on"
+        )
     return str(out.merged())
 
 

@@ -42,7 +42,9 @@ def check_target(final: Path, overwrite: bool, what: str = "output.dir") -> None
     if final.exists() and not final.is_dir():
         raise OutputError(f"{what}: {final} exists and is not a directory")
     if is_nonempty_dir(final) and not overwrite:
-        raise OutputError(f"{what}: {final} exists and is not empty; set output.overwrite=true or choose another {what}")
+        raise OutputError(
+            f"{what}: {final} exists and is not empty; set output.overwrite=true or choose another {what}"
+        )
 
 
 def last_complete_checkpoint(run_dir: Path) -> Path | None:
@@ -300,7 +302,10 @@ class OutputDir:
         adapter merged into it, in order, each with its content fingerprint."""
         parent = self.base_record()
         adapters = list(parent["adapters"]) if parent else []
-        root = parent["base"] if parent else self._recipe_base_name() or self.adapter_config().get("base_model_name_or_path")
+        if parent:
+            root = parent["base"]
+        else:
+            root = self._recipe_base_name() or self.adapter_config().get("base_model_name_or_path")
         adapters.append({"dir": str(self.path), "fingerprint": self.fingerprint()})
         return {"base": root, "adapters": adapters, "fingerprint": adapters[-1]["fingerprint"]}
 
@@ -326,7 +331,8 @@ class OutputDir:
             return cached
         chain = " + ".join([str(record["base"])] + [a["dir"] for a in record["adapters"]])
         raise OutputError(f"{self.path / BASE_RECORD}: its base is {chain} merged in that order, and adapter "
-                          f"{last['dir']} is not there (nor at {self.path / last.get('relative', '?')}); copy it there, "
+                          f"{last['dir']} is not there (nor at {self.path / last.get('relative', '?')}); "
+                          "copy it there, "
                           "or pass --base with the merged model")
 
 
@@ -380,8 +386,9 @@ def _merge_into(adapter: OutputDir, base: str, target: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", use_safetensors=True)
     model = PeftModel.from_pretrained(model, str(adapter.path))
     if not hasattr(model, "merge_and_unload"):  # prompt / prefix tuning: nothing to merge into the weights
-        raise RecipeError(f"model.name_or_path: {adapter.path} holds a {model.peft_config['default'].peft_type} adapter, "
-                          "which cannot be merged into its base; a stage can only start from a mergeable (LoRA-type) adapter")
+        kind = model.peft_config["default"].peft_type
+        raise RecipeError(f"model.name_or_path: {adapter.path} holds a {kind} adapter, which cannot be merged into "
+                          "its base; a stage can only start from a mergeable (LoRA-type) adapter")
     model = model.merge_and_unload()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

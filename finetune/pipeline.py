@@ -18,8 +18,8 @@ substitution, no code runs. Overrides on the command line: `output.dir=...`, `NA
 directory, else to the pipeline file's.
 
 Re-running skips each stage whose output dir is finished with the same recipe (`OutputDir.identity`,
-the comparison `RunDir` resumes by), and resumes an interrupted one from its last checkpoint; once a stage trains, every
-later stage trains too (its input changed). A finished stage of a different recipe is an error
+the comparison `RunDir` resumes by), and resumes an interrupted one from its last checkpoint; once a
+stage trains, every later stage trains too (its input changed). A finished stage of a different recipe is an error
 unless `output.overwrite: true`. Every recipe is validated before the first stage trains.
 """
 
@@ -86,13 +86,15 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipel
 
     for key in raw:
         if key not in PIPELINE_KEYS:
-            raise RecipeError(f"{where(str(key))}: unknown key{closest(str(key), PIPELINE_KEYS)} (keys: {', '.join(PIPELINE_KEYS)})")
+            raise RecipeError(f"{where(str(key))}: unknown key{closest(str(key), PIPELINE_KEYS)} "
+                              f"(keys: {', '.join(PIPELINE_KEYS)})")
     stages = raw.get("stages")
     if not isinstance(stages, dict) or not stages:
         raise RecipeError(f"{where('stages')}: expected a mapping of stage names to recipes")
     for name in stages:
         if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise RecipeError(f"{where('stages', str(name))}: a stage name is letters, digits, _ . - (it names its output dir)")
+            raise RecipeError(f"{where('stages', str(name))}: a stage name is letters, digits, _ . - "
+                              "(it names its output dir)")
     output = raw.get("output") or {}
     if not isinstance(output, dict):
         raise RecipeError(f"{where('output')}: expected a mapping with {' and '.join(OUTPUT_KEYS)}")
@@ -259,7 +261,8 @@ def run(pipe: Pipeline) -> dict:
         log.info("%s: %s -> %s", head, "resuming" if action == "resume" else "training", stage.dir)
         start = time.time()
         stage_module(stage.recipe.stage).run(stage.recipe)
-        summary["stages"][stage.name] = {"dir": str(stage.dir), "status": "resumed" if action == "resume" else "trained",
+        summary["stages"][stage.name] = {"dir": str(stage.dir),
+                                         "status": "resumed" if action == "resume" else "trained",
                                          "seconds": round(time.time() - start, 1)}
         if state.is_main_process:
             write_text_atomic(pipe.dir / SUMMARY, json.dumps(summary, indent=2) + "\n")

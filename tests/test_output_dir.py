@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _support import memo_data
+
 from finetune import loading, pipeline, tiny
 from finetune.outputs import BASE_RECORD, OutputDir
 
@@ -28,7 +28,7 @@ def chained(tmp_path_factory):
     data = memo_data(root)
     text = f"""\
 output:
-  dir: {root / 'out'}
+  dir: {root / "out"}
 stages:
   sft:
     recipe: {REPO}/recipes/tiny/sft_lora.yaml

@@ -39,8 +39,23 @@ def test_a_non_editable_install_finds_the_registry_and_the_suites(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
-                    "--no-build-isolation", str(src)], check=True, cwd=tmp_path, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            str(src),
+        ],
+        check=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     elsewhere = tmp_path / "elsewhere"  # no ./data/datasets.yaml here: the shipped one must be found
     elsewhere.mkdir()
     result = subprocess.run([str(python), "-c", CHECK], cwd=elsewhere, capture_output=True, text=True, timeout=300)

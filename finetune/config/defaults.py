@@ -12,6 +12,7 @@ from typing import Any
 
 from finetune.config.methods import DEFAULTS as METHOD_DEFAULTS
 
+
 def trl_config_class(stage: str):
     """The TRL config dataclass whose fields the `train` section of this stage takes."""
     import os
@@ -24,8 +25,14 @@ def trl_config_class(stage: str):
 
         name = {"simpo": "cpo"}.get(stage, stage)
         return getattr(importlib.import_module(f"trl.experimental.{name}"), f"{name.upper()}Config")
-    return {"sft": trl.SFTConfig, "rm": trl.RewardConfig, "dpo": trl.DPOConfig, "kto": trl.KTOConfig,
-            "grpo": trl.GRPOConfig, "rloo": trl.RLOOConfig}[stage]
+    return {
+        "sft": trl.SFTConfig,
+        "rm": trl.RewardConfig,
+        "dpo": trl.DPOConfig,
+        "kto": trl.KTOConfig,
+        "grpo": trl.GRPOConfig,
+        "rloo": trl.RLOOConfig,
+    }[stage]
 
 
 def train_defaults(stage: str, bf16: bool) -> dict[str, Any]:
@@ -86,7 +93,10 @@ def table(stage: str, method: str, bf16: bool) -> dict[tuple[str, str], tuple[An
     that differ by orders of magnitude, float32 weights for full tuning) apply to stage sft, the
     one stage every method runs through; the other stages take LoRA and their own learning rates."""
     common = train_defaults(stage, bf16)
-    out = {("train", k): (v, "stage default" if k in STAGE_TRAIN_DEFAULTS[stage] else "default") for k, v in common.items()}
+    out = {
+        ("train", k): (v, "stage default" if k in STAGE_TRAIN_DEFAULTS[stage] else "default")
+        for k, v in common.items()
+    }
     if stage == "sft":
         for dotted, value in METHOD_DEFAULTS[method].items():
             section, key = dotted.split(".")

@@ -57,11 +57,15 @@ def check(recipe, train_given: dict, where) -> None:
     defaults were filled in before validation: finetune.config.defaults)."""
     a = recipe.adapter
     if a.method == "dora" and not a.use_dora:
-        raise RecipeError(f"{where(('adapter', 'use_dora'))}: method dora is LoRA with use_dora: true; use method lora instead")
+        raise RecipeError(
+            f"{where(('adapter', 'use_dora'))}: method dora is LoRA with use_dora: true; use method lora instead"
+        )
     if recipe.stage != "sft":  # the other stages take LoRA only
         if a.method not in ("lora", "dora", "qlora"):
-            raise RecipeError(f"{where(('adapter', 'method'))}: {a.method} runs through stage sft only "
-                              f"(stage {recipe.stage} takes lora, dora or qlora)")
+            raise RecipeError(
+                f"{where(('adapter', 'method'))}: {a.method} runs through stage sft only "
+                f"(stage {recipe.stage} takes lora, dora or qlora)"
+            )
         _check_keys(a, where)
         return
     _check_keys(a, where)
@@ -76,7 +80,9 @@ def _check_keys(a, where) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if getattr(a, f.name) != default:
             used = ", ".join(reads) or "no other adapter key"
-            raise RecipeError(f"{where(('adapter', f.name))}: not used by adapter.method={a.method} (it reads: {used}); remove it")
+            raise RecipeError(
+                f"{where(('adapter', f.name))}: not used by adapter.method={a.method} (it reads: {used}); remove it"
+            )
 
 
 def _check_combinations(recipe, train_given: dict, where) -> None:
@@ -84,31 +90,47 @@ def _check_combinations(recipe, train_given: dict, where) -> None:
     if m in PROMPT:
         for key in ("packing", "padding_free"):
             if t.get(key):
-                raise RecipeError(f"{where(('train', key))}: not with adapter.method={m}: virtual tokens are prepended to "
-                                  "every row, and a packed / padding-free row holds several examples")
+                raise RecipeError(
+                    f"{where(('train', key))}: not with adapter.method={m}: virtual tokens are prepended to "
+                    "every row, and a packed / padding-free row holds several examples"
+                )
         if a.num_virtual_tokens < 1:
             raise RecipeError(f"{where(('adapter', 'num_virtual_tokens'))}: must be at least 1")
     if m in FULL_WEIGHTS and recipe.model.dtype == "float16":
-        raise RecipeError(f"{where(('model', 'dtype'))}: float16 weights cannot be trained by adapter.method={m} "
-                          "(mixed precision needs float32 master weights); use bfloat16 or float32")
+        raise RecipeError(
+            f"{where(('model', 'dtype'))}: float16 weights cannot be trained by adapter.method={m} "
+            "(mixed precision needs float32 master weights); use bfloat16 or float32"
+        )
     if m == "freeze":
         if a.trainable_layers < 0:
             raise RecipeError(f"{where(('adapter', 'trainable_layers'))}: must be 0 or more")
         if a.trainable_layers == 0 and not a.trainable_modules:
-            raise RecipeError(f"{where(('adapter', 'trainable_layers'))}: 0 and no adapter.trainable_modules: nothing would train")
+            raise RecipeError(
+                f"{where(('adapter', 'trainable_layers'))}: 0 and no adapter.trainable_modules: nothing would train"
+            )
     if m == "ia3":
         if a.target_modules == "all-linear":  # PEFT 0.21 saves the expanded names, and its reload rejects them
-            raise RecipeError(f"{where(('adapter', 'target_modules'))}: ia3 needs module names (e.g. [k_proj, v_proj, down_proj]) "
-                              "or null for PEFT's default, not all-linear")
+            raise RecipeError(
+                f"{where(('adapter', 'target_modules'))}: ia3 needs module names (e.g. [k_proj, v_proj, down_proj]) "
+                "or null for PEFT's default, not all-linear"
+            )
         if a.feedforward_modules and not set(a.feedforward_modules) <= set(a.target_modules or []):
-            raise RecipeError(f"{where(('adapter', 'feedforward_modules'))}: must be a subset of adapter.target_modules")
+            raise RecipeError(
+                f"{where(('adapter', 'feedforward_modules'))}: must be a subset of adapter.target_modules"
+            )
     if a.init_r is not None and a.init_r < a.r:
-        raise RecipeError(f"{where(('adapter', 'init_r'))}: must be at least adapter.r ({a.r}): AdaLoRA prunes ranks down to r")
+        raise RecipeError(
+            f"{where(('adapter', 'init_r'))}: must be at least adapter.r ({a.r}): AdaLoRA prunes ranks down to r"
+        )
     if a.loraplus_lr_ratio is not None:
         if a.loraplus_lr_ratio <= 0:
             raise RecipeError(f"{where(('adapter', 'loraplus_lr_ratio'))}: must be positive")
         if "optim" in train_given:
-            raise RecipeError(f"{where(('train', 'optim'))}: adapter.loraplus_lr_ratio builds its own AdamW; remove one of the two")
+            raise RecipeError(
+                f"{where(('train', 'optim'))}: adapter.loraplus_lr_ratio builds its own AdamW; remove one of the two"
+            )
         if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-            raise RecipeError(f"{where(('adapter', 'loraplus_lr_ratio'))}: not under FSDP (transformers refuses an optimizer "
-                              "built outside the Trainer); use DDP or DeepSpeed")
+            raise RecipeError(
+                f"{where(('adapter', 'loraplus_lr_ratio'))}: not under FSDP (transformers refuses an optimizer "
+                "built outside the Trainer); use DDP or DeepSpeed"
+            )

@@ -27,13 +27,25 @@ COMMON_KEYS = {"weight": 1.0, "name": None}
 
 @dataclass
 class RewardsSection:
-    model: str | None = field(default=None, metadata={"help": (
-        "An `rm` output dir scoring completions: ppo's reward model (its value model starts from it); "
-        "for grpo/rloo one reward function, added to `rules`.")})
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "An `rm` output dir scoring completions: ppo's reward model (its value model starts from it); "
+                "for grpo/rloo one reward function, added to `rules`."
+            )
+        },
+    )
     model_weight: float = field(default=1.0, metadata={"help": "grpo/rloo: weight of the reward model's score."})
-    rules: list[dict] = field(default_factory=list, metadata={"help": (
-        "grpo/rloo: built-in rule rewards, each a mapping {type, weight, ...}; types regex, format, "
-        "length, answer (README: Rewards for RL).")})
+    rules: list[dict] = field(
+        default_factory=list,
+        metadata={
+            "help": (
+                "grpo/rloo: built-in rule rewards, each a mapping {type, weight, ...}; types regex, format, "
+                "length, answer (README: Rewards for RL)."
+            )
+        },
+    )
 
     def is_default(self) -> bool:
         return self.model is None and self.model_weight == 1.0 and not self.rules
@@ -43,29 +55,43 @@ def check(stage: str, rewards: RewardsSection, where) -> None:
     """Raise RecipeError for a `rewards` section the stage cannot use; `where(path)` names the place."""
     if stage not in RL_STAGES:
         if not rewards.is_default():
-            raise RecipeError(f"{where(('rewards',))}: only the {', '.join(RL_STAGES)} stages use rewards (stage is {stage})")
+            raise RecipeError(
+                f"{where(('rewards',))}: only the {', '.join(RL_STAGES)} stages use rewards (stage is {stage})"
+            )
         return
     if stage == "ppo":
         if rewards.model is None:
-            raise RecipeError(f"{where(('rewards', 'model'))}: ppo needs a reward model: the output dir of an rm stage")
+            raise RecipeError(
+                f"{where(('rewards', 'model'))}: ppo needs a reward model: the output dir of an rm stage"
+            )
         if rewards.rules:
-            raise RecipeError(f"{where(('rewards', 'rules'))}: ppo scores with the reward model only; "
-                              "rule rewards are for grpo and rloo")
+            raise RecipeError(
+                f"{where(('rewards', 'rules'))}: ppo scores with the reward model only; "
+                "rule rewards are for grpo and rloo"
+            )
     elif rewards.model is None and not rewards.rules:
-        raise RecipeError(f"{where(('rewards',))}: {stage} needs rewards.model (an rm output dir) and/or rewards.rules")
+        raise RecipeError(
+            f"{where(('rewards',))}: {stage} needs rewards.model (an rm output dir) and/or rewards.rules"
+        )
     names = []
     for i, rule in enumerate(rewards.rules):
-        names.append(_check_rule(rule, lambda key, i=i: where(("rewards", "rules")) + f"[{i}]" + (f".{key}" if key else "")))
+        names.append(
+            _check_rule(rule, lambda key, i=i: where(("rewards", "rules")) + f"[{i}]" + (f".{key}" if key else ""))
+        )
     if rewards.model is not None:
         names.append("reward_model")
     for name in names:
         if names.count(name) > 1:
-            raise RecipeError(f"{where(('rewards', 'rules'))}: two rewards are named {name!r}; give them distinct `name`s")
+            raise RecipeError(
+                f"{where(('rewards', 'rules'))}: two rewards are named {name!r}; give them distinct `name`s"
+            )
 
 
 def _check_rule(rule, where) -> str:
     if not isinstance(rule, dict):
-        raise RecipeError(f"{where('')}: expected a mapping like {{type: regex, pattern: ..., weight: 1.0}}, got {rule!r}")
+        raise RecipeError(
+            f"{where('')}: expected a mapping like {{type: regex, pattern: ..., weight: 1.0}}, got {rule!r}"
+        )
     kind = rule.get("type")
     if kind not in RULES:
         hint = closest(str(kind), RULES) if kind is not None else ""
@@ -74,8 +100,10 @@ def _check_rule(rule, where) -> str:
     allowed = {"type", *required, *optional, *COMMON_KEYS}
     for key in rule:
         if key not in allowed:
-            raise RecipeError(f"{where(key)}: unknown key for a {kind} reward{closest(str(key), allowed)} "
-                              f"(keys: {', '.join(sorted(allowed))})")
+            raise RecipeError(
+                f"{where(key)}: unknown key for a {kind} reward{closest(str(key), allowed)} "
+                f"(keys: {', '.join(sorted(allowed))})"
+            )
     for key in sorted(required):
         if key not in rule:
             raise RecipeError(f"{where(key)}: missing (a {kind} reward needs {', '.join(sorted(required))})")

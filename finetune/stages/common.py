@@ -58,7 +58,9 @@ def planned_steps(recipe: Recipe, n_examples: int, world: int) -> int:
     """Optimizer steps of the run: train.max_steps, or the epochs over the data."""
     t = recipe.train
     effective = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] * world
-    return t["max_steps"] if t["max_steps"] > 0 else math.ceil(math.ceil(n_examples / effective) * t["num_train_epochs"])
+    if t["max_steps"] > 0:
+        return t["max_steps"]
+    return math.ceil(math.ceil(n_examples / effective) * t["num_train_epochs"])
 
 
 @dataclass
@@ -74,7 +76,7 @@ class TrainPlan:
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def build(cls, recipe: Recipe, prepared) -> "TrainPlan":
+    def build(cls, recipe: Recipe, prepared) -> TrainPlan:
         t = recipe.train
         trl_args(recipe, "/nonexistent-dry-run")  # the TRL config accepts these values
         trainable, total = count_adapter_parameters(recipe)
@@ -94,9 +96,11 @@ class TrainPlan:
             f"  stage          {r.stage}" + ("" if stage_origin in ("recipe", "override") else f" ({stage_origin})"),
             f"  model          {r.model.name_or_path} -> {models.model_path(r.model)}",
             f"  adapter        {adapters.describe(r.adapter)}",
-            f"  parameters     {self.trainable:,} trainable of {self.total:,} ({100 * self.trainable / max(self.total, 1):.3f}%)",
+            f"  parameters     {self.trainable:,} trainable of {self.total:,} "
+            f"({100 * self.trainable / max(self.total, 1):.3f}%)",
             f"  device         {device} x {self.world} process(es), {dtype}",
-            f"  batch          {t['per_device_train_batch_size']} per device x {t['gradient_accumulation_steps']} accumulation"
+            f"  batch          {t['per_device_train_batch_size']} per device"
+            f" x {t['gradient_accumulation_steps']} accumulation"
             f" x {self.world} = {self.effective_batch} per step",
             f"  steps          {self.steps} (lr {t['learning_rate']:g}, {t['lr_scheduler_type']})",
             f"  output         {r.output.dir}",
@@ -160,7 +164,8 @@ def finish(recipe: Recipe, run_dir: RunDir, trainer, prepared, metrics: dict) ->
     (work / "training_args.bin").unlink(missing_ok=True)  # a pickle; recipe.yaml holds the arguments
     trainer.state.save_to_json(str(work / "trainer_state.json"))
     write_text_atomic(work / "recipe.yaml", recipe.dump())
-    metrics = {**metrics, **rewards.trend_metrics(recipe.stage, trainer.state.log_history)}  # RL stages: reward first/last
+    # RL stages: the reward at the first and last logged steps
+    metrics = {**metrics, **rewards.trend_metrics(recipe.stage, trainer.state.log_history)}
     card.write_metrics(work, metrics)
     model = getattr(trainer.model, "policy", trainer.model)  # PPO's trainer wraps the policy and its value model
     base = adapters.base_model_path(model)

@@ -69,7 +69,8 @@ def _count_dropped(trainer, prepared, recipe: Recipe) -> dict:
     """Some TRL trainers drop (not truncate) examples that do not fit train.max_length
     (RewardTrainer: pairs longer than it; DPO: prompts that fill it): say how many."""
     counts = {}
-    for name, split, dataset in (("train", prepared.train, trainer.train_dataset), ("eval", prepared.eval, trainer.eval_dataset)):
+    splits = (("train", prepared.train, trainer.train_dataset), ("eval", prepared.eval, trainer.eval_dataset))
+    for name, split, dataset in splits:
         if split is None or dataset is None:
             continue
         split.n_dropped = counts[f"{name}_dropped_examples"] = len(split.examples) - len(dataset)
