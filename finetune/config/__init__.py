@@ -317,7 +317,7 @@ def _validate(raw: dict, where: _Where, source: str | None) -> Recipe:
     for key in raw:
         if key not in TOP_LEVEL:
             raise RecipeError(f"{where((key,))}: unknown section{closest(str(key), TOP_LEVEL)} (sections: {', '.join(TOP_LEVEL)})")
-    origins = {"stage": _origin(("stage",), where) if "stage" in raw else "default (the recipe names no stage)"}
+    origins = {"stage": _origin(("stage",), where) if "stage" in raw else "default: the recipe names no stage"}
     stage = _coerce(raw.get("stage", "sft"), Literal[STAGES], ("stage",), where)
     adapter = raw.get("adapter") if isinstance(raw.get("adapter"), dict) else {}
     method = _coerce(adapter.get("method", "lora"), Literal[ADAPTER_METHODS], ("adapter", "method"), where)
