@@ -1,7 +1,7 @@
 """Adapter methods: which recipe keys each reads, its defaults, its PEFT config, and what training
 needs beyond that config.
 
-Beyond the config (STACK_NOTES): AdaLoRA reallocates ranks after every optimizer step (a
+Beyond the config (PEFT 0.21): AdaLoRA reallocates ranks after every optimizer step (a
 callback); LoRA+ needs its own optimizer; PiSSA/OLoRA change the base weights, so they are saved
 converted to a plain LoRA on the original base; freeze/full train base weights (no PEFT) and
 save a full model. The fields themselves are documented once, in `config.AdapterSection`.

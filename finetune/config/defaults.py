@@ -36,7 +36,7 @@ def trl_config_class(stage: str):
 
 
 def train_defaults(stage: str, bf16: bool) -> dict[str, Any]:
-    """Our explicit defaults, replacing TRL's where they bite (STACK_NOTES: bf16 and
+    """Our explicit defaults, replacing TRL's where they bite (TRL 1.12: bf16 and
     activation checkpointing default to on even on a CPU; SFT lr 2e-5 is for full tuning).
     Measured in bench/README.md: length-grouped batches and no activation checkpointing are
     faster on a CPU; bf16 autocast only where the hardware has bf16 arithmetic (`bf16`: the

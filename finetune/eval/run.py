@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune.config import EvalSection
 from finetune.errors import RecipeError
 from finetune.eval import gate, generation, loader, modules, report, scores
 from finetune.eval import suite as suites
@@ -31,8 +32,8 @@ class Request:
     split: str = "test"
     format: str | None = None
     max_samples: int | None = None
-    max_new_tokens: int = 128
-    batch_size: int = 16
+    max_new_tokens: int = EvalSection.max_new_tokens  # the defaults of the recipe's eval: section
+    batch_size: int = EvalSection.batch_size
     predictions: str | None = None
     baseline: str | None = None
     suite: str | None = None
