@@ -122,8 +122,9 @@ def _base_section(recipe, base: str, chained: dict | None) -> str:
     parents = "\n".join(f"  {i}. `{p['relative']}` (`{p['dir']}`, content fingerprint {p['fingerprint']})"
                         for i, p in enumerate(chained["adapters"], 1))
     return (f"- `{chained['base']}` (loaded from `{base}`) with these adapters merged into it, in order:\n{parents}\n"
-            "- recorded in `base.json`: finetune's merge, export, chat and eval rebuild this base from it (and refuse a "
-            "parent adapter that was retrained since); paths are also kept relative to this dir, so copy the parents along")
+            "- recorded in `base.json`: finetune's merge, export, chat and eval rebuild this base from it (and "
+            "refuse a parent adapter that was retrained since); paths are also kept relative to this dir, so copy "
+            "the parents along")
 
 
 def _use_it(method: str, base: str, auto: str, stage: str, chained: dict | None = None) -> str:
@@ -132,9 +133,10 @@ def _use_it(method: str, base: str, auto: str, stage: str, chained: dict | None 
 
 model = {auto}.from_pretrained("path/to/this/dir")
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")"""
-    merges = "".join(f'base = PeftModel.from_pretrained(base, "{p["relative"]}").merge_and_unload()  # parent stage, path from this dir\n'
+    merges = "".join(f'base = PeftModel.from_pretrained(base, "{p["relative"]}").merge_and_unload()\n'
                      for p in (chained or {}).get("adapters", []))
     if merges:  # the parents are causal LMs: merge them first, then add the head of a reward model
+        merges = "# merge the parent stages' adapters first (paths relative to this dir)\n" + merges
         head = "" if stage != "rm" else ("\nbase.save_pretrained(\"merged-base\")\n"
                                           f'base = {auto}.from_pretrained("merged-base", num_labels=1)')
         imports = ", ".join(dict.fromkeys(["AutoModelForCausalLM", auto, "AutoTokenizer"]))

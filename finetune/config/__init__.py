@@ -24,7 +24,8 @@ from finetune.config.rewards import check as check_rewards
 from finetune.errors import RecipeError, closest
 from finetune.resources import find_suite
 
-STAGES = ("sft", "rm", "dpo", "kto", "orpo", "cpo", "simpo", "ppo", "grpo", "rloo")  # one module each in finetune/stages/
+# The stage registry: one module each in finetune/stages/ (finetune.stages.module).
+STAGES = ("sft", "rm", "dpo", "kto", "orpo", "cpo", "simpo", "ppo", "grpo", "rloo")
 ADAPTER_METHODS = ("lora", "dora", "qlora", "pissa", "olora", "adalora", "loha", "lokr", "vera", "ia3",
                    "prompt_tuning", "prefix_tuning", "p_tuning", "freeze", "full")  # config/methods.py, adapters.py
 DATA_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text",
@@ -333,7 +334,8 @@ def _validate(raw: dict, where: _Where, source: str | None) -> Recipe:
             raise RecipeError(f"{where((name,))}: missing section '{name}'")
         if isinstance(value, dict):
             origins.update({f"{name}.{key}": _origin((name, key), where) for key in value})
-            filled = {key: default for (section, key), (default, _) in table.items() if section == name and key not in value}
+            filled = {key: default for (section, key), (default, _) in table.items()
+                      if section == name and key not in value}
             origins.update({f"{name}.{key}": table[(name, key)][1] for key in filled})
             value = {**value, **filled}
         sections[name] = _build(cls, value, (name,), where)
