@@ -138,7 +138,7 @@ def origin_lines(recipe: Recipe) -> list[str]:
     lines = []
     for origin in ORIGINS:
         if by_origin.get(origin):
-            lines.append(f"  {origin + ':':<15}{', '.join(by_origin[origin])}")
+            lines.append(f"  {origin + ':':<16}{', '.join(by_origin[origin])}")
     return lines
 
 
