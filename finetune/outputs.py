@@ -90,7 +90,7 @@ class RunDir:
         stamp = self.work / RECIPE_STAMP
         if checkpoint is not None and self.resume == "auto" and stamp.is_file():
             previous = stamp.read_text(encoding="utf-8")
-            if previous != recipe_text:
+            if _identity_of(previous) != _identity_of(recipe_text):  # the comparison OutputDir.identity makes
                 raise OutputError(
                     f"output.dir: {self.work} holds an interrupted run of a different recipe "
                     f"({_first_difference(previous, recipe_text)}); rerun that recipe to resume it, "
@@ -108,6 +108,12 @@ class RunDir:
         self.check()  # someone may have written there while we trained
         replace_dir(self.work, self.final)
         return self.final
+
+
+def _identity_of(recipe_yaml: str) -> dict:
+    import yaml
+
+    return config.identity(yaml.safe_load(recipe_yaml) or {})
 
 
 def _first_difference(old: str, new: str) -> str:
