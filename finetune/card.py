@@ -44,7 +44,9 @@ def _preference_section(metrics: dict) -> str:
     return "## Preference results\n" + "\n".join(lines) + "\n\n" if lines else ""
 
 
-def model_card(recipe, prepared, metrics: dict, model, base: str) -> str:
+def model_card(recipe, prepared, metrics: dict, model, base: str, chained: dict | None = None) -> str:
+    """`chained`: a chained stage's base description (outputs.record_base): `base` is then the
+    original model, and the card says which adapters to merge into it first."""
     a, t, d = recipe.adapter, recipe.train, recipe.data
     trainable, total = models.count_parameters(model)
     train_stats = prepared.train.stats()
@@ -72,7 +74,7 @@ def model_card(recipe, prepared, metrics: dict, model, base: str) -> str:
 A **{a.method}** {"adapter for" if adapters.is_adapter(a.method) else "fine-tune (full model weights) of"} `{recipe.model.name_or_path}`, trained with finetune's `{recipe.stage}` stage.
 
 ## Base model
-- `{recipe.model.name_or_path}` (loaded from `{base}`)
+{_base_section(recipe, base, chained)}
 
 ## Method
 - {adapters.describe(a)}{_conversion_note(a)}
@@ -101,7 +103,7 @@ A **{a.method}** {"adapter for" if adapters.is_adapter(a.method) else "fine-tune
 
 ## Use it
 ```python
-{_use_it(a.method, base, auto, recipe.stage)}
+{_use_it(a.method, base, auto, recipe.stage, chained)}
 ```
 
 Trained with {_versions()}.
@@ -114,11 +116,36 @@ def _conversion_note(a) -> str:
     return ""
 
 
-def _use_it(method: str, base: str, auto: str, stage: str) -> str:
+def _base_section(recipe, base: str, chained: dict | None) -> str:
+    if not chained:
+        return f"- `{recipe.model.name_or_path}` (loaded from `{base}`)"
+    parents = "\n".join(f"  {i}. `{p['relative']}` (`{p['dir']}`, content fingerprint {p['fingerprint']})"
+                        for i, p in enumerate(chained["adapters"], 1))
+    return (f"- `{chained['base']}` (loaded from `{base}`) with these adapters merged into it, in order:\n{parents}\n"
+            "- recorded in `base.json`: finetune's merge, export, chat and eval rebuild this base from it (and "
+            "refuse a parent adapter that was retrained since); paths are also kept relative to this dir, so copy "
+            "the parents along")
+
+
+def _use_it(method: str, base: str, auto: str, stage: str, chained: dict | None = None) -> str:
     if not adapters.is_adapter(method):
         return f"""from transformers import {auto}, AutoTokenizer
 
 model = {auto}.from_pretrained("path/to/this/dir")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")"""
+    merges = "".join(f'base = PeftModel.from_pretrained(base, "{p["relative"]}").merge_and_unload()\n'
+                     for p in (chained or {}).get("adapters", []))
+    if merges:  # the parents are causal LMs: merge them first, then add the head of a reward model
+        merges = "# merge the parent stages' adapters first (paths relative to this dir)\n" + merges
+        head = "" if stage != "rm" else ("\nbase.save_pretrained(\"merged-base\")\n"
+                                          f'base = {auto}.from_pretrained("merged-base", num_labels=1)')
+        imports = ", ".join(dict.fromkeys(["AutoModelForCausalLM", auto, "AutoTokenizer"]))
+        return f"""from transformers import {imports}
+from peft import PeftModel
+
+base = AutoModelForCausalLM.from_pretrained("{base}")
+{merges}{head}
+model = PeftModel.from_pretrained(base, "path/to/this/dir")
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")"""
     return f"""from transformers import {auto}, AutoTokenizer
 from peft import PeftModel

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
@@ -173,10 +172,10 @@ def _add_serve_webui(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    from finetune import config
+    from finetune import config, stages
 
     recipe = config.load(args.recipe, args.overrides)
-    stage = importlib.import_module(f"finetune.stages.{recipe.stage}")
+    stage = stages.module(recipe.stage)
     if args.dry_run:
         print(stage.plan(recipe).render())
         return 0

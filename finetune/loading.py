@@ -1,23 +1,22 @@
 """Load what a finetune (or any PEFT / transformers) output dir holds, for merge, export and chat.
 
 A dir is either a plain model (`config.json` + weights) or a PEFT adapter (`adapter_config.json`).
-An adapter's base comes from finetune's `recipe.yaml` (`model.name_or_path`, so a `tiny-llama`
-name resolves in this machine's cache) or else `adapter_config.json`'s `base_model_name_or_path`;
-`--base` overrides both. A QLoRA recipe (`adapter.method: qlora`) says how the base was quantized.
+What it holds and where an adapter's base is come from `outputs.OutputDir` (one priority order:
+`--base`, a chained stage's recorded base, the recipe's `model.name_or_path`, the adapter config's
+`base_model_name_or_path`). A QLoRA recipe (`adapter.method: qlora`) says how the base was quantized.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from finetune import chain, models, tiny
+from finetune import models
 from finetune.config import AdapterSection
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, OutputError, RecipeError
+from finetune.outputs import OutputDir
 
 # Short chats every merge and export is checked on (English and Chinese, with and without a system turn).
 PROBE_CHATS = [
@@ -58,76 +57,28 @@ class Source:
 
 
 def inspect(path: str | Path, base: str | None = None, what: str = "MODEL_DIR") -> Source:
-    """Classify `path` and resolve an adapter's base (without loading any weights)."""
+    """Classify `path` and resolve an adapter's base (without loading any weights): `OutputDir`
+    answers what the dir holds and where its base is."""
     p = Path(path).expanduser()
     if not p.is_dir():
         raise SourceError(f"{what}: {path}: no such directory")
-    if (p / "adapter_config.json").is_file():
-        try:
-            peft_config = json.loads((p / "adapter_config.json").read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise SourceError(f"{p / 'adapter_config.json'}: not valid JSON ({e})") from None
-        recipe = _read_recipe(p)
-        source = Source(p.resolve(), "adapter", peft_config)
-        source.quant = _quant_section(recipe, p)
-        source.base, source.base_field = _resolve_base(p, peft_config, recipe, base)
-        return source
-    if (p / "config.json").is_file():
+    out = OutputDir(p, what)
+    try:
+        if out.is_adapter:
+            source = Source(out.path, "adapter", out.adapter_config())
+            source.quant = out.quantization()
+            found = out.base(base)
+            source.base, source.base_field = found.where, found.field
+            return source
+    except RecipeError as e:  # an unreadable recipe.yaml, a chained base that cannot merge
+        raise SourceError(str(e)) from None
+    except OutputError as e:
+        raise SourceError(str(e)) from None
+    if out.is_model:
         if base:
             raise SourceError(f"--base: {path} is a full model, not an adapter; --base applies to adapter dirs")
-        return Source(p.resolve(), "model")
+        return Source(out.path, "model")
     raise SourceError(f"{what}: {path}: neither a model (config.json) nor a PEFT adapter (adapter_config.json)")
-
-
-def _read_recipe(p: Path) -> dict:
-    f = p / "recipe.yaml"
-    if not f.is_file():
-        return {}
-    try:
-        return yaml.safe_load(f.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise SourceError(f"{f}: not valid YAML ({str(e).splitlines()[0]})") from None
-
-
-def _quant_section(recipe: dict, p: Path) -> AdapterSection | None:
-    adapter = recipe.get("adapter") or {}
-    if adapter.get("method") != "qlora":
-        return None
-    keys = ("quant_bits", "quant_type", "double_quant", "compute_dtype")
-    return AdapterSection(method="qlora", **{k: adapter[k] for k in keys if k in adapter})
-
-
-def _resolve_base(p: Path, peft_config: dict, recipe: dict, override: str | None) -> tuple[str, str]:
-    """(path or hub id, the field it came from): the first candidate that exists locally wins."""
-    candidates = []
-    if override:
-        candidates.append((override, "--base"))
-    else:
-        name = (recipe.get("model") or {}).get("name_or_path")
-        if name:
-            candidates.append((name, f"{p / 'recipe.yaml'}: model.name_or_path"))
-        if peft_config.get("base_model_name_or_path"):
-            candidates.append((peft_config["base_model_name_or_path"], f"{p / 'adapter_config.json'}: base_model_name_or_path"))
-    if not candidates:
-        raise SourceError(f"{p / 'adapter_config.json'}: base_model_name_or_path: not set; pass --base MODEL")
-    for name, field in candidates:
-        if tiny.is_tiny(name):
-            try:
-                return tiny.resolve(name), field
-            except ValueError as e:
-                raise SourceError(f"{field}: {e}") from None
-        if chain.is_adapter_dir(Path(name).expanduser()):  # a chained stage trained on its merged copy
-            try:
-                return chain.resolve(str(Path(name).expanduser()), field), field
-            except FinetuneError as e:
-                raise SourceError(str(e)) from None
-        if Path(name).expanduser().is_dir():
-            return str(Path(name).expanduser().resolve()), field
-    name, field = candidates[0]
-    if name.startswith(("/", "./", "../", "~")) or Path(name).is_absolute():
-        others = f" (nor {candidates[1][0]})" if len(candidates) > 1 else ""
-        raise SourceError(f"{field}: base model {name} not found{others}; pass --base MODEL")
-    return name, field  # a hub id: from_pretrained finds it (in the HF cache, or online)
 
 
 def load_tokenizer(source: Source):

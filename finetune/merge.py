@@ -4,7 +4,7 @@ Every merge is verified: the written model is reloaded from disk with plain tran
 logits on PROBE_CHATS are compared with the adapter model's (the base + adapter it was merged
 from); above the dtype's tolerance the merge fails and nothing is written.
 
-QLoRA adapters were trained on 4-bit weights, so there are two merges (STACK_NOTES measures both):
+QLoRA adapters were trained on 4-bit weights, so there are two merges (tests/test_merge.py measures both):
 `dequantized` (default) folds the adapter into the dequantized 4-bit weights, i.e. into exactly
 the weights it was trained against; `original` folds it into the full-precision weights the 4-bit
 ones were rounded from. Both report their deviation from the 4-bit adapter model.
@@ -24,6 +24,7 @@ from finetune.config import AdapterSection
 from finetune.errors import FinetuneError
 from finetune.loading import (PROBE_CHATS, Source, SourceError, add_adapter, attach_adapter, inspect, load_model,
                               load_tokenizer, max_abs, max_abs_diff, probe_batch, probe_logits)
+from finetune.outputs import OutputDir
 from finetune.staging import Staged, check_free
 
 log = logging.getLogger("finetune")
@@ -86,7 +87,7 @@ def merge(adapter_dir: str, out: str, dtype: str = "auto", max_shard_size: str =
     _check_adapter(source, "ADAPTER_DIR")
     notes, deviations = [], {}
     if onto is not None and source.quant is None:
-        if (source.path / "recipe.yaml").is_file():
+        if OutputDir(source.path).finished:  # a finetune run: its recipe says how the base was quantized
             raise SourceError(f"--onto: {source.path}/recipe.yaml: adapter.method is not qlora; --onto applies to "
                               "QLoRA adapters only")
         source.quant = AdapterSection(method="qlora")  # another tool's QLoRA adapter: the usual 4-bit NF4 recipe

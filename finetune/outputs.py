@@ -1,4 +1,6 @@
-"""The run directory: never overwrite a finished output by accident, never let a half-written
+"""Output dirs: the one writer (`RunDir`) and the one reader (`OutputDir`).
+
+The run directory: never overwrite a finished output by accident, never let a half-written
 one look finished, and resume an interrupted run.
 
 A run trains in `<output.dir>.incomplete/` (checkpoints live there) and is renamed to
@@ -8,16 +10,26 @@ dir behind; the next run with `train.resume: auto` continues from its last compl
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.errors import OutputError
+from finetune import config, tiny
+from finetune.atomic import replace_dir, write_text_atomic  # noqa: F401  (the one atomic swap, re-exported)
+from finetune.errors import OutputError, RecipeError
+
+log = logging.getLogger("finetune")
 
 RECIPE_STAMP = "recipe.yaml"
+ADAPTER_CONFIG = "adapter_config.json"
+BASE_RECORD = "base.json"  # a chained output's portable description of its base (written at training time)
+MERGED_STAMP = "finetune_merged.json"  # written last into a merged copy: a copy without it is incomplete
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -30,7 +42,9 @@ def check_target(final: Path, overwrite: bool, what: str = "output.dir") -> None
     if final.exists() and not final.is_dir():
         raise OutputError(f"{what}: {final} exists and is not a directory")
     if is_nonempty_dir(final) and not overwrite:
-        raise OutputError(f"{what}: {final} exists and is not empty; set output.overwrite=true or choose another {what}")
+        raise OutputError(
+            f"{what}: {final} exists and is not empty; set output.overwrite=true or choose another {what}"
+        )
 
 
 def last_complete_checkpoint(run_dir: Path) -> Path | None:
@@ -76,7 +90,7 @@ class RunDir:
         stamp = self.work / RECIPE_STAMP
         if checkpoint is not None and self.resume == "auto" and stamp.is_file():
             previous = stamp.read_text(encoding="utf-8")
-            if previous != recipe_text:
+            if _identity_of(previous) != _identity_of(recipe_text):  # the comparison OutputDir.identity makes
                 raise OutputError(
                     f"output.dir: {self.work} holds an interrupted run of a different recipe "
                     f"({_first_difference(previous, recipe_text)}); rerun that recipe to resume it, "
@@ -96,21 +110,10 @@ class RunDir:
         return self.final
 
 
-def replace_dir(src: Path, final: Path) -> None:
-    """Make the finished dir `src` become `final`, swapping out an existing `final` (two renames)."""
-    if final.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        os.replace(final, trash / "old")
-        os.replace(src, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(src, final)
+def _identity_of(recipe_yaml: str) -> dict:
+    import yaml
 
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    return config.identity(yaml.safe_load(recipe_yaml) or {})
 
 
 def _first_difference(old: str, new: str) -> str:
@@ -128,3 +131,279 @@ def _first_difference(old: str, new: str) -> str:
                     return f"{section}.{key}: {sa.get(key)!r} -> {sb.get(key)!r}"
         return f"{section}: {sa!r} -> {sb!r}"
     return "the recipe changed"
+
+
+# ----------------------------------------------------------------------------- reading an output dir
+
+
+@dataclass
+class Base:
+    """Where an adapter's base is (a local dir or a hub id) and which field said so (for errors)."""
+
+    where: str
+    field: str
+
+
+class OutputDir:
+    """What a finetune (or any PEFT / transformers) output dir holds: the one reader.
+
+    `recipe_dict()` / `recipe()`: the resolved recipe it was trained with; `method`, `quantization()`;
+    `base()`: the model its adapter loads on, in one priority order; `identity()`: what makes two
+    runs the same training (the function `Recipe.identity` uses); `finished`; and for a stage
+    chained on another stage's adapter, `base.json`: the portable description of that base (the
+    original model plus the parent adapter(s), each with a content fingerprint), so a retrained
+    parent is detected and named, and another machine can rebuild the merged base."""
+
+    def __init__(self, path: str | os.PathLike, what: str = "MODEL_DIR"):
+        self.path = Path(path).expanduser().resolve()
+        self.what = what
+
+    # --- what is there
+
+    @property
+    def finished(self) -> bool:
+        """A finished finetune run (its recipe is written last, before the atomic rename)."""
+        return (self.path / RECIPE_STAMP).is_file()
+
+    @property
+    def interrupted(self) -> bool:
+        return self.path.with_name(self.path.name + ".incomplete").is_dir()
+
+    @property
+    def is_adapter(self) -> bool:
+        return (self.path / ADAPTER_CONFIG).is_file()
+
+    @property
+    def is_model(self) -> bool:
+        return (self.path / "config.json").is_file() and not self.is_adapter
+
+    def adapter_config(self) -> dict:
+        f = self.path / ADAPTER_CONFIG
+        try:
+            return json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise OutputError(f"{f}: unreadable adapter config ({str(e).splitlines()[0]})") from None
+
+    @property
+    def task_type(self) -> str | None:
+        return self.adapter_config().get("task_type") if self.is_adapter else None
+
+    def recipe_dict(self) -> dict:
+        """The dir's recipe.yaml as a plain mapping ({} when there is none: another tool's output)."""
+        f = self.path / RECIPE_STAMP
+        if not f.is_file():
+            return {}
+        raw = config.parse_yaml(f.read_text(encoding="utf-8"), str(f))
+        return raw if isinstance(raw, dict) else {}
+
+    def recipe(self) -> config.Recipe:
+        """The typed, validated recipe (train.resume is not re-checked: its checkpoint is gone)."""
+        f = self.path / RECIPE_STAMP
+        return config.load(f, ["train.resume=never"])
+
+    def identity(self) -> dict | None:
+        """`config.identity` of the recipe it was trained with (None: not a finished finetune run)."""
+        return config.identity(self.recipe_dict()) if self.finished else None
+
+    @property
+    def method(self) -> str | None:
+        """adapter.method of its recipe, else the PEFT type in lower case (None for a plain model)."""
+        method = (self.recipe_dict().get("adapter") or {}).get("method")
+        if method:
+            return method
+        if not self.is_adapter:
+            return None
+        return self.adapter_config().get("peft_type", "").lower() or None
+
+    def model_section(self) -> config.ModelSection | None:
+        """The recipe's model section (dtype, chat template, trust flags...), None without a recipe."""
+        raw = self.recipe_dict().get("model") or {}
+        if not raw:
+            return None
+        known = set(config.ModelSection.__dataclass_fields__)
+        return config.ModelSection(**{k: v for k, v in raw.items() if k in known})
+
+    def quantization(self) -> config.AdapterSection | None:
+        """How a QLoRA run quantized its base (None for every other method)."""
+        adapter = self.recipe_dict().get("adapter") or {}
+        if adapter.get("method") != "qlora":
+            return None
+        keys = ("quant_bits", "quant_type", "double_quant", "compute_dtype")
+        return config.AdapterSection(method="qlora", **{k: adapter[k] for k in keys if k in adapter})
+
+    # --- the base
+
+    def base_record(self) -> dict | None:
+        """base.json of a chained output: {base, adapters: [{dir, relative, fingerprint}], fingerprint}."""
+        f = self.path / BASE_RECORD
+        if not f.is_file():
+            return None
+        try:
+            return json.loads(f.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise OutputError(f"{f}: not valid JSON ({e})") from None
+
+    def _recipe_base_name(self) -> str | None:
+        return (self.recipe_dict().get("model") or {}).get("name_or_path")
+
+    def base(self, override: str | None = None) -> Base:
+        """The base this adapter loads on, first match wins: `override` (--base); a chained output's
+        recorded base (the merged parent it trained on, checked by content); the recipe's
+        model.name_or_path (a tiny name is built here, a parent adapter dir merged); the adapter
+        config's base_model_name_or_path. A candidate is used if it exists locally; else the first
+        is taken as a hub id."""
+        if override:
+            return _local_or_hub([(override, "--base")], self.path)
+        record = self.base_record()
+        if record is not None:
+            return Base(str(self._recorded_base(record)), f"{self.path / BASE_RECORD}: base")
+        candidates = []
+        name = self._recipe_base_name()
+        if name:
+            candidates.append((name, f"{self.path / RECIPE_STAMP}: model.name_or_path"))
+        if self.is_adapter and self.adapter_config().get("base_model_name_or_path"):
+            candidates.append((self.adapter_config()["base_model_name_or_path"],
+                               f"{self.path / ADAPTER_CONFIG}: base_model_name_or_path"))
+        if not candidates:
+            raise OutputError(f"{self.path / ADAPTER_CONFIG}: base_model_name_or_path: not set; pass --base MODEL")
+        return _local_or_hub(candidates, self.path)
+
+    def base_key(self) -> str:
+        """What identifies this adapter's base by content, portably: a chained base's fingerprint,
+        else the model name as the recipe (or adapter config) gives it."""
+        record = self.base_record()
+        if record is not None:
+            return f"fingerprint:{record['fingerprint']}"
+        name = self._recipe_base_name()
+        if name and OutputDir(name).is_adapter:  # chained before base.json existed
+            return f"fingerprint:{OutputDir(name).fingerprint()}"
+        return name or (self.adapter_config().get("base_model_name_or_path") or "" if self.is_adapter else "")
+
+    def fingerprint(self) -> str:
+        """Content fingerprint of base + this adapter (what a stage chained on this dir trains on):
+        it changes when this dir is retrained, and not when it is copied or moved."""
+        h = hashlib.sha256(self.base_key().encode())
+        for name in sorted(p.name for p in self.path.iterdir() if p.name.startswith("adapter_")):
+            h.update(name.encode())
+            with open(self.path / name, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        return h.hexdigest()[:16]
+
+    def merged(self) -> Path:
+        """This adapter merged into its base (full precision), cached by content under
+        $FINETUNE_CACHE/merged/: what a stage chained on this dir loads as its base."""
+        target = tiny.cache_root() / "merged" / f"{self.path.name}-{self.fingerprint()}"
+        if (target / MERGED_STAMP).is_file():
+            return target
+        from accelerate import PartialState
+
+        with PartialState().main_process_first():  # one rank merges, the others find the copy
+            if not (target / MERGED_STAMP).is_file():
+                _merge_into(self, self.base().where, target)
+        return target
+
+    def chained_description(self) -> dict:
+        """base.json for a stage trained on this adapter merged: the original model and every
+        adapter merged into it, in order, each with its content fingerprint."""
+        parent = self.base_record()
+        adapters = list(parent["adapters"]) if parent else []
+        if parent:
+            root = parent["base"]
+        else:
+            root = self._recipe_base_name() or self.adapter_config().get("base_model_name_or_path")
+        adapters.append({"dir": str(self.path), "fingerprint": self.fingerprint()})
+        return {"base": root, "adapters": adapters, "fingerprint": adapters[-1]["fingerprint"]}
+
+    def _recorded_base(self, record: dict) -> Path:
+        """The merged base recorded in base.json: the parent adapter's merge when its content still
+        matches; the cached merge of the recorded content when the parent was retrained since
+        (with a warning naming both fingerprints); else an error saying how to rebuild it."""
+        last, fp = record["adapters"][-1], record["fingerprint"]
+        parent = _find_parent(self.path, last)
+        cached = tiny.cache_root() / "merged" / f"{Path(last['dir']).name}-{fp}"
+        if parent is not None:
+            now = parent.fingerprint()
+            if now == fp:
+                return parent.merged()
+            changed = (f"{self.path} was trained on {parent.path} with fingerprint {fp}, and {parent.path} now has "
+                       f"fingerprint {now} (retrained since)")
+            if (cached / MERGED_STAMP).is_file():
+                log.warning("%s; using the cached merge of the adapter it was trained on, %s", changed, cached)
+                return cached
+            raise OutputError(f"{self.path / BASE_RECORD}: {changed}; restore that adapter, retrain this stage, "
+                              "or pass --base with the merged model it was trained on")
+        if (cached / MERGED_STAMP).is_file():
+            return cached
+        chain = " + ".join([str(record["base"])] + [a["dir"] for a in record["adapters"]])
+        raise OutputError(f"{self.path / BASE_RECORD}: its base is {chain} merged in that order, and adapter "
+                          f"{last['dir']} is not there (nor at {self.path / last.get('relative', '?')}); "
+                          "copy it there, "
+                          "or pass --base with the merged model")
+
+
+def record_base(work: Path, final: Path, name_or_path: str) -> dict | None:
+    """Write base.json into `work` (to become `final`) when the run's base was another stage's
+    adapter dir (a chained stage); returns the description, None for a plain base."""
+    parent = OutputDir(name_or_path)
+    if not parent.is_adapter:
+        return None
+    description = parent.chained_description()
+    for adapter in description["adapters"]:
+        adapter["relative"] = os.path.relpath(adapter["dir"], final)
+    write_text_atomic(work / BASE_RECORD, json.dumps(description, indent=2) + "\n")
+    return description
+
+
+def _find_parent(child: Path, entry: dict) -> OutputDir | None:
+    candidates = [Path(entry["dir"])] + ([(child / entry["relative"]).resolve()] if entry.get("relative") else [])
+    for candidate in candidates:
+        if (candidate / ADAPTER_CONFIG).is_file():
+            return OutputDir(candidate)
+    return None
+
+
+def _local_or_hub(candidates: list[tuple[str, str]], path: Path) -> Base:
+    """The first candidate that is a tiny name (built here), an adapter dir (merged) or a local dir;
+    else the first one as a hub id; a missing local path is an error."""
+    for name, field in candidates:
+        if tiny.is_tiny(name):
+            try:
+                return Base(tiny.resolve(name), field)
+            except ValueError as e:
+                raise OutputError(f"{field}: {e}") from None
+        local = Path(name).expanduser()
+        if (local / ADAPTER_CONFIG).is_file():  # chained without base.json (trained before it existed)
+            return Base(str(OutputDir(local).merged()), field)
+        if local.is_dir():
+            return Base(str(local.resolve()), field)
+    name, field = candidates[0]
+    if name.startswith(("/", "./", "../", "~")) or Path(name).is_absolute():
+        others = f" (nor {candidates[1][0]})" if len(candidates) > 1 else ""
+        raise OutputError(f"{field}: base model {name} not found{others}; pass --base MODEL")
+    return Base(name, field)  # a hub id: from_pretrained finds it (in the HF cache, or online)
+
+
+def _merge_into(adapter: OutputDir, base: str, target: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("chaining: merging the adapter in %s into %s (cached in %s)", adapter.path, base, target)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", use_safetensors=True)
+    model = PeftModel.from_pretrained(model, str(adapter.path))
+    if not hasattr(model, "merge_and_unload"):  # prompt / prefix tuning: nothing to merge into the weights
+        kind = model.peft_config["default"].peft_type
+        raise RecipeError(f"model.name_or_path: {adapter.path} holds a {kind} adapter, which cannot be merged into "
+                          "its base; a stage can only start from a mergeable (LoRA-type) adapter")
+    model = model.merge_and_unload()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer_source = adapter.path if (adapter.path / "tokenizer_config.json").is_file() else base
+        AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(tmp)
+        stamp = {"adapter": str(adapter.path), "base": base, "fingerprint": adapter.fingerprint()}
+        (tmp / MERGED_STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
+        replace_dir(tmp, target)  # an incomplete earlier attempt is swapped out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -17,15 +17,14 @@ substitution, no code runs. Overrides on the command line: `output.dir=...`, `NA
 (one stage) or `section.key=v` (every stage). Recipe paths are read relative to the current
 directory, else to the pipeline file's.
 
-Re-running skips each stage whose output dir is finished with the same recipe (identity as in
-`RunDir`), and resumes an interrupted one from its last checkpoint; once a stage trains, every
-later stage trains too (its input changed). A finished stage of a different recipe is an error
+Re-running skips each stage whose output dir is finished with the same recipe (`OutputDir.identity`,
+the comparison `RunDir` resumes by), and resumes an interrupted one from its last checkpoint; once a
+stage trains, every later stage trains too (its input changed). A finished stage of a different recipe is an error
 unless `output.overwrite: true`. Every recipe is validated before the first stage trains.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import re
@@ -37,7 +36,8 @@ import yaml
 
 from finetune import config
 from finetune.errors import OutputError, RecipeError, closest
-from finetune.outputs import _first_difference, write_text_atomic
+from finetune.outputs import OutputDir, _first_difference, write_text_atomic
+from finetune.stages import module as stage_module
 
 log = logging.getLogger("finetune")
 
@@ -86,13 +86,15 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipel
 
     for key in raw:
         if key not in PIPELINE_KEYS:
-            raise RecipeError(f"{where(str(key))}: unknown key{closest(str(key), PIPELINE_KEYS)} (keys: {', '.join(PIPELINE_KEYS)})")
+            raise RecipeError(f"{where(str(key))}: unknown key{closest(str(key), PIPELINE_KEYS)} "
+                              f"(keys: {', '.join(PIPELINE_KEYS)})")
     stages = raw.get("stages")
     if not isinstance(stages, dict) or not stages:
         raise RecipeError(f"{where('stages')}: expected a mapping of stage names to recipes")
     for name in stages:
         if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise RecipeError(f"{where('stages', str(name))}: a stage name is letters, digits, _ . - (it names its output dir)")
+            raise RecipeError(f"{where('stages', str(name))}: a stage name is letters, digits, _ . - "
+                              "(it names its output dir)")
     output = raw.get("output") or {}
     if not isinstance(output, dict):
         raise RecipeError(f"{where('output')}: expected a mapping with {' and '.join(OUTPUT_KEYS)}")
@@ -201,20 +203,12 @@ def _load_stage(spec, base: Path, dirs: dict[str, str], overwrite: bool, out: Pa
 # ----------------------------------------------------------------------------- running
 
 
-def _identity(recipe_yaml: str) -> dict:
-    d = yaml.safe_load(recipe_yaml) or {}
-    for section, key in config.RESUME_VOLATILE:
-        (d.get(section) or {}).pop(key, None)
-    return d
-
-
 def status(stage: Stage) -> str:
     """done (finished, same recipe) | changed (finished, another recipe) | resume | new."""
-    stamp = stage.dir / "recipe.yaml"
-    if stamp.is_file():
-        same = _identity(stamp.read_text(encoding="utf-8")) == _identity(stage.recipe.identity())
-        return "done" if same else "changed"
-    if stage.dir.with_name(stage.dir.name + ".incomplete").is_dir():
+    out = OutputDir(stage.dir)
+    if out.finished:
+        return "done" if out.identity() == yaml.safe_load(stage.recipe.identity()) else "changed"
+    if out.interrupted:
         return "resume"
     return "new"
 
@@ -244,7 +238,7 @@ def _actions(pipe: Pipeline) -> list[str]:
             continue
         if st in ("done", "changed") and not pipe.overwrite:
             why = ("an earlier stage is retrained" if st == "done" else "it holds a finished run of another recipe: "
-                   + _first_difference((stage.dir / "recipe.yaml").read_text(encoding="utf-8"), stage.recipe.dump()))
+                   + _first_difference(yaml.safe_dump(OutputDir(stage.dir).identity()), stage.recipe.identity()))
             raise OutputError(f"pipeline stage {stage.name}: {stage.dir} would be retrained ({why}); "
                               "set output.overwrite=true to replace it, or choose another output.dir")
         actions.append("resume" if st == "resume" else "train")
@@ -266,8 +260,9 @@ def run(pipe: Pipeline) -> dict:
             continue
         log.info("%s: %s -> %s", head, "resuming" if action == "resume" else "training", stage.dir)
         start = time.time()
-        importlib.import_module(f"finetune.stages.{stage.recipe.stage}").run(stage.recipe)
-        summary["stages"][stage.name] = {"dir": str(stage.dir), "status": "resumed" if action == "resume" else "trained",
+        stage_module(stage.recipe.stage).run(stage.recipe)
+        summary["stages"][stage.name] = {"dir": str(stage.dir),
+                                         "status": "resumed" if action == "resume" else "trained",
                                          "seconds": round(time.time() - start, 1)}
         if state.is_main_process:
             write_text_atomic(pipe.dir / SUMMARY, json.dumps(summary, indent=2) + "\n")

@@ -166,16 +166,9 @@ def build(name: str, cache_root: str | os.PathLike | None = None, force: bool = 
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
         try:
             info = _build_into(tmp, name, spec, fp)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the cache may be shared
-            if target.exists():  # force=True: move the old one aside first (rename is atomic)
-                trash = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-old-", dir=parent))
-                os.replace(target, trash / "old")
-                os.replace(tmp, target)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
+            from finetune.atomic import replace_dir
+
+            replace_dir(tmp, target)  # with the umask's permissions (the cache may be shared); force=True swaps
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

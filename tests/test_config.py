@@ -120,3 +120,26 @@ def test_bad_model_references_name_the_field(tmp_path):
     with pytest.raises(RecipeError, match=rf"model\.tokenizer: {missing}: no such directory"):
         models.load_tokenizer(ModelSection(name_or_path="tiny-llama", tokenizer=str(missing)))
     assert models.model_path(ModelSection(name_or_path="org/some-model")) == "org/some-model"
+
+
+def test_one_defaults_table_and_where_each_value_came_from():
+    """Defaults are filled before validation, from one table (common < stage < method), and the
+    dry-run plan names the source of every effective value."""
+    from finetune.stages.common import origin_lines
+
+    r = load("adapter:\n  method: prompt_tuning\ntrain:\n  seed: 7\n", overrides=["train.max_steps=3"])
+    o = r.origins
+    assert (o["train.max_steps"], o["train.seed"], o["data.train"]) == ("override", "recipe", "recipe")
+    assert o["train.learning_rate"] == "method default" and r.train["learning_rate"] == pytest.approx(3e-2)
+    assert o["train.loss_type"] == "stage default" and o["train.lr_scheduler_type"] == "default"
+    lines = "\n".join(origin_lines(r))
+    assert "  override:       train.max_steps=3" in lines and "  method default: train.learning_rate=0.03" in lines
+    # stage dpo: its own learning rate (the method table is for sft); a recipe without a stage says so
+    dpo = config.load(text=BASE.replace("stage: sft", "stage: dpo").replace("alpaca_en_demo", "preference_en_demo"))
+    assert dpo.origins["train.learning_rate"] == "stage default" and dpo.train["learning_rate"] == pytest.approx(5e-5)
+    assert config.load(text=BASE.replace("stage: sft\n", "")).origins["stage"].startswith("default")
+    # dora is lora with use_dora, set by the table (visible), not quietly after validation
+    dora = load("adapter:\n  method: dora\n")
+    assert dora.adapter.use_dora is True and dora.origins["adapter.use_dora"] == "method default"
+    with pytest.raises(RecipeError, match="adapter.use_dora: method dora is LoRA with use_dora: true"):
+        load("adapter:\n  method: dora\n  use_dora: false\n")

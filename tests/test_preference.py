@@ -186,7 +186,9 @@ def test_chained_stage_starts_from_the_merged_sft_model(tmp_path, tiny_path):
     text = preference_recipe(tmp_path / "dpo", "dpo", steps=2, model={"name_or_path": str(sft_dir)},
                              train={"eval_strategy": "no"}, data={"max_samples": 16, "eval_ratio": 0.0})
     out = dpo.run(config.load(text=text))
-    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == merged
+    # the adapter config names the original model (not this machine's cache); base.json records the SFT parent
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_path
+    assert chain.base_of(out) == merged
     # the base of the chained output is found again from its recipe when the cached copy is gone
     import shutil
 

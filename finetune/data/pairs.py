@@ -11,12 +11,10 @@ import random
 import statistics
 from dataclasses import dataclass, field
 
-from finetune.config import DataSection, check_stage_format
+from finetune.config import RL_STAGES, DataSection, check_stage_format
 from finetune.data import PreparedData, read_examples
 from finetune.data.preference import PAIR_FORMATS, prompt_only, unpair
 from finetune.errors import DataError
-
-RL_STAGES = ("ppo", "grpo", "rloo")
 
 
 @dataclass

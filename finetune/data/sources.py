@@ -12,9 +12,10 @@ from typing import Any, Iterator
 import yaml
 
 from finetune.errors import DataError, closest
+from finetune.resources import INSTALLED, shipped
 
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
-SHIPPED_REGISTRY = Path(__file__).resolve().parents[2] / "data" / "datasets.yaml"
+SHIPPED_REGISTRY = shipped("data/datasets.yaml") or INSTALLED / "data" / "datasets.yaml"  # checkout or wheel
 
 
 @dataclass

@@ -4,15 +4,7 @@ reports (`report`), and the after-training hook any stage can call."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-
-def find_suite(name: str) -> str:
-    """A suite path as given, else relative to the finetune checkout (eval/suites/... ships there)."""
-    if Path(name).is_file():
-        return name
-    shipped = Path(__file__).resolve().parents[2] / name
-    return str(shipped) if shipped.is_file() else name
+from finetune.resources import find_suite  # noqa: F401  (re-exported: eval's public API)
 
 
 def after_training(recipe, output_dir) -> str:

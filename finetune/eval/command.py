@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from finetune.config import DATA_FORMATS
+from finetune.config import DATA_FORMATS, EvalSection
 from finetune.eval.scores import LANGUAGES, ROUGE_TOKENIZERS, STYLES
 
 EXIT_REGRESSION = 1
@@ -21,8 +21,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split of a hub dataset (default test; a file is used whole)")
     p.add_argument("--format", choices=DATA_FORMATS, help="record format when it cannot be guessed")
     p.add_argument("--max-samples", type=int, help="score only the first N examples")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
+    defaults = EvalSection()  # the recipe's eval: section and the command share their defaults
+    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+                   help=f"answer length limit (default {defaults.max_new_tokens})")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                   help=f"prompts per generation batch (default {defaults.batch_size})")
     p.add_argument("--predictions", metavar="FILE.jsonl", help="score this file (records with prediction, reference) instead of generating")
     p.add_argument("--baseline", help="model to compare with (usually the base model)")
     p.add_argument("--suite", help="capability suite YAML, e.g. eval/suites/general.yaml")

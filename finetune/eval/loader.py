@@ -11,6 +11,7 @@ import torch
 from finetune import models
 from finetune.config import ModelSection
 from finetune.errors import RecipeError
+from finetune.outputs import OutputDir
 
 
 @dataclass
@@ -24,19 +25,14 @@ class Loaded:
     template_kwargs: dict = field(default_factory=dict)  # the run's model.chat_template_kwargs
 
 
-def _model_section(path: Path | None, name_or_path: str) -> tuple[ModelSection, str | None]:
-    """The recipe's model section for a finetune output dir (chat template, dtype...), else
-    defaults; and the model name the recipe gave (None without a recipe)."""
-    recipe_file = path / "recipe.yaml" if path else None
-    if recipe_file and recipe_file.is_file():
-        import yaml
-
-        raw = (yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}).get("model") or {}
-        known = {f for f in ModelSection.__dataclass_fields__}
-        section = ModelSection(**{k: v for k, v in raw.items() if k in known})
-        recipe_name, section.name_or_path = section.name_or_path, name_or_path
-        return section, recipe_name
-    return ModelSection(name_or_path=name_or_path), None
+def _model_section(path: Path | None, name_or_path: str) -> ModelSection:
+    """The recipe's model section for a finetune output dir (chat template, dtype...) pointed at
+    `name_or_path`, else defaults."""
+    section = OutputDir(path).model_section() if path is not None else None
+    if section is None:
+        return ModelSection(name_or_path=name_or_path)
+    section.name_or_path = name_or_path
+    return section
 
 
 def load(name: str, field: str = "MODEL", dtype: str = "auto", tokenizer: str | None = None):
@@ -50,10 +46,10 @@ def load(name: str, field: str = "MODEL", dtype: str = "auto", tokenizer: str | 
     path = Path(name).expanduser()
     source = loading.inspect(path, what=field) if path.is_dir() else None
     if source is not None and source.kind == "adapter":
-        cfg, _ = _model_section(path, source.base)
+        cfg = _model_section(path, source.base)
         cfg.tokenizer = str(path)  # the run saved its tokenizer (and chat template) with the adapter
     else:
-        cfg, _ = _model_section(path if path.is_dir() else None, name)
+        cfg = _model_section(path if path.is_dir() else None, name)
     cfg.dtype = dtype if dtype != "auto" else cfg.dtype
     cfg.tokenizer = tokenizer or cfg.tokenizer
     tok = models.load_tokenizer(cfg, padding_side="left")

@@ -8,16 +8,17 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune.config import EvalSection
 from finetune.errors import RecipeError
-from finetune.eval import find_suite, gate, generation, loader, modules, report, scores
+from finetune.eval import gate, generation, loader, modules, report, scores
 from finetune.eval import suite as suites
-from finetune.outputs import check_target, write_text_atomic
+from finetune.outputs import check_target, replace_dir, write_text_atomic
+from finetune.resources import find_suite
 
 log = logging.getLogger("finetune")
 HISTORY_NAME = "eval_history.jsonl"
@@ -31,8 +32,8 @@ class Request:
     split: str = "test"
     format: str | None = None
     max_samples: int | None = None
-    max_new_tokens: int = 128
-    batch_size: int = 16
+    max_new_tokens: int = EvalSection.max_new_tokens  # the defaults of the recipe's eval: section
+    batch_size: int = EvalSection.batch_size
     predictions: str | None = None
     baseline: str | None = None
     suite: str | None = None
@@ -90,9 +91,7 @@ def run(req: Request) -> dict:
     try:
         result = _evaluate(req, work, preds, refs, suite)
         check_target(req.out, req.overwrite, "--out")  # someone may have written there meanwhile
-        if req.out.exists():
-            shutil.rmtree(req.out)
-        os.replace(work, req.out)
+        replace_dir(work, req.out)  # atomic: the old report stays until the new one is in place
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -29,14 +29,14 @@ ROUGE_TOKENIZERS = ("chars", "jieba")
 STYLES = ("standard", "llamafactory")
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")
+CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")  # a CJK ideograph: the one definition
 _CHARS_TOKEN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]|[a-z0-9]+")
 
 
 def detect_language(texts: Iterable[str]) -> str:
     """`zh` if any text has a CJK character, else `en`. sacrebleu's `zh` tokenizer treats non-CJK
     text exactly as `13a` does, so mixed English/Chinese data loses nothing by this rule."""
-    return "zh" if any(_CJK.search(t) for t in texts) else "en"
+    return "zh" if any(CJK.search(t) for t in texts) else "en"
 
 
 def bleu_tokenize_name(language: str) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 
 from finetune.config import line_map, parse_yaml
 from finetune.errors import DataError, RecipeError, closest
+from finetune.eval.scores import CJK
 
 TASK_TYPES = ("perplexity", "multiple_choice", "instruction", "lm_eval")
 # Lower is better for these (and their tolerance is relative to the baseline); higher for the rest.
@@ -49,7 +49,6 @@ def direction(metric: str) -> tuple[bool, bool]:
 
 def default_tolerance(metric: str) -> float:
     return DEFAULT_TOLERANCE.get(metric, 0.10 if metric in LOWER_IS_BETTER else 0.05)
-_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 
 
 @dataclass
@@ -277,7 +276,7 @@ def _check(name: str, value, answer: str) -> bool:
     if name == "max_chars":
         return len(answer) <= int(value)
     letters = [ch for ch in answer if ch.isalpha()]
-    cjk = sum(1 for ch in letters if _CJK.match(ch))
+    cjk = sum(1 for ch in letters if CJK.match(ch))
     share = cjk / len(letters) if letters else 0.0
     return share >= 0.5 if value == "zh" else bool(letters) and share < 0.1
 

@@ -21,9 +21,8 @@ from pathlib import Path
 from finetune import models, rewards
 from finetune.config import Recipe
 from finetune.errors import RecipeError
-from finetune.stages.common import trl_args
+from finetune.stages.common import finish, keep_adapter_in_compute_dtype, trl_args
 from finetune.stages.preference import plan, prepare  # noqa: F401  (the stage interface: run, plan)
-from finetune.stages.sft import _finish, _keep_adapter_in_compute_dtype
 
 log = logging.getLogger("finetune")
 
@@ -35,8 +34,11 @@ def _prompt_ids(split, tok):
     ids = []
     for e in split.examples:
         p = e["prompt"]
-        ids.append(tok(p)["input_ids"] if isinstance(p, str) else
-                   tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        if isinstance(p, str):
+            ids.append(tok(p)["input_ids"])
+        else:
+            rendered = tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)
+            ids.append(rendered["input_ids"])
     return datasets.Dataset.from_dict({"input_ids": ids})
 
 
@@ -64,7 +66,8 @@ def run(recipe: Recipe, callbacks=()) -> Path:
     tok.padding_side = "left"  # prompts are generated from: pad on the left
     args = trl_args(recipe, run_dir.work)
     if args.total_episodes is None and recipe.train["max_steps"] > 0:
-        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.num_mini_batches * state.num_processes
+        batch = (args.per_device_train_batch_size * args.gradient_accumulation_steps * args.num_mini_batches
+                 * state.num_processes)
         args.total_episodes = recipe.train["max_steps"] * batch
     reward_model, value_model = _reward_models(recipe, tok)
     set_seed(recipe.train["seed"])
@@ -87,12 +90,13 @@ def run(recipe: Recipe, callbacks=()) -> Path:
         peft_config=models.adapter_config(recipe.adapter),
         callbacks=list(callbacks),
     )
-    _keep_adapter_in_compute_dtype(trainer.model, recipe)
+    keep_adapter_in_compute_dtype(trainer.model, recipe)
     _fit_for_several_processes(trainer)
     trainer.train()
     trainer.save_model(str(run_dir.work))  # the policy's adapter only (TRL drops the value model)
     if state.is_main_process:
-        _finish(recipe, run_dir, trainer, prepared, {"episodes": trainer.state.episode, "steps": trainer.state.global_step})
+        metrics = {"episodes": trainer.state.episode, "steps": trainer.state.global_step}
+        finish(recipe, run_dir, trainer, prepared, metrics)
     state.wait_for_everyone()
     return run_dir.final
 

@@ -13,8 +13,7 @@ from finetune import models
 from finetune.config import Recipe
 from finetune.data import pairs
 from finetune.outputs import RunDir
-from finetune.stages.common import TrainPlan, trl_args
-from finetune.stages.sft import _finish, _keep_adapter_in_compute_dtype
+from finetune.stages.common import TrainPlan, finish, keep_adapter_in_compute_dtype, trl_args
 
 log = logging.getLogger("finetune")
 
@@ -33,14 +32,15 @@ def plan(recipe: Recipe) -> TrainPlan:
     return TrainPlan.build(recipe, prepared)
 
 
-def run(recipe: Recipe, make_trainer: Callable, callbacks=(), num_labels: int | None = None) -> Path:
+def run(recipe: Recipe, make_trainer: Callable, callbacks=(), num_labels: int | None = None, prepared=None) -> Path:
     """Train with the trainer `make_trainer(model, args, tok, prepared, callbacks)` builds.
-    `num_labels` loads the base as a sequence classifier (the reward model)."""
+    `num_labels` loads the base as a sequence classifier (the reward model); `prepared`: what
+    `prepare(recipe)` returned, when the stage has already loaded the data."""
     from accelerate import PartialState
     from transformers import set_seed
 
     state = PartialState()
-    run_dir, tok, prepared = prepare(recipe)
+    run_dir, tok, prepared = prepared or prepare(recipe)
     args = trl_args(recipe, run_dir.work)  # invalid TRL combinations fail here, before anything is written
     set_seed(recipe.train["seed"])  # the adapter (and a reward head) are initialised from this seed
     model = models.load_model(recipe.model, recipe.adapter, recipe.train["activation_checkpointing"],
@@ -52,7 +52,7 @@ def run(recipe: Recipe, make_trainer: Callable, callbacks=(), num_labels: int | 
         log.info("resuming from %s", checkpoint)
 
     trainer = make_trainer(model, args, tok, prepared, list(callbacks))
-    _keep_adapter_in_compute_dtype(trainer.model, recipe)
+    keep_adapter_in_compute_dtype(trainer.model, recipe)
     dropped = _count_dropped(trainer, prepared, recipe)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics = {**dropped, **result.metrics}
@@ -61,7 +61,7 @@ def run(recipe: Recipe, make_trainer: Callable, callbacks=(), num_labels: int | 
 
     trainer.save_model(str(run_dir.work))
     if state.is_main_process:
-        _finish(recipe, run_dir, trainer, prepared, metrics)
+        finish(recipe, run_dir, trainer, prepared, metrics)
     state.wait_for_everyone()
     return run_dir.final
 
@@ -70,7 +70,8 @@ def _count_dropped(trainer, prepared, recipe: Recipe) -> dict:
     """Some TRL trainers drop (not truncate) examples that do not fit train.max_length
     (RewardTrainer: pairs longer than it; DPO: prompts that fill it): say how many."""
     counts = {}
-    for name, split, dataset in (("train", prepared.train, trainer.train_dataset), ("eval", prepared.eval, trainer.eval_dataset)):
+    splits = (("train", prepared.train, trainer.train_dataset), ("eval", prepared.eval, trainer.eval_dataset))
+    for name, split, dataset in splits:
         if split is None or dataset is None:
             continue
         split.n_dropped = counts[f"{name}_dropped_examples"] = len(split.examples) - len(dataset)

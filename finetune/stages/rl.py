@@ -14,19 +14,21 @@ from finetune.stages.preference import plan  # noqa: F401  (the stage interface:
 
 def run(trainer_cls, recipe: Recipe, callbacks=()) -> Path:
     if "reward_weights" in recipe.train:
-        raise RecipeError(f"{recipe.source or 'recipe'}: train.reward_weights: give each reward its weight in the rewards section")
+        raise RecipeError(f"{recipe.source or 'recipe'}: train.reward_weights: give each reward its weight in the "
+                          "rewards section")
     # Reward models load before any output dir exists: a bad rewards.model fails first.
     funcs, tokenizers, weights = rewards.reward_functions(recipe)
     make = preference.trainer(trainer_cls, recipe, reward_funcs=funcs, reward_processing_classes=tokenizers)
 
+    loaded = preference.prepare(recipe)  # the data, once
     if any(rule["type"] == "answer" for rule in recipe.rewards.rules):
-        _check_answer_columns(recipe, preference.prepare(recipe)[2])  # before any output dir exists
+        _check_answer_columns(recipe, loaded[2])  # before any output dir exists
 
     def make_weighted(model, args, tok, prepared, callbacks):
         args.reward_weights = weights
         return make(model, args, tok, prepared, callbacks)
 
-    return preference.run(recipe, make_weighted, callbacks)
+    return preference.run(recipe, make_weighted, callbacks, prepared=loaded)
 
 
 def _check_answer_columns(recipe: Recipe, prepared) -> None:
@@ -39,6 +41,6 @@ def _check_answer_columns(recipe: Recipe, prepared) -> None:
             missing = [n for n, e in enumerate(split.examples) if column not in e] if split else []
             if missing:
                 fields = ", ".join(sorted(split.examples[missing[0]])) or "none"
-                raise DataError(f"{split.source}: record {missing[0] + 1}: rewards.rules[{i}] (an answer reward) reads "
-                                f"the field '{column}', which it lacks (fields: {fields}; only data.format: prompt "
-                                "keeps extra fields)")
+                raise DataError(f"{split.source}: record {missing[0] + 1}: rewards.rules[{i}] (an answer reward) "
+                                f"reads the field '{column}', which it lacks (fields: {fields}; only "
+                                "data.format: prompt keeps extra fields)")

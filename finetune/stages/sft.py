@@ -8,15 +8,13 @@ and batches. The adapter is built by SFTTrainer from the recipe's PEFT config.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
-from finetune import adapters, card, data, models, rewards
+from finetune import adapters, data, models
 from finetune.config import Recipe
 from finetune.data.encode import options_of
-from finetune.eval import after_training
-from finetune.outputs import RunDir, write_text_atomic
-from finetune.stages.common import TrainPlan, planned_steps, trl_args
+from finetune.outputs import RunDir
+from finetune.stages.common import TrainPlan, finish, keep_adapter_in_compute_dtype, planned_steps, trl_args
 
 log = logging.getLogger("finetune")
 
@@ -71,7 +69,7 @@ def run(recipe: Recipe, callbacks=()) -> Path:
         callbacks=list(callbacks) + training.callbacks,
         optimizers=training.optimizers,
     )
-    _keep_adapter_in_compute_dtype(trainer.model, recipe)
+    keep_adapter_in_compute_dtype(trainer.model, recipe)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics = dict(result.metrics)
     if prepared.eval is not None:
@@ -80,35 +78,6 @@ def run(recipe: Recipe, callbacks=()) -> Path:
     trainer.save_model(str(run_dir.work))  # every rank: FSDP / ZeRO-3 gather the weights here
     if state.is_main_process:
         training.save(run_dir.work)
-        _finish(recipe, run_dir, trainer, prepared, metrics)
+        finish(recipe, run_dir, trainer, prepared, metrics)
     state.wait_for_everyone()
     return run_dir.final
-
-
-def _keep_adapter_in_compute_dtype(model, recipe: Recipe) -> None:
-    """SFTTrainer casts a quantized model's trainable weights to bf16 (the QLoRA paper's GPU
-    recipe). With a float32 compute dtype (the CPU default) that only loses precision and
-    mixes dtypes, so cast them back before the optimizer is built."""
-    if recipe.adapter.method != "qlora":
-        return
-    dtype = models.resolve_dtype(recipe.adapter.compute_dtype)
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != dtype:
-            p.data = p.data.to(dtype)
-
-
-def _finish(recipe: Recipe, run_dir: RunDir, trainer, prepared, metrics: dict) -> None:
-    work = run_dir.work
-    (work / "training_args.bin").unlink(missing_ok=True)  # a pickle; recipe.yaml holds the arguments
-    trainer.state.save_to_json(str(work / "trainer_state.json"))
-    write_text_atomic(work / "recipe.yaml", recipe.dump())
-    metrics = {**metrics, **rewards.trend_metrics(recipe.stage, trainer.state.log_history)}  # RL stages: reward first/last
-    card.write_metrics(work, metrics)
-    model = getattr(trainer.model, "policy", trainer.model)  # PPO's trainer wraps the policy and its value model
-    base = adapters.base_model_path(model)
-    write_text_atomic(work / "README.md", card.model_card(recipe, prepared, metrics, model, base))
-    if not recipe.output.keep_checkpoints:
-        for ckpt in work.glob("checkpoint-*"):
-            shutil.rmtree(ckpt, ignore_errors=True)
-    run_dir.finish()
-    after_training(recipe, run_dir.final)  # the recipe's `eval:` section, if any (report + model card)

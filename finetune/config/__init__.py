@@ -17,13 +17,17 @@ from typing import Any, Literal
 
 import yaml
 
+from finetune.config import defaults, methods
+from finetune.config.defaults import STAGE_TRAIN_DEFAULTS, trl_config_class  # noqa: F401  (config's public API)
+from finetune.config.rewards import RL_STAGES, RewardsSection  # noqa: F401
+from finetune.config.rewards import check as check_rewards
 from finetune.errors import RecipeError, closest
-from finetune.rewards import RewardsSection
-from finetune.rewards import check as check_rewards
+from finetune.resources import find_suite
 
+# The stage registry: one module each in finetune/stages/ (finetune.stages.module).
 STAGES = ("sft", "rm", "dpo", "kto", "orpo", "cpo", "simpo", "ppo", "grpo", "rloo")
 ADAPTER_METHODS = ("lora", "dora", "qlora", "pissa", "olora", "adalora", "loha", "lokr", "vera", "ia3",
-                   "prompt_tuning", "prefix_tuning", "p_tuning", "freeze", "full")  # finetune/adapters.py
+                   "prompt_tuning", "prefix_tuning", "p_tuning", "freeze", "full")  # config/methods.py, adapters.py
 DATA_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text",
                 "preference", "alpaca_preference", "sharegpt_preference", "kto", "prompt")
 # What each stage trains on (formats that give it): checked when data.format is known.
@@ -181,6 +185,8 @@ class Recipe:
     source: str | None = None  # the YAML file it came from
     rewards: RewardsSection = field(default_factory=RewardsSection)
     eval: EvalSection | None = None  # optional section: absent = no evaluation after training
+    # "section.key" -> where its value came from: recipe | override | default | stage default | method default
+    origins: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict:
         out = {"stage": self.stage}
@@ -194,12 +200,20 @@ class Recipe:
         return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False, allow_unicode=True)
 
     def identity(self) -> str:
-        """The dump less the keys that may change between an interrupted run and its resumption."""
-        d = _plain(self.to_dict())
-        d.pop("eval", None)  # evaluation settings do not change the training
-        for section, key in RESUME_VOLATILE:
-            d[section].pop(key, None)
-        return yaml.safe_dump(d, sort_keys=False, allow_unicode=True)
+        """What makes two runs the same training (`identity()`), as YAML: the resume stamp."""
+        return yaml.safe_dump(identity(self.to_dict()), sort_keys=False, allow_unicode=True)
+
+
+def identity(recipe: dict) -> dict:
+    """A recipe (as dumped, or a parsed `recipe.yaml`) less what does not change the training:
+    the `eval:` section and the keys that may change between an interrupted run and its
+    resumption. The one comparison of "same recipe" for resume, pipeline re-runs and output dirs."""
+    d = _plain(recipe)
+    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    d.pop("eval", None)  # evaluation settings do not change the training
+    for section, key in RESUME_VOLATILE:
+        (d.get(section) or {}).pop(key, None)
+    return d
 
 
 def _plain(value):
@@ -316,7 +330,11 @@ def _validate(raw: dict, where: _Where, source: str | None) -> Recipe:
     for key in raw:
         if key not in TOP_LEVEL:
             raise RecipeError(f"{where((key,))}: unknown section{closest(str(key), TOP_LEVEL)} (sections: {', '.join(TOP_LEVEL)})")
+    origins = {"stage": _origin(("stage",), where) if "stage" in raw else "default: the recipe names no stage"}
     stage = _coerce(raw.get("stage", "sft"), Literal[STAGES], ("stage",), where)
+    adapter = raw.get("adapter") if isinstance(raw.get("adapter"), dict) else {}
+    method = _coerce(adapter.get("method", "lora"), Literal[ADAPTER_METHODS], ("adapter", "method"), where)
+    table = defaults.table(stage, method, default_bf16())  # one defaults table, filled in before validation
     sections = {}
     for name, cls in SECTIONS.items():
         value = raw.get(name)
@@ -326,14 +344,22 @@ def _validate(raw: dict, where: _Where, source: str | None) -> Recipe:
             continue
         if value is None:
             raise RecipeError(f"{where((name,))}: missing section '{name}'")
+        if isinstance(value, dict):
+            origins.update({f"{name}.{key}": _origin((name, key), where) for key in value})
+            filled = {key: default for (section, key), (default, _) in table.items()
+                      if section == name and key not in value}
+            origins.update({f"{name}.{key}": table[(name, key)][1] for key in filled})
+            value = {**value, **filled}
         sections[name] = _build(cls, value, (name,), where)
-    train = _validate_train(stage, raw.get("train") or {}, where)
-    recipe = Recipe(stage=stage, train=train, source=source, **sections)
-    from finetune import adapters  # lazy: adapters reads config's types
-
-    adapters.resolve(recipe, raw, where)
+    train = _validate_train(stage, raw.get("train") or {}, where, table, origins)
+    recipe = Recipe(stage=stage, train=train, source=source, origins=origins, **sections)
+    methods.check(recipe, raw.get("train") or {}, where)
     _cross_checks(recipe, where)
     return recipe
+
+
+def _origin(path: tuple, where: _Where) -> str:
+    return "override" if any(path[:n] in where.overridden for n in range(1, len(path) + 1)) else "recipe"
 
 
 def _build(cls, raw, path: tuple, where: _Where):
@@ -447,22 +473,6 @@ def _coerce(value, tp, path: tuple, where: _Where):
 # ----------------------------------------------------------------------------- train section
 
 
-def trl_config_class(stage: str):
-    """The TRL config dataclass whose fields the `train` section of this stage takes."""
-    import os
-
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    import trl
-
-    if stage in ("orpo", "cpo", "simpo", "ppo"):  # TRL 1.12 keeps these in trl.experimental
-        import importlib
-
-        name = {"simpo": "cpo"}.get(stage, stage)
-        return getattr(importlib.import_module(f"trl.experimental.{name}"), f"{name.upper()}Config")
-    return {"sft": trl.SFTConfig, "rm": trl.RewardConfig, "dpo": trl.DPOConfig, "kto": trl.KTOConfig,
-            "grpo": trl.GRPOConfig, "rloo": trl.RLOOConfig}[stage]
-
-
 def _cuda_bf16() -> bool:
     import torch
 
@@ -487,55 +497,8 @@ def default_bf16() -> bool:
 
 
 def train_defaults(stage: str) -> dict[str, Any]:
-    """Our explicit defaults, replacing TRL's where they bite (STACK_NOTES: bf16 and
-    activation checkpointing default to on even on a CPU; SFT lr 2e-5 is for full tuning).
-    Measured in bench/README.md: length-grouped batches and no activation checkpointing are
-    faster on a CPU; bf16 autocast only where the hardware has bf16 arithmetic."""
-    bf16 = default_bf16()
-    common = {
-        "learning_rate": 2e-4,
-        "num_train_epochs": 1.0,
-        "max_steps": -1,
-        "per_device_train_batch_size": 8,
-        "per_device_eval_batch_size": 8,
-        "gradient_accumulation_steps": 1,
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": 0.03,
-        "bf16": bf16,
-        "fp16": False,
-        "activation_checkpointing": False,
-        "logging_steps": 5,
-        "logging_first_step": True,
-        "save_strategy": "steps",
-        "save_steps": 200,
-        "save_total_limit": 2,
-        "eval_strategy": "no",
-        "report_to": ["tensorboard"],
-        "seed": 42,
-        "optim": "adamw_torch",
-        "ddp_find_unused_parameters": False,
-        "dataloader_num_workers": 0,
-        "resume": "auto",
-    }
-    return {**common, **STAGE_TRAIN_DEFAULTS[stage]}
-
-
-# Per stage, on top of the common defaults above. TRL's learning rates (1e-6 for DPO/KTO/ORPO/
-# CPO/GRPO/RLOO, 3e-6 PPO, 1e-4 reward) are for full fine-tuning; a LoRA adapter starts at zero
-# and needs ~10x more. Only keys that exist in the stage's TRL config are set.
-STAGE_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sft": {"max_length": 1024, "loss_type": "nll", "train_sampling_strategy": "group_by_length"},
-    "rm": {"learning_rate": 1e-4, "max_length": 1024},
-    "dpo": {"learning_rate": 5e-5, "max_length": 1024},
-    "kto": {"learning_rate": 5e-5, "max_length": 1024},
-    "orpo": {"learning_rate": 5e-5, "max_length": 1024},
-    "cpo": {"learning_rate": 5e-5, "max_length": 1024},
-    # SimPO (Meng et al. 2024) = CPO's simpo loss without the NLL term; beta 2.0 as in the paper.
-    "simpo": {"learning_rate": 5e-5, "max_length": 1024, "loss_type": "simpo", "cpo_alpha": 0.0, "beta": 2.0},
-    "ppo": {"learning_rate": 1e-5},
-    "grpo": {"learning_rate": 1e-5},
-    "rloo": {"learning_rate": 1e-5},
-}
+    """The common and stage train defaults on this machine (config.defaults.train_defaults)."""
+    return defaults.train_defaults(stage, default_bf16())
 
 
 # transformers 5 renamed these; accept the old names users know, as aliases.
@@ -544,15 +507,17 @@ TRAIN_ALIASES = {"gradient_checkpointing": "activation_checkpointing", "gradient
 TRAIN_RESERVED = {"output_dir": "output.dir", "use_cpu": "the device", "dataset_text_field": "data.format"}
 
 
-def _validate_train(stage: str, raw, where: _Where) -> dict[str, Any]:
+def _validate_train(stage: str, raw, where: _Where, table: dict, origins: dict[str, str]) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise RecipeError(f"{where(('train',))}: expected a mapping of keys, got {type(raw).__name__}")
     cls = trl_config_class(stage)
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in fields(cls) if f.init]
-    out = train_defaults(stage)
+    out = {key: default for (section, key), (default, _) in table.items() if section == "train"}
+    origins.update({f"train.{key}": table[("train", key)][1] for key in out})
     for key, value in raw.items():
         path = ("train", key)
+        origins[f"train.{TRAIN_ALIASES.get(key, key)}"] = _origin(path, where)
         if key in TRAIN_RESERVED:
             raise RecipeError(f"{where(path)}: set by finetune from {TRAIN_RESERVED[key]}; remove it")
         if key in TRAIN_EXTRA_KEYS:
@@ -580,8 +545,6 @@ def _cross_checks(recipe: Recipe, where: _Where) -> None:
         for key in ("max_samples", "max_new_tokens", "batch_size"):
             if getattr(recipe.eval, key) is not None and getattr(recipe.eval, key) < 1:
                 raise RecipeError(f"{where(('eval', key))}: must be at least 1")
-        from finetune.eval import find_suite
-
         if recipe.eval.suite and not Path(find_suite(recipe.eval.suite)).is_file():
             raise RecipeError(f"{where(('eval', 'suite'))}: {recipe.eval.suite}: file not found")
     if d.max_samples is not None and d.max_samples < 1:
@@ -590,8 +553,6 @@ def _cross_checks(recipe: Recipe, where: _Where) -> None:
         raise RecipeError(f"{where(('adapter', 'r'))}: must be at least 1")
     if not 0.0 <= a.dropout < 1.0:
         raise RecipeError(f"{where(('adapter', 'dropout'))}: must be in [0, 1)")
-    if a.method == "dora":
-        a.use_dora = True
     if t.get("max_length") is not None and t["max_length"] < 8:
         raise RecipeError(f"{where(('train', 'max_length'))}: must be at least 8 (or null for no limit)")
     if t.get("bf16") and t.get("fp16"):
