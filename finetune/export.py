@@ -55,8 +55,9 @@ def export_gguf(model_dir: str, out: str, outtype: str = "f16", ollama_file: boo
         if modelfile_text is not None:
             (tmp / "Modelfile").write_text(modelfile_text, encoding="utf-8")
             lines.append(f"Ollama Modelfile written to {modelfile_path} (ollama create NAME -f {modelfile_path})")
-            if ollama.TOOLS_NOTE in modelfile_text:
-                lines.append(f"note: {ollama.TOOLS_NOTE}")
+            for note in (ollama.TRIM_NOTE, ollama.TOOLS_NOTE):
+                if note in modelfile_text:
+                    lines.append(f"note: {note}")
         if source.kind == "adapter":
             shutil.rmtree(model_path)
         if modelfile_text is not None:  # both files appear together: the Modelfile goes in just before the GGUF

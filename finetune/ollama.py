@@ -9,7 +9,8 @@ and finetune's fallback template all pass; a template that is not of this shape 
 content-dependent branches) is refused with a one-line error instead of being translated wrongly.
 
 Three things a Go text/template cannot mirror are checked, not assumed: a template that trims message
-content (Jinja `| trim`: Go templates have no trim, and Ollama passes content as sent) is refused; an
+content (Jinja `| trim`: Go templates have no trim, and Ollama passes content as sent) is translated for
+content without surrounding whitespace, and the Modelfile and the export say so (`TRIM_NOTE`); an
 empty system message is a system turn (the TEMPLATE ranges over .Messages, where `{{ if .System }}`
 would drop it); and the BOS that Ollama's runner prepends (the GGUF's add_bos_token) is left out of
 the TEMPLATE.
@@ -39,6 +40,7 @@ class Pieces:
     assistant_suffix: str
     generation: str
     default_system: str | None  # what the template inserts when there is no system message
+    trims_content: bool = False  # the template strips whitespace around message content (Jinja `| trim`)
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         out = self.bos
@@ -74,13 +76,7 @@ def split_template(tok) -> Pieces:
         spaced = _render(tok, padded, False)
     except Exception:  # noqa: BLE001 -- a template that refuses this chat is judged (and refused) below
         spaced = None
-    if spaced is not None:
-        for m in padded[:3]:
-            if m["content"] not in spaced and m["content"].strip() in spaced:
-                raise TemplateError(f"the chat template strips the whitespace around {m['role']} message content (Jinja "
-                                    "`| trim`), which an Ollama TEMPLATE (Go text/template) cannot do: Ollama would "
-                                    "render different text than training saw; export without --ollama and write the "
-                                    "Modelfile TEMPLATE by hand")
+    trims = spaced is not None and any(m["content"] not in spaced and m["content"].strip() in spaced for m in padded[:3])
     try:
         full = _render(tok, sys_chat, False)
         no_sys = _render(tok, sys_chat[1:], False)
@@ -120,7 +116,7 @@ def split_template(tok) -> Pieces:
     except ValueError:  # a marker missing: the template drops or rewrites content
         raise fail from None
     pieces = Pieces(bos, system_prefix, system_suffix, user_prefix, user_suffix, assistant_prefix, assistant_suffix,
-                    generation, default_system)
+                    generation, default_system, trims)
     checks = [
         ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
           {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}, {"role": "user", "content": "Why?"}], True),
@@ -169,6 +165,9 @@ def stops(p: Pieces) -> list[str]:
     return out
 
 
+TRIM_NOTE = ("the chat template strips the whitespace around message content (Jinja `| trim`), which a Go "
+             "TEMPLATE cannot: Ollama renders a message with leading or trailing whitespace differently from "
+             "training; send messages without it")
 TOOLS_NOTE = ("the chat template renders a tool list, which the Ollama TEMPLATE does not carry: "
               "requests with tools get no tool instructions")
 _PROBE_TOOLS = [{"type": "function", "function": {"name": "probe_tool", "description": "A probe.",
@@ -190,6 +189,8 @@ def modelfile(gguf_name: str, tok, system: str | None = None) -> str:
     saying the TEMPLATE drops it (`TOOLS_NOTE`)."""
     p = split_template(tok)
     lines = ["# ollama create NAME -f Modelfile  (written by finetune export --ollama)"]
+    if p.trims_content:
+        lines.append(f"# note: {TRIM_NOTE}")
     if renders_tools(tok):
         lines.append(f"# note: {TOOLS_NOTE}")
     lines += [f"FROM ./{gguf_name}", f'TEMPLATE """{go_template(p)}"""']

@@ -114,13 +114,27 @@ def test_no_extra_bos_when_the_template_writes_none(tmp_path, tiny_path, tiny_to
     assert gguf_export.adds_bos(tiny_tokenizer) == prompt.startswith(tiny_tokenizer.bos_token)
 
 
-def test_a_trimming_template_is_refused_not_translated(tiny_tokenizer):
-    """Divergence (c): Llama-3's `| trim` has no Go text/template equivalent."""
+def test_a_trimming_template_is_translated_with_a_note(go_render, tiny_tokenizer):
+    """Divergence (c): Llama-3's `| trim` has no Go text/template equivalent: the TEMPLATE matches on content
+    without surrounding whitespace, differs on content with it, and the Modelfile says so."""
     tok = copy.deepcopy(tiny_tokenizer)
     tok.chat_template = LLAMA3
-    with pytest.raises(ollama.TemplateError, match="trim") as e:
-        ollama.modelfile("m.gguf", tok)
-    assert "\n" not in str(e.value)
+    pieces = ollama.split_template(tok)
+    assert pieces.trims_content and not ollama.split_template(_with(tiny_tokenizer, LLAMA3_UNTRIMMED)).trims_content
+    assert f"# note: {ollama.TRIM_NOTE}" in ollama.modelfile("m.gguf", tok)
+    go = ollama.go_template(pieces)
+    names = ["multi_turn", "chinese", "whitespace"]
+    results = go_render([{"template": go, "messages": CHATS[n], "tools": []} for n in names])
+    bos = tok.bos_token if gguf_export.adds_bos(tok) else ""  # Ollama's runner adds it
+    for name, result in zip(names, results):
+        expected = tok.apply_chat_template(CHATS[name], tokenize=False, add_generation_prompt=True)
+        assert (bos + result["text"] == expected) == (name != "whitespace"), name
+
+
+def _with(tok, template):
+    tok = copy.deepcopy(tok)
+    tok.chat_template = template
+    return tok
 
 
 def test_an_empty_system_message_is_a_system_turn(go_render, tiny_tokenizer):
