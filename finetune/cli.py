@@ -13,6 +13,7 @@ from finetune import __version__
 from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune")
+EXIT_GATE = 1  # eval.fail_on_regression: the run finished but its gate failed (as `finetune eval --fail-on-regression`)
 
 
 def _is_main_process() -> bool:
@@ -150,6 +151,12 @@ def cmd_train(args) -> int:
         return 0
     out = stage.run(recipe)
     log.info("done: output in %s", out)
+    from finetune.eval.hook import gate_failure
+
+    failure = gate_failure(recipe, out)
+    if failure:
+        print(f"finetune: error: {failure}", file=sys.stderr)
+        return EXIT_GATE
     return 0
 
 

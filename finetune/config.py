@@ -148,6 +148,7 @@ class EvalSection:
     rouge_tokenizer: Literal["chars", "jieba"] = _f("chars", help="ROUGE tokens: chars = each CJK character + ASCII words; jieba = jieba words.")
     suite: str | None = _f(None, help="Capability suite YAML (e.g. eval/suites/general.yaml) scored on the tuned and the base model.")
     history: str | None = _f(None, help="JSONL file the results are appended to (default: eval_history.jsonl beside output.dir).")
+    fail_on_regression: bool = _f(False, help="Exit 1 when the suite gate finds a regression (or eval fails); the output stays, marked in its card.")
 
 
 RESUME_VOLATILE = (("train", "resume"), ("output", "overwrite"), ("output", "keep_checkpoints"))

@@ -120,6 +120,21 @@ def _table(rows: list[dict]) -> list[list[str]]:
 HEAD = ["task", "metric", "baseline", "tuned", "delta", "tolerance", "verdict"]
 
 
+def verdict_table(report: dict) -> str:
+    """The gate's verdict as an aligned plain-text table, for the terminal ('' when nothing was compared)."""
+    suite = report.get("suite") or {}
+    rows = _table(suite.get("rows") or []) + _table((report.get("generation") or {}).get("rows") or [])
+    if not rows:
+        return ""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEAD)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(HEAD, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    if suite.get("rows"):
+        n = suite["regressions"]
+        lines.append(f"suite {suite['name']}: " + (f"{n} regression{'s' if n != 1 else ''}" if n else "passed (no regression)"))
+    return "\n".join(lines)
+
+
 def markdown(report: dict) -> str:
     lines = [f"# Evaluation of `{report['model']}`", ""]
     if report.get("baseline"):

@@ -1,0 +1,77 @@
+"""The rough edges a new user hits (issue 14): the gate's exit status and verdict table, BOM and
+non-UTF-8 data files, permissions, trackers, dry runs after a finished run, chat, the CLI's
+messages. Mostly in-process and model-free; what needs a model uses the shared tiny one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from _support import memo_recipe
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    from finetune.cli import main
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _report(regressions: int) -> dict:
+    rows = [{"task": "heldout_en", "metric": "perplexity", "baseline": 59.98, "tuned": 81.3 if regressions else 55.0,
+             "delta": 21.32 if regressions else -4.98, "tolerance": 0.1, "relative": True, "higher_is_better": False,
+             "regression": bool(regressions)},
+            {"task": "knowledge_en", "metric": "acc", "baseline": 0.5, "tuned": 0.5, "delta": 0.0, "tolerance": 0.05,
+             "relative": False, "higher_is_better": True, "regression": False}]
+    return {"model": "m", "suite": {"name": "general", "rows": rows, "regressions": regressions}}
+
+
+# ----------------------------------------------------------------------------- 1. the gate
+
+
+def test_verdict_table_aligns_every_row_and_says_the_verdict():
+    from finetune.eval.report import verdict_table
+
+    table = verdict_table(_report(1)).splitlines()
+    assert table[0].split() == ["task", "metric", "baseline", "tuned", "delta", "tolerance", "verdict"]
+    assert table[1].split() == ["heldout_en", "perplexity", "59.98", "81.3", "+21.32", "10%", "rel.", "REGRESSION"]
+    assert table[1].index("81.3") == table[0].index("tuned")  # columns line up
+    assert table[-1] == "suite general: 1 regression"
+    assert verdict_table(_report(0)).splitlines()[-1] == "suite general: passed (no regression)"
+    assert verdict_table({"model": "m"}) == ""
+
+
+@pytest.mark.parametrize("fail_on_regression, regressions, code", [(True, 1, 1), (True, 0, 0), (False, 1, 0)])
+def test_train_exits_1_on_a_regression_only_with_fail_on_regression(tmp_path, capsys, monkeypatch,
+                                                                    fail_on_regression, regressions, code):
+    """The run's output is finished and kept; the exit status (and one line) says the gate failed."""
+    from finetune.stages import sft
+
+    out = tmp_path / "out"
+
+    def fake_run(recipe):
+        (out / "eval").mkdir(parents=True)
+        (out / "eval" / "report.json").write_text(json.dumps(_report(regressions)))
+        return out
+
+    monkeypatch.setattr(sft, "run", fake_run)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**yaml.safe_load(memo_recipe(tmp_path)),
+                                      "eval": {"fail_on_regression": fail_on_regression}}))
+    got, _, err = cli(capsys, "train", recipe)
+    assert got == code, err
+    if code:
+        assert "error: eval.fail_on_regression: 1 regression (heldout_en perplexity)" in err
+        assert str(out) in err and out.is_dir()
+
+
+def test_fail_on_regression_fails_closed_when_eval_did_not_finish(tmp_path):
+    from finetune import config
+    from finetune.eval.hook import gate_failure
+
+    recipe = config.load(text=memo_recipe(tmp_path), overrides=["eval.fail_on_regression=true"])
+    assert "did not finish" in gate_failure(recipe, tmp_path / "nothing-here")
+    assert gate_failure(config.load(text=memo_recipe(tmp_path)), tmp_path) is None  # no eval section
