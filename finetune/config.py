@@ -126,6 +126,7 @@ class DataSection:
     max_samples: int | None = _f(None, help="Use only the first N training records.")
     system: str | None = _f(None, help="System prompt added to chat examples that have none.")
     registry: str | None = _f(None, help="Path of a datasets.yaml registry (default: ./data/datasets.yaml, then the shipped one).")
+    encoding: str | None = _f(None, help="Text encoding of local JSON/JSONL/CSV files, e.g. gb18030 (default: UTF-8, with or without a BOM).")
 
 
 @dataclass
@@ -571,6 +572,13 @@ def _cross_checks(recipe: Recipe, where: _Where) -> None:
 
         if recipe.eval.suite and not Path(find_suite(recipe.eval.suite)).is_file():
             raise RecipeError(f"{where(('eval', 'suite'))}: {recipe.eval.suite}: file not found")
+    if d.encoding is not None:
+        import codecs
+
+        try:
+            codecs.lookup(d.encoding)
+        except LookupError:
+            raise RecipeError(f"{where(('data', 'encoding'))}: unknown encoding {d.encoding!r} (e.g. utf-8, gb18030, big5)") from None
     if d.max_samples is not None and d.max_samples < 1:
         raise RecipeError(f"{where(('data', 'max_samples'))}: must be at least 1")
     if a.r < 1:

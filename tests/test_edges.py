@@ -11,6 +11,8 @@ import pytest
 import yaml
 from _support import memo_recipe
 
+ROWS = "instruction,input,output\n你好，请介绍一下北京。,,北京是中国的首都。\n今天天气怎么样？,,今天天气很好。\n"
+
 
 def cli(capsys, *argv) -> tuple[int, str, str]:
     from finetune.cli import main
@@ -75,3 +77,47 @@ def test_fail_on_regression_fails_closed_when_eval_did_not_finish(tmp_path):
     recipe = config.load(text=memo_recipe(tmp_path), overrides=["eval.fail_on_regression=true"])
     assert "did not finish" in gate_failure(recipe, tmp_path / "nothing-here")
     assert gate_failure(config.load(text=memo_recipe(tmp_path)), tmp_path) is None  # no eval section
+
+
+# ----------------------------------------------------------------------------- 2. encodings
+
+
+def _read(path: Path, encoding=None):
+    from finetune.data import sources
+
+    return [r.data for r in sources.read(sources.Source(str(path), path=path), encoding)]
+
+
+def test_utf8_bom_csv_and_json_read_as_plain_utf8(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM: the first column keeps its name."""
+    (tmp_path / "plain.csv").write_text(ROWS, encoding="utf-8")
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbf" + ROWS.encode())
+    assert _read(tmp_path / "excel.csv") == _read(tmp_path / "plain.csv")
+    assert _read(tmp_path / "excel.csv")[0]["instruction"] == "你好，请介绍一下北京。"
+    record = {"instruction": "你好", "output": "你好！"}
+    (tmp_path / "a.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([record], ensure_ascii=False).encode())
+    (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(record, ensure_ascii=False).encode() + b"\n")
+    assert _read(tmp_path / "a.json") == _read(tmp_path / "a.jsonl") == [record]
+
+
+def test_gbk_csv_is_one_line_naming_file_line_and_encoding_and_data_encoding_reads_it(tmp_path, capsys):
+    from finetune.errors import DataError
+
+    gbk = tmp_path / "zh.csv"
+    gbk.write_bytes(ROWS.encode("gbk"))
+    with pytest.raises(DataError) as e:
+        _read(gbk)
+    assert str(e.value) == (f"{gbk}:2: byte 0xc4 is not UTF-8 text; it looks like gb18030 (GBK): "
+                            "set data.encoding=gb18030 or save the file as UTF-8")
+    assert _read(gbk, "gb18030") == _read(gbk, "gbk")
+    assert _read(gbk, "gb18030")[1]["output"] == "今天天气很好。"
+    # through the CLI: exit 2, one line, no traceback; then the recipe key fixes it
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(memo_recipe(tmp_path, data={"train": str(gbk), "format": "alpaca"}))
+    code, _, err = cli(capsys, "train", recipe, "--dry-run")
+    assert code == 2 and err.strip().splitlines() == [f"finetune: error: {e.value}"]
+    code, out, err = cli(capsys, "train", recipe, "--dry-run", "data.encoding=gb18030")
+    assert code == 0, err
+    assert "2 examples from 2 records" in out
+    code, _, err = cli(capsys, "train", recipe, "--dry-run", "data.encoding=klingon")
+    assert code == 2 and "data.encoding: unknown encoding 'klingon'" in err
