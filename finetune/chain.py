@@ -24,6 +24,7 @@ from pathlib import Path
 
 from finetune import tiny
 from finetune.errors import RecipeError
+from finetune.outputs import replace_dir
 
 log = logging.getLogger("finetune")
 
@@ -115,9 +116,7 @@ def _merge_into(adapter_dir: Path, base: str, target: Path) -> None:
         tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
         AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(tmp)
         (tmp / MERGED_STAMP).write_text(json.dumps({"adapter": str(adapter_dir), "base": base}, indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)  # an incomplete earlier attempt
-        os.replace(tmp, target)
+        replace_dir(tmp, target)  # replaces an incomplete earlier attempt
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -149,6 +149,8 @@ def build(name: str, cache_root: str | os.PathLike | None = None, force: bool = 
         return target
     from filelock import FileLock, Timeout
 
+    from finetune.outputs import replace_dir
+
     parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(parent / f"{target.name}.lock"))
     try:
@@ -166,16 +168,7 @@ def build(name: str, cache_root: str | os.PathLike | None = None, force: bool = 
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
         try:
             info = _build_into(tmp, name, spec, fp)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the cache may be shared
-            if target.exists():  # force=True: move the old one aside first (rename is atomic)
-                trash = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-old-", dir=parent))
-                os.replace(target, trash / "old")
-                os.replace(tmp, target)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
+            replace_dir(tmp, target)  # modes follow the umask (the cache may be shared); force=True swaps the old one out
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -121,3 +121,55 @@ def test_gbk_csv_is_one_line_naming_file_line_and_encoding_and_data_encoding_rea
     assert "2 examples from 2 records" in out
     code, _, err = cli(capsys, "train", recipe, "--dry-run", "data.encoding=klingon")
     assert code == 2 and "data.encoding: unknown encoding 'klingon'" in err
+
+
+# ----------------------------------------------------------------------------- 4. permissions
+
+
+@pytest.fixture
+def umask():
+    """Set a umask for one test and restore it."""
+    import os
+
+    saved = os.umask(0o022)
+    yield lambda value: os.umask(value)
+    os.umask(saved)
+
+
+def _private_output(parent: Path) -> Path:
+    """A finished dir as the libraries leave it: mkdtemp's 0700 dir, safetensors' 0600 file, a script."""
+    import os
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(dir=parent))
+    (d / "sub").mkdir(mode=0o700)
+    (d / "sub" / "model.safetensors").write_bytes(b"x")
+    os.chmod(d / "sub" / "model.safetensors", 0o600)
+    (d / "run.sh").write_text("#!/bin/sh\n")
+    os.chmod(d / "run.sh", 0o700)
+    return d
+
+
+@pytest.mark.parametrize("mask, dirs, files, scripts", [(0o022, 0o755, 0o644, 0o755), (0o077, 0o700, 0o600, 0o700),
+                                                         (0o002, 0o775, 0o664, 0o775)])
+def test_finished_outputs_follow_the_umask(tmp_path, umask, mask, dirs, files, scripts):
+    import os
+
+    from finetune.outputs import RunDir, replace_dir
+    from finetune.staging import Staged
+
+    umask(mask)
+    mode = lambda p: p.stat().st_mode & 0o777
+    replace_dir(_private_output(tmp_path), tmp_path / "out")
+    run = RunDir(tmp_path / "run")
+    run.start("stage: sft\n")
+    (run.work / "adapter_model.safetensors").write_bytes(b"x")
+    os.chmod(run.work / "adapter_model.safetensors", 0o600)
+    run.finish()
+    with Staged(tmp_path / "model.gguf", overwrite=False, file=True) as tmp:
+        (tmp / "model.gguf").write_bytes(b"GGUF")
+        os.chmod(tmp / "model.gguf", 0o600)
+    out = tmp_path / "out"
+    assert [mode(p) for p in (out, out / "sub", out / "sub" / "model.safetensors", out / "run.sh")] == [dirs, dirs, files, scripts]
+    assert mode(tmp_path / "run") == dirs and mode(tmp_path / "run" / "adapter_model.safetensors") == files
+    assert mode(tmp_path / "model.gguf") == files

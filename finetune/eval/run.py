@@ -8,7 +8,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from pathlib import Path
 from finetune.errors import RecipeError
 from finetune.eval import find_suite, gate, generation, loader, modules, report, scores
 from finetune.eval import suite as suites
-from finetune.outputs import check_target, write_text_atomic
+from finetune.outputs import check_target, replace_dir, write_text_atomic
 
 log = logging.getLogger("finetune")
 HISTORY_NAME = "eval_history.jsonl"
@@ -90,9 +89,7 @@ def run(req: Request) -> dict:
     try:
         result = _evaluate(req, work, preds, refs, suite)
         check_target(req.out, req.overwrite, "--out")  # someone may have written there meanwhile
-        if req.out.exists():
-            shutil.rmtree(req.out)
-        os.replace(work, req.out)
+        replace_dir(work, req.out)
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
