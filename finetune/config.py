@@ -596,9 +596,35 @@ def _cross_checks(recipe: Recipe, where: _Where) -> None:
             raise RecipeError(f"{where(('train', key))}: must be positive, got {t[key]}")
     if t["max_steps"] <= 0 and t["num_train_epochs"] <= 0:
         raise RecipeError(f"{where(('train', 'num_train_epochs'))}: set train.max_steps or a positive train.num_train_epochs")
+    if "report_to" in t:
+        _check_trackers(t["report_to"], where)
     resume = t["resume"]
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         raise RecipeError(f"{where(('train', 'resume'))}: {resume!r} is neither auto, never nor a checkpoint dir")
+
+
+# train.report_to: the trackers transformers' Trainer reports to, and the modules each needs (any one of them).
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+            "trackio": ("trackio",), "comet_ml": ("comet_ml",), "clearml": ("clearml",), "neptune": ("neptune",),
+            "dvclive": ("dvclive",), "swanlab": ("swanlab",), "codecarbon": ("codecarbon",), "azure_ml": ("azureml",),
+            "dagshub": ("dagshub",), "flyte": ("flytekit",), "kubeflow": ("kubeflow",)}
+
+
+def _check_trackers(report_to, where) -> None:
+    """Each tracker of train.report_to is known and installed: else a one-line error now, not a traceback mid-run."""
+    import importlib.util
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in names:
+        if name in ("none", "all"):
+            continue
+        if name not in TRACKERS:
+            raise RecipeError(f"{where(('train', 'report_to'))}: unknown tracker {name!r}{closest(str(name), TRACKERS)} "
+                              f"(one of {', '.join(TRACKERS)}, or none)")
+        if not any(importlib.util.find_spec(module) for module in TRACKERS[name]):
+            package = TRACKERS[name][0].replace("_", "-")
+            raise RecipeError(f"{where(('train', 'report_to'))}: {name} is not installed; `pip install {package}`, "
+                              f"or remove it from train.report_to")
 
 
 def check_stage_format(stage: str, fmt: str | None, where) -> None:

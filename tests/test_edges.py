@@ -173,3 +173,31 @@ def test_finished_outputs_follow_the_umask(tmp_path, umask, mask, dirs, files, s
     assert [mode(p) for p in (out, out / "sub", out / "sub" / "model.safetensors", out / "run.sh")] == [dirs, dirs, files, scripts]
     assert mode(tmp_path / "run") == dirs and mode(tmp_path / "run" / "adapter_model.safetensors") == files
     assert mode(tmp_path / "model.gguf") == files
+
+
+# ----------------------------------------------------------------------------- 6. trackers
+
+
+def test_a_tracker_that_is_not_installed_fails_at_load_before_any_dir(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(memo_recipe(tmp_path))
+    for argv in (["--dry-run"], []):
+        code, _, err = cli(capsys, "train", recipe, *argv, "train.report_to=[wandb]")
+        assert code == 2
+        assert err.strip().splitlines() == ["finetune: error: override 'train.report_to=[wandb]': train.report_to: "
+                                            "wandb is not installed; `pip install wandb`, or remove it from train.report_to"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memo.jsonl", "r.yaml"]  # no out.incomplete
+    code, _, err = cli(capsys, "train", recipe, "--dry-run", "train.report_to=[tensorbord]")
+    assert code == 2 and "unknown tracker 'tensorbord'; did you mean 'tensorboard'?" in err
+
+
+def test_readme_lists_the_trackers():
+    from _support import REPO
+
+    readme = (REPO / "README.md").read_text()
+    for name in ("wandb", "mlflow", "trackio", "tensorboard"):
+        assert f"| `{name}`" in readme and f"pip install {name}" in readme
