@@ -188,8 +188,8 @@ def test_a_tracker_that_is_not_installed_fails_at_load_before_any_dir(tmp_path, 
     for argv in (["--dry-run"], []):
         code, _, err = cli(capsys, "train", recipe, *argv, "train.report_to=[wandb]")
         assert code == 2
-        assert err.strip().splitlines() == ["finetune: error: override 'train.report_to=[wandb]': train.report_to: "
-                                            "wandb is not installed; `pip install wandb`, or remove it from train.report_to"]
+        assert err.strip().splitlines() == [("finetune: error: override 'train.report_to=[wandb]': train.report_to: "
+                                             "wandb is not installed; `pip install wandb`, or remove it from train.report_to")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["memo.jsonl", "r.yaml"]  # no out.incomplete
     code, _, err = cli(capsys, "train", recipe, "--dry-run", "train.report_to=[tensorbord]")
     assert code == 2 and "unknown tracker 'tensorbord'; did you mean 'tensorboard'?" in err
