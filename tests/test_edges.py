@@ -201,3 +201,27 @@ def test_readme_lists_the_trackers():
     readme = (REPO / "README.md").read_text()
     for name in ("wandb", "mlflow", "trackio", "tensorboard"):
         assert f"| `{name}`" in readme and f"pip install {name}" in readme
+
+
+# ----------------------------------------------------------------------------- 7. dry run after a finished run
+
+
+def test_dry_run_after_a_finished_run_plans_and_notes_the_existing_output(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(memo_recipe(tmp_path))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "recipe.yaml").write_text("stage: sft\n")
+    code, plan, err = cli(capsys, "train", recipe, "--dry-run")
+    assert code == 0, err
+    assert "  steps          40 " in plan
+    assert (f"  note           {out} already holds a finished run: a real run would refuse; "
+            "set output.overwrite=true to replace it, or choose another output.dir") in plan
+    code, plan, _ = cli(capsys, "train", recipe, "--dry-run", "output.overwrite=true")
+    assert code == 0 and "a real run would replace it when it finishes" in plan
+    code, _, err = cli(capsys, "train", recipe, "train.max_steps=1")  # a real run still refuses, before any work
+    assert code == 2 and "exists and is not empty" in err
+    (tmp_path / "out.incomplete" / "checkpoint-3").mkdir(parents=True)
+    (tmp_path / "out.incomplete" / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    code, plan, _ = cli(capsys, "train", recipe, "--dry-run")
+    assert "a real run resumes from checkpoint-3" in plan

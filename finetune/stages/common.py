@@ -51,6 +51,25 @@ def count_adapter_parameters(recipe: Recipe) -> tuple[int, int]:
     return models.count_parameters(model)
 
 
+def output_notes(recipe: Recipe) -> list[str]:
+    """What a real run would do with what is already at output.dir (for the dry-run plan)."""
+    from finetune.outputs import RunDir, is_nonempty_dir
+
+    run_dir = RunDir(recipe.output.dir, recipe.output.overwrite, recipe.train["resume"])
+    notes = []
+    if run_dir.final.exists() and not run_dir.final.is_dir():
+        notes.append(f"{run_dir.final} exists and is not a directory: a real run would refuse; choose another output.dir")
+    elif is_nonempty_dir(run_dir.final):
+        finished = "a finished run" if (run_dir.final / "recipe.yaml").is_file() else "files"
+        notes.append(f"{run_dir.final} already holds {finished}: a real run would " + (
+            "replace it when it finishes (output.overwrite=true)" if recipe.output.overwrite else
+            "refuse; set output.overwrite=true to replace it, or choose another output.dir"))
+    checkpoint = run_dir.resume_from() if run_dir.work.is_dir() else None
+    if checkpoint is not None:
+        notes.append(f"an interrupted run is in {run_dir.work}: a real run resumes from {checkpoint.name}")
+    return notes
+
+
 def planned_steps(recipe: Recipe, n_examples: int, world: int) -> int:
     """Optimizer steps of the run: train.max_steps, or the epochs over the data."""
     t = recipe.train
@@ -78,8 +97,9 @@ class TrainPlan:
         world = world_size()
         effective = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] * world
         steps = planned_steps(recipe, len(prepared.train.encoded), world)
+        notes = list(prepared.notes) + output_notes(recipe)
         return cls(recipe, trainable, total, prepared.train.stats(),
-                   prepared.eval.stats() if prepared.eval else None, world, effective, steps, list(prepared.notes))
+                   prepared.eval.stats() if prepared.eval else None, world, effective, steps, notes)
 
     def render(self) -> str:
         r, t = self.recipe, self.recipe.train

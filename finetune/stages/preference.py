@@ -19,17 +19,19 @@ from finetune.stages.sft import _finish, _keep_adapter_in_compute_dtype
 log = logging.getLogger("finetune")
 
 
-def prepare(recipe: Recipe):
-    """Everything that can fail on the user's input, before any output dir exists."""
+def prepare(recipe: Recipe, dry_run: bool = False):
+    """Everything that can fail on the user's input, before any output dir exists. A dry run
+    plans even where output.dir is taken (the plan notes what a real run would do there)."""
     run_dir = RunDir(recipe.output.dir, recipe.output.overwrite, recipe.train["resume"])
-    run_dir.check()
+    if not dry_run:
+        run_dir.check()
     tok = models.load_tokenizer(recipe.model)
     prepared = pairs.load(recipe.data, tok, recipe.stage, seed=recipe.train["seed"])
     return run_dir, tok, prepared
 
 
 def plan(recipe: Recipe) -> TrainPlan:
-    _, _, prepared = prepare(recipe)
+    _, _, prepared = prepare(recipe, dry_run=True)
     return TrainPlan.build(recipe, prepared)
 
 

@@ -20,10 +20,12 @@ from finetune.stages.common import TrainPlan, planned_steps, trl_args
 log = logging.getLogger("finetune")
 
 
-def prepare(recipe: Recipe):
-    """Everything that can fail on the user's input, before any output dir exists."""
+def prepare(recipe: Recipe, dry_run: bool = False):
+    """Everything that can fail on the user's input, before any output dir exists. A dry run
+    plans even where output.dir is taken (the plan notes what a real run would do there)."""
     run_dir = RunDir(recipe.output.dir, recipe.output.overwrite, recipe.train["resume"])
-    run_dir.check()
+    if not dry_run:
+        run_dir.check()
     tok = models.load_tokenizer(recipe.model)
     prepared = data.load(recipe.data, tok, recipe.train["max_length"], seed=recipe.train["seed"])
     for note in prepared.notes:
@@ -33,7 +35,7 @@ def prepare(recipe: Recipe):
 
 def plan(recipe: Recipe) -> TrainPlan:
     """What `train` would do (for --dry-run): validates recipe, data and model config, trains nothing."""
-    _, tok, prepared = prepare(recipe)
+    _, tok, prepared = prepare(recipe, dry_run=True)
     return TrainPlan.build(recipe, prepared)
 
 
