@@ -130,9 +130,10 @@ def _add_merge_export_chat(sub) -> None:
     chat = sub.add_parser("chat", help="chat with a model or adapter in the terminal",
                           description="Chat in the terminal (/reset clears the history, /exit quits), or answer one "
                                       "--prompt and exit.")
-    chat.add_argument("model", metavar="MODEL_OR_ADAPTER_DIR", help="model dir or adapter dir (an adapter runs on its base, 4-bit for QLoRA)")
+    chat.add_argument("model", metavar="MODEL_OR_ADAPTER_DIR", help="model dir or adapter dir (an adapter runs on its base, "
+                      "4-bit for QLoRA), a tiny model name (tiny-llama) or a hub id")
     chat.add_argument("--prompt", help="answer this one message and exit")
-    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--system", help="system prompt (default: the data.system the model was trained with; '' for none)")
     chat.add_argument("--max-new-tokens", type=int, default=256, help="per answer (default 256)")
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
