@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train from a recipe", description="Train from a recipe YAML; key=value arguments override it.")
-    train.add_argument("recipe", help="recipe YAML file")
+    train.add_argument("recipe", nargs="?", help="recipe YAML file (e.g. recipes/tiny/sft_lora.yaml)")
     train.add_argument("overrides", nargs="*", metavar="section.key=value", help="override a recipe key, e.g. train.max_steps=10")
     train.add_argument("--dry-run", action="store_true", help="validate recipe, data and model config; print the plan; train nothing")
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     pipe = sub.add_parser("pipeline", help="run a multi-stage pipeline (sft -> rm -> ppo, sft -> dpo, ...)",
                           description="Run the stages of a pipeline file in order, each into <output.dir>/<stage>; "
                           "finished stages with the same recipe are skipped, an interrupted one resumes.")
-    pipe.add_argument("pipeline", help="pipeline YAML file")
+    pipe.add_argument("pipeline", nargs="?", help="pipeline YAML file (e.g. recipes/pipelines/dpo.yaml)")
     pipe.add_argument("overrides", nargs="*", metavar="key=value",
                       help="output.dir=DIR, STAGE.section.key=value (one stage) or section.key=value (every stage)")
     pipe.add_argument("--dry-run", action="store_true", help="validate every stage's recipe and show what would run")
@@ -88,6 +88,21 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_merge_export_chat(sub)
     return p
+
+
+def _no_file_given(command: str, kind: str, folder: str) -> int:
+    """`finetune train` with no recipe: say what to give, with the shipped examples."""
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[1] / "recipes" / folder
+    examples = [str(p.relative_to(shipped.parents[1])) for p in shipped.glob("*.yaml")] if shipped.is_dir() else []
+    # the README's quickstart first, then the other SFT recipes: where users start
+    examples = sorted(examples, key=lambda name: (not name.endswith("sft_lora.yaml"), "sft" not in name, name))[:6]
+    print(f"finetune {command}: give a {kind} YAML file, e.g. finetune {command} "
+          f"{examples[0] if examples else 'recipe.yaml'} [section.key=value ...] [--dry-run]", file=sys.stderr)
+    if examples:
+        print(f"shipped {kind}s include: {', '.join(examples)}", file=sys.stderr)
+    return 2
 
 
 def _add_merge_export_chat(sub) -> None:
@@ -145,6 +160,8 @@ def _add_merge_export_chat(sub) -> None:
 def cmd_train(args) -> int:
     from finetune import config
 
+    if args.recipe is None:
+        return _no_file_given("train", "recipe", "tiny")
     recipe = config.load(args.recipe, args.overrides)
     stage = importlib.import_module(f"finetune.stages.{recipe.stage}")
     if args.dry_run:
@@ -164,6 +181,8 @@ def cmd_train(args) -> int:
 def cmd_pipeline(args) -> int:
     from finetune import pipeline
 
+    if args.pipeline is None:
+        return _no_file_given("pipeline", "pipeline", "pipelines")
     pipe = pipeline.load(args.pipeline, args.overrides)
     if args.dry_run:
         print(pipeline.plan(pipe))

@@ -305,7 +305,8 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
 def _validate(raw: dict, where: _Where, source: str | None) -> Recipe:
     for key in raw:
         if key not in TOP_LEVEL:
-            raise RecipeError(f"{where((key,))}: unknown section{closest(str(key), TOP_LEVEL)} (sections: {', '.join(TOP_LEVEL)})")
+            hint = closest(str(key), TOP_LEVEL) or _section_of(str(key), raw.get("stage", "sft"))
+            raise RecipeError(f"{where((key,))}: unknown section{hint} (sections: {', '.join(TOP_LEVEL)})")
     stage = _coerce(raw.get("stage", "sft"), Literal[STAGES], ("stage",), where)
     sections = {}
     for name, cls in SECTIONS.items():
@@ -326,6 +327,37 @@ def _validate(raw: dict, where: _Where, source: str | None) -> Recipe:
     return recipe
 
 
+def _section_of(key: str, stage) -> str:
+    """`; did you mean 'train.max_steps'?` for a key given without its section (max_steps=5)."""
+    import difflib
+
+    keys = [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in fields(cls)]
+    if stage in STAGES:
+        keys += [f"train.{f.name}" for f in fields(trl_config_class(stage)) if f.init] + [f"train.{k}" for k in TRAIN_EXTRA_KEYS]
+    by_name = {}
+    for k in keys:
+        by_name.setdefault(k.split(".", 1)[1], k)
+    match = difflib.get_close_matches(key, list(by_name), n=1, cutoff=0.8)
+    return f"; did you mean '{by_name[match[0]]}'?" if match else ""
+
+
+def _suggest_key(key: str, cls) -> str:
+    """`; did you mean 'x'?`: the closest spelling, else the key whose help opens with it (adapter.rank -> r),
+    also for the spelling without another tool's prefix (lora_alpha -> alpha, lora_rank -> r)."""
+    names = [f.name for f in fields(cls)]
+    words = key.lower().replace("-", "_").split("_")
+    for candidate in dict.fromkeys([key, "_".join(words[1:])]):
+        if not candidate:
+            continue
+        hint = closest(candidate, names)
+        if hint:
+            return hint
+        for f in fields(cls):
+            if f.metadata.get("help", "").split(":")[0].strip().lower() == candidate.replace("_", " "):
+                return f"; did you mean '{f.name}'?"
+    return ""
+
+
 def _build(cls, raw, path: tuple, where: _Where):
     if not isinstance(raw, dict):
         raise RecipeError(f"{where(path)}: expected a mapping of keys, got {type(raw).__name__}")
@@ -333,7 +365,7 @@ def _build(cls, raw, path: tuple, where: _Where):
     names = [f.name for f in fields(cls)]
     for key in raw:
         if key not in names:
-            raise RecipeError(f"{where(path + (key,))}: unknown key{closest(str(key), names)}")
+            raise RecipeError(f"{where(path + (key,))}: unknown key{_suggest_key(str(key), cls)}")
     kwargs = {}
     for f in fields(cls):
         if f.name in raw:
