@@ -9,7 +9,7 @@ import os
 import sys
 import warnings
 
-from finetune import __version__
+from finetune.env import version_line
 from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune")
@@ -41,9 +41,17 @@ def _quiet_libraries(debug: bool) -> None:
     log.propagate = False
 
 
+class _Version(argparse.Action):
+    """`--version` on one unwrapped line (argparse's own action wraps it at the terminal width)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finetune", description="Parameter-efficient fine-tuning of open LLMs from YAML recipes.")
-    p.add_argument("--version", action="version", version=f"finetune {__version__}")
+    p.add_argument("--version", action=_Version, nargs=0, help="show finetune's and its main libraries' versions and exit")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -87,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=16, help="records per forward pass (default 16)")
     score.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_merge_export_chat(sub)
+    env = sub.add_parser("env", help="versions, device and caches, for a bug report",
+                         description="Print finetune's and its libraries' versions, the device (CUDA, GPUs, CPU "
+                                     "features, threads) and the cache dirs: paste it into a bug report.")
+    env.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
@@ -235,6 +247,13 @@ def cmd_chat(args) -> int:
     return chat.run_cli(args)
 
 
+def cmd_env(args) -> int:
+    from finetune.env import report
+
+    print(report())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -245,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_libraries(args.debug)
     handler = {"train": cmd_train, "pipeline": cmd_pipeline, "data": cmd_data, "score": cmd_score, "eval": cmd_eval,
-               "merge": cmd_merge, "export": cmd_export, "chat": cmd_chat}[args.command]
+               "merge": cmd_merge, "export": cmd_export, "chat": cmd_chat, "env": cmd_env}[args.command]
     try:
         return handler(args)
     except FinetuneError as e:
