@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from finetune import __version__, adapters, models, rewards
+from finetune.errors import plural
 from finetune.outputs import write_text_atomic
 
 
@@ -50,7 +51,7 @@ def model_card(recipe, prepared, metrics: dict, model, base: str) -> str:
     train_stats = prepared.train.stats()
     eval_line = ""
     if prepared.eval is not None:
-        eval_line = f"- eval: `{prepared.eval.source}`, {prepared.eval.stats()['examples']} examples\n"
+        eval_line = f"- eval: `{prepared.eval.source}`, {plural(prepared.eval.stats()['examples'], 'example')}\n"
     metric_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items()))
     language = {"en": "en", "zh": "zh", "mixed": "[en, zh]"}.get(prepared.language or "", None)
     front = [
@@ -79,7 +80,7 @@ A **{a.method}** {"adapter for" if adapters.is_adapter(a.method) else "fine-tune
 - trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)
 
 ## Data
-- train: `{d.train}` ({prepared.format}), {rewards.card_data(recipe, train_stats) or f"{train_stats['examples']} examples, {train_stats['trained_tokens']} trained tokens of {train_stats['tokens']} (loss on answers only)"}
+- train: `{d.train}` ({prepared.format}), {rewards.card_data(recipe, train_stats) or f"{plural(train_stats['examples'], 'example')}, {train_stats['trained_tokens']} trained tokens of {train_stats['tokens']} (loss on answers only)"}
 {eval_line}
 ## Hyper-parameters
 | key | value |

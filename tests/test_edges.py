@@ -225,3 +225,58 @@ def test_dry_run_after_a_finished_run_plans_and_notes_the_existing_output(tmp_pa
     (tmp_path / "out.incomplete" / "checkpoint-3" / "trainer_state.json").write_text("{}")
     code, plan, _ = cli(capsys, "train", recipe, "--dry-run")
     assert "a real run resumes from checkpoint-3" in plan
+
+
+# ----------------------------------------------------------------------------- 14. the CLI
+
+
+def test_train_and_pipeline_without_a_file_say_what_to_give(capsys):
+    code, _, err = cli(capsys, "train")
+    assert code == 2
+    assert err.splitlines()[0] == ("finetune train: give a recipe YAML file, e.g. finetune train "
+                                   "recipes/tiny/sft_lora.yaml [section.key=value ...] [--dry-run]")
+    assert "recipes/tiny/sft_dora.yaml" in err.splitlines()[1] and "override" not in err
+    code, _, err = cli(capsys, "pipeline")
+    assert code == 2 and "recipes/pipelines/dpo.yaml" in err
+
+
+@pytest.mark.parametrize("override, hint", [
+    ("max_steps=5", "max_steps: unknown section; did you mean 'train.max_steps'?"),
+    ("learning_rat=1e-3", "learning_rat: unknown section; did you mean 'train.learning_rate'?"),
+    ("dir=x", "dir: unknown section; did you mean 'output.dir'?"),
+    ("adapter.rank=4", "adapter.rank: unknown key; did you mean 'r'?"),
+    ("adapter.lora_rank=4", "adapter.lora_rank: unknown key; did you mean 'r'?"),
+    ("adapter.lora_alpha=4", "adapter.lora_alpha: unknown key; did you mean 'alpha'?"),
+])
+def test_misplaced_and_foreign_keys_get_a_suggestion(tmp_path, override, hint):
+    from finetune import config
+    from finetune.errors import RecipeError
+
+    with pytest.raises(RecipeError) as e:
+        config.load(text=memo_recipe(tmp_path), overrides=[override])
+    assert str(e.value).startswith(f"override '{override}': {hint}")
+
+
+def test_version_and_env_name_the_libraries(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit):
+        cli(capsys, "--version")
+    line = capsys.readouterr().out.strip()
+    for lib in ("torch", "transformers", "peft", "trl", "accelerate", "datasets"):
+        assert f"{lib} {metadata.version(lib)}" in line
+    code, out, _ = cli(capsys, "env")
+    rows = dict(line.split(None, 1) for line in out.splitlines() if len(line.split(None, 1)) == 2)
+    assert code == 0 and rows["bitsandbytes"] == metadata.version("bitsandbytes")
+    assert rows["CUDA"].startswith(("not available", "1", "2")) and "CPU features" in out
+    assert out.count("\n") > 15 and "finetune cache" in out
+
+
+def test_counts_agree_with_their_nouns():
+    from finetune.errors import plural
+    from finetune.eval.report import markdown
+
+    assert [plural(1, "example"), plural(2, "run"), plural(1, "process", "processes"), plural(3, "process", "processes")] \
+        == ["1 example", "2 runs", "1 process", "3 processes"]
+    text = markdown({**_report(1), "history_file": "h.jsonl", "history_runs": 1})
+    assert "**1 regression**" in text and "(1 run)" in text

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, plural
 from finetune.eval import generation, report
 from finetune.eval.run import HISTORY_NAME, Request
 from finetune.eval.run import run as run_eval
@@ -75,7 +75,7 @@ def gate_failure(recipe, output_dir) -> str | None:
     n = (rep.get("suite") or {}).get("regressions") or 0
     if n:
         rows = [f"{r['task']} {r['metric']}" for r in rep["suite"]["rows"] if r["regression"]]
-        return (f"eval.fail_on_regression: {n} regression{'s' if n != 1 else ''} ({', '.join(rows)}); "
+        return (f"eval.fail_on_regression: {plural(n, 'regression')} ({', '.join(rows)}); "
                 f"the output in {output_dir} is kept and its card marks them")
     return None
 

@@ -8,6 +8,7 @@ import io
 import json
 from pathlib import Path
 
+from finetune.errors import plural
 from finetune.outputs import write_text_atomic
 
 PERCENT_METRICS = {"bleu", "sentence_bleu", "bleu-4", "rouge-1", "rouge-2", "rouge-l"}
@@ -131,7 +132,7 @@ def verdict_table(report: dict) -> str:
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     if suite.get("rows"):
         n = suite["regressions"]
-        lines.append(f"suite {suite['name']}: " + (f"{n} regression{'s' if n != 1 else ''}" if n else "passed (no regression)"))
+        lines.append(f"suite {suite['name']}: " + (plural(n, "regression") if n else "passed (no regression)"))
     return "\n".join(lines)
 
 
@@ -141,7 +142,8 @@ def markdown(report: dict) -> str:
         lines += [f"Baseline: `{report['baseline']}`", ""]
     gen = report.get("generation")
     if gen:
-        lines += [f"## Generation metrics on `{gen['data']}` ({gen['tuned']['n']} examples, {gen['tuned']['style']} style)", ""]
+        n, style = plural(gen["tuned"]["n"], "example"), gen["tuned"]["style"]
+        lines += [f"## Generation metrics on `{gen['data']}` ({n}, {style} style)", ""]
         lines += ["| metric | tuned |" + (" baseline | delta |" if gen.get("baseline") else ""),
                   "|---|---|" + ("---|---|" if gen.get("baseline") else "")]
         for k, v in gen["tuned"].items():
@@ -151,12 +153,12 @@ def markdown(report: dict) -> str:
         lines.append("")
     suite = report.get("suite")
     if suite:
-        verdict = f"**{suite['regressions']} regression(s)**" if suite["regressions"] else "no regression"
+        verdict = f"**{plural(suite['regressions'], 'regression')}**" if suite["regressions"] else "no regression"
         lines += [f"## Capability suite `{suite['name']}`: {verdict}", "", "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
         lines += ["| " + " | ".join(r) + " |" for r in _table(suite["rows"])]
         lines.append("")
     if report.get("history_file"):
-        lines += [f"History: `{report['history_file']}` ({report.get('history_runs', 0)} runs).", ""]
+        lines += [f"History: `{report['history_file']}` ({plural(report.get('history_runs', 0), 'run')}).", ""]
     return "\n".join(lines)
 
 
@@ -184,7 +186,7 @@ def html_page(report: dict, images: dict[str, str]) -> str:
     suite = report.get("suite")
     if suite:
         parts.append(f"<h2>Capability suite <code>{html.escape(suite['name'])}</code>: "
-                     f"{suite['regressions']} regression(s)</h2>")
+                     f"{plural(suite['regressions'], 'regression')}</h2>")
         parts.append(table(_table(suite["rows"]), HEAD))
     for key, title in (("loss", "Training loss"), ("bars", "Baseline vs tuned"), ("history", "History")):
         if images.get(key):

@@ -9,7 +9,7 @@ import torch
 
 from finetune import adapters, models
 from finetune.config import TRAIN_EXTRA_KEYS, Recipe, trl_config_class
-from finetune.errors import RecipeError
+from finetune.errors import RecipeError, plural
 from finetune.rewards import RL_STAGES
 
 
@@ -111,7 +111,7 @@ class TrainPlan:
             f"  model          {r.model.name_or_path} -> {models.model_path(r.model)}",
             f"  adapter        {adapters.describe(r.adapter)}",
             f"  parameters     {self.trainable:,} trainable of {self.total:,} ({100 * self.trainable / max(self.total, 1):.3f}%)",
-            f"  device         {device} x {self.world} process(es), {dtype}",
+            f"  device         {device} x {plural(self.world, 'process', 'processes')}, {dtype}",
             f"  batch          {t['per_device_train_batch_size']} per device x {t['gradient_accumulation_steps']} accumulation"
             f" x {self.world} = {self.effective_batch} per step",
             f"  steps          {self.steps} (lr {t['learning_rate']:g}, {t['lr_scheduler_type']})",
@@ -124,8 +124,8 @@ class TrainPlan:
                            f"{stats['trained_tokens']} of {stats['tokens']} tokens trained "
                            f"({100 * stats['trained_tokens'] / max(stats['tokens'], 1):.0f}%)")
                 lines.append(
-                    f"  {name:<14} {stats['examples']} {'prompts' if online else 'examples'} from {stats['records']} "
-                    f"records; tokens/{'prompt' if online else 'example'} "
+                    f"  {name:<14} {plural(stats['examples'], 'prompt' if online else 'example')} from "
+                    f"{plural(stats['records'], 'record')}; tokens/{'prompt' if online else 'example'} "
                     f"min {stats['length_min']} mean {stats['length_mean']} p50 {stats['length_p50']} "
                     f"p95 {stats['length_p95']} max {stats['length_max']}; {trained}"
                 )
