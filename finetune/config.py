@@ -319,6 +319,10 @@ def _validate(raw: dict, where: _Where, source: str | None) -> Recipe:
             raise RecipeError(f"{where((name,))}: missing section '{name}'")
         sections[name] = _build(cls, value, (name,), where)
     train = _validate_train(stage, raw.get("train") or {}, where)
+    data = sections["data"]
+    if (data.eval or data.eval_ratio) and "eval_strategy" not in (raw.get("train") or {}):
+        # A held-out split is evaluated during training (a loss curve, not one point at the end).
+        train.update(eval_strategy="steps", eval_steps=train.get("eval_steps") or EVAL_STEPS_WITH_EVAL_SPLIT)
     recipe = Recipe(stage=stage, train=train, source=source, **sections)
     from finetune import adapters  # lazy: adapters reads config's types
 
@@ -559,6 +563,9 @@ STAGE_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "rloo": {"learning_rate": 1e-5},
 }
 
+
+# With data.eval or data.eval_ratio and no train.eval_strategy: evaluate every 10% of the steps.
+EVAL_STEPS_WITH_EVAL_SPLIT = 0.1
 
 # transformers 5 renamed these; accept the old names users know, as aliases.
 TRAIN_ALIASES = {"gradient_checkpointing": "activation_checkpointing", "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
