@@ -24,6 +24,12 @@ def _quiet_libraries(debug: bool) -> None:
     """Keep the terminal for progress bars and our own messages."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not sys.stderr.isatty():  # a pipe or a log file: no \r-redrawn bars (transformers and the hub read this)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:  # already imported (an in-process caller): tell it directly
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
     if not debug:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")

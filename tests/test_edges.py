@@ -280,3 +280,38 @@ def test_counts_agree_with_their_nouns():
         == ["1 example", "2 runs", "1 process", "3 processes"]
     text = markdown({**_report(1), "history_file": "h.jsonl", "history_runs": 1})
     assert "**1 regression**" in text and "(1 run)" in text
+
+
+# ----------------------------------------------------------------------------- 9. the terminal during a run
+
+
+def test_log_lines_are_plain_numbers():
+    from finetune.stages.common import log_line
+
+    assert log_line({"loss": 5.0884, "grad_norm": 1.3531, "learning_rate": 2e-3, "num_tokens": 700.0, "epoch": 0.05556,
+                     "total_flos": 123.0}, 1, 12) == ("step 1/12  loss 5.088  grad_norm 1.353  learning_rate 0.002  "
+                                                     "num_tokens 700  epoch 0.05556")
+    assert log_line({"eval_loss": 17171.0, "eval_runtime": 0.3, "eval_samples_per_second": 45.0}, 12, 12) == \
+        "eval (step 12/12)  loss 1.717e+04"
+    assert log_line({"train_runtime": 5.04, "train_loss": 3.981}, 12, 12) == "train done  runtime 5.04  loss 3.981"
+
+
+def test_a_piped_run_prints_a_summary_plain_lines_an_eval_curve_and_the_final_eval_loss(tmp_path, capsys):
+    """stderr is not a terminal here (captured): no \\r or escape codes; with a held-out split the eval
+    loss is logged during training (TensorBoard gets a curve), and the final one is printed."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(memo_recipe(tmp_path, steps=10, data={"eval_ratio": 0.25}))
+    code, _, err = cli(capsys, "train", recipe)
+    assert code == 0, err
+    assert "\r" not in err and "\x1b" not in err and "{'loss'" not in err
+    lines = err.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("finetune: training: sft, lora r=16")))
+    assert lines[start + 1].startswith("  parameters  ") and " trainable of " in lines[start + 1]
+    assert lines[start + 2] == "  data        3 examples, 1 held out for eval; 10 steps of 4 (1 process)"
+    assert lines[start + 3] == f"  writing     {tmp_path / 'out.incomplete'} (renamed to {tmp_path / 'out'} when finished)"
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    evals = [h for h in state["log_history"] if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]  # eval_steps 0.1 of 10 steps
+    train_loss = next(h["train_loss"] for h in state["log_history"] if "train_loss" in h)
+    assert f"finetune: final: train loss {train_loss:.4g}, eval loss {evals[-1]['eval_loss']:.4g}" in lines
+    assert sum(line.startswith("eval (step 10/10)") for line in lines) == 1  # the end is evaluated once

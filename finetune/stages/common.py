@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -11,6 +13,8 @@ from finetune import adapters, models
 from finetune.config import TRAIN_EXTRA_KEYS, Recipe, trl_config_class
 from finetune.errors import RecipeError, plural
 from finetune.rewards import RL_STAGES
+
+log = logging.getLogger("finetune")
 
 
 def trl_args(recipe: Recipe, output_dir):
@@ -131,3 +135,102 @@ class TrainPlan:
                 )
         lines += [f"  note           {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the terminal during a run
+
+
+def start_summary(recipe: Recipe, prepared, model, steps: int, world: int, work) -> str:
+    """What the run is about to do, in four lines: model and adapter, parameters, data and steps, where it writes."""
+    t = recipe.train
+    trainable, total = models.count_parameters(model)
+    effective = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] * world
+    n_train = prepared.train.stats()["examples"]
+    held = prepared.eval.stats()["examples"] if prepared.eval is not None else 0
+    unit = "prompt" if recipe.stage in RL_STAGES else "example"
+    return "\n".join([
+        f"training: {recipe.stage}, {adapters.describe(recipe.adapter)}, on {recipe.model.name_or_path}",
+        f"  parameters  {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.3g}%)",
+        f"  data        {plural(n_train, unit)}" + (f", {held} held out for eval" if held else "") +
+        f"; {plural(steps, 'step')} of {effective} ({plural(world, 'process', 'processes')})",
+        f"  writing     {work} (renamed to {recipe.output.dir} when finished)",
+    ])
+
+
+def _number(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return str(value) if isinstance(value, int) else f"{value:.4g}"
+
+
+def log_line(logs: dict, step: int, max_steps: int) -> str:
+    """One trainer log as a line of plain numbers: `step 4/12  loss 5.088  grad_norm 1.353 ...`;
+    `eval (step 12/12)  loss 4.21 ...`; the end-of-training summary as `train done ...`."""
+    logs = {k: v for k, v in logs.items() if k != "total_flos"}
+    if any(k.startswith("eval_") for k in logs):
+        speed = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+        head = f"eval (step {step}/{max_steps})"
+        logs = {k.removeprefix("eval_"): v for k, v in logs.items() if k not in speed}
+    elif "train_runtime" in logs:
+        head, logs = "train done", {k.removeprefix("train_"): v for k, v in logs.items()}
+    else:
+        head = f"step {step}/{max_steps}"
+    return "  ".join([head] + [f"{k} {_number(v)}" for k, v in logs.items()])
+
+
+def terminal_log(trainer) -> None:
+    """Replace the trainer's progress printing: logs become lines of numbers (not dicts of strings);
+    on a terminal the progress bar stays, in a pipe or file there are no bars, so no \\r or escape codes."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class TerminalLog(ProgressCallback):
+        def __init__(self):
+            super().__init__()
+            self.bars = sys.stderr.isatty()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.current_step = 0
+            if self.bars:
+                super().on_train_begin(args, state, control, **kwargs)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bars:
+                super().on_step_end(args, state, control, **kwargs)
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            if self.bars:
+                super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            line = log_line(logs, state.global_step, state.max_steps)
+            if self.training_bar is not None:
+                self.training_bar.write(line, file=sys.stderr)
+            else:
+                print(line, file=sys.stderr, flush=True)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bars and self.training_bar is not None:
+                super().on_train_end(args, state, control, **kwargs)
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(TerminalLog())
+
+
+def final_summary(metrics: dict) -> str:
+    """`final: train loss 1.23, eval loss 1.41` (the numbers a run is judged by), '' if none."""
+    parts = [f"{name} {metrics[key]:.4g}" for key, name in (("train_loss", "train loss"), ("eval_loss", "eval loss"))
+             if isinstance(metrics.get(key), (int, float))]
+    return "final: " + ", ".join(parts) if parts else ""
+
+
+def final_eval(trainer) -> dict:
+    """The eval metrics at the last step: those logged there (eval_strategy: steps evaluates at the end),
+    else one evaluation now."""
+    history = trainer.state.log_history
+    logged = [h for h in history if "eval_loss" in h and h.get("step") == trainer.state.global_step]
+    if logged:
+        return {k: v for k, v in logged[-1].items() if k.startswith("eval_")}
+    return trainer.evaluate()

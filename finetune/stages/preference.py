@@ -13,7 +13,7 @@ from finetune import models
 from finetune.config import Recipe
 from finetune.data import pairs
 from finetune.outputs import RunDir
-from finetune.stages.common import TrainPlan, trl_args
+from finetune.stages.common import TrainPlan, final_eval, planned_steps, start_summary, terminal_log, trl_args
 from finetune.stages.sft import _finish, _keep_adapter_in_compute_dtype
 
 log = logging.getLogger("finetune")
@@ -55,10 +55,14 @@ def run(recipe: Recipe, make_trainer: Callable, callbacks=(), num_labels: int | 
     trainer = make_trainer(model, args, tok, prepared, list(callbacks))
     _keep_adapter_in_compute_dtype(trainer.model, recipe)
     dropped = _count_dropped(trainer, prepared, recipe)
+    terminal_log(trainer)
+    if state.is_main_process:
+        steps = planned_steps(recipe, len(trainer.train_dataset), state.num_processes)
+        log.info(start_summary(recipe, prepared, trainer.model, steps, state.num_processes, run_dir.work))
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics = {**dropped, **result.metrics}
     if prepared.eval is not None:
-        metrics.update(trainer.evaluate())
+        metrics.update(final_eval(trainer))
 
     trainer.save_model(str(run_dir.work))
     if state.is_main_process:

@@ -15,7 +15,15 @@ from finetune import adapters, card, data, models, rewards
 from finetune.config import Recipe
 from finetune.eval import after_training
 from finetune.outputs import RunDir, write_text_atomic
-from finetune.stages.common import TrainPlan, planned_steps, trl_args
+from finetune.stages.common import (
+    TrainPlan,
+    final_eval,
+    final_summary,
+    planned_steps,
+    start_summary,
+    terminal_log,
+    trl_args,
+)
 
 log = logging.getLogger("finetune")
 
@@ -71,10 +79,13 @@ def run(recipe: Recipe, callbacks=()) -> Path:
         optimizers=training.optimizers,
     )
     _keep_adapter_in_compute_dtype(trainer.model, recipe)
+    terminal_log(trainer)
+    if state.is_main_process:
+        log.info(start_summary(recipe, prepared, trainer.model, steps, state.num_processes, run_dir.work))
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics = dict(result.metrics)
     if prepared.eval is not None:
-        metrics.update(trainer.evaluate())
+        metrics.update(final_eval(trainer))
 
     trainer.save_model(str(run_dir.work))  # every rank: FSDP / ZeRO-3 gather the weights here
     if state.is_main_process:
@@ -110,4 +121,6 @@ def _finish(recipe: Recipe, run_dir: RunDir, trainer, prepared, metrics: dict) -
         for ckpt in work.glob("checkpoint-*"):
             shutil.rmtree(ckpt, ignore_errors=True)
     run_dir.finish()
+    if final_summary(metrics):
+        log.info(final_summary(metrics))
     after_training(recipe, run_dir.final)  # the recipe's `eval:` section, if any (report + model card)
