@@ -315,3 +315,29 @@ def test_a_piped_run_prints_a_summary_plain_lines_an_eval_curve_and_the_final_ev
     train_loss = next(h["train_loss"] for h in state["log_history"] if "train_loss" in h)
     assert f"finetune: final: train loss {train_loss:.4g}, eval loss {evals[-1]['eval_loss']:.4g}" in lines
     assert sum(line.startswith("eval (step 10/10)") for line in lines) == 1  # the end is evaluated once
+
+
+# ----------------------------------------------------------------------------- 10. preview --tokens
+
+
+def test_preview_tokens_show_text_not_byte_level_mojibake():
+    """A byte-level BPE that never saw Chinese splits '你好' into byte tokens (spelt 'ä½ł' in its vocab):
+    each token shows the text it stands for, a character's fragment shows its bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from finetune.data.preview import _token_bytes, token_text
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["hello world"] * 20 + ["我"], trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=1))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    ids = tok("我 hello 你好")["input_ids"]
+    shown = [token_text(tok, i) for i in ids]
+    assert shown[0] == "'我'" and "'hello'" in shown
+    assert "bytes e4 bd (part of a character)" in shown or "bytes e4 (part of a character)" in shown, shown
+    assert not any("ä" in s for s in shown)
+    assert b"".join(_token_bytes(tok.convert_ids_to_tokens(i)) or b"" for i in ids).decode() == "我 hello 你好"
+    assert _token_bytes("<0xE4><0xBD>") == b"\xe4\xbd" and _token_bytes("▁hello") is None
