@@ -13,6 +13,18 @@ from finetune.env import version_line
 from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune")
+# What Ctrl-C leaves behind, per command (every output is written atomically: nothing half-written remains).
+INTERRUPTED = {
+    "train": "run the same command again to resume from the last checkpoint (train.save_steps apart)",
+    "pipeline": "run the same pipeline again: finished stages are skipped, the interrupted one resumes",
+    "eval": "nothing was written to --out; run it again (evaluation has no checkpoints)",
+    "merge": "nothing was written to --out",
+    "export": "nothing was written to --out",
+    "score": "nothing was written (with --out); run it again",
+    "data": "nothing was written",
+    "chat": "bye",
+    "env": "nothing was written",
+}
 EXIT_GATE = 1  # eval.fail_on_regression: the run finished but its gate failed (as `finetune eval --fail-on-regression`)
 
 
@@ -282,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except KeyboardInterrupt:
-        print("finetune: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        print(f"finetune: interrupted; {INTERRUPTED.get(args.command, 'nothing was written')}", file=sys.stderr)
         return 130
 
 

@@ -341,3 +341,22 @@ def test_preview_tokens_show_text_not_byte_level_mojibake():
     assert not any("ä" in s for s in shown)
     assert b"".join(_token_bytes(tok.convert_ids_to_tokens(i)) or b"" for i in ids).decode() == "我 hello 你好"
     assert _token_bytes("<0xE4><0xBD>") == b"\xe4\xbd" and _token_bytes("▁hello") is None
+
+
+# ----------------------------------------------------------------------------- 11. Ctrl-C
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["eval", "tiny-llama", "--data", "x.jsonl", "--out", "o"], "nothing was written to --out; run it again (evaluation has no checkpoints)"),
+    (["train", "r.yaml"], "run the same command again to resume from the last checkpoint"),
+    (["merge", "a", "--out", "o"], "nothing was written to --out"),
+])
+def test_ctrl_c_says_what_it_means_for_that_command(monkeypatch, capsys, argv, says):
+    from finetune import cli as cli_module
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, f"cmd_{argv[0]}", interrupted)
+    code, _, err = cli(capsys, *argv)
+    assert code == 130 and err.strip() == f"finetune: interrupted; {says}" + (" (train.save_steps apart)" if argv[0] == "train" else "")
