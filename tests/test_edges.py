@@ -296,7 +296,7 @@ def test_log_lines_are_plain_numbers():
     assert log_line({"train_runtime": 5.04, "train_loss": 3.981}, 12, 12) == "train done  runtime 5.04  loss 3.981"
 
 
-def test_a_piped_run_prints_a_summary_plain_lines_an_eval_curve_and_the_final_eval_loss(tmp_path, capsys):
+def test_a_piped_run_prints_a_summary_plain_lines_an_eval_curve_the_final_eval_loss_and_a_card(tmp_path, capsys):
     """stderr is not a terminal here (captured): no \\r or escape codes; with a held-out split the eval
     loss is logged during training (TensorBoard gets a curve), and the final one is printed."""
     recipe = tmp_path / "r.yaml"
@@ -315,6 +315,35 @@ def test_a_piped_run_prints_a_summary_plain_lines_an_eval_curve_and_the_final_ev
     train_loss = next(h["train_loss"] for h in state["log_history"] if "train_loss" in h)
     assert f"finetune: final: train loss {train_loss:.4g}, eval loss {evals[-1]['eval_loss']:.4g}" in lines
     assert sum(line.startswith("eval (step 10/10)") for line in lines) == 1  # the end is evaluated once
+
+    # 13. the card: metadata through huggingface_hub, no cache path, the file dataset and its languages,
+    # metrics without runtime noise; a merged model keeps that provenance
+    from huggingface_hub import ModelCard
+
+    from finetune.merge import merge
+
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.base_model is None  # tiny-llama is not a hub id (and never its cache path)
+    assert card.data.datasets == ["memo.jsonl"] and card.data.language == ["en", "zh"]
+    assert card.data.library_name == "peft" and "sft" in card.data.tags
+    assert "| train_loss |" in card.text and "runtime" not in card.text and "per_second" not in card.text
+    merge(str(tmp_path / "out"), str(tmp_path / "merged"))
+    merged = ModelCard.load(tmp_path / "merged" / "README.md")
+    assert merged.data.datasets == ["memo.jsonl"] and merged.data.language == ["en", "zh"]
+    assert merged.data.base_model is None and "/tinycache" not in str(merged.data.to_dict())
+    provenance = merged.text.split("## Provenance", 1)[1]
+    for section in ("#### Data", "#### Hyper-parameters", "#### Final metrics", f"### From `{tmp_path / 'out'}`"):
+        assert section in provenance, section
+    assert f"{train_loss:.4g}" in provenance
+
+
+def test_hub_ids_and_languages_for_cards(tmp_path):
+    from finetune.card import detect_languages, hub_id
+
+    assert hub_id("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct" and hub_id("gpt2") == "gpt2"
+    assert hub_id("tiny-llama") is None and hub_id(str(tmp_path)) is None and hub_id("./local/model") is None
+    assert detect_languages(["北京是中国的首都。", "今天天气很好。"]) == ["zh"]
+    assert detect_languages(["The sky is blue.", "天空是蓝色的。"]) == ["en", "zh"]
 
 
 # ----------------------------------------------------------------------------- 10. preview --tokens
@@ -360,3 +389,64 @@ def test_ctrl_c_says_what_it_means_for_that_command(monkeypatch, capsys, argv, s
     monkeypatch.setattr(cli_module, f"cmd_{argv[0]}", interrupted)
     code, _, err = cli(capsys, *argv)
     assert code == 130 and err.strip() == f"finetune: interrupted; {says}" + (" (train.save_steps apart)" if argv[0] == "train" else "")
+
+
+# ----------------------------------------------------------------------------- 8. progress
+
+
+def test_generation_and_tiny_build_progress_print_a_line_every_tenth_when_piped(capsys):
+    from finetune import tiny
+    from finetune.eval import generation
+
+    progress = generation._Progress(40)
+    for _ in range(10):
+        progress.update(4)
+    progress.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" answers")[0] for line in lines] == [f"finetune: generated {n}/40" for n in range(4, 41, 4)]
+    assert all(line.endswith("answers/s)") for line in lines)
+    quiet = generation._Progress(3)  # chat and probes: no noise
+    quiet.update(3)
+    build = tiny._Progress("tiny-llama", 300)
+    for step in range(1, 301):
+        build.update(step, 2.0)
+    assert capsys.readouterr().err.count("\n") == 10
+    assert tiny.BUILD_THREADS == 1
+
+
+# ----------------------------------------------------------------------------- 12. report.html
+
+
+def test_report_page_samples_panels_and_a_trend_only_from_two_comparable_runs(tmp_path):
+    import base64
+    import re
+
+    from finetune.eval import report
+
+    rows = _report(1)["suite"]["rows"]
+    rep = {**_report(1), "history_file": "h.jsonl"}
+    rep["suite"]["baseline"] = {"x": 1}
+    predictions = [{"prompt": "<|user|>\nQ1\n<|assistant|>\n", "prediction": "Cats have four legs.", "reference": "Apples."},
+                   {"prompt": "<|user|>\nQ2\n<|assistant|>\n", "prediction": "The sky is blue.", "reference": "The sky is blue."},
+                   {"prompt": "<|user|>\n问\n<|assistant|>\n", "prediction": "北京是中国的首都。", "reference": "北京是首都。"}]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+    run = {"suite": "general", "data": None, "metrics": {"heldout_en/perplexity": 60.0}}
+    other = {"suite": None, "data": "x.jsonl", "metrics": {"generation/bleu": 3.0}}  # measured otherwise: not in the trend
+    report.write(tmp_path, rep, None, [other, run])
+    page = (tmp_path / "report.html").read_text()
+    assert "Gate: 1 regression" in page and "first run measured this way" in page and 'alt="History"' not in page
+    worst = page.split("<h2>Worst predictions</h2>")[1].split("</table>")[0]
+    best = page.split("<h2>Best predictions</h2>")[1].split("</table>")[0]
+    assert "Cats have four legs." in worst and "The sky is blue." not in worst and "北京" not in worst
+    assert "The sky is blue." in best and "Cats" not in best
+    report.write(tmp_path, rep, None, [run, other, run])
+    page = (tmp_path / "report.html").read_text()
+    assert "2 runs measured the same way" in page
+    images = dict(re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page))
+    assert set(images) == {"Baseline vs tuned", "History"}
+    assert report.comparable_runs([run, other, run], rep) == [run, run]
+    # one panel per metric: the figure is as wide as its panels (4 to a row, 2.6 inches each at 90 dpi)
+    import struct
+
+    width = struct.unpack(">I", base64.b64decode(images["Baseline vs tuned"])[16:20])[0]
+    assert width > len(rows) * 2.6 * 90 * 0.8

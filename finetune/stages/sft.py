@@ -116,7 +116,8 @@ def _finish(recipe: Recipe, run_dir: RunDir, trainer, prepared, metrics: dict) -
     card.write_metrics(work, metrics)
     model = getattr(trainer.model, "policy", trainer.model)  # PPO's trainer wraps the policy and its value model
     base = adapters.base_model_path(model)
-    write_text_atomic(work / "README.md", card.model_card(recipe, prepared, metrics, model, base))
+    text = card.model_card(recipe, prepared, metrics, model, base, tokenizer=trainer.processing_class)
+    write_text_atomic(work / "README.md", text)
     if not recipe.output.keep_checkpoints:
         for ckpt in work.glob("checkpoint-*"):
             shutil.rmtree(ckpt, ignore_errors=True)
