@@ -450,3 +450,25 @@ def test_report_page_samples_panels_and_a_trend_only_from_two_comparable_runs(tm
 
     width = struct.unpack(">I", base64.b64decode(images["Baseline vs tuned"])[16:20])[0]
     assert width > len(rows) * 2.6 * 90 * 0.8
+
+
+# ----------------------------------------------------------------------------- 16. README_zh.md
+
+
+def test_chinese_readme_keeps_in_step_with_the_english_one():
+    """Every command of the English CLI reference, every data format and every path it names exists in README_zh."""
+    import re
+
+    from _support import REPO
+
+    from finetune.config import DATA_FORMATS
+
+    en, zh = (REPO / "README.md").read_text(), (REPO / "README_zh.md").read_text()
+    assert "[中文](README_zh.md)" in en and "[English](README.md)" in zh
+    cli_reference = en.split("## CLI reference", 1)[1].split("\n## ", 1)[0]
+    commands = set(re.findall(r"^\| `finetune (\w+)", cli_reference, flags=re.M))
+    assert commands and all(f"`finetune {c}" in zh for c in commands), commands
+    assert all(f"`{fmt}`" in zh for fmt in DATA_FORMATS)
+    for path in re.findall(r"`((?:recipes|data|eval)/[\w./-]+\.(?:yaml|md))`", zh):
+        assert (REPO / path).is_file(), path
+    assert zh.splitlines()[0].startswith("# finetune") and "finetune train recipes/tiny/sft_lora.yaml" in zh
