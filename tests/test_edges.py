@@ -5,6 +5,7 @@ messages. Mostly in-process and model-free; what needs a model uses the shared t
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,25 @@ def test_train_exits_1_on_a_regression_only_with_fail_on_regression(tmp_path, ca
     if code:
         assert "error: eval.fail_on_regression: 1 regression (heldout_en perplexity)" in err
         assert str(out) in err and out.is_dir()
+
+
+def test_the_verdict_table_is_printed_at_the_end_of_a_run(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from finetune import config
+    from finetune.eval import hook
+
+    def fake_evaluate(recipe, cfg, output_dir):
+        (output_dir / "eval").mkdir(parents=True)
+        (output_dir / "eval" / "report.json").write_text(json.dumps(_report(1)))
+        return "\n## Evaluation\n"
+
+    monkeypatch.setattr(hook, "_evaluate", fake_evaluate)
+    recipe = config.load(text=memo_recipe(tmp_path), overrides=["eval.suite=eval/suites/general.yaml"])
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        hook.run(recipe, tmp_path / "out")
+    text = caplog.text
+    assert re.search(r"heldout_en +perplexity +59.98 +81.3 +\+21.32", text) and "REGRESSION" in text and "suite general: 1 regression" in text
 
 
 def test_fail_on_regression_fails_closed_when_eval_did_not_finish(tmp_path):
@@ -466,7 +486,7 @@ def test_chinese_readme_keeps_in_step_with_the_english_one():
     en, zh = (REPO / "README.md").read_text(), (REPO / "README_zh.md").read_text()
     assert "[中文](README_zh.md)" in en and "[English](README.md)" in zh
     cli_reference = en.split("## CLI reference", 1)[1].split("\n## ", 1)[0]
-    commands = set(re.findall(r"^\| `finetune (\w+)", cli_reference, flags=re.M))
+    commands = set(re.findall(r"^\| `finetune (\w+)", cli_reference, flags=re.MULTILINE))
     assert commands and all(f"`finetune {c}" in zh for c in commands), commands
     assert all(f"`{fmt}`" in zh for fmt in DATA_FORMATS)
     for path in re.findall(r"`((?:recipes|data|eval)/[\w./-]+\.(?:yaml|md))`", zh):
