@@ -439,7 +439,6 @@ def test_generation_and_tiny_build_progress_print_a_line_every_tenth_when_piped(
 
 def test_report_page_samples_panels_and_a_trend_only_from_two_comparable_runs(tmp_path):
     import base64
-    import re
 
     from finetune.eval import report
 
@@ -477,7 +476,6 @@ def test_report_page_samples_panels_and_a_trend_only_from_two_comparable_runs(tm
 
 def test_chinese_readme_keeps_in_step_with_the_english_one():
     """Every command of the English CLI reference, every data format and every path it names exists in README_zh."""
-    import re
 
     from _support import REPO
 
