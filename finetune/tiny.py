@@ -370,7 +370,7 @@ class _Progress:
         if sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=steps, desc=f"building {name}", unit="step", leave=False, file=sys.stderr)
+            self.bar = tqdm(total=steps, desc=f"pre-training {name}", unit="step", leave=False, file=sys.stderr)
         self.name = name
 
     def update(self, step: int, loss: float) -> None:
@@ -379,7 +379,7 @@ class _Progress:
             self.bar.set_postfix(loss=f"{loss:.3g}", refresh=False)
         elif step * 10 // self.steps > self.last * 10 // self.steps:
             rate = step / max(time.perf_counter() - self.t0, 1e-9)
-            print(f"finetune: building {self.name}: step {step}/{self.steps}, loss {loss:.3g}, {rate:.1f} steps/s",
+            print(f"finetune: pre-training {self.name}: step {step}/{self.steps}, loss {loss:.3g}, {rate:.1f} steps/s",
                   file=sys.stderr, flush=True)
             self.last = step
 
