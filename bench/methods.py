@@ -35,7 +35,7 @@ import tempfile
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from _support import HELD_OUT, MEMO_CHATS, QA, heldout_loss, write_jsonl  # noqa: E402  (shared probes)
+from _support import MEMO_CHATS, QA, heldout_loss, write_jsonl  # noqa: E402  (shared probes)
 
 METHODS = ["lora", "dora", "qlora", "loraplus", "pissa", "olora", "adalora", "loha", "lokr", "vera", "ia3",
            "prompt_tuning", "prefix_tuning", "p_tuning", "freeze", "full"]

@@ -9,9 +9,7 @@ save a full model. The fields themselves are documented once, in `config.Adapter
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path

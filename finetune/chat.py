@@ -1,16 +1,19 @@
-"""`finetune chat`: talk to a model or adapter dir in the terminal, with the model's chat template.
+"""`finetune chat`: talk to a model or adapter dir (or a tiny name / hub id, as `eval` takes) in the
+terminal, with the model's chat template and the system prompt it was trained with.
 
 Answers stream token by token. The conversation is kept (the model sees the history); `/reset`
-clears it (the system prompt stays), `/exit` or end of input (Ctrl-D) quits; Ctrl-C stops an answer. `--prompt` answers one
+clears it (the system prompt stays), `/exit` or end of input (Ctrl-D) quits; Ctrl-C stops an answer.
+Lines are edited with readline (arrow keys, history kept across sessions). `--prompt` answers one
 message and exits, for scripts: only the answer goes to stdout.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import warnings
-
-import torch
+from pathlib import Path
 
 from finetune.data.encode import template_messages
 from finetune.data.formats import DEFAULT_REASONING_TAGS, split_inline_reasoning
@@ -19,6 +22,86 @@ from finetune.generate import generate
 from finetune.loading import load_for_inference
 
 HELP = "commands: /reset clears the history, /exit quits"
+HISTORY_LENGTH = 1000
+
+
+def recorded_system_prompt(model_dir: str | os.PathLike) -> str | None:
+    """The system prompt a finetune output was trained with (`data.system` of its recipe.yaml), for
+    chat, serve and export's Modelfile. A merged model follows its merge_report.json to the adapter
+    it came from (several adapters: only when they agree). None when nothing was recorded."""
+    import yaml
+
+    path = Path(model_dir).expanduser()
+    recipe = path / "recipe.yaml"
+    if recipe.is_file():
+        try:
+            raw = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError:
+            return None
+        system = (raw.get("data") or {}).get("system") if isinstance(raw, dict) else None
+        return system if isinstance(system, str) and system else None
+    report = path / "merge_report.json"
+    if report.is_file():
+        try:
+            adapters = json.loads(report.read_text(encoding="utf-8")).get("adapters") or []
+        except (OSError, ValueError, AttributeError):
+            return None
+        found = {recorded_system_prompt(a) for a in adapters if Path(a).is_dir()}
+        return found.pop() if len(found) == 1 else None
+    return None
+
+
+def history_file() -> Path:
+    """Where chat keeps its input history: $XDG_STATE_HOME/finetune/chat_history (~/.local/state/...)."""
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state) / "finetune" / "chat_history"
+
+
+def enable_line_editing(history: Path | None = None) -> None:
+    """readline for input(): arrow keys edit and recall lines instead of inserting escape codes;
+    the history is read from and (at exit) written to `history`. Without readline (Windows), plain input()."""
+    try:
+        import readline
+    except ImportError:
+        return
+    import atexit
+
+    readline.set_history_length(HISTORY_LENGTH)
+    if history is None:
+        return
+    try:
+        readline.read_history_file(history)
+    except (FileNotFoundError, OSError):
+        pass
+
+    def save():
+        try:
+            history.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(history)
+        except OSError:
+            pass  # a read-only home: the history of this session is lost, nothing else
+
+    atexit.register(save)
+
+
+def model_dir(name: str) -> str:
+    """A model or adapter dir for `name`: a dir as given, a tiny name built (once) into its cache, a hub id
+    from the Hugging Face cache (downloaded when online) - the names `finetune eval` accepts."""
+    from finetune import models
+
+    if Path(name).expanduser().is_dir():
+        return name
+    resolved = models.resolve_reference(name, "MODEL_OR_ADAPTER_DIR")
+    if Path(resolved).is_dir():
+        return resolved
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(resolved, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except (OSError, ValueError) as e:  # offline, unknown id, gated repo (hub errors are OSErrors): one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FinetuneError(f"MODEL_OR_ADAPTER_DIR: {name}: not a directory, a tiny model or a loadable hub model "
+                            f"({first})") from None
 
 
 class Chat:
@@ -42,9 +125,9 @@ class Chat:
     def messages(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
 
-    @torch.no_grad()
     def answer(self, text: str, stream=None) -> str:
         """Generate the reply to `text` (printing it to `stream` as it comes) and add both to the history."""
+        import torch
         from jinja2 import TemplateError
 
         self.history.append({"role": "user", "content": text})
@@ -57,7 +140,8 @@ class Chat:
         device = next(self.model.parameters()).device
         enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         streamer = _streamer(self.tok, stream) if stream is not None else None
-        out = generate(self.model, **enc, **self.gen, streamer=streamer)
+        with torch.no_grad():
+            out = generate(self.model, **enc, **self.gen, streamer=streamer)
         reply = self.tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         reasoning, answer = split_inline_reasoning(reply, self.reasoning_tags)
         # the history holds the reasoning apart, as training data does: the template shows it as it shows it there
@@ -85,11 +169,13 @@ def run_cli(args) -> int:
 
     quiet_progress()
     warnings.filterwarnings("ignore", message="Position ids are not supported")  # prompt-tuning adapters: harmless
-    model, tok, source = load_for_inference(args.model, args.base)
-    from finetune.loading import _read_recipe
+    from finetune.outputs import OutputDir
 
-    recipe = _read_recipe(source.path)
-    chat = Chat(model, tok, args.system, args.max_new_tokens, args.temperature, args.top_p,
+    path = model_dir(args.model)
+    model, tok, source = load_for_inference(path, args.base)
+    recipe = OutputDir(source.path).recipe_dict() if Path(str(source.path)).is_dir() else {}
+    system = args.system if args.system is not None else recorded_system_prompt(path)
+    chat = Chat(model, tok, system or None, args.max_new_tokens, args.temperature, args.top_p,
                 template_kwargs=(recipe.get("model") or {}).get("chat_template_kwargs"),
                 reasoning_tags=(recipe.get("data") or {}).get("reasoning_tags") or DEFAULT_REASONING_TAGS)
     if args.prompt is not None:
@@ -97,6 +183,10 @@ def run_cli(args) -> int:
         return 0
     what = f"{source.peft_type.lower()} adapter on {source.base}" if source.kind == "adapter" else "model"
     print(f"chatting with {source.path} ({what}); {HELP}", file=sys.stderr)
+    if system and args.system is None:
+        print(f"system prompt (the one it was trained with; --system replaces it): {system}", file=sys.stderr)
+    if sys.stdin.isatty():
+        enable_line_editing(history_file())
     while True:
         try:
             text = input("you> ")

@@ -8,10 +8,23 @@ import os
 import sys
 import warnings
 
-from finetune import __version__
+from finetune.env import version_line
 from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune")
+# What Ctrl-C leaves behind, per command (every output is written atomically: nothing half-written remains).
+INTERRUPTED = {
+    "train": "run the same command again to resume from the last checkpoint (train.save_steps apart)",
+    "pipeline": "run the same pipeline again: finished stages are skipped, the interrupted one resumes",
+    "eval": "nothing was written to --out; run it again (evaluation has no checkpoints)",
+    "merge": "nothing was written to --out",
+    "export": "nothing was written to --out",
+    "score": "nothing was written (with --out); run it again",
+    "data": "nothing was written",
+    "chat": "bye",
+    "env": "nothing was written",
+}
+EXIT_GATE = 1  # eval.fail_on_regression: the run finished but its gate failed (as `finetune eval --fail-on-regression`)
 
 
 def _is_main_process() -> bool:
@@ -22,6 +35,12 @@ def _quiet_libraries(debug: bool) -> None:
     """Keep the terminal for progress bars and our own messages."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not sys.stderr.isatty():  # a pipe or a log file: no \r-redrawn bars (transformers and the hub read this)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:  # already imported (an in-process caller): tell it directly
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
     if not debug:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -39,14 +58,22 @@ def _quiet_libraries(debug: bool) -> None:
     log.propagate = False
 
 
+class _Version(argparse.Action):
+    """`--version` on one unwrapped line (argparse's own action wraps it at the terminal width)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finetune", description="Parameter-efficient fine-tuning of open LLMs from YAML recipes.")
-    p.add_argument("--version", action="version", version=f"finetune {__version__}")
+    p.add_argument("--version", action=_Version, nargs=0, help="show finetune's and its main libraries' versions and exit")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train from a recipe", description="Train from a recipe YAML; key=value arguments override it.")
-    train.add_argument("recipe", help="recipe YAML file")
+    train.add_argument("recipe", nargs="?", help="recipe YAML file (e.g. recipes/tiny/sft_lora.yaml)")
     train.add_argument("overrides", nargs="*", metavar="section.key=value", help="override a recipe key, e.g. train.max_steps=10")
     train.add_argument("--dry-run", action="store_true", help="validate recipe, data and model config; print the plan; train nothing")
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -54,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     pipe = sub.add_parser("pipeline", help="run a multi-stage pipeline (sft -> rm -> ppo, sft -> dpo, ...)",
                           description="Run the stages of a pipeline file in order, each into <output.dir>/<stage>; "
                           "finished stages with the same recipe are skipped, an interrupted one resumes.")
-    pipe.add_argument("pipeline", help="pipeline YAML file")
+    pipe.add_argument("pipeline", nargs="?", help="pipeline YAML file (e.g. recipes/pipelines/dpo.yaml)")
     pipe.add_argument("overrides", nargs="*", metavar="key=value",
                       help="output.dir=DIR, STAGE.section.key=value (one stage) or section.key=value (every stage)")
     pipe.add_argument("--dry-run", action="store_true", help="validate every stage's recipe and show what would run")
@@ -90,7 +117,26 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=16, help="records per forward pass (default 16)")
     score.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_merge_export_chat(sub)
+    env = sub.add_parser("env", help="versions, device and caches, for a bug report",
+                         description="Print finetune's and its libraries' versions, the device (CUDA, GPUs, CPU "
+                                     "features, threads) and the cache dirs: paste it into a bug report.")
+    env.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
+
+
+def _no_file_given(command: str, kind: str, folder: str) -> int:
+    """`finetune train` with no recipe: say what to give, with the shipped examples."""
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[1] / "recipes" / folder
+    examples = [str(p.relative_to(shipped.parents[1])) for p in shipped.glob("*.yaml")] if shipped.is_dir() else []
+    # the README's quickstart first, then the other SFT recipes: where users start
+    examples = sorted(examples, key=lambda name: (not name.endswith("sft_lora.yaml"), "sft" not in name, name))[:6]
+    print(f"finetune {command}: give a {kind} YAML file, e.g. finetune {command} "
+          f"{examples[0] if examples else 'recipe.yaml'} [section.key=value ...] [--dry-run]", file=sys.stderr)
+    if examples:
+        print(f"shipped {kind}s include: {', '.join(examples)}", file=sys.stderr)
+    return 2
 
 
 def _add_merge_export_chat(sub) -> None:
@@ -133,9 +179,10 @@ def _add_merge_export_chat(sub) -> None:
     chat = sub.add_parser("chat", help="chat with a model or adapter in the terminal",
                           description="Chat in the terminal (/reset clears the history, /exit quits), or answer one "
                                       "--prompt and exit.")
-    chat.add_argument("model", metavar="MODEL_OR_ADAPTER_DIR", help="model dir or adapter dir (an adapter runs on its base, 4-bit for QLoRA)")
+    chat.add_argument("model", metavar="MODEL_OR_ADAPTER_DIR", help="model dir or adapter dir (an adapter runs on its base, "
+                      "4-bit for QLoRA), a tiny model name (tiny-llama) or a hub id")
     chat.add_argument("--prompt", help="answer this one message and exit")
-    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--system", help="system prompt (default: the data.system the model was trained with; '' for none)")
     chat.add_argument("--max-new-tokens", type=int, default=256, help="per answer (default 256)")
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
@@ -174,6 +221,8 @@ def _add_serve_webui(sub) -> None:
 def cmd_train(args) -> int:
     from finetune import config, stages
 
+    if args.recipe is None:
+        return _no_file_given("train", "recipe", "tiny")
     recipe = config.load(args.recipe, args.overrides)
     stage = stages.module(recipe.stage)
     if args.dry_run:
@@ -181,12 +230,20 @@ def cmd_train(args) -> int:
         return 0
     out = stage.run(recipe)
     log.info("done: output in %s", out)
+    from finetune.eval.hook import gate_failure
+
+    failure = gate_failure(recipe, out)
+    if failure:
+        print(f"finetune: error: {failure}", file=sys.stderr)
+        return EXIT_GATE
     return 0
 
 
 def cmd_pipeline(args) -> int:
     from finetune import pipeline
 
+    if args.pipeline is None:
+        return _no_file_given("pipeline", "pipeline", "pipelines")
     pipe = pipeline.load(args.pipeline, args.overrides)
     if args.dry_run:
         print(pipeline.plan(pipe))
@@ -261,6 +318,11 @@ def cmd_webui(args) -> int:
     from finetune import webui
 
     return webui.run_cli(args)
+def cmd_env(args) -> int:
+    from finetune.env import report
+
+    print(report())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_libraries(args.debug)
     handler = {"train": cmd_train, "pipeline": cmd_pipeline, "data": cmd_data, "score": cmd_score, "eval": cmd_eval,
-               "merge": cmd_merge, "export": cmd_export, "chat": cmd_chat,
+               "merge": cmd_merge, "export": cmd_export, "chat": cmd_chat, "env": cmd_env,
                "serve": cmd_serve, "webui": cmd_webui}[args.command]
     try:
         return handler(args)
@@ -286,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except KeyboardInterrupt:
-        print("finetune: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        print(f"finetune: interrupted; {INTERRUPTED.get(args.command, 'nothing was written')}", file=sys.stderr)
         return 130
 
 

@@ -17,6 +17,11 @@ class OutputError(FinetuneError):
     """The output location cannot be used (exists and is finished, not writable, ...)."""
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """`1 example`, `2 examples`, `1 process`, `3 processes` (pass `many` where adding an s is wrong)."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
 def closest(word: str, candidates) -> str:
     """`; did you mean 'x'?` for the closest candidate, or '' when nothing is close."""
     import difflib

@@ -244,6 +244,9 @@ Details in `merge_report.json`. Loads with no finetune import:
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
 ```
 """, encoding="utf-8")
+    from finetune.card import add_provenance
+
+    add_provenance(tmp / "README.md", [s.path for s in sources])
 
 
 # --------------------------------------------------------------------------- several adapters

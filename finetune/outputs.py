@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import config, tiny
-from finetune.atomic import replace_dir, write_text_atomic  # noqa: F401  (the one atomic swap, re-exported)
+from finetune.atomic import publish_modes, replace_dir, write_text_atomic  # noqa: F401  (the one atomic swap, re-exported)
 from finetune.errors import OutputError, RecipeError
 
 log = logging.getLogger("finetune")

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from finetune.errors import OutputError
-from finetune.outputs import replace_dir
+from finetune.outputs import publish_modes, replace_dir
 
 
 def check_free(target: str | Path, overwrite: bool, file: bool = False, flag: str = "--out") -> Path:
@@ -52,6 +52,7 @@ class Staged:
                 shutil.rmtree(self._made_parent, ignore_errors=True)
             return
         if self.file:
+            publish_modes(self.tmp / self.final.name)
             os.replace(self.tmp / self.final.name, self.final)  # a file replaces a file atomically
             shutil.rmtree(self.tmp, ignore_errors=True)
             return

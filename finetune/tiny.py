@@ -168,7 +168,7 @@ def build(name: str, cache_root: str | os.PathLike | None = None, force: bool = 
             info = _build_into(tmp, name, spec, fp)
             from finetune.atomic import replace_dir
 
-            replace_dir(tmp, target)  # with the umask's permissions (the cache may be shared); force=True swaps
+            replace_dir(tmp, target)  # modes follow the umask (the cache may be shared); force=True swaps the old one out
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -358,6 +358,36 @@ def _rows(stream: list[int], seq_len: int):
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+BUILD_THREADS = 1
+
+
+class _Progress:
+    """The pre-training's progress on stderr: a bar on a terminal, else a line every 10% (no \\r in logs)."""
+
+    def __init__(self, name: str, steps: int):
+        self.steps, self.bar, self.last = steps, None, 0
+        self.t0 = time.perf_counter()
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=steps, desc=f"pre-training {name}", unit="step", leave=False, file=sys.stderr)
+        self.name = name
+
+    def update(self, step: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.3g}", refresh=False)
+        elif step * 10 // self.steps > self.last * 10 // self.steps:
+            rate = step / max(time.perf_counter() - self.t0, 1e-9)
+            print(f"finetune: pre-training {self.name}: step {step}/{self.steps}, loss {loss:.3g}, {rate:.1f} steps/s",
+                  file=sys.stderr, flush=True)
+            self.last = step
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _build_into(out: pathlib.Path, name: str, spec: TinySpec, fp: str) -> dict:
     """Train tokenizer + pre-train model; write a complete HF model dir into ``out``."""
     import torch
@@ -367,8 +397,10 @@ def _build_into(out: pathlib.Path, name: str, spec: TinySpec, fp: str) -> dict:
         raise ValueError(f"tiny spec {name}: unsupported arch {spec.arch!r} (only 'llama')")
     t0 = time.perf_counter()
     prev_threads = torch.get_num_threads()
-    # A fixed thread count keeps the float reductions, hence the weights, reproducible.
-    torch.set_num_threads(max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)))
+    # A fixed thread count keeps the float reductions, hence the weights, reproducible. One thread: the
+    # model is too small to gain from more, and several OpenMP threads on a loaded machine spin and
+    # wait for each other (a build took 600 s instead of 38 s beside other torch processes).
+    torch.set_num_threads(BUILD_THREADS)
     try:
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
             torch.manual_seed(spec.seed)
@@ -408,6 +440,7 @@ def _build_into(out: pathlib.Path, name: str, spec: TinySpec, fp: str) -> dict:
             perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(spec.seed))
             losses: list[float] = []
             model.train()
+            progress = _Progress(name, steps)
             for step in range(steps):
                 idx = perm[(torch.arange(bs) + step * bs) % len(train)]
                 batch = train[idx]
@@ -418,6 +451,8 @@ def _build_into(out: pathlib.Path, name: str, spec: TinySpec, fp: str) -> dict:
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 losses.append(loss.item())
+                progress.update(step + 1, losses[-1])
+            progress.close()
             model.eval()
             final_loss = _eval_loss(model, evals)
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import builtins
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
-
 from _merge_support import lora, make_adapter
 from _support import run_cli
+from transformers import AutoModelForCausalLM
+
 from finetune import chat
 
 
@@ -56,3 +57,71 @@ def test_interactive_chat_keeps_history_resets_and_exits(tmp_path, tiny_path, mo
     assert seen[2] == ["Be brief."]  # /reset kept only the system prompt
     err = capsys.readouterr().err
     assert "lora adapter on" in err and "(history cleared)" in err
+
+
+def test_chat_uses_the_recorded_system_prompt_and_accepts_tiny_names(tmp_path, tiny_path, monkeypatch, capsys):
+    """An output dir's recipe.yaml `data.system` is the default system prompt (a merged model finds it
+    through merge_report.json); --system replaces it; `tiny-llama` loads as `finetune eval` loads it."""
+    import json
+
+    import yaml
+
+    adapter = make_adapter(tiny_path, tmp_path / "adapter", lora())
+    (adapter / "recipe.yaml").write_text(yaml.safe_dump({"stage": "sft", "model": {"name_or_path": "tiny-llama"},
+                                                        "data": {"train": "x.jsonl", "system": "你是一个助手。"}},
+                                                       allow_unicode=True), encoding="utf-8")
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "merge_report.json").write_text(json.dumps({"adapters": [str(adapter)]}))
+    assert chat.recorded_system_prompt(adapter) == chat.recorded_system_prompt(merged) == "你是一个助手。"
+    assert chat.recorded_system_prompt(tiny_path) is None
+
+    seen = []
+    monkeypatch.setattr(chat.Chat, "answer", lambda self, text, stream=None: seen.append(self.messages()) or "")
+    lines = iter(["Hello", "/exit"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
+    assert chat.run_cli(_args(str(adapter))) == 0
+    assert seen[0] == [{"role": "system", "content": "你是一个助手。"}]  # the history before "Hello"
+    assert "system prompt (the one it was trained with" in capsys.readouterr().err
+    assert chat.run_cli(_args(str(adapter), prompt="Hi", system="")) == 0 and seen[1] == []  # '' = no system prompt
+    assert chat.run_cli(_args("tiny-llama", prompt="Hi", system="Be brief.")) == 0
+    assert seen[2] == [{"role": "system", "content": "Be brief."}]
+
+
+def test_chat_line_editing_recalls_history_with_the_arrow_keys(tmp_path):
+    """Through a real terminal (a pty): the up arrow brings back the previous line instead of inserting
+    an escape code, and the history is kept for the next session."""
+    import os
+    import pty
+    import subprocess
+    import sys
+    import time
+
+    history = tmp_path / "history"
+    code = ("from pathlib import Path; from finetune.chat import enable_line_editing; "
+            f"enable_line_editing(Path({str(history)!r})); print(repr(input('a> '))); print(repr(input('b> ')))")
+    main, child = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TERM": "xterm"}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=child, stdout=child, stderr=child, env=env)
+    os.close(child)
+    output = b""
+
+    def read_until(marker: bytes):
+        nonlocal output
+        deadline = time.monotonic() + 60
+        while marker not in output and time.monotonic() < deadline:
+            try:
+                output += os.read(main, 1024)
+            except OSError:
+                break
+
+    read_until(b"a> ")
+    os.write(main, "你好 world\r".encode())
+    read_until(b"b> ")
+    os.write(main, b"\x1b[A\r")  # up arrow, enter
+    assert proc.wait(timeout=60) == 0
+    read_until(b"never")
+    os.close(main)
+    text = output.decode("utf-8", "replace")
+    assert text.count("'你好 world'") == 2, text
+    assert history.read_text(encoding="utf-8").splitlines()[-1] == "你好 world"

@@ -5,6 +5,8 @@ Chinese, through the shipped `evaluate` modules."""
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import pytest
 
@@ -97,7 +99,6 @@ def _llamafactory_direct(preds, refs):
 @pytest.mark.parametrize("preds, refs", [(EN_PRED, EN_REF), (ZH_PRED, ZH_REF),
                                          (["Hello  world... ok？ fine", "", "??"], ["hello world ok fine", "x", "是"])])
 def test_llamafactory_style_equals_llamafactory(preds, refs):
-    pytest.importorskip("rouge_chinese")
     ours = modules.score(preds, refs, style="llamafactory")
     direct = _llamafactory_direct(preds, refs)
     for key in ("rouge-1", "rouge-2", "rouge-l", "bleu-4"):
@@ -160,3 +161,16 @@ def test_metrics_work_when_the_hf_cache_is_read_only(tmp_path):
     modules_dir, bleu = json.loads(out.stdout.strip().splitlines()[-1])
     assert not hf.exists() and not modules_dir.startswith(str(hf))
     assert bleu == sacrebleu.corpus_bleu(EN_PRED, [EN_REF], tokenize="13a").score
+
+
+def test_jieba_says_nothing_on_stderr(tmp_path):
+    """jieba's "Building prefix dict ... Loading model cost" lines are not ours to print."""
+    import subprocess
+    import sys
+
+    code = ("from finetune.eval.scores import JiebaTokenizer, llamafactory; "
+            "print(JiebaTokenizer().tokenize('今天天气很好')); llamafactory(['今天很好'], ['今天天气很好'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=False,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "天气" in r.stdout

@@ -142,6 +142,7 @@ class DataSection:
         "finetune writes inline for templates that have no reasoning support."
     )
     registry: str | None = _f(None, help="Path of a datasets.yaml registry (default: ./data/datasets.yaml, then the shipped one).")
+    encoding: str | None = _f(None, help="Text encoding of local JSON/JSONL/CSV files, e.g. gb18030 (default: UTF-8, with or without a BOM).")
 
 
 @dataclass
@@ -164,6 +165,7 @@ class EvalSection:
     rouge_tokenizer: Literal["chars", "jieba"] = _f("chars", help="ROUGE tokens: chars = each CJK character + ASCII words; jieba = jieba words.")
     suite: str | None = _f(None, help="Capability suite YAML (e.g. eval/suites/general.yaml) scored on the tuned and the base model.")
     history: str | None = _f(None, help="JSONL file the results are appended to (default: eval_history.jsonl beside output.dir).")
+    fail_on_regression: bool = _f(False, help="Exit 1 when the suite gate finds a regression (or eval fails); the output stays, marked in its card.")
 
 
 RESUME_VOLATILE = (("train", "resume"), ("output", "overwrite"), ("output", "keep_checkpoints"))
@@ -329,7 +331,8 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
 def _validate(raw: dict, where: _Where, source: str | None) -> Recipe:
     for key in raw:
         if key not in TOP_LEVEL:
-            raise RecipeError(f"{where((key,))}: unknown section{closest(str(key), TOP_LEVEL)} (sections: {', '.join(TOP_LEVEL)})")
+            hint = closest(str(key), TOP_LEVEL) or _section_of(str(key), raw.get("stage", "sft"))
+            raise RecipeError(f"{where((key,))}: unknown section{hint} (sections: {', '.join(TOP_LEVEL)})")
     origins = {"stage": _origin(("stage",), where) if "stage" in raw else "default: the recipe names no stage"}
     stage = _coerce(raw.get("stage", "sft"), Literal[STAGES], ("stage",), where)
     adapter = raw.get("adapter") if isinstance(raw.get("adapter"), dict) else {}
@@ -352,6 +355,12 @@ def _validate(raw: dict, where: _Where, source: str | None) -> Recipe:
             value = {**value, **filled}
         sections[name] = _build(cls, value, (name,), where)
     train = _validate_train(stage, raw.get("train") or {}, where, table, origins)
+    data = sections["data"]
+    if (data.eval or data.eval_ratio) and "eval_strategy" not in (raw.get("train") or {}):
+        # A held-out split is evaluated during training (a loss curve, not one point at the end).
+        train.update(eval_strategy="steps", eval_steps=train.get("eval_steps") or EVAL_STEPS_WITH_EVAL_SPLIT)
+        origins["train.eval_strategy"] = "default"
+        origins.setdefault("train.eval_steps", "default")
     recipe = Recipe(stage=stage, train=train, source=source, origins=origins, **sections)
     methods.check(recipe, raw.get("train") or {}, where)
     _cross_checks(recipe, where)
@@ -360,6 +369,35 @@ def _validate(raw: dict, where: _Where, source: str | None) -> Recipe:
 
 def _origin(path: tuple, where: _Where) -> str:
     return "override" if any(path[:n] in where.overridden for n in range(1, len(path) + 1)) else "recipe"
+def _section_of(key: str, stage) -> str:
+    """`; did you mean 'train.max_steps'?` for a key given without its section (max_steps=5)."""
+    import difflib
+
+    keys = [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in fields(cls)]
+    if stage in STAGES:
+        keys += [f"train.{f.name}" for f in fields(trl_config_class(stage)) if f.init] + [f"train.{k}" for k in TRAIN_EXTRA_KEYS]
+    by_name = {}
+    for k in keys:
+        by_name.setdefault(k.split(".", 1)[1], k)
+    match = difflib.get_close_matches(key, list(by_name), n=1, cutoff=0.8)
+    return f"; did you mean '{by_name[match[0]]}'?" if match else ""
+
+
+def _suggest_key(key: str, cls) -> str:
+    """`; did you mean 'x'?`: the closest spelling, else the key whose help opens with it (adapter.rank -> r),
+    also for the spelling without another tool's prefix (lora_alpha -> alpha, lora_rank -> r)."""
+    names = [f.name for f in fields(cls)]
+    words = key.lower().replace("-", "_").split("_")
+    for candidate in dict.fromkeys([key, "_".join(words[1:])]):
+        if not candidate:
+            continue
+        hint = closest(candidate, names)
+        if hint:
+            return hint
+        for f in fields(cls):
+            if f.metadata.get("help", "").split(":")[0].strip().lower() == candidate.replace("_", " "):
+                return f"; did you mean '{f.name}'?"
+    return ""
 
 
 def _build(cls, raw, path: tuple, where: _Where):
@@ -369,7 +407,7 @@ def _build(cls, raw, path: tuple, where: _Where):
     names = [f.name for f in fields(cls)]
     for key in raw:
         if key not in names:
-            raise RecipeError(f"{where(path + (key,))}: unknown key{closest(str(key), names)}")
+            raise RecipeError(f"{where(path + (key,))}: unknown key{_suggest_key(str(key), cls)}")
     kwargs = {}
     for f in fields(cls):
         if f.name in raw:
@@ -501,6 +539,9 @@ def train_defaults(stage: str) -> dict[str, Any]:
     return defaults.train_defaults(stage, default_bf16())
 
 
+# With data.eval or data.eval_ratio and no train.eval_strategy: evaluate every 10% of the steps.
+EVAL_STEPS_WITH_EVAL_SPLIT = 0.1
+
 # transformers 5 renamed these; accept the old names users know, as aliases.
 TRAIN_ALIASES = {"gradient_checkpointing": "activation_checkpointing", "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
 # Set by finetune itself, from other sections.
@@ -547,6 +588,13 @@ def _cross_checks(recipe: Recipe, where: _Where) -> None:
                 raise RecipeError(f"{where(('eval', key))}: must be at least 1")
         if recipe.eval.suite and not Path(find_suite(recipe.eval.suite)).is_file():
             raise RecipeError(f"{where(('eval', 'suite'))}: {recipe.eval.suite}: file not found")
+    if d.encoding is not None:
+        import codecs
+
+        try:
+            codecs.lookup(d.encoding)
+        except LookupError:
+            raise RecipeError(f"{where(('data', 'encoding'))}: unknown encoding {d.encoding!r} (e.g. utf-8, gb18030, big5)") from None
     if d.max_samples is not None and d.max_samples < 1:
         raise RecipeError(f"{where(('data', 'max_samples'))}: must be at least 1")
     if a.r < 1:
@@ -562,9 +610,35 @@ def _cross_checks(recipe: Recipe, where: _Where) -> None:
             raise RecipeError(f"{where(('train', key))}: must be positive, got {t[key]}")
     if t["max_steps"] <= 0 and t["num_train_epochs"] <= 0:
         raise RecipeError(f"{where(('train', 'num_train_epochs'))}: set train.max_steps or a positive train.num_train_epochs")
+    if "report_to" in t:
+        _check_trackers(t["report_to"], where)
     resume = t["resume"]
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         raise RecipeError(f"{where(('train', 'resume'))}: {resume!r} is neither auto, never nor a checkpoint dir")
+
+
+# train.report_to: the trackers transformers' Trainer reports to, and the modules each needs (any one of them).
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+            "trackio": ("trackio",), "comet_ml": ("comet_ml",), "clearml": ("clearml",), "neptune": ("neptune",),
+            "dvclive": ("dvclive",), "swanlab": ("swanlab",), "codecarbon": ("codecarbon",), "azure_ml": ("azureml",),
+            "dagshub": ("dagshub",), "flyte": ("flytekit",), "kubeflow": ("kubeflow",)}
+
+
+def _check_trackers(report_to, where) -> None:
+    """Each tracker of train.report_to is known and installed: else a one-line error now, not a traceback mid-run."""
+    import importlib.util
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in names:
+        if name in ("none", "all"):
+            continue
+        if name not in TRACKERS:
+            raise RecipeError(f"{where(('train', 'report_to'))}: unknown tracker {name!r}{closest(str(name), TRACKERS)} "
+                              f"(one of {', '.join(TRACKERS)}, or none)")
+        if not any(importlib.util.find_spec(module) for module in TRACKERS[name]):
+            package = TRACKERS[name][0].replace("_", "-")
+            raise RecipeError(f"{where(('train', 'report_to'))}: {name} is not installed; `pip install {package}`, "
+                              f"or remove it from train.report_to")
 
 
 def check_stage_format(stage: str, fmt: str | None, where) -> None:

@@ -73,7 +73,7 @@ class PreparedData:
 def read_examples(name: str, cfg: DataSection, fmt: str | None = None, field_name: str = "data.train") -> tuple[list[dict], str, sources.Source]:
     """Records of one dataset reference, converted to canonical examples."""
     src = sources.resolve(name, split=cfg.split, registry=cfg.registry, field=field_name)
-    records = sources.read(src)
+    records = sources.read(src, cfg.encoding)
     if cfg.max_samples and field_name == "data.train":
         records = records[: cfg.max_samples]
     fmt = fmt or cfg.format or src.format or formats.guess_format(records[0].data)

@@ -33,6 +33,28 @@ def render(tok, ids: list[int], labels: list[int], color: bool) -> str:
     return "".join(out)
 
 
+def token_text(tok, tid: int) -> str:
+    """A token as the text it stands for (`'你'`, `' world'`), not its vocabulary spelling (byte-level BPE
+    spells Chinese as mojibake such as 'ä½ł'). A token holding part of a character shows its bytes."""
+    text = tok.decode([tid], skip_special_tokens=False)
+    if "\ufffd" not in text:
+        return repr(text)
+    raw = _token_bytes(tok.convert_ids_to_tokens(tid))
+    return f"bytes {raw.hex(' ')} (part of a character)" if raw else repr(text)
+
+
+def _token_bytes(piece: str) -> bytes | None:
+    """The bytes of a byte-level BPE piece (GPT-2's byte-to-unicode alphabet) or a byte-fallback piece (<0xE4>)."""
+    import re
+
+    if re.fullmatch(r"(<0x[0-9A-Fa-f]{2}>)+", piece):
+        return bytes(int(h, 16) for h in re.findall(r"<0x([0-9A-Fa-f]{2})>", piece))
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    inverse = {c: b for b, c in bytes_to_unicode().items()}
+    return bytes(inverse[c] for c in piece) if piece and all(c in inverse for c in piece) else None
+
+
 def preview(
     dataset: str,
     tok,
@@ -67,9 +89,7 @@ def preview(
         if show_tokens:
             lines += ["", "  pos  id     label  token"]
             for i, (tid, label) in enumerate(zip(enc.input_ids, enc.labels)):
-                lines.append(
-                    f"  {i:<4} {tid:<6} {'train' if label != IGNORE else '-':<6} {tok.convert_ids_to_tokens(tid)!r}"
-                )
+                lines.append(f"  {i:<4} {tid:<6} {'train' if label != IGNORE else '-':<6} {token_text(tok, tid)}")
     return "\n".join(lines)
 
 

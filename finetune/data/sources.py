@@ -3,8 +3,10 @@ hub datasets. Every record carries `where` ("file:line" or "file record N") for 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,6 +17,7 @@ from finetune.errors import DataError, closest
 from finetune.resources import INSTALLED, shipped
 
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
+NEWLINE = b"\n"
 SHIPPED_REGISTRY = shipped("data/datasets.yaml") or INSTALLED / "data" / "datasets.yaml"  # checkout or wheel
 
 
@@ -99,21 +102,25 @@ def resolve(name: str, split: str = "train", registry: str | None = None, field:
     raise DataError(f"{field}: {name!r} is not a file nor a dataset in {reg_path}{closest(name, entries)}")
 
 
-def read(src: Source) -> list[Record]:
-    records = list(_read_file(src.path) if src.path else _read_hub(src))
+def read(src: Source, encoding: str | None = None) -> list[Record]:
+    """Every record of `src`; text files are UTF-8 (with or without a BOM) unless `encoding` (data.encoding) says otherwise."""
+    records = list(_read_file(src.path, encoding) if src.path else _read_hub(src))
     if not records:
         raise DataError(f"{src.label()}: empty dataset (no records)")
     return records
 
 
-def _read_file(path: Path) -> Iterator[Record]:
+def _read_file(path: Path, encoding: str | None = None) -> Iterator[Record]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        yield from _read_jsonl(path)
+        with _decoding(path, encoding):
+            yield from _read_jsonl(path, encoding)
     elif suffix == ".json":
-        yield from _read_json(path)
+        with _decoding(path, encoding):
+            yield from _read_json(path, encoding)
     elif suffix in (".csv", ".tsv"):
-        yield from _read_csv(path, "\t" if suffix == ".tsv" else ",")
+        with _decoding(path, encoding):
+            yield from _read_csv(path, "\t" if suffix == ".tsv" else ",", encoding)
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -127,8 +134,61 @@ def _read_file(path: Path) -> Iterator[Record]:
         raise DataError(f"{path}: unsupported file type '{suffix}' (use one of {', '.join(FILE_SUFFIXES)})")
 
 
-def _read_jsonl(path: Path) -> Iterator[Record]:
-    with open(path, encoding="utf-8") as f:
+def open_text(path: Path, encoding: str | None = None, newline: str | None = None):
+    """A data file opened for reading text: `encoding` (data.encoding) if given, else UTF-8 with an
+    optional BOM skipped (Excel's "CSV UTF-8" and some editors write one)."""
+    return open(path, encoding=encoding or "utf-8-sig", newline=newline)
+
+
+@contextmanager
+def _decoding(path: Path, encoding: str | None):
+    """Turn a decode error while reading `path` into one line naming the file, the place and the likely encoding."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise DataError(_decode_error(path, encoding, e)) from None
+
+
+def _decode_error(path: Path, encoding: str | None, error: UnicodeDecodeError) -> str:
+    with open(path, "rb") as f:
+        head = f.read(1 << 22)
+    try:
+        head.decode(encoding or "utf-8-sig")
+        line, byte = "", error.object[error.start:error.start + 1]
+    except UnicodeDecodeError as e:
+        line, byte = f":{head[:e.start].count(NEWLINE) + 1}", head[e.start:e.start + 1]
+    where = f"{path}{line}: byte 0x{byte.hex()} is not {encoding or 'UTF-8'} text"
+    likely = likely_encoding(head)
+    named = f"{likely} (GBK)" if likely == "gb18030" else likely
+    if encoding:
+        hint = f" (it looks like {named})" if likely and codecs.lookup(likely).name != codecs.lookup(encoding).name else ""
+        return f"{where}{hint}; set data.encoding to the file's encoding"
+    if likely:
+        return f"{where}; it looks like {named}: set data.encoding={likely} or save the file as UTF-8"
+    return f"{where}; set data.encoding to the file's encoding (e.g. gb18030, big5, latin-1) or save it as UTF-8"
+
+
+def likely_encoding(data: bytes) -> str | None:
+    """A guess at the encoding of non-UTF-8 bytes: GB18030 (a superset of GBK and GB2312) when they
+    decode to mostly Chinese text, else charset-normalizer's best guess."""
+    try:
+        text = data.decode("gb18030")
+        wide = [c for c in text if ord(c) > 127]
+        chinese = sum("\u4e00" <= c <= "\u9fff" or "\u3000" <= c <= "\u303f" or "\uff00" <= c <= "\uffef" for c in wide)
+        if wide and chinese >= 0.8 * len(wide):
+            return "gb18030"
+    except UnicodeDecodeError:
+        pass
+    try:
+        import charset_normalizer
+    except ImportError:
+        return None
+    best = charset_normalizer.from_bytes(data[: 1 << 16]).best()
+    return best.encoding if best is not None and best.encoding not in ("utf_8", "ascii") else None
+
+
+def _read_jsonl(path: Path, encoding: str | None = None) -> Iterator[Record]:
+    with open_text(path, encoding) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -141,15 +201,16 @@ def _read_jsonl(path: Path) -> Iterator[Record]:
             yield Record(obj, f"{path}:{lineno}")
 
 
-def _read_json(path: Path) -> Iterator[Record]:
-    text = path.read_text(encoding="utf-8")
+def _read_json(path: Path, encoding: str | None = None) -> Iterator[Record]:
+    with open_text(path, encoding) as f:
+        text = f.read()
     if not text.strip():
         return
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # JSON Lines in a .json file
-            yield from _read_jsonl(path)
+            yield from _read_jsonl(path, encoding)
             return
         raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
     if isinstance(obj, dict):
@@ -165,8 +226,8 @@ def _read_json(path: Path) -> Iterator[Record]:
         yield Record(row, f"{path} record {i}")
 
 
-def _read_csv(path: Path, delimiter: str) -> Iterator[Record]:
-    with open(path, encoding="utf-8", newline="") as f:
+def _read_csv(path: Path, delimiter: str, encoding: str | None = None) -> Iterator[Record]:
+    with open_text(path, encoding, newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         for row in reader:
             yield Record(dict(row), f"{path}:{reader.line_num}")

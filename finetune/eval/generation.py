@@ -69,6 +69,7 @@ def generate(model, tok, prompts: list, max_new_tokens: int = 128, batch_size: i
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
     out: list[str] = [""] * len(ids)
     device = next(model.parameters()).device
+    progress = _Progress(len(ids))
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         width = max(len(ids[i]) for i in batch)
@@ -81,7 +82,39 @@ def generate(model, tok, prompts: list, max_new_tokens: int = 128, batch_size: i
                                     max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         for row, i in enumerate(batch):
             out[i] = tok.decode(generated[row, width:], skip_special_tokens=True).strip()
+        progress.update(len(batch))
+    progress.close()
     return out
+
+
+class _Progress:
+    """Answers generated, with answers/s, on stderr: a bar on a terminal; in a pipe or log a line every
+    10% (no \\r). Silent for a handful of prompts (chat, probes)."""
+
+    def __init__(self, total: int, quiet_below: int = 8):
+        import sys
+        import time
+
+        self.total, self.done, self.bar, self.stream = total, 0, None, sys.stderr
+        self.t0, self.clock = time.perf_counter(), time.perf_counter
+        self.quiet = total < quiet_below
+        if not self.quiet and self.stream.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="generating", unit="answer", leave=False, file=self.stream)
+
+    def update(self, n: int) -> None:
+        before, self.done = self.done, self.done + n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif not self.quiet and self.done * 10 // self.total > before * 10 // self.total:
+            rate = self.done / max(self.clock() - self.t0, 1e-9)
+            print(f"finetune: generated {self.done}/{self.total} answers ({rate:.2g} answers/s)", file=self.stream,
+                  flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def generate_one_by_one(model, tok, prompts: list, max_new_tokens: int = 128) -> list[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, plural
 from finetune.eval import generation, report
 from finetune.eval.run import HISTORY_NAME, Request
 from finetune.eval.run import run as run_eval
@@ -45,10 +45,39 @@ def run(recipe, output_dir) -> str:
     error here (data, suite) is reported in the log and the card; the training output stays."""
     cfg, output_dir = recipe.eval, Path(output_dir)
     section = _evaluate(recipe, cfg, output_dir)
+    rep = read_report(output_dir)
+    table = report.verdict_table(rep) if rep else ""
+    if table:
+        log.info("evaluation of %s (full report: %s):\n%s", output_dir, output_dir / "eval" / "report.html", table)
     card = output_dir / "README.md"
     if section and card.is_file():
         write_text_atomic(card, card.read_text(encoding="utf-8") + section)
     return section
+
+
+def read_report(output_dir) -> dict | None:
+    """The `eval/report.json` of a finished output dir, or None."""
+    import json
+
+    try:
+        return json.loads((Path(output_dir) / "eval" / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def gate_failure(recipe, output_dir) -> str | None:
+    """With `eval.fail_on_regression`, why the run fails its gate (regressions, or no report), else None."""
+    if getattr(recipe, "eval", None) is None or not recipe.eval.fail_on_regression:
+        return None
+    rep = read_report(output_dir)
+    if rep is None:
+        return f"eval.fail_on_regression: the evaluation of {output_dir} did not finish (see above); output kept"
+    n = (rep.get("suite") or {}).get("regressions") or 0
+    if n:
+        rows = [f"{r['task']} {r['metric']}" for r in rep["suite"]["rows"] if r["regression"]]
+        return (f"eval.fail_on_regression: {plural(n, 'regression')} ({', '.join(rows)}); "
+                f"the output in {output_dir} is kept and its card marks them")
+    return None
 
 
 def _evaluate(recipe, cfg, output_dir: Path) -> str:

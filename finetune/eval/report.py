@@ -8,6 +8,7 @@ import io
 import json
 from pathlib import Path
 
+from finetune.errors import plural
 from finetune.outputs import write_text_atomic
 
 PERCENT_METRICS = {"bleu", "sentence_bleu", "bleu-4", "rouge-1", "rouge-2", "rouge-l"}
@@ -60,52 +61,96 @@ def loss_plot(trainer_state: Path | None) -> str | None:
     return _png(fig)
 
 
+BASELINE, TUNED, WORSE = "#8d99ae", "#2b6cb0", "#c53030"
+
+
+def _grid(plt, n: int, cols: int = 4, size: tuple[float, float] = (2.6, 2.3)):
+    """n small panels, `cols` to a row; the unused ones hidden."""
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols + 0.4, size[1] * rows + 0.3), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
 def bars_plot(rows: list[dict]) -> str | None:
-    """Baseline vs tuned, one panel per task (metrics of one task share a scale)."""
+    """Baseline vs tuned: one panel per metric (each on its own scale, from zero), values written on the
+    bars, the tuned bar red where the gate flags a regression."""
     if not rows:
         return None
-    def panel(r):  # generation metrics on a 0-100 scale get their own panel
-        return f"{r['task']} (0-100)" if r["task"] == "generation" and r["metric"] in PERCENT_METRICS else r["task"]
-
-    tasks = list(dict.fromkeys(panel(r) for r in rows))
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(tasks), figsize=(2.6 * len(tasks) + 1, 3.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        mine = [r for r in rows if panel(r) == task]
-        xs = range(len(mine))
-        ax.bar([x - 0.2 for x in xs], [r["baseline"] for r in mine], 0.4, label="baseline", color="#9aa5b1")
-        ax.bar([x + 0.2 for x in xs], [r["tuned"] for r in mine], 0.4, label="tuned",
-               color=["#d64545" if r["regression"] else "#3b82c4" for r in mine])
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels([r["metric"] for r in mine], rotation=30, ha="right", fontsize=8)
-        ax.set_title(task, fontsize=9)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("Baseline vs tuned (red: regression)", y=1.04)
+    fig, axes = _grid(plt, len(rows))
+    for ax, r in zip(axes, rows):
+        colours = [BASELINE, WORSE if r["regression"] else TUNED]
+        bars = ax.bar(["baseline", "tuned"], [r["baseline"], r["tuned"]], color=colours, width=0.6)
+        ax.bar_label(bars, labels=[_fmt(r["baseline"]), _fmt(r["tuned"])], fontsize=8, padding=2)
+        ax.set_title(f"{r['task']}\n{r['metric']}" + (" (lower is better)" if not r["higher_is_better"] else ""),
+                     fontsize=8.5)
+        ax.set_ylim(0, max(r["baseline"], r["tuned"], 1e-9) * 1.22)
+        ax.tick_params(labelsize=7.5)
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
     return _png(fig)
+
+
+def comparable_runs(history: list[dict], report: dict) -> list[dict]:
+    """The history entries measured like this report (same suite, same generation data): a trend
+    mixes neither suite-only with generation runs nor two data sets."""
+    suite = (report.get("suite") or {}).get("name")
+    data = (report.get("generation") or {}).get("data")
+    return [h for h in history if h.get("suite") == suite and h.get("data") == data]
 
 
 def history_plot(history: list[dict]) -> str | None:
-    """Each gated metric of the tuned model over the runs in the history file."""
+    """Each metric over the runs (one panel per metric, run numbers on the x axis); None below 2 runs."""
+    if len(history) < 2:
+        return None
     series: dict[str, list[tuple[int, float]]] = {}
-    for i, entry in enumerate(history):
+    for i, entry in enumerate(history, 1):
         for key, value in (entry.get("metrics") or {}).items():
-            if isinstance(value, (int, float)):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 series.setdefault(key, []).append((i, value))
-    if not series or len(history) < 1:
+    series = {k: v for k, v in series.items() if len(v) >= 2}
+    if not series:
         return None
     plt = _pyplot()
-    ppl = {k: v for k, v in series.items() if k.endswith("/perplexity")}
-    rest = {k: v for k, v in series.items() if k not in ppl}
-    panels = [p for p in ((rest, "score"), (ppl, "perplexity")) if p[0]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.4), squeeze=False)
-    for ax, (group, label) in zip(axes[0], panels):
-        for key, points in group.items():
-            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=key)
-        ax.set_xlabel("run (history order)")
-        ax.set_ylabel(label)
-        ax.legend(fontsize=6)
-    fig.suptitle("History", y=1.02)
+    fig, axes = _grid(plt, len(series), size=(2.8, 2.2))
+    for ax, (key, points) in zip(axes, series.items()):
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        ax.plot(xs, ys, "o-", color=TUNED, markersize=4)
+        ax.plot(xs[-1:], ys[-1:], "o", color=WORSE if len(ys) > 1 and _worse(key, ys[-1], ys[-2]) else TUNED,
+                markersize=7)
+        ax.set_title(key, fontsize=8.5)
+        ax.set_xticks(xs if len(xs) <= 8 else xs[:: max(1, len(xs) // 8)])
+        ax.set_xlabel("run", fontsize=7.5)
+        ax.tick_params(labelsize=7.5)
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
     return _png(fig)
+
+
+def _worse(key: str, last: float, before: float) -> bool:
+    from finetune.eval.suite import direction
+
+    higher, _ = direction(key.rsplit("/", 1)[-1])
+    return last < before if higher else last > before
+
+
+def sample_rows(predictions_file: Path, n: int = 5) -> tuple[list[dict], list[dict]]:
+    """The `n` worst and `n` best predictions by their own ROUGE-L F1 against the reference."""
+    from finetune.eval import scores
+
+    try:
+        rows = [json.loads(line) for line in Path(predictions_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return [], []
+    for r in rows:
+        r["rougeL"] = scores.rouge([r["prediction"]], [r["reference"]])["rougeL"]
+    ranked = sorted(range(len(rows)), key=lambda i: (rows[i]["rougeL"], i))
+    k = min(n, len(rows) // 2) if len(rows) > 1 else len(rows)  # few rows: split them, never show one twice
+    return [rows[i] for i in ranked[:k]], [rows[i] for i in reversed(ranked[len(rows) - k:])] if len(rows) > 1 else []
 
 
 def _table(rows: list[dict]) -> list[list[str]]:
@@ -120,13 +165,29 @@ def _table(rows: list[dict]) -> list[list[str]]:
 HEAD = ["task", "metric", "baseline", "tuned", "delta", "tolerance", "verdict"]
 
 
+def verdict_table(report: dict) -> str:
+    """The gate's verdict as an aligned plain-text table, for the terminal ('' when nothing was compared)."""
+    suite = report.get("suite") or {}
+    rows = _table(suite.get("rows") or []) + _table((report.get("generation") or {}).get("rows") or [])
+    if not rows:
+        return ""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEAD)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(HEAD, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    if suite.get("rows"):
+        n = suite["regressions"]
+        lines.append(f"suite {suite['name']}: " + (plural(n, "regression") if n else "passed (no regression)"))
+    return "\n".join(lines)
+
+
 def markdown(report: dict) -> str:
     lines = [f"# Evaluation of `{report['model']}`", ""]
     if report.get("baseline"):
         lines += [f"Baseline: `{report['baseline']}`", ""]
     gen = report.get("generation")
     if gen:
-        lines += [f"## Generation metrics on `{gen['data']}` ({gen['tuned']['n']} examples, {gen['tuned']['style']} style)", ""]
+        n, style = plural(gen["tuned"]["n"], "example"), gen["tuned"]["style"]
+        lines += [f"## Generation metrics on `{gen['data']}` ({n}, {style} style)", ""]
         lines += ["| metric | tuned |" + (" baseline | delta |" if gen.get("baseline") else ""),
                   "|---|---|" + ("---|---|" if gen.get("baseline") else "")]
         for k, v in gen["tuned"].items():
@@ -136,12 +197,12 @@ def markdown(report: dict) -> str:
         lines.append("")
     suite = report.get("suite")
     if suite:
-        verdict = f"**{suite['regressions']} regression(s)**" if suite["regressions"] else "no regression"
+        verdict = f"**{plural(suite['regressions'], 'regression')}**" if suite["regressions"] else "no regression"
         lines += [f"## Capability suite `{suite['name']}`: {verdict}", "", "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
         lines += ["| " + " | ".join(r) + " |" for r in _table(suite["rows"])]
         lines.append("")
     if report.get("history_file"):
-        lines += [f"History: `{report['history_file']}` ({report.get('history_runs', 0)} runs).", ""]
+        lines += [f"History: `{report['history_file']}` ({plural(report.get('history_runs', 0), 'run')}).", ""]
     return "\n".join(lines)
 
 
@@ -151,39 +212,97 @@ def card_section(report: dict) -> str:
     return "\n## Evaluation\n\n" + body.replace("\n## ", "\n### ") + "\nFull report: `eval/report.html`.\n"
 
 
-def html_page(report: dict, images: dict[str, str]) -> str:
-    def table(rows, head):
-        th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-        trs = "".join("<tr" + (' class="bad"' if "REGRESSION" in r else "") + ">" +
-                      "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-        return f"<table><tr>{th}</tr>{trs}</table>"
+STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI","Noto Sans","Noto Sans CJK SC","PingFang SC",sans-serif;
+ max-width:1080px;margin:2em auto;padding:0 1em;color:#1a202c;line-height:1.45}
+h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.15em;margin-top:1.8em;border-bottom:1px solid #e2e8f0;padding-bottom:.2em}
+.sub{color:#4a5568;margin-top:0}.verdict{display:inline-block;padding:.35em .8em;border-radius:6px;font-weight:600}
+.pass{background:#e6f4ea;color:#1e6b34}.fail{background:#fde8e8;color:#9b1c1c}.none{background:#edf2f7;color:#2d3748}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}td,th{border:1px solid #e2e8f0;padding:4px 9px;vertical-align:top}
+th{background:#f7fafc;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.bad td{background:#fde8e8}td.up{color:#1e6b34}td.down{color:#9b1c1c}
+table.samples{width:100%}table.samples td{max-width:330px}table.samples pre{white-space:pre-wrap;margin:0;font-size:.88em;max-height:9em;overflow:auto}
+img{max-width:100%;border:1px solid #edf2f7;border-radius:4px}.note{color:#4a5568;font-size:.92em}
+"""
 
-    parts = [f"<h1>Evaluation of <code>{html.escape(report['model'])}</code></h1>"]
+
+def html_page(report: dict, images: dict[str, str], samples: tuple[list[dict], list[dict]] = ([], [])) -> str:
+    def esc(value) -> str:
+        return html.escape(str(value))
+
+    def table(rows, head, numeric=(), bad=None, cls=""):
+        th = "".join(f"<th>{esc(h)}</th>" for h in head)
+        body = []
+        for r in rows:
+            cells = "".join(f'<td class="num">{esc(c)}</td>' if i in numeric else f"<td>{esc(c)}</td>"
+                            for i, c in enumerate(r))
+            row_class = ' class="bad"' if bad and bad(r) else ""
+            body.append(f"<tr{row_class}>{cells}</tr>")
+        return f'<table class="{cls}"><tr>{th}</tr>{"".join(body)}</table>'
+
+    def image(key, title, note=""):
+        if not images.get(key):
+            return ""
+        return f'<h2>{title}</h2>{note}<img alt="{title}" src="data:image/png;base64,{images[key]}">'
+
+    suite, gen = report.get("suite"), report.get("generation")
+    parts = [f"<h1>Evaluation of <code>{esc(report['model'])}</code></h1>"]
     if report.get("baseline"):
-        parts.append(f"<p>Baseline: <code>{html.escape(report['baseline'])}</code></p>")
-    gen = report.get("generation")
+        parts.append(f'<p class="sub">against the baseline <code>{esc(report["baseline"])}</code></p>')
+    if suite and suite.get("baseline"):
+        n = suite["regressions"]
+        verdict = (f'<span class="verdict fail">Gate: {plural(n, "regression")}</span>' if n else
+                   '<span class="verdict pass">Gate: passed (no regression)</span>')
+        parts.append(f"<p>{verdict} on suite <code>{esc(suite['name'])}</code></p>")
     if gen:
-        rows = [[k, _fmt(v), _fmt((gen.get("baseline") or {}).get(k))] for k, v in gen["tuned"].items() if isinstance(v, float)]
-        parts.append(f"<h2>Generation metrics on <code>{html.escape(str(gen['data']))}</code></h2>")
-        parts.append(table(rows, ["metric", "tuned", "baseline"]))
-    suite = report.get("suite")
+        base = gen.get("baseline") or {}
+        rows = [[k, _fmt(v)] + ([_fmt(base.get(k)), f"{v - base[k]:+.4g}"] if isinstance(base.get(k), float) else [])
+                for k, v in gen["tuned"].items() if isinstance(v, float)]
+        head = ["metric", "tuned"] + (["baseline", "delta"] if base else [])
+        parts.append(f"<h2>Generation metrics on <code>{esc(gen['data'])}</code> "
+                     f"({plural(gen['tuned'].get('n', 0), 'example')}, {esc(gen['tuned'].get('style', ''))} style)</h2>")
+        parts.append(table(rows, head, numeric={1, 2, 3}))
     if suite:
-        parts.append(f"<h2>Capability suite <code>{html.escape(suite['name'])}</code>: "
-                     f"{suite['regressions']} regression(s)</h2>")
-        parts.append(table(_table(suite["rows"]), HEAD))
-    for key, title in (("loss", "Training loss"), ("bars", "Baseline vs tuned"), ("history", "History")):
-        if images.get(key):
-            parts.append(f"<h2>{title}</h2><img alt=\"{title}\" src=\"data:image/png;base64,{images[key]}\">")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}tr.bad{background:#fdd}img{max-width:100%}")
-    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>finetune eval</title><style>{style}</style></head>"
-            f"<body>{''.join(parts)}</body></html>\n")
+        parts.append(f"<h2>Capability suite <code>{esc(suite['name'])}</code></h2>")
+        parts.append(table(_table(suite["rows"]), HEAD, numeric={2, 3, 4}, bad=lambda r: r[-1] == "REGRESSION")
+                     if suite["rows"] else
+                     table([[t, m, _fmt(v)] for t, ms in suite["tuned"].items() for m, v in ms.items()],
+                           ["task", "metric", "tuned"], numeric={2}))
+    parts.append(image("bars", "Baseline vs tuned", '<p class="note">One panel per metric, each on its own scale '
+                                                    "from zero; red: a regression beyond the suite's tolerance.</p>"))
+    worst, best = samples
+    for title, rows in (("Worst predictions", worst), ("Best predictions", best)):
+        if rows:
+            body = [[_prompt_tail(r["prompt"]), r["reference"], r["prediction"], _fmt(r["rougeL"])] for r in rows]
+            th = "".join(f"<th>{h}</th>" for h in ("prompt (end)", "reference", "prediction", "ROUGE-L"))
+            trs = "".join("<tr>" + "".join(f"<td><pre>{esc(c)}</pre></td>" for c in row[:3]) +
+                          f'<td class="num">{esc(row[3])}</td></tr>' for row in body)
+            note = "By each answer's own ROUGE-L F1 against its reference."
+            parts.append(f'<h2>{title}</h2><p class="note">{note}</p><table class="samples"><tr>{th}</tr>{trs}</table>')
+    parts.append(image("loss", "Training loss"))
+    runs = report.get("comparable_runs", 0)
+    if images.get("history"):
+        parts.append(image("history", "History", f'<p class="note">{plural(runs, "run")} measured the same way in '
+                                                 f'<code>{esc(report.get("history_file", ""))}</code>; the last point '
+                                                 "is this run (red: worse than the run before).</p>"))
+    elif report.get("history_file"):
+        parts.append(f'<h2>History</h2><p class="note">This is the first run measured this way in '
+                     f'<code>{esc(report["history_file"])}</code>: the trend appears from the second.</p>')
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>finetune eval: {esc(report["model"])}'
+            f"</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
+
+
+def _prompt_tail(prompt: str, limit: int = 400) -> str:
+    return prompt if len(prompt) <= limit else "…" + prompt[-limit:]
 
 
 def write(out: Path, report: dict, trainer_state: Path | None, history: list[dict]) -> None:
     rows = list((report.get("suite") or {}).get("rows", [])) + list((report.get("generation") or {}).get("rows", []))
-    images = {"loss": loss_plot(trainer_state), "bars": bars_plot(rows), "history": history_plot(history)}
+    runs = comparable_runs(history, report)
+    report["comparable_runs"] = len(runs)
+    images = {"loss": loss_plot(trainer_state), "bars": bars_plot(rows), "history": history_plot(runs)}
     report["plots"] = [k for k, v in images.items() if v]
+    samples = sample_rows(out / "predictions.jsonl")
     write_text_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     write_text_atomic(out / "report.md", markdown(report))
-    write_text_atomic(out / "report.html", html_page(report, images))
+    write_text_atomic(out / "report.html", html_page(report, images, samples))

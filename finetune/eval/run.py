@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.config import EvalSection
-from finetune.errors import RecipeError
+from finetune.errors import RecipeError, plural
 from finetune.eval import gate, generation, loader, modules, report, scores
 from finetune.eval import suite as suites
 from finetune.outputs import check_target, replace_dir, write_text_atomic
@@ -175,5 +175,5 @@ def summary(rep: dict) -> str:
         if not s["rows"]:
             lines += [f"{t}/{m}: {v:.4g}" for t, ms in s["tuned"].items() for m, v in ms.items()]
         if s["baseline"]:
-            lines.append(f"suite {s['name']}: {s['regressions']} regression(s)")
+            lines.append(f"suite {s['name']}: {plural(s['regressions'], 'regression')}")
     return "\n".join(lines)

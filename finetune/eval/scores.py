@@ -13,7 +13,8 @@ Default style (`standard`): what the reference implementations compute on the sa
 `llamafactory` style reproduces LLaMA-Factory's `ComputeSimilarity` (src/llamafactory/train/sft/
 metric.py) for users comparing against its numbers: BLEU-4 is nltk `sentence_bleu` with
 smoothing method3 over *characters* (English too, spaces included), averaged per sentence;
-ROUGE-1/2/L are `rouge_chinese` F-scores over jieba words, with n-grams counted as sets. Both are
+ROUGE-1/2/L are `rouge_chinese` F-scores over jieba words (computed by rouge_chinese itself, as
+LLaMA-Factory calls it: n-grams counted as sets). Both are
 x100 and rounded to 4 decimals per example, as there. These numbers are not comparable with
 sacrebleu/rouge-score ones (character 4-grams are far easier to match than word 4-grams).
 """
@@ -51,12 +52,21 @@ class CharsTokenizer:
         return _CHARS_TOKEN.findall(text.lower())
 
 
+def quiet_jieba():
+    """jieba, without its "Building prefix dict ... Loading model cost" lines on stderr."""
+    import logging
+
+    import jieba
+
+    jieba.setLogLevel(logging.WARNING)
+    return jieba
+
+
 class JiebaTokenizer:
     """rouge-score tokenizer: jieba words, lower-cased, whitespace/punctuation-only words dropped."""
 
     def tokenize(self, text: str) -> list[str]:
-        import jieba
-
+        jieba = quiet_jieba()
         return [w for w in (w.strip().lower() for w in jieba.lcut(text)) if w and re.search(r"\w", w)]
 
 
@@ -94,62 +104,19 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> dict[s
 # ----------------------------------------------------------------------------- LLaMA-Factory style
 
 
-def _lf_cut_sent(para: str) -> list[str]:
-    """rouge_chinese's sentence splitter (kept: it decides which whitespace survives)."""
-    para = re.sub(r"([。！？\?])([^”’])", r"\1\n\2", para)
-    para = re.sub(r"(\.{6})([^”’])", r"\1\n\2", para)
-    para = re.sub(r"(\…{2})([^”’])", r"\1\n\2", para)
-    para = re.sub(r"([。！？\?][”’])([^，。！？\?])", r"\1\n\2", para)
-    return para.rstrip().split("\n")
-
-
-def _lf_words(text: str) -> list[str]:
-    sentences = [" ".join(s.split()) for s in _lf_cut_sent(text) if len(s) > 0]
-    return [w for s in sentences for w in s.split(" ")]
-
-
-def _lf_f(overlap: int, hyp: int, ref: int) -> float:
-    p = overlap / hyp if hyp else 0.0
-    r = overlap / ref if ref else 0.0
-    return 2.0 * ((p * r) / (p + r + 1e-8))
-
-
-def _lcs(x: list[str], y: list[str]) -> int:
-    row = [0] * (len(y) + 1)
-    for a in x:
-        prev_diag, row[0] = 0, 0
-        for j, b in enumerate(y, 1):
-            prev_diag, row[j] = row[j], prev_diag + 1 if a == b else max(row[j], row[j - 1])
-    return row[-1]
-
-
-def _lf_rouge(hyp_text: str, ref_text: str) -> dict[str, float]:
-    """rouge_chinese `Rouge().get_scores(hyp, ref)[0]` F-scores (n-grams as sets, summary-level LCS)."""
-    hyp, ref = _lf_words(hyp_text), _lf_words(ref_text)
-    out = {}
-    for n in (1, 2):
-        h = {tuple(hyp[i:i + n]) for i in range(len(hyp) - n + 1)}
-        r = {tuple(ref[i:i + n]) for i in range(len(ref) - n + 1)}
-        out[f"rouge-{n}"] = _lf_f(len(h & r), len(h), len(r))
-    out["rouge-l"] = _lf_f(_lcs(ref, hyp), len(hyp), len(ref))
-    return out
-
-
 def llamafactory(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """LLaMA-Factory's `rouge-1`, `rouge-2`, `rouge-l`, `bleu-4` (0-100, per-example rounded, averaged)."""
-    import logging
-
-    import jieba
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    from rouge_chinese import Rouge
 
-    jieba.setLogLevel(logging.CRITICAL)
+    jieba = quiet_jieba()
     scores: dict[str, list[float]] = {"rouge-1": [], "rouge-2": [], "rouge-l": [], "bleu-4": []}
     for pred, label in zip(predictions, references):
         hypothesis, reference = list(jieba.cut(pred)), list(jieba.cut(label))
         if not " ".join(hypothesis).split() or not " ".join(reference).split():
             result = {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
         else:
-            result = _lf_rouge(" ".join(hypothesis), " ".join(reference))
+            result = {k: v["f"] for k, v in Rouge().get_scores(" ".join(hypothesis), " ".join(reference))[0].items()}
         for k, v in result.items():
             scores[k].append(round(v * 100, 4))
         b = sentence_bleu([list(label)], list(pred), smoothing_function=SmoothingFunction().method3)

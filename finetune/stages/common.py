@@ -4,16 +4,20 @@ end of every run (`finish`: save what describes the output, swap it into place, 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
+import sys
 from dataclasses import dataclass, field
 
 import torch
 
 from finetune import adapters, card, models, rewards, tiny
 from finetune.config import RL_STAGES, TRAIN_EXTRA_KEYS, Recipe, trl_config_class
-from finetune.errors import RecipeError
+from finetune.errors import RecipeError, plural
 from finetune.outputs import ADAPTER_CONFIG, RunDir, record_base, write_text_atomic
+
+log = logging.getLogger("finetune")
 
 
 def trl_args(recipe: Recipe, output_dir):
@@ -54,6 +58,25 @@ def count_adapter_parameters(recipe: Recipe) -> tuple[int, int]:
     return models.count_parameters(model)
 
 
+def output_notes(recipe: Recipe) -> list[str]:
+    """What a real run would do with what is already at output.dir (for the dry-run plan)."""
+    from finetune.outputs import RunDir, is_nonempty_dir
+
+    run_dir = RunDir(recipe.output.dir, recipe.output.overwrite, recipe.train["resume"])
+    notes = []
+    if run_dir.final.exists() and not run_dir.final.is_dir():
+        notes.append(f"{run_dir.final} exists and is not a directory: a real run would refuse; choose another output.dir")
+    elif is_nonempty_dir(run_dir.final):
+        finished = "a finished run" if (run_dir.final / "recipe.yaml").is_file() else "files"
+        notes.append(f"{run_dir.final} already holds {finished}: a real run would " + (
+            "replace it when it finishes (output.overwrite=true)" if recipe.output.overwrite else
+            "refuse; set output.overwrite=true to replace it, or choose another output.dir"))
+    checkpoint = run_dir.resume_from() if run_dir.work.is_dir() else None
+    if checkpoint is not None:
+        notes.append(f"an interrupted run is in {run_dir.work}: a real run resumes from {checkpoint.name}")
+    return notes
+
+
 def planned_steps(recipe: Recipe, n_examples: int, world: int) -> int:
     """Optimizer steps of the run: train.max_steps, or the epochs over the data."""
     t = recipe.train
@@ -83,9 +106,10 @@ class TrainPlan:
         world = world_size()
         effective = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] * world
         steps = planned_steps(recipe, len(prepared.train.encoded), world)
+        notes = list(prepared.notes) + output_notes(recipe)
         return cls(recipe, trainable, total, prepared.train.stats(),
                    prepared.eval.stats() if prepared.eval else None, world, effective, steps,
-                   [*getattr(prepared, "modes", []), *prepared.notes])
+                   [*getattr(prepared, "modes", []), *notes])
 
     def render(self) -> str:
         r, t = self.recipe, self.recipe.train
@@ -97,11 +121,9 @@ class TrainPlan:
             f"  stage          {r.stage}" + ("" if stage_origin in ("recipe", "override") else f" ({stage_origin})"),
             f"  model          {r.model.name_or_path} -> {models.model_path(r.model)}",
             f"  adapter        {adapters.describe(r.adapter)}",
-            f"  parameters     {self.trainable:,} trainable of {self.total:,} "
-            f"({100 * self.trainable / max(self.total, 1):.3f}%)",
-            f"  device         {device} x {self.world} process(es), {dtype}",
-            f"  batch          {t['per_device_train_batch_size']} per device"
-            f" x {t['gradient_accumulation_steps']} accumulation"
+            f"  parameters     {self.trainable:,} trainable of {self.total:,} ({100 * self.trainable / max(self.total, 1):.3f}%)",
+            f"  device         {device} x {plural(self.world, 'process', 'processes')}, {dtype}",
+            f"  batch          {t['per_device_train_batch_size']} per device x {t['gradient_accumulation_steps']} accumulation"
             f" x {self.world} = {self.effective_batch} per step",
             f"  steps          {self.steps} (lr {t['learning_rate']:g}, {t['lr_scheduler_type']})",
             f"  output         {r.output.dir}",
@@ -113,8 +135,8 @@ class TrainPlan:
                            f"{stats['trained_tokens']} of {stats['tokens']} tokens trained "
                            f"({100 * stats['trained_tokens'] / max(stats['tokens'], 1):.0f}%)")
                 lines.append(
-                    f"  {name:<14} {stats['examples']} {'prompts' if online else 'examples'} from {stats['records']} "
-                    f"records; tokens/{'prompt' if online else 'example'} "
+                    f"  {name:<14} {plural(stats['examples'], 'prompt' if online else 'example')} from "
+                    f"{plural(stats['records'], 'record')}; tokens/{'prompt' if online else 'example'} "
                     f"min {stats['length_min']} mean {stats['length_mean']} p50 {stats['length_p50']} "
                     f"p95 {stats['length_p95']} max {stats['length_max']}; {trained}"
                 )
@@ -174,11 +196,14 @@ def finish(recipe: Recipe, run_dir: RunDir, trainer, prepared, metrics: dict) ->
     if chained is not None:  # name the original model, not this machine's merged copy in the cache
         base = tiny.resolve(chained["base"]) if tiny.is_tiny(chained["base"]) else chained["base"]
         _rename_base(work, base)
-    write_text_atomic(work / "README.md", card.model_card(recipe, prepared, metrics, model, base, chained))
+    text = card.model_card(recipe, prepared, metrics, model, base, chained, tokenizer=trainer.processing_class)
+    write_text_atomic(work / "README.md", text)
     if not recipe.output.keep_checkpoints:
         for ckpt in work.glob("checkpoint-*"):
             shutil.rmtree(ckpt, ignore_errors=True)
     run_dir.finish()
+    if final_summary(metrics):
+        log.info(final_summary(metrics))
     after_training(recipe, run_dir.final)  # the recipe's `eval:` section, if any (report + model card)
 
 
@@ -189,3 +214,100 @@ def _rename_base(work, base: str) -> None:
         cfg = json.loads(f.read_text(encoding="utf-8"))
         cfg["base_model_name_or_path"] = base
         write_text_atomic(f, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+# ----------------------------------------------------------------------------- the terminal during a run
+
+
+def start_summary(recipe: Recipe, prepared, model, steps: int, world: int, work) -> str:
+    """What the run is about to do, in four lines: model and adapter, parameters, data and steps, where it writes."""
+    t = recipe.train
+    trainable, total = models.count_parameters(model)
+    effective = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] * world
+    n_train = prepared.train.stats()["examples"]
+    held = prepared.eval.stats()["examples"] if prepared.eval is not None else 0
+    unit = "prompt" if recipe.stage in RL_STAGES else "example"
+    return "\n".join([
+        f"training: {recipe.stage}, {adapters.describe(recipe.adapter)}, on {recipe.model.name_or_path}",
+        f"  parameters  {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.3g}%)",
+        f"  data        {plural(n_train, unit)}" + (f", {held} held out for eval" if held else "") +
+        f"; {plural(steps, 'step')} of {effective} ({plural(world, 'process', 'processes')})",
+        f"  writing     {work} (renamed to {recipe.output.dir} when finished)",
+    ])
+
+
+def _number(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return str(value) if isinstance(value, int) else f"{value:.4g}"
+
+
+def log_line(logs: dict, step: int, max_steps: int) -> str:
+    """One trainer log as a line of plain numbers: `step 4/12  loss 5.088  grad_norm 1.353 ...`;
+    `eval (step 12/12)  loss 4.21 ...`; the end-of-training summary as `train done ...`."""
+    logs = {k: v for k, v in logs.items() if k != "total_flos"}
+    if any(k.startswith("eval_") for k in logs):
+        speed = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+        head = f"eval (step {step}/{max_steps})"
+        logs = {k.removeprefix("eval_"): v for k, v in logs.items() if k not in speed}
+    elif "train_runtime" in logs:
+        head, logs = "train done", {k.removeprefix("train_"): v for k, v in logs.items()}
+    else:
+        head = f"step {step}/{max_steps}"
+    return "  ".join([head] + [f"{k} {_number(v)}" for k, v in logs.items()])
+
+
+def terminal_log(trainer) -> None:
+    """Replace the trainer's progress printing: logs become lines of numbers (not dicts of strings);
+    on a terminal the progress bar stays, in a pipe or file there are no bars, so no \\r or escape codes."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class TerminalLog(ProgressCallback):
+        def __init__(self):
+            super().__init__()
+            self.bars = sys.stderr.isatty()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.current_step = 0
+            if self.bars:
+                super().on_train_begin(args, state, control, **kwargs)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bars:
+                super().on_step_end(args, state, control, **kwargs)
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            if self.bars:
+                super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            line = log_line(logs, state.global_step, state.max_steps)
+            if self.training_bar is not None:
+                self.training_bar.write(line, file=sys.stderr)
+            else:
+                print(line, file=sys.stderr, flush=True)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bars and self.training_bar is not None:
+                super().on_train_end(args, state, control, **kwargs)
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(TerminalLog())
+
+
+def final_summary(metrics: dict) -> str:
+    """`final: train loss 1.23, eval loss 1.41` (the numbers a run is judged by), '' if none."""
+    parts = [f"{name} {metrics[key]:.4g}" for key, name in (("train_loss", "train loss"), ("eval_loss", "eval loss"))
+             if isinstance(metrics.get(key), (int, float))]
+    return "final: " + ", ".join(parts) if parts else ""
+
+
+def final_eval(trainer) -> dict:
+    """The eval metrics at the last step: those logged there (eval_strategy: steps evaluates at the end),
+    else one evaluation now."""
+    history = trainer.state.log_history
+    logged = [h for h in history if "eval_loss" in h and h.get("step") == trainer.state.global_step]
+    if logged:
+        return {k: v for k, v in logged[-1].items() if k.startswith("eval_")}
+    return trainer.evaluate()

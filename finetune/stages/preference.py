@@ -13,22 +13,33 @@ from finetune import models
 from finetune.config import Recipe
 from finetune.data import pairs
 from finetune.outputs import RunDir
-from finetune.stages.common import TrainPlan, finish, keep_adapter_in_compute_dtype, trl_args
+from finetune.stages.common import (
+    TrainPlan,
+    final_eval,
+    finish,
+    keep_adapter_in_compute_dtype,
+    planned_steps,
+    start_summary,
+    terminal_log,
+    trl_args,
+)
 
 log = logging.getLogger("finetune")
 
 
-def prepare(recipe: Recipe):
-    """Everything that can fail on the user's input, before any output dir exists."""
+def prepare(recipe: Recipe, dry_run: bool = False):
+    """Everything that can fail on the user's input, before any output dir exists. A dry run
+    plans even where output.dir is taken (the plan notes what a real run would do there)."""
     run_dir = RunDir(recipe.output.dir, recipe.output.overwrite, recipe.train["resume"])
-    run_dir.check()
+    if not dry_run:
+        run_dir.check()
     tok = models.load_tokenizer(recipe.model)
     prepared = pairs.load(recipe.data, tok, recipe.stage, seed=recipe.train["seed"])
     return run_dir, tok, prepared
 
 
 def plan(recipe: Recipe) -> TrainPlan:
-    _, _, prepared = prepare(recipe)
+    _, _, prepared = prepare(recipe, dry_run=True)
     return TrainPlan.build(recipe, prepared)
 
 
@@ -54,10 +65,14 @@ def run(recipe: Recipe, make_trainer: Callable, callbacks=(), num_labels: int | 
     trainer = make_trainer(model, args, tok, prepared, list(callbacks))
     keep_adapter_in_compute_dtype(trainer.model, recipe)
     dropped = _count_dropped(trainer, prepared, recipe)
+    terminal_log(trainer)
+    if state.is_main_process:
+        steps = planned_steps(recipe, len(trainer.train_dataset), state.num_processes)
+        log.info(start_summary(recipe, prepared, trainer.model, steps, state.num_processes, run_dir.work))
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics = {**dropped, **result.metrics}
     if prepared.eval is not None:
-        metrics.update(trainer.evaluate())
+        metrics.update(final_eval(trainer))
 
     trainer.save_model(str(run_dir.work))
     if state.is_main_process:

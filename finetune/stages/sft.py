@@ -14,15 +14,26 @@ from finetune import adapters, data, models
 from finetune.config import Recipe
 from finetune.data.encode import options_of
 from finetune.outputs import RunDir
-from finetune.stages.common import TrainPlan, finish, keep_adapter_in_compute_dtype, planned_steps, trl_args
+from finetune.stages.common import (
+    TrainPlan,
+    final_eval,
+    finish,
+    keep_adapter_in_compute_dtype,
+    planned_steps,
+    start_summary,
+    terminal_log,
+    trl_args,
+)
 
 log = logging.getLogger("finetune")
 
 
-def prepare(recipe: Recipe):
-    """Everything that can fail on the user's input, before any output dir exists."""
+def prepare(recipe: Recipe, dry_run: bool = False):
+    """Everything that can fail on the user's input, before any output dir exists. A dry run
+    plans even where output.dir is taken (the plan notes what a real run would do there)."""
     run_dir = RunDir(recipe.output.dir, recipe.output.overwrite, recipe.train["resume"])
-    run_dir.check()
+    if not dry_run:
+        run_dir.check()
     tok = models.load_tokenizer(recipe.model)
     prepared = data.load(recipe.data, tok, recipe.train["max_length"], seed=recipe.train["seed"],
                          options=options_of(recipe))
@@ -33,7 +44,7 @@ def prepare(recipe: Recipe):
 
 def plan(recipe: Recipe) -> TrainPlan:
     """What `train` would do (for --dry-run): validates recipe, data and model config, trains nothing."""
-    _, tok, prepared = prepare(recipe)
+    _, tok, prepared = prepare(recipe, dry_run=True)
     return TrainPlan.build(recipe, prepared)
 
 
@@ -70,10 +81,13 @@ def run(recipe: Recipe, callbacks=()) -> Path:
         optimizers=training.optimizers,
     )
     keep_adapter_in_compute_dtype(trainer.model, recipe)
+    terminal_log(trainer)
+    if state.is_main_process:
+        log.info(start_summary(recipe, prepared, trainer.model, steps, state.num_processes, run_dir.work))
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics = dict(result.metrics)
     if prepared.eval is not None:
-        metrics.update(trainer.evaluate())
+        metrics.update(final_eval(trainer))
 
     trainer.save_model(str(run_dir.work))  # every rank: FSDP / ZeRO-3 gather the weights here
     if state.is_main_process:
