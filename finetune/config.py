@@ -126,6 +126,13 @@ class DataSection:
     max_samples: int | None = _f(None, help="Use only the first N training records.")
     system: str | None = _f(None, help="System prompt added to chat examples that have none.")
     registry: str | None = _f(None, help="Path of a datasets.yaml registry (default: ./data/datasets.yaml, then the shipped one).")
+    num_proc: int | None = _f(None, help="Processes that encode the data (default: the usable cores up to 8; 1 below 20k records).")
+    cache: Literal["auto", "off", "refresh"] = _f(
+        "auto", help="Prepared-data cache: auto = reuse the encoded data when nothing it depends on changed; "
+        "refresh = encode again and replace it; off = encode into a temp dir, every rank for itself."
+    )
+    streaming: bool = _f(False, help="Read and encode while training (data larger than RAM or disk); needs train.max_steps.")
+    skip_bad_rows: bool = _f(False, help="Skip malformed records instead of stopping; the run reports how many and the first few.")
 
 
 @dataclass
@@ -572,6 +579,12 @@ def _cross_checks(recipe: Recipe, where: _Where) -> None:
             raise RecipeError(f"{where(('eval', 'suite'))}: {recipe.eval.suite}: file not found")
     if d.max_samples is not None and d.max_samples < 1:
         raise RecipeError(f"{where(('data', 'max_samples'))}: must be at least 1")
+    if d.num_proc is not None and d.num_proc < 1:
+        raise RecipeError(f"{where(('data', 'num_proc'))}: must be at least 1")
+    if d.streaming and t["max_steps"] <= 0:
+        raise RecipeError(f"{where(('data', 'streaming'))}: a stream has no known length; set train.max_steps")
+    if d.streaming and recipe.stage != "sft":
+        raise RecipeError(f"{where(('data', 'streaming'))}: streaming is for the sft stage only")
     if a.r < 1:
         raise RecipeError(f"{where(('adapter', 'r'))}: must be at least 1")
     if not 0.0 <= a.dropout < 1.0:
