@@ -335,7 +335,12 @@ def _build(src, records, fmt, columns, cfg: DataSection, tok, max_length, option
         )
     if len(keep) < len(encoded):
         encoded = encoded.select(keep)
-    encoded.save_to_disk(str(tmp / "dataset"))
+    datasets.disable_progress_bars()  # a copy at disk speed: no bar
+    try:
+        encoded.save_to_disk(str(tmp / "dataset"))
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     for p in tmp.glob("*.arrow"):  # the intermediate files (still mapped by `raw`/`encoded`: fine on POSIX)
         p.unlink()
     return {

@@ -13,7 +13,7 @@ at several GB/s, so a 1 GB file costs well under a second on a warm start. A fol
 relative path and content. A hub id: the fingerprint `datasets` gives the loaded split (its own
 cache identity, which follows the hub revision).
 
-Layout: `<cache root>/data/<key>/` holds `meta.json` (what it holds) and `dataset/`
+Layout: `$FINETUNE_DATA_CACHE/<key>/` (default `<finetune cache root>/data/<key>/`) holds `meta.json` (what it holds) and `dataset/`
 (`Dataset.save_to_disk`). An entry is built in `.tmp-<key>-<host>-<pid>/` beside it and renamed
 into place when complete, so an interrupted preparation never looks like a finished one.
 
@@ -44,6 +44,9 @@ builds = 0  # entries built by this process (tests count cache misses with it)
 
 
 def root() -> Path:
+    """$FINETUNE_DATA_CACHE (e.g. a shared file system for a cluster), else <finetune cache>/data."""
+    if os.environ.get("FINETUNE_DATA_CACHE"):
+        return Path(os.environ["FINETUNE_DATA_CACHE"]).expanduser().absolute()
     from finetune.tiny import cache_root
 
     return cache_root() / "data"
