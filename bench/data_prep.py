@@ -30,7 +30,8 @@ EN = ["How do I keep basil alive on a windowsill?", "Explain what a hash table i
       "Summarise the plot of a detective story in three sentences.", "How many minutes are in a week?"]
 ZH = ["如何在窗台上养活罗勒？", "请解释什么是哈希表。", "为什么天空是蓝色的？", "写一封简短的感谢信给同事。",
       "列表和元组有什么区别？", "用三句话概括一个侦探故事的情节。", "一周有多少分钟？"]
-EN_WORDS = "the a model data answer light water time small large quickly because therefore which every".split()
+EN_WORDS = ["the", "a", "model", "data", "answer", "light", "water", "time", "small", "large", "quickly", "because",
+            "therefore", "which", "every"]
 ZH_CHARS = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行学法所民得经"
 
 
@@ -79,7 +80,7 @@ def measure(path: Path, tokenizer: str, num_proc: int, max_length: int, cache_di
     script = MEASURE.format(repo=str(REPO), tokenizer=tokenizer, path=str(path), num_proc=num_proc, max_length=max_length)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode:

@@ -53,8 +53,8 @@ def test_skipped_bad_rows_are_counted_and_named(tmp_path, cache_dir, tiny_tokeni
     cfg.skip_bad_rows = True
     prepared = data.load(cfg, tiny_tokenizer, 64)
     assert (prepared.train.n_records, len(prepared.train.encoded)) == (8, 8)
-    assert prepared.notes == [f"{path}: 2 bad records skipped (data.skip_bad_rows), first: "
-                              f"{path}:4: field 'output': missing; {path}:8: field 'output': expected a string, got int"]
+    assert prepared.notes == [(f"{path}: 2 bad records skipped (data.skip_bad_rows), first: "
+                               f"{path}:4: field 'output': missing; {path}:8: field 'output': expected a string, got int")]
 
 
 def test_streaming_needs_max_steps(tmp_path):

@@ -345,7 +345,7 @@ def _build(src, records, fmt, columns, cfg: DataSection, tok, max_length, option
         p.unlink()
     return {
         "source": label, "format": fmt, "language": src.language, "records": n_records,
-        "examples": int(len(keep)), "truncated": n_truncated, "dropped": int(len(n_trained) - len(keep)),
+        "examples": len(keep), "truncated": n_truncated, "dropped": int(len(n_trained) - len(keep)),
         "bad_rows": n_bad, "first_bad_rows": bad, "max_length": max_length, "num_proc": num_proc,
         "encode_rows_per_s": round(n_records / max(encode_seconds, 1e-9), 1),
         "seconds": round(time.perf_counter() - start, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
