@@ -106,6 +106,9 @@ def test_two_processes_encode_exactly_what_one_does(tmp_path, cache_dir, tiny_to
     two = data.load(DataSection(train=str(path), format="alpaca", cache="off", num_proc=2), tiny_tokenizer, 16)
     for column in ("input_ids", "labels", "length", "n_trained", "truncated", "record"):
         assert two.train.table.with_format("arrow")[column].equals(one.train.table.with_format("arrow")[column])
+    # what the length-grouped sampler reads: one list from the Arrow column, not a per-row lookup
+    lengths = one.train.dataset(with_length=True)["length"]
+    assert isinstance(lengths, list) and lengths == [len(e.input_ids) for e in one.train.encoded]
     assert one.train.n_truncated > 0 and (one.train.n_truncated, one.train.n_dropped) == (two.train.n_truncated, two.train.n_dropped)
     # the Arrow rows are what encode() gives record by record
     from finetune.data.encode import encode
