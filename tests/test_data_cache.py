@@ -205,3 +205,26 @@ def test_data_prepare_then_train_starts_from_the_cache(tmp_path, cache_dir, caps
     before = cache.builds
     assert cli.main(["data", "prepare", str(recipe)]) == 0 and cache.builds == before  # a hit
     assert not (tmp_path / "out").exists()  # nothing but the cache was written
+
+
+def test_a_record_may_become_several_sequences(tmp_path, cache_dir, tiny_tokenizer, monkeypatch):
+    """encode() may return a list (one sequence per assistant turn, for templates that are not
+    prefix-consistent): every sequence is a row, counted against its record, with the first note."""
+    from types import SimpleNamespace
+
+    path = write_jsonl(tmp_path / "d.jsonl", _rows(3))
+    real = encode_module.encode
+
+    def per_turn(tok, example, max_length=None, *, options=None):
+        one = real(tok, example, max_length)
+        two = SimpleNamespace(input_ids=one.input_ids + one.input_ids, labels=[-100] * len(one.labels) + one.labels,
+                              truncated=False, n_trained=one.n_trained, note="turn 1 renders differently")
+        return [one, two]
+
+    monkeypatch.setattr(encode_module, "encode", per_turn)
+    prepared = data.load(DataSection(train=str(path), format="alpaca"), tiny_tokenizer, 256)
+    split = prepared.train
+    assert (split.n_records, len(split.encoded)) == (3, 6)
+    assert split.table["record"][:] == [0, 0, 1, 1, 2, 2]
+    assert split.first_note == "record 0: turn 1 renders differently"
+    assert [len(e.input_ids) for e in split.encoded][:2] == [len(split.encoded[0].input_ids), 2 * len(split.encoded[0].input_ids)]

@@ -86,6 +86,7 @@ class Split:
     n_truncated: int = 0
     n_dropped: int = 0  # truncated until no trained token was left
     cache_dir: Path | None = None
+    first_note: str = ""  # the encoder's first note (why a record became several sequences), for the plan
 
     @property
     def encoded(self) -> EncodedRows:
@@ -221,7 +222,7 @@ def read_examples(name: str, cfg: DataSection, fmt: str | None = None, field_nam
     records = list(_records(src, cfg, field_name))
     fmt = _format_of(src, cfg, records[0] if records else None, fmt)
     columns = {**(src.columns or {}), **cfg.columns}
-    return formats.convert(records, fmt, columns, cfg.system), fmt, src
+    return formats.convert(records, fmt, columns, cfg.system, *_convert_extra(cfg)), fmt, src
 
 
 class _Progress:
@@ -245,8 +246,12 @@ class _Progress:
         return seconds
 
 
-def _write_examples(records, fmt: str, columns: dict, system: str | None, label: str, path: Path,
-                    skip_bad_rows: bool) -> tuple[int, list[str], int]:
+def _convert_extra(cfg: DataSection) -> tuple:
+    """formats.convert's arguments after `system` that the data section has (data.reasoning_tags)."""
+    return (cfg.reasoning_tags,) if getattr(cfg, "reasoning_tags", None) is not None else ()
+
+
+def _write_examples(records, fmt: str, columns: dict, cfg: DataSection, label: str, path: Path) -> tuple[int, list[str], int]:
     """Convert records to canonical examples, row by row, into an Arrow file (JSON per example,
     with its `where` and record number). Returns (records read, skipped rows' first locations, skipped count)."""
     import pyarrow as pa
@@ -263,9 +268,9 @@ def _write_examples(records, fmt: str, columns: dict, system: str | None, label:
 
         for record in records:
             try:
-                example = formats.convert([record], fmt, columns, system)[0]
+                example = formats.convert([record], fmt, columns, cfg.system, *_convert_extra(cfg))[0]
             except DataError as e:
-                if not skip_bad_rows:
+                if not cfg.skip_bad_rows:
                     raise
                 n_bad += 1
                 if len(bad) < FIRST_BAD_ROWS:
@@ -294,7 +299,7 @@ def _encode_fn():
 def _encode_batch(batch: dict, tok, max_length: int | None, options) -> dict:
     """datasets.map function: canonical examples -> encoded rows (a record may give several)."""
     encode, takes_options = _encode_fn()
-    out = {"input_ids": [], "labels": [], "truncated": [], "n_trained": [], "length": [], "record": []}
+    out = {"input_ids": [], "labels": [], "truncated": [], "n_trained": [], "length": [], "record": [], "note": []}
     for text, where, record in zip(batch["example"], batch["where"], batch["record"]):
         example = json.loads(text)
         try:
@@ -309,6 +314,7 @@ def _encode_batch(batch: dict, tok, max_length: int | None, options) -> dict:
             out["n_trained"].append(enc.n_trained)
             out["length"].append(len(enc.input_ids))
             out["record"].append(record)
+            out["note"].append(getattr(enc, "note", "") or "")
     return out
 
 
@@ -318,7 +324,7 @@ def _features():
     ids = datasets.List(datasets.Value("int32"))
     return datasets.Features({"input_ids": ids, "labels": ids, "truncated": datasets.Value("bool"),
                               "n_trained": datasets.Value("int32"), "length": datasets.Value("int32"),
-                              "record": datasets.Value("int64")})
+                              "record": datasets.Value("int64"), "note": datasets.Value("string")})
 
 
 def _options_key(options):
@@ -335,8 +341,7 @@ def _build(src, records, fmt, columns, cfg: DataSection, tok, max_length, option
 
     label = src.label()
     start = time.perf_counter()
-    n_records, bad, n_bad = _write_examples(records, fmt, columns, cfg.system, label, tmp / "examples.arrow",
-                                            cfg.skip_bad_rows)
+    n_records, bad, n_bad = _write_examples(records, fmt, columns, cfg, label, tmp / "examples.arrow")
     if n_records == 0:
         raise DataError(f"{label}: empty dataset (no records)" + (f"; {n_bad} bad rows skipped" if n_bad else ""))
     raw = datasets.Dataset.from_file(str(tmp / "examples.arrow"))
@@ -364,6 +369,12 @@ def _build(src, records, fmt, columns, cfg: DataSection, tok, max_length, option
             f"{label}: all {n_records} records are longer than train.max_length={max_length} "
             "before their answers start (nothing left to train); raise train.max_length"
         )
+    noted = np.flatnonzero(encoded.with_format("arrow")["note"].to_numpy(zero_copy_only=False) != "")
+    first_note = ""
+    if len(noted):
+        row = encoded.with_format("arrow")[int(noted[0])]
+        first_note = f"record {row['record'][0].as_py()}: {row['note'][0].as_py()}"
+    encoded = encoded.remove_columns("note")
     if len(keep) < len(encoded):
         encoded = encoded.select(keep)
     datasets.disable_progress_bars()  # a copy at disk speed: no bar
@@ -377,7 +388,7 @@ def _build(src, records, fmt, columns, cfg: DataSection, tok, max_length, option
     return {
         "source": label, "format": fmt, "language": src.language, "records": n_records,
         "examples": len(keep), "truncated": n_truncated, "dropped": int(len(n_trained) - len(keep)),
-        "bad_rows": n_bad, "first_bad_rows": bad, "max_length": max_length, "num_proc": num_proc,
+        "bad_rows": n_bad, "first_bad_rows": bad, "first_note": first_note, "max_length": max_length, "num_proc": num_proc,
         "encode_rows_per_s": round(n_records / max(encode_seconds, 1e-9), 1),
         "seconds": round(time.perf_counter() - start, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -387,7 +398,7 @@ def cache_key_parts(src, fmt, columns, cfg: DataSection, tok, max_length, option
     """Everything that changes an encoded split (see finetune.data.cache for the choices)."""
     return {
         "source": sources.fingerprint(src),
-        "format": fmt, "columns": columns, "system": cfg.system,
+        "format": fmt, "columns": columns, "system": cfg.system, "conversion": _convert_extra(cfg),
         "max_samples": cfg.max_samples if field_name == "data.train" else None,
         "skip_bad_rows": cfg.skip_bad_rows,
         "tokenizer": cache.tokenizer_fingerprint(tok),
@@ -436,7 +447,7 @@ def prepare_split(name: str, cfg: DataSection, tok, max_length: int | None, opti
         else:
             log.info("cache: %s saved in %s", src.label(), path)
     table = datasets.load_from_disk(str(path / "dataset"))
-    split = Split(src.label(), table, meta["records"], meta["truncated"], meta["dropped"], path)
+    split = Split(src.label(), table, meta["records"], meta["truncated"], meta["dropped"], path, meta["first_note"])
     notes = []
     if meta.get("bad_rows"):
         notes.append(f"{src.label()}: {meta['bad_rows']} bad records skipped (data.skip_bad_rows), first: "
@@ -498,7 +509,7 @@ def _split(train: Split, ratio: float, seed: int) -> tuple[Split, Split]:
 def _stream_rows(src, fmt, columns, cfg: DataSection):
     """Generator of canonical examples for IterableDataset.from_generator (errors name the row)."""
     for n, record in enumerate(_records(src, cfg, "data.train", streaming=True)):
-        example = formats.convert([record], fmt, columns, cfg.system)[0]
+        example = formats.convert([record], fmt, columns, cfg.system, *_convert_extra(cfg))[0]
         yield {"example": json.dumps(example, ensure_ascii=False), "where": record.where, "record": n}
 
 
