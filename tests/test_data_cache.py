@@ -228,3 +228,19 @@ def test_a_record_may_become_several_sequences(tmp_path, cache_dir, tiny_tokeniz
     assert split.table["record"][:] == [0, 0, 1, 1, 2, 2]
     assert split.first_note == "record 0: turn 1 renders differently"
     assert [len(e.input_ids) for e in split.encoded][:2] == [len(split.encoded[0].input_ids), 2 * len(split.encoded[0].input_ids)]
+
+
+def test_two_nodes_on_a_shared_cache_dir_encode_once(tmp_path, cache_dir):
+    """The main processes of two nodes (both LOCAL_RANK 0) on one shared FINETUNE_DATA_CACHE:
+    the file lock lets one encode; the other finds its entry."""
+    path = write_jsonl(tmp_path / "d.jsonl", _rows(30))
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT.format(repo=str(REPO), path=str(path), out=str(tmp_path)))
+    procs = [subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "LOCAL_RANK": "0", "RANK": str(rank)})
+             for rank in (0, 2)]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 2)]
+    assert sorted(r["builds"] for r in ranks) == [0, 1]
+    assert ranks[0]["digest"] == ranks[1]["digest"] and len(cache.entries()) == 1
