@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import statistics
 import tempfile
 import time
@@ -228,11 +229,11 @@ def read_examples(name: str, cfg: DataSection, fmt: str | None = None, field_nam
 class _Progress:
     """A progress bar (on a terminal) and a summary line with rows/s for one phase."""
 
-    def __init__(self, phase: str, label: str, total: int | None = None):
+    def __init__(self, phase: str, label: str, bar: bool = True):
         from tqdm.auto import tqdm
 
         self.phase, self.label, self.start = phase, label, time.perf_counter()
-        self.bar = tqdm(total=total, desc=f"{phase} {Path(label).name}", unit=" rows", disable=None, leave=False,
+        self.bar = tqdm(desc=f"{phase} {Path(label).name}", unit=" rows", disable=None if bar else True, leave=False,
                         mininterval=1.0)
 
     def update(self, n: int = 1) -> None:
@@ -346,7 +347,7 @@ def _build(src, records, fmt, columns, cfg: DataSection, tok, max_length, option
         raise DataError(f"{label}: empty dataset (no records)" + (f"; {n_bad} bad rows skipped" if n_bad else ""))
     raw = datasets.Dataset.from_file(str(tmp / "examples.arrow"))
     num_proc = min(cfg.num_proc or default_num_proc(n_records), n_records)
-    progress = _Progress("encode", label)
+    progress = _Progress("encode", label, bar=False)  # datasets.map draws the bar
     bars = datasets.is_progress_bar_enabled()
     if not bars and n_records >= SMALL_DATASET:
         datasets.enable_progress_bars()
@@ -411,7 +412,8 @@ def cache_key_parts(src, fmt, columns, cfg: DataSection, tok, max_length, option
 def _private_dir() -> Path:
     """data.cache: off: a temp dir for this process's Arrow files, removed at exit."""
     cache.root().mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=".off-", dir=cache.root()))
+    cache.clean_stale_temps()
+    path = Path(tempfile.mkdtemp(prefix=".off-", suffix=f"-{socket.gethostname()}-{os.getpid()}", dir=cache.root()))
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
 

@@ -126,10 +126,11 @@ def _error_note(key: str) -> Path:
     return root() / f"{key}.error"
 
 
-def _clean_stale_temps() -> None:
-    """Remove temp dirs of dead preparations on this host (killed, crashed, out of memory)."""
+def clean_stale_temps() -> None:
+    """Remove temp dirs of dead preparations on this host (killed, crashed, out of memory), and
+    the data.cache=off dirs of dead runs (`.tmp-...` / `.off-...`, named `...-<host>-<pid>`)."""
     host = socket.gethostname()
-    for tmp in root().glob(".tmp-*"):
+    for tmp in [*root().glob(".tmp-*"), *root().glob(".off-*")]:
         rest, _, pid = tmp.name.rpartition("-")
         if not (pid.isdigit() and rest.endswith(f"-{host}")):
             continue
@@ -156,7 +157,7 @@ def obtain(key: str, build: Callable[[Path], dict], mode: str = "auto") -> Path:
         if is_complete(final) and mode != "refresh":
             return final
         _error_note(key).unlink(missing_ok=True)
-        _clean_stale_temps()
+        clean_stale_temps()
         tmp = root() / f".tmp-{key}-{socket.gethostname()}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
