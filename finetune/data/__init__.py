@@ -375,24 +375,32 @@ def _build(src, records, fmt, columns, cfg: DataSection, tok, max_length, option
     if len(noted):
         row = encoded.with_format("arrow")[int(noted[0])]
         first_note = f"record {row['record'][0].as_py()}: {row['note'][0].as_py()}"
-    encoded = encoded.remove_columns("note")
+    # The entry is map's own output files (no second copy); rows left with nothing to train are
+    # skipped through an index list applied when it is loaded.
+    (tmp / "examples.arrow").unlink()  # still mapped by `raw`: fine on POSIX
+    files = sorted(p.name for p in tmp.glob("encoded*.arrow"))
     if len(keep) < len(encoded):
-        encoded = encoded.select(keep)
-    datasets.disable_progress_bars()  # a copy at disk speed: no bar
-    try:
-        encoded.save_to_disk(str(tmp / "dataset"))
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
-    for p in tmp.glob("*.arrow"):  # the intermediate files (still mapped by `raw`/`encoded`: fine on POSIX)
-        p.unlink()
+        np.save(tmp / "keep.npy", keep)
     return {
+        "files": files,
         "source": label, "format": fmt, "language": src.language, "records": n_records,
         "examples": len(keep), "truncated": n_truncated, "dropped": int(len(n_trained) - len(keep)),
         "bad_rows": n_bad, "first_bad_rows": bad, "first_note": first_note, "max_length": max_length, "num_proc": num_proc,
         "encode_rows_per_s": round(n_records / max(encode_seconds, 1e-9), 1),
         "seconds": round(time.perf_counter() - start, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _open_entry(path: Path, meta: dict):
+    """The encoded rows of a cache entry, memory-mapped (the files of every map process, in order)."""
+    import datasets
+    import numpy as np
+
+    parts = [datasets.Dataset.from_file(str(path / f)) for f in meta["files"]]
+    table = (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)).remove_columns("note")
+    if (path / "keep.npy").is_file():
+        table = table.select(np.load(path / "keep.npy"))
+    return table
 
 
 def cache_key_parts(src, fmt, columns, cfg: DataSection, tok, max_length, options, field_name) -> dict:
@@ -421,8 +429,6 @@ def _private_dir() -> Path:
 def prepare_split(name: str, cfg: DataSection, tok, max_length: int | None, options=None,
                   field_name: str = "data.train", stage: str = "sft") -> tuple[Split, str, sources.Source, list[str]]:
     """One source encoded (from the cache when it holds it): (split, format, source, notes)."""
-    import datasets
-
     src = sources.resolve(name, split=cfg.split, registry=cfg.registry, field=field_name)
     records = _records(src, cfg, field_name)
     first = next(records, None)
@@ -448,7 +454,7 @@ def prepare_split(name: str, cfg: DataSection, tok, max_length: int | None, opti
                      time.perf_counter() - start)
         else:
             log.info("cache: %s saved in %s", src.label(), path)
-    table = datasets.load_from_disk(str(path / "dataset"))
+    table = _open_entry(path, meta)
     split = Split(src.label(), table, meta["records"], meta["truncated"], meta["dropped"], path, meta["first_note"])
     notes = []
     if meta.get("bad_rows"):

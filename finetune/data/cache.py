@@ -13,9 +13,10 @@ at several GB/s, so a 1 GB file costs well under a second on a warm start. A fol
 relative path and content. A hub id: the fingerprint `datasets` gives the loaded split (its own
 cache identity, which follows the hub revision).
 
-Layout: `$FINETUNE_DATA_CACHE/<key>/` (default `<finetune cache root>/data/<key>/`) holds `meta.json` (what it holds) and `dataset/`
-(`Dataset.save_to_disk`). An entry is built in `.tmp-<key>-<host>-<pid>/` beside it and renamed
-into place when complete, so an interrupted preparation never looks like a finished one.
+Layout: `$FINETUNE_DATA_CACHE/<key>/` (default `<finetune cache root>/data/<key>/`) holds
+`meta.json` (what it holds) and the Arrow files `datasets.map` wrote (one per encoding process,
+concatenated in order when loaded), plus `keep.npy` when rows were dropped. An entry is built
+in `.tmp-<key>-<host>-<pid>/` beside it and renamed into place when complete, so an interrupted preparation never looks like a finished one.
 
 Ranks: the local main process of each node (LOCAL_RANK 0) takes a file lock and builds or
 finds the entry; the other ranks poll the file system for the finished entry (no collective,
@@ -111,7 +112,7 @@ def entry_dir(key: str) -> Path:
 
 
 def is_complete(path: Path) -> bool:
-    return (path / "meta.json").is_file() and (path / "dataset").is_dir()
+    return (path / "meta.json").is_file()  # written last, in the temp dir, before the rename
 
 
 def read_meta(path: Path) -> dict:
@@ -145,7 +146,7 @@ def clean_stale_temps() -> None:
 def obtain(key: str, build: Callable[[Path], dict], mode: str = "auto") -> Path:
     """The finished entry for `key`: found, built here (local main process), or waited for (other ranks).
 
-    `build(tmp_dir)` writes `tmp_dir/dataset` and returns the metadata; `mode` is data.cache:
+    `build(tmp_dir)` writes the entry's files into `tmp_dir` and returns the metadata; `mode` is data.cache:
     auto (reuse), refresh (rebuild once, then reuse), off (handled by the caller)."""
     final = entry_dir(key)
     if not is_local_main():
