@@ -41,6 +41,7 @@ log = logging.getLogger("finetune")
 
 LAYOUT_VERSION = 1  # of the entry format on disk
 POLL_SECONDS = 0.5
+STALE_ERROR_SECONDS = 600  # a waiting rank ignores an .error note older than this
 builds = 0  # entries built by this process (tests count cache misses with it)
 
 
@@ -192,7 +193,9 @@ def _wait_for(key: str, final: Path, since: float) -> Path:
                 failure = json.loads(note.read_text())
             except (OSError, ValueError):
                 failure = None
-            if failure and failure["time"] >= since - 1:
+            # A note from this run's main process (same inputs, so a recent note is this failure);
+            # older ones are left for the main process to clear.
+            if failure and failure["time"] >= since - STALE_ERROR_SECONDS:
                 raise DataError(failure["error"])
         time.sleep(POLL_SECONDS)
         if time.time() > next_report:
