@@ -103,6 +103,13 @@ def _parser() -> argparse.ArgumentParser:
     prev.add_argument("--chat-template", default=None, help="a Jinja chat template or .jinja file replacing the model's")
     prev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+    prep = data_sub.add_parser("prepare", help="encode a recipe's data into the prepared-data cache (no model, no training)",
+                               description="Read, convert and encode the recipe's data once into the cache that "
+                               "`finetune train` (every rank, every re-run) reuses; print where it is and what it holds.")
+    prep.add_argument("recipe", help="recipe YAML file")
+    prep.add_argument("overrides", nargs="*", metavar="section.key=value", help="override a recipe key, e.g. data.num_proc=8")
+    prep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
     from finetune.eval import command as eval_command
 
     eval_command.add_parser(sub)
@@ -254,6 +261,12 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_data(args) -> int:
+    if args.data_command == "prepare":
+        from finetune import config
+        from finetune.data.prepare import prepare
+
+        print(prepare(config.load(args.recipe, args.overrides)))
+        return 0
     from finetune import models
     from finetune.config import ModelSection
     from finetune.data.preview import preview

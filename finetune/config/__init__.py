@@ -143,6 +143,13 @@ class DataSection:
     )
     registry: str | None = _f(None, help="Path of a datasets.yaml registry (default: ./data/datasets.yaml, then the shipped one).")
     encoding: str | None = _f(None, help="Text encoding of local JSON/JSONL/CSV files, e.g. gb18030 (default: UTF-8, with or without a BOM).")
+    num_proc: int | None = _f(None, help="Processes that encode the data (default: the usable cores up to 8; 1 below 20k records).")
+    cache: Literal["auto", "off", "refresh"] = _f(
+        "auto", help="Prepared-data cache: auto = reuse the encoded data when nothing it depends on changed; "
+        "refresh = encode again and replace it; off = encode into a temp dir, every rank for itself."
+    )
+    streaming: bool = _f(False, help="Read and encode while training (data larger than RAM or disk); needs train.max_steps.")
+    skip_bad_rows: bool = _f(False, help="Skip malformed records instead of stopping; the run reports how many and the first few.")
 
 
 @dataclass
@@ -597,6 +604,12 @@ def _cross_checks(recipe: Recipe, where: _Where) -> None:
             raise RecipeError(f"{where(('data', 'encoding'))}: unknown encoding {d.encoding!r} (e.g. utf-8, gb18030, big5)") from None
     if d.max_samples is not None and d.max_samples < 1:
         raise RecipeError(f"{where(('data', 'max_samples'))}: must be at least 1")
+    if d.num_proc is not None and d.num_proc < 1:
+        raise RecipeError(f"{where(('data', 'num_proc'))}: must be at least 1")
+    if d.streaming and t["max_steps"] <= 0:
+        raise RecipeError(f"{where(('data', 'streaming'))}: a stream has no known length; set train.max_steps")
+    if d.streaming and recipe.stage != "sft":
+        raise RecipeError(f"{where(('data', 'streaming'))}: streaming is for the sft stage only")
     if a.r < 1:
         raise RecipeError(f"{where(('adapter', 'r'))}: must be at least 1")
     if not 0.0 <= a.dropout < 1.0:

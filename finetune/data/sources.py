@@ -6,10 +6,11 @@ from __future__ import annotations
 import codecs
 import csv
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -104,10 +105,28 @@ def resolve(name: str, split: str = "train", registry: str | None = None, field:
 
 def read(src: Source, encoding: str | None = None) -> list[Record]:
     """Every record of `src`; text files are UTF-8 (with or without a BOM) unless `encoding` (data.encoding) says otherwise."""
-    records = list(_read_file(src.path, encoding) if src.path else _read_hub(src))
+    records = list(iter_records(src, encoding=encoding))
     if not records:
         raise DataError(f"{src.label()}: empty dataset (no records)")
     return records
+
+
+def iter_records(src: Source, streaming: bool = False, encoding: str | None = None) -> Iterator[Record]:
+    """The records one by one (JSONL, CSV and Parquet are read row by row, never held whole;
+    a JSON array file is parsed whole). `streaming`: a hub dataset is streamed, not downloaded.
+    `encoding`: data.encoding for text files (default UTF-8, with or without a BOM)."""
+    return _read_file(src.path, encoding) if src.path else _read_hub(src, streaming)
+
+
+def fingerprint(src: Source) -> str:
+    """The content identity of a source, for the prepared-data cache (see finetune.data.cache)."""
+    from finetune.data import cache
+
+    if src.path:
+        return "file:" + cache.file_fingerprint(src.path)
+    if Path(src.hub).is_dir():
+        return "folder:" + cache.folder_fingerprint(Path(src.hub)) + f":{src.split}"
+    return f"hub:{src.hub}:{src.split}:{_load_hub(src)._fingerprint}"
 
 
 def _read_file(path: Path, encoding: str | None = None) -> Iterator[Record]:
@@ -125,11 +144,14 @@ def _read_file(path: Path, encoding: str | None = None) -> Iterator[Record]:
         import pyarrow.parquet as pq
 
         try:
-            rows = pq.read_table(path).to_pylist()
+            batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
         except Exception as e:  # pyarrow raises several types for a bad file
             raise DataError(f"{path}: not a readable Parquet file: {e}") from None
-        for i, row in enumerate(rows):
-            yield Record(row, f"{path} record {i}")
+        i = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield Record(row, f"{path} record {i}")
+                i += 1
     else:
         raise DataError(f"{path}: unsupported file type '{suffix}' (use one of {', '.join(FILE_SUFFIXES)})")
 
@@ -233,13 +255,17 @@ def _read_csv(path: Path, delimiter: str, encoding: str | None = None) -> Iterat
             yield Record(dict(row), f"{path}:{reader.line_num}")
 
 
-def _read_hub(src: Source) -> Iterator[Record]:
+def _load_hub(src: Source, streaming: bool = False):
     import datasets
 
     try:
-        ds = datasets.load_dataset(src.hub, split=src.split)
+        return datasets.load_dataset(src.hub, split=src.split, streaming=streaming)
     except Exception as e:  # offline, unknown id, bad split: one line for the user
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"data: {src.hub!r} is not a local file, a registry name, or a loadable hub dataset: {msg}") from None
+
+
+def _read_hub(src: Source, streaming: bool = False) -> Iterator[Record]:
+    ds = _load_hub(src, streaming)
     for i, row in enumerate(ds):
         yield Record(dict(row), f"{src.hub}[{src.split}] record {i}")

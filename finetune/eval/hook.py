@@ -18,7 +18,6 @@ log = logging.getLogger("finetune")
 def heldout_items(recipe) -> tuple[list, str, str | None]:
     """(items, label, registry language) of eval.data, else (SFT only) data.eval, else the data.eval_ratio split."""
     from finetune import data, models
-    from finetune.data.encode import encode
 
     cfg, d = recipe.eval, recipe.data
     if cfg.data:
@@ -28,12 +27,15 @@ def heldout_items(recipe) -> tuple[list, str, str | None]:
         return [], "", None
     if d.eval:
         examples, _, src = data.read_examples(d.eval, d, fmt=d.format, field_name="data.eval")
-    elif d.eval_ratio:
+    elif d.eval_ratio:  # the records of the rows data.load held out (from the prepared-data cache: no re-encoding)
         tok = models.load_tokenizer(recipe.model)
+        from finetune.data.encode import options_of
+
+        held_out = data.load(d, tok, recipe.train["max_length"], seed=recipe.train["seed"],
+                             options=options_of(recipe)).eval
+        records = sorted(set(held_out.table.with_format("arrow")["record"].to_numpy().tolist()))
         examples, _, src = data.read_examples(d.train, d)
-        kept = [ex for ex in examples if any(e.n_trained for e in encode(tok, ex, recipe.train["max_length"]))]
-        held = data.heldout_indices(len(kept), d.eval_ratio, recipe.train["seed"])
-        examples = [kept[i] for i in sorted(held)]
+        examples = [examples[i] for i in records]
     else:
         return [], "", None
     items = generation.items_from_examples(examples, src.label())

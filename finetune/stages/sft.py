@@ -56,6 +56,14 @@ def run(recipe: Recipe, callbacks=()) -> Path:
     state = PartialState()
     run_dir, tok, prepared = prepare(recipe)
     args = trl_args(recipe, run_dir.work)  # invalid TRL combinations fail here, before anything is written
+    if not args.packing:
+        # The data is already encoded, truncated and filtered (finetune.data): TRL's own pass over it would
+        # copy every row again. The `length` column stays for the length-grouped sampler (TRL's collator
+        # ignores it); a stream is split between ranks by accelerate, each rank reading its own part.
+        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        args.remove_unused_columns = False
+    if recipe.data.streaming:
+        args.accelerator_config.dispatch_batches = False
     # SFTTrainer builds the adapter before Trainer seeds the RNG: seed first, so the same
     # recipe gives the same initial adapter (and the same run) every time.
     set_seed(recipe.train["seed"])
@@ -73,8 +81,8 @@ def run(recipe: Recipe, callbacks=()) -> Path:
     trainer = SFTTrainer(
         model=training.model,
         args=args,
-        train_dataset=prepared.train.dataset(),
-        eval_dataset=prepared.eval.dataset() if prepared.eval else None,
+        train_dataset=prepared.train.dataset(with_length=not args.packing),
+        eval_dataset=prepared.eval.dataset(with_length=not args.packing) if prepared.eval else None,
         processing_class=tok,
         peft_config=training.peft_config,
         callbacks=list(callbacks) + training.callbacks,

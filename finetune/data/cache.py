@@ -1,0 +1,213 @@
+"""The prepared-data cache: encoded datasets on disk (Arrow, memory-mapped), keyed by everything
+that changes them, built once per node and shared by every rank and every re-run.
+
+Key (`key_of`): the source's content fingerprint, the format, column map, system prompt and
+max_samples, the tokenizer (its full serialized state and chat template), the encode options
+(template kwargs, train_on), max_length and truncation, and the encoder version
+(`finetune.data.encode.ENCODER_VERSION`). The finetune version is not part of it: a release
+that changes labels bumps ENCODER_VERSION instead.
+
+Source fingerprint: a streaming xxh3-128 of the file's bytes (plus its size), so a file edited
+in place within the same second (same size, same mtime) is still a different source. xxh3 reads
+at several GB/s, so a 1 GB file costs well under a second on a warm start. A folder: every file's
+relative path and content. A hub id: the fingerprint `datasets` gives the loaded split (its own
+cache identity, which follows the hub revision).
+
+Layout: `$FINETUNE_DATA_CACHE/<key>/` (default `<finetune cache root>/data/<key>/`) holds
+`meta.json` (what it holds) and the Arrow files `datasets.map` wrote (one per encoding process,
+concatenated in order when loaded), plus `keep.npy` when rows were dropped. An entry is built
+in `.tmp-<key>-<host>-<pid>/` beside it and renamed into place when complete, so an interrupted preparation never looks like a finished one.
+
+Ranks: the local main process of each node (LOCAL_RANK 0) takes a file lock and builds or
+finds the entry; the other ranks poll the file system for the finished entry (no collective,
+so no NCCL/gloo timeout however long encoding takes). With a cache dir on a shared file system,
+the lock makes the first node's main process build and the others wait for it; with a node-local
+cache dir, each node builds its own copy. If the main process fails on bad data, it leaves an
+`.error` note that the waiting ranks raise too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger("finetune")
+
+LAYOUT_VERSION = 1  # of the entry format on disk
+POLL_SECONDS = 0.5
+STALE_ERROR_SECONDS = 600  # a waiting rank ignores an .error note older than this
+builds = 0  # entries built by this process (tests count cache misses with it)
+
+
+def root() -> Path:
+    """$FINETUNE_DATA_CACHE (e.g. a shared file system for a cluster), else <finetune cache>/data."""
+    if os.environ.get("FINETUNE_DATA_CACHE"):
+        return Path(os.environ["FINETUNE_DATA_CACHE"]).expanduser().absolute()
+    from finetune.tiny import cache_root
+
+    return cache_root() / "data"
+
+
+def _xxh():
+    import xxhash
+
+    return xxhash.xxh3_128()
+
+
+def file_fingerprint(path: Path, chunk: int = 1 << 22) -> str:
+    h = _xxh()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            size += len(block)
+    return f"{size}:{h.hexdigest()}"
+
+
+def folder_fingerprint(path: Path) -> str:
+    h = _xxh()
+    for p in sorted(q for q in path.rglob("*") if q.is_file() and ".cache" not in q.parts):
+        h.update(str(p.relative_to(path)).encode() + b"\0" + file_fingerprint(p).encode() + b"\0")
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """The tokenizer's whole state: vocab, merges, normalizer, pre-tokenizer, post-processor
+    (BOS/EOS insertion), added tokens, and the chat template (possibly set by the recipe)."""
+    h = _xxh()
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:  # a slow (Python) tokenizer
+        h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
+    extra = {
+        "class": type(tok).__name__,
+        "chat_template": getattr(tok, "chat_template", None),
+        "special": {k: str(v) for k, v in tok.special_tokens_map.items()},
+        "add_bos": getattr(tok, "add_bos_token", None),
+        "add_eos": getattr(tok, "add_eos_token", None),
+    }
+    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def key_of(parts: dict) -> str:
+    h = _xxh()
+    h.update(json.dumps({"layout": LAYOUT_VERSION, **parts}, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:24]
+
+
+def is_local_main() -> bool:
+    """LOCAL_RANK 0 (or no launcher): read from the environment, so no process group is needed."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+def entry_dir(key: str) -> Path:
+    return root() / key
+
+
+def is_complete(path: Path) -> bool:
+    return (path / "meta.json").is_file()  # written last, in the temp dir, before the rename
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((path / "meta.json").read_text(encoding="utf-8"))
+
+
+def size_on_disk(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _error_note(key: str) -> Path:
+    return root() / f"{key}.error"
+
+
+def clean_stale_temps() -> None:
+    """Remove temp dirs of dead preparations on this host (killed, crashed, out of memory), and
+    the data.cache=off dirs of dead runs (`.tmp-...` / `.off-...`, named `...-<host>-<pid>`)."""
+    host = socket.gethostname()
+    for tmp in [*root().glob(".tmp-*"), *root().glob(".off-*")]:
+        rest, _, pid = tmp.name.rpartition("-")
+        if not (pid.isdigit() and rest.endswith(f"-{host}")):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+def obtain(key: str, build: Callable[[Path], dict], mode: str = "auto") -> Path:
+    """The finished entry for `key`: found, built here (local main process), or waited for (other ranks).
+
+    `build(tmp_dir)` writes the entry's files into `tmp_dir` and returns the metadata; `mode` is data.cache:
+    auto (reuse), refresh (rebuild once, then reuse), off (handled by the caller)."""
+    final = entry_dir(key)
+    if not is_local_main():
+        return _wait_for(key, final, time.time())
+    from filelock import FileLock
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root() / f".{key}.lock")):
+        if is_complete(final) and mode != "refresh":
+            return final
+        _error_note(key).unlink(missing_ok=True)
+        clean_stale_temps()
+        tmp = root() / f".tmp-{key}-{socket.gethostname()}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            meta = build(tmp)
+        except Exception as e:
+            _error_note(key).write_text(json.dumps({"time": time.time(), "error": str(e), "type": type(e).__name__}))
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        meta["key"] = key
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
+        if final.exists():  # refresh, or an incomplete leftover: move it aside, then swap
+            old = root() / f".old-{key}-{os.getpid()}"
+            os.rename(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, final)
+        global builds
+        builds += 1
+    return final
+
+
+def _wait_for(key: str, final: Path, since: float) -> Path:
+    """Other ranks: poll until the local main process has finished the entry (or failed)."""
+    from finetune.errors import DataError
+
+    note = _error_note(key)
+    next_report = time.time() + 60
+    while not is_complete(final):
+        if note.is_file():
+            try:
+                failure = json.loads(note.read_text())
+            except (OSError, ValueError):
+                failure = None
+            # A note from this run's main process (same inputs, so a recent note is this failure);
+            # older ones are left for the main process to clear.
+            if failure and failure["time"] >= since - STALE_ERROR_SECONDS:
+                raise DataError(failure["error"])
+        time.sleep(POLL_SECONDS)
+        if time.time() > next_report:
+            next_report += 300
+            log.info("waiting for the main process to prepare the data (%s)", final)
+    return final
+
+
+def entries() -> list[tuple[Path, dict]]:
+    out = []
+    if root().is_dir():
+        for p in sorted(root().iterdir()):
+            if not p.name.startswith(".") and is_complete(p):
+                out.append((p, read_meta(p)))
+    return out

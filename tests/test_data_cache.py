@@ -1,0 +1,246 @@
+"""The prepared-data cache: a hit when nothing changed, a miss for each thing that changes the
+encoding, never a half-built entry; parallel encoding equal to serial; one encoder for all ranks."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from _support import REPO, free_port, memo_recipe, write_jsonl
+
+from finetune import data
+from finetune.config import DataSection
+from finetune.data import cache
+from finetune.data import encode as encode_module
+from finetune.errors import DataError
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    root = tmp_path / "data-cache"
+    monkeypatch.setenv("FINETUNE_DATA_CACHE", str(root))
+    return root
+
+
+def _rows(n: int) -> list[dict]:
+    """Alpaca rows that also carry a `messages` field and an alternative answer column, so that
+    format and column map can change the encoding of the same file."""
+    rows = []
+    for i in range(n):
+        question, answer = (f"What is {i} plus one?", f"It is {i + 1}.") if i % 2 else (f"{i} 加一是多少？", f"是{i + 1}。")
+        rows.append({"instruction": question, "input": "", "output": answer, "short": f"{i + 1}",
+                     "messages": [{"role": "user", "content": question + " Briefly."},
+                                  {"role": "assistant", "content": answer}]})
+    return rows
+
+
+class Options:
+    """Stands in for encode.EncodeOptions (a frozen dataclass with .key())."""
+
+    def __init__(self, **kw):
+        self.kw = kw
+
+    def key(self):
+        return dict(self.kw)
+
+
+def _ids(prepared) -> list[tuple]:
+    return [(tuple(e.input_ids), tuple(e.labels)) for e in prepared.train.encoded]
+
+
+def test_each_key_component_misses_and_nothing_else_does(tmp_path, cache_dir, tiny_tokenizer, monkeypatch):
+    path = write_jsonl(tmp_path / "d.jsonl", _rows(12))
+    base = {"train": str(path), "format": "alpaca"}
+
+    def builds(tok=tiny_tokenizer, max_length=64, options=None, **cfg):
+        before = cache.builds
+        prepared = data.load(DataSection(**{**base, **cfg}), tok, max_length, options=options)
+        return cache.builds - before, prepared
+
+    n, cold = builds()
+    assert n == 1 and len(cold.train.encoded) == 12
+    n, warm = builds()
+    assert n == 0 and _ids(warm) == _ids(cold)
+    assert builds(num_proc=2)[0] == 0  # how it is encoded is not what it is
+    assert builds(eval_ratio=0.25)[0] == 0  # the split is taken from the cached rows
+
+    # the content, edited in place: same size, same mtime
+    stat = path.stat()
+    path.write_text(path.read_text(encoding="utf-8").replace("plus one", "plus 1!!"), encoding="utf-8")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    n, edited = builds()
+    assert n == 1 and _ids(edited) != _ids(cold)
+    assert builds()[0] == 0
+
+    assert builds(format="messages")[0] == 1
+    assert builds(columns={"output": "short"})[0] == 1
+    assert builds(system="Be brief.")[0] == 1
+    assert builds(max_samples=5)[0] == 1
+    assert builds(max_length=20)[0] == 1
+    assert builds(options=Options(train_on="all"))[0] == 1
+    assert builds(options=Options(train_on="all"))[0] == 0
+    assert builds(options=Options(train_on="all", chat_template_kwargs={"enable_thinking": False}))[0] == 1
+    other_template = copy.deepcopy(tiny_tokenizer)
+    other_template.chat_template = tiny_tokenizer.chat_template.replace("<|user|>", "<|user|> ")
+    assert builds(tok=other_template)[0] == 1
+    other_tokens = copy.deepcopy(tiny_tokenizer)
+    other_tokens.add_tokens(["<extra_token>"])
+    assert builds(tok=other_tokens)[0] == 1
+    monkeypatch.setattr(encode_module, "ENCODER_VERSION", 10**6, raising=False)
+    assert builds()[0] == 1
+    assert builds()[0] == 0
+    assert builds(cache="refresh")[0] == 1
+    entries = len(cache.entries())
+    n, off = builds(cache="off")
+    assert n == 0 and len(cache.entries()) == entries and _ids(off) == _ids(edited)
+
+
+def test_two_processes_encode_exactly_what_one_does(tmp_path, cache_dir, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", _rows(40))
+    one = data.load(DataSection(train=str(path), format="alpaca", cache="off", num_proc=1), tiny_tokenizer, 16)
+    two = data.load(DataSection(train=str(path), format="alpaca", cache="off", num_proc=2), tiny_tokenizer, 16)
+    for column in ("input_ids", "labels", "length", "n_trained", "truncated", "record"):
+        assert two.train.table.with_format("arrow")[column].equals(one.train.table.with_format("arrow")[column])
+    # what the length-grouped sampler reads: one list from the Arrow column, not a per-row lookup
+    lengths = one.train.dataset(with_length=True)["length"]
+    assert isinstance(lengths, list) and lengths == [len(e.input_ids) for e in one.train.encoded]
+    assert one.train.n_truncated > 0 and (one.train.n_truncated, one.train.n_dropped) == (two.train.n_truncated, two.train.n_dropped)
+    # the Arrow rows are what encode() gives record by record
+    from finetune.data.encode import encode
+
+    for row, example in zip(one.train.encoded, data.read_examples(str(path), DataSection(train=str(path), format="alpaca"))[0]):
+        out = encode(tiny_tokenizer, example, 16)
+        first = out[0] if isinstance(out, list) else out
+        assert (row.input_ids, row.labels, row.truncated) == (first.input_ids, first.labels, first.truncated)
+
+
+def test_interrupted_preparation_leaves_nothing_usable(tmp_path, cache_dir, tiny_tokenizer, monkeypatch):
+    path = write_jsonl(tmp_path / "d.jsonl", _rows(10))
+    cfg = DataSection(train=str(path), format="alpaca")
+    real, calls = encode_module.encode, []
+
+    def dies_midway(*args, **kw):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # like Ctrl-C or a kill: nothing after this line runs
+        return real(*args, **kw)
+
+    monkeypatch.setattr(encode_module, "encode", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        data.load(cfg, tiny_tokenizer, 64)
+    assert cache.entries() == []
+    leftovers = [p for p in cache_dir.iterdir() if p.name.startswith(".tmp-")]
+    assert len(leftovers) == 1 and not cache.is_complete(leftovers[0])
+    # a temp dir of a dead process (this host) is cleaned up by the next preparation
+    dead = cache_dir / leftovers[0].name.replace(f"-{os.getpid()}", "-999999999")
+    leftovers[0].rename(dead)
+    monkeypatch.setattr(encode_module, "encode", real)
+    before = cache.builds
+    prepared = data.load(cfg, tiny_tokenizer, 64)
+    assert cache.builds == before + 1 and len(prepared.train.encoded) == 10
+    assert not dead.exists() and [p.name for p in cache_dir.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+def test_a_waiting_rank_raises_the_main_process_error(tmp_path, cache_dir, tiny_tokenizer, monkeypatch):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Read: " + "words " * 40, "input": "", "output": "OK"}])
+    cfg = DataSection(train=str(path), format="alpaca")
+    with pytest.raises(DataError, match="all 1 records are longer than train.max_length=8") as main_error:
+        data.load(cfg, tiny_tokenizer, 8)
+    assert cache.entries() == []
+    monkeypatch.setenv("LOCAL_RANK", "1")  # another rank of the same node, which never encodes
+    monkeypatch.setattr(cache, "builds", cache.builds)
+    with pytest.raises(DataError) as waiting_error:
+        data.load(cfg, tiny_tokenizer, 8)
+    assert str(waiting_error.value) == str(main_error.value)
+
+
+RANK_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+from finetune import data, models
+from finetune.config import DataSection, ModelSection
+from finetune.data import cache
+import hashlib
+tok = models.load_tokenizer(ModelSection(name_or_path="tiny-llama"))
+prepared = data.load(DataSection(train={path!r}, format="alpaca", eval_ratio=0.2), tok, 64, seed=3)
+digest = hashlib.sha256(repr([(e.input_ids, e.labels) for e in prepared.train.encoded + prepared.eval.encoded]).encode())
+out = {{"rank": int(os.environ["RANK"]), "builds": cache.builds, "digest": digest.hexdigest(), "dir": str(prepared.train.cache_dir)}}
+with open(os.path.join({out!r}, "rank%s.json" % os.environ["RANK"]), "w") as f:
+    json.dump(out, f)
+"""
+
+
+def test_two_ranks_under_accelerate_share_one_encoding(tmp_path, cache_dir):
+    path = write_jsonl(tmp_path / "d.jsonl", _rows(30))
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT.format(repo=str(REPO), path=str(path), out=str(tmp_path)))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", str(free_port()), str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(launch, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["builds"] for r in ranks] == [1, 0]  # only the main process encoded
+    assert ranks[0]["digest"] == ranks[1]["digest"] and ranks[0]["dir"] == ranks[1]["dir"]
+    assert done.stderr.count("encode d.jsonl: 100%") == 1  # one progress bar: one encoder
+
+
+def test_data_prepare_then_train_starts_from_the_cache(tmp_path, cache_dir, capsys):
+    from finetune import cli
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(memo_recipe(tmp_path, steps=2))
+    assert cli.main(["data", "prepare", str(recipe)]) == 0
+    report = capsys.readouterr().out
+    (entry,) = cache.entries()
+    assert f"cache {entry[0]} (" in report and "4 examples from 4 records" in report
+    assert entry[1]["examples"] == 4 and entry[1]["format"] == "messages"
+    assert cli.main(["data", "prepare", str(recipe), "data.max_samples=2"]) == 0
+    assert "2 examples from 2 records" in capsys.readouterr().out and len(cache.entries()) == 2
+    before = cache.builds
+    assert cli.main(["data", "prepare", str(recipe)]) == 0 and cache.builds == before  # a hit
+    assert not (tmp_path / "out").exists()  # nothing but the cache was written
+
+
+def test_a_record_may_become_several_sequences(tmp_path, cache_dir, tiny_tokenizer, monkeypatch):
+    """encode() may return a list (one sequence per assistant turn, for templates that are not
+    prefix-consistent): every sequence is a row, counted against its record, with the first note."""
+    from types import SimpleNamespace
+
+    path = write_jsonl(tmp_path / "d.jsonl", _rows(3))
+    real = encode_module.encode
+
+    def per_turn(tok, example, max_length=None, *, options=None):
+        one = real(tok, example, max_length)
+        two = SimpleNamespace(input_ids=one.input_ids + one.input_ids, labels=[-100] * len(one.labels) + one.labels,
+                              truncated=False, n_trained=one.n_trained, note="turn 1 renders differently")
+        return [one, two]
+
+    monkeypatch.setattr(encode_module, "encode", per_turn)
+    prepared = data.load(DataSection(train=str(path), format="alpaca"), tiny_tokenizer, 256)
+    split = prepared.train
+    assert (split.n_records, len(split.encoded)) == (3, 6)
+    assert split.table["record"][:] == [0, 0, 1, 1, 2, 2]
+    assert split.first_note == "record 0: turn 1 renders differently"
+    assert [len(e.input_ids) for e in split.encoded][:2] == [len(split.encoded[0].input_ids), 2 * len(split.encoded[0].input_ids)]
+
+
+def test_two_nodes_on_a_shared_cache_dir_encode_once(tmp_path, cache_dir):
+    """The main processes of two nodes (both LOCAL_RANK 0) on one shared FINETUNE_DATA_CACHE:
+    the file lock lets one encode; the other finds its entry."""
+    path = write_jsonl(tmp_path / "d.jsonl", _rows(30))
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT.format(repo=str(REPO), path=str(path), out=str(tmp_path)))
+    procs = [subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "LOCAL_RANK": "0", "RANK": str(rank)})
+             for rank in (0, 2)]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 2)]
+    assert sorted(r["builds"] for r in ranks) == [0, 1]
+    assert ranks[0]["digest"] == ranks[1]["digest"] and len(cache.entries()) == 1
