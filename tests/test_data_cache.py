@@ -16,6 +16,7 @@ from finetune import data
 from finetune.config import DataSection
 from finetune.data import cache
 from finetune.data import encode as encode_module
+from finetune.data.encode import EncodeOptions
 from finetune.errors import DataError
 
 
@@ -36,16 +37,6 @@ def _rows(n: int) -> list[dict]:
                      "messages": [{"role": "user", "content": question + " Briefly."},
                                   {"role": "assistant", "content": answer}]})
     return rows
-
-
-class Options:
-    """Stands in for encode.EncodeOptions (a frozen dataclass with .key())."""
-
-    def __init__(self, **kw):
-        self.kw = kw
-
-    def key(self):
-        return dict(self.kw)
 
 
 def _ids(prepared) -> list[tuple]:
@@ -82,9 +73,10 @@ def test_each_key_component_misses_and_nothing_else_does(tmp_path, cache_dir, ti
     assert builds(system="Be brief.")[0] == 1
     assert builds(max_samples=5)[0] == 1
     assert builds(max_length=20)[0] == 1
-    assert builds(options=Options(train_on="all"))[0] == 1
-    assert builds(options=Options(train_on="all"))[0] == 0
-    assert builds(options=Options(train_on="all", chat_template_kwargs={"enable_thinking": False}))[0] == 1
+    assert builds(options=EncodeOptions(train_on="last_turn"))[0] == 1
+    assert builds(options=EncodeOptions(train_on="last_turn"))[0] == 0
+    assert builds(options=EncodeOptions(train_on="last_turn", chat_template_kwargs={"enable_thinking": False}))[0] == 1
+    assert builds(options=EncodeOptions(reasoning_tags=("<reason>", "</reason>")))[0] == 1
     other_template = copy.deepcopy(tiny_tokenizer)
     other_template.chat_template = tiny_tokenizer.chat_template.replace("<|user|>", "<|user|> ")
     assert builds(tok=other_template)[0] == 1
@@ -208,7 +200,7 @@ def test_data_prepare_then_train_starts_from_the_cache(tmp_path, cache_dir, caps
 
 
 def test_a_record_may_become_several_sequences(tmp_path, cache_dir, tiny_tokenizer, monkeypatch):
-    """encode() may return a list (one sequence per assistant turn, for templates that are not
+    """encode() returns a list (one sequence per assistant turn, for templates that are not
     prefix-consistent): every sequence is a row, counted against its record, with the first note."""
     from types import SimpleNamespace
 
@@ -216,7 +208,7 @@ def test_a_record_may_become_several_sequences(tmp_path, cache_dir, tiny_tokeniz
     real = encode_module.encode
 
     def per_turn(tok, example, max_length=None, *, options=None):
-        one = real(tok, example, max_length)
+        one = real(tok, example, max_length)[0]
         two = SimpleNamespace(input_ids=one.input_ids + one.input_ids, labels=[-100] * len(one.labels) + one.labels,
                               truncated=False, n_trained=one.n_trained, note="turn 1 renders differently")
         return [one, two]

@@ -12,7 +12,6 @@ Every failure is a one-line `DataError` naming file, record, field.
 from __future__ import annotations
 
 import atexit
-import inspect
 import itertools
 import json
 import logging
@@ -227,6 +226,9 @@ def read_examples(name: str, cfg: DataSection, fmt: str | None = None, field_nam
     return formats.convert(records, fmt, columns, cfg.system, *_convert_extra(cfg)), fmt, src
 
 
+SUMMARY_ROWS = 10_000  # phases below this many rows (and a second) log their summary at debug level
+
+
 class _Progress:
     """A progress bar (on a terminal) and a summary line with rows/s for one phase."""
 
@@ -243,8 +245,10 @@ class _Progress:
     def done(self, rows: int, what: str = "") -> float:
         self.bar.close()
         seconds = time.perf_counter() - self.start
-        log.info("%s: %s %s rows in %.1f s (%s rows/s)%s", self.phase, self.label, f"{rows:,}", seconds,
-                 f"{rows / max(seconds, 1e-9):,.0f}", what)
+        # a summary where a phase is worth watching; small demo files stay quiet (errors stay one line)
+        level = logging.INFO if seconds >= 1.0 or rows >= SUMMARY_ROWS else logging.DEBUG
+        log.log(level, "%s: %s %s rows in %.1f s (%s rows/s)%s", self.phase, self.label, f"{rows:,}", seconds,
+                f"{rows / max(seconds, 1e-9):,.0f}", what)
         return seconds
 
 
@@ -293,30 +297,23 @@ def _write_examples(records, fmt: str, columns: dict, cfg: DataSection, label: s
 # ----------------------------------------------------------------------------- encoding
 
 
-def _encode_fn():
-    """encode() with or without `options` (the encode module's signature decides)."""
-    return encode_module.encode, "options" in inspect.signature(encode_module.encode).parameters
-
-
 def _encode_batch(batch: dict, tok, max_length: int | None, options) -> dict:
     """datasets.map function: canonical examples -> encoded rows (a record may give several)."""
-    encode, takes_options = _encode_fn()
     out = {"input_ids": [], "labels": [], "truncated": [], "n_trained": [], "length": [], "record": [], "note": []}
     for text, where, record in zip(batch["example"], batch["where"], batch["record"]):
         example = json.loads(text)
         try:
-            result = encode(tok, example, max_length, options=options) if takes_options and options is not None \
-                else encode(tok, example, max_length)
+            sequences = encode_module.encode(tok, example, max_length, options=options)
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
-        for enc in result if isinstance(result, list) else [result]:
+        for enc in sequences:
             out["input_ids"].append(enc.input_ids)
             out["labels"].append(enc.labels)
             out["truncated"].append(bool(enc.truncated))
             out["n_trained"].append(enc.n_trained)
             out["length"].append(len(enc.input_ids))
             out["record"].append(record)
-            out["note"].append(getattr(enc, "note", "") or "")
+            out["note"].append(enc.note or "")
     return out
 
 
@@ -415,7 +412,7 @@ def cache_key_parts(src, fmt, columns, cfg: DataSection, tok, max_length, option
         "tokenizer": cache.tokenizer_fingerprint(tok),
         "options": _options_key(options),
         "max_length": max_length, "truncation": "keep_start",
-        "encoder": getattr(encode_module, "ENCODER_VERSION", 1),
+        "encoder": encode_module.ENCODER_VERSION,
     }
 
 
