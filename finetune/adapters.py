@@ -10,6 +10,7 @@ save a full model. The fields themselves are documented once, in `config.Adapter
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import shutil
@@ -74,7 +75,7 @@ def resolve(recipe, raw: dict, where) -> None:
         if a.method not in ("lora", "dora", "qlora"):
             raise RecipeError(f"{where(('adapter', 'method'))}: {a.method} runs through stage sft only "
                               f"(stage {recipe.stage} takes lora, dora or qlora)")
-        _check_keys(a, where)
+        _check_keys(a, where, raw.get("adapter") or {})
         return
     given = {name: raw.get(name) or {} for name in ("model", "adapter", "train")}
     for dotted, value in DEFAULTS[a.method].items():
@@ -85,16 +86,22 @@ def resolve(recipe, raw: dict, where) -> None:
             recipe.train[key] = value
         else:
             setattr(getattr(recipe, section), key, value)
-    _check_keys(a, where)
+    _check_keys(a, where, given["adapter"])
     _check_combinations(recipe, given["train"], where)
 
 
-def _check_keys(a, where) -> None:
+def _check_keys(a, where, given=()) -> None:
+    """A key the method does not read is an error when it differs from the default, and a warning when it
+    is given at its default (a recipe.yaml that finetune dumped lists every key, so that one stays quiet)."""
     reads = KEYS[a.method]
+    complete = isinstance(given, dict) and all(f.name in given for f in dataclasses.fields(a))
     for f in dataclasses.fields(a):
         if f.name == "method" or f.name in reads:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if getattr(a, f.name) == default and isinstance(given, dict) and f.name in given and not complete:
+            logging.getLogger("finetune").warning("%s: not used by adapter.method=%s; ignored", where(("adapter", f.name)),
+                                                  a.method)
         if getattr(a, f.name) != default:
             used = ", ".join(reads) or "no other adapter key"
             raise RecipeError(f"{where(('adapter', f.name))}: not used by adapter.method={a.method} (it reads: {used}); remove it")

@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from finetune import tiny
+from finetune import security, tiny
 from finetune.errors import RecipeError
 
 log = logging.getLogger("finetune")
@@ -102,6 +102,7 @@ def _merge_into(adapter_dir: Path, base: str, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("chaining: merging the adapter in %s into %s (cached in %s)", adapter_dir, base, target)
+    security.check_adapter_weights(adapter_dir, "model.allow_pickle=true")
     model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", use_safetensors=True)
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     if not hasattr(model, "merge_and_unload"):  # prompt / prefix tuning: nothing to merge into the weights
@@ -144,6 +145,7 @@ def load_reward_model(rm_dir: str | os.PathLike, dtype=None, merge: bool = True)
     from trl.trainer.reward_trainer import suppress_seqcls_warning  # the head comes from the adapter
 
     base = base_of(rm_dir, field=str(rm_dir))
+    security.check_adapter_weights(rm_dir, "model.allow_pickle=true")
     with suppress_seqcls_warning():
         model = AutoModelForSequenceClassification.from_pretrained(
             base, num_labels=1, dtype=dtype or torch.float32, use_safetensors=True, pad_token_id=tok.pad_token_id

@@ -40,6 +40,9 @@ def _quiet_libraries(debug: bool) -> None:
     log.propagate = False
 
 
+PICKLE_HELP = "also load pickled weights (.bin/.pt), which can run code: only for files you trust (default: safetensors only)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finetune", description="Parameter-efficient fine-tuning of open LLMs from YAML recipes.")
     p.add_argument("--version", action="version", version=f"finetune {__version__}")
@@ -84,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--format", help="record format, when the file does not make it clear")
     score.add_argument("--out", help="write the JSONL here (atomically) instead of stdout")
     score.add_argument("--batch-size", type=int, default=16, help="records per forward pass (default 16)")
+    score.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
     score.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_merge_export_chat(sub)
     return p
@@ -137,18 +141,27 @@ def _add_merge_export_chat(sub) -> None:
     chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
     chat.add_argument("--base", help="an adapter's base model when the recorded one moved")
     for p in (merge, export, chat):
+        p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
+def _at_least(args, name: str, low: int) -> None:
+    """A numeric option below its minimum is one line naming the option."""
+    value = getattr(args, name)
+    if value is not None and value < low:
+        raise FinetuneError(f"--{name.replace('_', '-')}: must be at least {low}, got {value}")
+
+
 def cmd_train(args) -> int:
-    from finetune import config
+    from finetune import config, security
 
     recipe = config.load(args.recipe, args.overrides)
     stage = importlib.import_module(f"finetune.stages.{recipe.stage}")
-    if args.dry_run:
-        print(stage.plan(recipe).render())
-        return 0
-    out = stage.run(recipe)
+    with security.user_flags(recipe.model.trust_remote_code, recipe.model.allow_pickle):  # the recipe the user runs
+        if args.dry_run:
+            print(stage.plan(recipe).render())
+            return 0
+        out = stage.run(recipe)
     log.info("done: output in %s", out)
     return 0
 
@@ -170,6 +183,7 @@ def cmd_data(args) -> int:
     from finetune.config import ModelSection
     from finetune.data.preview import preview
 
+    _at_least(args, "max_length", 1)
     tok = models.load_tokenizer(ModelSection(name_or_path=args.model))
     print(preview(args.dataset, tok, fmt=args.format, index=args.index, max_length=args.max_length,
                   color=sys.stdout.isatty(), show_tokens=args.tokens))
@@ -185,14 +199,25 @@ def cmd_eval(args) -> int:
 def cmd_score(args) -> int:
     from finetune.score import score_file
 
+    _at_least(args, "batch_size", 1)
+
     summary = score_file(args.rm_dir, args.data, fmt=args.format, out=args.out, batch_size=args.batch_size)
     log.info("scored: %s", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     return 0
 
 
 def cmd_merge(args) -> int:
+    from pathlib import Path
+
     from finetune import merge
 
+    if args.tolerance is not None and not args.tolerance >= 0:
+        raise FinetuneError(f"--tolerance: must be at least 0, got {args.tolerance}")
+    out = Path(args.out).expanduser().resolve()
+    for adapter in [args.adapter] if args.adapter else args.adapters or []:
+        inside = Path(adapter).expanduser().resolve()
+        if out == inside or inside in out.parents:
+            raise FinetuneError(f"--out: {args.out} is inside the adapter dir {adapter} being merged; choose another --out")
     return merge.run_cli(args)
 
 
@@ -205,7 +230,18 @@ def cmd_export(args) -> int:
 def cmd_chat(args) -> int:
     from finetune import chat
 
+    _at_least(args, "max_new_tokens", 1)
+    if not args.temperature >= 0:
+        raise FinetuneError(f"--temperature: must be at least 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise FinetuneError(f"--top-p: must be in (0, 1], got {args.top_p}")
     return chat.run_cli(args)
+
+
+def _disk_error(e: BaseException) -> str | None:
+    from finetune.guards import disk_error
+
+    return disk_error(e)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,12 +255,21 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries(args.debug)
     handler = {"train": cmd_train, "pipeline": cmd_pipeline, "data": cmd_data, "score": cmd_score, "eval": cmd_eval,
                "merge": cmd_merge, "export": cmd_export, "chat": cmd_chat}[args.command]
+    from finetune import security
+
     try:
-        return handler(args)
+        with security.user_flags(getattr(args, "trust_remote_code", False), getattr(args, "allow_pickle", False)):
+            return handler(args)
     except FinetuneError as e:
         if args.debug:
             raise
         print(f"finetune: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as e:  # a full disk or a read-only location while writing: one line
+        line = None if args.debug or isinstance(e, BrokenPipeError) else _disk_error(e)
+        if line is None:
+            raise
+        print(f"finetune: error: {line}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `finetune data preview ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -232,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("finetune: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
+    finally:
+        from finetune import locks
+
+        locks.release_all()
 
 
 if __name__ == "__main__":

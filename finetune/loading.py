@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from finetune import chain, models, tiny
+from finetune import chain, models, security, tiny
 from finetune.config import AdapterSection
 from finetune.errors import FinetuneError
 
@@ -153,7 +153,7 @@ def load_model(where: str, field: str, dtype=torch.float32, quant: AdapterSectio
     """A causal LM from a plain dir (safetensors only), optionally quantized as its QLoRA recipe says."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(dtype=dtype, use_safetensors=True)
+    kwargs = dict(dtype=dtype, use_safetensors=None if security.flags().allow_pickle else True)
     if quant is not None:  # quantized weights are placed at load time: the GPU if there is one, else the CPU
         kwargs.update(quantization_config=models.quantization_config(quant), dtype=models.resolve_dtype(quant.compute_dtype),
                       device_map={"": 0 if torch.cuda.is_available() else "cpu"})
@@ -169,10 +169,13 @@ def load_model(where: str, field: str, dtype=torch.float32, quant: AdapterSectio
 def attach_adapter(base_model, source: Source, adapter_name: str = "default"):
     """PeftModel of `base_model` + the adapter in `source`; a misfit (other base) is a one-line error."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
+    security.check_adapter_weights(source.path)
+    _check_readable(source)
     try:
         model = PeftModel.from_pretrained(base_model, str(source.path), adapter_name=adapter_name)
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, SafetensorError) as e:
         raise SourceError(f"{source.path}: the adapter does not fit base {source.base} ({source.base_field}): "
                           f"{_first_line(e)}") from None
     _check_all_loaded(model, source, adapter_name)
@@ -181,11 +184,31 @@ def attach_adapter(base_model, source: Source, adapter_name: str = "default"):
 
 
 def add_adapter(model, source: Source, adapter_name: str) -> None:
+    from safetensors import SafetensorError
+
+    security.check_adapter_weights(source.path)
+    _check_readable(source)
     try:
         model.load_adapter(str(source.path), adapter_name=adapter_name)
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, SafetensorError) as e:
         raise SourceError(f"{source.path}: the adapter does not fit base {source.base}: {_first_line(e)}") from None
     _check_all_loaded(model, source, adapter_name)
+
+
+def _check_readable(source: Source) -> None:
+    """A truncated or damaged adapter_model.safetensors is one line naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    f = source.path / "adapter_model.safetensors"
+    if not f.is_file():
+        return
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            names = st.keys()
+            for name in names:
+                st.get_slice(name)
+    except (SafetensorError, OSError) as e:
+        raise SourceError(f"{f}: not a readable safetensors file (truncated or damaged?): {_first_line(e)}") from None
 
 
 def _check_all_loaded(model, source: Source, adapter_name: str) -> None:

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from finetune import locks
 from finetune.errors import OutputError
 from finetune.outputs import replace_dir
 
@@ -18,6 +19,7 @@ from finetune.outputs import replace_dir
 def check_free(target: str | Path, overwrite: bool, file: bool = False, flag: str = "--out") -> Path:
     """The absolute target; fail (before any work) if it exists and overwriting was not asked for."""
     final = Path(target).expanduser().absolute()
+    locks.hold(final, flag)  # one writer per output (finetune.locks)
     if final.exists() and not overwrite:
         raise OutputError(f"{flag}: {final} exists; pass --overwrite to replace it, or choose another {flag}")
     if final.exists() and final.is_dir() == file:

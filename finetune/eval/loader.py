@@ -8,9 +8,11 @@ from pathlib import Path
 
 import torch
 
-from finetune import models
+from finetune import models, security
 from finetune.config import ModelSection
 from finetune.errors import RecipeError
+
+USER_ONLY = ("trust_remote_code", "allow_pickle")  # finetune.security: never taken from the dir being read
 
 
 @dataclass
@@ -25,17 +27,20 @@ class Loaded:
 
 def _model_section(path: Path | None, name_or_path: str) -> tuple[ModelSection, str | None]:
     """The recipe's model section for a finetune output dir (chat template, dtype...), else
-    defaults; and the model name the recipe gave (None without a recipe)."""
+    defaults; and the model name the recipe gave (None without a recipe). Its security flags are
+    the user's (finetune.security), never the evaluated dir's own."""
     recipe_file = path / "recipe.yaml" if path else None
     if recipe_file and recipe_file.is_file():
         import yaml
 
         raw = (yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}).get("model") or {}
         known = {f for f in ModelSection.__dataclass_fields__}
-        section = ModelSection(**{k: v for k, v in raw.items() if k in known})
+        section = ModelSection(**{k: v for k, v in raw.items() if k in known and k not in USER_ONLY})
         recipe_name, section.name_or_path = section.name_or_path, name_or_path
-        return section, recipe_name
-    return ModelSection(name_or_path=name_or_path), None
+    else:
+        section, recipe_name = ModelSection(name_or_path=name_or_path), None
+    section.trust_remote_code, section.allow_pickle = security.flags().trust_remote_code, security.flags().allow_pickle
+    return section, recipe_name
 
 
 def load(name: str, field: str = "MODEL", dtype: str = "auto", tokenizer: str | None = None):

@@ -11,7 +11,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from finetune import adapters, card, data, models, rewards
+from finetune import adapters, card, data, guards, models, rewards
 from finetune.config import Recipe
 from finetune.eval import after_training
 from finetune.outputs import RunDir, write_text_atomic
@@ -45,6 +45,7 @@ def run(recipe: Recipe, callbacks=()) -> Path:
     state = PartialState()
     run_dir, tok, prepared = prepare(recipe)
     args = trl_args(recipe, run_dir.work)  # invalid TRL combinations fail here, before anything is written
+    guards.claim(recipe, run_dir)  # the output dir's lock; the checkpoint to resume; the adapter fits
     # SFTTrainer builds the adapter before Trainer seeds the RNG: seed first, so the same
     # recipe gives the same initial adapter (and the same run) every time.
     set_seed(recipe.train["seed"])
@@ -65,12 +66,12 @@ def run(recipe: Recipe, callbacks=()) -> Path:
         eval_dataset=prepared.eval.dataset() if prepared.eval else None,
         processing_class=tok,
         peft_config=training.peft_config,
-        callbacks=list(callbacks) + training.callbacks,
+        callbacks=list(callbacks) + training.callbacks + guards.callbacks(recipe),
         optimizers=training.optimizers,
     )
     _keep_adapter_in_compute_dtype(trainer.model, recipe)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    metrics = dict(result.metrics)
+    metrics = guards.whole_run_metrics(trainer, result)
     if prepared.eval is not None:
         metrics.update(trainer.evaluate())
 
