@@ -239,9 +239,30 @@ def cmd_chat(args) -> int:
 
 
 def _disk_error(e: BaseException) -> str | None:
+    """One line for a file-system error (finetune.guards) or a file that is not UTF-8 text."""
+    if isinstance(e, UnicodeDecodeError):
+        return f"{_file_being_read(e) or 'a file'}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
     from finetune.guards import disk_error
 
     return disk_error(e)
+
+
+def _file_being_read(e: BaseException) -> str | None:
+    """The `path` (or `f`) local of the innermost finetune frame: the file a decode error came from."""
+    tb, found = e.__traceback__, None
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_globals.get("__name__", "").startswith("finetune"):
+            for name in ("path", "file", "f", "p"):
+                value = frame.f_locals.get(name)
+                if isinstance(value, (str, os.PathLike)):
+                    found = str(value)
+                    break
+                if hasattr(value, "name") and isinstance(getattr(value, "name", None), str):
+                    found = value.name
+                    break
+        tb = tb.tb_next
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"finetune: error: {e}", file=sys.stderr)
         return 2
-    except (OSError, RuntimeError) as e:  # a full disk or a read-only location while writing: one line
+    except (OSError, RuntimeError, UnicodeDecodeError) as e:  # disk full, read-only, not UTF-8: one line
         line = None if args.debug or isinstance(e, BrokenPipeError) else _disk_error(e)
         if line is None:
             raise

@@ -151,21 +151,32 @@ CAUSES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exc
 _DISK_FULL_TEXT = ("No space left on device", "file write failed", "os error 28")
 
 
-def os_error_message(e: OSError, path=None, action: str = "writing") -> str:
+def os_error_message(e: OSError, path=None) -> str:
+    """`cause (path)`, e.g. `read-only file system (/mnt/out)`."""
     cause = CAUSES.get(e.errno, e.strerror or str(e))
     where = e.filename or path
-    return f"{cause} while {action} {where}" if where else cause
+    return f"{cause} ({where})" if where else cause
 
 
 def disk_error(e: BaseException) -> str | None:
-    """One line for a disk problem (full, read-only, no permission) hit while writing an output, naming
-    what was being written and what is resumable; None if `e` is not one. Removes a half-written checkpoint."""
+    """One line for a file-system problem (disk full, read-only, no permission, a file in the way), or
+    None if `e` is not one. Inside a training run a full or read-only disk names the checkpoint being
+    written and the one to resume from (a half-written checkpoint is removed)."""
     if isinstance(e, OSError) and e.errno in CAUSES:
         cause = CAUSES[e.errno]
     elif any(t in str(e) for t in _DISK_FULL_TEXT):  # torch.save / safetensors wrap ENOSPC in their own errors
         cause = CAUSES[errno.ENOSPC]
     else:
         return None
+    filename = getattr(e, "filename", None)
+    if getattr(e, "errno", errno.ENOSPC) in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        line = _run_context(cause, getattr(e, "errno", errno.ENOSPC))
+        if line:
+            return line
+    return f"{cause}: {filename}" if filename else cause
+
+
+def _run_context(cause: str, err: int) -> str | None:
     from finetune import locks
     from finetune.outputs import last_complete_checkpoint
 
@@ -178,11 +189,11 @@ def disk_error(e: BaseException) -> str | None:
             shutil.rmtree(p, ignore_errors=True)
         writing = partial[0].name if partial else f"the output in {work}"
         last = last_complete_checkpoint(work)
-        then = (f"the run can resume from {last.name} once {'space is freed' if e.errno != errno.EROFS else 'it is writable'}"
-                f" (run the same command again)" if last else "no checkpoint to resume from")
+        remedy = "space is freed" if err != errno.EROFS else "the location is writable"
+        then = (f"the run can resume from {last.name} once {remedy} (run the same command again)" if last
+                else "no checkpoint to resume from")
         return f"{cause} while writing {writing}; {then}"
-    filename = getattr(e, "filename", None)
-    return f"{cause}" + (f" while writing {filename}" if filename else "")
+    return None
 
 
 def check_disk(exc: BaseException) -> None:
@@ -218,8 +229,13 @@ def check_adapter_fits(recipe) -> None:
 
     if recipe.adapter.method in ("full", "freeze"):
         return
+    import torch
+
     try:
-        trainable, total = count_adapter_parameters(recipe)
+        with torch.device("meta"):  # every tensor, the adapter's too (init_empty_weights covers only the model's)
+            trainable, total = count_adapter_parameters(recipe)
+    except FinetuneError:
+        raise
     except (ValueError, KeyError, TypeError) as e:  # peft: NoMatchingPeftModuleError (a ValueError), ...
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise RecipeError(f"{recipe.source or 'recipe'}: adapter: {first[:300]}") from None

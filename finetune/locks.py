@@ -51,7 +51,8 @@ def hold(target: str | os.PathLike, what: str = "output.dir") -> Path | None:
     except OSError as e:
         from finetune.guards import os_error_message  # lazy: guards imports torch
 
-        raise OutputError(f"{what}: {os_error_message(e, path.parent, 'creating the lock file')}") from None
+        raise OutputError(f"{what}: cannot write {Path(target).expanduser().absolute()}: "
+                          f"{os_error_message(e, path.parent)}") from None
     _HELD[path] = (Path(target).expanduser().absolute(), lock)
     try:
         tmp = path.with_name(path.name + ".pid.tmp")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,9 +80,14 @@ def check_checkpoint(checkpoint: str | Path) -> None:
         if not path.is_file():
             continue
         try:
-            with safe_globals():
+            with safe_globals(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's note on pickle protocols: the error below says it all
                 torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as e:
-            first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            raise UnsafeFileError(f"{path}: cannot resume from this checkpoint: {first[:200]}; set train.resume=never "
-                                  "to start over (or delete the checkpoint)") from None
+        except pickle.UnpicklingError:
+            why = "it holds objects torch's safe loader refuses (a pickle that could run code)"
+        except (RuntimeError, EOFError, ValueError, OSError, AttributeError) as e:
+            why = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)[:200]
+        else:
+            continue
+        raise UnsafeFileError(f"{path}: cannot resume from this checkpoint: {why}; set train.resume=never to start "
+                              "over (or delete the checkpoint)")

@@ -55,7 +55,8 @@ def load(name: str, field: str = "MODEL", dtype: str = "auto", tokenizer: str | 
     source = loading.inspect(path, what=field) if path.is_dir() else None
     if source is not None and source.kind == "adapter":
         cfg, _ = _model_section(path, source.base)
-        cfg.tokenizer = str(path)  # the run saved its tokenizer (and chat template) with the adapter
+        if source.has_tokenizer:  # a finetune run saved its tokenizer (and chat template) with the adapter
+            cfg.tokenizer = str(path)
     else:
         cfg, _ = _model_section(path if path.is_dir() else None, name)
     cfg.dtype = dtype if dtype != "auto" else cfg.dtype
