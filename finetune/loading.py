@@ -9,6 +9,7 @@ name resolves in this machine's cache) or else `adapter_config.json`'s `base_mod
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,6 +176,9 @@ def attach_adapter(base_model, source: Source, adapter_name: str = "default"):
     _check_readable(source)
     try:
         model = PeftModel.from_pretrained(base_model, str(source.path), adapter_name=adapter_name)
+    except pickle.UnpicklingError:  # an opted-in pickle that torch's weights-only loader still refuses
+        raise SourceError(f"{source.path}: adapter_model.bin holds objects torch's safe loader refuses "
+                          "(a pickle that could run code); not loaded") from None
     except (RuntimeError, ValueError, KeyError, SafetensorError) as e:
         raise SourceError(f"{source.path}: the adapter does not fit base {source.base} ({source.base_field}): "
                           f"{_first_line(e)}") from None

@@ -33,7 +33,7 @@ def run_one(argv: list[str], cwd: str) -> dict:
                 rc = cli.main(argv)
             except SystemExit as e:  # argparse errors
                 rc = e.code if isinstance(e.code, int) else 1
-            except BaseException:  # what the process would print before dying
+            except BaseException:  # noqa: BLE001  (what the process would print before dying)
                 traceback.print_exc(file=err)
                 rc = 1
     finally:
@@ -42,7 +42,8 @@ def run_one(argv: list[str], cwd: str) -> dict:
 
 
 def main() -> None:
-    cases = json.loads(open(sys.argv[1], encoding="utf-8").read())
+    with open(sys.argv[1], encoding="utf-8") as f:
+        cases = json.load(f)
     results = {c["name"]: run_one(c["argv"], c["cwd"]) for c in cases}
     with open(sys.argv[2], "w", encoding="utf-8") as f:
         json.dump(results, f)
