@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from _support import REPO, memo_data
+
 from finetune import cli, locks
 from finetune.errors import OutputError
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _support import REPO, logged_losses, memo_recipe
 from transformers import TrainerCallback
 
-from _support import REPO, logged_losses, memo_recipe
 from finetune import config
 from finetune.errors import OutputError
 from finetune.stages import sft
@@ -97,7 +97,7 @@ def _epoch_recipe(tmp_path, out) -> Path:
     the default (length-grouped) sampler, dropout on: the order and the RNG both matter."""
     import yaml
 
-    words = "the sky is blue and the grass is green while cats sleep".split()
+    words = ["the", "sky", "is", "blue", "and", "the", "grass", "is", "green", "while", "cats", "sleep"]
     rows = [{"messages": [{"role": "user", "content": " ".join(words[: 2 + i % 6]) + "?"},
                           {"role": "assistant", "content": " ".join(words[i % 4: i % 4 + 1 + (i * 7) % 9])}]}
             for i in range(12)]
