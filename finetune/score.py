@@ -45,6 +45,10 @@ def score_file(rm_dir: str, data: str, fmt: str | None = None, out: str | None =
     examples, fmt, src = read_examples(data, DataSection(train=data, format=fmt), field_name="--data")
     if out and Path(out).resolve() == Path(src.label()).resolve():
         raise DataError(f"--out: {out} is the input file")
+    if out:
+        from finetune import locks
+
+        locks.hold(out, "--out")  # one writer; an unwritable location fails before the scoring
     model, tok = load_reward_model(rm_dir)
     rows = _score_examples(model, tok, examples, batch_size, src.label())
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
