@@ -2,14 +2,17 @@
 
 Two `finetune train` runs into one output dir would write into one `DIR.incomplete`, rename it
 from under each other and mix their logs. So every command that writes an output (train and each
-pipeline stage, the pipeline dir, merge, export, eval) first holds `.<name>.lock` beside it. The
-lock is `filelock`'s flock-based lock: the kernel releases it when the process ends, however it
-ends (kill -9 included), so a crashed run never leaves a stale lock. The holder writes its PID
-into `.<name>.lock.pid`, and a second command is refused in one line naming that PID.
+pipeline stage, the pipeline dir, merge, export, eval, score --out) first holds `.<name>.lock`
+beside it. The lock is an `flock` on that file: the kernel releases it when the process ends,
+however it ends (kill -9 included), so a crashed run never leaves a stale lock. The holder writes
+its PID into the file, and a second command is refused in one line naming that PID. The file is
+removed on release, so a finished output leaves nothing beside it (a process that dies leaves the
+file, unlocked: the next command takes it over).
 
 Only the main process of a distributed run locks (the other ranks write nothing of their own).
 Held locks are re-entrant within one process and released by `release` / `release_all` (the CLI
-releases them when a command ends) or at exit.
+releases them when a command ends) or at exit. Where `fcntl` is missing (Windows), filelock's
+lock is used instead, without the PID.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from filelock import FileLock, Timeout
-
 from finetune.errors import OutputError
 
-_HELD: dict[Path, tuple[Path, FileLock]] = {}  # lock file -> (target, lock), in the order taken
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+_HELD: dict[Path, tuple[Path, object]] = {}  # lock file -> (target, fd or filelock), in the order taken
 
 
 def lock_path(target: str | os.PathLike) -> Path:
@@ -38,37 +44,59 @@ def hold(target: str | os.PathLike, what: str = "output.dir") -> Path | None:
     a non-main rank); refuse in one line if another process holds it. Returns the lock file."""
     if not _is_main_process():
         return None
-    path = lock_path(target)
+    final = Path(target).expanduser().absolute()
+    path = lock_path(final)
     if path in _HELD:
         return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(path), timeout=0)
-        lock.acquire()
-    except Timeout:
-        raise OutputError(f"{what}: {Path(target).expanduser().absolute()} is in use by another finetune process "
-                          f"({_holder(path)}); wait for it to finish, or choose another {what}") from None
+        handle = _acquire(path)
     except OSError as e:
-        from finetune.guards import os_error_message  # lazy: guards imports torch
+        from finetune.guards import os_error_message  # lazy: guards imports transformers
 
-        raise OutputError(f"{what}: cannot write {Path(target).expanduser().absolute()}: "
-                          f"{os_error_message(e, path.parent)}") from None
-    _HELD[path] = (Path(target).expanduser().absolute(), lock)
-    try:
-        tmp = path.with_name(path.name + ".pid.tmp")
-        tmp.write_text(f"{os.getpid()}\n", encoding="utf-8")
-        os.replace(tmp, path.with_name(path.name + ".pid"))
-    except OSError:
-        pass  # the PID is only for the message of a refused second run
+        raise OutputError(f"{what}: cannot write {final}: {os_error_message(e, path.parent)}") from None
+    if handle is None:
+        raise OutputError(f"{what}: {final} is in use by another finetune process ({_holder(path)}); wait for it "
+                          f"to finish, or choose another {what}")
+    _HELD[path] = (final, handle)
     return path
+
+
+def _acquire(path: Path):
+    """The locked fd (None if another process holds the lock). A lock file that its holder unlinked
+    while we opened it is not the lock any more: open the current one again."""
+    if fcntl is None:  # pragma: no cover
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(path), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            return None
+        return lock
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
 
 
 def _holder(path: Path) -> str:
     try:
-        pid = int(path.with_name(path.name + ".pid").read_text(encoding="utf-8").strip())
+        return f"PID {int(path.read_text(encoding='utf-8').strip())}"
     except (OSError, ValueError):
         return "PID unknown"
-    return f"PID {pid}"
 
 
 def held_targets() -> list[Path]:
@@ -76,12 +104,23 @@ def held_targets() -> list[Path]:
     return [target for target, _ in _HELD.values()]
 
 
+def _release(path: Path, handle) -> None:
+    if isinstance(handle, int):
+        try:
+            path.unlink(missing_ok=True)  # before unlocking: a waiter then re-opens the new file
+        finally:
+            os.close(handle)
+    else:  # pragma: no cover
+        handle.release(force=True)
+
+
 def release(target: str | os.PathLike) -> None:
-    held = _HELD.pop(lock_path(target), None)
+    path = lock_path(target)
+    held = _HELD.pop(path, None)
     if held is not None:
-        held[1].release(force=True)
+        _release(path, held[1])
 
 
 def release_all() -> None:
     for path in list(_HELD):
-        _HELD.pop(path)[1].release(force=True)
+        _release(path, _HELD.pop(path)[1])

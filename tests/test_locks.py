@@ -39,9 +39,10 @@ def test_second_holder_is_refused_naming_the_pid_and_kill_9_frees_it(tmp_path):
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    assert locks.hold(target) == locks.lock_path(target)  # the kernel released the dead holder's lock
+    assert locks.lock_path(target).exists()  # the dead holder's file stays, unlocked by the kernel
+    assert locks.hold(target) == locks.lock_path(target)
     locks.release(target)
-    assert not target.exists()  # the lock lives beside the output, never in it
+    assert not target.exists() and not locks.lock_path(target).exists()  # nothing left beside the output
 
 
 @pytest.mark.parametrize("command", ["merge", "eval", "export"])
