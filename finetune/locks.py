@@ -27,7 +27,7 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-_HELD: dict[Path, tuple[Path, object]] = {}  # lock file -> (target, fd or filelock), in the order taken
+_HELD: dict[Path, tuple[Path, object, Path | None]] = {}  # lock file -> (target, fd or filelock, first dir made)
 
 
 def lock_path(target: str | os.PathLike) -> Path:
@@ -48,6 +48,11 @@ def hold(target: str | os.PathLike, what: str = "output.dir") -> Path | None:
     path = lock_path(final)
     if path in _HELD:
         return path
+    made = None  # the outermost parent dir this lock creates: removed again on release if still empty
+    for parent in [path.parent, *path.parent.parents]:
+        if parent.exists():
+            break
+        made = parent
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = _acquire(path)
@@ -56,9 +61,10 @@ def hold(target: str | os.PathLike, what: str = "output.dir") -> Path | None:
 
         raise OutputError(f"{what}: cannot write {final}: {os_error_message(e, path.parent)}") from None
     if handle is None:
+        _remove_empty(path.parent, made)
         raise OutputError(f"{what}: {final} is in use by another finetune process ({_holder(path)}); wait for it "
                           f"to finish, or choose another {what}")
-    _HELD[path] = (final, handle)
+    _HELD[path] = (final, handle, made)
     return path
 
 
@@ -101,10 +107,24 @@ def _holder(path: Path) -> str:
 
 def held_targets() -> list[Path]:
     """The outputs this process holds, oldest first."""
-    return [target for target, _ in _HELD.values()]
+    return [target for target, *_ in _HELD.values()]
 
 
-def _release(path: Path, handle) -> None:
+def _remove_empty(d: Path, top: Path | None) -> None:
+    """rmdir `d` and its parents up to `top` while they are empty (dirs the lock itself created)."""
+    if top is None:
+        return
+    for p in [d, *d.parents]:
+        try:
+            p.rmdir()
+        except OSError:
+            return
+        if p == top:
+            return
+
+
+def _release(path: Path, held) -> None:
+    _, handle, made = held
     if isinstance(handle, int):
         try:
             path.unlink(missing_ok=True)  # before unlocking: a waiter then re-opens the new file
@@ -112,15 +132,16 @@ def _release(path: Path, handle) -> None:
             os.close(handle)
     else:  # pragma: no cover
         handle.release(force=True)
+    _remove_empty(path.parent, made)
 
 
 def release(target: str | os.PathLike) -> None:
     path = lock_path(target)
     held = _HELD.pop(path, None)
     if held is not None:
-        _release(path, held[1])
+        _release(path, held)
 
 
 def release_all() -> None:
     for path in list(_HELD):
-        _release(path, _HELD.pop(path)[1])
+        _release(path, _HELD.pop(path))

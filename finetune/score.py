@@ -45,9 +45,9 @@ def score_file(rm_dir: str, data: str, fmt: str | None = None, out: str | None =
     examples, fmt, src = read_examples(data, DataSection(train=data, format=fmt), field_name="--data")
     if out and Path(out).resolve() == Path(src.label()).resolve():
         raise DataError(f"--out: {out} is the input file")
-    if out:
-        from finetune import locks
+    from finetune import locks
 
+    if out:
         locks.hold(out, "--out")  # one writer; an unwritable location fails before the scoring
     model, tok = load_reward_model(rm_dir)
     rows = _score_examples(model, tok, examples, batch_size, src.label())
@@ -57,6 +57,7 @@ def score_file(rm_dir: str, data: str, fmt: str | None = None, out: str | None =
 
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(Path(out), text)
+        locks.release(out)
     else:
         sys.stdout.write(text)
     return _summary(rows, fmt)

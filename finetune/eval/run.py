@@ -107,6 +107,7 @@ def run(req: Request) -> dict:
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        locks.release(req.out)
 
 
 def _score_model(req: Request, name: str, field: str, prefix: str, work: Path, suite, metric_kw: dict, tokenizer=None):
