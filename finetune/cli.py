@@ -200,7 +200,6 @@ def cmd_score(args) -> int:
     from finetune.score import score_file
 
     _at_least(args, "batch_size", 1)
-
     summary = score_file(args.rm_dir, args.data, fmt=args.format, out=args.out, batch_size=args.batch_size)
     log.info("scored: %s", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     return 0
@@ -239,12 +238,12 @@ def cmd_chat(args) -> int:
 
 
 def _disk_error(e: BaseException) -> str | None:
-    """One line for a file-system error (finetune.guards) or a file that is not UTF-8 text."""
+    """One line for a file-system or memory error (finetune.guards) or a file that is not UTF-8 text."""
     if isinstance(e, UnicodeDecodeError):
         return f"{_file_being_read(e) or 'a file'}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
-    from finetune.guards import disk_error
+    from finetune.guards import disk_error, memory_error
 
-    return disk_error(e)
+    return disk_error(e) or memory_error(e)
 
 
 def _file_being_read(e: BaseException) -> str | None:
@@ -286,18 +285,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"finetune: error: {e}", file=sys.stderr)
         return 2
-    except (OSError, RuntimeError, UnicodeDecodeError) as e:  # disk full, read-only, not UTF-8: one line
-        line = None if args.debug or isinstance(e, BrokenPipeError) else _disk_error(e)
-        if line is None:
-            raise
-        print(f"finetune: error: {line}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `finetune data preview ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except KeyboardInterrupt:
         print("finetune: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
+    except (OSError, RuntimeError, MemoryError, UnicodeDecodeError) as e:  # disk, memory, not UTF-8: one line
+        line = None if args.debug else _disk_error(e)
+        if line is None:
+            raise
+        print(f"finetune: error: {line}", file=sys.stderr)
+        return 2
     finally:
         from finetune import locks
 

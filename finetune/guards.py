@@ -196,6 +196,24 @@ def _run_context(cause: str, err: int) -> str | None:
     return None
 
 
+def memory_error(e: BaseException) -> str | None:
+    """One line for running out of (GPU or CPU) memory, or None. The run's checkpoints stay resumable."""
+    text = str(e)
+    if not (isinstance(e, MemoryError) or "out of memory" in text.lower() or "can't allocate memory" in text):
+        return None
+    from finetune import locks
+    from finetune.outputs import last_complete_checkpoint
+
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)[:200]
+    line = (f"out of memory ({first}); lower train.per_device_train_batch_size (raising "
+            "train.gradient_accumulation_steps keeps the effective batch) or train.max_length")
+    for target in reversed(locks.held_targets()):
+        last = last_complete_checkpoint(target.with_name(target.name + ".incomplete"))
+        if last is not None:
+            return f"{line}; {last} is kept (a changed recipe starts over: train.resume=never)"
+    return line
+
+
 def check_disk(exc: BaseException) -> None:
     """Re-raise `exc` as a one-line OutputError if it is disk trouble."""
     line = disk_error(exc)
