@@ -277,9 +277,12 @@ def main(argv: list[str] | None = None) -> int:
                "merge": cmd_merge, "export": cmd_export, "chat": cmd_chat}[args.command]
     from finetune import security
 
+    failed = True
     try:
         with security.user_flags(getattr(args, "trust_remote_code", False), getattr(args, "allow_pickle", False)):
-            return handler(args)
+            code = handler(args)
+        failed = False
+        return code
     except FinetuneError as e:
         if args.debug:
             raise
@@ -300,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         from finetune import locks
 
+        if failed and locks.held_targets():
+            from finetune.guards import discard_unresumable
+
+            discard_unresumable()
         locks.release_all()
 
 

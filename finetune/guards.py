@@ -214,6 +214,18 @@ def memory_error(e: BaseException) -> str | None:
     return line
 
 
+def discard_unresumable() -> None:
+    """After a failed command: remove the `DIR.incomplete` of each output this process holds that has no
+    complete checkpoint (nothing to resume; a half-made dir must not linger). Resumable ones stay."""
+    from finetune import locks
+    from finetune.outputs import last_complete_checkpoint
+
+    for target in locks.held_targets():
+        work = target.with_name(target.name + ".incomplete")
+        if work.is_dir() and last_complete_checkpoint(work) is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def check_disk(exc: BaseException) -> None:
     """Re-raise `exc` as a one-line OutputError if it is disk trouble."""
     line = disk_error(exc)

@@ -68,6 +68,15 @@ def hold(target: str | os.PathLike, what: str = "output.dir") -> Path | None:
     return path
 
 
+def check_free(target: str | os.PathLike, what: str = "output.dir") -> None:
+    """Fail now (one line) if another process holds `target` or its location is not writable, without
+    keeping the lock: for commands that take it (`hold`) only when they start writing."""
+    if lock_path(target) in _HELD:
+        return
+    hold(target, what)
+    release(target)
+
+
 def _acquire(path: Path):
     """The locked fd (None if another process holds the lock). A lock file that its holder unlinked
     while we opened it is not the lock any more: open the current one again."""

@@ -19,7 +19,7 @@ from finetune.outputs import replace_dir
 def check_free(target: str | Path, overwrite: bool, file: bool = False, flag: str = "--out") -> Path:
     """The absolute target; fail (before any work) if it exists and overwriting was not asked for."""
     final = Path(target).expanduser().absolute()
-    locks.hold(final, flag)  # one writer per output (finetune.locks)
+    locks.check_free(final, flag)  # in use by another process, or not writable: fail before any work
     if final.exists() and not overwrite:
         raise OutputError(f"{flag}: {final} exists; pass --overwrite to replace it, or choose another {flag}")
     if final.exists() and final.is_dir() == file:
@@ -37,6 +37,7 @@ class Staged:
         self._made_parent: Path | None = None
 
     def __enter__(self) -> Path:
+        locks.hold(self.final, "--out")  # one writer per output (finetune.locks); released in __exit__
         parent = self.final.parent
         if not parent.exists():
             top = parent
@@ -51,7 +52,7 @@ class Staged:
         try:
             self._finish(exc_type)
         finally:
-            locks.release(self.final)  # taken by check_free
+            locks.release(self.final)
 
     def _finish(self, exc_type) -> None:
         if exc_type is not None:

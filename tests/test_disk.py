@@ -126,3 +126,42 @@ def test_cli_prints_disk_full_as_one_line(tmp_path, capsys, monkeypatch):
     assert cli.main(["train", str(recipe)]) == 2
     errors = _error_lines(capsys)
     assert errors == [f"finetune: error: no space left on device: {tmp_path / 'x' / 'adapter_model.safetensors'}"]
+
+
+def test_eval_writes_its_history_line_only_after_its_outputs(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from finetune.eval import report
+
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text(json.dumps({"prediction": "Paris", "reference": "Paris"}) + "\n", encoding="utf-8")
+    history = tmp_path / "eval_history.jsonl"
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+
+    monkeypatch.setattr(report, "write", full)
+    assert cli.main(["eval", "--predictions", str(preds), "--out", str(tmp_path / "ev")]) == 2
+    assert len(_error_lines(capsys)) == 1
+    assert not history.exists() and not (tmp_path / "ev").exists()  # no history line for an output never written
+    monkeypatch.undo()
+    assert cli.main(["eval", "--predictions", str(preds), "--out", str(tmp_path / "ev")]) == 0
+    assert len(history.read_text(encoding="utf-8").splitlines()) == 1 and (tmp_path / "ev" / "metrics.json").is_file()
+
+
+def test_a_run_failing_before_its_first_checkpoint_leaves_no_incomplete_dir(tmp_path, monkeypatch):
+    """Failures that only training can find (here: a crash inside train()) must not leave `DIR.incomplete`
+    holding nothing resumable."""
+    import trl
+
+    def crash(self, *a, **k):
+        raise RuntimeError("simulated crash inside training")
+
+    monkeypatch.setattr(trl.SFTTrainer, "train", crash)
+    out = tmp_path / "out"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(memo_recipe(tmp_path, steps=2, output={"dir": str(out)}), encoding="utf-8")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cli.main(["train", str(recipe)])
+    assert not out.exists() and not out.with_name("out.incomplete").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []

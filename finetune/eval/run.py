@@ -67,7 +67,7 @@ def _check(req: Request):
         base = Path(req.baseline).expanduser()
         if req.baseline.startswith(("/", "./", "../", "~")) and not base.exists():
             raise RecipeError(f"--baseline: {req.baseline}: no such directory")
-    locks.hold(req.out, "--out")  # one writer per output (finetune.locks)
+    locks.check_free(req.out, "--out")  # in use by another process, or not writable: fail before any work
     check_target(req.out, req.overwrite, "--out")
 
 
@@ -93,8 +93,13 @@ def run(req: Request) -> dict:
     if suite:
         suites.check_data(suite)
 
-    req.out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{req.out.name}.incomplete-", dir=req.out.parent))
+    locks.hold(req.out, "--out")  # one writer per output (finetune.locks); released below
+    try:
+        req.out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{req.out.name}.incomplete-", dir=req.out.parent))
+    except BaseException:
+        locks.release(req.out)
+        raise
     try:
         pending_history: list = []
         result = _evaluate(req, work, preds, refs, suite, pending_history)
