@@ -160,6 +160,9 @@ def load_model(where: str, field: str, dtype=torch.float32, quant: AdapterSectio
                       device_map={"": 0 if torch.cuda.is_available() else "cpu"})
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except pickle.UnpicklingError:  # --allow-pickle: torch's weights-only loader still refuses code
+        raise SourceError(f"{field}: {where}: its pickled weights hold objects torch's safe loader refuses "
+                          "(a pickle that could run code); not loaded") from None
     except (OSError, ValueError) as e:
         raise SourceError(f"{field}: cannot load model {where!r}: {str(e).splitlines()[0]}; pass --base MODEL if it "
                           "lives elsewhere") from None

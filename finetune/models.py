@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 from pathlib import Path
 
 import torch
@@ -141,6 +142,9 @@ def load_model(cfg: ModelSection, adapter: AdapterSection, activation_checkpoint
     try:
         with quiet:
             model = auto_class.from_pretrained(path, **kwargs)
+    except pickle.UnpicklingError:  # model.allow_pickle: torch's weights-only loader still refuses code
+        raise RecipeError(f"model.name_or_path: {path}: its pickled weights hold objects torch's safe loader "
+                          "refuses (a pickle that could run code); not loaded") from None
     except OSError as e:
         first = str(e).splitlines()[0]
         if not cfg.allow_pickle and ("safetensors" in first or "pytorch_model.bin" in first):

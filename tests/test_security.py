@@ -131,3 +131,23 @@ def test_resume_refuses_a_planted_checkpoint_pickle_in_one_line(tmp_path):
     torch.save({"step": torch.tensor(2)}, ckpt / "scheduler.pt")  # a legitimate one passes
     security.check_checkpoint(ckpt)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("command", ["chat", "eval"])
+def test_pickled_model_weights_one_line_with_or_without_the_opt_in(tmp_path, tiny_path, capsys, command):
+    from finetune import cli
+
+    d = tmp_path / "pickled_model"
+    shutil.copytree(tiny_path, d)
+    for f in d.glob("*.safetensors"):
+        f.unlink()
+    marker = tmp_path / "PWNED"
+    (d / "pytorch_model.bin").write_bytes(pickle.dumps(Payload(marker)))
+    argv = {"chat": ["chat", str(d), "--prompt", "hi"],
+            "eval": ["eval", str(d), "--data", "alpaca_en_demo", "--max-samples", "1", "--out", str(tmp_path / "ev")]}
+    for extra in ([], ["--allow-pickle"]):
+        assert cli.main(argv[command] + extra) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("finetune: error:")]
+        assert len(errors) == 1, errors
+        assert ("safe loader refuses" in errors[0]) == bool(extra), errors[0]
+    assert not marker.exists()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,9 @@ def load(name: str, field: str = "MODEL", dtype: str = "auto", tokenizer: str | 
                 base_path, dtype=models.resolve_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code,
                 use_safetensors=None if cfg.allow_pickle else True, revision=cfg.revision,
             )
+        except pickle.UnpicklingError:  # --allow-pickle: torch's weights-only loader still refuses code
+            raise RecipeError(f"{field}: {base_path}: its pickled weights hold objects torch's safe loader refuses "
+                              "(a pickle that could run code); not loaded") from None
         except OSError as e:
             raise RecipeError(f"{field}: cannot load {base_path!r}: {str(e).splitlines()[0]}") from None
     if source is None or source.quant is None:  # a quantized base is placed at load time
