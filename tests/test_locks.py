@@ -45,6 +45,27 @@ def test_second_holder_is_refused_naming_the_pid_and_kill_9_frees_it(tmp_path):
     assert not target.exists() and not locks.lock_path(target).exists()  # nothing left beside the output
 
 
+def test_a_pipeline_dir_in_use_is_refused(tmp_path, capsys):
+    pipe_dir = tmp_path / "pipe"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"stage": "sft", "model": {"name_or_path": "tiny-llama"},
+                                      "data": {"train": str(memo_data(tmp_path)), "format": "messages"},
+                                      "train": {"max_steps": 1}}), encoding="utf-8")
+    pipe = tmp_path / "pipe.yaml"
+    pipe.write_text(yaml.safe_dump({"output": {"dir": str(pipe_dir)}, "stages": {"sft": {"recipe": str(recipe)}}}),
+                    encoding="utf-8")
+    holder = _holder(pipe_dir)
+    try:
+        assert cli.main(["pipeline", str(pipe)]) == 2
+        assert cli.main(["train", str(recipe), "--dry-run", f"output.dir={pipe_dir}"]) == 0  # a dry run writes nothing
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("finetune: error:")]
+    assert len(errors) == 1 and f"(PID {holder.pid})" in errors[0], errors
+    assert not pipe_dir.exists()
+
+
 @pytest.mark.parametrize("command", ["merge", "eval", "export"])
 def test_merge_eval_export_outputs_are_locked_too(tmp_path, tiny_path, capsys, command):
     out = tmp_path / ("model.gguf" if command == "export" else "out")
