@@ -226,13 +226,6 @@ def discard_unresumable() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def check_disk(exc: BaseException) -> None:
-    """Re-raise `exc` as a one-line OutputError if it is disk trouble."""
-    line = disk_error(exc)
-    if line is not None:
-        raise OutputError(line) from exc
-
-
 # ----------------------------------------------------------------------------- before anything is written
 
 

@@ -357,7 +357,8 @@ def _adapter_dirs(root: Path, tiny_path: str) -> dict[str, Path]:
     return {"good": good, "truncated": truncated, "pickled": pickled, "marker": root / "PWNED"}
 
 
-def _catalogue(root: Path, tiny_path: str) -> list[dict]:
+def _catalogue(root: Path, tiny_path: str) -> tuple[list[dict], Path]:
+    """The cases ({name, cwd, argv, expect, leaves}) and the marker file any planted pickle would write."""
     adapters = _adapter_dirs(root, tiny_path)
     cases: list[dict] = []
 
@@ -540,6 +541,16 @@ def _catalogue(root: Path, tiny_path: str) -> list[dict]:
     case("score_not_rm", lambda d: ["score", adapters["good"], "--data", "preference_en_demo", "--out", d / "s.jsonl"],
          ["reward model"], [lambda d: d / "s.jsonl"])
     case("score_pickled", lambda d: ["score", adapters["pickled"], "--data", "preference_en_demo"], ["adapter"])
+
+    def score_parent_file(d):
+        (d / "afile").write_text("x", encoding="utf-8")
+        return ["score", adapters["good"], "--data", "preference_en_demo", "--out", d / "afile" / "s.jsonl"]
+    case("score_out_parent_is_file", score_parent_file, ["--out", "afile"], [lambda d: d / "afile" / "s.jsonl"])
+
+    def eval_parent_file(d):
+        (d / "afile").write_text("x", encoding="utf-8")
+        return ["eval", "tiny-llama", "--data", "alpaca_en_demo", "--out", d / "afile" / "ev"]
+    case("eval_out_parent_is_file", eval_parent_file, ["--out", "afile"], [lambda d: d / "afile" / "ev"])
     return cases, adapters["marker"]
 
 
@@ -563,7 +574,7 @@ def catalogue(tmp_path_factory, tiny_path) -> tuple[dict, dict, Path]:
     return {c["name"]: c for c in cases}, results, marker
 
 
-CATALOGUE_SIZE = 42  # + the subprocess cases above: more than 45 bad inputs over every command
+CATALOGUE_SIZE = 45  # and the subprocess cases above: 60 bad inputs over every command
 
 
 def test_catalogue_covers_every_command(catalogue):
@@ -573,7 +584,7 @@ def test_catalogue_covers_every_command(catalogue):
     assert commands == {"train", "pipeline", "data", "eval", "merge", "export", "chat", "score"}
 
 
-def test_catalogue_case_is_one_line_exit_2_and_leaves_nothing(catalogue, subtests=None):
+def test_catalogue_case_is_one_line_exit_2_and_leaves_nothing(catalogue):
     cases, results, marker = catalogue
     failures = []
     for name, case in cases.items():
