@@ -1,5 +1,7 @@
 """Bad input through the real CLI: a non-zero exit, exactly one `finetune: error:` line that
-names the file, line/record and field, no traceback, and no output dir left behind.
+names the file, line/record and field, no traceback, and no output dir left behind. The first part
+runs one subprocess per case; the catalogue at the end (every command) runs its cases in-process in
+a few batch subprocesses (tests/_cli_batch.py).
 
 Every case is a real `finetune train` (not --dry-run), so "nothing half-written" is tested;
 the recipes keep train.max_steps=1 so nothing expensive runs even if validation let one
