@@ -45,7 +45,7 @@ def _error_lines(capsys) -> list[str]:
     return [line for line in capsys.readouterr().err.splitlines() if line.startswith("finetune: error:")]
 
 
-def test_read_only_output_location_is_one_line_for_every_command(tmp_path, tmpfs, tiny_path, tiny_rm_dir, capsys):
+def test_read_only_output_location_is_one_line_for_every_command(tmp_path, tmpfs, tiny_path, capsys):
     ro = tmpfs(read_only=True)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(memo_recipe(tmp_path, steps=1, output={"dir": str(ro / "out")}), encoding="utf-8")
@@ -62,7 +62,7 @@ def test_read_only_output_location_is_one_line_for_every_command(tmp_path, tmpfs
         "merge": ["merge", str(adapter), "--out", str(ro / "merged")],
         "export": ["export", tiny_path, "--out", str(ro / "m.gguf")],
         "eval": ["eval", "tiny-llama", "--data", "alpaca_en_demo", "--max-samples", "1", "--out", str(ro / "ev")],
-        "score": ["score", str(tiny_rm_dir), "--data", "preference_en_demo", "--out", str(ro / "s.jsonl")],
+        "score": ["score", str(adapter), "--data", "preference_en_demo", "--out", str(ro / "s.jsonl")],  # checked first
     }
     for name, argv in commands.items():
         assert cli.main(argv) == 2, name

@@ -66,29 +66,19 @@ def test_resume_never_starts_over(tmp_path):
 KILLED_RUN = """
 import os, signal, sys
 import torch
-from transformers import TrainerCallback
 from finetune import config
 from finetune.stages import sft
 
-how, n = sys.argv[2].split("=")
-n = int(n)
-callbacks = []
-if how == "step":  # SIGKILL right after optimizer step n
-    class Kill(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == n:
-                os.kill(os.getpid(), signal.SIGKILL)
-    callbacks.append(Kill())
-else:  # SIGKILL in the middle of writing checkpoint-n: its weights are on disk, its optimizer state half-written
-    save = torch.save
-    def dying_save(obj, f, *a, **k):
-        if str(f).endswith(f"checkpoint-{n}/optimizer.pt"):
-            with open(f, "wb") as fh:
-                fh.write(b"half")
-            os.kill(os.getpid(), signal.SIGKILL)
-        return save(obj, f, *a, **k)
-    torch.save = dying_save
-sft.run(config.load(sys.argv[1]), callbacks=callbacks)
+n = int(sys.argv[2])
+save = torch.save
+def dying_save(obj, f, *a, **k):  # SIGKILL in the middle of writing checkpoint-n: weights on disk, optimizer half
+    if str(f).endswith(f"checkpoint-{n}/optimizer.pt"):
+        with open(f, "wb") as fh:
+            fh.write(b"half")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save(obj, f, *a, **k)
+torch.save = dying_save
+sft.run(config.load(sys.argv[1]))
 """
 
 
@@ -115,13 +105,13 @@ def _epoch_recipe(tmp_path, out) -> Path:
     return path
 
 
-def _killed(recipe: Path, how: str) -> None:
-    r = subprocess.run([sys.executable, "-c", KILLED_RUN, str(recipe), how], env={**os.environ, "PYTHONPATH": str(REPO)},
+def _killed(recipe: Path, checkpoint: int) -> None:
+    r = subprocess.run([sys.executable, "-c", KILLED_RUN, str(recipe), str(checkpoint)], env={**os.environ, "PYTHONPATH": str(REPO)},
                        capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
 
 
-def test_kill_9_mid_checkpoint_and_after_an_epoch_then_resume_is_bit_identical(tmp_path):
+def test_kill_9_mid_checkpoint_past_an_epoch_then_resume_is_bit_identical(tmp_path):
     from safetensors.torch import load_file
 
     reference = sft.run(config.load(_epoch_recipe(tmp_path, tmp_path / "reference")))
@@ -129,9 +119,8 @@ def test_kill_9_mid_checkpoint_and_after_an_epoch_then_resume_is_bit_identical(t
     out = tmp_path / "killed"
     recipe = _epoch_recipe(tmp_path, out)
     work = out.with_name("killed.incomplete")
-    _killed(recipe, "save=8")  # dies writing checkpoint-8: checkpoint-4 is the last complete one
-    assert (work / "checkpoint-8").is_dir() and not (work / "checkpoint-8" / "trainer_state.json").exists()
-    _killed(recipe, "step=11")  # resumes from checkpoint-4, writes checkpoint-8 (epoch 2), dies at step 11
+    _killed(recipe, 12)  # dies writing checkpoint-12: checkpoint-8 (epoch 2 of 3) is the last complete one
+    assert (work / "checkpoint-12").is_dir() and not (work / "checkpoint-12" / "trainer_state.json").exists()
     assert (work / "checkpoint-8" / "trainer_state.json").is_file() and not out.exists()
     finished = sft.run(config.load(recipe))  # resumes from checkpoint-8, inside the second epoch
 
