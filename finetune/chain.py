@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from finetune import security
 from finetune.errors import RecipeError
 from finetune.outputs import ADAPTER_CONFIG, MERGED_STAMP, OutputDir  # noqa: F401  (MERGED_STAMP: kept importable)
 
@@ -72,6 +73,7 @@ def load_reward_model(rm_dir: str | os.PathLike, dtype=None, merge: bool = True)
     from trl.trainer.reward_trainer import suppress_seqcls_warning  # the head comes from the adapter
 
     base = out.base().where
+    security.check_adapter_weights(rm_dir, "model.allow_pickle=true")
     with suppress_seqcls_warning():
         model = AutoModelForSequenceClassification.from_pretrained(
             base, num_labels=1, dtype=dtype or torch.float32, use_safetensors=True, pad_token_id=tok.pad_token_id

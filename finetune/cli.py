@@ -64,6 +64,7 @@ class _Version(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         print(version_line())
         parser.exit()
+PICKLE_HELP = "also load pickled weights (.bin/.pt), which can run code: only for files you trust (default: safetensors only)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -122,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--format", help="record format, when the file does not make it clear")
     score.add_argument("--out", help="write the JSONL here (atomically) instead of stdout")
     score.add_argument("--batch-size", type=int, default=16, help="records per forward pass (default 16)")
+    score.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
     score.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_merge_export_chat(sub)
     env = sub.add_parser("env", help="versions, device and caches, for a bug report",
@@ -195,6 +197,7 @@ def _add_merge_export_chat(sub) -> None:
     chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
     chat.add_argument("--base", help="an adapter's base model when the recorded one moved")
     for p in (merge, export, chat):
+        p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_serve_webui(sub)
 
@@ -225,17 +228,25 @@ def _add_serve_webui(sub) -> None:
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
+def _at_least(args, name: str, low: int) -> None:
+    """A numeric option below its minimum is one line naming the option."""
+    value = getattr(args, name)
+    if value is not None and value < low:
+        raise FinetuneError(f"--{name.replace('_', '-')}: must be at least {low}, got {value}")
+
+
 def cmd_train(args) -> int:
-    from finetune import config, stages
+    from finetune import config, security, stages
 
     if args.recipe is None:
         return _no_file_given("train", "recipe", "tiny")
     recipe = config.load(args.recipe, args.overrides)
     stage = stages.module(recipe.stage)
-    if args.dry_run:
-        print(stage.plan(recipe).render())
-        return 0
-    out = stage.run(recipe)
+    with security.user_flags(recipe.model.trust_remote_code, recipe.model.allow_pickle):  # the recipe the user runs
+        if args.dry_run:
+            print(stage.plan(recipe).render())
+            return 0
+        out = stage.run(recipe)
     log.info("done: output in %s", out)
     from finetune.eval.hook import gate_failure
 
@@ -282,6 +293,7 @@ def cmd_data(args) -> int:
         raise RecipeError(f"--chat-template-kwargs: not valid JSON ({e.msg})") from None
     if not isinstance(kwargs, dict):
         raise RecipeError("--chat-template-kwargs: expected a JSON object")
+    _at_least(args, "max_length", 1)
     tok = models.load_tokenizer(ModelSection(name_or_path=args.model, chat_template=args.chat_template))
     print(preview(args.dataset, tok, fmt=args.format, index=args.index, max_length=args.max_length,
                   color=sys.stdout.isatty(), show_tokens=args.tokens,
@@ -298,14 +310,24 @@ def cmd_eval(args) -> int:
 def cmd_score(args) -> int:
     from finetune.score import score_file
 
+    _at_least(args, "batch_size", 1)
     summary = score_file(args.rm_dir, args.data, fmt=args.format, out=args.out, batch_size=args.batch_size)
     log.info("scored: %s", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     return 0
 
 
 def cmd_merge(args) -> int:
+    from pathlib import Path
+
     from finetune import merge
 
+    if args.tolerance is not None and not args.tolerance >= 0:
+        raise FinetuneError(f"--tolerance: must be at least 0, got {args.tolerance}")
+    out = Path(args.out).expanduser().resolve()
+    for adapter in [args.adapter] if args.adapter else args.adapters or []:
+        inside = Path(adapter).expanduser().resolve()
+        if out == inside or inside in out.parents:
+            raise FinetuneError(f"--out: {args.out} is inside the adapter dir {adapter} being merged; choose another --out")
     return merge.run_cli(args)
 
 
@@ -318,6 +340,11 @@ def cmd_export(args) -> int:
 def cmd_chat(args) -> int:
     from finetune import chat
 
+    _at_least(args, "max_new_tokens", 1)
+    if not args.temperature >= 0:
+        raise FinetuneError(f"--temperature: must be at least 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise FinetuneError(f"--top-p: must be in (0, 1], got {args.top_p}")
     return chat.run_cli(args)
 
 
@@ -331,11 +358,40 @@ def cmd_webui(args) -> int:
     from finetune import webui
 
     return webui.run_cli(args)
+
+
 def cmd_env(args) -> int:
     from finetune.env import report
 
     print(report())
     return 0
+
+
+def _disk_error(e: BaseException) -> str | None:
+    """One line for a file-system or memory error (finetune.guards) or a file that is not UTF-8 text."""
+    if isinstance(e, UnicodeDecodeError):
+        return f"{_file_being_read(e) or 'a file'}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+    from finetune.guards import disk_error, memory_error
+
+    return disk_error(e) or memory_error(e)
+
+
+def _file_being_read(e: BaseException) -> str | None:
+    """The `path` (or `f`) local of the innermost finetune frame: the file a decode error came from."""
+    tb, found = e.__traceback__, None
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_globals.get("__name__", "").startswith("finetune"):
+            for name in ("path", "file", "f", "p"):
+                value = frame.f_locals.get(name)
+                if isinstance(value, (str, os.PathLike)):
+                    found = str(value)
+                    break
+                if hasattr(value, "name") and isinstance(getattr(value, "name", None), str):
+                    found = value.name
+                    break
+        tb = tb.tb_next
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -350,8 +406,14 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"train": cmd_train, "pipeline": cmd_pipeline, "data": cmd_data, "score": cmd_score, "eval": cmd_eval,
                "merge": cmd_merge, "export": cmd_export, "chat": cmd_chat, "env": cmd_env,
                "serve": cmd_serve, "webui": cmd_webui}[args.command]
+    from finetune import security
+
+    failed = True
     try:
-        return handler(args)
+        with security.user_flags(getattr(args, "trust_remote_code", False), getattr(args, "allow_pickle", False)):
+            code = handler(args)
+        failed = False
+        return code
     except FinetuneError as e:
         if args.debug:
             raise
@@ -363,6 +425,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"finetune: interrupted; {INTERRUPTED.get(args.command, 'nothing was written')}", file=sys.stderr)
         return 130
+    except (OSError, RuntimeError, MemoryError, UnicodeDecodeError) as e:  # disk, memory, not UTF-8: one line
+        line = None if args.debug else _disk_error(e)
+        if line is None:
+            raise
+        print(f"finetune: error: {line}", file=sys.stderr)
+        return 2
+    finally:
+        from finetune import locks
+
+        if failed and locks.held_targets():
+            from finetune.guards import discard_unresumable
+
+            discard_unresumable()
+        locks.release_all()
 
 
 if __name__ == "__main__":

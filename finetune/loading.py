@@ -8,12 +8,13 @@ What it holds and where an adapter's base is come from `outputs.OutputDir` (one 
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from finetune import models
+from finetune import models, security
 from finetune.config import AdapterSection
 from finetune.errors import FinetuneError, OutputError, RecipeError
 from finetune.outputs import OutputDir
@@ -104,12 +105,15 @@ def load_model(where: str, field: str, dtype=torch.float32, quant: AdapterSectio
     """A causal LM from a plain dir (safetensors only), optionally quantized as its QLoRA recipe says."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(dtype=dtype, use_safetensors=True)
+    kwargs = dict(dtype=dtype, use_safetensors=None if security.flags().allow_pickle else True)
     if quant is not None:  # quantized weights are placed at load time: the GPU if there is one, else the CPU
         kwargs.update(quantization_config=models.quantization_config(quant), dtype=models.resolve_dtype(quant.compute_dtype),
                       device_map={"": 0 if torch.cuda.is_available() else "cpu"})
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except pickle.UnpicklingError:  # --allow-pickle: torch's weights-only loader still refuses code
+        raise SourceError(f"{field}: {where}: its pickled weights hold objects torch's safe loader refuses "
+                          "(a pickle that could run code); not loaded") from None
     except (OSError, ValueError) as e:
         raise SourceError(f"{field}: cannot load model {where!r}: {str(e).splitlines()[0]}; pass --base MODEL if it "
                           "lives elsewhere") from None
@@ -120,10 +124,16 @@ def load_model(where: str, field: str, dtype=torch.float32, quant: AdapterSectio
 def attach_adapter(base_model, source: Source, adapter_name: str = "default"):
     """PeftModel of `base_model` + the adapter in `source`; a misfit (other base) is a one-line error."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
+    security.check_adapter_weights(source.path)
+    _check_readable(source)
     try:
         model = PeftModel.from_pretrained(base_model, str(source.path), adapter_name=adapter_name)
-    except (RuntimeError, ValueError, KeyError) as e:
+    except pickle.UnpicklingError:  # an opted-in pickle that torch's weights-only loader still refuses
+        raise SourceError(f"{source.path}: adapter_model.bin holds objects torch's safe loader refuses "
+                          "(a pickle that could run code); not loaded") from None
+    except (RuntimeError, ValueError, KeyError, SafetensorError) as e:
         raise SourceError(f"{source.path}: the adapter does not fit base {source.base} ({source.base_field}): "
                           f"{_first_line(e)}") from None
     _check_all_loaded(model, source, adapter_name)
@@ -132,11 +142,31 @@ def attach_adapter(base_model, source: Source, adapter_name: str = "default"):
 
 
 def add_adapter(model, source: Source, adapter_name: str) -> None:
+    from safetensors import SafetensorError
+
+    security.check_adapter_weights(source.path)
+    _check_readable(source)
     try:
         model.load_adapter(str(source.path), adapter_name=adapter_name)
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, SafetensorError) as e:
         raise SourceError(f"{source.path}: the adapter does not fit base {source.base}: {_first_line(e)}") from None
     _check_all_loaded(model, source, adapter_name)
+
+
+def _check_readable(source: Source) -> None:
+    """A truncated or damaged adapter_model.safetensors is one line naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    f = source.path / "adapter_model.safetensors"
+    if not f.is_file():
+        return
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            names = st.keys()
+            for name in names:
+                st.get_slice(name)
+    except (SafetensorError, OSError) as e:
+        raise SourceError(f"{f}: not a readable safetensors file (truncated or damaged?): {_first_line(e)}") from None
 
 
 def _check_all_loaded(model, source: Source, adapter_name: str) -> None:

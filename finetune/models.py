@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 from pathlib import Path
 
 import torch
@@ -40,6 +41,8 @@ def resolve_reference(name: str, field: str) -> str:
     """A tiny-model name, local path or hub id -> what from_pretrained loads; bad ones name the field."""
     if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
         raise RecipeError(f"{field}: {name}: no such directory")
+    if Path(name).expanduser().is_file():
+        raise RecipeError(f"{field}: {name} is a file; give the model's directory (config.json + weights) or a hub id")
     try:
         return tiny.resolve(name)
     except ValueError as e:  # an unknown tiny-* name
@@ -58,13 +61,15 @@ def load_tokenizer(cfg: ModelSection, padding_side: str = "right"):
     source = resolve_reference(cfg.tokenizer, "model.tokenizer") if cfg.tokenizer else model_path(cfg)
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    except OSError as e:
-        raise RecipeError(f"model.name_or_path: cannot load a tokenizer from {source!r}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError) as e:
+        why = " ".join(line.strip() for line in str(e).splitlines() if line.strip())[:300]
+        raise RecipeError(f"model.name_or_path: cannot load a tokenizer from {source!r}: {why}") from None
     if cfg.chat_template:
         template = cfg.chat_template
         if template.endswith(".jinja") and Path(template).is_file():
             template = Path(template).read_text(encoding="utf-8")
         tok.chat_template = template
+        _check_template(tok)
     elif not tok.chat_template:
         log.warning("%s has no chat template: using finetune's plain 'User:/Assistant:' template", source)
         tok.chat_template = FALLBACK_CHAT_TEMPLATE
@@ -72,6 +77,17 @@ def load_tokenizer(cfg: ModelSection, padding_side: str = "right"):
         tok.pad_token = tok.eos_token
     tok.padding_side = padding_side
     return tok
+
+
+def _check_template(tok) -> None:
+    """A Jinja syntax error in model.chat_template is one line, before any data is rendered with it
+    (compiled by transformers itself, which knows its own tags such as {% generation %})."""
+    from jinja2 import TemplateSyntaxError
+
+    try:
+        tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    except TemplateSyntaxError as e:
+        raise RecipeError(f"model.chat_template: Jinja syntax error on line {e.lineno}: {e.message}") from None
 
 
 def quantization_config(adapter: AdapterSection):
@@ -126,6 +142,9 @@ def load_model(cfg: ModelSection, adapter: AdapterSection, activation_checkpoint
     try:
         with quiet:
             model = auto_class.from_pretrained(path, **kwargs)
+    except pickle.UnpicklingError:  # model.allow_pickle: torch's weights-only loader still refuses code
+        raise RecipeError(f"model.name_or_path: {path}: its pickled weights hold objects torch's safe loader "
+                          "refuses (a pickle that could run code); not loaded") from None
     except OSError as e:
         first = str(e).splitlines()[0]
         if not cfg.allow_pickle and ("safetensors" in first or "pytorch_model.bin" in first):

@@ -388,7 +388,10 @@ def _merge_into(adapter: OutputDir, base: str, target: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from finetune import security
+
     log.info("chaining: merging the adapter in %s into %s (cached in %s)", adapter.path, base, target)
+    security.check_adapter_weights(adapter.path, "model.allow_pickle=true")
     model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", use_safetensors=True)
     model = PeftModel.from_pretrained(model, str(adapter.path))
     if not hasattr(model, "merge_and_unload"):  # prompt / prefix tuning: nothing to merge into the weights

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from finetune import config
+from finetune import config, locks, security
 from finetune.errors import OutputError, RecipeError, closest
 from finetune.outputs import OutputDir, _first_difference, write_text_atomic
 from finetune.stages import module as stage_module
@@ -251,6 +251,7 @@ def run(pipe: Pipeline) -> dict:
     from accelerate import PartialState
 
     state = PartialState()
+    locks.hold(pipe.dir)  # one pipeline per output dir; each stage also locks its own (finetune.locks)
     summary = {"pipeline": pipe.source, "stages": {}}
     for i, (stage, action) in enumerate(zip(pipe.stages, _actions(pipe)), 1):
         head = f"pipeline: stage {i}/{len(pipe.stages)} {stage.name} ({stage.recipe.stage})"
@@ -260,7 +261,8 @@ def run(pipe: Pipeline) -> dict:
             continue
         log.info("%s: %s -> %s", head, "resuming" if action == "resume" else "training", stage.dir)
         start = time.time()
-        stage_module(stage.recipe.stage).run(stage.recipe)
+        with security.user_flags(stage.recipe.model.trust_remote_code, stage.recipe.model.allow_pickle):
+            stage_module(stage.recipe.stage).run(stage.recipe)
         summary["stages"][stage.name] = {"dir": str(stage.dir),
                                          "status": "resumed" if action == "resume" else "trained",
                                          "seconds": round(time.time() - start, 1)}

@@ -45,14 +45,22 @@ def score_file(rm_dir: str, data: str, fmt: str | None = None, out: str | None =
     examples, fmt, src = read_examples(data, DataSection(train=data, format=fmt), field_name="--data")
     if out and Path(out).resolve() == Path(src.label()).resolve():
         raise DataError(f"--out: {out} is the input file")
+    from finetune import locks
+
+    if out:
+        locks.check_free(out, "--out")  # in use, or not writable: fail before the scoring
     model, tok = load_reward_model(rm_dir)
     rows = _score_examples(model, tok, examples, batch_size, src.label())
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if out:
         from finetune.outputs import write_text_atomic
 
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(Path(out), text)
+        locks.hold(out, "--out")
+        try:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(Path(out), text)
+        finally:
+            locks.release(out)
     else:
         sys.stdout.write(text)
     return _summary(rows, fmt)

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from finetune import locks
 from finetune.errors import OutputError
 from finetune.outputs import publish_modes, replace_dir
 
@@ -18,6 +19,7 @@ from finetune.outputs import publish_modes, replace_dir
 def check_free(target: str | Path, overwrite: bool, file: bool = False, flag: str = "--out") -> Path:
     """The absolute target; fail (before any work) if it exists and overwriting was not asked for."""
     final = Path(target).expanduser().absolute()
+    locks.check_free(final, flag)  # in use by another process, or not writable: fail before any work
     if final.exists() and not overwrite:
         raise OutputError(f"{flag}: {final} exists; pass --overwrite to replace it, or choose another {flag}")
     if final.exists() and final.is_dir() == file:
@@ -35,6 +37,7 @@ class Staged:
         self._made_parent: Path | None = None
 
     def __enter__(self) -> Path:
+        locks.hold(self.final, "--out")  # one writer per output (finetune.locks); released in __exit__
         parent = self.final.parent
         if not parent.exists():
             top = parent
@@ -46,6 +49,12 @@ class Staged:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._finish(exc_type)
+        finally:
+            locks.release(self.final)
+
+    def _finish(self, exc_type) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             if self._made_parent is not None:

@@ -1,5 +1,7 @@
 """Bad input through the real CLI: a non-zero exit, exactly one `finetune: error:` line that
-names the file, line/record and field, no traceback, and no output dir left behind.
+names the file, line/record and field, no traceback, and no output dir left behind. The first part
+runs one subprocess per case; the catalogue at the end (every command) runs its cases in-process in
+a few batch subprocesses (tests/_cli_batch.py).
 
 Every case is a real `finetune train` (not --dry-run), so "nothing half-written" is tested;
 the recipes keep train.max_steps=1 so nothing expensive runs even if validation let one
@@ -314,3 +316,293 @@ def test_preview_index_out_of_range_is_one_line(cli):
     for part in case.expect + [f"(0..{n - 1})"]:
         assert part in case.error_lines[0]
     assert r.stdout == ""
+
+
+# ----------------------------------------------------------------------------- the catalogue (issue 15)
+# Every command, table-driven: exit 2, exactly one `finetune: error:` line holding the expected parts,
+# no traceback, and nothing left behind (no output, no DIR.incomplete). These cases run in-process in
+# a few batch subprocesses (tests/_cli_batch.py): one torch import per batch instead of one per case.
+
+BATCHES = 2
+
+
+class Evil:
+    """Unpickling this runs `touch MARKER`: a planted pickle must never be unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _adapter_dirs(root: Path, tiny_path: str) -> dict[str, Path]:
+    """A real LoRA adapter of the tiny model, a truncated copy, and a pickled one carrying a payload."""
+    import pickle
+    import shutil
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    good = root / "adapter_good"
+    model = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])).save_pretrained(good)
+    truncated = root / "adapter_truncated"
+    shutil.copytree(good, truncated)
+    weights = truncated / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    pickled = root / "adapter_pickled"
+    pickled.mkdir()
+    shutil.copy(good / "adapter_config.json", pickled)
+    (pickled / "adapter_model.bin").write_bytes(pickle.dumps(Evil(root / "PWNED")))
+    return {"good": good, "truncated": truncated, "pickled": pickled, "marker": root / "PWNED"}
+
+
+def _catalogue(root: Path, tiny_path: str) -> tuple[list[dict], Path]:
+    """The cases ({name, cwd, argv, expect, leaves}) and the marker file any planted pickle would write."""
+    adapters = _adapter_dirs(root, tiny_path)
+    cases: list[dict] = []
+
+    def case(name, argv, expect, leaves=()):
+        d = root / "cat" / name
+        d.mkdir(parents=True, exist_ok=True)
+        argv = argv(d) if callable(argv) else argv
+        cases.append({"name": name, "cwd": str(d), "argv": [str(a) for a in argv], "expect": expect,
+                      "leaves": [str(p(d)) if callable(p) else str(p) for p in leaves]})
+
+    def recipe(d: Path, **extra) -> tuple[Path, Path]:
+        return _recipe(d, _jsonl(d / "ok.jsonl", [GOOD] * 4), **extra)
+
+    def train(*overrides, **extra):
+        def argv(d):
+            path, _ = recipe(d, **extra)
+            return ["train", path, *overrides]
+        return argv
+
+    def out(d):
+        return d / "out"
+
+    def inc(d):
+        return d / "out.incomplete"
+
+    # train: recipe values
+    case("nan_lr", train("train.learning_rate=.nan"), ["train.learning_rate", "not a finite number"], [out, inc])
+    case("inf_lr", train("train.learning_rate=.inf"), ["train.learning_rate", "not a finite number"], [out, inc])
+    case("huge_lr_in_file", train(train={"learning_rate": "1e400"}), ["recipe.yaml:", "train.learning_rate", "'1e400'",
+                                                                      "not a finite number"], [out, inc])
+    case("negative_alpha", train("adapter.alpha=-16"), ["adapter.alpha", "must be positive"], [out, inc])
+    case("save_steps_zero", train("train.save_steps=0"), ["train.save_steps", "must be positive"], [out, inc])
+    case("bad_target_modules", train("adapter.target_modules=[no_such_proj]"), ["adapter", "no_such_proj"], [out, inc])
+    case("absurd_r", train("adapter.r=100000000"), ["adapter.r", "more than the model"], [out, inc])
+    case("resume_not_checkpoint", lambda d: ["train", recipe(d)[0], f"train.resume={d}"],
+         ["train.resume", "not a checkpoint"], [out, inc])
+    case("jinja_syntax_error", train("model.chat_template='{% for m in messages %}{{ m.content }'"),
+         ["model.chat_template", "Jinja"], [out, inc])
+
+    def dup_key(d):
+        path, _ = recipe(d)
+        text = path.read_text(encoding="utf-8").replace("stage: sft\n", "stage: sft\nstage: dpo\n")
+        path.write_text(text, encoding="utf-8")
+        return ["train", path]
+    case("duplicate_key", dup_key, ["recipe.yaml:2", "duplicate key 'stage'"], [out, inc])
+
+    def latin1_recipe(d):
+        path, _ = recipe(d)
+        path.write_bytes(path.read_bytes() + "# café\n".encode("latin-1"))
+        return ["train", path]
+    case("recipe_latin1", latin1_recipe, ["recipe.yaml", "not UTF-8"], [out, inc])
+
+    def binary_data(d):
+        f = d / "garbage.jsonl"
+        f.write_bytes(bytes(range(256)) * 4)
+        path, _ = _recipe(d, f, data={"format": "alpaca"})
+        return ["train", path]
+    case("data_binary", binary_data, ["garbage.jsonl"], [out, inc])
+
+    def latin1_data(d):
+        f = d / "latin1.jsonl"
+        f.write_bytes(json.dumps(GOOD).encode() + b"\n" + '{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1"))
+        path, _ = _recipe(d, f, data={"format": "alpaca"})
+        return ["train", path]
+    case("data_latin1", latin1_data, ["latin1.jsonl", "not UTF-8"], [out, inc])
+
+    def model_without_weights(d):
+        m = d / "model"
+        m.mkdir()
+        (m / "config.json").write_text(Path(tiny_path, "config.json").read_text(encoding="utf-8"), encoding="utf-8")
+        return ["train", recipe(d)[0], f"model.name_or_path={m}"]
+    case("model_dir_without_weights", model_without_weights, ["model"], [out, inc])
+
+    def model_is_file(d):
+        (d / "model.bin").write_bytes(b"not a model")
+        return ["train", recipe(d)[0], f"model.name_or_path={d / 'model.bin'}"]
+    case("model_is_a_file", model_is_file, ["model.name_or_path", "model.bin"], [out, inc])
+
+    def parent_is_file(d):
+        (d / "afile").write_text("x", encoding="utf-8")
+        return ["train", recipe(d)[0], f"output.dir={d / 'afile' / 'out'}"]
+    case("train_output_parent_is_file", parent_is_file, ["afile"], [lambda d: d / "afile" / "out"])
+
+    def resume_planted_pickle(d):
+        path, _ = recipe(d)
+        ckpt = d / "out.incomplete" / "checkpoint-1"
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer_state.json").write_text('{"global_step": 1, "log_history": []}', encoding="utf-8")
+        import pickle
+
+        (ckpt / "optimizer.pt").write_bytes(pickle.dumps(Evil(adapters["marker"])))
+        return ["train", path, f"train.resume={ckpt}"]
+    case("resume_planted_pickle", resume_planted_pickle, ["optimizer.pt", "train.resume=never"], [out])
+
+    # pipeline
+    def pipeline_duplicate_stage(d):
+        path, _ = recipe(d)
+        p = d / "pipe.yaml"
+        p.write_text(f"output:\n  dir: {d / 'pipe_out'}\nstages:\n  sft:\n    recipe: {path}\n  sft:\n    recipe: {path}\n",
+                     encoding="utf-8")
+        return ["pipeline", p]
+    case("pipeline_duplicate_stage", pipeline_duplicate_stage, ["pipe.yaml:6", "duplicate key 'sft'"],
+         [lambda d: d / "pipe_out"])
+
+    def pipeline_nan(d):
+        path, _ = recipe(d)
+        p = d / "pipe.yaml"
+        p.write_text(f"output:\n  dir: {d / 'pipe_out'}\nstages:\n  sft:\n    recipe: {path}\n    train: {{learning_rate: .inf}}\n",
+                     encoding="utf-8")
+        return ["pipeline", p]
+    case("pipeline_non_finite", pipeline_nan, ["stage sft", "train.learning_rate", "not a finite number"],
+         [lambda d: d / "pipe_out"])
+
+    def pipeline_pickled_base(d):
+        path, _ = recipe(d)
+        p = d / "pipe.yaml"
+        p.write_text(f"output:\n  dir: {d / 'pipe_out'}\nstages:\n  dpo:\n    recipe: {path}\n"
+                     f"    model: {{name_or_path: {adapters['pickled']}}}\n", encoding="utf-8")
+        return ["pipeline", p]
+    case("pipeline_pickled_adapter", pipeline_pickled_base, ["adapter_model.bin", "pickle", "allow_pickle"],
+         [lambda d: d / "pipe_out"])
+
+    # data preview
+    case("preview_max_length_zero", ["data", "preview", "alpaca_en_demo", "--model", "tiny-llama", "--max-length", "0"],
+         ["--max-length", "at least 1"])
+    case("preview_missing_file", ["data", "preview", "nope.jsonl", "--model", "tiny-llama"], ["nope.jsonl"])
+
+    # eval
+    case("eval_history_is_dir", lambda d: ["eval", "tiny-llama", "--data", "alpaca_en_demo", "--history", d,
+                                           "--out", d / "ev"], ["--history", "is a directory"], [lambda d: d / "ev"])
+    case("eval_baseline_missing", lambda d: ["eval", "tiny-llama", "--data", "alpaca_en_demo", "--baseline",
+                                             d / "nope", "--out", d / "ev"], ["--baseline", "nope"], [lambda d: d / "ev"])
+
+    def suite_garbage(d):
+        s = d / "suite.yaml"
+        s.write_bytes(bytes(range(256)))
+        return ["eval", "tiny-llama", "--suite", s, "--out", d / "ev"]
+    case("eval_suite_binary", suite_garbage, ["suite.yaml"], [lambda d: d / "ev"])
+    case("eval_max_new_tokens_zero", lambda d: ["eval", "tiny-llama", "--data", "alpaca_en_demo", "--max-new-tokens", "0",
+                                                "--out", d / "ev"], ["--max-new-tokens", "at least 1"], [lambda d: d / "ev"])
+    case("eval_pickled_adapter", lambda d: ["eval", adapters["pickled"], "--data", "alpaca_en_demo", "--max-samples", "1",
+                                            "--history", "none", "--out", d / "ev"],
+         ["adapter_model.bin", "pickle", "--allow-pickle"], [lambda d: d / "ev"])
+
+    # merge
+    case("merge_truncated", lambda d: ["merge", adapters["truncated"], "--out", d / "m"],
+         ["adapter_model.safetensors", "truncated"], [lambda d: d / "m"])
+    case("merge_pickled", lambda d: ["merge", adapters["pickled"], "--out", d / "m"],
+         ["adapter_model.bin", "pickle", "--allow-pickle"], [lambda d: d / "m"])
+    case("merge_negative_tolerance", lambda d: ["merge", adapters["good"], "--out", d / "m", "--tolerance", "-1"],
+         ["--tolerance", "at least 0"], [lambda d: d / "m"])
+    case("merge_out_inside_adapter", lambda d: ["merge", adapters["good"], "--out", adapters["good"] / "merged"],
+         ["--out", "inside the adapter dir"], [adapters["good"] / "merged"])
+    case("merge_missing_adapter", lambda d: ["merge", d / "nope", "--out", d / "m"], ["ADAPTER_DIR", "nope"],
+         [lambda d: d / "m"])
+
+    # export
+    case("export_truncated", lambda d: ["export", adapters["truncated"], "--out", d / "m.gguf"],
+         ["adapter_model.safetensors", "truncated"], [lambda d: d / "m.gguf"])
+
+    def export_parent_file(d):
+        (d / "afile").write_text("x", encoding="utf-8")
+        return ["export", tiny_path, "--out", d / "afile" / "m.gguf"]
+    case("export_out_parent_is_file", export_parent_file, ["afile"], [lambda d: d / "afile" / "m.gguf"])
+    case("export_pickled", lambda d: ["export", adapters["pickled"], "--format", "safetensors", "--out", d / "m"],
+         ["adapter_model.bin", "--allow-pickle"], [lambda d: d / "m"])
+
+    # chat
+    case("chat_negative_max_new_tokens", ["chat", tiny_path, "--prompt", "hi", "--max-new-tokens", "-5"],
+         ["--max-new-tokens", "at least 1"])
+    case("chat_negative_temperature", ["chat", tiny_path, "--prompt", "hi", "--temperature", "-1"], ["--temperature"])
+    case("chat_top_p_zero", ["chat", tiny_path, "--prompt", "hi", "--temperature", "0.7", "--top-p", "0"], ["--top-p"])
+    case("chat_truncated", ["chat", adapters["truncated"], "--prompt", "hi"], ["adapter_model.safetensors", "truncated"])
+    case("chat_pickled", ["chat", adapters["pickled"], "--prompt", "hi"], ["adapter_model.bin", "--allow-pickle"])
+    case("chat_missing_dir", lambda d: ["chat", d / "nope", "--prompt", "hi"], ["nope", "no such directory"])
+
+    # score
+    case("score_batch_size_zero", lambda d: ["score", d, "--data", "preference_en_demo", "--batch-size", "0"],
+         ["--batch-size", "at least 1"])
+    case("score_not_rm", lambda d: ["score", adapters["good"], "--data", "preference_en_demo", "--out", d / "s.jsonl"],
+         ["reward model"], [lambda d: d / "s.jsonl"])
+    case("score_pickled", lambda d: ["score", adapters["pickled"], "--data", "preference_en_demo"], ["adapter"])
+
+    def score_parent_file(d):
+        (d / "afile").write_text("x", encoding="utf-8")
+        return ["score", adapters["good"], "--data", "preference_en_demo", "--out", d / "afile" / "s.jsonl"]
+    case("score_out_parent_is_file", score_parent_file, ["--out", "afile"], [lambda d: d / "afile" / "s.jsonl"])
+
+    def eval_parent_file(d):
+        (d / "afile").write_text("x", encoding="utf-8")
+        return ["eval", "tiny-llama", "--data", "alpaca_en_demo", "--out", d / "afile" / "ev"]
+    case("eval_out_parent_is_file", eval_parent_file, ["--out", "afile"], [lambda d: d / "afile" / "ev"])
+    return cases, adapters["marker"]
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory, tiny_path) -> tuple[dict, dict, Path]:
+    root = tmp_path_factory.mktemp("catalogue")
+    cases, marker = _catalogue(root, tiny_path)
+    env = _env()
+    batches = [cases[i::BATCHES] for i in range(BATCHES)]
+
+    def run(i: int) -> dict:
+        spec, results = root / f"batch{i}.json", root / f"results{i}.json"
+        spec.write_text(json.dumps(batches[i]), encoding="utf-8")
+        r = subprocess.run([sys.executable, str(REPO / "tests" / "_cli_batch.py"), str(spec), str(results)], cwd=root,
+                           env=env, capture_output=True, text=True, timeout=900, check=False)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(results.read_text(encoding="utf-8"))
+
+    with ThreadPoolExecutor(max_workers=BATCHES) as pool:
+        results = {k: v for part in pool.map(run, range(BATCHES)) for k, v in part.items()}
+    return {c["name"]: c for c in cases}, results, marker
+
+
+CATALOGUE_SIZE = 45  # and the subprocess cases above: 60 bad inputs over every command
+
+
+def test_catalogue_covers_every_command(catalogue):
+    cases, _, _ = catalogue
+    assert len(cases) >= CATALOGUE_SIZE
+    commands = {c["argv"][0] for c in cases.values()}
+    assert commands == {"train", "pipeline", "data", "eval", "merge", "export", "chat", "score"}
+
+
+def test_catalogue_case_is_one_line_exit_2_and_leaves_nothing(catalogue):
+    cases, results, marker = catalogue
+    failures = []
+    for name, case in cases.items():
+        r = results[name]
+        errors = [line for line in r["stderr"].splitlines() if line.startswith(ERROR)]
+        problems = []
+        if r["returncode"] != 2:
+            problems.append(f"exit {r['returncode']}")
+        if "Traceback" in r["stderr"]:
+            problems.append("traceback")
+        if len(errors) != 1:
+            problems.append(f"{len(errors)} error lines")
+        else:
+            problems += [f"{part!r} missing" for part in case["expect"] if part not in errors[0]]
+        problems += [f"{p} left behind" for p in case["leaves"] if Path(p).exists()]
+        if problems:
+            failures.append(f"{name}: {', '.join(problems)}\n    {r['stderr'].strip()[-1500:]}")
+    assert not marker.exists(), "a planted pickle was unpickled"
+    assert not failures, "\n".join(failures)

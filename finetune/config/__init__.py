@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -256,10 +257,24 @@ class _Where:
         return f"{self.source or 'recipe'}: {key}"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML lets the later one win silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (first given on line {seen[key]})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def parse_yaml(text: str, source: str):
-    """`yaml.safe_load` whose syntax errors are one line: `file:line: invalid YAML: problem`."""
+    """`yaml.safe_load` (duplicate keys refused) whose syntax errors are one line: `file:line: invalid YAML: problem`."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark, context = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -369,7 +384,7 @@ def _validate(raw: dict, where: _Where, source: str | None) -> Recipe:
         origins["train.eval_strategy"] = "default"
         origins.setdefault("train.eval_steps", "default")
     recipe = Recipe(stage=stage, train=train, source=source, origins=origins, **sections)
-    methods.check(recipe, raw.get("train") or {}, where)
+    methods.check(recipe, raw.get("train") or {}, where, raw.get("adapter") or {})
     _cross_checks(recipe, where)
     return recipe
 
@@ -441,6 +456,8 @@ def _coerce(value, tp, path: tuple, where: _Where):
     """Check `value` against the annotation `tp`, converting the obvious (e.g. '1e-3' -> float)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     bad = RecipeError(f"{where(path)}: expected {_type_name(tp)}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):  # 1e400, .inf, .nan
+        raise RecipeError(f"{where(path)}: {value!r} is not a finite number")
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
@@ -496,9 +513,13 @@ def _coerce(value, tp, path: tuple, where: _Where):
             return float(value)
         if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+            else:
+                if not math.isfinite(number):
+                    raise RecipeError(f"{where(path)}: {value!r} is not a finite number")
+                return number
         raise bad
     if tp is str:
         if isinstance(value, str):
@@ -612,6 +633,8 @@ def _cross_checks(recipe: Recipe, where: _Where) -> None:
         raise RecipeError(f"{where(('data', 'streaming'))}: streaming is for the sft stage only")
     if a.r < 1:
         raise RecipeError(f"{where(('adapter', 'r'))}: must be at least 1")
+    if a.alpha <= 0:
+        raise RecipeError(f"{where(('adapter', 'alpha'))}: must be positive, got {a.alpha}")
     if not 0.0 <= a.dropout < 1.0:
         raise RecipeError(f"{where(('adapter', 'dropout'))}: must be in [0, 1)")
     if t.get("max_length") is not None and t["max_length"] < 8:
@@ -620,6 +643,9 @@ def _cross_checks(recipe: Recipe, where: _Where) -> None:
         raise RecipeError(f"{where(('train', 'fp16'))}: bf16 and fp16 are both on; pick one")
     for key in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps"):
         if t[key] <= 0:
+            raise RecipeError(f"{where(('train', key))}: must be positive, got {t[key]}")
+    for key in ("save_steps", "logging_steps", "eval_steps"):
+        if t.get(key) is not None and t[key] <= 0:
             raise RecipeError(f"{where(('train', key))}: must be positive, got {t[key]}")
     if t["max_steps"] <= 0 and t["num_train_epochs"] <= 0:
         raise RecipeError(f"{where(('train', 'num_train_epochs'))}: set train.max_steps or a positive train.num_train_epochs")

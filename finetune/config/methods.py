@@ -5,6 +5,7 @@ is built and trained is `finetune.adapters`."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 
 from finetune.errors import RecipeError
@@ -52,7 +53,7 @@ DEFAULTS = {
 }
 
 
-def check(recipe, train_given: dict, where) -> None:
+def check(recipe, train_given: dict, where, adapter_given: dict | None = None) -> None:
     """Reject adapter keys the method does not read and combinations that cannot work (its
     defaults were filled in before validation: finetune.config.defaults)."""
     a = recipe.adapter
@@ -66,18 +67,25 @@ def check(recipe, train_given: dict, where) -> None:
                 f"{where(('adapter', 'method'))}: {a.method} runs through stage sft only "
                 f"(stage {recipe.stage} takes lora, dora or qlora)"
             )
-        _check_keys(a, where)
+        _check_keys(a, where, adapter_given or {})
         return
-    _check_keys(a, where)
+    _check_keys(a, where, adapter_given or {})
     _check_combinations(recipe, train_given, where)
 
 
-def _check_keys(a, where) -> None:
+def _check_keys(a, where, given: dict) -> None:
+    """A key the method does not read is an error when it differs from the default, and a warning when it
+    is given at its default (a recipe.yaml that finetune dumped lists every key, so that one stays quiet)."""
     reads = KEYS[a.method]
+    complete = all(f.name in given for f in dataclasses.fields(a))
     for f in dataclasses.fields(a):
         if f.name == "method" or f.name in reads:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if getattr(a, f.name) == default and f.name in given and not complete:
+            logging.getLogger("finetune").warning(
+                "%s: not used by adapter.method=%s; ignored", where(("adapter", f.name)), a.method
+            )
         if getattr(a, f.name) != default:
             used = ", ".join(reads) or "no other adapter key"
             raise RecipeError(

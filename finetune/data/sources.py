@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from finetune.errors import DataError, closest
 from finetune.resources import INSTALLED, shipped
 
@@ -60,10 +58,9 @@ def find_registry(explicit: str | None = None) -> Path | None:
 def read_registry(path: Path | None) -> dict[str, dict]:
     if path is None:
         return {}
-    try:
-        entries = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise DataError(f"{path}: invalid YAML: {e}") from None
+    from finetune.config import parse_yaml  # one line with the line number, duplicate keys refused
+
+    entries = parse_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
     if not isinstance(entries, dict):
         raise DataError(f"{path}: a registry maps dataset names to entries")
     return entries

@@ -37,6 +37,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--history", default="", help="JSONL history file (default: eval_history.jsonl beside --out; 'none' = off)")
     p.add_argument("--out", required=True, help="output dir (must not hold a finished result unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped with a model (auto_map): only "
+                   "for models you trust; never taken from the evaluated dir's recipe.yaml")
+    p.add_argument("--allow-pickle", action="store_true", help="also load pickled weights (.bin), which can run code")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 

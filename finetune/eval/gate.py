@@ -47,6 +47,19 @@ def generation_rows(tuned: dict, baseline: dict) -> list[Row]:
     return rows
 
 
+def read_history(path: Path) -> list[dict]:
+    """Every entry of a JSONL history file (none if it does not exist; unreadable lines are skipped)."""
+    history = []
+    if not Path(path).is_file():
+        return history
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            history.append(json.loads(line))
+        except ValueError:
+            continue
+    return history
+
+
 def append_history(path: Path, entry: dict) -> list[dict]:
     """Append one run to the JSONL history; returns every entry (unreadable lines are skipped)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from finetune import models
+from finetune import models, security
 from finetune.config import ModelSection
 from finetune.errors import RecipeError
 from finetune.outputs import OutputDir
+
+USER_ONLY = ("trust_remote_code", "allow_pickle")  # finetune.security: never taken from the dir being read
 
 
 @dataclass
@@ -25,14 +28,17 @@ class Loaded:
     template_kwargs: dict = field(default_factory=dict)  # the run's model.chat_template_kwargs
 
 
-def _model_section(path: Path | None, name_or_path: str) -> ModelSection:
+def _model_section(path: Path | None, name_or_path: str) -> tuple[ModelSection, str | None]:
     """The recipe's model section for a finetune output dir (chat template, dtype...) pointed at
-    `name_or_path`, else defaults."""
+    `name_or_path`, else defaults; and the model name the recipe gave (None without a recipe). Its
+    security flags are the user's (finetune.security), never the evaluated dir's own."""
     section = OutputDir(path).model_section() if path is not None else None
     if section is None:
-        return ModelSection(name_or_path=name_or_path)
-    section.name_or_path = name_or_path
-    return section
+        section, recipe_name = ModelSection(name_or_path=name_or_path), None
+    else:
+        recipe_name, section.name_or_path = section.name_or_path, name_or_path
+    section.trust_remote_code, section.allow_pickle = security.flags().trust_remote_code, security.flags().allow_pickle
+    return section, recipe_name
 
 
 def load(name: str, field: str = "MODEL", dtype: str = "auto", tokenizer: str | None = None):
@@ -46,10 +52,11 @@ def load(name: str, field: str = "MODEL", dtype: str = "auto", tokenizer: str | 
     path = Path(name).expanduser()
     source = loading.inspect(path, what=field) if path.is_dir() else None
     if source is not None and source.kind == "adapter":
-        cfg = _model_section(path, source.base)
-        cfg.tokenizer = str(path)  # the run saved its tokenizer (and chat template) with the adapter
+        cfg, _ = _model_section(path, source.base)
+        if source.has_tokenizer:  # a finetune run saved its tokenizer (and chat template) with the adapter
+            cfg.tokenizer = str(path)
     else:
-        cfg = _model_section(path if path.is_dir() else None, name)
+        cfg, _ = _model_section(path if path.is_dir() else None, name)
     cfg.dtype = dtype if dtype != "auto" else cfg.dtype
     cfg.tokenizer = tokenizer or cfg.tokenizer
     tok = models.load_tokenizer(cfg, padding_side="left")
@@ -66,6 +73,9 @@ def load(name: str, field: str = "MODEL", dtype: str = "auto", tokenizer: str | 
                 base_path, dtype=models.resolve_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code,
                 use_safetensors=None if cfg.allow_pickle else True, revision=cfg.revision,
             )
+        except pickle.UnpicklingError:  # --allow-pickle: torch's weights-only loader still refuses code
+            raise RecipeError(f"{field}: {base_path}: its pickled weights hold objects torch's safe loader refuses "
+                              "(a pickle that could run code); not loaded") from None
         except OSError as e:
             raise RecipeError(f"{field}: cannot load {base_path!r}: {str(e).splitlines()[0]}") from None
     if source is None or source.quant is None:  # a quantized base is placed at load time

@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune import locks
 from finetune.config import EvalSection
 from finetune.errors import RecipeError, plural
 from finetune.eval import gate, generation, loader, modules, report, scores
@@ -61,6 +62,13 @@ def _check(req: Request):
     for key in ("max_samples", "max_new_tokens", "batch_size"):
         if getattr(req, key) is not None and getattr(req, key) < 1:
             raise RecipeError(f"--{key.replace('_', '-')}: must be at least 1")
+    if req.history and Path(req.history).is_dir():
+        raise RecipeError(f"--history: {req.history} is a directory; give a .jsonl file (or 'none')")
+    if req.baseline and not req.baseline_tokenizer:  # the CLI's --baseline: found before the tuned model is scored
+        base = Path(req.baseline).expanduser()
+        if req.baseline.startswith(("/", "./", "../", "~")) and not base.exists():
+            raise RecipeError(f"--baseline: {req.baseline}: no such directory")
+    locks.check_free(req.out, "--out")  # in use by another process, or not writable: fail before any work
     check_target(req.out, req.overwrite, "--out")
 
 
@@ -86,15 +94,24 @@ def run(req: Request) -> dict:
     if suite:
         suites.check_data(suite)
 
-    req.out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{req.out.name}.incomplete-", dir=req.out.parent))
+    locks.hold(req.out, "--out")  # one writer per output (finetune.locks); released below
     try:
-        result = _evaluate(req, work, preds, refs, suite)
+        req.out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{req.out.name}.incomplete-", dir=req.out.parent))
+    except BaseException:
+        locks.release(req.out)
+        raise
+    try:
+        pending_history: list = []
+        result = _evaluate(req, work, preds, refs, suite, pending_history)
         check_target(req.out, req.overwrite, "--out")  # someone may have written there meanwhile
         replace_dir(work, req.out)  # atomic: the old report stays until the new one is in place
+        for path, entry in pending_history:  # last: a history line only for an output that exists
+            gate.append_history(path, entry)
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        locks.release(req.out)
 
 
 def _score_model(req: Request, name: str, field: str, prefix: str, work: Path, suite, metric_kw: dict, tokenizer=None):
@@ -117,7 +134,7 @@ def _score_model(req: Request, name: str, field: str, prefix: str, work: Path, s
     return gen, results, state
 
 
-def _evaluate(req: Request, work: Path, preds, refs, suite) -> dict:
+def _evaluate(req: Request, work: Path, preds, refs, suite, pending_history: list) -> dict:
     rep: dict = {"model": req.name or req.model or str(req.predictions), "baseline": req.baseline}
     references = refs if preds is not None else [it.reference for it in req.items]
     language = _language(req, references) if references else None
@@ -149,12 +166,14 @@ def _evaluate(req: Request, work: Path, preds, refs, suite) -> dict:
         path = Path(req.history) if req.history else req.out.parent / HISTORY_NAME
         flat = {f"{t}/{m}": v for t, ms in (tuned_suite or {}).items() for m, v in ms.items()}
         flat.update({f"generation/{k}": v for k, v in (gen_tuned or {}).items() if isinstance(v, float)})
-        history = gate.append_history(path, {
+        entry = {
             "model": rep["model"], "baseline": req.baseline, "suite": suite.name if suite else None,
             "data": (rep.get("generation") or {}).get("data"), "out": str(req.out), "metrics": flat,
             "regressions": (rep.get("suite") or {}).get("regressions"),
-        })
+        }
+        history = gate.read_history(path) + [entry]  # appended only once the outputs are in place (run)
         rep["history_file"], rep["history_runs"] = str(path), len(history)
+        pending_history[:] = [(path, entry)]
     report.write(work, rep, trainer_state, history)
     return rep
 

@@ -9,7 +9,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from finetune import models
+from finetune import guards, models
 from finetune.config import Recipe
 from finetune.data import pairs
 from finetune.outputs import RunDir
@@ -53,6 +53,7 @@ def run(recipe: Recipe, make_trainer: Callable, callbacks=(), num_labels: int | 
     state = PartialState()
     run_dir, tok, prepared = prepared or prepare(recipe)
     args = trl_args(recipe, run_dir.work)  # invalid TRL combinations fail here, before anything is written
+    guards.claim(recipe, run_dir)  # the output dir's lock; the checkpoint to resume; the adapter fits
     set_seed(recipe.train["seed"])  # the adapter (and a reward head) are initialised from this seed
     model = models.load_model(recipe.model, recipe.adapter, recipe.train["activation_checkpointing"],
                               num_labels=num_labels, pad_token_id=tok.pad_token_id)
@@ -62,7 +63,7 @@ def run(recipe: Recipe, make_trainer: Callable, callbacks=(), num_labels: int | 
     if checkpoint and state.is_main_process:
         log.info("resuming from %s", checkpoint)
 
-    trainer = make_trainer(model, args, tok, prepared, list(callbacks))
+    trainer = make_trainer(model, args, tok, prepared, list(callbacks) + guards.callbacks(recipe))
     keep_adapter_in_compute_dtype(trainer.model, recipe)
     dropped = _count_dropped(trainer, prepared, recipe)
     terminal_log(trainer)
@@ -70,7 +71,7 @@ def run(recipe: Recipe, make_trainer: Callable, callbacks=(), num_labels: int | 
         steps = planned_steps(recipe, len(trainer.train_dataset), state.num_processes)
         log.info(start_summary(recipe, prepared, trainer.model, steps, state.num_processes, run_dir.work))
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    metrics = {**dropped, **result.metrics}
+    metrics = {**dropped, **guards.whole_run_metrics(trainer, result)}
     if prepared.eval is not None:
         metrics.update(final_eval(trainer))
 

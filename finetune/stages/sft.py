@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from finetune import adapters, data, models
+from finetune import adapters, data, guards, models
 from finetune.config import Recipe
 from finetune.data.encode import options_of
 from finetune.outputs import RunDir
@@ -64,6 +64,7 @@ def run(recipe: Recipe, callbacks=()) -> Path:
         args.remove_unused_columns = False
     if recipe.data.streaming:
         args.accelerator_config.dispatch_batches = False
+    guards.claim(recipe, run_dir)  # the output dir's lock; the checkpoint to resume; the adapter fits
     # SFTTrainer builds the adapter before Trainer seeds the RNG: seed first, so the same
     # recipe gives the same initial adapter (and the same run) every time.
     set_seed(recipe.train["seed"])
@@ -85,7 +86,7 @@ def run(recipe: Recipe, callbacks=()) -> Path:
         eval_dataset=prepared.eval.dataset(with_length=not args.packing) if prepared.eval else None,
         processing_class=tok,
         peft_config=training.peft_config,
-        callbacks=list(callbacks) + training.callbacks,
+        callbacks=list(callbacks) + training.callbacks + guards.callbacks(recipe),
         optimizers=training.optimizers,
     )
     keep_adapter_in_compute_dtype(trainer.model, recipe)
@@ -93,7 +94,7 @@ def run(recipe: Recipe, callbacks=()) -> Path:
     if state.is_main_process:
         log.info(start_summary(recipe, prepared, trainer.model, steps, state.num_processes, run_dir.work))
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    metrics = dict(result.metrics)
+    metrics = guards.whole_run_metrics(trainer, result)
     if prepared.eval is not None:
         metrics.update(final_eval(trainer))
 
