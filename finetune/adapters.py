@@ -16,11 +16,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from finetune.errors import RecipeError
-
 # Which keys each method reads and its defaults are part of the recipe schema (finetune.config.methods).
 from finetune.config.methods import DEFAULTS, FULL_WEIGHTS, KEYS, LORA, PROMPT  # noqa: E402, F401
-
+from finetune.errors import RecipeError
 
 # ----------------------------------------------------------------------------- PEFT configs
 

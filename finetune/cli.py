@@ -278,13 +278,12 @@ def cmd_data(args) -> int:
 
         print(prepare(config.load(args.recipe, args.overrides)))
         return 0
-    from finetune import models
-    from finetune.config import ModelSection
-    from finetune.data.preview import preview
-
     import json
 
+    from finetune import models
+    from finetune.config import ModelSection
     from finetune.data.encode import EncodeOptions
+    from finetune.data.preview import preview
     from finetune.errors import RecipeError
 
     try:

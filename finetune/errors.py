@@ -1,5 +1,7 @@
 """Errors a user can fix. The CLI prints them as one line (no traceback unless --debug)."""
 
+import errno
+
 
 class FinetuneError(Exception):
     """Base of every error that is the user's input, not a bug: printed as one line."""
@@ -28,3 +30,16 @@ def closest(word: str, candidates) -> str:
 
     match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f"; did you mean '{match[0]}'?" if match else ""
+
+
+# What an OSError means, in words (file-system trouble: finetune.guards, finetune.locks)
+CAUSES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+          errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+          errno.ENOTDIR: "a parent is not a directory", errno.EEXIST: "a file is in the way"}
+
+
+def os_error_message(e: OSError, path=None) -> str:
+    """`cause (path)`, e.g. `read-only file system (/mnt/out)`."""
+    cause = CAUSES.get(e.errno, e.strerror or str(e))
+    where = e.filename or path
+    return f"{cause} ({where})" if where else cause

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from finetune.errors import FinetuneError, OutputError
+from finetune.errors import CAUSES, FinetuneError
 
 
 class TrainingDiverged(FinetuneError):
@@ -145,17 +145,7 @@ def callbacks(recipe) -> list:
 
 # ----------------------------------------------------------------------------- disk trouble
 
-CAUSES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-          errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-          errno.ENOTDIR: "a parent is not a directory", errno.EEXIST: "a file is in the way"}
 _DISK_FULL_TEXT = ("No space left on device", "file write failed", "os error 28")
-
-
-def os_error_message(e: OSError, path=None) -> str:
-    """`cause (path)`, e.g. `read-only file system (/mnt/out)`."""
-    cause = CAUSES.get(e.errno, e.strerror or str(e))
-    where = e.filename or path
-    return f"{cause} ({where})" if where else cause
 
 
 def disk_error(e: BaseException) -> str | None:
@@ -224,44 +214,3 @@ def discard_unresumable() -> None:
         work = target.with_name(target.name + ".incomplete")
         if work.is_dir() and last_complete_checkpoint(work) is None:
             shutil.rmtree(work, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------- before anything is written
-
-
-def claim(recipe, run_dir) -> None:
-    """What a training run checks after validating its input and before it writes anything: the output
-    dir's lock (finetune.locks), the checkpoint it would resume from, and that the adapter fits the model."""
-    from finetune import locks, security
-
-    locks.hold(run_dir.final)
-    checkpoint = run_dir.resume_from()
-    if checkpoint is not None:
-        if not (Path(checkpoint) / "trainer_state.json").is_file():
-            raise OutputError(f"train.resume: {checkpoint} is not a checkpoint dir (no trainer_state.json); "
-                              "give a checkpoint-N dir, auto or never")
-        security.check_checkpoint(checkpoint)
-    check_adapter_fits(recipe)
-
-
-def check_adapter_fits(recipe) -> None:
-    """Build the adapter on the meta device (no memory): target modules the model lacks, or an adapter
-    bigger than the model itself (an absurd adapter.r), fail here in one line."""
-    from finetune.errors import RecipeError
-    from finetune.stages.common import count_adapter_parameters
-
-    if recipe.adapter.method in ("full", "freeze"):
-        return
-    import torch
-
-    try:
-        with torch.device("meta"):  # every tensor, the adapter's too (init_empty_weights covers only the model's)
-            trainable, total = count_adapter_parameters(recipe)
-    except FinetuneError:
-        raise
-    except (ValueError, KeyError, TypeError) as e:  # peft: NoMatchingPeftModuleError (a ValueError), ...
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise RecipeError(f"{recipe.source or 'recipe'}: adapter: {first[:300]}") from None
-    if trainable > total - trainable:
-        raise RecipeError(f"{recipe.source or 'recipe'}: adapter.r: {recipe.adapter.r} makes an adapter of "
-                          f"{trainable:,} parameters, more than the model's own {total - trainable:,}; use a smaller r")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from finetune.errors import OutputError
+from finetune.errors import OutputError, os_error_message
 
 try:
     import fcntl
@@ -57,7 +57,6 @@ def hold(target: str | os.PathLike, what: str = "output.dir") -> Path | None:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = _acquire(path)
     except OSError as e:
-        from finetune.guards import os_error_message  # lazy: guards imports transformers
 
         raise OutputError(f"{what}: cannot write {final}: {os_error_message(e, path.parent)}") from None
     if handle is None:

@@ -22,8 +22,20 @@ import torch
 from finetune import __version__
 from finetune.config import AdapterSection
 from finetune.errors import FinetuneError
-from finetune.loading import (PROBE_CHATS, Source, SourceError, add_adapter, attach_adapter, inspect, load_model,
-                              load_tokenizer, max_abs, max_abs_diff, probe_batch, probe_logits)
+from finetune.loading import (
+    PROBE_CHATS,
+    Source,
+    SourceError,
+    add_adapter,
+    attach_adapter,
+    inspect,
+    load_model,
+    load_tokenizer,
+    max_abs,
+    max_abs_diff,
+    probe_batch,
+    probe_logits,
+)
 from finetune.outputs import OutputDir
 from finetune.staging import Staged, check_free
 

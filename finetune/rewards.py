@@ -31,7 +31,6 @@ from finetune.config.rewards import (  # noqa: F401
     check,
 )
 
-
 # ----------------------------------------------------------------------------- reward functions
 
 

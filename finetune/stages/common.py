@@ -9,6 +9,7 @@ import math
 import shutil
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -311,3 +312,44 @@ def final_eval(trainer) -> dict:
     if logged:
         return {k: v for k, v in logged[-1].items() if k.startswith("eval_")}
     return trainer.evaluate()
+
+
+# ----------------------------------------------------------------------------- before anything is written
+
+
+def claim(recipe, run_dir) -> None:
+    """What a training run checks after validating its input and before it writes anything: the output
+    dir's lock (finetune.locks), the checkpoint it would resume from, and that the adapter fits the model."""
+    from finetune import locks, security
+    from finetune.errors import OutputError
+
+    locks.hold(run_dir.final)
+    checkpoint = run_dir.resume_from()
+    if checkpoint is not None:
+        if not (Path(checkpoint) / "trainer_state.json").is_file():
+            raise OutputError(f"train.resume: {checkpoint} is not a checkpoint dir (no trainer_state.json); "
+                              "give a checkpoint-N dir, auto or never")
+        security.check_checkpoint(checkpoint)
+    check_adapter_fits(recipe)
+
+
+def check_adapter_fits(recipe) -> None:
+    """Build the adapter on the meta device (no memory): target modules the model lacks, or an adapter
+    bigger than the model itself (an absurd adapter.r), fail here in one line."""
+    from finetune.errors import FinetuneError
+
+    if recipe.adapter.method in ("full", "freeze"):
+        return
+    import torch
+
+    try:
+        with torch.device("meta"):  # every tensor, the adapter's too (init_empty_weights covers only the model's)
+            trainable, total = count_adapter_parameters(recipe)
+    except FinetuneError:
+        raise
+    except (ValueError, KeyError, TypeError) as e:  # peft: NoMatchingPeftModuleError (a ValueError), ...
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise RecipeError(f"{recipe.source or 'recipe'}: adapter: {first[:300]}") from None
+    if trainable > total - trainable:
+        raise RecipeError(f"{recipe.source or 'recipe'}: adapter.r: {recipe.adapter.r} makes an adapter of "
+                          f"{trainable:,} parameters, more than the model's own {total - trainable:,}; use a smaller r")

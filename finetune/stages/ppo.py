@@ -18,10 +18,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from finetune import guards, models, rewards
+from finetune import models, rewards
 from finetune.config import Recipe
 from finetune.errors import RecipeError
-from finetune.stages.common import finish, keep_adapter_in_compute_dtype, trl_args
+from finetune.stages.common import claim, finish, keep_adapter_in_compute_dtype, trl_args
 from finetune.stages.preference import plan, prepare  # noqa: F401  (the stage interface: run, plan)
 
 log = logging.getLogger("finetune")
@@ -69,7 +69,7 @@ def run(recipe: Recipe, callbacks=()) -> Path:
         batch = (args.per_device_train_batch_size * args.gradient_accumulation_steps * args.num_mini_batches
                  * state.num_processes)
         args.total_episodes = recipe.train["max_steps"] * batch
-    guards.claim(recipe, run_dir)  # the output dir's lock; the checkpoint to resume; the adapter fits
+    claim(recipe, run_dir)  # the output dir's lock; the checkpoint to resume; the adapter fits
     reward_model, value_model = _reward_models(recipe, tok)
     set_seed(recipe.train["seed"])
     model = models.load_model(recipe.model, recipe.adapter, recipe.train["activation_checkpointing"])

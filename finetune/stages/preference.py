@@ -15,6 +15,7 @@ from finetune.data import pairs
 from finetune.outputs import RunDir
 from finetune.stages.common import (
     TrainPlan,
+    claim,
     final_eval,
     finish,
     keep_adapter_in_compute_dtype,
@@ -53,7 +54,7 @@ def run(recipe: Recipe, make_trainer: Callable, callbacks=(), num_labels: int | 
     state = PartialState()
     run_dir, tok, prepared = prepared or prepare(recipe)
     args = trl_args(recipe, run_dir.work)  # invalid TRL combinations fail here, before anything is written
-    guards.claim(recipe, run_dir)  # the output dir's lock; the checkpoint to resume; the adapter fits
+    claim(recipe, run_dir)  # the output dir's lock; the checkpoint to resume; the adapter fits
     set_seed(recipe.train["seed"])  # the adapter (and a reward head) are initialised from this seed
     model = models.load_model(recipe.model, recipe.adapter, recipe.train["activation_checkpointing"],
                               num_labels=num_labels, pad_token_id=tok.pad_token_id)

@@ -16,6 +16,7 @@ from finetune.data.encode import options_of
 from finetune.outputs import RunDir
 from finetune.stages.common import (
     TrainPlan,
+    claim,
     final_eval,
     finish,
     keep_adapter_in_compute_dtype,
@@ -64,7 +65,7 @@ def run(recipe: Recipe, callbacks=()) -> Path:
         args.remove_unused_columns = False
     if recipe.data.streaming:
         args.accelerator_config.dispatch_batches = False
-    guards.claim(recipe, run_dir)  # the output dir's lock; the checkpoint to resume; the adapter fits
+    claim(recipe, run_dir)  # the output dir's lock; the checkpoint to resume; the adapter fits
     # SFTTrainer builds the adapter before Trainer seeds the RNG: seed first, so the same
     # recipe gives the same initial adapter (and the same run) every time.
     set_seed(recipe.train["seed"])
