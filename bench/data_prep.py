@@ -25,13 +25,41 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-EN = ["How do I keep basil alive on a windowsill?", "Explain what a hash table is.", "Why is the sky blue?",
-      "Write a short note thanking a colleague.", "What is the difference between a list and a tuple?",
-      "Summarise the plot of a detective story in three sentences.", "How many minutes are in a week?"]
-ZH = ["如何在窗台上养活罗勒？", "请解释什么是哈希表。", "为什么天空是蓝色的？", "写一封简短的感谢信给同事。",
-      "列表和元组有什么区别？", "用三句话概括一个侦探故事的情节。", "一周有多少分钟？"]
-EN_WORDS = ["the", "a", "model", "data", "answer", "light", "water", "time", "small", "large", "quickly", "because",
-            "therefore", "which", "every"]
+EN = [
+    "How do I keep basil alive on a windowsill?",
+    "Explain what a hash table is.",
+    "Why is the sky blue?",
+    "Write a short note thanking a colleague.",
+    "What is the difference between a list and a tuple?",
+    "Summarise the plot of a detective story in three sentences.",
+    "How many minutes are in a week?",
+]
+ZH = [
+    "如何在窗台上养活罗勒？",
+    "请解释什么是哈希表。",
+    "为什么天空是蓝色的？",
+    "写一封简短的感谢信给同事。",
+    "列表和元组有什么区别？",
+    "用三句话概括一个侦探故事的情节。",
+    "一周有多少分钟？",
+]
+EN_WORDS = [
+    "the",
+    "a",
+    "model",
+    "data",
+    "answer",
+    "light",
+    "water",
+    "time",
+    "small",
+    "large",
+    "quickly",
+    "because",
+    "therefore",
+    "which",
+    "every",
+]
 ZH_CHARS = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行学法所民得经"
 
 
@@ -47,8 +75,11 @@ def generate(path: Path, rows: int, seed: int = 0) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for i in range(rows):
             zh = i % 2 == 1
-            messages = [{"role": "system", "content": "你是一个乐于助人的助手。" if zh else "You are a helpful assistant."}] \
-                if rng.random() < 0.3 else []
+            messages = (
+                [{"role": "system", "content": "你是一个乐于助人的助手。" if zh else "You are a helpful assistant."}]
+                if rng.random() < 0.3
+                else []
+            )
             for _ in range(rng.randint(2, 3)):
                 question = rng.choice(ZH if zh else EN) + " " + _sentence(rng, zh)
                 answer = " ".join(_sentence(rng, zh) for _ in range(rng.randint(2, 5)))
@@ -76,8 +107,15 @@ print(json.dumps({{"load_s": t2 - t1, "import_s": t1 - t0, "built": cache.builds
 
 
 def measure(path: Path, tokenizer: str, num_proc: int, max_length: int, cache_dir: Path) -> dict:
-    env = {**os.environ, "FINETUNE_DATA_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    script = MEASURE.format(repo=str(REPO), tokenizer=tokenizer, path=str(path), num_proc=num_proc, max_length=max_length)
+    env = {
+        **os.environ,
+        "FINETUNE_DATA_CACHE": str(cache_dir),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    script = MEASURE.format(
+        repo=str(REPO), tokenizer=tokenizer, path=str(path), num_proc=num_proc, max_length=max_length
+    )
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False)
@@ -86,8 +124,11 @@ def measure(path: Path, tokenizer: str, num_proc: int, max_length: int, cache_di
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    out.update(wall_s=wall, cpu_s=(after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
-               children_peak_rss_mb=after.ru_maxrss / 1024)
+    out.update(
+        wall_s=wall,
+        cpu_s=(after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+        children_peak_rss_mb=after.ru_maxrss / 1024,
+    )
     return out
 
 
@@ -107,7 +148,9 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="data_prep_"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"tokenizer {args.tokenizer}; work dir {work}; {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}")
-    print("| rows | num_proc | cold s | cold rows/s | rows/s per CPU-s | peak RSS main / any process | warm load s | warm process s | cache size |")
+    print(
+        "| rows | num_proc | cold s | cold rows/s | rows/s per CPU-s | peak RSS main / any process | warm load s | warm process s | cache size |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for rows in args.rows:
         path = work / f"chat_{rows}.jsonl"
@@ -122,10 +165,15 @@ def main() -> None:
             cold = measure(path, args.tokenizer, num_proc, args.max_length, cache_dir)
             warm = measure(path, args.tokenizer, num_proc, args.max_length, cache_dir)
             assert cold["built"] == 1 and warm["built"] == 0, (cold, warm)
-            print(f"| {rows:,} | {num_proc} | {cold['load_s']:.0f} | {rows / cold['load_s']:,.0f} | "
-                  f"{rows / cold['cpu_s']:,.0f} | {cold['rss_mb']:,.0f} MB / {cold['children_peak_rss_mb']:,.0f} MB | "
-                  f"{warm['load_s']:.2f} | {warm['wall_s']:.1f} | {cold['cache_bytes'] / 2**20:,.0f} MB |", flush=True)
-        print(f"  file {path.stat().st_size / 2**20:,.0f} MB, {cold['examples']:,} examples, {cold['tokens']:,} tokens")
+            print(
+                f"| {rows:,} | {num_proc} | {cold['load_s']:.0f} | {rows / cold['load_s']:,.0f} | "
+                f"{rows / cold['cpu_s']:,.0f} | {cold['rss_mb']:,.0f} MB / {cold['children_peak_rss_mb']:,.0f} MB | "
+                f"{warm['load_s']:.2f} | {warm['wall_s']:.1f} | {cold['cache_bytes'] / 2**20:,.0f} MB |",
+                flush=True,
+            )
+        print(
+            f"  file {path.stat().st_size / 2**20:,.0f} MB, {cold['examples']:,} examples, {cold['tokens']:,} tokens"
+        )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def prompts(n: int) -> list:
         out += [it.prompt for it in load_items(name)[0]]
     # interleave the sets so every n sees all three
     third = len(out) // 3
-    mixed = [p for triple in zip(out[:third], out[third:2 * third], out[2 * third:]) for p in triple]
+    mixed = [p for triple in zip(out[:third], out[third : 2 * third], out[2 * third :]) for p in triple]
     return mixed[:n]
 
 
@@ -58,15 +58,21 @@ def main() -> None:
         return sum(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers)
 
     loop_s, loop = timed(lambda: generation.generate_one_by_one(model, tok, items, args.max_new_tokens))
-    print(f"model {args.model}, {len(items)} prompts, max_new_tokens {args.max_new_tokens}, torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, threads {torch.get_num_threads()}")
+    print(
+        f"model {args.model}, {len(items)} prompts, max_new_tokens {args.max_new_tokens}, torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, threads {torch.get_num_threads()}"
+    )
     print("| arm | seconds | prompts/s | new tokens/s | speed-up | same answers as loop |")
     print("|---|---|---|---|---|---|")
-    print(f"| loop (batch 1) | {loop_s:.2f} | {len(items) / loop_s:.1f} | {new_tokens(loop) / loop_s:.0f} | 1.0x | - |")
+    print(
+        f"| loop (batch 1) | {loop_s:.2f} | {len(items) / loop_s:.1f} | {new_tokens(loop) / loop_s:.0f} | 1.0x | - |"
+    )
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         s, answers = timed(functools.partial(generation.generate, model, tok, items, args.max_new_tokens, bs))
         same = sum(a == b for a, b in zip(answers, loop))
-        print(f"| batched {bs} | {s:.2f} | {len(items) / s:.1f} | {new_tokens(answers) / s:.0f} | {loop_s / s:.1f}x | {same}/{len(items)} |")
+        print(
+            f"| batched {bs} | {s:.2f} | {len(items) / s:.1f} | {new_tokens(answers) / s:.0f} | {loop_s / s:.1f}x | {same}/{len(items)} |"
+        )
 
 
 if __name__ == "__main__":

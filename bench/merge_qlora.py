@@ -19,19 +19,30 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-QUESTIONS = ["What colour is the sky?", "Give three tips for staying healthy.", "What is the capital of France?",
-             "Name a fruit that is yellow.", "How many days are in a week?"]
+QUESTIONS = [
+    "What colour is the sky?",
+    "Give three tips for staying healthy.",
+    "What is the capital of France?",
+    "Name a fruit that is yellow.",
+    "How many days are in a week?",
+]
 
 
 def greedy(model, tok, n: int = 24) -> list[list[int]]:
     out = []
     for q in QUESTIONS:
-        enc = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt",
-                                      return_dict=True)
+        enc = tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         with torch.no_grad():
-            ids = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=n,
-                                 do_sample=False, pad_token_id=tok.pad_token_id)
-        out.append(ids[0, enc["input_ids"].shape[1]:].tolist())
+            ids = model.generate(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                max_new_tokens=n,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+        out.append(ids[0, enc["input_ids"].shape[1] :].tolist())
     return out
 
 
@@ -55,9 +66,15 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_merge_qlora_"))
     adapter = args.adapter
     if adapter is None:
-        recipe = config.load(REPO / "recipes" / "tiny" / "sft_qlora.yaml",
-                             [f"train.max_steps={args.steps}", f"output.dir={work / 'qlora'}", "data.eval_ratio=0",
-                              "train.report_to=[]"])
+        recipe = config.load(
+            REPO / "recipes" / "tiny" / "sft_qlora.yaml",
+            [
+                f"train.max_steps={args.steps}",
+                f"output.dir={work / 'qlora'}",
+                "data.eval_ratio=0",
+                "train.report_to=[]",
+            ],
+        )
         adapter = str(sft.run(recipe))
     source = loading.inspect(adapter)
     tok = loading.load_tokenizer(source)
@@ -70,9 +87,15 @@ def main() -> None:
     for onto in ("dequantized", "original"):
         report = merge.merge(adapter, str(work / onto), onto=onto)
         merged = AutoModelForCausalLM.from_pretrained(str(work / onto)).eval()
-        rows.append({"onto": onto, "merge_check": report.max_delta, "deviation_from_4bit": report.deviations[onto],
-                     "greedy_agreement": agreement(reference, greedy(merged, tok)),
-                     "notes": report.notes})
+        rows.append(
+            {
+                "onto": onto,
+                "merge_check": report.max_delta,
+                "deviation_from_4bit": report.deviations[onto],
+                "greedy_agreement": agreement(reference, greedy(merged, tok)),
+                "notes": report.notes,
+            }
+        )
     print(f"adapter {adapter}; max |logit| of the 4-bit adapter model on the probes: {scale:.3g}")
     print("| --onto | merge check max |Δlogit| | deviation from 4-bit adapter model | greedy tokens agreeing |")
     print("|---|---|---|---|")

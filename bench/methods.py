@@ -37,8 +37,24 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from _support import MEMO_CHATS, QA, heldout_loss, write_jsonl  # noqa: E402  (shared probes)
 
-METHODS = ["lora", "dora", "qlora", "loraplus", "pissa", "olora", "adalora", "loha", "lokr", "vera", "ia3",
-           "prompt_tuning", "prefix_tuning", "p_tuning", "freeze", "full"]
+METHODS = [
+    "lora",
+    "dora",
+    "qlora",
+    "loraplus",
+    "pissa",
+    "olora",
+    "adalora",
+    "loha",
+    "lokr",
+    "vera",
+    "ia3",
+    "prompt_tuning",
+    "prefix_tuning",
+    "p_tuning",
+    "freeze",
+    "full",
+]
 CHATS = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in QA] + MEMO_CHATS
 
 
@@ -55,11 +71,22 @@ def child(method: str, steps: int, work: pathlib.Path) -> dict:
     from finetune.stages import sft
 
     data = write_jsonl(work / "memo.jsonl", [{"messages": c} for c in CHATS])
-    recipe = config.load(REPO / "recipes" / "tiny" / f"sft_{method}.yaml", [
-        f"data.train={data}", "data.format=messages", "data.eval_ratio=0", f"train.max_steps={steps}",
-        "train.per_device_train_batch_size=8", "train.logging_steps=1", "train.save_strategy=no", "train.report_to=[]",
-        "train.lr_scheduler_type=constant", "train.warmup_steps=0", f"output.dir={work / 'out'}",
-    ])
+    recipe = config.load(
+        REPO / "recipes" / "tiny" / f"sft_{method}.yaml",
+        [
+            f"data.train={data}",
+            "data.format=messages",
+            "data.eval_ratio=0",
+            f"train.max_steps={steps}",
+            "train.per_device_train_batch_size=8",
+            "train.logging_steps=1",
+            "train.save_strategy=no",
+            "train.report_to=[]",
+            "train.lr_scheduler_type=constant",
+            "train.warmup_steps=0",
+            f"output.dir={work / 'out'}",
+        ],
+    )
     mem = {}
 
     class Memory(TrainerCallback):
@@ -81,9 +108,16 @@ def child(method: str, steps: int, work: pathlib.Path) -> dict:
     runtime = next(h["train_runtime"] for h in state["log_history"] if "train_runtime" in h)
     model, tok = _reload(out)
     return {
-        "method": method, "lr": recipe.train["learning_rate"], "trainable": mem["trainable"], "total": mem["total"],
-        "peak_delta_mb": mem["peak_delta"], "tok_s": logs[-1]["num_tokens"] / runtime, "first_loss": logs[0]["loss"],
-        "train_loss": logs[-1]["loss"], "heldout_loss": heldout_loss(model, tok), "exact": exact_match(model, tok),
+        "method": method,
+        "lr": recipe.train["learning_rate"],
+        "trainable": mem["trainable"],
+        "total": mem["total"],
+        "peak_delta_mb": mem["peak_delta"],
+        "tok_s": logs[-1]["num_tokens"] / runtime,
+        "first_loss": logs[0]["loss"],
+        "train_loss": logs[-1]["loss"],
+        "heldout_loss": heldout_loss(model, tok),
+        "exact": exact_match(model, tok),
     }
 
 
@@ -108,7 +142,7 @@ def exact_match(model, tok) -> int:
         inputs = tok.apply_chat_template(chat[:1], add_generation_prompt=True, return_tensors="pt", return_dict=True)
         with torch.no_grad():
             ids = model.generate(**inputs, max_new_tokens=48, do_sample=False)
-        answer = tok.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        answer = tok.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
         hits += answer == chat[1]["content"]
     return hits
 
@@ -120,20 +154,29 @@ def base_row() -> dict:
 
     path = tiny.resolve("tiny-llama")
     model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-    return {"method": "base", "heldout_loss": heldout_loss(model, tok), "exact": exact_match(model, tok),
-            "total": sum(p.numel() for p in model.parameters())}
+    return {
+        "method": "base",
+        "heldout_loss": heldout_loss(model, tok),
+        "exact": exact_match(model, tok),
+        "total": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def table(rows: list[dict], steps: int) -> str:
-    lines = [f"| method | lr | trainable | % | peak {'GPU MB' if rows[0].get('gpu') else 'RSS +MB'} | tok/s | "
-             f"train loss (step 1 -> {steps}) | held-out loss | exact match |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| method | lr | trainable | % | peak {'GPU MB' if rows[0].get('gpu') else 'RSS +MB'} | tok/s | "
+        f"train loss (step 1 -> {steps}) | held-out loss | exact match |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["method"] == "base":
             lines.append(f"| base (untrained) | | 0 | 0 | | | | {r['heldout_loss']:.3f} | {r['exact']}/{len(CHATS)} |")
             continue
-        lines.append(f"| {r['method']} | {r['lr']:g} | {r['trainable']:,} | {100 * r['trainable'] / r['total']:.2f} | "
-                     f"{r['peak_delta_mb']:.0f} | {r['tok_s']:,.0f} | {r['first_loss']:.3f} -> {r['train_loss']:.3f} | "
-                     f"{r['heldout_loss']:.3f} | {r['exact']}/{len(CHATS)} |")
+        lines.append(
+            f"| {r['method']} | {r['lr']:g} | {r['trainable']:,} | {100 * r['trainable'] / r['total']:.2f} | "
+            f"{r['peak_delta_mb']:.0f} | {r['tok_s']:,.0f} | {r['first_loss']:.3f} -> {r['train_loss']:.3f} | "
+            f"{r['heldout_loss']:.3f} | {r['exact']}/{len(CHATS)} |"
+        )
     if any(r["method"] == "adalora" for r in rows):
         lines.append("\nadalora's train loss includes its orthogonality regulariser (PEFT's `orth_reg_weight` 0.5).")
     return "\n".join(lines)
@@ -160,8 +203,12 @@ def main(argv=None) -> int:
     for method in ["base"] + args.methods.split(","):
         log = out / f"{method}.log"
         with open(log, "w") as f:
-            proc = subprocess.run([sys.executable, __file__, "--_child", method, "--steps", str(args.steps), "--out", str(out)],
-                                  stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+            proc = subprocess.run(
+                [sys.executable, __file__, "--_child", method, "--steps", str(args.steps), "--out", str(out)],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
         if proc.returncode != 0:
             print(f"{method}: failed, see {log}", file=sys.stderr)
             continue
@@ -169,8 +216,10 @@ def main(argv=None) -> int:
         print(f"{method}: done", file=sys.stderr)
     text = table(rows, args.steps)
     load = os.getloadavg()[0]
-    meta = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1-min load average at the end "
-            f"{load:.1f}; {len(CHATS)} chats, {args.steps} steps, batch 8")
+    meta = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1-min load average at the end "
+        f"{load:.1f}; {len(CHATS)} chats, {args.steps} steps, batch 8"
+    )
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     (out / "table.md").write_text(text + "\n")
     print(meta)

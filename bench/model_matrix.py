@@ -23,15 +23,28 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-SMALL = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "vocab_size": 1536, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "max_position_embeddings": 256}
+SMALL = {
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "vocab_size": 1536,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
 MOE = {"num_experts_per_tok": 2}
 FAMILIES = {  # family -> (transformers model_type, config overrides)
     "Llama": ("llama", {}),
     "Mistral": ("mistral", {"sliding_window": None}),
     "Qwen2": ("qwen2", {}),
     "Qwen3": ("qwen3", {"head_dim": 16}),
-    "Qwen3-MoE": ("qwen3_moe", {"head_dim": 16, "moe_intermediate_size": 32, "num_experts": 4, "norm_topk_prob": True, **MOE}),
+    "Qwen3-MoE": (
+        "qwen3_moe",
+        {"head_dim": 16, "moe_intermediate_size": 32, "num_experts": 4, "norm_topk_prob": True, **MOE},
+    ),
     "Mixtral": ("mixtral", {"num_local_experts": 4, **MOE}),
     "Gemma 2": ("gemma2", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8}),
     "Gemma 3 (text)": ("gemma3_text", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8}),
@@ -39,21 +52,51 @@ FAMILIES = {  # family -> (transformers model_type, config overrides)
     "GLM-4": ("glm4", {"head_dim": 16}),
     "OLMo 2": ("olmo2", {}),
     "Granite": ("granite", {}),
-    "DeepSeek-V3 (MLA+MoE)": ("deepseek_v3", {"num_key_value_heads": 4, "head_dim": 8, "qk_rope_head_dim": 8,
-                                              "qk_nope_head_dim": 8, "v_head_dim": 16, "q_lora_rank": 32, "kv_lora_rank": 16,
-                                              "n_routed_experts": 4, "moe_intermediate_size": 32, "n_shared_experts": 1,
-                                              "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
-                                              "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, **MOE}),
-    "gpt-oss": ("gpt_oss", {"head_dim": 16, "num_local_experts": 4, "layer_types": ["sliding_attention", "full_attention"],
-                            "sliding_window": 8, **MOE}),
+    "DeepSeek-V3 (MLA+MoE)": (
+        "deepseek_v3",
+        {
+            "num_key_value_heads": 4,
+            "head_dim": 8,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 16,
+            "q_lora_rank": 32,
+            "kv_lora_rank": 16,
+            "n_routed_experts": 4,
+            "moe_intermediate_size": 32,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+            "n_group": 1,
+            "topk_group": 1,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+            **MOE,
+        },
+    ),
+    "gpt-oss": (
+        "gpt_oss",
+        {
+            "head_dim": 16,
+            "num_local_experts": 4,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "sliding_window": 8,
+            **MOE,
+        },
+    ),
 }
 QUANT = {"quant_bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
-PAIRS = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": good}],
-          "rejected": [{"role": "assistant", "content": bad}]}
-         for q, good, bad in [("What colour is the sky?", "The sky is blue.", "Green."),
-                              ("How many legs does a cat have?", "A cat has four legs.", "Nine."),
-                              ("What is the capital of France?", "Paris.", "Rome."),
-                              ("中国的首都是哪里？", "北京。", "上海。")]]
+PAIRS = [
+    {
+        "prompt": [{"role": "user", "content": q}],
+        "chosen": [{"role": "assistant", "content": good}],
+        "rejected": [{"role": "assistant", "content": bad}],
+    }
+    for q, good, bad in [
+        ("What colour is the sky?", "The sky is blue.", "Green."),
+        ("How many legs does a cat have?", "A cat has four legs.", "Nine."),
+        ("What is the capital of France?", "Paris.", "Rome."),
+        ("中国的首都是哪里？", "北京。", "上海。"),
+    ]
+]
 
 
 def build(family: str, root: Path, tokenizer) -> Path:
@@ -72,16 +115,39 @@ def build(family: str, root: Path, tokenizer) -> Path:
 def recipe(model_dir: Path, work: Path, stage: str, method: str) -> str:
     from _support import memo_data, write_jsonl
 
-    adapter = {"method": method, "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear",
-               **(QUANT if method == "qlora" else {})}
-    train = {"learning_rate": 1e-3, "max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1,
-             "save_steps": 1000, "report_to": [], "bf16": False, "lr_scheduler_type": "constant", "warmup_steps": 0}
+    adapter = {
+        "method": method,
+        "r": 8,
+        "alpha": 16,
+        "dropout": 0.0,
+        "target_modules": "all-linear",
+        **(QUANT if method == "qlora" else {}),
+    }
+    train = {
+        "learning_rate": 1e-3,
+        "max_steps": 2,
+        "per_device_train_batch_size": 4,
+        "logging_steps": 1,
+        "save_steps": 1000,
+        "report_to": [],
+        "bf16": False,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+    }
     data = {"train": str(memo_data(work)), "format": "messages"}
     if stage == "dpo":
         data = {"train": str(write_jsonl(work / "pairs.jsonl", PAIRS))}
         train.update(beta=0.1, loss_type=["sigmoid"], max_length=128)
-    return yaml.safe_dump({"stage": stage, "model": {"name_or_path": str(model_dir), "dtype": "float32"}, "adapter": adapter,
-                           "data": data, "train": train, "output": {"dir": str(work / f"{stage}-{method}")}})
+    return yaml.safe_dump(
+        {
+            "stage": stage,
+            "model": {"name_or_path": str(model_dir), "dtype": "float32"},
+            "adapter": adapter,
+            "data": data,
+            "train": train,
+            "output": {"dir": str(work / f"{stage}-{method}")},
+        }
+    )
 
 
 def _losses(out: Path) -> list[float]:
@@ -150,7 +216,9 @@ def run_family(family: str, root: Path, tokenizer) -> dict[str, str]:
         ids = tokenizer("The sky is blue because of Rayleigh scattering.", add_special_tokens=False)["input_ids"][:12]
         import torch
 
-        model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32, attn_implementation="eager").eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            str(merged_dir), dtype=torch.float32, attn_implementation="eager"
+        ).eval()
         with torch.no_grad():
             want = model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
         return f"ok ({float(np.abs(gguf_forward(out, ids) - want).max()):.1e})"

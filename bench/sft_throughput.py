@@ -76,8 +76,18 @@ MODS = {
 PRESETS = {
     "default": ["ft", "trl"],
     "study": [
-        "ft", "trl", "ft:random", "ft:padding_free", "ft:bf16", "ft:ckpt", "ft:pack_bfd",
-        "ft:pack_wrapped", "ft:threads1", "ft:workers1", "ft:nosave", "trl:fp32+nockpt",
+        "ft",
+        "trl",
+        "ft:random",
+        "ft:padding_free",
+        "ft:bf16",
+        "ft:ckpt",
+        "ft:pack_bfd",
+        "ft:pack_wrapped",
+        "ft:threads1",
+        "ft:workers1",
+        "ft:nosave",
+        "trl:fp32+nockpt",
     ],
 }
 
@@ -111,9 +121,16 @@ def build_model(out: Path, hidden: int = 512, layers: int = 8) -> str:
     tok = AutoTokenizer.from_pretrained(tiny.resolve("tiny-llama"))
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=int(hidden * 2.75), num_hidden_layers=layers,
-        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128, max_position_embeddings=1024,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.75),
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 128,
+        max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(cfg)
@@ -130,8 +147,13 @@ def build_model(out: Path, hidden: int = 512, layers: int = 8) -> str:
 def _shared(recipe) -> dict:
     a, t = recipe.adapter, recipe.train
     return {
-        "r": a.r, "alpha": a.alpha, "dropout": a.dropout, "target_modules": a.target_modules,
-        "batch": t["per_device_train_batch_size"], "lr": t["learning_rate"], "max_length": t["max_length"],
+        "r": a.r,
+        "alpha": a.alpha,
+        "dropout": a.dropout,
+        "target_modules": a.target_modules,
+        "batch": t["per_device_train_batch_size"],
+        "lr": t["learning_rate"],
+        "max_length": t["max_length"],
     }
 
 
@@ -186,8 +208,13 @@ def child(spec: dict) -> dict:
     from finetune import config
 
     overrides = [
-        f"model.name_or_path={model}", f"data.train={spec['data']}", "data.format=messages", "data.eval_ratio=0",
-        "train.num_train_epochs=1", f"output.dir={spec['out_dir']}", "output.overwrite=true",
+        f"model.name_or_path={model}",
+        f"data.train={spec['data']}",
+        "data.format=messages",
+        "data.eval_ratio=0",
+        "train.num_train_epochs=1",
+        f"output.dir={spec['out_dir']}",
+        "output.overwrite=true",
     ]
     recipe = config.load(str(RECIPE), overrides)
     record: dict = {"arm": arm, "mods": mods, "threads": torch.get_num_threads()}
@@ -199,9 +226,22 @@ def child(spec: dict) -> dict:
         recipe = config.load(str(RECIPE), overrides + [o for m in mods for o in MODS["ft"][m]])
         sft.run(recipe, callbacks=[probe])
         t = recipe.train
-        record["settings"] = {k: t.get(k) for k in (
-            "bf16", "activation_checkpointing", "train_sampling_strategy", "padding_free", "packing",
-            "packing_strategy", "loss_type", "optim", "max_length", "dataloader_num_workers", "save_steps")}
+        record["settings"] = {
+            k: t.get(k)
+            for k in (
+                "bf16",
+                "activation_checkpointing",
+                "train_sampling_strategy",
+                "padding_free",
+                "packing",
+                "packing_strategy",
+                "loss_type",
+                "optim",
+                "max_length",
+                "dataloader_num_workers",
+                "save_steps",
+            )
+        }
     else:
         import datasets
         from peft import LoraConfig
@@ -210,8 +250,12 @@ def child(spec: dict) -> dict:
         s = _shared(recipe)
         rows = [json.loads(line) for line in Path(spec["data"]).read_text(encoding="utf-8").splitlines()]
         kwargs = dict(
-            output_dir=spec["out_dir"], use_cpu=not torch.cuda.is_available(), num_train_epochs=1,
-            per_device_train_batch_size=s["batch"], learning_rate=s["lr"], max_length=s["max_length"],
+            output_dir=spec["out_dir"],
+            use_cpu=not torch.cuda.is_available(),
+            num_train_epochs=1,
+            per_device_train_batch_size=s["batch"],
+            learning_rate=s["lr"],
+            max_length=s["max_length"],
             assistant_only_loss=True,
         )
         for m in mods:
@@ -221,14 +265,30 @@ def child(spec: dict) -> dict:
             model=_resolve(model),
             args=args,
             train_dataset=datasets.Dataset.from_list(rows),
-            peft_config=LoraConfig(task_type="CAUSAL_LM", r=s["r"], lora_alpha=s["alpha"], lora_dropout=s["dropout"],
-                                   target_modules=s["target_modules"]),
+            peft_config=LoraConfig(
+                task_type="CAUSAL_LM",
+                r=s["r"],
+                lora_alpha=s["alpha"],
+                lora_dropout=s["dropout"],
+                target_modules=s["target_modules"],
+            ),
             callbacks=[probe],
         )
         trainer.train()
-        record["settings"] = {k: getattr(args, k) for k in (
-            "bf16", "activation_checkpointing", "train_sampling_strategy", "padding_free", "packing",
-            "loss_type", "max_length", "dataloader_num_workers", "save_steps")}
+        record["settings"] = {
+            k: getattr(args, k)
+            for k in (
+                "bf16",
+                "activation_checkpointing",
+                "train_sampling_strategy",
+                "padding_free",
+                "packing",
+                "loss_type",
+                "max_length",
+                "dataloader_num_workers",
+                "save_steps",
+            )
+        }
         record["settings"] = {k: getattr(v, "value", v) for k, v in record["settings"].items()}
         record["settings"]["optim"] = getattr(args.optim, "value", args.optim)
 
@@ -255,7 +315,9 @@ def _resolve(model: str) -> str:
 
     if not tiny.is_tiny(model):
         return str(Path(model).expanduser().resolve())
-    built = [d for d in (tiny.cache_root() / "tiny").glob(f"{model}-*") if d.is_dir() and (d / "config.json").is_file()]
+    built = [
+        d for d in (tiny.cache_root() / "tiny").glob(f"{model}-*") if d.is_dir() and (d / "config.json").is_file()
+    ]
     if built:
         return str(max(built, key=lambda d: d.stat().st_mtime))
     return tiny.resolve(model)
@@ -278,21 +340,28 @@ def parse_variant(v: str) -> tuple[str, list[str]]:
 def run_child(variant: str, model: str, data: str, idx: int, log_dir: Path) -> dict:
     arm, mods = parse_variant(variant)
     safe = variant.replace(":", "_").replace("+", "_")
-    spec = {"arm": arm, "mods": mods, "model": model, "data": data,
-            "out_dir": str(WORK / "runs" / f"{safe}-{idx}")}
+    spec = {"arm": arm, "mods": mods, "model": model, "data": data, "out_dir": str(WORK / "runs" / f"{safe}-{idx}")}
     log = log_dir / f"{safe}-{idx}.log"
     for leftover in (Path(spec["out_dir"]), Path(spec["out_dir"] + ".incomplete")):
         shutil.rmtree(leftover, ignore_errors=True)  # a fresh run every time (no auto-resume)
-    env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    env = dict(
+        os.environ, TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false", HF_DATASETS_DISABLE_PROGRESS_BARS="1"
+    )
     env.setdefault("FINETUNE_CACHE", "/tmp/ftcache_lead")
     with open(log, "w") as fh:
-        p = subprocess.run([sys.executable, __file__, "--_child", json.dumps(spec)], cwd=ROOT, env=env,
-                           stdout=subprocess.PIPE, stderr=fh, text=True)
+        p = subprocess.run(
+            [sys.executable, __file__, "--_child", json.dumps(spec)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=fh,
+            text=True,
+        )
     line = [x for x in p.stdout.splitlines() if x.startswith("BENCH_RESULT ")]
     if p.returncode != 0 or not line:
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
         return {"variant": variant, "error": f"exit {p.returncode}: " + " | ".join(tail), "log": str(log)}
-    rec = json.loads(line[-1][len("BENCH_RESULT "):])
+    rec = json.loads(line[-1][len("BENCH_RESULT ") :])
     rec["variant"] = variant
     return rec
 
@@ -306,22 +375,38 @@ def summarize(runs: list[dict], variants: list[str]) -> list[dict]:
             rows.append({"variant": v, "error": errs[0] if errs else "no runs"})
             continue
         med = lambda k: statistics.median(r[k] for r in ok)  # noqa: E731
-        rows.append({
-            "variant": v, "n": len(ok), "tok_s": med("tok_s"), "best_tok_s": max(r["tok_s"] for r in ok),
-            "tok_cpu_s": med("tok_cpu_s"), "load1": [r["load1"] for r in ok], "tok_s_all": [round(r["tok_s"], 1) for r in ok],
-            "trained_tok_s": med("trained_tok_s"), "train_runtime": med("train_runtime"), "setup_s": med("setup_s"),
-            "peak_rss_mb": med("peak_rss_mb"), "steps": ok[0]["steps"], "rows": ok[0]["rows"],
-            "tokens": ok[0]["tokens"], "trained_tokens": ok[0].get("trained_tokens"),
-            "train_loss": med("train_loss"), "threads": ok[0]["threads"], "settings": ok[0]["settings"],
-            "errors": errs,
-        })
+        rows.append(
+            {
+                "variant": v,
+                "n": len(ok),
+                "tok_s": med("tok_s"),
+                "best_tok_s": max(r["tok_s"] for r in ok),
+                "tok_cpu_s": med("tok_cpu_s"),
+                "load1": [r["load1"] for r in ok],
+                "tok_s_all": [round(r["tok_s"], 1) for r in ok],
+                "trained_tok_s": med("trained_tok_s"),
+                "train_runtime": med("train_runtime"),
+                "setup_s": med("setup_s"),
+                "peak_rss_mb": med("peak_rss_mb"),
+                "steps": ok[0]["steps"],
+                "rows": ok[0]["rows"],
+                "tokens": ok[0]["tokens"],
+                "trained_tokens": ok[0].get("trained_tokens"),
+                "train_loss": med("train_loss"),
+                "threads": ok[0]["threads"],
+                "settings": ok[0]["settings"],
+                "errors": errs,
+            }
+        )
     return rows
 
 
 def table(rows: list[dict], ref: str | None) -> str:
     base = next((r for r in rows if r["variant"] == ref and "tok_s" in r), None)
-    head = f"{'variant':<26}{'tok/s':>8}{'x':>6}{'best':>8}{'x':>6}{'tok/cpu-s':>10}{'x':>6}{'trained/s':>10}" \
-           f"{'runtime':>8}{'setup':>7}{'peak MB':>8}{'steps':>6}{'loss':>7}  runs tok/s"
+    head = (
+        f"{'variant':<26}{'tok/s':>8}{'x':>6}{'best':>8}{'x':>6}{'tok/cpu-s':>10}{'x':>6}{'trained/s':>10}"
+        f"{'runtime':>8}{'setup':>7}{'peak MB':>8}{'steps':>6}{'loss':>7}  runs tok/s"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         if "tok_s" not in r:
@@ -341,9 +426,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny-llama", help="tiny-llama (default) or a local model dir")
     ap.add_argument("--repeats", type=int, default=3, help="runs per variant (median reported)")
-    ap.add_argument("--variants", default="default",
-                    help=f"comma list of arm[:mod+mod] or a preset ({', '.join(PRESETS)}); "
-                         + "; ".join(f"{a} mods: {', '.join(m)}" for a, m in MODS.items()))
+    ap.add_argument(
+        "--variants",
+        default="default",
+        help=f"comma list of arm[:mod+mod] or a preset ({', '.join(PRESETS)}); "
+        + "; ".join(f"{a} mods: {', '.join(m)}" for a, m in MODS.items()),
+    )
     ap.add_argument("--ref", default="trl", help="variant the ratio column is relative to (default trl)")
     ap.add_argument("--out", default=str(WORK / "results.json"), help="JSON results file")
     ap.add_argument("--build-model", metavar="DIR", help="build the 512x8 random Llama at DIR and exit")
@@ -392,14 +480,25 @@ def main(argv=None) -> int:
     import torch
 
     meta = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-        "cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_avg_end": os.getloadavg(), "model": a.model, "model_path": model, "data": data_info, "recipe": str(RECIPE.relative_to(ROOT)),
-        "repeats": a.repeats, "wall_s": round(time.time() - t0, 1), **_versions(),
+        "load_avg_end": os.getloadavg(),
+        "model": a.model,
+        "model_path": model,
+        "data": data_info,
+        "recipe": str(RECIPE.relative_to(ROOT)),
+        "repeats": a.repeats,
+        "wall_s": round(time.time() - t0, 1),
+        **_versions(),
     }
-    print(f"\nSFT throughput, {a.model}, {data_info['examples']} chats x 1 epoch, median of {a.repeats} "
-          f"({meta['cpu']}, {meta['cores']} cores, {meta['date']})\n")
+    print(
+        f"\nSFT throughput, {a.model}, {data_info['examples']} chats x 1 epoch, median of {a.repeats} "
+        f"({meta['cpu']}, {meta['cores']} cores, {meta['date']})\n"
+    )
     print(table(rows, ref))
     ft = next((r for r in rows if r["variant"] == "ft" and "tok_s" in r), None)
     tr = next((r for r in rows if r["variant"] == "trl" and "tok_s" in r), None)
@@ -407,13 +506,17 @@ def main(argv=None) -> int:
         ratios = {k: ft[k] / tr[k] for k in ("tok_s", "best_tok_s", "tok_cpu_s")}
         meta["ratio_ft_over_trl"] = ratios
         ratio = ratios["tok_s"]
-        print(f"\nfinetune / plain TRL: {ratio:.2f}x median real tokens/s (goal >= 1.5x: {'met' if ratio >= 1.5 else 'NOT met'}); "
-              f"best-of {ratios['best_tok_s']:.2f}x; per CPU-second {ratios['tok_cpu_s']:.2f}x; "
-              f"peak RSS {ft['peak_rss_mb']:.0f} vs {tr['peak_rss_mb']:.0f} MB")
+        print(
+            f"\nfinetune / plain TRL: {ratio:.2f}x median real tokens/s (goal >= 1.5x: {'met' if ratio >= 1.5 else 'NOT met'}); "
+            f"best-of {ratios['best_tok_s']:.2f}x; per CPU-second {ratios['tok_cpu_s']:.2f}x; "
+            f"peak RSS {ft['peak_rss_mb']:.0f} vs {tr['peak_rss_mb']:.0f} MB"
+        )
         loads = [x for r in (ft, tr) for x in r["load1"]]
         if max(loads) > (os.cpu_count() or 1):
-            print(f"note: 1-min load average reached {max(loads):.1f} on {os.cpu_count()} cores during the runs: "
-                  "other processes shared the CPU, so wall-clock figures are noisy; tokens per CPU-second and best-of are steadier")
+            print(
+                f"note: 1-min load average reached {max(loads):.1f} on {os.cpu_count()} cores during the runs: "
+                "other processes shared the CPU, so wall-clock figures are noisy; tokens per CPU-second and best-of are steadier"
+            )
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"meta": meta, "summary": rows, "runs": runs}, indent=1, default=str))
     print(f"wrote {a.out}")

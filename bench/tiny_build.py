@@ -34,7 +34,9 @@ def main(argv: list[str]) -> None:
         k, _, v = arg.partition("=")
         fields = {f.name: f for f in dataclasses.fields(tiny.TinySpec)}
         if k not in fields or not v:
-            raise SystemExit(f"tiny_build.py: expected key=value with a TinySpec key ({', '.join(fields)}), got {arg!r}")
+            raise SystemExit(
+                f"tiny_build.py: expected key=value with a TinySpec key ({', '.join(fields)}), got {arg!r}"
+            )
         field = fields[k]
         overrides[k] = type(getattr(tiny.TinySpec(), field.name))(v)
     spec = dataclasses.replace(tiny.TINY_MODELS["tiny-llama"], **overrides)

@@ -34,12 +34,17 @@ def moe_attention_targets(model) -> list[str] | None:
     if not any(name.rsplit(".", 1)[-1] == "experts" for name, _ in modules):
         return None
     attention = ("self_attn", "self_attention", "attention", "attn")
-    names = {name.rsplit(".", 1)[-1] for name, module in modules
-             if isinstance(module, torch.nn.Linear) and any(part in attention for part in name.split(".")[:-1])}
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in modules
+        if isinstance(module, torch.nn.Linear) and any(part in attention for part in name.split(".")[:-1])
+    }
     return sorted(names) or None
 
 
-def peft_config(adapter, model=None, *, total_steps: int | None = None, tokenizer: str | None = None, counting: bool = False):
+def peft_config(
+    adapter, model=None, *, total_steps: int | None = None, tokenizer: str | None = None, counting: bool = False
+):
     """The PEFT config of `adapter` (an AdapterSection); None for freeze/full. `model` gives the
     hidden size prompt encoders default to; `counting` skips data-dependent initialisation
     (SVD, text embeddings) so the config can be applied to a model on the meta device."""
@@ -49,39 +54,69 @@ def peft_config(adapter, model=None, *, total_steps: int | None = None, tokenize
     common = dict(task_type=peft.TaskType.CAUSAL_LM, modules_to_save=a.modules_to_save)
     if m in LORA:
         init = {"pissa": "pissa_niter_16", "olora": "olora"}.get(m, True)
-        targets = (moe_attention_targets(model) if model is not None and a.target_modules == "all-linear" else None)
-        return peft.LoraConfig(**common, r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
-                               target_modules=targets or a.target_modules,
-                               use_rslora=a.use_rslora, use_dora=a.use_dora or m == "dora", bias=a.bias,
-                               init_lora_weights=True if counting else init)
+        targets = moe_attention_targets(model) if model is not None and a.target_modules == "all-linear" else None
+        return peft.LoraConfig(
+            **common,
+            r=a.r,
+            lora_alpha=a.alpha,
+            lora_dropout=a.dropout,
+            target_modules=targets or a.target_modules,
+            use_rslora=a.use_rslora,
+            use_dora=a.use_dora or m == "dora",
+            bias=a.bias,
+            init_lora_weights=True if counting else init,
+        )
     if m == "adalora":
         total = max(total_steps or 1, 1)
         tinit, tfinal = adalora_schedule(total)
-        return peft.AdaLoraConfig(**common, target_r=a.r, init_r=a.init_r or math.ceil(1.5 * a.r), lora_alpha=a.alpha,
-                                  lora_dropout=a.dropout, target_modules=a.target_modules, bias=a.bias,
-                                  tinit=tinit, tfinal=tfinal, deltaT=1, total_step=total)
+        return peft.AdaLoraConfig(
+            **common,
+            target_r=a.r,
+            init_r=a.init_r or math.ceil(1.5 * a.r),
+            lora_alpha=a.alpha,
+            lora_dropout=a.dropout,
+            target_modules=a.target_modules,
+            bias=a.bias,
+            tinit=tinit,
+            tfinal=tfinal,
+            deltaT=1,
+            total_step=total,
+        )
     if m == "loha":
         return peft.LoHaConfig(**common, r=a.r, alpha=a.alpha, target_modules=a.target_modules)
     if m == "lokr":
         return peft.LoKrConfig(**common, r=a.r, alpha=a.alpha, target_modules=a.target_modules)
     if m == "vera":
-        return peft.VeraConfig(**common, r=a.r, vera_dropout=a.dropout, target_modules=a.target_modules, bias=a.bias,
-                               save_projection=True)
+        return peft.VeraConfig(
+            **common, r=a.r, vera_dropout=a.dropout, target_modules=a.target_modules, bias=a.bias, save_projection=True
+        )
     if m == "ia3":
         return peft.IA3Config(**common, target_modules=a.target_modules, feedforward_modules=a.feedforward_modules)
     if m == "prompt_tuning":
         if a.init_text and not counting:
-            return peft.PromptTuningConfig(**common, num_virtual_tokens=a.num_virtual_tokens,
-                                           prompt_tuning_init=peft.PromptTuningInit.TEXT,
-                                           prompt_tuning_init_text=a.init_text, tokenizer_name_or_path=tokenizer)
+            return peft.PromptTuningConfig(
+                **common,
+                num_virtual_tokens=a.num_virtual_tokens,
+                prompt_tuning_init=peft.PromptTuningInit.TEXT,
+                prompt_tuning_init_text=a.init_text,
+                tokenizer_name_or_path=tokenizer,
+            )
         return peft.PromptTuningConfig(**common, num_virtual_tokens=a.num_virtual_tokens)
     hidden = a.encoder_hidden_size or _hidden_size(model)
     if m == "prefix_tuning":
-        return peft.PrefixTuningConfig(**common, num_virtual_tokens=a.num_virtual_tokens,
-                                       prefix_projection=a.prefix_projection, encoder_hidden_size=hidden)
+        return peft.PrefixTuningConfig(
+            **common,
+            num_virtual_tokens=a.num_virtual_tokens,
+            prefix_projection=a.prefix_projection,
+            encoder_hidden_size=hidden,
+        )
     if m == "p_tuning":
-        return peft.PromptEncoderConfig(**common, num_virtual_tokens=a.num_virtual_tokens, encoder_hidden_size=hidden,
-                                        encoder_reparameterization_type=a.encoder_type.upper())
+        return peft.PromptEncoderConfig(
+            **common,
+            num_virtual_tokens=a.num_virtual_tokens,
+            encoder_hidden_size=hidden,
+            encoder_reparameterization_type=a.encoder_type.upper(),
+        )
     return None  # freeze, full: no adapter
 
 
@@ -120,13 +155,15 @@ def select_trainable(model, adapter) -> list[str]:
     n = adapter.trainable_layers
     if n > len(layers):
         raise RecipeError(f"adapter.trainable_layers: {n}, but the model has {len(layers)} decoder layers")
-    chosen = {id(p) for layer in list(layers)[len(layers) - n:] for p in layer.parameters()} if n else set()
+    chosen = {id(p) for layer in list(layers)[len(layers) - n :] for p in layer.parameters()} if n else set()
     named = list(model.named_parameters(remove_duplicate=False))  # tied weights answer to both names
     for pattern in adapter.trainable_modules or []:
         hits = [p for name, p in named if f".{pattern}." in f".{name}."]
         if not hits:
             sample = ", ".join(sorted({name.rsplit(".", 1)[0] for name, _ in named})[:6])
-            raise RecipeError(f"adapter.trainable_modules: {pattern!r} matches no module of the model (modules: {sample}, ...)")
+            raise RecipeError(
+                f"adapter.trainable_modules: {pattern!r} matches no module of the model (modules: {sample}, ...)"
+            )
         chosen.update(id(p) for p in hits)
     for _, p in named:
         p.requires_grad_(id(p) in chosen)
@@ -140,8 +177,10 @@ def _decoder_layers(model):
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == n:
             return module
-    raise RecipeError("adapter.trainable_layers: cannot find this model's decoder layers; use adapter.trainable_layers=0 "
-                      "and name the modules in adapter.trainable_modules")
+    raise RecipeError(
+        "adapter.trainable_layers: cannot find this model's decoder layers; use adapter.trainable_layers=0 "
+        "and name the modules in adapter.trainable_modules"
+    )
 
 
 # ----------------------------------------------------------------------------- training
@@ -155,7 +194,9 @@ class Training:
     peft_config: object = None  # for SFTTrainer(peft_config=...), which then builds the adapter
     callbacks: list = field(default_factory=list)
     optimizers: tuple = (None, None)
-    convert_on_save: bool = False  # pissa/olora: saved as the difference to the initial adapter (a LoRA on the original base)
+    convert_on_save: bool = (
+        False  # pissa/olora: saved as the difference to the initial adapter (a LoRA on the original base)
+    )
     initial_adapter: Path | None = None  # where keep_initial saved the adapter as initialised
 
     def keep_initial(self, work: Path, is_main: bool) -> None:
@@ -164,7 +205,10 @@ class Training:
             return
         cfg = self.model.peft_config[self.model.active_adapter]
         self.initial_adapter = Path(work) / "initial_adapter"
-        init, cfg.init_lora_weights = cfg.init_lora_weights, True  # reloading it must not re-run the SVD on the residual base
+        init, cfg.init_lora_weights = (
+            cfg.init_lora_weights,
+            True,
+        )  # reloading it must not re-run the SVD on the residual base
         self.model.save_pretrained(str(self.initial_adapter), is_main_process=is_main)
         cfg.init_lora_weights = init
 
@@ -195,8 +239,15 @@ def for_training(model, recipe, args, total_steps: int, tokenizer: str | None = 
         import torch
         from peft.optimizers import create_loraplus_optimizer
 
-        opt = create_loraplus_optimizer(t.model, torch.optim.AdamW, lr=args.learning_rate, loraplus_lr_ratio=a.loraplus_lr_ratio,
-                                        weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+        opt = create_loraplus_optimizer(
+            t.model,
+            torch.optim.AdamW,
+            lr=args.learning_rate,
+            loraplus_lr_ratio=a.loraplus_lr_ratio,
+            weight_decay=args.weight_decay,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+        )
         t.optimizers = (opt, None)
     return t
 
@@ -243,9 +294,12 @@ def describe(a) -> str:
     """One line naming the method and its settings (dry-run plan, model card)."""
     m, targets = a.method, f"targets={a.target_modules}"
     if m in LORA:
-        extras = [("rsLoRA", a.use_rslora), ("DoRA", a.use_dora or m == "dora"),
-                  (f"LoRA+ ratio {a.loraplus_lr_ratio:g}" if a.loraplus_lr_ratio else "", a.loraplus_lr_ratio),
-                  (f"{a.quant_bits}-bit {a.quant_type} base", m == "qlora")]
+        extras = [
+            ("rsLoRA", a.use_rslora),
+            ("DoRA", a.use_dora or m == "dora"),
+            (f"LoRA+ ratio {a.loraplus_lr_ratio:g}" if a.loraplus_lr_ratio else "", a.loraplus_lr_ratio),
+            (f"{a.quant_bits}-bit {a.quant_type} base", m == "qlora"),
+        ]
         more = "".join(f", {text}" for text, on in extras if on)
         return f"{m} r={a.r} alpha={a.alpha} dropout={a.dropout} {targets}{more}"
     if m == "adalora":
@@ -257,12 +311,20 @@ def describe(a) -> str:
     if m == "ia3":
         return f"ia3 {targets} feedforward={a.feedforward_modules or 'PEFT default'}"
     if m == "prompt_tuning":
-        return f"prompt_tuning {a.num_virtual_tokens} virtual tokens, " + (f"init from text {a.init_text!r}" if a.init_text else "random init")
+        return f"prompt_tuning {a.num_virtual_tokens} virtual tokens, " + (
+            f"init from text {a.init_text!r}" if a.init_text else "random init"
+        )
     if m == "prefix_tuning":
-        projection = f"MLP projection (hidden {a.encoder_hidden_size or 'model'})" if a.prefix_projection else "no projection"
+        projection = (
+            f"MLP projection (hidden {a.encoder_hidden_size or 'model'})" if a.prefix_projection else "no projection"
+        )
         return f"prefix_tuning {a.num_virtual_tokens} virtual tokens per layer, {projection}"
     if m == "p_tuning":
         return f"p_tuning {a.num_virtual_tokens} virtual tokens, {a.encoder_type} encoder (hidden {a.encoder_hidden_size or 'model'})"
     if m == "freeze":
-        return f"freeze: last {a.trainable_layers} decoder layers" + (f" + {a.trainable_modules}" if a.trainable_modules else "") + " trained in full"
+        return (
+            f"freeze: last {a.trainable_layers} decoder layers"
+            + (f" + {a.trainable_modules}" if a.trainable_modules else "")
+            + " trained in full"
+        )
     return "full: every weight trained"

@@ -113,8 +113,10 @@ def languages(prepared, tokenizer=None, sample: int = 200) -> list[str]:
     elif tokenizer is not None:
         from finetune.data.encode import IGNORE
 
-        texts = [tokenizer.decode([i for i, label in zip(e.input_ids, e.labels) if label != IGNORE])
-                 for e in split.encoded[:sample]]
+        texts = [
+            tokenizer.decode([i for i, label in zip(e.input_ids, e.labels) if label != IGNORE])
+            for e in split.encoded[:sample]
+        ]
     else:
         return []
     return detect_languages(texts)
@@ -152,7 +154,10 @@ def model_card(recipe, prepared, metrics: dict, model, base: str, chained: dict 
     front = card_data(recipe, prepared, tokenizer, chained).to_yaml()
     batch = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"]
     auto = "AutoModelForSequenceClassification" if recipe.stage == "rm" else "AutoModelForCausalLM"
-    return str(ModelCard(f"---\n{front}\n---\n" + f"""
+    return str(
+        ModelCard(
+            f"---\n{front}\n---\n"
+            + f"""
 # {Path(recipe.output.dir).name}
 
 A **{a.method}** {"adapter for" if adapters.is_adapter(a.method) else "fine-tune (full model weights) of"} `{recipe.model.name_or_path}`, trained with finetune's `{recipe.stage}` stage.
@@ -170,13 +175,13 @@ A **{a.method}** {"adapter for" if adapters.is_adapter(a.method) else "fine-tune
 ## Hyper-parameters
 | key | value |
 |---|---|
-| learning_rate | {t['learning_rate']:g} |
-| lr_scheduler_type | {t['lr_scheduler_type']} |
-| max_steps / epochs | {t['max_steps']} / {t['num_train_epochs']:g} |
+| learning_rate | {t["learning_rate"]:g} |
+| lr_scheduler_type | {t["lr_scheduler_type"]} |
+| max_steps / epochs | {t["max_steps"]} / {t["num_train_epochs"]:g} |
 | batch (per device x accumulation) | {batch} |
-| max_length | {t.get('max_length', t.get('max_completion_length', t.get('response_length')))} |
-| precision | {"bf16" if t['bf16'] else "fp16" if t['fp16'] else "fp32"} |
-| seed | {t['seed']} |
+| max_length | {t.get("max_length", t.get("max_completion_length", t.get("response_length")))} |
+| precision | {"bf16" if t["bf16"] else "fp16" if t["fp16"] else "fp32"} |
+| seed | {t["seed"]} |
 
 {rewards.card_section(recipe)}The full resolved recipe is in `recipe.yaml`; training logs in `trainer_state.json`.
 
@@ -191,7 +196,9 @@ A **{a.method}** {"adapter for" if adapters.is_adapter(a.method) else "fine-tune
 ```
 
 Trained with {_versions()}.
-"""))
+"""
+        )
+    )
 
 
 def _conversion_note(a) -> str:
@@ -203,12 +210,16 @@ def _conversion_note(a) -> str:
 def _base_section(recipe, base: str, chained: dict | None) -> str:
     if not chained:
         return f"- `{recipe.model.name_or_path}` (loaded from `{base}`)"
-    parents = "\n".join(f"  {i}. `{p['relative']}` (`{p['dir']}`, content fingerprint {p['fingerprint']})"
-                        for i, p in enumerate(chained["adapters"], 1))
-    return (f"- `{chained['base']}` (loaded from `{base}`) with these adapters merged into it, in order:\n{parents}\n"
-            "- recorded in `base.json`: finetune's merge, export, chat and eval rebuild this base from it (and "
-            "refuse a parent adapter that was retrained since); paths are also kept relative to this dir, so copy "
-            "the parents along")
+    parents = "\n".join(
+        f"  {i}. `{p['relative']}` (`{p['dir']}`, content fingerprint {p['fingerprint']})"
+        for i, p in enumerate(chained["adapters"], 1)
+    )
+    return (
+        f"- `{chained['base']}` (loaded from `{base}`) with these adapters merged into it, in order:\n{parents}\n"
+        "- recorded in `base.json`: finetune's merge, export, chat and eval rebuild this base from it (and "
+        "refuse a parent adapter that was retrained since); paths are also kept relative to this dir, so copy "
+        "the parents along"
+    )
 
 
 def _use_it(method: str, base: str, auto: str, stage: str, chained: dict | None = None) -> str:
@@ -217,12 +228,17 @@ def _use_it(method: str, base: str, auto: str, stage: str, chained: dict | None 
 
 model = {auto}.from_pretrained("path/to/this/dir")
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")"""
-    merges = "".join(f'base = PeftModel.from_pretrained(base, "{p["relative"]}").merge_and_unload()\n'
-                     for p in (chained or {}).get("adapters", []))
+    merges = "".join(
+        f'base = PeftModel.from_pretrained(base, "{p["relative"]}").merge_and_unload()\n'
+        for p in (chained or {}).get("adapters", [])
+    )
     if merges:  # the parents are causal LMs: merge them first, then add the head of a reward model
         merges = "# merge the parent stages' adapters first (paths relative to this dir)\n" + merges
-        head = "" if stage != "rm" else ("\nbase.save_pretrained(\"merged-base\")\n"
-                                          f'base = {auto}.from_pretrained("merged-base", num_labels=1)')
+        head = (
+            ""
+            if stage != "rm"
+            else (f'\nbase.save_pretrained("merged-base")\nbase = {auto}.from_pretrained("merged-base", num_labels=1)')
+        )
         imports = ", ".join(dict.fromkeys(["AutoModelForCausalLM", auto, "AutoTokenizer"]))
         return f"""from transformers import {imports}
 from peft import PeftModel
@@ -240,7 +256,15 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")"""
 
 
 # Sections of an adapter's card that a model merged from it carries over (its provenance).
-PROVENANCE_SECTIONS = ("Base model", "Method", "Data", "Hyper-parameters", "Preference results", "Final metrics", "Evaluation")
+PROVENANCE_SECTIONS = (
+    "Base model",
+    "Method",
+    "Data",
+    "Hyper-parameters",
+    "Preference results",
+    "Final metrics",
+    "Evaluation",
+)
 
 
 def _sections(text: str) -> dict[str, str]:

@@ -100,14 +100,23 @@ def model_dir(name: str) -> str:
         return snapshot_download(resolved, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
     except (OSError, ValueError) as e:  # offline, unknown id, gated repo (hub errors are OSErrors): one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FinetuneError(f"MODEL_OR_ADAPTER_DIR: {name}: not a directory, a tiny model or a loadable hub model "
-                            f"({first})") from None
+        raise FinetuneError(
+            f"MODEL_OR_ADAPTER_DIR: {name}: not a directory, a tiny model or a loadable hub model ({first})"
+        ) from None
 
 
 class Chat:
-    def __init__(self, model, tokenizer, system: str | None = None, max_new_tokens: int = 256,
-                 temperature: float = 0.0, top_p: float = 1.0, template_kwargs: dict | None = None,
-                 reasoning_tags=DEFAULT_REASONING_TAGS):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        system: str | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        template_kwargs: dict | None = None,
+        reasoning_tags=DEFAULT_REASONING_TAGS,
+    ):
         self.model, self.tok = model, tokenizer
         self.system = system
         # as in training (model.chat_template_kwargs, data.reasoning_tags of the run's recipe)
@@ -132,8 +141,13 @@ class Chat:
 
         self.history.append({"role": "user", "content": text})
         try:
-            enc = self.tok.apply_chat_template(template_messages(self.messages()), add_generation_prompt=True,
-                                               return_tensors="pt", return_dict=True, **self.template_kwargs)
+            enc = self.tok.apply_chat_template(
+                template_messages(self.messages()),
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
+                **self.template_kwargs,
+            )
         except TemplateError as e:  # e.g. a template that refuses system turns
             self.history.pop()
             raise FinetuneError(f"the model's chat template refused this conversation: {e}") from None
@@ -142,7 +156,7 @@ class Chat:
         streamer = _streamer(self.tok, stream) if stream is not None else None
         with torch.no_grad():
             out = generate(self.model, **enc, **self.gen, streamer=streamer)
-        reply = self.tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        reply = self.tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
         reasoning, answer = split_inline_reasoning(reply, self.reasoning_tags)
         # the history holds the reasoning apart, as training data does: the template shows it as it shows it there
         turn = {"role": "assistant", "content": answer}
@@ -175,9 +189,16 @@ def run_cli(args) -> int:
     model, tok, source = load_for_inference(path, args.base)
     recipe = OutputDir(source.path).recipe_dict() if Path(str(source.path)).is_dir() else {}
     system = args.system if args.system is not None else recorded_system_prompt(path)
-    chat = Chat(model, tok, system or None, args.max_new_tokens, args.temperature, args.top_p,
-                template_kwargs=(recipe.get("model") or {}).get("chat_template_kwargs"),
-                reasoning_tags=(recipe.get("data") or {}).get("reasoning_tags") or DEFAULT_REASONING_TAGS)
+    chat = Chat(
+        model,
+        tok,
+        system or None,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_p,
+        template_kwargs=(recipe.get("model") or {}).get("chat_template_kwargs"),
+        reasoning_tags=(recipe.get("data") or {}).get("reasoning_tags") or DEFAULT_REASONING_TAGS,
+    )
     if args.prompt is not None:
         chat.answer(args.prompt, stream=sys.stdout)
         return 0

@@ -24,7 +24,9 @@ INTERRUPTED = {
     "chat": "bye",
     "env": "nothing was written",
 }
-EXIT_GATE = 1  # eval.fail_on_regression: the run finished but its gate failed (as `finetune eval --fail-on-regression`)
+EXIT_GATE = (
+    1  # eval.fail_on_regression: the run finished but its gate failed (as `finetune eval --fail-on-regression`)
+)
 
 
 def _is_main_process() -> bool:
@@ -64,27 +66,48 @@ class _Version(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         print(version_line())
         parser.exit()
-PICKLE_HELP = "also load pickled weights (.bin/.pt), which can run code: only for files you trust (default: safetensors only)"
+
+
+PICKLE_HELP = (
+    "also load pickled weights (.bin/.pt), which can run code: only for files you trust (default: safetensors only)"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="finetune", description="Parameter-efficient fine-tuning of open LLMs from YAML recipes.")
-    p.add_argument("--version", action=_Version, nargs=0, help="show finetune's and its main libraries' versions and exit")
+    p = argparse.ArgumentParser(
+        prog="finetune", description="Parameter-efficient fine-tuning of open LLMs from YAML recipes."
+    )
+    p.add_argument(
+        "--version", action=_Version, nargs=0, help="show finetune's and its main libraries' versions and exit"
+    )
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train from a recipe", description="Train from a recipe YAML; key=value arguments override it.")
+    train = sub.add_parser(
+        "train", help="train from a recipe", description="Train from a recipe YAML; key=value arguments override it."
+    )
     train.add_argument("recipe", nargs="?", help="recipe YAML file (e.g. recipes/tiny/sft_lora.yaml)")
-    train.add_argument("overrides", nargs="*", metavar="section.key=value", help="override a recipe key, e.g. train.max_steps=10")
-    train.add_argument("--dry-run", action="store_true", help="validate recipe, data and model config; print the plan; train nothing")
+    train.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="override a recipe key, e.g. train.max_steps=10"
+    )
+    train.add_argument(
+        "--dry-run", action="store_true", help="validate recipe, data and model config; print the plan; train nothing"
+    )
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    pipe = sub.add_parser("pipeline", help="run a multi-stage pipeline (sft -> rm -> ppo, sft -> dpo, ...)",
-                          description="Run the stages of a pipeline file in order, each into <output.dir>/<stage>; "
-                          "finished stages with the same recipe are skipped, an interrupted one resumes.")
+    pipe = sub.add_parser(
+        "pipeline",
+        help="run a multi-stage pipeline (sft -> rm -> ppo, sft -> dpo, ...)",
+        description="Run the stages of a pipeline file in order, each into <output.dir>/<stage>; "
+        "finished stages with the same recipe are skipped, an interrupted one resumes.",
+    )
     pipe.add_argument("pipeline", nargs="?", help="pipeline YAML file (e.g. recipes/pipelines/dpo.yaml)")
-    pipe.add_argument("overrides", nargs="*", metavar="key=value",
-                      help="output.dir=DIR, STAGE.section.key=value (one stage) or section.key=value (every stage)")
+    pipe.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="output.dir=DIR, STAGE.section.key=value (one stage) or section.key=value (every stage)",
+    )
     pipe.add_argument("--dry-run", action="store_true", help="validate every stage's recipe and show what would run")
     pipe.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
@@ -93,31 +116,52 @@ def _parser() -> argparse.ArgumentParser:
     prev = data_sub.add_parser("preview", help="show one example as the model sees it, trained tokens marked")
     prev.add_argument("dataset", help="registry name, file, or hub dataset id")
     prev.add_argument("--model", required=True, help="model (tokenizer + chat template): hub id, path or tiny-llama")
-    prev.add_argument("--format", help="record format (alpaca, sharegpt, messages, prompt_completion, text, preference, alpaca_preference, sharegpt_preference, kto, prompt)")
+    prev.add_argument(
+        "--format",
+        help="record format (alpaca, sharegpt, messages, prompt_completion, text, preference, alpaca_preference, sharegpt_preference, kto, prompt)",
+    )
     prev.add_argument("--index", type=int, default=0, help="which record (default 0)")
     prev.add_argument("--max-length", type=int, default=None, help="truncate as train.max_length would")
     prev.add_argument("--tokens", action="store_true", help="also list every token with its label")
-    prev.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
-                      help='extra chat template variables, as model.chat_template_kwargs (e.g. \'{"enable_thinking": true}\')')
-    prev.add_argument("--train-on", choices=["all_turns", "last_turn"], default="all_turns",
-                      help="chat data: train every assistant turn or only the last (data.train_on)")
-    prev.add_argument("--chat-template", default=None, help="a Jinja chat template or .jinja file replacing the model's")
+    prev.add_argument(
+        "--chat-template-kwargs",
+        default=None,
+        metavar="JSON",
+        help="extra chat template variables, as model.chat_template_kwargs (e.g. '{\"enable_thinking\": true}')",
+    )
+    prev.add_argument(
+        "--train-on",
+        choices=["all_turns", "last_turn"],
+        default="all_turns",
+        help="chat data: train every assistant turn or only the last (data.train_on)",
+    )
+    prev.add_argument(
+        "--chat-template", default=None, help="a Jinja chat template or .jinja file replacing the model's"
+    )
     prev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    prep = data_sub.add_parser("prepare", help="encode a recipe's data into the prepared-data cache (no model, no training)",
-                               description="Read, convert and encode the recipe's data once into the cache that "
-                               "`finetune train` (every rank, every re-run) reuses; print where it is and what it holds.")
+    prep = data_sub.add_parser(
+        "prepare",
+        help="encode a recipe's data into the prepared-data cache (no model, no training)",
+        description="Read, convert and encode the recipe's data once into the cache that "
+        "`finetune train` (every rank, every re-run) reuses; print where it is and what it holds.",
+    )
     prep.add_argument("recipe", help="recipe YAML file")
-    prep.add_argument("overrides", nargs="*", metavar="section.key=value", help="override a recipe key, e.g. data.num_proc=8")
+    prep.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="override a recipe key, e.g. data.num_proc=8"
+    )
     prep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     from finetune.eval import command as eval_command
 
     eval_command.add_parser(sub)
 
-    score = sub.add_parser("score", help="score records with a reward model (JSONL)",
-                           description="Score every record of a dataset with an `rm` output dir: chosen/rejected/margin "
-                           "for pairs, score for chats and KTO examples. JSONL to --out or stdout; a summary to stderr.")
+    score = sub.add_parser(
+        "score",
+        help="score records with a reward model (JSONL)",
+        description="Score every record of a dataset with an `rm` output dir: chosen/rejected/margin "
+        "for pairs, score for chats and KTO examples. JSONL to --out or stdout; a summary to stderr.",
+    )
     score.add_argument("rm_dir", help="output dir of a `stage: rm` run")
     score.add_argument("--data", required=True, help="registry name or file (preference, kto or chat formats)")
     score.add_argument("--format", help="record format, when the file does not make it clear")
@@ -126,9 +170,12 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
     score.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_merge_export_chat(sub)
-    env = sub.add_parser("env", help="versions, device and caches, for a bug report",
-                         description="Print finetune's and its libraries' versions, the device (CUDA, GPUs, CPU "
-                                     "features, threads) and the cache dirs: paste it into a bug report.")
+    env = sub.add_parser(
+        "env",
+        help="versions, device and caches, for a bug report",
+        description="Print finetune's and its libraries' versions, the device (CUDA, GPUs, CPU "
+        "features, threads) and the cache dirs: paste it into a bug report.",
+    )
     env.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
@@ -141,8 +188,11 @@ def _no_file_given(command: str, kind: str, folder: str) -> int:
     examples = [str(p.relative_to(shipped.parents[1])) for p in shipped.glob("*.yaml")] if shipped.is_dir() else []
     # the README's quickstart first, then the other SFT recipes: where users start
     examples = sorted(examples, key=lambda name: (not name.endswith("sft_lora.yaml"), "sft" not in name, name))[:6]
-    print(f"finetune {command}: give a {kind} YAML file, e.g. finetune {command} "
-          f"{examples[0] if examples else 'recipe.yaml'} [section.key=value ...] [--dry-run]", file=sys.stderr)
+    print(
+        f"finetune {command}: give a {kind} YAML file, e.g. finetune {command} "
+        f"{examples[0] if examples else 'recipe.yaml'} [section.key=value ...] [--dry-run]",
+        file=sys.stderr,
+    )
     if examples:
         print(f"shipped {kind}s include: {', '.join(examples)}", file=sys.stderr)
     return 2
@@ -150,48 +200,92 @@ def _no_file_given(command: str, kind: str, folder: str) -> int:
 
 def _add_merge_export_chat(sub) -> None:
     dtypes = ("auto", "float32", "float16", "bfloat16")
-    merge = sub.add_parser("merge", help="merge adapter(s) into the base, verified",
-                           description="Merge an adapter into its base (or combine several adapters) and verify the "
-                                       "written model's logits against the adapter model's.")
-    merge.add_argument("adapter", nargs="?", metavar="ADAPTER_DIR", help="adapter dir (a finetune output or any PEFT adapter)")
+    merge = sub.add_parser(
+        "merge",
+        help="merge adapter(s) into the base, verified",
+        description="Merge an adapter into its base (or combine several adapters) and verify the "
+        "written model's logits against the adapter model's.",
+    )
+    merge.add_argument(
+        "adapter", nargs="?", metavar="ADAPTER_DIR", help="adapter dir (a finetune output or any PEFT adapter)"
+    )
     merge.add_argument("--out", required=True, help="output dir (written atomically)")
     merge.add_argument("--adapters", nargs="+", metavar="DIR", help="combine several adapters of one base instead")
-    merge.add_argument("--method", choices=("linear", "cat", "ties", "dare_ties", "dare_linear", "magnitude_prune"),
-                       default="linear", help="--adapters: how to combine (default linear)")
-    merge.add_argument("--weights", nargs="+", type=float, help="--adapters: one weight per adapter "
-                       "(default 1/n for linear/cat, 1.0 for the others)")
-    merge.add_argument("--density", type=float, help="--adapters: share of weights kept by ties/dare/magnitude_prune (0.5)")
-    merge.add_argument("--into-base", action="store_true", help="--adapters: write a merged model instead of an adapter")
+    merge.add_argument(
+        "--method",
+        choices=("linear", "cat", "ties", "dare_ties", "dare_linear", "magnitude_prune"),
+        default="linear",
+        help="--adapters: how to combine (default linear)",
+    )
+    merge.add_argument(
+        "--weights",
+        nargs="+",
+        type=float,
+        help="--adapters: one weight per adapter (default 1/n for linear/cat, 1.0 for the others)",
+    )
+    merge.add_argument(
+        "--density", type=float, help="--adapters: share of weights kept by ties/dare/magnitude_prune (0.5)"
+    )
+    merge.add_argument(
+        "--into-base", action="store_true", help="--adapters: write a merged model instead of an adapter"
+    )
     merge.add_argument("--seed", type=int, default=0, help="--adapters: seed of DARE's random drop")
-    merge.add_argument("--onto", choices=("dequantized", "original"), help="QLoRA: merge onto the dequantized 4-bit "
-                       "weights it was trained on (default) or the original full-precision ones")
-    merge.add_argument("--dtype", choices=dtypes, default="auto", help="weight dtype of the merged model "
-                       "(default auto: the base model's)")
+    merge.add_argument(
+        "--onto",
+        choices=("dequantized", "original"),
+        help="QLoRA: merge onto the dequantized 4-bit "
+        "weights it was trained on (default) or the original full-precision ones",
+    )
+    merge.add_argument(
+        "--dtype",
+        choices=dtypes,
+        default="auto",
+        help="weight dtype of the merged model (default auto: the base model's)",
+    )
     merge.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
     merge.add_argument("--base", help="base model (path, hub id or tiny name) when the adapter's recorded one moved")
-    merge.add_argument("--tolerance", type=float, help="allowed max |Δlogit| (default: per dtype, scaled by max |logit|)")
+    merge.add_argument(
+        "--tolerance", type=float, help="allowed max |Δlogit| (default: per dtype, scaled by max |logit|)"
+    )
     merge.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
-    export = sub.add_parser("export", help="export a model or adapter to GGUF (llama.cpp / Ollama) or safetensors",
-                            description="Export a model dir (or an adapter dir, merged on the fly) and verify the file.")
+    export = sub.add_parser(
+        "export",
+        help="export a model or adapter to GGUF (llama.cpp / Ollama) or safetensors",
+        description="Export a model dir (or an adapter dir, merged on the fly) and verify the file.",
+    )
     export.add_argument("model", metavar="MODEL_DIR", help="model dir or adapter dir")
-    export.add_argument("--format", choices=("gguf", "safetensors"), default="gguf", help="output format (default gguf)")
+    export.add_argument(
+        "--format", choices=("gguf", "safetensors"), default="gguf", help="output format (default gguf)"
+    )
     export.add_argument("--out", required=True, help="output file (.gguf) or dir (safetensors)")
-    export.add_argument("--outtype", choices=("f32", "f16", "q8_0"), default="f16", help="gguf: tensor type (default f16)")
+    export.add_argument(
+        "--outtype", choices=("f32", "f16", "q8_0"), default="f16", help="gguf: tensor type (default f16)"
+    )
     export.add_argument("--ollama", action="store_true", help="gguf: also write an Ollama Modelfile beside it")
     export.add_argument("--system", help="--ollama: the Modelfile's SYSTEM prompt (default: the chat template's own)")
-    export.add_argument("--dtype", choices=dtypes, default="auto", help="safetensors: weight dtype (default: the base's)")
+    export.add_argument(
+        "--dtype", choices=dtypes, default="auto", help="safetensors: weight dtype (default: the base's)"
+    )
     export.add_argument("--onto", choices=("dequantized", "original"), help="QLoRA adapter: which merge (see merge)")
     export.add_argument("--base", help="an adapter's base model when the recorded one moved")
     export.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
-    chat = sub.add_parser("chat", help="chat with a model or adapter in the terminal",
-                          description="Chat in the terminal (/reset clears the history, /exit quits), or answer one "
-                                      "--prompt and exit.")
-    chat.add_argument("model", metavar="MODEL_OR_ADAPTER_DIR", help="model dir or adapter dir (an adapter runs on its base, "
-                      "4-bit for QLoRA), a tiny model name (tiny-llama) or a hub id")
+    chat = sub.add_parser(
+        "chat",
+        help="chat with a model or adapter in the terminal",
+        description="Chat in the terminal (/reset clears the history, /exit quits), or answer one --prompt and exit.",
+    )
+    chat.add_argument(
+        "model",
+        metavar="MODEL_OR_ADAPTER_DIR",
+        help="model dir or adapter dir (an adapter runs on its base, "
+        "4-bit for QLoRA), a tiny model name (tiny-llama) or a hub id",
+    )
     chat.add_argument("--prompt", help="answer this one message and exit")
-    chat.add_argument("--system", help="system prompt (default: the data.system the model was trained with; '' for none)")
+    chat.add_argument(
+        "--system", help="system prompt (default: the data.system the model was trained with; '' for none)"
+    )
     chat.add_argument("--max-new-tokens", type=int, default=256, help="per answer (default 256)")
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
@@ -203,26 +297,44 @@ def _add_merge_export_chat(sub) -> None:
 
 
 def _add_serve_webui(sub) -> None:
-    serve = sub.add_parser("serve", help="serve models / adapters over an OpenAI-compatible HTTP API",
-                           description="Serve a model or adapter dir (and more adapters by name) at /v1/chat/completions, "
-                                       "/v1/completions, /v1/models and /health. Needs finetune[serve].")
-    serve.add_argument("model", metavar="MODEL_OR_ADAPTER_DIR", help="model dir or adapter dir (an adapter runs on its base, 4-bit for QLoRA)")
-    serve.add_argument("--adapter", action="append", metavar="NAME=DIR", help="also serve this adapter as model NAME "
-                       "(repeatable; adapters on the same base share it)")
+    serve = sub.add_parser(
+        "serve",
+        help="serve models / adapters over an OpenAI-compatible HTTP API",
+        description="Serve a model or adapter dir (and more adapters by name) at /v1/chat/completions, "
+        "/v1/completions, /v1/models and /health. Needs finetune[serve].",
+    )
+    serve.add_argument(
+        "model",
+        metavar="MODEL_OR_ADAPTER_DIR",
+        help="model dir or adapter dir (an adapter runs on its base, 4-bit for QLoRA)",
+    )
+    serve.add_argument(
+        "--adapter",
+        action="append",
+        metavar="NAME=DIR",
+        help="also serve this adapter as model NAME (repeatable; adapters on the same base share it)",
+    )
     serve.add_argument("--name", help="model name of MODEL_OR_ADAPTER_DIR in requests (default: the dir's name)")
     serve.add_argument("--base", help="an adapter's base model when the recorded one moved")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--api-key", help="require Authorization: Bearer KEY (default: $FINETUNE_API_KEY, if set)")
-    serve.add_argument("--max-tokens", type=int, default=1024, help="cap on a request's max_tokens, and its default (1024)")
+    serve.add_argument(
+        "--max-tokens", type=int, default=1024, help="cap on a request's max_tokens, and its default (1024)"
+    )
     serve.add_argument("--max-batch-size", type=int, default=16, help="rows generated together (default 16)")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
 
-    webui = sub.add_parser("webui", help="the web UI: train, data, chat, evaluate, export (Gradio)",
-                           description="A Gradio web UI over the same commands. Needs finetune[webui].")
+    webui = sub.add_parser(
+        "webui",
+        help="the web UI: train, data, chat, evaluate, export (Gradio)",
+        description="A Gradio web UI over the same commands. Needs finetune[webui].",
+    )
     webui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     webui.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    webui.add_argument("--lang", choices=("en", "zh"), default="en", help="UI language at start (switchable in the UI)")
+    webui.add_argument(
+        "--lang", choices=("en", "zh"), default="en", help="UI language at start (switchable in the UI)"
+    )
     webui.add_argument("--runs-dir", default="runs", help="where runs started from the UI write (default ./runs)")
     for p in (serve, webui):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -294,9 +406,18 @@ def cmd_data(args) -> int:
         raise RecipeError("--chat-template-kwargs: expected a JSON object")
     _at_least(args, "max_length", 1)
     tok = models.load_tokenizer(ModelSection(name_or_path=args.model, chat_template=args.chat_template))
-    print(preview(args.dataset, tok, fmt=args.format, index=args.index, max_length=args.max_length,
-                  color=sys.stdout.isatty(), show_tokens=args.tokens,
-                  options=EncodeOptions(chat_template_kwargs=kwargs, train_on=args.train_on)))
+    print(
+        preview(
+            args.dataset,
+            tok,
+            fmt=args.format,
+            index=args.index,
+            max_length=args.max_length,
+            color=sys.stdout.isatty(),
+            show_tokens=args.tokens,
+            options=EncodeOptions(chat_template_kwargs=kwargs, train_on=args.train_on),
+        )
+    )
     return 0
 
 
@@ -311,7 +432,9 @@ def cmd_score(args) -> int:
 
     _at_least(args, "batch_size", 1)
     summary = score_file(args.rm_dir, args.data, fmt=args.format, out=args.out, batch_size=args.batch_size)
-    log.info("scored: %s", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+    log.info(
+        "scored: %s", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
+    )
     return 0
 
 
@@ -326,7 +449,9 @@ def cmd_merge(args) -> int:
     for adapter in [args.adapter] if args.adapter else args.adapters or []:
         inside = Path(adapter).expanduser().resolve()
         if out == inside or inside in out.parents:
-            raise FinetuneError(f"--out: {args.out} is inside the adapter dir {adapter} being merged; choose another --out")
+            raise FinetuneError(
+                f"--out: {args.out} is inside the adapter dir {adapter} being merged; choose another --out"
+            )
     return merge.run_cli(args)
 
 
@@ -402,9 +527,19 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_libraries(args.debug)
-    handler = {"train": cmd_train, "pipeline": cmd_pipeline, "data": cmd_data, "score": cmd_score, "eval": cmd_eval,
-               "merge": cmd_merge, "export": cmd_export, "chat": cmd_chat, "env": cmd_env,
-               "serve": cmd_serve, "webui": cmd_webui}[args.command]
+    handler = {
+        "train": cmd_train,
+        "pipeline": cmd_pipeline,
+        "data": cmd_data,
+        "score": cmd_score,
+        "eval": cmd_eval,
+        "merge": cmd_merge,
+        "export": cmd_export,
+        "chat": cmd_chat,
+        "env": cmd_env,
+        "serve": cmd_serve,
+        "webui": cmd_webui,
+    }[args.command]
     from finetune import security
 
     failed = True

@@ -10,9 +10,31 @@ from importlib import metadata
 
 from finetune import __version__
 
-LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "evaluate",
-             "huggingface_hub", "tokenizers", "safetensors", "gguf")
-OPTIONAL = ("deepspeed", "flash_attn", "lm_eval", "wandb", "mlflow", "trackio", "tensorboard", "rouge_chinese", "jieba")
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "accelerate",
+    "datasets",
+    "bitsandbytes",
+    "evaluate",
+    "huggingface_hub",
+    "tokenizers",
+    "safetensors",
+    "gguf",
+)
+OPTIONAL = (
+    "deepspeed",
+    "flash_attn",
+    "lm_eval",
+    "wandb",
+    "mlflow",
+    "trackio",
+    "tensorboard",
+    "rouge_chinese",
+    "jieba",
+)
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma", "neon", "asimd", "sve")
 
 
@@ -48,10 +70,18 @@ def _device_lines() -> list[tuple[str, str]]:
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             bf16 = "yes" if torch.cuda.is_bf16_supported() else "no"
-            rows.append((f"GPU {i}", f"{p.name}, {p.total_memory / 2**30:.0f} GiB, compute {p.major}.{p.minor}, bf16 {bf16}"))
+            rows.append(
+                (f"GPU {i}", f"{p.name}, {p.total_memory / 2**30:.0f} GiB, compute {p.major}.{p.minor}, bf16 {bf16}")
+            )
     else:
-        rows.append(("CUDA", f"not available (torch built with CUDA {torch.version.cuda})" if torch.version.cuda
-                     else "not available (CPU-only torch)"))
+        rows.append(
+            (
+                "CUDA",
+                f"not available (torch built with CUDA {torch.version.cuda})"
+                if torch.version.cuda
+                else "not available (CPU-only torch)",
+            )
+        )
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         rows.append(("MPS", "available"))
     return rows
@@ -63,13 +93,18 @@ def report() -> str:
 
     from finetune import tiny
 
-    rows = [("finetune", f"{__version__} ({os.path.dirname(os.path.abspath(__file__))})"),
-            ("Python", f"{platform.python_version()} ({sys.executable})"),
-            ("platform", platform.platform())]
+    rows = [
+        ("finetune", f"{__version__} ({os.path.dirname(os.path.abspath(__file__))})"),
+        ("Python", f"{platform.python_version()} ({sys.executable})"),
+        ("platform", platform.platform()),
+    ]
     rows += [(name, version_of(name) or "not installed") for name in LIBRARIES]
     rows += [(name, version_of(name)) for name in OPTIONAL if version_of(name)]
     rows += _device_lines()
-    rows += [("finetune cache", str(tiny.cache_root())),
-             ("HF hub cache", constants.HF_HUB_CACHE), ("HF offline", str(constants.HF_HUB_OFFLINE))]
+    rows += [
+        ("finetune cache", str(tiny.cache_root())),
+        ("HF hub cache", constants.HF_HUB_CACHE),
+        ("HF offline", str(constants.HF_HUB_OFFLINE)),
+    ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -33,9 +33,15 @@ def closest(word: str, candidates) -> str:
 
 
 # What an OSError means, in words (file-system trouble: finetune.guards, finetune.locks)
-CAUSES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-          errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-          errno.ENOTDIR: "a parent is not a directory", errno.EEXIST: "a file is in the way"}
+CAUSES = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOTDIR: "a parent is not a directory",
+    errno.EEXIST: "a file is in the way",
+}
 
 
 def os_error_message(e: OSError, path=None) -> str:

@@ -10,12 +10,22 @@ from finetune.staging import Staged, check_free
 
 
 def _not_foldable(source, fmt: str) -> SourceError:
-    return SourceError(f"{source.path}: a {source.peft_type} adapter adds virtual tokens at run time, which a "
-                       f"{fmt} file cannot hold; keep the adapter dir and load it with peft (`finetune chat DIR` runs it)")
+    return SourceError(
+        f"{source.path}: a {source.peft_type} adapter adds virtual tokens at run time, which a "
+        f"{fmt} file cannot hold; keep the adapter dir and load it with peft (`finetune chat DIR` runs it)"
+    )
 
 
-def export_gguf(model_dir: str, out: str, outtype: str = "f16", ollama_file: bool = False, system: str | None = None,
-                onto: str | None = None, base: str | None = None, overwrite: bool = False) -> list[str]:
+def export_gguf(
+    model_dir: str,
+    out: str,
+    outtype: str = "f16",
+    ollama_file: bool = False,
+    system: str | None = None,
+    onto: str | None = None,
+    base: str | None = None,
+    overwrite: bool = False,
+) -> list[str]:
     """Write `out` (.gguf), and with `ollama_file` a `Modelfile` beside it; returns the report lines."""
     source = inspect(model_dir, base)
     if source.is_prompt_learning:
@@ -36,8 +46,10 @@ def export_gguf(model_dir: str, out: str, outtype: str = "f16", ollama_file: boo
         try:
             base_config = AutoConfig.from_pretrained(source.base).to_dict()
         except (OSError, ValueError) as e:
-            raise SourceError(f"{source.base_field}: cannot load base {source.base}: {str(e).splitlines()[0]}; "
-                              "pass --base MODEL if it lives elsewhere") from None
+            raise SourceError(
+                f"{source.base_field}: cannot load base {source.base}: {str(e).splitlines()[0]}; "
+                "pass --base MODEL if it lives elsewhere"
+            ) from None
         gguf_export.check_config(base_config, f"{source.base_field}: {source.base}")
     tok = load_tokenizer(source)
     modelfile_text = ollama.modelfile(final.name, tok, system) if ollama_file else None  # fails before any work
@@ -65,13 +77,21 @@ def export_gguf(model_dir: str, out: str, outtype: str = "f16", ollama_file: boo
     return lines
 
 
-def export_safetensors(model_dir: str, out: str, dtype: str = "auto", onto: str | None = None,
-                       base: str | None = None, overwrite: bool = False) -> list[str]:
+def export_safetensors(
+    model_dir: str,
+    out: str,
+    dtype: str = "auto",
+    onto: str | None = None,
+    base: str | None = None,
+    overwrite: bool = False,
+) -> list[str]:
     """An adapter dir -> a merged, verified HF model dir (what `finetune merge` writes)."""
     source = inspect(model_dir, base)
     if source.kind == "model":
-        raise SourceError(f"{source.path}: already a plain safetensors model; `--format safetensors` merges an "
-                          "adapter dir (nothing to export here)")
+        raise SourceError(
+            f"{source.path}: already a plain safetensors model; `--format safetensors` merges an "
+            "adapter dir (nothing to export here)"
+        )
     if source.is_prompt_learning:
         raise _not_foldable(source, "plain safetensors model")
     return merge.merge(model_dir, out, dtype, "2GB", onto, base, overwrite).lines()
@@ -82,7 +102,9 @@ def run_cli(args) -> int:
     if args.format == "gguf":
         if args.dtype != "auto":
             raise SourceError("--dtype: applies to --format safetensors; for gguf use --outtype")
-        lines = export_gguf(args.model, args.out, args.outtype, args.ollama, args.system, args.onto, args.base, args.overwrite)
+        lines = export_gguf(
+            args.model, args.out, args.outtype, args.ollama, args.system, args.onto, args.base, args.overwrite
+        )
     else:
         if args.ollama or args.system:
             raise SourceError("--ollama / --system: apply to --format gguf")

@@ -46,8 +46,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     """`model.generate(input_ids=..., attention_mask=..., **kwargs)`: the prompt followed by the new tokens."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if _peft_type(model) == "PREFIX_TUNING" and len(input_ids) > 1 and not attention_mask.all() \
-            and peft_misses_the_cache():
+    if (
+        _peft_type(model) == "PREFIX_TUNING"
+        and len(input_ids) > 1
+        and not attention_mask.all()
+        and peft_misses_the_cache()
+    ):
         return _row_by_row(model, input_ids, attention_mask, **kwargs)
     if not uses_prompt_embeddings(model):
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -59,8 +63,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if streamer is not None:  # it expects the prompt first (and skips it, as with input_ids)
         streamer.put(input_ids.cpu())
         kwargs["streamer"] = _SkipEmptyPrompt(streamer)
-    new_tokens = model.get_base_model().generate(inputs_embeds=torch.cat([prompts, embeds], dim=1),
-                                                 attention_mask=mask, **kwargs)
+    new_tokens = model.get_base_model().generate(
+        inputs_embeds=torch.cat([prompts, embeds], dim=1), attention_mask=mask, **kwargs
+    )
     return torch.cat([input_ids, new_tokens.to(input_ids.device)], dim=1)
 
 
@@ -72,7 +77,7 @@ def _row_by_row(model, input_ids, attention_mask, **kwargs) -> torch.Tensor:
     answers = []
     for ids, mask in zip(input_ids, attention_mask):
         row = ids[mask.bool()].unsqueeze(0)
-        answers.append(model.generate(input_ids=row, attention_mask=torch.ones_like(row), **kwargs)[0, row.shape[1]:])
+        answers.append(model.generate(input_ids=row, attention_mask=torch.ones_like(row), **kwargs)[0, row.shape[1] :])
     width = max(len(a) for a in answers)
     out = torch.full((len(answers), width), pad, dtype=input_ids.dtype, device=input_ids.device)
     for i, answer in enumerate(answers):

@@ -25,9 +25,16 @@ import numpy as np
 
 from finetune.errors import FinetuneError
 
-ARCHS = {"LlamaForCausalLM": "LLAMA", "MistralForCausalLM": "LLAMA", "Qwen2ForCausalLM": "QWEN2",
-         "Qwen3ForCausalLM": "QWEN3", "Qwen3MoeForCausalLM": "QWEN3MOE", "Gemma2ForCausalLM": "GEMMA2",
-         "Gemma3ForCausalLM": "GEMMA3", "Phi3ForCausalLM": "PHI3"}
+ARCHS = {
+    "LlamaForCausalLM": "LLAMA",
+    "MistralForCausalLM": "LLAMA",
+    "Qwen2ForCausalLM": "QWEN2",
+    "Qwen3ForCausalLM": "QWEN3",
+    "Qwen3MoeForCausalLM": "QWEN3MOE",
+    "Gemma2ForCausalLM": "GEMMA2",
+    "Gemma3ForCausalLM": "GEMMA3",
+    "Phi3ForCausalLM": "PHI3",
+}
 PERMUTED = ("LLAMA",)  # architectures whose q/k rows llama.cpp wants permuted
 NORM_PLUS_ONE = ("GEMMA2", "GEMMA3")  # HF's Gemma RMSNorm multiplies by (1 + w); llama.cpp by the stored weight
 # llama.cpp's sliding-window layout when the file names none: every n-th layer (n-1, 2n-1, ...) is global
@@ -38,14 +45,25 @@ MOE = ("QWEN3MOE",)
 # digit-free vocab tokenizes the same under qwen2 and llama-bpe: qwen2 is then the faithful name)
 PRE_TOKENIZERS = {
     "gpt-2": None,
-    "qwen2": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-              r"\s*[\r\n]+|\s+(?!\S)|\s+"),
-    "llama-bpe": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                  r"\s*[\r\n]+|\s+(?!\S)|\s+"),
+    "qwen2": (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+        r"\s*[\r\n]+|\s+(?!\S)|\s+"
+    ),
+    "llama-bpe": (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+        r"\s*[\r\n]+|\s+(?!\S)|\s+"
+    ),
 }
 # strings on which those pre-tokenizers split differently
-PROBES = ["In 2024, 1234567 people paid $3.14159 each.", "I'M sure they'LL say we'd DON'T", "你好，世界！今天是2024年。",
-          "a\n\n  b\t\tc   d\r\n", "$hello (world) #tag @user ...!!!", " leading   and trailing  ", "Äpfel ½ 🦙.cpp"]
+PROBES = [
+    "In 2024, 1234567 people paid $3.14159 each.",
+    "I'M sure they'LL say we'd DON'T",
+    "你好，世界！今天是2024年。",
+    "a\n\n  b\t\tc   d\r\n",
+    "$hello (world) #tag @user ...!!!",
+    " leading   and trailing  ",
+    "Äpfel ½ 🦙.cpp",
+]
 OUTTYPES = ("f32", "f16", "q8_0")
 
 
@@ -80,11 +98,17 @@ class GGUFReport:
     add_bos: bool
 
     def lines(self) -> list[str]:
-        return [(f"GGUF written to {self.path} ({self.arch}, {self.outtype}, {self.tensors} tensors, vocab {self.vocab}, "
-                 f"pre-tokenizer {self.pre}{', chat template' if self.chat_template else ''}, "
-                 f"add_bos_token {str(self.add_bos).lower()}: as training saw it)"),
-                (f"read back: names, shapes and metadata match; max |Δ| / max |w| = {self.max_rel_error:.3g} "
-                 f"(tolerance {TOLERANCE[self.outtype]:g} for {self.outtype})")]
+        return [
+            (
+                f"GGUF written to {self.path} ({self.arch}, {self.outtype}, {self.tensors} tensors, vocab {self.vocab}, "
+                f"pre-tokenizer {self.pre}{', chat template' if self.chat_template else ''}, "
+                f"add_bos_token {str(self.add_bos).lower()}: as training saw it)"
+            ),
+            (
+                f"read back: names, shapes and metadata match; max |Δ| / max |w| = {self.max_rel_error:.3g} "
+                f"(tolerance {TOLERANCE[self.outtype]:g} for {self.outtype})"
+            ),
+        ]
 
 
 # max |read back - source| / max |source| per tensor: fp16 rounds at 2^-11 relative; q8_0 blocks of 32
@@ -100,8 +124,10 @@ def model_config(model_dir: Path) -> tuple[dict, str]:
 def check_architecture(arch: str, where: str) -> str:
     """The gguf MODEL_ARCH name for a transformers architecture, or a one-line error."""
     if arch not in ARCHS:
-        raise ExportError(f"{where}: GGUF export supports {', '.join(ARCHS)}; this model is {arch} "
-                          "(use llama.cpp's convert_hf_to_gguf.py on the merged safetensors dir)")
+        raise ExportError(
+            f"{where}: GGUF export supports {', '.join(ARCHS)}; this model is {arch} "
+            "(use llama.cpp's convert_hf_to_gguf.py on the merged safetensors dir)"
+        )
     return ARCHS[arch]
 
 
@@ -111,8 +137,10 @@ def check_config(cfg: dict, where: str) -> str:
     arch = check_architecture((cfg.get("architectures") or ["?"])[0], where)
 
     def refuse(field: str, why: str):
-        raise ExportError(f"{where}: {field}: {why}; llama.cpp's {arch.lower()} graph would compute a different "
-                          "model, so no GGUF is written")
+        raise ExportError(
+            f"{where}: {field}: {why}; llama.cpp's {arch.lower()} graph would compute a different "
+            "model, so no GGUF is written"
+        )
 
     if arch in SWA_PATTERN:
         n, head_dim = SWA_PATTERN[arch], _head_dim(cfg)
@@ -135,8 +163,10 @@ def check_config(cfg: dict, where: str) -> str:
             refuse("mlp_only_layers / decoder_sparse_step", "some layers are dense (llama.cpp expects experts in all)")
     rope = _rope_scaling(cfg)
     if rope["rope_type"] not in ("default", "linear", "yarn", "llama3"):
-        refuse("rope_scaling", f"rope type {rope['rope_type']} is not exported by finetune "
-               "(use llama.cpp's convert_hf_to_gguf.py)")
+        refuse(
+            "rope_scaling",
+            f"rope type {rope['rope_type']} is not exported by finetune (use llama.cpp's convert_hf_to_gguf.py)",
+        )
     if arch == "PHI3" and rope["rope_type"] != "default":
         refuse("rope_scaling", f"{rope['rope_type']} on Phi-3 is not exported by finetune")
     return arch
@@ -214,12 +244,15 @@ def _pre_tokenizer(tok) -> str:
         trial = Tokenizer.from_str(state)
         split = [pre_tokenizers.Split(Regex(regex), behavior="isolated")] if regex else []
         trial.pre_tokenizer = pre_tokenizers.Sequence(
-            [*split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not regex)])
+            [*split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not regex)]
+        )
         if [trial.encode(text, add_special_tokens=False).ids for text in PROBES] == want:
             return name
-    raise ExportError("tokenizer: splits text like none of the llama.cpp pre-tokenizers this exporter knows "
-                      f"({', '.join(PRE_TOKENIZERS)}), probed on digits, apostrophes, CJK and whitespace; "
-                      "convert with llama.cpp's convert_hf_to_gguf.py")
+    raise ExportError(
+        "tokenizer: splits text like none of the llama.cpp pre-tokenizers this exporter knows "
+        f"({', '.join(PRE_TOKENIZERS)}), probed on digits, apostrophes, CJK and whitespace; "
+        "convert with llama.cpp's convert_hf_to_gguf.py"
+    )
 
 
 @dataclass
@@ -248,9 +281,11 @@ def _vocab(model_dir: Path, vocab_size: int) -> Vocab:
     byte_level = (tj.get("decoder") or {}).get("type") == "ByteLevel"
     spm = bpe and not byte_level and tj["model"].get("byte_fallback") and not tj.get("pre_tokenizer")
     if not (bpe and byte_level) and not spm:
-        raise ExportError(f"{tj_path}: only byte-level BPE (GPT-2 / Llama-3 / Qwen2 style) and SentencePiece-style BPE "
-                          "with byte fallback (Llama-2 / Phi-3 / Gemma style) tokenizers are exported; this one is "
-                          "neither: merge to safetensors and use llama.cpp's convert_hf_to_gguf.py")
+        raise ExportError(
+            f"{tj_path}: only byte-level BPE (GPT-2 / Llama-3 / Qwen2 style) and SentencePiece-style BPE "
+            "with byte fallback (Llama-2 / Phi-3 / Gemma style) tokenizers are exported; this one is "
+            "neither: merge to safetensors and use llama.cpp's convert_hf_to_gguf.py"
+        )
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     pre = "default" if spm else _pre_tokenizer(tok)
     reverse = {i: t for t, i in tok.get_vocab().items()}
@@ -305,7 +340,9 @@ def adds_bos(tok) -> bool:
         return False
     if tok.chat_template:
         try:
-            prompt = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+            prompt = tok.apply_chat_template(
+                [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
+            )
         except Exception:  # noqa: BLE001 -- a template that refuses this chat: fall back to the tokenizer's own habit
             prompt = None
         if prompt is not None:
@@ -316,8 +353,12 @@ def adds_bos(tok) -> bool:
 
 def _looks_special(token: str) -> bool:
     """llama.cpp's does_token_look_special: added tokens some models fail to mark special."""
-    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (token.startswith("<|") and token.endswith("|>"))
-            or (token.startswith("<｜") and token.endswith("｜>")) or (token.startswith("<unused") and token.endswith(">")))
+    return (
+        token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+        or (token.startswith("<|") and token.endswith("|>"))
+        or (token.startswith("<｜") and token.endswith("｜>"))
+        or (token.startswith("<unused") and token.endswith(">"))
+    )
 
 
 def _qtype(name: str, data: np.ndarray, outtype: str):
@@ -366,8 +407,11 @@ def convert(model_dir: Path, out_file: Path, outtype: str = "f16", name: str | N
     writer = gguf.GGUFWriter(str(out_file), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(name or model_dir.name)
     write_hparams(writer, cfg, arch_name)
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+    ftype = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[outtype]
     writer.add_file_type(ftype)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -405,9 +449,20 @@ def convert(model_dir: Path, out_file: Path, outtype: str = "f16", name: str | N
     for new, data in gguf_tensors(model_dir, cfg, arch_name):
         writer.write_tensor_data(_encode(data, _qtype(new, data, outtype)))
     writer.close()
-    worst = verify(out_file, gguf_tensors(model_dir, cfg, arch_name), outtype, tokens, special.chat_template, arch_name)
-    return GGUFReport(out_file, gguf.MODEL_ARCH_NAMES[arch], outtype, count, worst, len(tokens), pre,
-                      bool(special.chat_template), add_bos)
+    worst = verify(
+        out_file, gguf_tensors(model_dir, cfg, arch_name), outtype, tokens, special.chat_template, arch_name
+    )
+    return GGUFReport(
+        out_file,
+        gguf.MODEL_ARCH_NAMES[arch],
+        outtype,
+        count,
+        worst,
+        len(tokens),
+        pre,
+        bool(special.chat_template),
+        add_bos,
+    )
 
 
 def write_hparams(writer, cfg: dict, arch_name: str) -> None:
@@ -432,7 +487,9 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
         writer.add_rope_dimension_count(_head_dim(cfg))
     if arch_name == "PHI3":
         writer.add_rope_dimension_count(int(cfg.get("partial_rotary_factor", 1.0) * cfg["hidden_size"]) // n_head)
-        writer.add_rope_scaling_orig_ctx_len(cfg.get("original_max_position_embeddings") or cfg["max_position_embeddings"])
+        writer.add_rope_scaling_orig_ctx_len(
+            cfg.get("original_max_position_embeddings") or cfg["max_position_embeddings"]
+        )
         writer.add_sliding_window(cfg.get("sliding_window") or 0)
     if arch_name in SWA_PATTERN:
         if cfg.get("sliding_window"):
@@ -449,7 +506,9 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
         writer.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
     rope = _rope_scaling(cfg)
     if rope["rope_type"] in ("linear", "yarn") and rope.get("factor"):
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if rope["rope_type"] == "linear" else gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_type(
+            gguf.RopeScalingType.LINEAR if rope["rope_type"] == "linear" else gguf.RopeScalingType.YARN
+        )
         writer.add_rope_scaling_factor(rope["factor"])
         if rope.get("original_max_position_embeddings"):
             writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
@@ -541,7 +600,7 @@ def read_gguf(path: Path) -> tuple[dict, dict]:
         nonlocal pos
         n = take("<Q")
         pos += n
-        return bytes(mv[pos - n:pos]).decode("utf-8", errors="surrogateescape")
+        return bytes(mv[pos - n : pos]).decode("utf-8", errors="surrogateescape")
 
     def value(vtype):
         if vtype == 8:
@@ -576,7 +635,7 @@ def read_gguf(path: Path) -> tuple[dict, dict]:
     for name, dims, qtype, offset in infos:
         block, size = gguf.GGML_QUANT_SIZES[qtype]
         nbytes = int(np.prod(dims)) // block * size
-        tensors[name] = (qtype, tuple(reversed(dims)), buf[start + offset:start + offset + nbytes])
+        tensors[name] = (qtype, tuple(reversed(dims)), buf[start + offset : start + offset + nbytes])
     return meta, tensors
 
 

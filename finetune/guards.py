@@ -120,8 +120,11 @@ class StopOnNonFinite(TrainerCallback):
             return
         params = [p for p in model.parameters() if p.requires_grad and p.numel()]
         if params and not bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()):
-            name = next(n for n, p in model.named_parameters() if p.requires_grad and p.numel()
-                        and not bool(torch.isfinite(p.detach()).all()))
+            name = next(
+                n
+                for n, p in model.named_parameters()
+                if p.requires_grad and p.numel() and not bool(torch.isfinite(p.detach()).all())
+            )
             self._stop(args, state, f"the trainable weight {name} became NaN or infinite")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -135,7 +138,8 @@ class StopOnNonFinite(TrainerCallback):
     def _stop(args, state, what: str):
         raise TrainingDiverged(
             f"training stopped at step {state.global_step}: {what} (train.learning_rate {args.learning_rate:g} too high?); "
-            f"nothing was written as a finished output; {_last_checkpoint_line(args.output_dir)}")
+            f"nothing was written as a finished output; {_last_checkpoint_line(args.output_dir)}"
+        )
 
 
 def callbacks(recipe) -> list:
@@ -180,8 +184,11 @@ def _run_context(cause: str, err: int) -> str | None:
         writing = partial[0].name if partial else f"the output in {work}"
         last = last_complete_checkpoint(work)
         remedy = "space is freed" if err != errno.EROFS else "the location is writable"
-        then = (f"the run can resume from {last.name} once {remedy} (run the same command again)" if last
-                else "no checkpoint to resume from")
+        then = (
+            f"the run can resume from {last.name} once {remedy} (run the same command again)"
+            if last
+            else "no checkpoint to resume from"
+        )
         return f"{cause} while writing {writing}; {then}"
     return None
 
@@ -195,8 +202,10 @@ def memory_error(e: BaseException) -> str | None:
     from finetune.outputs import last_complete_checkpoint
 
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)[:200]
-    line = (f"out of memory ({first}); lower train.per_device_train_batch_size (raising "
-            "train.gradient_accumulation_steps keeps the effective batch) or train.max_length")
+    line = (
+        f"out of memory ({first}); lower train.per_device_train_batch_size (raising "
+        "train.gradient_accumulation_steps keeps the effective batch) or train.max_length"
+    )
     for target in reversed(locks.held_targets()):
         last = last_complete_checkpoint(target.with_name(target.name + ".incomplete"))
         if last is not None:

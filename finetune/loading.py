@@ -107,16 +107,22 @@ def load_model(where: str, field: str, dtype=torch.float32, quant: AdapterSectio
 
     kwargs = dict(dtype=dtype, use_safetensors=None if security.flags().allow_pickle else True)
     if quant is not None:  # quantized weights are placed at load time: the GPU if there is one, else the CPU
-        kwargs.update(quantization_config=models.quantization_config(quant), dtype=models.resolve_dtype(quant.compute_dtype),
-                      device_map={"": 0 if torch.cuda.is_available() else "cpu"})
+        kwargs.update(
+            quantization_config=models.quantization_config(quant),
+            dtype=models.resolve_dtype(quant.compute_dtype),
+            device_map={"": 0 if torch.cuda.is_available() else "cpu"},
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except pickle.UnpicklingError:  # --allow-pickle: torch's weights-only loader still refuses code
-        raise SourceError(f"{field}: {where}: its pickled weights hold objects torch's safe loader refuses "
-                          "(a pickle that could run code); not loaded") from None
+        raise SourceError(
+            f"{field}: {where}: its pickled weights hold objects torch's safe loader refuses "
+            "(a pickle that could run code); not loaded"
+        ) from None
     except (OSError, ValueError) as e:
-        raise SourceError(f"{field}: cannot load model {where!r}: {str(e).splitlines()[0]}; pass --base MODEL if it "
-                          "lives elsewhere") from None
+        raise SourceError(
+            f"{field}: cannot load model {where!r}: {str(e).splitlines()[0]}; pass --base MODEL if it lives elsewhere"
+        ) from None
     model.eval()
     return model
 
@@ -131,11 +137,14 @@ def attach_adapter(base_model, source: Source, adapter_name: str = "default"):
     try:
         model = PeftModel.from_pretrained(base_model, str(source.path), adapter_name=adapter_name)
     except pickle.UnpicklingError:  # an opted-in pickle that torch's weights-only loader still refuses
-        raise SourceError(f"{source.path}: adapter_model.bin holds objects torch's safe loader refuses "
-                          "(a pickle that could run code); not loaded") from None
+        raise SourceError(
+            f"{source.path}: adapter_model.bin holds objects torch's safe loader refuses "
+            "(a pickle that could run code); not loaded"
+        ) from None
     except (RuntimeError, ValueError, KeyError, SafetensorError) as e:
-        raise SourceError(f"{source.path}: the adapter does not fit base {source.base} ({source.base_field}): "
-                          f"{_first_line(e)}") from None
+        raise SourceError(
+            f"{source.path}: the adapter does not fit base {source.base} ({source.base_field}): {_first_line(e)}"
+        ) from None
     _check_all_loaded(model, source, adapter_name)
     model.eval()
     return model
@@ -183,9 +192,11 @@ def _check_all_loaded(model, source: Source, adapter_name: str) -> None:
     loaded = set(get_peft_model_state_dict(model, adapter_name=adapter_name))
     extra = sorted(saved - loaded)
     if extra:
-        raise SourceError(f"{source.path}: the adapter does not fit base {source.base} ({source.base_field}): "
-                          f"{len(extra)} of its {len(saved)} weights have no module in that model (e.g. {extra[0]}); "
-                          "it was trained on a different model")
+        raise SourceError(
+            f"{source.path}: the adapter does not fit base {source.base} ({source.base_field}): "
+            f"{len(extra)} of its {len(saved)} weights have no module in that model (e.g. {extra[0]}); "
+            "it was trained on a different model"
+        )
 
 
 def _first_line(e: Exception) -> str:
@@ -212,10 +223,16 @@ def probe_batch(tokenizer) -> list[dict]:
     out = []
     for chat in PROBE_CHATS:
         try:
-            enc = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            enc = tokenizer.apply_chat_template(
+                chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
         except Exception:  # a template that rejects system turns: probe without it
-            enc = tokenizer.apply_chat_template([m for m in chat if m["role"] != "system"], add_generation_prompt=True,
-                                                return_tensors="pt", return_dict=True)
+            enc = tokenizer.apply_chat_template(
+                [m for m in chat if m["role"] != "system"],
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
+            )
         out.append({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")})
     return out
 

@@ -57,12 +57,13 @@ def hold(target: str | os.PathLike, what: str = "output.dir") -> Path | None:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = _acquire(path)
     except OSError as e:
-
         raise OutputError(f"{what}: cannot write {final}: {os_error_message(e, path.parent)}") from None
     if handle is None:
         _remove_empty(path.parent, made)
-        raise OutputError(f"{what}: {final} is in use by another finetune process ({_holder(path)}); wait for it "
-                          f"to finish, or choose another {what}")
+        raise OutputError(
+            f"{what}: {final} is in use by another finetune process ({_holder(path)}); wait for it "
+            f"to finish, or choose another {what}"
+        )
     _HELD[path] = (final, handle, made)
     return path
 

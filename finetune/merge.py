@@ -64,17 +64,23 @@ class MergeReport:
     deviations: dict[str, float] = field(default_factory=dict)  # QLoRA: vs the 4-bit adapter model
 
     def lines(self) -> list[str]:
-        out = [f"{self.what} written to {self.out}",
-               f"verified on {len(PROBE_CHATS)} probe prompts ({self.dtype}): max |Δlogit| = {self.max_delta:.3g} "
-               f"(tolerance {self.tolerance:.3g}; max |logit| {self.logit_scale:.3g})"]
-        out += [f"deviation from the 4-bit adapter model ({k}): max |Δlogit| = {v:.3g}" for k, v in self.deviations.items()]
+        out = [
+            f"{self.what} written to {self.out}",
+            f"verified on {len(PROBE_CHATS)} probe prompts ({self.dtype}): max |Δlogit| = {self.max_delta:.3g} "
+            f"(tolerance {self.tolerance:.3g}; max |logit| {self.logit_scale:.3g})",
+        ]
+        out += [
+            f"deviation from the 4-bit adapter model ({k}): max |Δlogit| = {v:.3g}" for k, v in self.deviations.items()
+        ]
         return out + self.notes
 
 
 def prompt_learning_message(source: Source) -> str:
-    return (f"{source.path}: a {source.peft_type} adapter adds virtual tokens instead of changing weights, so it cannot "
-            "be folded into the base model; keep the adapter dir and load it with peft (PeftModel.from_pretrained), "
-            "e.g. `finetune chat DIR` runs it as is")
+    return (
+        f"{source.path}: a {source.peft_type} adapter adds virtual tokens instead of changing weights, so it cannot "
+        "be folded into the base model; keep the adapter dir and load it with peft (PeftModel.from_pretrained), "
+        "e.g. `finetune chat DIR` runs it as is"
+    )
 
 
 def _tolerance(dtype: str, scale: float, override: float | None) -> float:
@@ -91,8 +97,16 @@ def _check_adapter(source: Source, what: str) -> None:
 # --------------------------------------------------------------------------- single adapter
 
 
-def merge(adapter_dir: str, out: str, dtype: str = "auto", max_shard_size: str = "2GB", onto: str | None = None,
-          base: str | None = None, overwrite: bool = False, tolerance: float | None = None) -> MergeReport:
+def merge(
+    adapter_dir: str,
+    out: str,
+    dtype: str = "auto",
+    max_shard_size: str = "2GB",
+    onto: str | None = None,
+    base: str | None = None,
+    overwrite: bool = False,
+    tolerance: float | None = None,
+) -> MergeReport:
     """Merge one adapter into its base and write a plain HF model dir at `out` (verified)."""
     _check_shard_size(max_shard_size)
     source = inspect(adapter_dir, base, what="ADAPTER_DIR")
@@ -100,11 +114,15 @@ def merge(adapter_dir: str, out: str, dtype: str = "auto", max_shard_size: str =
     notes, deviations = [], {}
     if onto is not None and source.quant is None:
         if OutputDir(source.path).finished:  # a finetune run: its recipe says how the base was quantized
-            raise SourceError(f"--onto: {source.path}/recipe.yaml: adapter.method is not qlora; --onto applies to "
-                              "QLoRA adapters only")
+            raise SourceError(
+                f"--onto: {source.path}/recipe.yaml: adapter.method is not qlora; --onto applies to "
+                "QLoRA adapters only"
+            )
         source.quant = AdapterSection(method="qlora")  # another tool's QLoRA adapter: the usual 4-bit NF4 recipe
-        notes.append("no finetune recipe.yaml: the base was quantized as 4-bit NF4 with double quantisation "
-                     "(the QLoRA paper's and finetune's defaults)")
+        notes.append(
+            "no finetune recipe.yaml: the base was quantized as 4-bit NF4 with double quantisation "
+            "(the QLoRA paper's and finetune's defaults)"
+        )
     final = check_free(out, overwrite)
     dtype = _output_dtype(dtype, source)
     tok = load_tokenizer(source)
@@ -116,10 +134,14 @@ def merge(adapter_dir: str, out: str, dtype: str = "auto", max_shard_size: str =
         onto = onto or "dequantized"
         q_logits, floor = _qlora_reference(source, full if onto == "dequantized" else None, batch)
         if floor is not None:
-            notes.append(f"for scale: the 4-bit kernel vs float32 matmuls on the same (dequantized) weights, "
-                         f"no adapter: max |Δlogit| = {floor:.3g}")
-        notes.append(f"QLoRA adapter merged onto the {onto} base weights"
-                     + (" (what it was trained against)" if onto == "dequantized" else " (full precision, as published)"))
+            notes.append(
+                f"for scale: the 4-bit kernel vs float32 matmuls on the same (dequantized) weights, "
+                f"no adapter: max |Δlogit| = {floor:.3g}"
+            )
+        notes.append(
+            f"QLoRA adapter merged onto the {onto} base weights"
+            + (" (what it was trained against)" if onto == "dequantized" else " (full precision, as published)")
+        )
     model = attach_adapter(full, source)
     reference = probe_logits(model, batch)
     merged = _merge_and_unload(model, source)
@@ -129,7 +151,9 @@ def merge(adapter_dir: str, out: str, dtype: str = "auto", max_shard_size: str =
         del merged, model, full
         written = probe_logits(load_model(str(tmp), "--out", dtype=DTYPES[dtype]), batch)
         scale = max_abs(reference)
-        report = MergeReport(final, dtype, max_abs_diff(written, reference), _tolerance(dtype, scale, tolerance), scale, notes)
+        report = MergeReport(
+            final, dtype, max_abs_diff(written, reference), _tolerance(dtype, scale, tolerance), scale, notes
+        )
         if q_logits is not None:
             deviations[onto] = max_abs_diff(written, q_logits)
             report.deviations = deviations
@@ -142,7 +166,9 @@ def _merge_and_unload(model, source: Source):
     try:
         return model.merge_and_unload(safe_merge=True)
     except (ValueError, AttributeError, NotImplementedError, RuntimeError) as e:
-        raise SourceError(f"{source.path}: peft cannot merge this {source.peft_type} adapter: {str(e).splitlines()[0]}") from None
+        raise SourceError(
+            f"{source.path}: peft cannot merge this {source.peft_type} adapter: {str(e).splitlines()[0]}"
+        ) from None
 
 
 def _qlora_reference(source: Source, dequantize_into, batch) -> tuple[list[torch.Tensor], float | None]:
@@ -213,26 +239,47 @@ def _save_model(model, tok, tmp: Path, max_shard_size: str) -> None:
 
 def _verify(report: MergeReport) -> None:
     if not report.max_delta <= report.tolerance:  # also catches NaN
-        raise MergeError(f"merge check failed: the merged model's logits differ from the adapter model's by "
-                         f"{report.max_delta:.3g} (> tolerance {report.tolerance:.3g} for {report.dtype}); nothing written")
+        raise MergeError(
+            f"merge check failed: the merged model's logits differ from the adapter model's by "
+            f"{report.max_delta:.3g} (> tolerance {report.tolerance:.3g} for {report.dtype}); nothing written"
+        )
 
 
 def _write_card(tmp: Path, report: MergeReport, sources: list[Source], method: str, extra: dict | None = None) -> None:
     base = sources[0].base
-    info = {"finetune_version": __version__, "base": base, "adapters": [str(s.path) for s in sources], "method": method,
-            "dtype": report.dtype, "max_abs_logit_delta": report.max_delta, "tolerance": report.tolerance,
-            "deviation_from_4bit_adapter_model": report.deviations, **(extra or {})}
+    info = {
+        "finetune_version": __version__,
+        "base": base,
+        "adapters": [str(s.path) for s in sources],
+        "method": method,
+        "dtype": report.dtype,
+        "max_abs_logit_delta": report.max_delta,
+        "tolerance": report.tolerance,
+        "deviation_from_4bit_adapter_model": report.deviations,
+        **(extra or {}),
+    }
     (tmp / "merge_report.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     rows = "\n".join(f"- `{s.path}` ({s.peft_type})" for s in sources)
     checks = "\n".join(f"- {line}" for line in report.lines()[1:])
     if report.what == "combined adapter":
-        library, use = "peft", (f"from transformers import AutoModelForCausalLM, AutoTokenizer\nfrom peft import PeftModel\n"
-                                f"base = AutoModelForCausalLM.from_pretrained(\"{base}\")\n"
-                                f"model = PeftModel.from_pretrained(base, \"path/to/this/dir\")")
+        library, use = (
+            "peft",
+            (
+                f"from transformers import AutoModelForCausalLM, AutoTokenizer\nfrom peft import PeftModel\n"
+                f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
+                f'model = PeftModel.from_pretrained(base, "path/to/this/dir")'
+            ),
+        )
     else:
-        library, use = "transformers", ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-                                        "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/dir\")")
-    (tmp / "README.md").write_text(f"""---
+        library, use = (
+            "transformers",
+            (
+                "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                'model = AutoModelForCausalLM.from_pretrained("path/to/this/dir")'
+            ),
+        )
+    (tmp / "README.md").write_text(
+        f"""---
 base_model: {base}
 library_name: {library}
 pipeline_tag: text-generation
@@ -255,7 +302,9 @@ Details in `merge_report.json`. Loads with no finetune import:
 {use}
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
 ```
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     from finetune.card import add_provenance
 
     add_provenance(tmp / "README.md", [s.path for s in sources])
@@ -264,10 +313,20 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
 # --------------------------------------------------------------------------- several adapters
 
 
-def merge_adapters(adapter_dirs: list[str], out: str, method: str = "linear", weights: list[float] | None = None,
-                   density: float | None = None, into_base: bool = False, dtype: str = "auto",
-                   max_shard_size: str = "2GB", base: str | None = None, overwrite: bool = False,
-                   tolerance: float | None = None, seed: int = 0) -> MergeReport:
+def merge_adapters(
+    adapter_dirs: list[str],
+    out: str,
+    method: str = "linear",
+    weights: list[float] | None = None,
+    density: float | None = None,
+    into_base: bool = False,
+    dtype: str = "auto",
+    max_shard_size: str = "2GB",
+    base: str | None = None,
+    overwrite: bool = False,
+    tolerance: float | None = None,
+    seed: int = 0,
+) -> MergeReport:
     """Combine LoRA adapters with PEFT's add_weighted_adapter: an adapter dir, or (into_base) a merged model."""
     if len(adapter_dirs) < 2:
         raise SourceError("--adapters: give at least two adapter dirs (for one, use `finetune merge ADAPTER_DIR`)")
@@ -300,12 +359,18 @@ def merge_adapters(adapter_dirs: list[str], out: str, method: str = "linear", we
     try:
         model.add_weighted_adapter(names, weights, "default", combination_type=method, density=density)
     except (ValueError, NotImplementedError, RuntimeError, AttributeError) as e:
-        raise SourceError(f"--adapters: peft cannot combine these adapters with {method}: {str(e).splitlines()[0]}") from None
+        raise SourceError(
+            f"--adapters: peft cannot combine these adapters with {method}: {str(e).splitlines()[0]}"
+        ) from None
     model.set_adapter("default")
     for n in names:
         model.delete_adapter(n)
     reference = probe_logits(model, batch)
-    how = f"{method} combination of {len(sources)} adapters (weights {weights}" + (f", density {density}" if density else "") + ")"
+    how = (
+        f"{method} combination of {len(sources)} adapters (weights {weights}"
+        + (f", density {density}" if density else "")
+        + ")"
+    )
 
     with Staged(final, overwrite) as tmp:
         if into_base:
@@ -321,11 +386,23 @@ def merge_adapters(adapter_dirs: list[str], out: str, method: str = "linear", we
             reloaded = attach_adapter(load_model(first.base, first.base_field), inspect(tmp, first.base))
             written = probe_logits(reloaded, batch)
         scale = max_abs(reference)
-        report = MergeReport(final, dtype, max_abs_diff(written, reference), _tolerance(dtype, scale, tolerance), scale,
-                             notes, what="merged model" if into_base else "combined adapter")
+        report = MergeReport(
+            final,
+            dtype,
+            max_abs_diff(written, reference),
+            _tolerance(dtype, scale, tolerance),
+            scale,
+            notes,
+            what="merged model" if into_base else "combined adapter",
+        )
         _verify(report)
-        _write_card(tmp, report, sources, method=how + (" merged into the base" if into_base else ", as one adapter"),
-                    extra={"combination": method, "weights": weights, "density": density, "seed": seed})
+        _write_card(
+            tmp,
+            report,
+            sources,
+            method=how + (" merged into the base" if into_base else ", as one adapter"),
+            extra={"combination": method, "weights": weights, "density": density, "seed": seed},
+        )
     return report
 
 
@@ -342,16 +419,20 @@ def _check_compatible(sources: list[Source], method: str) -> None:
     first = sources[0]
     for s in sources[1:]:
         if s.base != first.base:
-            raise SourceError(f"--adapters: {s.path} was trained on {s.base} but {first.path} on {first.base}; "
-                              "only adapters of the same base can be combined")
+            raise SourceError(
+                f"--adapters: {s.path} was trained on {s.base} but {first.path} on {first.base}; "
+                "only adapters of the same base can be combined"
+            )
         if s.peft_type != first.peft_type:
             raise SourceError(f"--adapters: {s.path} is {s.peft_type} but {first.path} is {first.peft_type}")
     if first.peft_type != "LORA":
         raise SourceError(f"--adapters: weighted merging supports LoRA adapters; these are {first.peft_type}")
     dora = [str(s.path) for s in sources if s.peft_config.get("use_dora")]
     if dora:
-        raise SourceError(f"--adapters: {dora[0]}: DoRA adapters cannot be combined by peft's weighted merging; "
-                          "merge each into its own model instead")
+        raise SourceError(
+            f"--adapters: {dora[0]}: DoRA adapters cannot be combined by peft's weighted merging; "
+            "merge each into its own model instead"
+        )
     ranks = {s.peft_config.get("r") for s in sources}
     if method == "linear" and len(ranks) > 1:
         raise SourceError(f"--adapters: linear needs adapters of one rank (got r={sorted(ranks)}); use --method cat")
@@ -365,16 +446,36 @@ def run_cli(args) -> int:
     if args.adapters:
         if args.onto:
             raise SourceError("--onto: applies to a single QLoRA adapter, not to --adapters")
-        report = merge_adapters(args.adapters, args.out, args.method, args.weights, args.density, args.into_base,
-                                args.dtype, args.max_shard_size, args.base, args.overwrite, args.tolerance, args.seed)
+        report = merge_adapters(
+            args.adapters,
+            args.out,
+            args.method,
+            args.weights,
+            args.density,
+            args.into_base,
+            args.dtype,
+            args.max_shard_size,
+            args.base,
+            args.overwrite,
+            args.tolerance,
+            args.seed,
+        )
     else:
         for flag in ("weights", "density"):
             if getattr(args, flag) is not None:
                 raise SourceError(f"--{flag}: applies to --adapters only")
         if args.into_base or args.method != "linear":
             raise SourceError("--method / --into-base: apply to --adapters only")
-        report = merge(args.adapter, args.out, args.dtype, args.max_shard_size, args.onto, args.base, args.overwrite,
-                       args.tolerance)
+        report = merge(
+            args.adapter,
+            args.out,
+            args.dtype,
+            args.max_shard_size,
+            args.onto,
+            args.base,
+            args.overwrite,
+            args.tolerance,
+        )
     for line in report.lines():
         print(line)
     return 0

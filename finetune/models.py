@@ -114,8 +114,14 @@ def _under_fsdp() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def load_model(cfg: ModelSection, adapter: AdapterSection, activation_checkpointing: bool = False, *,
-               num_labels: int | None = None, pad_token_id: int | None = None):
+def load_model(
+    cfg: ModelSection,
+    adapter: AdapterSection,
+    activation_checkpointing: bool = False,
+    *,
+    num_labels: int | None = None,
+    pad_token_id: int | None = None,
+):
     """The base causal LM, quantized for qlora and prepared for k-bit training. With `num_labels`,
     a sequence classifier on the same base (a reward model: num_labels=1, a fresh `score` head)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -143,8 +149,10 @@ def load_model(cfg: ModelSection, adapter: AdapterSection, activation_checkpoint
         with quiet:
             model = auto_class.from_pretrained(path, **kwargs)
     except pickle.UnpicklingError:  # model.allow_pickle: torch's weights-only loader still refuses code
-        raise RecipeError(f"model.name_or_path: {path}: its pickled weights hold objects torch's safe loader "
-                          "refuses (a pickle that could run code); not loaded") from None
+        raise RecipeError(
+            f"model.name_or_path: {path}: its pickled weights hold objects torch's safe loader "
+            "refuses (a pickle that could run code); not loaded"
+        ) from None
     except OSError as e:
         first = str(e).splitlines()[0]
         if not cfg.allow_pickle and ("safetensors" in first or "pytorch_model.bin" in first):
@@ -171,8 +179,9 @@ def align_router_aux_loss(model, args) -> bool:
     if "output_router_logits" in inspect.signature(model.forward).parameters:
         return False
     args.router_aux_loss_coef = 0.0
-    log.info("%s returns no router load-balancing loss: trained without one (router_aux_loss_coef 0)",
-             type(model).__name__)
+    log.info(
+        "%s returns no router load-balancing loss: trained without one (router_aux_loss_coef 0)", type(model).__name__
+    )
     return True
 
 

@@ -22,7 +22,14 @@ from dataclasses import dataclass
 
 from finetune.errors import FinetuneError
 
-_S, _U1, _A1, _U2, _A2, _U3 = "SYSTEMMARKERQ", "USERMARKERONE", "ASSISTANTMARKERONE", "USERMARKERTWO", "ASSISTANTMARKERTWO", "USERMARKERTHREE"
+_S, _U1, _A1, _U2, _A2, _U3 = (
+    "SYSTEMMARKERQ",
+    "USERMARKERONE",
+    "ASSISTANTMARKERONE",
+    "USERMARKERTWO",
+    "ASSISTANTMARKERTWO",
+    "USERMARKERTHREE",
+)
 
 
 class TemplateError(FinetuneError):
@@ -61,22 +68,34 @@ def _render(tok, messages, gen: bool) -> str:
 
 def _between(text: str, start: str, end: str | None) -> str:
     i = text.index(start) + len(start)
-    return text[i:] if end is None else text[i:text.index(end, i)]
+    return text[i:] if end is None else text[i : text.index(end, i)]
 
 
 def split_template(tok) -> Pieces:
     """Cut the tokenizer's chat template into turn pieces; TemplateError if they do not reproduce it."""
-    fail = TemplateError("the chat template cannot be translated into an Ollama TEMPLATE (its turns are not plain "
-                         "prefix/suffix text); export without --ollama and write the Modelfile TEMPLATE by hand")
-    sys_chat = [{"role": "system", "content": _S}, {"role": "user", "content": _U1},
-                {"role": "assistant", "content": _A1}, {"role": "user", "content": _U2}]
-    padded = [{"role": "system", "content": "  " + _S + " \n"}, {"role": "user", "content": "\n " + _U1 + "  "},
-              {"role": "assistant", "content": " " + _A1 + "\t\n"}, {"role": "user", "content": _U2}]
+    fail = TemplateError(
+        "the chat template cannot be translated into an Ollama TEMPLATE (its turns are not plain "
+        "prefix/suffix text); export without --ollama and write the Modelfile TEMPLATE by hand"
+    )
+    sys_chat = [
+        {"role": "system", "content": _S},
+        {"role": "user", "content": _U1},
+        {"role": "assistant", "content": _A1},
+        {"role": "user", "content": _U2},
+    ]
+    padded = [
+        {"role": "system", "content": "  " + _S + " \n"},
+        {"role": "user", "content": "\n " + _U1 + "  "},
+        {"role": "assistant", "content": " " + _A1 + "\t\n"},
+        {"role": "user", "content": _U2},
+    ]
     try:
         spaced = _render(tok, padded, False)
     except Exception:  # noqa: BLE001 -- a template that refuses this chat is judged (and refused) below
         spaced = None
-    trims = spaced is not None and any(m["content"] not in spaced and m["content"].strip() in spaced for m in padded[:3])
+    trims = spaced is not None and any(
+        m["content"] not in spaced and m["content"].strip() in spaced for m in padded[:3]
+    )
     try:
         full = _render(tok, sys_chat, False)
         no_sys = _render(tok, sys_chat[1:], False)
@@ -88,38 +107,57 @@ def split_template(tok) -> Pieces:
     try:
         if not gen.startswith(no_sys):
             raise fail
-        generation = gen[len(no_sys):]
+        generation = gen[len(no_sys) :]
         user_suffix = _between(no_sys, _U2, None)
         assistant_suffix = _between(one, _A1, None)
         user_then_assistant = _between(no_sys, _U1, _A1)
         assistant_then_user = _between(no_sys, _A1, _U2)
         if not (user_then_assistant.startswith(user_suffix) and assistant_then_user.startswith(assistant_suffix)):
             raise fail
-        assistant_prefix = user_then_assistant[len(user_suffix):]
-        user_prefix = assistant_then_user[len(assistant_suffix):]
-        head = full[:full.index(_S)]
+        assistant_prefix = user_then_assistant[len(user_suffix) :]
+        user_prefix = assistant_then_user[len(assistant_suffix) :]
+        head = full[: full.index(_S)]
         system_then_user = _between(full, _S, _U1)
         if not system_then_user.endswith(user_prefix):
             raise fail
-        system_suffix = system_then_user[:len(system_then_user) - len(user_prefix)]
+        system_suffix = system_then_user[: len(system_then_user) - len(user_prefix)]
         bos = tok.bos_token if tok.bos_token and head.startswith(tok.bos_token) else ""
-        system_prefix = head[len(bos):]
-        start = alone[:alone.index(_U1)]  # bos + default system block + user prefix
+        system_prefix = head[len(bos) :]
+        start = alone[: alone.index(_U1)]  # bos + default system block + user prefix
         if not start.endswith(user_prefix) or not start.startswith(bos):
             raise fail
-        default_block = start[len(bos):len(start) - len(user_prefix)]
+        default_block = start[len(bos) : len(start) - len(user_prefix)]
         default_system = None
         if default_block:
             if not (default_block.startswith(system_prefix) and default_block.endswith(system_suffix)):
                 raise fail
-            default_system = default_block[len(system_prefix):len(default_block) - len(system_suffix)]
+            default_system = default_block[len(system_prefix) : len(default_block) - len(system_suffix)]
     except ValueError:  # a marker missing: the template drops or rewrites content
         raise fail from None
-    pieces = Pieces(bos, system_prefix, system_suffix, user_prefix, user_suffix, assistant_prefix, assistant_suffix,
-                    generation, default_system, trims)
+    pieces = Pieces(
+        bos,
+        system_prefix,
+        system_suffix,
+        user_prefix,
+        user_suffix,
+        assistant_prefix,
+        assistant_suffix,
+        generation,
+        default_system,
+        trims,
+    )
     checks = [
-        ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-          {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}, {"role": "user", "content": "Why?"}], True),
+        (
+            [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Goodbye."},
+                {"role": "user", "content": "Why?"},
+            ],
+            True,
+        ),
         ([{"role": "user", "content": "One"}, {"role": "assistant", "content": "Two"}], False),
         ([{"role": "user", "content": "Only a question"}], True),
         ([{"role": "system", "content": ""}, {"role": "user", "content": "Empty system"}], True),
@@ -136,21 +174,31 @@ def go_template(p: Pieces) -> str:
     ""). No whitespace-trimming markers, so the literal text is kept byte for byte. A template that writes a
     system turn even with no system message (a default prompt, or an empty one as Llama-3.1's) writes it
     literally before a first message that is not a system one; the Modelfile's SYSTEM carries the default."""
-    texts = (p.system_prefix, p.system_suffix, p.user_prefix, p.user_suffix, p.assistant_prefix, p.assistant_suffix,
-             p.generation, p.default_system or "")
+    texts = (
+        p.system_prefix,
+        p.system_suffix,
+        p.user_prefix,
+        p.user_suffix,
+        p.assistant_prefix,
+        p.assistant_suffix,
+        p.generation,
+        p.default_system or "",
+    )
     for text in texts:
         if "{{" in text or '"""' in text:
-            raise TemplateError("the chat template's text contains '{{' or '\"\"\"', which an Ollama TEMPLATE cannot hold")
+            raise TemplateError(
+                "the chat template's text contains '{{' or '\"\"\"', which an Ollama TEMPLATE cannot hold"
+            )
     default = ""
     if p.default_system is not None:
         default = f'{{{{ if and (eq $i 0) (ne .Role "system") }}}}{p.system_prefix}{p.default_system}{p.system_suffix}{{{{ end }}}}'
     return (
         "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
         f"{default}"
-        f"{{{{ if eq .Role \"system\" }}}}{p.system_prefix}{{{{ .Content }}}}{p.system_suffix}"
-        f"{{{{ else if eq .Role \"user\" }}}}{p.user_prefix}{{{{ .Content }}}}{p.user_suffix}"
+        f'{{{{ if eq .Role "system" }}}}{p.system_prefix}{{{{ .Content }}}}{p.system_suffix}'
+        f'{{{{ else if eq .Role "user" }}}}{p.user_prefix}{{{{ .Content }}}}{p.user_suffix}'
         f"{{{{ if $last }}}}{p.generation}{{{{ end }}}}"
-        f"{{{{ else if eq .Role \"assistant\" }}}}{p.assistant_prefix}{{{{ .Content }}}}"
+        f'{{{{ else if eq .Role "assistant" }}}}{p.assistant_prefix}{{{{ .Content }}}}'
         f"{{{{ if not $last }}}}{p.assistant_suffix}{{{{ end }}}}"
         "{{ end }}{{ end }}"
     )
@@ -165,13 +213,25 @@ def stops(p: Pieces) -> list[str]:
     return out
 
 
-TRIM_NOTE = ("the chat template strips the whitespace around message content (Jinja `| trim`), which a Go "
-             "TEMPLATE cannot: Ollama renders a message with leading or trailing whitespace differently from "
-             "training; send messages without it")
-TOOLS_NOTE = ("the chat template renders a tool list, which the Ollama TEMPLATE does not carry: "
-              "requests with tools get no tool instructions")
-_PROBE_TOOLS = [{"type": "function", "function": {"name": "probe_tool", "description": "A probe.",
-                                                   "parameters": {"type": "object", "properties": {}}}}]
+TRIM_NOTE = (
+    "the chat template strips the whitespace around message content (Jinja `| trim`), which a Go "
+    "TEMPLATE cannot: Ollama renders a message with leading or trailing whitespace differently from "
+    "training; send messages without it"
+)
+TOOLS_NOTE = (
+    "the chat template renders a tool list, which the Ollama TEMPLATE does not carry: "
+    "requests with tools get no tool instructions"
+)
+_PROBE_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "probe_tool",
+            "description": "A probe.",
+            "parameters": {"type": "object", "properties": {}},
+        },
+    }
+]
 
 
 def renders_tools(tok) -> bool:

@@ -262,8 +262,12 @@ class OutputDir:
         if name:
             candidates.append((name, f"{self.path / RECIPE_STAMP}: model.name_or_path"))
         if self.is_adapter and self.adapter_config().get("base_model_name_or_path"):
-            candidates.append((self.adapter_config()["base_model_name_or_path"],
-                               f"{self.path / ADAPTER_CONFIG}: base_model_name_or_path"))
+            candidates.append(
+                (
+                    self.adapter_config()["base_model_name_or_path"],
+                    f"{self.path / ADAPTER_CONFIG}: base_model_name_or_path",
+                )
+            )
         if not candidates:
             raise OutputError(f"{self.path / ADAPTER_CONFIG}: base_model_name_or_path: not set; pass --base MODEL")
         return _local_or_hub(candidates, self.path)
@@ -326,20 +330,26 @@ class OutputDir:
             now = parent.fingerprint()
             if now == fp:
                 return parent.merged()
-            changed = (f"{self.path} was trained on {parent.path} with fingerprint {fp}, and {parent.path} now has "
-                       f"fingerprint {now} (retrained since)")
+            changed = (
+                f"{self.path} was trained on {parent.path} with fingerprint {fp}, and {parent.path} now has "
+                f"fingerprint {now} (retrained since)"
+            )
             if (cached / MERGED_STAMP).is_file():
                 log.warning("%s; using the cached merge of the adapter it was trained on, %s", changed, cached)
                 return cached
-            raise OutputError(f"{self.path / BASE_RECORD}: {changed}; restore that adapter, retrain this stage, "
-                              "or pass --base with the merged model it was trained on")
+            raise OutputError(
+                f"{self.path / BASE_RECORD}: {changed}; restore that adapter, retrain this stage, "
+                "or pass --base with the merged model it was trained on"
+            )
         if (cached / MERGED_STAMP).is_file():
             return cached
         chain = " + ".join([str(record["base"])] + [a["dir"] for a in record["adapters"]])
-        raise OutputError(f"{self.path / BASE_RECORD}: its base is {chain} merged in that order, and adapter "
-                          f"{last['dir']} is not there (nor at {self.path / last.get('relative', '?')}); "
-                          "copy it there, "
-                          "or pass --base with the merged model")
+        raise OutputError(
+            f"{self.path / BASE_RECORD}: its base is {chain} merged in that order, and adapter "
+            f"{last['dir']} is not there (nor at {self.path / last.get('relative', '?')}); "
+            "copy it there, "
+            "or pass --base with the merged model"
+        )
 
 
 def record_base(work: Path, final: Path, name_or_path: str) -> dict | None:
@@ -396,8 +406,10 @@ def _merge_into(adapter: OutputDir, base: str, target: Path) -> None:
     model = PeftModel.from_pretrained(model, str(adapter.path))
     if not hasattr(model, "merge_and_unload"):  # prompt / prefix tuning: nothing to merge into the weights
         kind = model.peft_config["default"].peft_type
-        raise RecipeError(f"model.name_or_path: {adapter.path} holds a {kind} adapter, which cannot be merged into "
-                          "its base; a stage can only start from a mergeable (LoRA-type) adapter")
+        raise RecipeError(
+            f"model.name_or_path: {adapter.path} holds a {kind} adapter, which cannot be merged into "
+            "its base; a stage can only start from a mergeable (LoRA-type) adapter"
+        )
     model = model.merge_and_unload()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

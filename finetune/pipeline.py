@@ -86,15 +86,17 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipel
 
     for key in raw:
         if key not in PIPELINE_KEYS:
-            raise RecipeError(f"{where(str(key))}: unknown key{closest(str(key), PIPELINE_KEYS)} "
-                              f"(keys: {', '.join(PIPELINE_KEYS)})")
+            raise RecipeError(
+                f"{where(str(key))}: unknown key{closest(str(key), PIPELINE_KEYS)} (keys: {', '.join(PIPELINE_KEYS)})"
+            )
     stages = raw.get("stages")
     if not isinstance(stages, dict) or not stages:
         raise RecipeError(f"{where('stages')}: expected a mapping of stage names to recipes")
     for name in stages:
         if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise RecipeError(f"{where('stages', str(name))}: a stage name is letters, digits, _ . - "
-                              "(it names its output dir)")
+            raise RecipeError(
+                f"{where('stages', str(name))}: a stage name is letters, digits, _ . - (it names its output dir)"
+            )
     output = raw.get("output") or {}
     if not isinstance(output, dict):
         raise RecipeError(f"{where('output')}: expected a mapping with {' and '.join(OUTPUT_KEYS)}")
@@ -114,8 +116,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipel
     for name, spec in stages.items():
         label = f"{where('stages', name)}: stage {name}"
         try:
-            recipe = _load_stage(spec, p.parent, dirs, overwrite, root / name,
-                                 every_stage + per_stage.get(name, []))
+            recipe = _load_stage(spec, p.parent, dirs, overwrite, root / name, every_stage + per_stage.get(name, []))
         except RecipeError as e:
             raise RecipeError(f"{label}: {e}") from None
         dirs[name] = str(root / name)
@@ -136,20 +137,24 @@ def _split_overrides(overrides, output: dict, names: list[str]) -> tuple[dict[st
         elif keys[0] in config.TOP_LEVEL and keys[0] != "output":
             every.append(item)
         else:
-            raise RecipeError(f"override '{item}': expected output.dir=..., STAGE.section.key=... (stages: "
-                              f"{', '.join(names)}) or section.key=... for every stage")
+            raise RecipeError(
+                f"override '{item}': expected output.dir=..., STAGE.section.key=... (stages: "
+                f"{', '.join(names)}) or section.key=... for every stage"
+            )
     return per_stage, every
 
 
 def _substitute(value, dirs: dict[str, str]):
     """`${name}` -> the output dir of the earlier stage `name`, in every string of `value`."""
     if isinstance(value, str):
+
         def one(match):
             ref = match.group(1)
             if ref not in dirs:
                 hint = closest(ref, dirs) if dirs else ""
-                raise RecipeError(f"${{{ref}}}: no earlier stage named {ref!r}{hint} "
-                                  f"(earlier stages: {', '.join(dirs) or 'none'})")
+                raise RecipeError(
+                    f"${{{ref}}}: no earlier stage named {ref!r}{hint} (earlier stages: {', '.join(dirs) or 'none'})"
+                )
             return dirs[ref]
 
         return REFERENCE.sub(one, value)
@@ -237,10 +242,16 @@ def _actions(pipe: Pipeline) -> list[str]:
             actions.append("skip")
             continue
         if st in ("done", "changed") and not pipe.overwrite:
-            why = ("an earlier stage is retrained" if st == "done" else "it holds a finished run of another recipe: "
-                   + _first_difference(yaml.safe_dump(OutputDir(stage.dir).identity()), stage.recipe.identity()))
-            raise OutputError(f"pipeline stage {stage.name}: {stage.dir} would be retrained ({why}); "
-                              "set output.overwrite=true to replace it, or choose another output.dir")
+            why = (
+                "an earlier stage is retrained"
+                if st == "done"
+                else "it holds a finished run of another recipe: "
+                + _first_difference(yaml.safe_dump(OutputDir(stage.dir).identity()), stage.recipe.identity())
+            )
+            raise OutputError(
+                f"pipeline stage {stage.name}: {stage.dir} would be retrained ({why}); "
+                "set output.overwrite=true to replace it, or choose another output.dir"
+            )
         actions.append("resume" if st == "resume" else "train")
         upstream_trained = True
     return actions
@@ -263,9 +274,11 @@ def run(pipe: Pipeline) -> dict:
         start = time.time()
         with security.user_flags(stage.recipe.model.trust_remote_code, stage.recipe.model.allow_pickle):
             stage_module(stage.recipe.stage).run(stage.recipe)
-        summary["stages"][stage.name] = {"dir": str(stage.dir),
-                                         "status": "resumed" if action == "resume" else "trained",
-                                         "seconds": round(time.time() - start, 1)}
+        summary["stages"][stage.name] = {
+            "dir": str(stage.dir),
+            "status": "resumed" if action == "resume" else "trained",
+            "seconds": round(time.time() - start, 1),
+        }
         if state.is_main_process:
             write_text_atomic(pipe.dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
     if state.is_main_process:

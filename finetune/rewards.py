@@ -70,7 +70,10 @@ def rule_function(rule: dict):
             if column not in columns:
                 raise KeyError(f"an answer reward reads the `{column}` field of each record, and the data has none")
             refs = columns[column]
-            return [1.0 if str(ref).strip().casefold() in text_of(c).casefold() else 0.0 for c, ref in zip(completions, refs)]
+            return [
+                1.0 if str(ref).strip().casefold() in text_of(c).casefold() else 0.0
+                for c, ref in zip(completions, refs)
+            ]
 
     score.__name__ = rule.get("name") or kind  # TRL logs rewards/<name>/mean
     return score
@@ -109,7 +112,9 @@ def describe(rewards: RewardsSection) -> list[str]:
     lines = []
     for rule in rewards.rules:
         opts = ", ".join(f"{k}={v!r}" for k, v in rule.items() if k not in ("type", "weight", "name"))
-        lines.append(f"`{rule.get('name') or rule['type']}`: {rule['type']} rule ({opts}), weight {float(rule.get('weight', 1.0)):g}")
+        lines.append(
+            f"`{rule.get('name') or rule['type']}`: {rule['type']} rule ({opts}), weight {float(rule.get('weight', 1.0)):g}"
+        )
     if rewards.model is not None:
         lines.append(f"`reward_model`: the reward model in `{rewards.model}`, weight {rewards.model_weight:g}")
     return lines
@@ -120,10 +125,12 @@ def card_section(recipe) -> str:
     if recipe.stage not in RL_STAGES:
         return ""
     if recipe.stage == "ppo":
-        body = (f"- reward model: `{recipe.rewards.model}`; the value model started as a copy of it\n"
-                "- reference: the policy with its adapter disabled (the base it started from)\n"
-                "- **experimental**: PPO runs on `trl.experimental.ppo.PPOTrainer` (TRL marks it experimental; "
-                "removed after TRL 1.12)\n")
+        body = (
+            f"- reward model: `{recipe.rewards.model}`; the value model started as a copy of it\n"
+            "- reference: the policy with its adapter disabled (the base it started from)\n"
+            "- **experimental**: PPO runs on `trl.experimental.ppo.PPOTrainer` (TRL marks it experimental; "
+            "removed after TRL 1.12)\n"
+        )
     else:
         body = "".join(f"- {line}\n" for line in describe(recipe.rewards))
     return f"## Rewards\n{body}- per-step reward, KL and entropy: `log_history` in `trainer_state.json`\n\n"
@@ -147,8 +154,11 @@ def trend(log_history: list[dict], key: str, name: str, n: int = 5) -> dict:
 
 # Per RL stage: logged value -> the name of its first-vs-last trend in the metrics and the card.
 _GROUP_TRENDS = {"reward": "reward", "kl": "kl", "entropy": "entropy"}
-TREND_KEYS = {"ppo": {"objective/scores": "reward", "objective/kl": "kl", "objective/entropy": "entropy"},
-              "grpo": _GROUP_TRENDS, "rloo": _GROUP_TRENDS}
+TREND_KEYS = {
+    "ppo": {"objective/scores": "reward", "objective/kl": "kl", "objective/entropy": "entropy"},
+    "grpo": _GROUP_TRENDS,
+    "rloo": _GROUP_TRENDS,
+}
 
 
 def trend_metrics(stage: str, log_history: list[dict]) -> dict:

@@ -18,7 +18,9 @@ from finetune.errors import DataError
 
 
 @torch.no_grad()
-def score_conversations(model, tok, conversations: list, batch_size: int = 16, max_length: int | None = None) -> list[float]:
+def score_conversations(
+    model, tok, conversations: list, batch_size: int = 16, max_length: int | None = None
+) -> list[float]:
     """The reward of each conversation (a message list, rendered with the chat template as
     RewardTrainer renders it, or an already rendered string)."""
     texts = [c if isinstance(c, str) else tok.apply_chat_template(c, tokenize=False) for c in conversations]
@@ -28,8 +30,14 @@ def score_conversations(model, tok, conversations: list, batch_size: int = 16, m
     tok.padding_side = "right"  # the classifier reads the last non-pad token
     try:
         for start in range(0, len(texts), batch_size):
-            batch = tok(texts[start:start + batch_size], add_special_tokens=False, padding=True, return_tensors="pt",
-                        truncation=max_length is not None, max_length=max_length).to(device)
+            batch = tok(
+                texts[start : start + batch_size],
+                add_special_tokens=False,
+                padding=True,
+                return_tensors="pt",
+                truncation=max_length is not None,
+                max_length=max_length,
+            ).to(device)
             scores += model(**batch).logits[:, 0].float().tolist()
     finally:
         tok.padding_side = side
@@ -78,8 +86,10 @@ def _score_examples(model, tok, examples: list[dict], batch_size: int, label: st
         elif "messages" in e:
             keys = {"score": e["messages"]}
         else:
-            raise DataError(f"{label}: record {i}: a reward model scores answers; this format gives only "
-                            "prompts or raw text (use a chat or preference format)")
+            raise DataError(
+                f"{label}: record {i}: a reward model scores answers; this format gives only "
+                "prompts or raw text (use a chat or preference format)"
+            )
         for key, conv in keys.items():
             convs.append(conv)
             slots.append((row, key))

@@ -58,8 +58,10 @@ def check_adapter_weights(adapter_dir: str | Path, flag: str = "--allow-pickle")
     if (d / SAFE_ADAPTER).is_file() or not (d / PICKLED_ADAPTER).is_file():
         return
     if not flags().allow_pickle:
-        raise UnsafeFileError(f"{d / PICKLED_ADAPTER}: the adapter's weights are a pickle, which can run code when "
-                              f"loaded; only safetensors are loaded unless you pass {flag} (if you trust its author)")
+        raise UnsafeFileError(
+            f"{d / PICKLED_ADAPTER}: the adapter's weights are a pickle, which can run code when "
+            f"loaded; only safetensors are loaded unless you pass {flag} (if you trust its author)"
+        )
 
 
 # What transformers' Trainer unpickles (torch.load with weights_only=True) when it resumes.
@@ -89,5 +91,7 @@ def check_checkpoint(checkpoint: str | Path) -> None:
             why = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)[:200]
         else:
             continue
-        raise UnsafeFileError(f"{path}: cannot resume from this checkpoint: {why}; set train.resume=never to start "
-                              "over (or delete the checkpoint)")
+        raise UnsafeFileError(
+            f"{path}: cannot resume from this checkpoint: {why}; set train.resume=never to start "
+            "over (or delete the checkpoint)"
+        )

@@ -168,7 +168,9 @@ def build(name: str, cache_root: str | os.PathLike | None = None, force: bool = 
             info = _build_into(tmp, name, spec, fp)
             from finetune.atomic import replace_dir
 
-            replace_dir(tmp, target)  # modes follow the umask (the cache may be shared); force=True swaps the old one out
+            replace_dir(
+                tmp, target
+            )  # modes follow the umask (the cache may be shared); force=True swaps the old one out
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -310,7 +312,7 @@ def _documents(tokenizer, spec: TinySpec, rng: random.Random, n_tokens: int) -> 
         r = rng.random()
         if r < 0.2 and pairs:  # Q/A pairs also appear as plain text
             q, a = pairs[rng.randrange(len(pairs))]
-            return q + rng.choice(("\n", " " if q.isascii() else ""))+ a
+            return q + rng.choice(("\n", " " if q.isascii() else "")) + a
         if r < 0.3 and documents:  # multi-line documents: lists, letters, code, "\n\n"
             return documents[rng.randrange(len(documents))]
         return (" " if first.isascii() else "").join(parts)
@@ -342,10 +344,10 @@ def _documents(tokenizer, spec: TinySpec, rng: random.Random, n_tokens: int) -> 
         return msgs
 
     while len(stream) < n_tokens:
-        pending = [("chat", chat_doc()) if rng.random() < spec.chat_share else ("text", text_doc()) for _ in range(512)]
-        texts = [
-            tokenizer.apply_chat_template(d, tokenize=False) if kind == "chat" else d for kind, d in pending
+        pending = [
+            ("chat", chat_doc()) if rng.random() < spec.chat_share else ("text", text_doc()) for _ in range(512)
         ]
+        texts = [tokenizer.apply_chat_template(d, tokenize=False) if kind == "chat" else d for kind, d in pending]
         for kind, ids in zip((k for k, _ in pending), tokenizer(texts, add_special_tokens=False)["input_ids"]):
             stream.extend(ids if kind == "chat" else [bos, *ids, eos])
     return stream
@@ -379,8 +381,11 @@ class _Progress:
             self.bar.set_postfix(loss=f"{loss:.3g}", refresh=False)
         elif step * 10 // self.steps > self.last * 10 // self.steps:
             rate = step / max(time.perf_counter() - self.t0, 1e-9)
-            print(f"finetune: pre-training {self.name}: step {step}/{self.steps}, loss {loss:.3g}, {rate:.1f} steps/s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"finetune: pre-training {self.name}: step {step}/{self.steps}, loss {loss:.3g}, {rate:.1f} steps/s",
+                file=sys.stderr,
+                flush=True,
+            )
             self.last = step
 
     def close(self) -> None:

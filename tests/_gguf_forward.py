@@ -11,7 +11,10 @@ import numpy as np
 from finetune import gguf_export
 
 NEOX = {"qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3"}  # llama.cpp's LLAMA_ROPE_TYPE_NEOX archs
-SWA_PATTERN = {"gemma2": 2, "gemma3": 6}  # llama.cpp's load_swa_pattern defaults: layer il is local unless il % n == n-1
+SWA_PATTERN = {
+    "gemma2": 2,
+    "gemma3": 6,
+}  # llama.cpp's load_swa_pattern defaults: layer il is local unless il % n == n-1
 
 
 def read(path):
@@ -29,11 +32,11 @@ def rope(x, pos, base, neox, n_rot=None, scale=1.0):
     theta = (pos * scale)[:, None] * base ** (-np.arange(0, n_rot, 2) / n_rot)
     cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
     r = x[..., :n_rot]
-    a, b = (r[..., : n_rot // 2], r[..., n_rot // 2:]) if neox else (r[..., 0::2], r[..., 1::2])
+    a, b = (r[..., : n_rot // 2], r[..., n_rot // 2 :]) if neox else (r[..., 0::2], r[..., 1::2])
     ra, rb = a * cos - b * sin, a * sin + b * cos
     out = x.copy()
     if neox:
-        out[..., : n_rot // 2], out[..., n_rot // 2:n_rot] = ra, rb
+        out[..., : n_rot // 2], out[..., n_rot // 2 : n_rot] = ra, rb
     else:
         out[..., 0:n_rot:2], out[..., 1:n_rot:2] = ra, rb
     return out
@@ -46,10 +49,18 @@ def gguf_forward(path, ids):
     def key(name, default=None):
         return meta.get(f"{arch}.{name}", default)
 
-    n_head, n_kv, eps = key("attention.head_count"), key("attention.head_count_kv"), key("attention.layer_norm_rms_epsilon")
+    n_head, n_kv, eps = (
+        key("attention.head_count"),
+        key("attention.head_count_kv"),
+        key("attention.layer_norm_rms_epsilon"),
+    )
     base, base_swa = key("rope.freq_base", 10000.0), key("rope.freq_base_swa", key("rope.freq_base", 10000.0))
     scale = 1.0 / key("rope.scaling.factor", 1.0) if key("rope.scaling.type") == "linear" else 1.0
-    window, attn_cap, final_cap = key("attention.sliding_window", 0), key("attn_logit_softcapping"), key("final_logit_softcapping")
+    window, attn_cap, final_cap = (
+        key("attention.sliding_window", 0),
+        key("attn_logit_softcapping"),
+        key("final_logit_softcapping"),
+    )
     gemma = arch.startswith("gemma")
 
     def norm(x, w):
@@ -61,7 +72,7 @@ def gguf_forward(path, ids):
 
     def act(g):
         if gemma:  # GELU, tanh approximation
-            return 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3)))
+            return 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))
         return g / (1 + np.exp(-g))
 
     x = t["token_embd.weight"][ids].astype(np.float64)

@@ -21,10 +21,15 @@ def make_adapter(base_path: str, out: Path, peft_config, seed: int = 0, qlora: b
     torch.manual_seed(seed)
     kwargs = {}
     if qlora:
-        kwargs = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                             bnb_4bit_use_double_quant=True,
-                                                             bnb_4bit_compute_dtype=torch.float32),
-                      device_map={"": "cpu"})
+        kwargs = dict(
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.float32,
+            ),
+            device_map={"": "cpu"},
+        )
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, **kwargs), peft_config)
     model.save_pretrained(str(out))
     if qlora:
@@ -43,8 +48,16 @@ def other_base(tiny_path: str, out: Path, hidden_size: int = 64) -> Path:
     """A random 2-layer Llama with the tiny tokenizer: adapters of (4-layer) tiny-llama do not fit it, by
     shape (another width) or by config (the same width, fewer layers)."""
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=1536, hidden_size=hidden_size, intermediate_size=3 * hidden_size, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=hidden_size // 4, max_position_embeddings=256)
+    cfg = LlamaConfig(
+        vocab_size=1536,
+        hidden_size=hidden_size,
+        intermediate_size=3 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden_size // 4,
+        max_position_embeddings=256,
+    )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(str(out))
     AutoTokenizer.from_pretrained(tiny_path).save_pretrained(str(out))
     return out
@@ -59,7 +72,8 @@ def set_base(adapter_dir: Path, base: str) -> None:
 
 @torch.no_grad()
 def logits(model, tok, text: str = "What colour is the sky?") -> torch.Tensor:
-    enc = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)
+    enc = tok.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     model.eval()
     return model(input_ids=enc["input_ids"]).logits.float()

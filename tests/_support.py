@@ -17,8 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
 # Four short Q/A chats a tiny model can memorise in a few dozen steps.
 MEMO_CHATS = [
     [{"role": "user", "content": "What colour is the sky?"}, {"role": "assistant", "content": "The sky is blue."}],
-    [{"role": "user", "content": "How many legs does a cat have?"}, {"role": "assistant", "content": "A cat has four legs."}],
-    [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris is the capital of France."}],
+    [
+        {"role": "user", "content": "How many legs does a cat have?"},
+        {"role": "assistant", "content": "A cat has four legs."},
+    ],
+    [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris is the capital of France."},
+    ],
     [{"role": "user", "content": "中国的首都是哪里？"}, {"role": "assistant", "content": "中国的首都是北京。"}],
 ]
 
@@ -42,8 +48,15 @@ def memo_recipe(tmp_path: Path, method: str = "lora", steps: int = 40, **section
         "adapter": {"method": method, "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "data": {"train": str(memo_data(tmp_path)), "format": "messages"},
         "train": {
-            "learning_rate": 3e-3, "max_steps": steps, "per_device_train_batch_size": 4, "logging_steps": 1,
-            "save_steps": 1000, "report_to": [], "bf16": False, "lr_scheduler_type": "constant", "warmup_steps": 0,
+            "learning_rate": 3e-3,
+            "max_steps": steps,
+            "per_device_train_batch_size": 4,
+            "logging_steps": 1,
+            "save_steps": 1000,
+            "report_to": [],
+            "bf16": False,
+            "lr_scheduler_type": "constant",
+            "warmup_steps": 0,
         },
         "output": {"dir": str(tmp_path / "out")},
     }
@@ -81,7 +94,9 @@ class Watcher(TrainerCallback):
 
 def probe_inputs(tokenizer):
     """The first memorised question, rendered as a generation prompt."""
-    return tokenizer.apply_chat_template(MEMO_CHATS[0][:1], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    return tokenizer.apply_chat_template(
+        MEMO_CHATS[0][:1], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
 
 
 def free_port() -> int:
@@ -93,8 +108,15 @@ def free_port() -> int:
 def run_cli(args, cwd: Path, timeout: int = 600, **kw) -> subprocess.CompletedProcess:
     """`python -m finetune ARGS` in a subprocess, with the test session's environment."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "finetune", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
 
 
 # Probes of the tiny model's quality (tests/test_tiny.py asserts them, bench/tiny_build.py reports them).
@@ -123,7 +145,7 @@ def heldout_loss(model, tok) -> float:
     with torch.no_grad():
         for s in HELD_OUT:
             ids = torch.tensor([tok(s)["input_ids"] + [tok.eos_token_id]])
-            logits = model(input_ids=ids).logits[:, -ids.shape[1]:].float()
+            logits = model(input_ids=ids).logits[:, -ids.shape[1] :].float()
             losses.append(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item())
     return sum(losses) / len(losses)
 
@@ -135,8 +157,9 @@ def lora_check(model, tok, steps: int = 100, lr: float = 2e-3, seed: int = 0) ->
 
     torch.manual_seed(seed)
     chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in QA]
-    enc = tok.apply_chat_template(chats, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
-                                  padding=True, return_tensors="pt")
+    enc = tok.apply_chat_template(
+        chats, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, padding=True, return_tensors="pt"
+    )
     ids, attn, mask = enc["input_ids"], enc["attention_mask"], enc["assistant_masks"]
     labels = ids.masked_fill(mask == 0, -100)
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
@@ -155,6 +178,7 @@ def lora_check(model, tok, steps: int = 100, lr: float = 2e-3, seed: int = 0) ->
 
 # ----------------------------------------------------------------------------- preference stages (issue 4)
 
+
 def preference_recipe(out_dir: Path, stage: str, steps: int = 30, **sections) -> str:
     """YAML text of a tiny-model recipe for a preference stage on the English demo pairs, 20% held
     out and evaluated every 10 steps; `sections` update keys, e.g. train={"beta": 0.2}."""
@@ -166,9 +190,18 @@ def preference_recipe(out_dir: Path, stage: str, steps: int = 30, **sections) ->
         "adapter": {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0},
         "data": {"train": "preference_en_demo", "eval_ratio": 0.2},
         "train": {
-            "learning_rate": 1e-3 if stage == "rm" else 5e-4, "max_steps": steps, "per_device_train_batch_size": 8,
-            "lr_scheduler_type": "constant", "warmup_steps": 0, "logging_steps": 2, "eval_strategy": "steps",
-            "eval_steps": 10, "max_length": 256, "bf16": False, "report_to": [], "save_steps": 1000,
+            "learning_rate": 1e-3 if stage == "rm" else 5e-4,
+            "max_steps": steps,
+            "per_device_train_batch_size": 8,
+            "lr_scheduler_type": "constant",
+            "warmup_steps": 0,
+            "logging_steps": 2,
+            "eval_strategy": "steps",
+            "eval_steps": 10,
+            "max_length": 256,
+            "bf16": False,
+            "report_to": [],
+            "save_steps": 1000,
         },
         "output": {"dir": str(out_dir)},
     }

@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
+from _support import Watcher, logged_losses, memo_recipe, probe_inputs
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from _support import Watcher, logged_losses, memo_recipe, probe_inputs
 from finetune import config, models
 from finetune.stages import sft
 
@@ -24,9 +24,15 @@ def _load_base(adapter_dir, method):
     base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
     quant = None
     if method == "qlora":
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, device_map={"": "cpu"} if quant else None)
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+    return AutoModelForCausalLM.from_pretrained(
+        base, quantization_config=quant, device_map={"": "cpu"} if quant else None
+    )
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -19,8 +19,15 @@ from finetune import models
 from finetune.adapters import peft_config
 from finetune.config import AdapterSection
 
-TINY = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 64}
+TINY = {
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
 
 
 def test_deepseek_v3_trains_sft_and_dpo_without_a_router_aux_loss(tmp_path, tiny_tokenizer):
@@ -33,34 +40,64 @@ def test_deepseek_v3_trains_sft_and_dpo_without_a_router_aux_loss(tmp_path, tiny
     assert row["GGUF"].startswith("not supported")
 
 
-@pytest.mark.parametrize("model_type,extra,expert_names", [
-    ("qwen3_moe", {"head_dim": 8, "moe_intermediate_size": 16, "num_experts": 4, "num_experts_per_tok": 2},
-     ["gate_proj", "up_proj", "down_proj"]),
-    ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}, ["w1", "w2", "w3"]),
-])
+@pytest.mark.parametrize(
+    "model_type,extra,expert_names",
+    [
+        (
+            "qwen3_moe",
+            {"head_dim": 8, "moe_intermediate_size": 16, "num_experts": 4, "num_experts_per_tok": 2},
+            ["gate_proj", "up_proj", "down_proj"],
+        ),
+        ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}, ["w1", "w2", "w3"]),
+    ],
+)
 def test_lora_all_linear_stays_off_fused_experts_and_the_router(model_type, extra, expert_names):
     from peft import get_peft_model
 
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**TINY, **extra}))
     lora = get_peft_model(model, peft_config(AdapterSection(method="lora", r=2, target_modules="all-linear"), model))
-    wrapped = {n.split("layers.0.")[-1] for n, _ in lora.named_modules() if n.endswith(".base_layer") and "layers.0." in n}
-    assert wrapped == {"self_attn.q_proj.base_layer", "self_attn.k_proj.base_layer", "self_attn.v_proj.base_layer",
-                       "self_attn.o_proj.base_layer"}
-    named = get_peft_model(AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**TINY, **extra})),
-                           peft_config(AdapterSection(method="lora", r=2, dropout=0.0, target_modules=["q_proj", *expert_names])))
+    wrapped = {
+        n.split("layers.0.")[-1] for n, _ in lora.named_modules() if n.endswith(".base_layer") and "layers.0." in n
+    }
+    assert wrapped == {
+        "self_attn.q_proj.base_layer",
+        "self_attn.k_proj.base_layer",
+        "self_attn.v_proj.base_layer",
+        "self_attn.o_proj.base_layer",
+    }
+    named = get_peft_model(
+        AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**TINY, **extra})),
+        peft_config(AdapterSection(method="lora", r=2, dropout=0.0, target_modules=["q_proj", *expert_names])),
+    )
     assert any(".mlp.experts" in n and "lora_A" in n for n, _ in named.named_parameters())  # experts when named
 
 
 def test_a_model_without_router_aux_loss_turns_trl_s_switch_off():
     from trl import SFTConfig
 
-    cfg = AutoConfig.for_model("deepseek_v3", **{**TINY, "num_key_value_heads": 4, "head_dim": 8, "qk_rope_head_dim": 8,
-                                                 "qk_nope_head_dim": 8, "v_head_dim": 8, "q_lora_rank": 16,
-                                                 "kv_lora_rank": 16, "n_routed_experts": 4, "num_experts_per_tok": 2,
-                                                 "moe_intermediate_size": 16, "n_group": 1, "topk_group": 1})
+    cfg = AutoConfig.for_model(
+        "deepseek_v3",
+        **{
+            **TINY,
+            "num_key_value_heads": 4,
+            "head_dim": 8,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 8,
+            "q_lora_rank": 16,
+            "kv_lora_rank": 16,
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 16,
+            "n_group": 1,
+            "topk_group": 1,
+        },
+    )
     args = SFTConfig(output_dir="/nonexistent", use_cpu=True, bf16=False)
     assert args.router_aux_loss_coef > 0 and cfg.output_router_logits is not None  # TRL would ask for an aux loss
-    assert models.align_router_aux_loss(AutoModelForCausalLM.from_config(cfg), args) and args.router_aux_loss_coef == 0.0
+    assert (
+        models.align_router_aux_loss(AutoModelForCausalLM.from_config(cfg), args) and args.router_aux_loss_coef == 0.0
+    )
     mixtral = AutoModelForCausalLM.from_config(AutoConfig.for_model("mixtral", **{**TINY, "num_local_experts": 4}))
     args = SFTConfig(output_dir="/nonexistent", use_cpu=True, bf16=False)
     assert not models.align_router_aux_loss(mixtral, args) and args.router_aux_loss_coef > 0

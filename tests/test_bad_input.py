@@ -61,8 +61,13 @@ def _recipe(d: Path, train_file, **extra) -> tuple[Path, Path]:
         "stage": "sft",
         "model": {"name_or_path": "tiny-llama"},
         "data": {"train": str(train_file), **extra.pop("data", {})},
-        "train": {"max_steps": 1, "per_device_train_batch_size": 2, "max_length": 256, "save_steps": 1000,
-                  **extra.pop("train", {})},
+        "train": {
+            "max_steps": 1,
+            "per_device_train_batch_size": 2,
+            "max_length": 256,
+            "save_steps": 1000,
+            **extra.pop("train", {}),
+        },
         "output": {"dir": str(out)},
     }
     assert not extra
@@ -97,7 +102,9 @@ def _cases(root: Path) -> dict[str, Case]:
 
     d = new("malformed_json_line")
     f = d / "bad.jsonl"
-    f.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n" + '{"instruction": "x", "output": \n', encoding="utf-8")
+    f.write_text(
+        json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n" + '{"instruction": "x", "output": \n', encoding="utf-8"
+    )
     recipe, out = _recipe(d, f, data={"format": "alpaca"})
     cases.append(Case("malformed_json_line", d, TRAIN + [str(recipe)], [f"{f}:3:", "malformed JSON"], out))
 
@@ -121,39 +128,85 @@ def _cases(root: Path) -> dict[str, Case]:
     d = new("unknown_format")
     f = _jsonl(d / "ok.jsonl", [GOOD] * 4)
     recipe, out = _recipe(d, f)
-    cases.append(Case("unknown_format", d, TRAIN + [str(recipe), "data.format=foo"],
-                      ["override 'data.format=foo'", "data.format", "alpaca, sharegpt, messages, prompt_completion, text", "'foo'"], out))
+    cases.append(
+        Case(
+            "unknown_format",
+            d,
+            TRAIN + [str(recipe), "data.format=foo"],
+            [
+                "override 'data.format=foo'",
+                "data.format",
+                "alpaca, sharegpt, messages, prompt_completion, text",
+                "'foo'",
+            ],
+            out,
+        )
+    )
 
     d = new("misspelt_format")
     f = _jsonl(d / "ok.jsonl", [GOOD] * 4)
     recipe, out = _recipe(d, f)
-    cases.append(Case("misspelt_format", d, TRAIN + [str(recipe), "data.format=alpacca"],
-                      ["data.format", "did you mean 'alpaca'?"], out))
+    cases.append(
+        Case(
+            "misspelt_format",
+            d,
+            TRAIN + [str(recipe), "data.format=alpacca"],
+            ["data.format", "did you mean 'alpaca'?"],
+            out,
+        )
+    )
 
     d = new("no_assistant_turn")
-    f = _jsonl(d / "chats.jsonl", [{"messages": [{"role": "user", "content": "Hi"}]},
-                                   {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}])
+    f = _jsonl(
+        d / "chats.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "Hi"}]},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+        ],
+    )
     recipe, out = _recipe(d, f, data={"format": "messages"})
-    cases.append(Case("no_assistant_turn", d, TRAIN + [str(recipe)],
-                      [f"{f}:1: field 'messages'", "no assistant turn"], out))
+    cases.append(
+        Case("no_assistant_turn", d, TRAIN + [str(recipe)], [f"{f}:1: field 'messages'", "no assistant turn"], out)
+    )
 
     d = new("all_too_long")
     f = _jsonl(d / "long.jsonl", [LONG, LONG])
     recipe, out = _recipe(d, f, data={"format": "alpaca"})
-    cases.append(Case("all_too_long", d, TRAIN + [str(recipe), "train.max_length=8"],
-                      [str(f), "all 2 records are longer than train.max_length=8"], out))
+    cases.append(
+        Case(
+            "all_too_long",
+            d,
+            TRAIN + [str(recipe), "train.max_length=8"],
+            [str(f), "all 2 records are longer than train.max_length=8"],
+            out,
+        )
+    )
 
     d = new("unknown_key")
     f = _jsonl(d / "ok.jsonl", [GOOD] * 4)
     recipe, out = _recipe(d, f)
-    cases.append(Case("unknown_key", d, TRAIN + [str(recipe), "train.learnig_rate=1"],
-                      ["train.learnig_rate", "did you mean 'learning_rate'?"], out))
+    cases.append(
+        Case(
+            "unknown_key",
+            d,
+            TRAIN + [str(recipe), "train.learnig_rate=1"],
+            ["train.learnig_rate", "did you mean 'learning_rate'?"],
+            out,
+        )
+    )
 
     d = new("bad_type")
     f = _jsonl(d / "ok.jsonl", [GOOD] * 4)
     recipe, out = _recipe(d, f)
-    cases.append(Case("bad_type", d, TRAIN + [str(recipe), "train.max_steps=abc"],
-                      ["override 'train.max_steps=abc'", "train.max_steps", "'abc'"], out))
+    cases.append(
+        Case(
+            "bad_type",
+            d,
+            TRAIN + [str(recipe), "train.max_steps=abc"],
+            ["override 'train.max_steps=abc'", "train.max_steps", "'abc'"],
+            out,
+        )
+    )
 
     d = new("yaml_syntax")
     recipe = d / "recipe.yaml"
@@ -176,30 +229,60 @@ def _cases(root: Path) -> dict[str, Case]:
     recipe, out = _recipe(d, f)
     out.mkdir()
     (out / "keep.txt").write_text("finished run\n", encoding="utf-8")
-    cases.append(Case("existing_output", d, TRAIN + [str(recipe)],
-                      ["output.dir", str(out), "not empty", "output.overwrite"], None))
+    cases.append(
+        Case(
+            "existing_output",
+            d,
+            TRAIN + [str(recipe)],
+            ["output.dir", str(out), "not empty", "output.overwrite"],
+            None,
+        )
+    )
 
     # An invalid TRL-config combination is only found when the TRL config is built.
     d = new("bad_trl_combination")
     f = _jsonl(d / "ok.jsonl", [GOOD] * 4)
     recipe, out = _recipe(d, f)
-    cases.append(Case("bad_trl_combination", d, TRAIN + [str(recipe), "train.load_best_model_at_end=true"],
-                      [str(recipe), "load_best_model_at_end"], out))
+    cases.append(
+        Case(
+            "bad_trl_combination",
+            d,
+            TRAIN + [str(recipe), "train.load_best_model_at_end=true"],
+            [str(recipe), "load_best_model_at_end"],
+            out,
+        )
+    )
 
     # Adapter methods: a key the method does not read fails at load; a freeze selection the model
     # does not have fails once the model is loaded, still before the output dir exists.
     d = new("full_with_4bit")
     recipe, out = _recipe(d, _jsonl(d / "ok.jsonl", [GOOD] * 4))
-    cases.append(Case("full_with_4bit", d, TRAIN + [str(recipe), "adapter.method=full", "adapter.quant_bits=8"],
-                      ["override 'adapter.quant_bits=8'", "not used by adapter.method=full"], out))
+    cases.append(
+        Case(
+            "full_with_4bit",
+            d,
+            TRAIN + [str(recipe), "adapter.method=full", "adapter.quant_bits=8"],
+            ["override 'adapter.quant_bits=8'", "not used by adapter.method=full"],
+            out,
+        )
+    )
     d = new("freeze_unknown_module")
     recipe, out = _recipe(d, _jsonl(d / "ok.jsonl", [GOOD] * 4))
-    cases.append(Case("freeze_unknown_module", d, TRAIN + [str(recipe), "adapter.method=freeze", "adapter.trainable_modules=[lm_heda]"],
-                      ["adapter.trainable_modules", "'lm_heda' matches no module"], out))
+    cases.append(
+        Case(
+            "freeze_unknown_module",
+            d,
+            TRAIN + [str(recipe), "adapter.method=freeze", "adapter.trainable_modules=[lm_heda]"],
+            ["adapter.trainable_modules", "'lm_heda' matches no module"],
+            out,
+        )
+    )
 
     # --debug: the same (cheap) recipe error, with the traceback
-    for name, argv in (("debug_after", ["RECIPE", "data.format=foo", "--debug"]),
-                       ("debug_before", ["--debug", "train", "RECIPE", "data.format=foo"])):
+    for name, argv in (
+        ("debug_after", ["RECIPE", "data.format=foo", "--debug"]),
+        ("debug_before", ["--debug", "train", "RECIPE", "data.format=foo"]),
+    ):
         d = new(name)
         recipe, out = _recipe(d, _jsonl(d / "ok.jsonl", [GOOD] * 4))
         argv = [str(recipe) if a == "RECIPE" else a for a in argv]
@@ -209,8 +292,14 @@ def _cases(root: Path) -> dict[str, Case]:
     d = new("preview")
     cases.append(Case("preview", d, PREVIEW + ["alpaca_en_demo", "--model", "tiny-llama"]))
     d = new("preview_bad_index")
-    cases.append(Case("preview_bad_index", d, PREVIEW + ["alpaca_en_demo", "--model", "tiny-llama", "--index", "9999"],
-                      ["alpaca_en_demo.json", "--index 9999 is out of range (0.."]))
+    cases.append(
+        Case(
+            "preview_bad_index",
+            d,
+            PREVIEW + ["alpaca_en_demo", "--model", "tiny-llama", "--index", "9999"],
+            ["alpaca_en_demo.json", "--index 9999 is out of range (0.."],
+        )
+    )
     return {c.name: c for c in cases}
 
 
@@ -228,9 +317,23 @@ def cli(tmp_path_factory, tiny_path) -> dict[str, Case]:
     return cases
 
 
-ERROR_CASES = ["missing_file", "malformed_json_line", "missing_field", "empty_jsonl", "empty_json_array",
-               "unknown_format", "misspelt_format", "no_assistant_turn", "all_too_long", "unknown_key",
-               "bad_type", "yaml_syntax", "existing_output", "full_with_4bit", "freeze_unknown_module"]
+ERROR_CASES = [
+    "missing_file",
+    "malformed_json_line",
+    "missing_field",
+    "empty_jsonl",
+    "empty_json_array",
+    "unknown_format",
+    "misspelt_format",
+    "no_assistant_turn",
+    "all_too_long",
+    "unknown_key",
+    "bad_type",
+    "yaml_syntax",
+    "existing_output",
+    "full_with_4bit",
+    "freeze_unknown_module",
+]
 
 
 @pytest.mark.parametrize("name", ERROR_CASES)
@@ -368,8 +471,15 @@ def _catalogue(root: Path, tiny_path: str) -> tuple[list[dict], Path]:
         d = root / "cat" / name
         d.mkdir(parents=True, exist_ok=True)
         argv = argv(d) if callable(argv) else argv
-        cases.append({"name": name, "cwd": str(d), "argv": [str(a) for a in argv], "expect": expect,
-                      "leaves": [str(p(d)) if callable(p) else str(p) for p in leaves]})
+        cases.append(
+            {
+                "name": name,
+                "cwd": str(d),
+                "argv": [str(a) for a in argv],
+                "expect": expect,
+                "leaves": [str(p(d)) if callable(p) else str(p) for p in leaves],
+            }
+        )
 
     def recipe(d: Path, **extra) -> tuple[Path, Path]:
         return _recipe(d, _jsonl(d / "ok.jsonl", [GOOD] * 4), **extra)
@@ -378,6 +488,7 @@ def _catalogue(root: Path, tiny_path: str) -> tuple[list[dict], Path]:
         def argv(d):
             path, _ = recipe(d, **extra)
             return ["train", path, *overrides]
+
         return argv
 
     def out(d):
@@ -389,28 +500,42 @@ def _catalogue(root: Path, tiny_path: str) -> tuple[list[dict], Path]:
     # train: recipe values
     case("nan_lr", train("train.learning_rate=.nan"), ["train.learning_rate", "not a finite number"], [out, inc])
     case("inf_lr", train("train.learning_rate=.inf"), ["train.learning_rate", "not a finite number"], [out, inc])
-    case("huge_lr_in_file", train(train={"learning_rate": "1e400"}), ["recipe.yaml:", "train.learning_rate", "'1e400'",
-                                                                      "not a finite number"], [out, inc])
+    case(
+        "huge_lr_in_file",
+        train(train={"learning_rate": "1e400"}),
+        ["recipe.yaml:", "train.learning_rate", "'1e400'", "not a finite number"],
+        [out, inc],
+    )
     case("negative_alpha", train("adapter.alpha=-16"), ["adapter.alpha", "must be positive"], [out, inc])
     case("save_steps_zero", train("train.save_steps=0"), ["train.save_steps", "must be positive"], [out, inc])
     case("bad_target_modules", train("adapter.target_modules=[no_such_proj]"), ["adapter", "no_such_proj"], [out, inc])
     case("absurd_r", train("adapter.r=100000000"), ["adapter.r", "more than the model"], [out, inc])
-    case("resume_not_checkpoint", lambda d: ["train", recipe(d)[0], f"train.resume={d}"],
-         ["train.resume", "not a checkpoint"], [out, inc])
-    case("jinja_syntax_error", train("model.chat_template='{% for m in messages %}{{ m.content }'"),
-         ["model.chat_template", "Jinja"], [out, inc])
+    case(
+        "resume_not_checkpoint",
+        lambda d: ["train", recipe(d)[0], f"train.resume={d}"],
+        ["train.resume", "not a checkpoint"],
+        [out, inc],
+    )
+    case(
+        "jinja_syntax_error",
+        train("model.chat_template='{% for m in messages %}{{ m.content }'"),
+        ["model.chat_template", "Jinja"],
+        [out, inc],
+    )
 
     def dup_key(d):
         path, _ = recipe(d)
         text = path.read_text(encoding="utf-8").replace("stage: sft\n", "stage: sft\nstage: dpo\n")
         path.write_text(text, encoding="utf-8")
         return ["train", path]
+
     case("duplicate_key", dup_key, ["recipe.yaml:2", "duplicate key 'stage'"], [out, inc])
 
     def latin1_recipe(d):
         path, _ = recipe(d)
         path.write_bytes(path.read_bytes() + "# café\n".encode("latin-1"))
         return ["train", path]
+
     case("recipe_latin1", latin1_recipe, ["recipe.yaml", "not UTF-8"], [out, inc])
 
     def binary_data(d):
@@ -418,13 +543,17 @@ def _catalogue(root: Path, tiny_path: str) -> tuple[list[dict], Path]:
         f.write_bytes(bytes(range(256)) * 4)
         path, _ = _recipe(d, f, data={"format": "alpaca"})
         return ["train", path]
+
     case("data_binary", binary_data, ["garbage.jsonl"], [out, inc])
 
     def latin1_data(d):
         f = d / "latin1.jsonl"
-        f.write_bytes(json.dumps(GOOD).encode() + b"\n" + '{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1"))
+        f.write_bytes(
+            json.dumps(GOOD).encode() + b"\n" + '{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1")
+        )
         path, _ = _recipe(d, f, data={"format": "alpaca"})
         return ["train", path]
+
     case("data_latin1", latin1_data, ["latin1.jsonl", "not UTF-8"], [out, inc])
 
     def model_without_weights(d):
@@ -432,16 +561,19 @@ def _catalogue(root: Path, tiny_path: str) -> tuple[list[dict], Path]:
         m.mkdir()
         (m / "config.json").write_text(Path(tiny_path, "config.json").read_text(encoding="utf-8"), encoding="utf-8")
         return ["train", recipe(d)[0], f"model.name_or_path={m}"]
+
     case("model_dir_without_weights", model_without_weights, ["model"], [out, inc])
 
     def model_is_file(d):
         (d / "model.bin").write_bytes(b"not a model")
         return ["train", recipe(d)[0], f"model.name_or_path={d / 'model.bin'}"]
+
     case("model_is_a_file", model_is_file, ["model.name_or_path", "model.bin"], [out, inc])
 
     def parent_is_file(d):
         (d / "afile").write_text("x", encoding="utf-8")
         return ["train", recipe(d)[0], f"output.dir={d / 'afile' / 'out'}"]
+
     case("train_output_parent_is_file", parent_is_file, ["afile"], [lambda d: d / "afile" / "out"])
 
     def resume_planted_pickle(d):
@@ -453,105 +585,201 @@ def _catalogue(root: Path, tiny_path: str) -> tuple[list[dict], Path]:
 
         (ckpt / "optimizer.pt").write_bytes(pickle.dumps(Evil(adapters["marker"])))
         return ["train", path, f"train.resume={ckpt}"]
+
     case("resume_planted_pickle", resume_planted_pickle, ["optimizer.pt", "train.resume=never"], [out])
 
     # pipeline
     def pipeline_duplicate_stage(d):
         path, _ = recipe(d)
         p = d / "pipe.yaml"
-        p.write_text(f"output:\n  dir: {d / 'pipe_out'}\nstages:\n  sft:\n    recipe: {path}\n  sft:\n    recipe: {path}\n",
-                     encoding="utf-8")
+        p.write_text(
+            f"output:\n  dir: {d / 'pipe_out'}\nstages:\n  sft:\n    recipe: {path}\n  sft:\n    recipe: {path}\n",
+            encoding="utf-8",
+        )
         return ["pipeline", p]
-    case("pipeline_duplicate_stage", pipeline_duplicate_stage, ["pipe.yaml:6", "duplicate key 'sft'"],
-         [lambda d: d / "pipe_out"])
+
+    case(
+        "pipeline_duplicate_stage",
+        pipeline_duplicate_stage,
+        ["pipe.yaml:6", "duplicate key 'sft'"],
+        [lambda d: d / "pipe_out"],
+    )
 
     def pipeline_nan(d):
         path, _ = recipe(d)
         p = d / "pipe.yaml"
-        p.write_text(f"output:\n  dir: {d / 'pipe_out'}\nstages:\n  sft:\n    recipe: {path}\n    train: {{learning_rate: .inf}}\n",
-                     encoding="utf-8")
+        p.write_text(
+            f"output:\n  dir: {d / 'pipe_out'}\nstages:\n  sft:\n    recipe: {path}\n    train: {{learning_rate: .inf}}\n",
+            encoding="utf-8",
+        )
         return ["pipeline", p]
-    case("pipeline_non_finite", pipeline_nan, ["stage sft", "train.learning_rate", "not a finite number"],
-         [lambda d: d / "pipe_out"])
+
+    case(
+        "pipeline_non_finite",
+        pipeline_nan,
+        ["stage sft", "train.learning_rate", "not a finite number"],
+        [lambda d: d / "pipe_out"],
+    )
 
     def pipeline_pickled_base(d):
         path, _ = recipe(d)
         p = d / "pipe.yaml"
-        p.write_text(f"output:\n  dir: {d / 'pipe_out'}\nstages:\n  dpo:\n    recipe: {path}\n"
-                     f"    model: {{name_or_path: {adapters['pickled']}}}\n", encoding="utf-8")
+        p.write_text(
+            f"output:\n  dir: {d / 'pipe_out'}\nstages:\n  dpo:\n    recipe: {path}\n"
+            f"    model: {{name_or_path: {adapters['pickled']}}}\n",
+            encoding="utf-8",
+        )
         return ["pipeline", p]
-    case("pipeline_pickled_adapter", pipeline_pickled_base, ["adapter_model.bin", "pickle", "allow_pickle"],
-         [lambda d: d / "pipe_out"])
+
+    case(
+        "pipeline_pickled_adapter",
+        pipeline_pickled_base,
+        ["adapter_model.bin", "pickle", "allow_pickle"],
+        [lambda d: d / "pipe_out"],
+    )
 
     # data preview
-    case("preview_max_length_zero", ["data", "preview", "alpaca_en_demo", "--model", "tiny-llama", "--max-length", "0"],
-         ["--max-length", "at least 1"])
+    case(
+        "preview_max_length_zero",
+        ["data", "preview", "alpaca_en_demo", "--model", "tiny-llama", "--max-length", "0"],
+        ["--max-length", "at least 1"],
+    )
     case("preview_missing_file", ["data", "preview", "nope.jsonl", "--model", "tiny-llama"], ["nope.jsonl"])
 
     # eval
-    case("eval_history_is_dir", lambda d: ["eval", "tiny-llama", "--data", "alpaca_en_demo", "--history", d,
-                                           "--out", d / "ev"], ["--history", "is a directory"], [lambda d: d / "ev"])
-    case("eval_baseline_missing", lambda d: ["eval", "tiny-llama", "--data", "alpaca_en_demo", "--baseline",
-                                             d / "nope", "--out", d / "ev"], ["--baseline", "nope"], [lambda d: d / "ev"])
+    case(
+        "eval_history_is_dir",
+        lambda d: ["eval", "tiny-llama", "--data", "alpaca_en_demo", "--history", d, "--out", d / "ev"],
+        ["--history", "is a directory"],
+        [lambda d: d / "ev"],
+    )
+    case(
+        "eval_baseline_missing",
+        lambda d: ["eval", "tiny-llama", "--data", "alpaca_en_demo", "--baseline", d / "nope", "--out", d / "ev"],
+        ["--baseline", "nope"],
+        [lambda d: d / "ev"],
+    )
 
     def suite_garbage(d):
         s = d / "suite.yaml"
         s.write_bytes(bytes(range(256)))
         return ["eval", "tiny-llama", "--suite", s, "--out", d / "ev"]
+
     case("eval_suite_binary", suite_garbage, ["suite.yaml"], [lambda d: d / "ev"])
-    case("eval_max_new_tokens_zero", lambda d: ["eval", "tiny-llama", "--data", "alpaca_en_demo", "--max-new-tokens", "0",
-                                                "--out", d / "ev"], ["--max-new-tokens", "at least 1"], [lambda d: d / "ev"])
-    case("eval_pickled_adapter", lambda d: ["eval", adapters["pickled"], "--data", "alpaca_en_demo", "--max-samples", "1",
-                                            "--history", "none", "--out", d / "ev"],
-         ["adapter_model.bin", "pickle", "--allow-pickle"], [lambda d: d / "ev"])
+    case(
+        "eval_max_new_tokens_zero",
+        lambda d: ["eval", "tiny-llama", "--data", "alpaca_en_demo", "--max-new-tokens", "0", "--out", d / "ev"],
+        ["--max-new-tokens", "at least 1"],
+        [lambda d: d / "ev"],
+    )
+    case(
+        "eval_pickled_adapter",
+        lambda d: [
+            "eval",
+            adapters["pickled"],
+            "--data",
+            "alpaca_en_demo",
+            "--max-samples",
+            "1",
+            "--history",
+            "none",
+            "--out",
+            d / "ev",
+        ],
+        ["adapter_model.bin", "pickle", "--allow-pickle"],
+        [lambda d: d / "ev"],
+    )
 
     # merge
-    case("merge_truncated", lambda d: ["merge", adapters["truncated"], "--out", d / "m"],
-         ["adapter_model.safetensors", "truncated"], [lambda d: d / "m"])
-    case("merge_pickled", lambda d: ["merge", adapters["pickled"], "--out", d / "m"],
-         ["adapter_model.bin", "pickle", "--allow-pickle"], [lambda d: d / "m"])
-    case("merge_negative_tolerance", lambda d: ["merge", adapters["good"], "--out", d / "m", "--tolerance", "-1"],
-         ["--tolerance", "at least 0"], [lambda d: d / "m"])
-    case("merge_out_inside_adapter", lambda d: ["merge", adapters["good"], "--out", adapters["good"] / "merged"],
-         ["--out", "inside the adapter dir"], [adapters["good"] / "merged"])
-    case("merge_missing_adapter", lambda d: ["merge", d / "nope", "--out", d / "m"], ["ADAPTER_DIR", "nope"],
-         [lambda d: d / "m"])
+    case(
+        "merge_truncated",
+        lambda d: ["merge", adapters["truncated"], "--out", d / "m"],
+        ["adapter_model.safetensors", "truncated"],
+        [lambda d: d / "m"],
+    )
+    case(
+        "merge_pickled",
+        lambda d: ["merge", adapters["pickled"], "--out", d / "m"],
+        ["adapter_model.bin", "pickle", "--allow-pickle"],
+        [lambda d: d / "m"],
+    )
+    case(
+        "merge_negative_tolerance",
+        lambda d: ["merge", adapters["good"], "--out", d / "m", "--tolerance", "-1"],
+        ["--tolerance", "at least 0"],
+        [lambda d: d / "m"],
+    )
+    case(
+        "merge_out_inside_adapter",
+        lambda d: ["merge", adapters["good"], "--out", adapters["good"] / "merged"],
+        ["--out", "inside the adapter dir"],
+        [adapters["good"] / "merged"],
+    )
+    case(
+        "merge_missing_adapter",
+        lambda d: ["merge", d / "nope", "--out", d / "m"],
+        ["ADAPTER_DIR", "nope"],
+        [lambda d: d / "m"],
+    )
 
     # export
-    case("export_truncated", lambda d: ["export", adapters["truncated"], "--out", d / "m.gguf"],
-         ["adapter_model.safetensors", "truncated"], [lambda d: d / "m.gguf"])
+    case(
+        "export_truncated",
+        lambda d: ["export", adapters["truncated"], "--out", d / "m.gguf"],
+        ["adapter_model.safetensors", "truncated"],
+        [lambda d: d / "m.gguf"],
+    )
 
     def export_parent_file(d):
         (d / "afile").write_text("x", encoding="utf-8")
         return ["export", tiny_path, "--out", d / "afile" / "m.gguf"]
+
     case("export_out_parent_is_file", export_parent_file, ["afile"], [lambda d: d / "afile" / "m.gguf"])
-    case("export_pickled", lambda d: ["export", adapters["pickled"], "--format", "safetensors", "--out", d / "m"],
-         ["adapter_model.bin", "--allow-pickle"], [lambda d: d / "m"])
+    case(
+        "export_pickled",
+        lambda d: ["export", adapters["pickled"], "--format", "safetensors", "--out", d / "m"],
+        ["adapter_model.bin", "--allow-pickle"],
+        [lambda d: d / "m"],
+    )
 
     # chat
-    case("chat_negative_max_new_tokens", ["chat", tiny_path, "--prompt", "hi", "--max-new-tokens", "-5"],
-         ["--max-new-tokens", "at least 1"])
+    case(
+        "chat_negative_max_new_tokens",
+        ["chat", tiny_path, "--prompt", "hi", "--max-new-tokens", "-5"],
+        ["--max-new-tokens", "at least 1"],
+    )
     case("chat_negative_temperature", ["chat", tiny_path, "--prompt", "hi", "--temperature", "-1"], ["--temperature"])
     case("chat_top_p_zero", ["chat", tiny_path, "--prompt", "hi", "--temperature", "0.7", "--top-p", "0"], ["--top-p"])
-    case("chat_truncated", ["chat", adapters["truncated"], "--prompt", "hi"], ["adapter_model.safetensors", "truncated"])
+    case(
+        "chat_truncated", ["chat", adapters["truncated"], "--prompt", "hi"], ["adapter_model.safetensors", "truncated"]
+    )
     case("chat_pickled", ["chat", adapters["pickled"], "--prompt", "hi"], ["adapter_model.bin", "--allow-pickle"])
     case("chat_missing_dir", lambda d: ["chat", d / "nope", "--prompt", "hi"], ["nope", "no such directory"])
 
     # score
-    case("score_batch_size_zero", lambda d: ["score", d, "--data", "preference_en_demo", "--batch-size", "0"],
-         ["--batch-size", "at least 1"])
-    case("score_not_rm", lambda d: ["score", adapters["good"], "--data", "preference_en_demo", "--out", d / "s.jsonl"],
-         ["reward model"], [lambda d: d / "s.jsonl"])
+    case(
+        "score_batch_size_zero",
+        lambda d: ["score", d, "--data", "preference_en_demo", "--batch-size", "0"],
+        ["--batch-size", "at least 1"],
+    )
+    case(
+        "score_not_rm",
+        lambda d: ["score", adapters["good"], "--data", "preference_en_demo", "--out", d / "s.jsonl"],
+        ["reward model"],
+        [lambda d: d / "s.jsonl"],
+    )
     case("score_pickled", lambda d: ["score", adapters["pickled"], "--data", "preference_en_demo"], ["adapter"])
 
     def score_parent_file(d):
         (d / "afile").write_text("x", encoding="utf-8")
         return ["score", adapters["good"], "--data", "preference_en_demo", "--out", d / "afile" / "s.jsonl"]
+
     case("score_out_parent_is_file", score_parent_file, ["--out", "afile"], [lambda d: d / "afile" / "s.jsonl"])
 
     def eval_parent_file(d):
         (d / "afile").write_text("x", encoding="utf-8")
         return ["eval", "tiny-llama", "--data", "alpaca_en_demo", "--out", d / "afile" / "ev"]
+
     case("eval_out_parent_is_file", eval_parent_file, ["--out", "afile"], [lambda d: d / "afile" / "ev"])
     return cases, adapters["marker"]
 
@@ -566,8 +794,15 @@ def catalogue(tmp_path_factory, tiny_path) -> tuple[dict, dict, Path]:
     def run(i: int) -> dict:
         spec, results = root / f"batch{i}.json", root / f"results{i}.json"
         spec.write_text(json.dumps(batches[i]), encoding="utf-8")
-        r = subprocess.run([sys.executable, str(REPO / "tests" / "_cli_batch.py"), str(spec), str(results)], cwd=root,
-                           env=env, capture_output=True, text=True, timeout=900, check=False)
+        r = subprocess.run(
+            [sys.executable, str(REPO / "tests" / "_cli_batch.py"), str(spec), str(results)],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         return json.loads(results.read_text(encoding="utf-8"))
 

@@ -19,16 +19,35 @@ def greedy(model_dir, tok, messages, n):
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
-        out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=n,
-                             do_sample=False, pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def test_chat_prompt_answers_once_through_the_cli(tmp_path, tiny_path, tiny_tokenizer):
-    r = run_cli(["chat", tiny_path, "--prompt", "What colour is the sky?", "--system", "You are a helpful assistant.",
-                 "--max-new-tokens", "12"], cwd=tmp_path)
+    r = run_cli(
+        [
+            "chat",
+            tiny_path,
+            "--prompt",
+            "What colour is the sky?",
+            "--system",
+            "You are a helpful assistant.",
+            "--max-new-tokens",
+            "12",
+        ],
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    messages = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "What colour is the sky?"}]
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What colour is the sky?"},
+    ]
     expected = greedy(tiny_path, tiny_tokenizer, messages, 12)
     assert expected and r.stdout.strip() == expected
     assert "Traceback" not in r.stderr
@@ -67,9 +86,17 @@ def test_chat_uses_the_recorded_system_prompt_and_accepts_tiny_names(tmp_path, t
     import yaml
 
     adapter = make_adapter(tiny_path, tmp_path / "adapter", lora())
-    (adapter / "recipe.yaml").write_text(yaml.safe_dump({"stage": "sft", "model": {"name_or_path": "tiny-llama"},
-                                                        "data": {"train": "x.jsonl", "system": "你是一个助手。"}},
-                                                       allow_unicode=True), encoding="utf-8")
+    (adapter / "recipe.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "stage": "sft",
+                "model": {"name_or_path": "tiny-llama"},
+                "data": {"train": "x.jsonl", "system": "你是一个助手。"},
+            },
+            allow_unicode=True,
+        ),
+        encoding="utf-8",
+    )
     merged = tmp_path / "merged"
     merged.mkdir()
     (merged / "merge_report.json").write_text(json.dumps({"adapters": [str(adapter)]}))
@@ -98,8 +125,10 @@ def test_chat_line_editing_recalls_history_with_the_arrow_keys(tmp_path):
     import time
 
     history = tmp_path / "history"
-    code = ("from pathlib import Path; from finetune.chat import enable_line_editing; "
-            f"enable_line_editing(Path({str(history)!r})); print(repr(input('a> '))); print(repr(input('b> ')))")
+    code = (
+        "from pathlib import Path; from finetune.chat import enable_line_editing; "
+        f"enable_line_editing(Path({str(history)!r})); print(repr(input('a> '))); print(repr(input('b> ')))"
+    )
     main, child = pty.openpty()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TERM": "xterm"}
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=child, stdout=child, stderr=child, env=env)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from _support import REPO, logged_losses, run_cli
+
 from finetune import config
 
 QUICKSTART = str(REPO / "recipes" / "tiny" / "sft_lora.yaml")
@@ -29,22 +30,42 @@ print("GENERATED", gen.shape[1] - ids["input_ids"].shape[1])
 
 def test_quickstart_recipe_trains_and_writes_a_self_describing_output(tmp_path):
     out = tmp_path / "out"
-    r = run_cli(["train", QUICKSTART, f"output.dir={out}", "train.max_steps=15", "train.logging_steps=1",
-                 "train.save_steps=5"], cwd=tmp_path)
+    r = run_cli(
+        [
+            "train",
+            QUICKSTART,
+            f"output.dir={out}",
+            "train.max_steps=15",
+            "train.logging_steps=1",
+            "train.save_steps=5",
+        ],
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"finetune: done: output in {out}" in r.stderr
     assert "Traceback" not in r.stderr
 
     files = {p.name for p in out.iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
-            "recipe.yaml", "README.md", "trainer_state.json", "all_results.json"} <= files
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "recipe.yaml",
+        "README.md",
+        "trainer_state.json",
+        "all_results.json",
+    } <= files
     assert "training_args.bin" not in files, "no pickle in the output"
     assert not any(name.startswith("checkpoint-") for name in files)
     assert not (tmp_path / "out.incomplete").exists()
     assert list((out / "runs").rglob("events.out.tfevents*")), "TensorBoard logs"
 
-    tok_cfg = (out / "chat_template.jinja").read_text() if (out / "chat_template.jinja").exists() else \
-        json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
+    tok_cfg = (
+        (out / "chat_template.jinja").read_text()
+        if (out / "chat_template.jinja").exists()
+        else json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
+    )
     assert "{% generation %}" in tok_cfg
     card = (out / "README.md").read_text()
     assert "tiny-llama" in card and "alpaca_en_demo" in card and "train_loss" in card and "learning_rate" in card
@@ -62,8 +83,17 @@ def test_quickstart_recipe_trains_and_writes_a_self_describing_output(tmp_path):
     again = run_cli(["train", QUICKSTART, f"output.dir={out}", "train.max_steps=2"], cwd=tmp_path)
     assert again.returncode != 0 and "output.overwrite=true" in again.stderr
     assert len(logged_losses(out)) == len(losses)
-    replaced = run_cli(["train", QUICKSTART, f"output.dir={out}", "train.max_steps=2", "train.logging_steps=1",
-                        "output.overwrite=true"], cwd=tmp_path)
+    replaced = run_cli(
+        [
+            "train",
+            QUICKSTART,
+            f"output.dir={out}",
+            "train.max_steps=2",
+            "train.logging_steps=1",
+            "output.overwrite=true",
+        ],
+        cwd=tmp_path,
+    )
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert len(logged_losses(out)) == 2
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []

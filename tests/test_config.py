@@ -23,8 +23,16 @@ def load(extra: str = "", overrides=()):
 
 
 def test_overrides_are_typed_by_the_schema():
-    r = load(overrides=["train.learning_rate=1e-3", "adapter.r=4", "adapter.target_modules=[q_proj,v_proj]",
-                        "output.overwrite=true", "train.max_steps=7", "data.columns={instruction: question}"])
+    r = load(
+        overrides=[
+            "train.learning_rate=1e-3",
+            "adapter.r=4",
+            "adapter.target_modules=[q_proj,v_proj]",
+            "output.overwrite=true",
+            "train.max_steps=7",
+            "data.columns={instruction: question}",
+        ]
+    )
     assert r.train["learning_rate"] == pytest.approx(1e-3) and isinstance(r.train["learning_rate"], float)
     assert r.adapter.r == 4 and r.adapter.target_modules == ["q_proj", "v_proj"]
     assert r.output.overwrite is True and r.train["max_steps"] == 7
@@ -71,18 +79,34 @@ def test_dump_round_trips():
 @pytest.mark.parametrize(
     "extra, overrides, message",
     [
-        ("train:\n  learnig_rate: 1\n", [], r"recipe:9: train\.learnig_rate: unknown key for SFTConfig; did you mean 'learning_rate'\?"),
+        (
+            "train:\n  learnig_rate: 1\n",
+            [],
+            r"recipe:9: train\.learnig_rate: unknown key for SFTConfig; did you mean 'learning_rate'\?",
+        ),
         ("adapter:\n  metod: lora\n", [], r"recipe:9: adapter\.metod: unknown key; did you mean 'method'\?"),
-        ("adapter:\n  method: lorra\n", [], r"recipe:9: adapter\.method: 'lorra' is not one of lora, dora, qlora, .*; did you mean 'lora'\?"),
+        (
+            "adapter:\n  method: lorra\n",
+            [],
+            r"recipe:9: adapter\.method: 'lorra' is not one of lora, dora, qlora, .*; did you mean 'lora'\?",
+        ),
         ("", ["train.max_steps=abc"], r"override 'train\.max_steps=abc': train\.max_steps: expected int, got 'abc'"),
         ("", ["adapter.r=0"], r"adapter\.r: must be at least 1"),
         ("", ["data.format=alpacca"], r"data\.format: 'alpacca' is not one of .*; did you mean 'alpaca'\?"),
         ("trian:\n  x: 1\n", [], r"recipe:8: trian: unknown section; did you mean 'train'\?"),
         ("train:\n  output_dir: /x\n", [], r"train\.output_dir: set by finetune from output\.dir"),
-        ("", ["data.eval=x.jsonl", "data.eval_ratio=0.1"], r"data\.eval_ratio: give data\.eval or data\.eval_ratio, not both"),
+        (
+            "",
+            ["data.eval=x.jsonl", "data.eval_ratio=0.1"],
+            r"data\.eval_ratio: give data\.eval or data\.eval_ratio, not both",
+        ),
         ("", ["train.bf16=true", "train.fp16=true"], r"bf16 and fp16 are both on"),
         ("", ["trainmax_steps=3"], r"override 'trainmax_steps=3': trainmax_steps: unknown section"),
-        ("", ["train.resume=/no/such/checkpoint"], r"train\.resume: '/no/such/checkpoint' is neither auto, never nor a checkpoint dir"),
+        (
+            "",
+            ["train.resume=/no/such/checkpoint"],
+            r"train\.resume: '/no/such/checkpoint' is neither auto, never nor a checkpoint dir",
+        ),
     ],
 )
 def test_errors_name_place_field_and_fix(extra, overrides, message):
@@ -114,7 +138,9 @@ def test_bad_model_references_name_the_field(tmp_path):
     from finetune import models
     from finetune.config import ModelSection
 
-    with pytest.raises(RecipeError, match=r"model\.name_or_path: unknown tiny model 'tiny-lama'.*did you mean 'tiny-llama'\?"):
+    with pytest.raises(
+        RecipeError, match=r"model\.name_or_path: unknown tiny model 'tiny-lama'.*did you mean 'tiny-llama'\?"
+    ):
         models.model_path(ModelSection(name_or_path="tiny-lama"))
     missing = tmp_path / "no-such-model"
     with pytest.raises(RecipeError, match=rf"model\.tokenizer: {missing}: no such directory"):

@@ -32,10 +32,21 @@ def _rows(n: int) -> list[dict]:
     format and column map can change the encoding of the same file."""
     rows = []
     for i in range(n):
-        question, answer = (f"What is {i} plus one?", f"It is {i + 1}.") if i % 2 else (f"{i} 加一是多少？", f"是{i + 1}。")
-        rows.append({"instruction": question, "input": "", "output": answer, "short": f"{i + 1}",
-                     "messages": [{"role": "user", "content": question + " Briefly."},
-                                  {"role": "assistant", "content": answer}]})
+        question, answer = (
+            (f"What is {i} plus one?", f"It is {i + 1}.") if i % 2 else (f"{i} 加一是多少？", f"是{i + 1}。")
+        )
+        rows.append(
+            {
+                "instruction": question,
+                "input": "",
+                "output": answer,
+                "short": f"{i + 1}",
+                "messages": [
+                    {"role": "user", "content": question + " Briefly."},
+                    {"role": "assistant", "content": answer},
+                ],
+            }
+        )
     return rows
 
 
@@ -101,11 +112,16 @@ def test_two_processes_encode_exactly_what_one_does(tmp_path, cache_dir, tiny_to
     # what the length-grouped sampler reads: one list from the Arrow column, not a per-row lookup
     lengths = one.train.dataset(with_length=True)["length"]
     assert isinstance(lengths, list) and lengths == [len(e.input_ids) for e in one.train.encoded]
-    assert one.train.n_truncated > 0 and (one.train.n_truncated, one.train.n_dropped) == (two.train.n_truncated, two.train.n_dropped)
+    assert one.train.n_truncated > 0 and (one.train.n_truncated, one.train.n_dropped) == (
+        two.train.n_truncated,
+        two.train.n_dropped,
+    )
     # the Arrow rows are what encode() gives record by record
     from finetune.data.encode import encode
 
-    for row, example in zip(one.train.encoded, data.read_examples(str(path), DataSection(train=str(path), format="alpaca"))[0]):
+    for row, example in zip(
+        one.train.encoded, data.read_examples(str(path), DataSection(train=str(path), format="alpaca"))[0]
+    ):
         out = encode(tiny_tokenizer, example, 16)
         first = out[0] if isinstance(out, list) else out
         assert (row.input_ids, row.labels, row.truncated) == (first.input_ids, first.labels, first.truncated)
@@ -171,8 +187,16 @@ def test_two_ranks_under_accelerate_share_one_encoding(tmp_path, cache_dir):
     path = write_jsonl(tmp_path / "d.jsonl", _rows(30))
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT.format(repo=str(REPO), path=str(path), out=str(tmp_path)))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", str(free_port()), str(script)]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        str(script),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(launch, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -209,8 +233,13 @@ def test_a_record_may_become_several_sequences(tmp_path, cache_dir, tiny_tokeniz
 
     def per_turn(tok, example, max_length=None, *, options=None):
         one = real(tok, example, max_length)[0]
-        two = SimpleNamespace(input_ids=one.input_ids + one.input_ids, labels=[-100] * len(one.labels) + one.labels,
-                              truncated=False, n_trained=one.n_trained, note="turn 1 renders differently")
+        two = SimpleNamespace(
+            input_ids=one.input_ids + one.input_ids,
+            labels=[-100] * len(one.labels) + one.labels,
+            truncated=False,
+            n_trained=one.n_trained,
+            note="turn 1 renders differently",
+        )
         return [one, two]
 
     monkeypatch.setattr(encode_module, "encode", per_turn)
@@ -219,7 +248,10 @@ def test_a_record_may_become_several_sequences(tmp_path, cache_dir, tiny_tokeniz
     assert (split.n_records, len(split.encoded)) == (3, 6)
     assert split.table["record"][:] == [0, 0, 1, 1, 2, 2]
     assert split.first_note == "record 0: turn 1 renders differently"
-    assert [len(e.input_ids) for e in split.encoded][:2] == [len(split.encoded[0].input_ids), 2 * len(split.encoded[0].input_ids)]
+    assert [len(e.input_ids) for e in split.encoded][:2] == [
+        len(split.encoded[0].input_ids),
+        2 * len(split.encoded[0].input_ids),
+    ]
 
 
 def test_two_nodes_on_a_shared_cache_dir_encode_once(tmp_path, cache_dir):
@@ -228,9 +260,16 @@ def test_two_nodes_on_a_shared_cache_dir_encode_once(tmp_path, cache_dir):
     path = write_jsonl(tmp_path / "d.jsonl", _rows(30))
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT.format(repo=str(REPO), path=str(path), out=str(tmp_path)))
-    procs = [subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", "LOCAL_RANK": "0", "RANK": str(rank)})
-             for rank in (0, 2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            cwd=tmp_path,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "LOCAL_RANK": "0", "RANK": str(rank)},
+        )
+        for rank in (0, 2)
+    ]
     for p in procs:
         assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 2)]

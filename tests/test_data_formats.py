@@ -101,9 +101,19 @@ def test_alpaca_through_every_reader(tmp_path, suffix):
 
 def test_alpaca_system_and_history(tmp_path):
     rows = [
-        {"instruction": "And 3 + 3?", "input": "", "output": "6", "system": "You are a calculator.",
-         "history": [["1 + 1?", "2"], ["2 + 2?", "4"]]},
-        {"instruction": "它吃什么？", "input": "", "output": "老虎主要吃鹿。", "history": [["给我讲讲老虎。", "老虎是大猫。"]]},
+        {
+            "instruction": "And 3 + 3?",
+            "input": "",
+            "output": "6",
+            "system": "You are a calculator.",
+            "history": [["1 + 1?", "2"], ["2 + 2?", "4"]],
+        },
+        {
+            "instruction": "它吃什么？",
+            "input": "",
+            "output": "老虎主要吃鹿。",
+            "history": [["给我讲讲老虎。", "老虎是大猫。"]],
+        },
         {"instruction": "Name a colour.", "input": "one word", "output": "Blue", "system": "Be brief."},
         {"instruction": "Hi", "output": "Hello", "system": "  ", "history": []},  # blank system, no history
     ]
@@ -130,17 +140,36 @@ def test_json_object_holding_the_records_and_jsonl_in_a_json_file(tmp_path):
 
 def test_sharegpt_system_turn_and_multi_turn(tmp_path):
     rows = [
-        {"conversations": [{"from": "system", "value": "你是助手。"}, {"from": "human", "value": "你好"},
-                           {"from": "gpt", "value": "你好！"}, {"from": "human", "value": "再见"},
-                           {"from": "gpt", "value": "再见！"}]},
-        {"conversations": [{"from": "human", "value": "Q1"}, {"from": "gpt", "value": "A1"},
-                           {"from": "user", "value": "Q2"}, {"from": "assistant", "value": "A2"},
-                           {"from": "human", "value": "Q3"}, {"from": "gpt", "value": "A3"}]},
+        {
+            "conversations": [
+                {"from": "system", "value": "你是助手。"},
+                {"from": "human", "value": "你好"},
+                {"from": "gpt", "value": "你好！"},
+                {"from": "human", "value": "再见"},
+                {"from": "gpt", "value": "再见！"},
+            ]
+        },
+        {
+            "conversations": [
+                {"from": "human", "value": "Q1"},
+                {"from": "gpt", "value": "A1"},
+                {"from": "user", "value": "Q2"},
+                {"from": "assistant", "value": "A2"},
+                {"from": "human", "value": "Q3"},
+                {"from": "gpt", "value": "A3"},
+            ]
+        },
         # a `system` field becomes the first turn ...
         {"system": "Be kind.", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
         # ... but never a second system turn when the conversation has one
-        {"system": "Ignored.", "conversations": [{"from": "system", "value": "Kept."},
-                                                 {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]},
+        {
+            "system": "Ignored.",
+            "conversations": [
+                {"from": "system", "value": "Kept."},
+                {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "Yo"},
+            ],
+        },
     ]
     expected = [
         {"messages": [s("你是助手。"), u("你好"), a("你好！"), u("再见"), a("再见！")]},
@@ -184,10 +213,18 @@ def test_prompt_completion_strings(tmp_path):
 
 def test_prompt_completion_conversational(tmp_path):
     rows = [
-        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-         "completion": [{"role": "assistant", "content": "Hello"}]},
-        {"prompt": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}],
-         "completion": [{"role": "assistant", "content": "A2"}]},
+        {
+            "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+            "completion": [{"role": "assistant", "content": "Hello"}],
+        },
+        {
+            "prompt": [
+                {"role": "user", "content": "Q1"},
+                {"role": "assistant", "content": "A1"},
+                {"role": "user", "content": "Q2"},
+            ],
+            "completion": [{"role": "assistant", "content": "A2"}],
+        },
     ]
     expected = [
         {"messages": [s("Be brief."), u("Hi"), a("Hello")]},
@@ -202,7 +239,11 @@ def test_prompt_completion_conversational(tmp_path):
 
 @pytest.mark.parametrize("suffix", ["jsonl", "csv", "parquet"])
 def test_text(tmp_path, suffix):
-    rows = [{"text": "The sun is a star."}, {"text": "运动对身体很有好处。"}, {"text": "Line one.\nLine two, with a comma."}]
+    rows = [
+        {"text": "The sun is a star."},
+        {"text": "运动对身体很有好处。"},
+        {"text": "Line one.\nLine two, with a comma."},
+    ]
     path = WRITERS[suffix](tmp_path / f"t.{suffix}", rows)
     assert examples(path, "text") == rows
     assert examples(path) == rows
@@ -212,10 +253,16 @@ def test_text(tmp_path, suffix):
 
 
 def test_columns_map_alpaca_fields(tmp_path):
-    rows = [{"question": "Add 2 and 3.", "context": "", "answer": "5", "persona": "Be exact."},
-            {"question": "Translate.", "context": "Good morning", "answer": "Bonjour", "persona": ""}]
+    rows = [
+        {"question": "Add 2 and 3.", "context": "", "answer": "5", "persona": "Be exact."},
+        {"question": "Translate.", "context": "Good morning", "answer": "Bonjour", "persona": ""},
+    ]
     path = write_csv(tmp_path / "qa.csv", rows)
-    got = examples(path, "alpaca", columns={"instruction": "question", "input": "context", "output": "answer", "system": "persona"})
+    got = examples(
+        path,
+        "alpaca",
+        columns={"instruction": "question", "input": "context", "output": "answer", "system": "persona"},
+    )
     assert got == [
         {"messages": [s("Be exact."), u("Add 2 and 3."), a("5")]},
         {"messages": [u("Translate.\nGood morning"), a("Bonjour")]},
@@ -247,8 +294,19 @@ def test_registry_columns_and_format_apply(tmp_path):
     rows = [{"q": "What is 1+1?", "a": "2"}]
     write_jsonl(tmp_path / "qa.jsonl", rows)
     reg = tmp_path / "reg.yaml"
-    reg.write_text(yaml.safe_dump({"my_qa": {"path": "qa.jsonl", "format": "alpaca", "language": "en",
-                                             "columns": {"instruction": "q", "output": "a"}}}), encoding="utf-8")
+    reg.write_text(
+        yaml.safe_dump(
+            {
+                "my_qa": {
+                    "path": "qa.jsonl",
+                    "format": "alpaca",
+                    "language": "en",
+                    "columns": {"instruction": "q", "output": "a"},
+                }
+            }
+        ),
+        encoding="utf-8",
+    )
     got, fmt, src = data.read_examples("my_qa", DataSection(train="my_qa", registry=str(reg)))
     assert (fmt, src.language, src.path) == ("alpaca", "en", (tmp_path / "qa.jsonl").resolve())
     assert got == [{"messages": [u("What is 1+1?"), a("2")]}]
@@ -259,8 +317,14 @@ def test_registry_columns_and_format_apply(tmp_path):
 
 def test_registry_names_resolve_to_the_shipped_files():
     local = {name: e for name, e in SHIPPED.items() if "path" in e}
-    assert {"alpaca_en_demo", "alpaca_zh_demo", "sharegpt_demo", "messages_demo",
-            "prompt_completion_demo", "text_demo"} <= set(local)
+    assert {
+        "alpaca_en_demo",
+        "alpaca_zh_demo",
+        "sharegpt_demo",
+        "messages_demo",
+        "prompt_completion_demo",
+        "text_demo",
+    } <= set(local)
     for name, entry in local.items():
         src = sources.resolve(name)
         assert src.path == (REPO / "data" / entry["path"]).resolve()
@@ -281,7 +345,9 @@ def _file_rows(path: Path) -> list:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("name", sorted(n for n, e in SHIPPED.items() if "path" in e and e["format"] in STAGE_FORMATS["sft"]))
+@pytest.mark.parametrize(
+    "name", sorted(n for n, e in SHIPPED.items() if "path" in e and e["format"] in STAGE_FORMATS["sft"])
+)
 def test_every_demo_set_loads(name, tiny_tokenizer):
     entry = SHIPPED[name]
     n_rows = len(_file_rows(REPO / "data" / entry["path"]))
@@ -344,14 +410,17 @@ def test_eval_split_leaving_nothing_to_train_is_an_error(tmp_path, tiny_tokenize
 def test_eval_split_by_file(tmp_path, tiny_tokenizer):
     train = write_json(tmp_path / "train.json", _numbered(6))
     # the eval file has a different (guessed) format than train's
-    held = write_jsonl(tmp_path / "eval.jsonl", [{"messages": [u("Repeat the number 99."), a("99")]},
-                                                 {"messages": [u("Repeat the number 98."), a("98")]}])
+    held = write_jsonl(
+        tmp_path / "eval.jsonl",
+        [{"messages": [u("Repeat the number 99."), a("99")]}, {"messages": [u("Repeat the number 98."), a("98")]}],
+    )
     prepared = data.load(DataSection(train=str(train), eval=str(held), max_samples=3), tiny_tokenizer, 256)
     assert (len(prepared.train.encoded), len(prepared.eval.encoded)) == (3, 2)  # max_samples is train only
     assert prepared.eval.source == str(held)
     decoded = [tiny_tokenizer.decode(e.input_ids) for e in prepared.eval.encoded]
-    assert decoded == [tiny_tokenizer.apply_chat_template([u(f"Repeat the number {n}."), a(f"{n}")], tokenize=False)
-                       for n in (99, 98)]
+    assert decoded == [
+        tiny_tokenizer.apply_chat_template([u(f"Repeat the number {n}."), a(f"{n}")], tokenize=False) for n in (99, 98)
+    ]
 
 
 def test_max_samples_takes_the_first_records(tmp_path):
@@ -418,8 +487,12 @@ def test_declared_format_beats_the_registry_and_the_guess(tmp_path):
 
 def test_field_errors_name_the_record_in_every_reader(tmp_path):
     rows = [{"instruction": "Hi", "input": "", "output": "Hello"}, {"instruction": "Bye", "input": "", "output": None}]
-    for suffix, where, problem in (("json", "record 1", "missing"), ("jsonl", ":2", "missing"),
-                                   ("parquet", "record 1", "missing"), ("csv", ":3", "empty")):
+    for suffix, where, problem in (
+        ("json", "record 1", "missing"),
+        ("jsonl", ":2", "missing"),
+        ("parquet", "record 1", "missing"),
+        ("csv", ":3", "empty"),
+    ):
         path = WRITERS[suffix](tmp_path / f"bad.{suffix}", rows)
         with pytest.raises(DataError) as e:
             examples(path, "alpaca")

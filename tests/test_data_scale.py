@@ -53,8 +53,12 @@ def test_skipped_bad_rows_are_counted_and_named(tmp_path, cache_dir, tiny_tokeni
     cfg.skip_bad_rows = True
     prepared = data.load(cfg, tiny_tokenizer, 64)
     assert (prepared.train.n_records, len(prepared.train.encoded)) == (8, 8)
-    assert prepared.notes == [(f"{path}: 2 bad records skipped (data.skip_bad_rows), first: "
-                               f"{path}:4: field 'output': missing; {path}:8: field 'output': expected a string, got int")]
+    assert prepared.notes == [
+        (
+            f"{path}: 2 bad records skipped (data.skip_bad_rows), first: "
+            f"{path}:4: field 'output': missing; {path}:8: field 'output': expected a string, got int"
+        )
+    ]
 
 
 def test_streaming_needs_max_steps(tmp_path):
@@ -76,7 +80,10 @@ def test_streamed_data_trains_and_stops_at_max_steps(tmp_path, cache_dir, tiny_p
     recipe = config.load(text=yaml.safe_dump(text))
     prepared = data.load(recipe.data, models.load_tokenizer(recipe.model), recipe.train["max_length"])
     first = next(iter(prepared.train.dataset()))
-    assert first["input_ids"] == prepared.train.encoded[0].input_ids and first["labels"] == prepared.train.encoded[0].labels
+    assert (
+        first["input_ids"] == prepared.train.encoded[0].input_ids
+        and first["labels"] == prepared.train.encoded[0].labels
+    )
     out = sft.run(recipe)
     state = json.loads((out / "trainer_state.json").read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]

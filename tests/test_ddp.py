@@ -12,14 +12,28 @@ COMMON = ["train.max_steps=20", "train.report_to=[]"]
 def test_two_process_ddp_matches_one_process(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(memo_recipe(tmp_path, "lora", steps=20))
-    single = run_cli(["train", str(recipe), f"output.dir={tmp_path / 'single'}",
-                      "train.per_device_train_batch_size=4", *COMMON], cwd=tmp_path)
+    single = run_cli(
+        ["train", str(recipe), f"output.dir={tmp_path / 'single'}", "train.per_device_train_batch_size=4", *COMMON],
+        cwd=tmp_path,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
 
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", str(free_port()),
-              "-m", "finetune", "train", str(recipe), f"output.dir={tmp_path / 'ddp'}",
-              "train.per_device_train_batch_size=2", *COMMON]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "finetune",
+        "train",
+        str(recipe),
+        f"output.dir={tmp_path / 'ddp'}",
+        "train.per_device_train_batch_size=2",
+        *COMMON,
+    ]
     ddp = subprocess.run(launch, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stderr.count("finetune: done: output in") == 1, "only the main process reports"
@@ -38,8 +52,24 @@ def test_accelerate_launch_without_config_is_the_plain_run(tmp_path):
     plain = run_cli(["train", str(recipe), f"output.dir={tmp_path / 'plain'}"], cwd=tmp_path)
     assert plain.returncode == 0, plain.stderr[-3000:]
     launched = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--main_process_port",
-         str(free_port()), "-m", "finetune", "train", str(recipe), f"output.dir={tmp_path / 'launched'}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "1",
+            "--main_process_port",
+            str(free_port()),
+            "-m",
+            "finetune",
+            "train",
+            str(recipe),
+            f"output.dir={tmp_path / 'launched'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert logged_losses(tmp_path / "launched") == logged_losses(tmp_path / "plain")

@@ -19,11 +19,20 @@ README = DATA / "README.md"
 FORMATS = {"alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference", "kto"}
 LANGUAGES = {"en", "zh", "mixed"}
 ENTRY_KEYS = {"path", "hub", "split", "format", "columns", "language", "description"}
-DEMO_SETS = {"alpaca_en_demo", "alpaca_zh_demo", "sharegpt_demo", "messages_demo",
-             "prompt_completion_demo", "text_demo", "preference_en_demo", "preference_zh_demo", "kto_demo"}
+DEMO_SETS = {
+    "alpaca_en_demo",
+    "alpaca_zh_demo",
+    "sharegpt_demo",
+    "messages_demo",
+    "prompt_completion_demo",
+    "text_demo",
+    "preference_en_demo",
+    "preference_zh_demo",
+    "kto_demo",
+}
 
-MAX_ANSWER_EN = 160   # characters, answers without Chinese characters
-MAX_ANSWER_ZH = 60    # characters, answers that contain Chinese characters
+MAX_ANSWER_EN = 160  # characters, answers without Chinese characters
+MAX_ANSWER_ZH = 60  # characters, answers that contain Chinese characters
 MAX_TEXT_EN = 400
 MAX_TEXT_ZH = 150
 
@@ -64,6 +73,7 @@ def nonempty_str(v) -> bool:
 # Each returns (answers, prompt_key): the assistant texts to length-check, and the
 # prompt side of the row, which must be unique within a file.
 
+
 def view_alpaca(r, where):
     for k in ("instruction", "input", "output"):
         assert isinstance(r.get(k), str), f"{where}: '{k}' must be a string"
@@ -77,8 +87,9 @@ def view_alpaca(r, where):
         h = r["history"]
         assert isinstance(h, list) and 1 <= len(h) <= 2, f"{where}: history must be 1-2 [user, assistant] pairs"
         for pair in h:
-            assert isinstance(pair, list) and len(pair) == 2 and all(map(nonempty_str, pair)), \
+            assert isinstance(pair, list) and len(pair) == 2 and all(map(nonempty_str, pair)), (
                 f"{where}: bad history pair {pair!r}"
+            )
             answers.append(pair[1])
     key = (r.get("system", ""), json.dumps(r.get("history", []), ensure_ascii=False), r["instruction"], r["input"])
     return answers, key
@@ -90,7 +101,9 @@ def _check_turns(roles, where, system, user, assistant, max_pairs):
     assert system not in body, f"{where}: system turn only allowed first"
     assert len(body) % 2 == 0 and body, f"{where}: turns must be user/assistant pairs, got {roles}"
     assert body[0::2] == [user] * (len(body) // 2), f"{where}: roles must alternate starting with {user}: {roles}"
-    assert body[1::2] == [assistant] * (len(body) // 2), f"{where}: roles must alternate, ending with {assistant}: {roles}"
+    assert body[1::2] == [assistant] * (len(body) // 2), (
+        f"{where}: roles must alternate, ending with {assistant}: {roles}"
+    )
     assert 1 <= len(body) // 2 <= max_pairs, f"{where}: {len(body) // 2} turn pairs"
 
 
@@ -162,12 +175,20 @@ def view_kto(r, where):
     return [_answer_text(r["completion"], where)[0]], r["prompt"]
 
 
-VIEWS = {"preference": view_preference, "kto": view_kto, "alpaca": view_alpaca, "sharegpt": view_sharegpt, "messages": view_messages,
-         "prompt_completion": view_prompt_completion, "text": view_text}
+VIEWS = {
+    "preference": view_preference,
+    "kto": view_kto,
+    "alpaca": view_alpaca,
+    "sharegpt": view_sharegpt,
+    "messages": view_messages,
+    "prompt_completion": view_prompt_completion,
+    "text": view_text,
+}
 
 
 def view_converted(fmt):
     """Chats with reasoning or tool calls: read by finetune's own converter (which checks them)."""
+
     def view(r, where):
         from finetune.data import formats
         from finetune.data.sources import Record
@@ -175,14 +196,19 @@ def view_converted(fmt):
         [example] = formats.convert([Record(r, where)], fmt, {})
         msgs = example["messages"]
         assert "tools" in example or any(m.get("reasoning_content") for m in msgs), f"{where}: no tools or reasoning"
-        return [m["content"] for m in msgs if m["role"] == "assistant" and m["content"]], \
-            tuple(m["content"] for m in msgs if m["role"] == "user")
+        return [m["content"] for m in msgs if m["role"] == "assistant" and m["content"]], tuple(
+            m["content"] for m in msgs if m["role"] == "user"
+        )
+
     return view
 
 
 # the demo sets of reasoning and tool calls (finetune/data/formats.py defines their fields)
-NAME_VIEWS = {"reasoning_demo": view_converted("messages"), "tools_demo": view_converted("messages"),
-              "sharegpt_tools_demo": view_converted("sharegpt")}
+NAME_VIEWS = {
+    "reasoning_demo": view_converted("messages"),
+    "tools_demo": view_converted("messages"),
+    "sharegpt_tools_demo": view_converted("sharegpt"),
+}
 
 
 def normalise(obj) -> str:
@@ -191,6 +217,7 @@ def normalise(obj) -> str:
 
 
 # ------------------------------------------------------------------ tests
+
 
 def test_registry_schema():
     reg = registry()

@@ -27,8 +27,9 @@ def tmpfs(tmp_path):
         d = tmp_path / f"mnt{len(mounted)}"
         d.mkdir()
         options = f"size={size}" + (",ro" if read_only else "")
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(d)], capture_output=True, text=True,
-                           check=False)
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(d)], capture_output=True, text=True, check=False
+        )
         if r.returncode != 0:
             pytest.skip(f"needs root and mount(8) to make a small tmpfs: {r.stderr.strip() or r.returncode}")
         mounted.append(d)
@@ -51,18 +52,29 @@ def test_read_only_output_location_is_one_line_for_every_command(tmp_path, tmpfs
     recipe.write_text(memo_recipe(tmp_path, steps=1, output={"dir": str(ro / "out")}), encoding="utf-8")
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2,
-                                                             "base_model_name_or_path": tiny_path}), encoding="utf-8")
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "base_model_name_or_path": tiny_path}),
+        encoding="utf-8",
+    )
     pipe = tmp_path / "pipe.yaml"
-    pipe.write_text(yaml.safe_dump({"output": {"dir": str(ro / "pipe")}, "stages": {"sft": {"recipe": str(recipe)}}}),
-                    encoding="utf-8")
+    pipe.write_text(
+        yaml.safe_dump({"output": {"dir": str(ro / "pipe")}, "stages": {"sft": {"recipe": str(recipe)}}}),
+        encoding="utf-8",
+    )
     commands = {
         "train": ["train", str(recipe)],
         "pipeline": ["pipeline", str(pipe)],
         "merge": ["merge", str(adapter), "--out", str(ro / "merged")],
         "export": ["export", tiny_path, "--out", str(ro / "m.gguf")],
         "eval": ["eval", "tiny-llama", "--data", "alpaca_en_demo", "--max-samples", "1", "--out", str(ro / "ev")],
-        "score": ["score", str(adapter), "--data", "preference_en_demo", "--out", str(ro / "s.jsonl")],  # checked first
+        "score": [
+            "score",
+            str(adapter),
+            "--data",
+            "preference_en_demo",
+            "--out",
+            str(ro / "s.jsonl"),
+        ],  # checked first
     }
     for name, argv in commands.items():
         assert cli.main(argv) == 2, name
@@ -99,8 +111,10 @@ def test_disk_full_during_a_checkpoint_names_it_and_the_run_resumes_once_space_i
         line = guards.disk_error(e.value)
     finally:
         locks.release_all()
-    assert line == ("no space left on device while writing checkpoint-4; the run can resume from checkpoint-2 once "
-                    "space is freed (run the same command again)"), line
+    assert line == (
+        "no space left on device while writing checkpoint-4; the run can resume from checkpoint-2 once "
+        "space is freed (run the same command again)"
+    ), line
     work = out.with_name("out.incomplete")
     assert sorted(p.name for p in work.glob("checkpoint-*")) == ["checkpoint-2"]  # the half-written one is gone
     filler.unlink()
@@ -120,9 +134,17 @@ def test_cli_prints_disk_full_as_one_line(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(sft_stage, "run", full)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"stage": "sft", "model": {"name_or_path": "tiny-llama"},
-                                      "data": {"train": str(memo_data(tmp_path)), "format": "messages"},
-                                      "output": {"dir": str(tmp_path / "out")}}), encoding="utf-8")
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "stage": "sft",
+                "model": {"name_or_path": "tiny-llama"},
+                "data": {"train": str(memo_data(tmp_path)), "format": "messages"},
+                "output": {"dir": str(tmp_path / "out")},
+            }
+        ),
+        encoding="utf-8",
+    )
     assert cli.main(["train", str(recipe)]) == 2
     errors = _error_lines(capsys)
     assert errors == [f"finetune: error: no space left on device: {tmp_path / 'x' / 'adapter_model.safetensors'}"]

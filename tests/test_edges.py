@@ -24,11 +24,30 @@ def cli(capsys, *argv) -> tuple[int, str, str]:
 
 
 def _report(regressions: int) -> dict:
-    rows = [{"task": "heldout_en", "metric": "perplexity", "baseline": 59.98, "tuned": 81.3 if regressions else 55.0,
-             "delta": 21.32 if regressions else -4.98, "tolerance": 0.1, "relative": True, "higher_is_better": False,
-             "regression": bool(regressions)},
-            {"task": "knowledge_en", "metric": "acc", "baseline": 0.5, "tuned": 0.5, "delta": 0.0, "tolerance": 0.05,
-             "relative": False, "higher_is_better": True, "regression": False}]
+    rows = [
+        {
+            "task": "heldout_en",
+            "metric": "perplexity",
+            "baseline": 59.98,
+            "tuned": 81.3 if regressions else 55.0,
+            "delta": 21.32 if regressions else -4.98,
+            "tolerance": 0.1,
+            "relative": True,
+            "higher_is_better": False,
+            "regression": bool(regressions),
+        },
+        {
+            "task": "knowledge_en",
+            "metric": "acc",
+            "baseline": 0.5,
+            "tuned": 0.5,
+            "delta": 0.0,
+            "tolerance": 0.05,
+            "relative": False,
+            "higher_is_better": True,
+            "regression": False,
+        },
+    ]
     return {"model": "m", "suite": {"name": "general", "rows": rows, "regressions": regressions}}
 
 
@@ -48,8 +67,9 @@ def test_verdict_table_aligns_every_row_and_says_the_verdict():
 
 
 @pytest.mark.parametrize("fail_on_regression, regressions, code", [(True, 1, 1), (True, 0, 0), (False, 1, 0)])
-def test_train_exits_1_on_a_regression_only_with_fail_on_regression(tmp_path, capsys, monkeypatch,
-                                                                    fail_on_regression, regressions, code):
+def test_train_exits_1_on_a_regression_only_with_fail_on_regression(
+    tmp_path, capsys, monkeypatch, fail_on_regression, regressions, code
+):
     """The run's output is finished and kept; the exit status (and one line) says the gate failed."""
     from finetune.stages import sft
 
@@ -62,8 +82,9 @@ def test_train_exits_1_on_a_regression_only_with_fail_on_regression(tmp_path, ca
 
     monkeypatch.setattr(sft, "run", fake_run)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({**yaml.safe_load(memo_recipe(tmp_path)),
-                                      "eval": {"fail_on_regression": fail_on_regression}}))
+    recipe.write_text(
+        yaml.safe_dump({**yaml.safe_load(memo_recipe(tmp_path)), "eval": {"fail_on_regression": fail_on_regression}})
+    )
     got, _, err = cli(capsys, "train", recipe)
     assert got == code, err
     if code:
@@ -87,7 +108,11 @@ def test_the_verdict_table_is_printed_at_the_end_of_a_run(tmp_path, monkeypatch,
     with caplog.at_level(logging.INFO, logger="finetune"):
         hook.run(recipe, tmp_path / "out")
     text = caplog.text
-    assert re.search(r"heldout_en +perplexity +59.98 +81.3 +\+21.32", text) and "REGRESSION" in text and "suite general: 1 regression" in text
+    assert (
+        re.search(r"heldout_en +perplexity +59.98 +81.3 +\+21.32", text)
+        and "REGRESSION" in text
+        and "suite general: 1 regression" in text
+    )
 
 
 def test_fail_on_regression_fails_closed_when_eval_did_not_finish(tmp_path):
@@ -127,8 +152,10 @@ def test_gbk_csv_is_one_line_naming_file_line_and_encoding_and_data_encoding_rea
     gbk.write_bytes(ROWS.encode("gbk"))
     with pytest.raises(DataError) as e:
         _read(gbk)
-    assert str(e.value) == (f"{gbk}:2: byte 0xc4 is not UTF-8 text; it looks like gb18030 (GBK): "
-                            "set data.encoding=gb18030 or save the file as UTF-8")
+    assert str(e.value) == (
+        f"{gbk}:2: byte 0xc4 is not UTF-8 text; it looks like gb18030 (GBK): "
+        "set data.encoding=gb18030 or save the file as UTF-8"
+    )
     assert _read(gbk, "gb18030") == _read(gbk, "gbk")
     assert _read(gbk, "gb18030")[1]["output"] == "今天天气很好。"
     # through the CLI: exit 2, one line, no traceback; then the recipe key fixes it
@@ -170,8 +197,10 @@ def _private_output(parent: Path) -> Path:
     return d
 
 
-@pytest.mark.parametrize("mask, dirs, files, scripts", [(0o022, 0o755, 0o644, 0o755), (0o077, 0o700, 0o600, 0o700),
-                                                         (0o002, 0o775, 0o664, 0o775)])
+@pytest.mark.parametrize(
+    "mask, dirs, files, scripts",
+    [(0o022, 0o755, 0o644, 0o755), (0o077, 0o700, 0o600, 0o700), (0o002, 0o775, 0o664, 0o775)],
+)
 def test_finished_outputs_follow_the_umask(tmp_path, umask, mask, dirs, files, scripts):
     import os
 
@@ -190,7 +219,12 @@ def test_finished_outputs_follow_the_umask(tmp_path, umask, mask, dirs, files, s
         (tmp / "model.gguf").write_bytes(b"GGUF")
         os.chmod(tmp / "model.gguf", 0o600)
     out = tmp_path / "out"
-    assert [mode(p) for p in (out, out / "sub", out / "sub" / "model.safetensors", out / "run.sh")] == [dirs, dirs, files, scripts]
+    assert [mode(p) for p in (out, out / "sub", out / "sub" / "model.safetensors", out / "run.sh")] == [
+        dirs,
+        dirs,
+        files,
+        scripts,
+    ]
     assert mode(tmp_path / "run") == dirs and mode(tmp_path / "run" / "adapter_model.safetensors") == files
     assert mode(tmp_path / "model.gguf") == files
 
@@ -208,8 +242,12 @@ def test_a_tracker_that_is_not_installed_fails_at_load_before_any_dir(tmp_path, 
     for argv in (["--dry-run"], []):
         code, _, err = cli(capsys, "train", recipe, *argv, "train.report_to=[wandb]")
         assert code == 2
-        assert err.strip().splitlines() == [("finetune: error: override 'train.report_to=[wandb]': train.report_to: "
-                                             "wandb is not installed; `pip install wandb`, or remove it from train.report_to")]
+        assert err.strip().splitlines() == [
+            (
+                "finetune: error: override 'train.report_to=[wandb]': train.report_to: "
+                "wandb is not installed; `pip install wandb`, or remove it from train.report_to"
+            )
+        ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["memo.jsonl", "r.yaml"]  # no out.incomplete
     code, _, err = cli(capsys, "train", recipe, "--dry-run", "train.report_to=[tensorbord]")
     assert code == 2 and "unknown tracker 'tensorbord'; did you mean 'tensorboard'?" in err
@@ -235,8 +273,10 @@ def test_dry_run_after_a_finished_run_plans_and_notes_the_existing_output(tmp_pa
     code, plan, err = cli(capsys, "train", recipe, "--dry-run")
     assert code == 0, err
     assert "  steps          40 " in plan
-    assert (f"  note           {out} already holds a finished run: a real run would refuse; "
-            "set output.overwrite=true to replace it, or choose another output.dir") in plan
+    assert (
+        f"  note           {out} already holds a finished run: a real run would refuse; "
+        "set output.overwrite=true to replace it, or choose another output.dir"
+    ) in plan
     code, plan, _ = cli(capsys, "train", recipe, "--dry-run", "output.overwrite=true")
     assert code == 0 and "a real run would replace it when it finishes" in plan
     code, _, err = cli(capsys, "train", recipe, "train.max_steps=1")  # a real run still refuses, before any work
@@ -253,21 +293,26 @@ def test_dry_run_after_a_finished_run_plans_and_notes_the_existing_output(tmp_pa
 def test_train_and_pipeline_without_a_file_say_what_to_give(capsys):
     code, _, err = cli(capsys, "train")
     assert code == 2
-    assert err.splitlines()[0] == ("finetune train: give a recipe YAML file, e.g. finetune train "
-                                   "recipes/tiny/sft_lora.yaml [section.key=value ...] [--dry-run]")
+    assert err.splitlines()[0] == (
+        "finetune train: give a recipe YAML file, e.g. finetune train "
+        "recipes/tiny/sft_lora.yaml [section.key=value ...] [--dry-run]"
+    )
     assert "recipes/tiny/sft_dora.yaml" in err.splitlines()[1] and "override" not in err
     code, _, err = cli(capsys, "pipeline")
     assert code == 2 and "recipes/pipelines/dpo.yaml" in err
 
 
-@pytest.mark.parametrize("override, hint", [
-    ("max_steps=5", "max_steps: unknown section; did you mean 'train.max_steps'?"),
-    ("learning_rat=1e-3", "learning_rat: unknown section; did you mean 'train.learning_rate'?"),
-    ("dir=x", "dir: unknown section; did you mean 'output.dir'?"),
-    ("adapter.rank=4", "adapter.rank: unknown key; did you mean 'r'?"),
-    ("adapter.lora_rank=4", "adapter.lora_rank: unknown key; did you mean 'r'?"),
-    ("adapter.lora_alpha=4", "adapter.lora_alpha: unknown key; did you mean 'alpha'?"),
-])
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        ("max_steps=5", "max_steps: unknown section; did you mean 'train.max_steps'?"),
+        ("learning_rat=1e-3", "learning_rat: unknown section; did you mean 'train.learning_rate'?"),
+        ("dir=x", "dir: unknown section; did you mean 'output.dir'?"),
+        ("adapter.rank=4", "adapter.rank: unknown key; did you mean 'r'?"),
+        ("adapter.lora_rank=4", "adapter.lora_rank: unknown key; did you mean 'r'?"),
+        ("adapter.lora_alpha=4", "adapter.lora_alpha: unknown key; did you mean 'alpha'?"),
+    ],
+)
 def test_misplaced_and_foreign_keys_get_a_suggestion(tmp_path, override, hint):
     from finetune import config
     from finetune.errors import RecipeError
@@ -296,8 +341,12 @@ def test_counts_agree_with_their_nouns():
     from finetune.errors import plural
     from finetune.eval.report import markdown
 
-    assert [plural(1, "example"), plural(2, "run"), plural(1, "process", "processes"), plural(3, "process", "processes")] \
-        == ["1 example", "2 runs", "1 process", "3 processes"]
+    assert [
+        plural(1, "example"),
+        plural(2, "run"),
+        plural(1, "process", "processes"),
+        plural(3, "process", "processes"),
+    ] == ["1 example", "2 runs", "1 process", "3 processes"]
     text = markdown({**_report(1), "history_file": "h.jsonl", "history_runs": 1})
     assert "**1 regression**" in text and "(1 run)" in text
 
@@ -308,11 +357,22 @@ def test_counts_agree_with_their_nouns():
 def test_log_lines_are_plain_numbers():
     from finetune.stages.common import log_line
 
-    assert log_line({"loss": 5.0884, "grad_norm": 1.3531, "learning_rate": 2e-3, "num_tokens": 700.0, "epoch": 0.05556,
-                     "total_flos": 123.0}, 1, 12) == ("step 1/12  loss 5.088  grad_norm 1.353  learning_rate 0.002  "
-                                                     "num_tokens 700  epoch 0.05556")
-    assert log_line({"eval_loss": 17171.0, "eval_runtime": 0.3, "eval_samples_per_second": 45.0}, 12, 12) == \
-        "eval (step 12/12)  loss 1.717e+04"
+    assert log_line(
+        {
+            "loss": 5.0884,
+            "grad_norm": 1.3531,
+            "learning_rate": 2e-3,
+            "num_tokens": 700.0,
+            "epoch": 0.05556,
+            "total_flos": 123.0,
+        },
+        1,
+        12,
+    ) == ("step 1/12  loss 5.088  grad_norm 1.353  learning_rate 0.002  num_tokens 700  epoch 0.05556")
+    assert (
+        log_line({"eval_loss": 17171.0, "eval_runtime": 0.3, "eval_samples_per_second": 45.0}, 12, 12)
+        == "eval (step 12/12)  loss 1.717e+04"
+    )
     assert log_line({"train_runtime": 5.04, "train_loss": 3.981}, 12, 12) == "train done  runtime 5.04  loss 3.981"
 
 
@@ -328,7 +388,10 @@ def test_a_piped_run_prints_a_summary_plain_lines_an_eval_curve_the_final_eval_l
     start = lines.index(next(line for line in lines if line.startswith("finetune: training: sft, lora r=16")))
     assert lines[start + 1].startswith("  parameters  ") and " trainable of " in lines[start + 1]
     assert lines[start + 2] == "  data        3 examples, 1 held out for eval; 10 steps of 4 (1 process)"
-    assert lines[start + 3] == f"  writing     {tmp_path / 'out.incomplete'} (renamed to {tmp_path / 'out'} when finished)"
+    assert (
+        lines[start + 3]
+        == f"  writing     {tmp_path / 'out.incomplete'} (renamed to {tmp_path / 'out'} when finished)"
+    )
     state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
     evals = [h for h in state["log_history"] if "eval_loss" in h]
     assert [h["step"] for h in evals] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]  # eval_steps 0.1 of 10 steps
@@ -380,8 +443,10 @@ def test_preview_tokens_show_text_not_byte_level_mojibake():
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(["hello world"] * 20 + ["我"], trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=1))
+    bpe.train_from_iterator(
+        ["hello world"] * 20 + ["我"],
+        trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=1),
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe)
     ids = tok("我 hello 你好")["input_ids"]
     shown = [token_text(tok, i) for i in ids]
@@ -395,11 +460,17 @@ def test_preview_tokens_show_text_not_byte_level_mojibake():
 # ----------------------------------------------------------------------------- 11. Ctrl-C
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["eval", "tiny-llama", "--data", "x.jsonl", "--out", "o"], "nothing was written to --out; run it again (evaluation has no checkpoints)"),
-    (["train", "r.yaml"], "run the same command again to resume from the last checkpoint"),
-    (["merge", "a", "--out", "o"], "nothing was written to --out"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (
+            ["eval", "tiny-llama", "--data", "x.jsonl", "--out", "o"],
+            "nothing was written to --out; run it again (evaluation has no checkpoints)",
+        ),
+        (["train", "r.yaml"], "run the same command again to resume from the last checkpoint"),
+        (["merge", "a", "--out", "o"], "nothing was written to --out"),
+    ],
+)
 def test_ctrl_c_says_what_it_means_for_that_command(monkeypatch, capsys, argv, says):
     from finetune import cli as cli_module
 
@@ -408,7 +479,9 @@ def test_ctrl_c_says_what_it_means_for_that_command(monkeypatch, capsys, argv, s
 
     monkeypatch.setattr(cli_module, f"cmd_{argv[0]}", interrupted)
     code, _, err = cli(capsys, *argv)
-    assert code == 130 and err.strip() == f"finetune: interrupted; {says}" + (" (train.save_steps apart)" if argv[0] == "train" else "")
+    assert code == 130 and err.strip() == f"finetune: interrupted; {says}" + (
+        " (train.save_steps apart)" if argv[0] == "train" else ""
+    )
 
 
 # ----------------------------------------------------------------------------- 8. progress
@@ -445,12 +518,18 @@ def test_report_page_samples_panels_and_a_trend_only_from_two_comparable_runs(tm
     rows = _report(1)["suite"]["rows"]
     rep = {**_report(1), "history_file": "h.jsonl"}
     rep["suite"]["baseline"] = {"x": 1}
-    predictions = [{"prompt": "<|user|>\nQ1\n<|assistant|>\n", "prediction": "Cats have four legs.", "reference": "Apples."},
-                   {"prompt": "<|user|>\nQ2\n<|assistant|>\n", "prediction": "The sky is blue.", "reference": "The sky is blue."},
-                   {"prompt": "<|user|>\n问\n<|assistant|>\n", "prediction": "北京是中国的首都。", "reference": "北京是首都。"}]
+    predictions = [
+        {"prompt": "<|user|>\nQ1\n<|assistant|>\n", "prediction": "Cats have four legs.", "reference": "Apples."},
+        {"prompt": "<|user|>\nQ2\n<|assistant|>\n", "prediction": "The sky is blue.", "reference": "The sky is blue."},
+        {"prompt": "<|user|>\n问\n<|assistant|>\n", "prediction": "北京是中国的首都。", "reference": "北京是首都。"},
+    ]
     (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
     run = {"suite": "general", "data": None, "metrics": {"heldout_en/perplexity": 60.0}}
-    other = {"suite": None, "data": "x.jsonl", "metrics": {"generation/bleu": 3.0}}  # measured otherwise: not in the trend
+    other = {
+        "suite": None,
+        "data": "x.jsonl",
+        "metrics": {"generation/bleu": 3.0},
+    }  # measured otherwise: not in the trend
     report.write(tmp_path, rep, None, [other, run])
     page = (tmp_path / "report.html").read_text()
     assert "Gate: 1 regression" in page and "first run measured this way" in page and 'alt="History"' not in page

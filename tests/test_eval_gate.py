@@ -107,15 +107,29 @@ def test_report_html_embeds_its_images(trained):
     assert "the trend appears from the second" in page
     for _, data in images:
         assert base64.b64decode(data).startswith(b"\x89PNG\r\n\x1a\n")
-    assert "src=\"http" not in page and "<script" not in page  # self-contained
+    assert 'src="http' not in page and "<script" not in page  # self-contained
     assert json.loads((trained / "eval" / "report.json").read_text())["plots"] == ["loss", "bars"]
     assert "<h2>Worst predictions</h2>" in page and "<h2>Best predictions</h2>" in page
 
 
 def test_damaged_model_is_flagged_and_fails_the_gate(damaged, tiny_path, tmp_path, env):
     out = tmp_path / "gate"
-    result = run_cli(["eval", damaged, "--baseline", "tiny-llama", "--suite", SUITE, "--out", out,
-                      "--fail-on-regression", "--history", tmp_path / "h.jsonl"], cwd=tmp_path)
+    result = run_cli(
+        [
+            "eval",
+            damaged,
+            "--baseline",
+            "tiny-llama",
+            "--suite",
+            SUITE,
+            "--out",
+            out,
+            "--fail-on-regression",
+            "--history",
+            tmp_path / "h.jsonl",
+        ],
+        cwd=tmp_path,
+    )
     assert result.returncode == 1, result.stderr
     assert "REGRESSION" in result.stdout
     rep = json.loads((out / "report.json").read_text())
@@ -127,8 +141,20 @@ def test_damaged_model_is_flagged_and_fails_the_gate(damaged, tiny_path, tmp_pat
 def test_base_against_itself_passes(tmp_path, capsys, env):
     history = tmp_path / "h.jsonl"
     for run in ("a", "b"):
-        code, _, err = cli(capsys, "eval", "tiny-llama", "--baseline", "tiny-llama", "--suite", SUITE,
-                             "--out", tmp_path / run, "--fail-on-regression", "--history", history)
+        code, _, err = cli(
+            capsys,
+            "eval",
+            "tiny-llama",
+            "--baseline",
+            "tiny-llama",
+            "--suite",
+            SUITE,
+            "--out",
+            tmp_path / run,
+            "--fail-on-regression",
+            "--history",
+            history,
+        )
         assert code == 0, err
     rep = json.loads((tmp_path / "b" / "report.json").read_text())
     assert rep["suite"]["regressions"] == 0
@@ -141,22 +167,53 @@ def test_predictions_file_mode(tmp_path, capsys, env):
 
     preds = ["中国的首都是北京。", "The sky is blue today.", "A cat has four legs."]
     refs = ["中国的首都是北京。", "The sky is blue.", "A dog has four legs."]
-    f = write_jsonl(tmp_path / "p.jsonl", [{"prediction": p, "reference": r, "id": i} for i, (p, r) in enumerate(zip(preds, refs))])
+    f = write_jsonl(
+        tmp_path / "p.jsonl", [{"prediction": p, "reference": r, "id": i} for i, (p, r) in enumerate(zip(preds, refs))]
+    )
     code, _, err = cli(capsys, "eval", "--predictions", f, "--out", tmp_path / "o", "--history", "none")
     assert code == 0, err
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     direct = scores.compute(preds, refs)
     assert {k: metrics[k] for k in direct} == direct and metrics["language"] == "zh"
-    code, _, err = cli(capsys, "eval", "--predictions", f, "--out", tmp_path / "lf", "--metric-style", "llamafactory", "--history", "none")
+    code, _, err = cli(
+        capsys,
+        "eval",
+        "--predictions",
+        f,
+        "--out",
+        tmp_path / "lf",
+        "--metric-style",
+        "llamafactory",
+        "--history",
+        "none",
+    )
     assert code == 0, err
-    assert json.loads((tmp_path / "lf" / "metrics.json").read_text())["bleu-4"] == scores.llamafactory(preds, refs)["bleu-4"]
+    assert (
+        json.loads((tmp_path / "lf" / "metrics.json").read_text())["bleu-4"]
+        == scores.llamafactory(preds, refs)["bleu-4"]
+    )
 
 
 def test_generation_from_a_registry_dataset(trained, tmp_path, capsys, env):
     from finetune.eval import scores
 
-    code, _, err = cli(capsys, "eval", trained, "--data", "alpaca_zh_demo", "--max-samples", 5, "--max-new-tokens", 8,
-                         "--batch-size", 2, "--out", tmp_path / "o", "--history", "none")
+    code, _, err = cli(
+        capsys,
+        "eval",
+        trained,
+        "--data",
+        "alpaca_zh_demo",
+        "--max-samples",
+        5,
+        "--max-new-tokens",
+        8,
+        "--batch-size",
+        2,
+        "--out",
+        tmp_path / "o",
+        "--history",
+        "none",
+    )
     assert code == 0, err
     rows = [json.loads(line) for line in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and all(set(r) == {"prompt", "prediction", "reference"} for r in rows)
@@ -170,7 +227,9 @@ def test_batched_generation_equals_one_by_one(trained):
     from finetune.eval import generation, loader
 
     loaded = loader.load(str(trained))
-    prompts = [c[:1] for c in MEMO_CHATS] + [[{"role": "user", "content": "Tell me a long story about a cat, a dog and a bird."}]]
+    prompts = [c[:1] for c in MEMO_CHATS] + [
+        [{"role": "user", "content": "Tell me a long story about a cat, a dog and a bird."}]
+    ]
     batched = generation.generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=12, batch_size=5)
     assert batched == generation.generate_one_by_one(loaded.model, loaded.tokenizer, prompts, max_new_tokens=12)
     assert batched[:4] == [c[1]["content"] for c in MEMO_CHATS]  # memorised, despite left padding
@@ -188,8 +247,10 @@ def _error(capsys, *argv) -> str:
 
 
 def test_predictions_missing_a_field_names_file_line_field(tmp_path, capsys):
-    f = write_jsonl(tmp_path / "p.jsonl", [{"prediction": "a", "reference": "a"}, {"prediction": "b", "reference": "b"},
-                                           {"prediction": "c"}])
+    f = write_jsonl(
+        tmp_path / "p.jsonl",
+        [{"prediction": "a", "reference": "a"}, {"prediction": "b", "reference": "b"}, {"prediction": "c"}],
+    )
     line = _error(capsys, "eval", "--predictions", f, "--out", tmp_path / "o")
     assert f"{f}:3: field 'reference': missing" in line
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.incomplete*"))
@@ -206,8 +267,10 @@ def test_empty_dataset(tmp_path, capsys):
 def test_suite_with_an_unknown_task(tmp_path, capsys):
     suite = tmp_path / "suite.yaml"
     (tmp_path / "t.txt").write_text("Some text.\n")
-    suite.write_text("name: s\ntasks:\n  - name: ppl\n    type: perplexity\n    data: t.txt\n"
-                     "  - name: quiz\n    type: multiple_choise\n    data: t.txt\n")
+    suite.write_text(
+        "name: s\ntasks:\n  - name: ppl\n    type: perplexity\n    data: t.txt\n"
+        "  - name: quiz\n    type: multiple_choise\n    data: t.txt\n"
+    )
     line = _error(capsys, "eval", "tiny-llama", "--suite", suite, "--out", tmp_path / "o")
     assert f"{suite}:7: tasks[1].type: unknown task type 'multiple_choise'" in line
     assert "did you mean 'multiple_choice'?" in line
@@ -268,22 +331,63 @@ def test_lm_eval_backend_runs_a_local_task_and_agrees_with_ours(tmp_path):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     data = REPO / "eval" / "data" / "knowledge_en.jsonl"
-    (tasks / "knowledge.yaml").write_text(yaml.safe_dump({
-        "task": "ft_knowledge_en", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
-        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "Question: {{question}}\nAnswer:",
-        "doc_to_choice": "{{choices}}", "doc_to_target": "answer",
-        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
-    }))
+    (tasks / "knowledge.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": "ft_knowledge_en",
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str(data)}},
+                "test_split": "test",
+                "output_type": "multiple_choice",
+                "doc_to_text": "Question: {{question}}\nAnswer:",
+                "doc_to_choice": "{{choices}}",
+                "doc_to_target": "answer",
+                "metric_list": [
+                    {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                    {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+                ],
+            }
+        )
+    )
     suite = tmp_path / "suite.yaml"
-    suite.write_text(yaml.safe_dump({"name": "both", "tasks": [
-        {"name": "ours", "type": "multiple_choice", "data": str(data)},
-        {"name": "harness", "type": "lm_eval", "task": "ft_knowledge_en", "include_path": "tasks", "metrics": ["acc", "acc_norm"]},
-    ]}))
+    suite.write_text(
+        yaml.safe_dump(
+            {
+                "name": "both",
+                "tasks": [
+                    {"name": "ours", "type": "multiple_choice", "data": str(data)},
+                    {
+                        "name": "harness",
+                        "type": "lm_eval",
+                        "task": "ft_knowledge_en",
+                        "include_path": "tasks",
+                        "metrics": ["acc", "acc_norm"],
+                    },
+                ],
+            }
+        )
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "finetune", "eval", "tiny-llama", "--suite", str(suite),
-                             "--out", str(tmp_path / "o"), "--history", "none"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finetune",
+            "eval",
+            "tiny-llama",
+            "--suite",
+            str(suite),
+            "--out",
+            str(tmp_path / "o"),
+            "--history",
+            "none",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     tuned = json.loads((tmp_path / "o" / "report.json").read_text())["suite"]["tuned"]
     assert tuned["harness"] == tuned["ours"], tuned

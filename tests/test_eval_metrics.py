@@ -12,12 +12,34 @@ import pytest
 
 from finetune.eval import modules, scores
 
-EN_PRED = ["The cat sat on the mat.", "A dog runs fast in the park", "Paris is the capital of France.",
-           "It opens at 7:30 every Monday.", "I do not know."]
-EN_REF = ["The cat is on the mat.", "The dog runs fast in the park.", "Paris is the capital of France.",
-          "The shop opens at 7:30 on Mondays.", "Tom keeps his bike in the kitchen."]
-ZH_PRED = ["中国的首都是北京。", "小明的猫叫花花，今年三岁。", "我喜欢吃苹果", "今天天气很好，我们去公园吧！", "不知道"]
-ZH_REF = ["中国的首都是北京。", "小明的猫叫花花，它今年三岁。", "我喜欢吃香蕉和苹果。", "今天的天气很好。", "上海是一座大城市。"]
+EN_PRED = [
+    "The cat sat on the mat.",
+    "A dog runs fast in the park",
+    "Paris is the capital of France.",
+    "It opens at 7:30 every Monday.",
+    "I do not know.",
+]
+EN_REF = [
+    "The cat is on the mat.",
+    "The dog runs fast in the park.",
+    "Paris is the capital of France.",
+    "The shop opens at 7:30 on Mondays.",
+    "Tom keeps his bike in the kitchen.",
+]
+ZH_PRED = [
+    "中国的首都是北京。",
+    "小明的猫叫花花，今年三岁。",
+    "我喜欢吃苹果",
+    "今天天气很好，我们去公园吧！",
+    "不知道",
+]
+ZH_REF = [
+    "中国的首都是北京。",
+    "小明的猫叫花花，它今年三岁。",
+    "我喜欢吃香蕉和苹果。",
+    "今天的天气很好。",
+    "上海是一座大城市。",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,7 +54,9 @@ def modules_cache(tmp_path_factory):
     evaluate.config.HF_MODULES_CACHE = saved
 
 
-@pytest.mark.parametrize("preds, refs, language, tokenize", [(EN_PRED, EN_REF, "en", "13a"), (ZH_PRED, ZH_REF, "zh", "zh")])
+@pytest.mark.parametrize(
+    "preds, refs, language, tokenize", [(EN_PRED, EN_REF, "en", "13a"), (ZH_PRED, ZH_REF, "zh", "zh")]
+)
 def test_bleu_equals_sacrebleu(preds, refs, language, tokenize):
     import sacrebleu
 
@@ -53,8 +77,9 @@ def test_rouge_equals_rouge_score(preds, refs, tokenizer):
     from rouge_score import rouge_scorer
 
     ours = modules.score(preds, refs, rouge_tokenizer=tokenizer)
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=False,
-                                      tokenizer=scores.rouge_tokenizer(tokenizer))
+    scorer = rouge_scorer.RougeScorer(
+        ["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=False, tokenizer=scores.rouge_tokenizer(tokenizer)
+    )
     direct = [scorer.score(r, p) for p, r in zip(preds, refs)]
     for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
         assert ours[key] == pytest.approx(sum(d[key].fmeasure for d in direct) / len(direct), abs=1e-12)
@@ -96,8 +121,14 @@ def _llamafactory_direct(preds, refs):
     return {k: sum(v) / len(v) for k, v in score_dict.items()}
 
 
-@pytest.mark.parametrize("preds, refs", [(EN_PRED, EN_REF), (ZH_PRED, ZH_REF),
-                                         (["Hello  world... ok？ fine", "", "??"], ["hello world ok fine", "x", "是"])])
+@pytest.mark.parametrize(
+    "preds, refs",
+    [
+        (EN_PRED, EN_REF),
+        (ZH_PRED, ZH_REF),
+        (["Hello  world... ok？ fine", "", "??"], ["hello world ok fine", "x", "是"]),
+    ],
+)
 def test_llamafactory_style_equals_llamafactory(preds, refs):
     ours = modules.score(preds, refs, style="llamafactory")
     direct = _llamafactory_direct(preds, refs)
@@ -153,8 +184,10 @@ def test_metrics_work_when_the_hf_cache_is_read_only(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     hf = tmp_path / "hf"
-    code = ("import json; from finetune.eval import modules; modules._writable = lambda d: False; "
-            f"r = modules.score({EN_PRED!r}, {EN_REF!r}); print(json.dumps([modules._chosen['modules'], r['bleu']]))")
+    code = (
+        "import json; from finetune.eval import modules; modules._writable = lambda d: False; "
+        f"r = modules.score({EN_PRED!r}, {EN_REF!r}); print(json.dumps([modules._chosen['modules'], r['bleu']]))"
+    )
     env = {**os.environ, "PYTHONPATH": str(repo), "HF_HOME": str(hf)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -168,9 +201,17 @@ def test_jieba_says_nothing_on_stderr(tmp_path):
     import subprocess
     import sys
 
-    code = ("from finetune.eval.scores import JiebaTokenizer, llamafactory; "
-            "print(JiebaTokenizer().tokenize('今天天气很好')); llamafactory(['今天很好'], ['今天天气很好'])")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=False,
-                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    code = (
+        "from finetune.eval.scores import JiebaTokenizer, llamafactory; "
+        "print(JiebaTokenizer().tokenize('今天天气很好')); llamafactory(['今天很好'], ['今天天气很好'])"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert "天气" in r.stdout

@@ -31,8 +31,9 @@ def hf_logits(model_dir, ids):
 
 @pytest.fixture(scope="module")
 def probe_ids(tiny_tokenizer):
-    return tiny_tokenizer.apply_chat_template([{"role": "user", "content": "What colour is the sky?"}],
-                                              add_generation_prompt=True, return_dict=True)["input_ids"]
+    return tiny_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What colour is the sky?"}], add_generation_prompt=True, return_dict=True
+    )["input_ids"]
 
 
 def test_gguf_f32_round_trip_and_llama_cpp_forward_match_transformers(tmp_path, tiny_path, tiny_tokenizer, probe_ids):
@@ -48,7 +49,11 @@ def test_gguf_f32_round_trip_and_llama_cpp_forward_match_transformers(tmp_path, 
     assert np.array_equal(tensors["blk.0.ffn_down.weight"], hf["model.layers.0.mlp.down_proj.weight"].numpy())
     assert np.array_equal(tensors["token_embd.weight"], hf["model.embed_tokens.weight"].numpy())
     q, k = hf["model.layers.1.self_attn.q_proj.weight"].numpy(), hf["model.layers.1.self_attn.k_proj.weight"].numpy()
-    assert tensors["blk.1.attn_k.weight"].shape == k.shape == (cfg["num_key_value_heads"] * cfg["head_dim"], cfg["hidden_size"])
+    assert (
+        tensors["blk.1.attn_k.weight"].shape
+        == k.shape
+        == (cfg["num_key_value_heads"] * cfg["head_dim"], cfg["hidden_size"])
+    )
     assert not np.array_equal(tensors["blk.1.attn_q.weight"], q)
     assert np.array_equal(gguf_export.unpermute(tensors["blk.1.attn_q.weight"], 4), q)
     assert np.array_equal(gguf_export.unpermute(tensors["blk.1.attn_k.weight"], 4, 2), k)
@@ -73,7 +78,9 @@ def test_gguf_f32_round_trip_and_llama_cpp_forward_match_transformers(tmp_path, 
     assert np.abs(gguf_forward(out, probe_ids) - expected).max() < 1e-4
 
 
-@pytest.mark.parametrize("outtype,qtype", [("f16", gguf.GGMLQuantizationType.F16), ("q8_0", gguf.GGMLQuantizationType.Q8_0)])
+@pytest.mark.parametrize(
+    "outtype,qtype", [("f16", gguf.GGMLQuantizationType.F16), ("q8_0", gguf.GGMLQuantizationType.Q8_0)]
+)
 def test_gguf_outtypes_read_back_within_tolerance(tmp_path, tiny_path, probe_ids, outtype, qtype):
     out = tmp_path / f"tiny-{outtype}.gguf"
     report = gguf_export.convert(Path(tiny_path), out, outtype)
@@ -86,8 +93,16 @@ def test_gguf_outtypes_read_back_within_tolerance(tmp_path, tiny_path, probe_ids
 
 def test_qwen2_exports_unpermuted_with_biases(tmp_path, tiny_path, tiny_tokenizer, probe_ids):
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=1536, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    cfg = Qwen2Config(
+        vocab_size=1536,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     model_dir = tmp_path / "qwen2"
     model = AutoModelForCausalLM.from_config(cfg)
     for name, p in model.named_parameters():
@@ -98,26 +113,38 @@ def test_qwen2_exports_unpermuted_with_biases(tmp_path, tiny_path, tiny_tokenize
     gguf_export.convert(model_dir, tmp_path / "q.gguf", "f32")
     tensors, meta, _ = read(tmp_path / "q.gguf")
     assert meta["general.architecture"] == "qwen2" and "output.weight" not in tensors
-    assert np.array_equal(tensors["blk.0.attn_q.weight"], model.model.layers[0].self_attn.q_proj.weight.detach().numpy())
+    assert np.array_equal(
+        tensors["blk.0.attn_q.weight"], model.model.layers[0].self_attn.q_proj.weight.detach().numpy()
+    )
     assert "blk.0.attn_k.bias" in tensors
     assert np.abs(gguf_forward(tmp_path / "q.gguf", probe_ids) - hf_logits(model_dir, probe_ids)).max() < 1e-4
 
 
-CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are Qwen.<|im_end|>\n"
-          "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-          "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-          "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
-CONTENT_DEPENDENT = ("{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}{{ m['content'] }}"
-                     "{% else %}[{{ m['role'] }}] {{ m['content'] | upper }}\n{% endif %}{% endfor %}")
+CHATML = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are Qwen.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+CONTENT_DEPENDENT = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}{{ m['content'] }}"
+    "{% else %}[{{ m['role'] }}] {{ m['content'] | upper }}\n{% endif %}{% endfor %}"
+)
 
 
-@pytest.mark.parametrize("template,stops,system", [
-    (None, ["</s>", "<|user|>"], None),
-    (CHATML, ["<|im_end|>", "<|im_start|>user"], "You are Qwen."),
-    (LLAMA3.replace(" | trim", ""), ["<|eot_id|>", "<|start_header_id|>user<|end_header_id|>"], None),
-], ids=["tiny", "chatml", "llama3-untrimmed"])
+@pytest.mark.parametrize(
+    "template,stops,system",
+    [
+        (None, ["</s>", "<|user|>"], None),
+        (CHATML, ["<|im_end|>", "<|im_start|>user"], "You are Qwen."),
+        (LLAMA3.replace(" | trim", ""), ["<|eot_id|>", "<|start_header_id|>user<|end_header_id|>"], None),
+    ],
+    ids=["tiny", "chatml", "llama3-untrimmed"],
+)
 def test_ollama_template_reproduces_the_chat_template(tiny_tokenizer, template, stops, system):
     import copy
 
@@ -125,12 +152,18 @@ def test_ollama_template_reproduces_the_chat_template(tiny_tokenizer, template, 
     if template:
         tok.chat_template = template
     pieces = ollama.split_template(tok)
-    chat = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Bonjour."}, {"role": "user", "content": "Sky?"}]
+    chat = [
+        {"role": "system", "content": "Answer in French."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Bonjour."},
+        {"role": "user", "content": "Sky?"},
+    ]
     assert pieces.render(chat, True) == tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     text = ollama.modelfile("m.gguf", tok)
     assert text.splitlines()[1] == "FROM ./m.gguf"
-    assert [line.split(" ", 2)[2].strip('"') for line in text.splitlines() if line.startswith("PARAMETER stop")] == stops
+    assert [
+        line.split(" ", 2)[2].strip('"') for line in text.splitlines() if line.startswith("PARAMETER stop")
+    ] == stops
     assert (f'SYSTEM """{system}"""' in text) == bool(system)
     go = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     assert ('(ne .Role "system")' in go) == (system is not None)  # a default system turn is written when none is sent
@@ -149,8 +182,20 @@ def test_ollama_refuses_a_template_it_cannot_translate(tiny_tokenizer):
 
 def test_export_cli_merges_an_adapter_and_writes_gguf_and_modelfile(tmp_path, tiny_path):
     adapter = make_adapter(tiny_path, tmp_path / "adapter", lora())
-    r = run_cli(["export", str(adapter), "--out", str(tmp_path / "out" / "model.gguf"), "--outtype", "q8_0", "--ollama",
-                 "--system", "Be brief."], cwd=tmp_path)
+    r = run_cli(
+        [
+            "export",
+            str(adapter),
+            "--out",
+            str(tmp_path / "out" / "model.gguf"),
+            "--outtype",
+            "q8_0",
+            "--ollama",
+            "--system",
+            "Be brief.",
+        ],
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "merged on the fly" in r.stdout and "read back: names, shapes and metadata match" in r.stdout
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["Modelfile", "model.gguf"]  # no temp dir left
@@ -166,7 +211,9 @@ def test_export_cli_merges_an_adapter_and_writes_gguf_and_modelfile(tmp_path, ti
 def test_export_refuses_what_it_cannot_write(tmp_path, tiny_path):
     from peft import PromptTuningConfig
 
-    prompt = make_adapter(tiny_path, tmp_path / "prompt", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    prompt = make_adapter(
+        tiny_path, tmp_path / "prompt", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    )
     with pytest.raises(FinetuneError, match="virtual tokens"):
         export_gguf(str(prompt), str(tmp_path / "p.gguf"))
     with pytest.raises(FinetuneError, match="GGUF export supports"):

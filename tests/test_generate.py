@@ -67,10 +67,10 @@ def test_left_padded_batches_answer_as_one_by_one(tiny_path, tiny_tokenizer, met
     width = batch["input_ids"].shape[1]
     for row, text in enumerate(PROMPTS):
         enc = tok([text], return_tensors="pt")
-        alone = generate(model, **enc, **_greedy(tok))[0, enc["input_ids"].shape[1]:].tolist()
+        alone = generate(model, **enc, **_greedy(tok))[0, enc["input_ids"].shape[1] :].tolist()
         together_row = together[row, width:].tolist()
         assert together_row[: len(alone)] == alone, (method, text)
-        assert all(t == tok.pad_token_id for t in together_row[len(alone):])
+        assert all(t == tok.pad_token_id for t in together_row[len(alone) :])
 
 
 def test_streaming_prints_exactly_the_answer(tiny_path, tiny_tokenizer):
@@ -79,5 +79,5 @@ def test_streaming_prints_exactly_the_answer(tiny_path, tiny_tokenizer):
     sink = io.StringIO()
     with torch.no_grad():
         out = generate(model, **enc, **_greedy(tok), streamer=_streamer(tok, sink))
-    answer = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert answer.strip() and sink.getvalue().strip() == answer.strip()

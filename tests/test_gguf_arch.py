@@ -15,19 +15,45 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from finetune import gguf_export
 from finetune.errors import FinetuneError
 
-SMALL = {"vocab_size": 1536, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "max_position_embeddings": 256}
+SMALL = {
+    "vocab_size": 1536,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
 CONFIGS = {
     "qwen3": {"model_type": "qwen3", "head_dim": 16, "tie_word_embeddings": True},
-    "qwen3_moe": {"model_type": "qwen3_moe", "head_dim": 16, "moe_intermediate_size": 32, "num_experts": 4,
-                      "num_experts_per_tok": 2, "norm_topk_prob": True},
+    "qwen3_moe": {
+        "model_type": "qwen3_moe",
+        "head_dim": 16,
+        "moe_intermediate_size": 32,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "norm_topk_prob": True,
+    },
     # sliding_window 4 < the probe's length: the local/global layer layout is exercised
-    "gemma2": {"model_type": "gemma2", "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4,
-                   "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
-    "gemma3_text": {"model_type": "gemma3_text", "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4,
-                        "num_hidden_layers": 7, "rope_parameters": {
-                            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
-                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+    "gemma2": {
+        "model_type": "gemma2",
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 4,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+    },
+    "gemma3_text": {
+        "model_type": "gemma3_text",
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 4,
+        "num_hidden_layers": 7,
+        "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    },
     "phi3": {"model_type": "phi3", "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
 }
 GGUF_ARCH = {"qwen3": "qwen3", "qwen3_moe": "qwen3moe", "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
@@ -49,14 +75,18 @@ def tiny_model_dir(root: Path, family: str, tokenizer, **overrides) -> Path:
 
 
 def hf_logits(model_dir, ids):
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     with torch.no_grad():
         return model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
 
 
 @pytest.fixture(scope="module")
 def ids(tiny_tokenizer):
-    return tiny_tokenizer("The sky is blue because of Rayleigh scattering.", add_special_tokens=False)["input_ids"][:12]
+    return tiny_tokenizer("The sky is blue because of Rayleigh scattering.", add_special_tokens=False)["input_ids"][
+        :12
+    ]
 
 
 @pytest.mark.parametrize("family", list(CONFIGS))
@@ -84,11 +114,16 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
         assert tensors["blk.0.attn_qkv.weight"].shape == (64 + 2 * 32, 64)
 
 
-@pytest.mark.parametrize("family,override,field", [
-    ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob"),
-    ("gemma2", {"query_pre_attn_scalar": 32}, "query_pre_attn_scalar"),
-])
-def test_a_configuration_llama_cpp_would_compute_differently_is_refused(tmp_path, tiny_tokenizer, family, override, field):
+@pytest.mark.parametrize(
+    "family,override,field",
+    [
+        ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob"),
+        ("gemma2", {"query_pre_attn_scalar": 32}, "query_pre_attn_scalar"),
+    ],
+)
+def test_a_configuration_llama_cpp_would_compute_differently_is_refused(
+    tmp_path, tiny_tokenizer, family, override, field
+):
     model_dir = tiny_model_dir(tmp_path, family, tiny_tokenizer, **override)
     with pytest.raises(FinetuneError, match=field) as e:
         gguf_export.convert(model_dir, tmp_path / "x.gguf", "f32")

@@ -36,7 +36,9 @@ def vectors(name):
 
 def _byte_chars():
     """GPT-2's byte -> printable character map (byte-level BPE)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
@@ -66,7 +68,7 @@ class GGUFBPE:
             rank, i = min(ranked)
             if rank == 1 << 60:
                 break
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
         return [self.ids[p] for p in parts]
 
     def encode(self, text):
@@ -85,29 +87,47 @@ def model_with_real_tokenizer(root: Path, name: str, tokenizer_class: str, claim
 
     meta, _ = gguf_export.read_gguf(VOCAB / f"ggml-vocab-{name}.gguf")
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
-    bpe = models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]],
-                     ignore_merges=name in IGNORE_MERGES)
+    bpe = models.BPE(
+        {t: i for i, t in enumerate(tokens)},
+        [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]],
+        ignore_merges=name in IGNORE_MERGES,
+    )
     tk = Tokenizer(bpe)
     split = [] if claim_gpt2 else [pre_tokenizers.Split(Regex(LLAMA_CPP_REGEX[name]), behavior="isolated")]
-    tk.pre_tokenizer = pre_tokenizers.Sequence([*split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=claim_gpt2)])
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [*split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=claim_gpt2)]
+    )
     tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, types) if kind == 3])
+    tk.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, types) if kind == 3]
+    )
     bos, eos = tokens[meta["tokenizer.ggml.bos_token_id"]], tokens[meta["tokenizer.ggml.eos_token_id"]]
     out = root / name
     PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=eos).save_pretrained(str(out))
     cfg_path = out / "tokenizer_config.json"
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "tokenizer_class": tokenizer_class}))
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokens), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokens),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(config).save_pretrained(str(out))
     return out
 
 
-@pytest.mark.parametrize("name,tokenizer_class,claim_gpt2", [
-    ("qwen2", "Qwen2Tokenizer", True),  # divergence (a): tokenizer.json says gpt-2, the tokenizer splits digits
-    ("llama-bpe", "PreTrainedTokenizerFast", False),
-])
+@pytest.mark.parametrize(
+    "name,tokenizer_class,claim_gpt2",
+    [
+        ("qwen2", "Qwen2Tokenizer", True),  # divergence (a): tokenizer.json says gpt-2, the tokenizer splits digits
+        ("llama-bpe", "PreTrainedTokenizerFast", False),
+    ],
+)
 def test_a_gguf_with_a_real_tokenizer_tokenizes_like_hf(tmp_path, name, tokenizer_class, claim_gpt2):
     model_dir = model_with_real_tokenizer(tmp_path, name, tokenizer_class, claim_gpt2)
     cases = vectors(name)
@@ -187,8 +207,16 @@ def test_a_gguf_with_a_real_sentencepiece_tokenizer_tokenizes_like_hf(tmp_path):
     cases = vectors("phi-3")
     assert [hf.encode(text, add_special_tokens=False) == ids for text, ids in cases] == [True] * len(cases)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(hf), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(hf),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(config).save_pretrained(str(model_dir))
 
     gguf_export.convert(model_dir, tmp_path / "m.gguf", "f16")

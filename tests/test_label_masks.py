@@ -55,7 +55,9 @@ def runs(tok, ids, labels, trained: bool = True) -> list[str]:
 CASES = [(lang, n, sys_) for lang in ("en", "zh") for n in (2, 3) for sys_ in (False, True)]
 
 
-@pytest.mark.parametrize("lang, n_turns, system", CASES, ids=[f"{lang}-{n}turns-{'sys' if s else 'nosys'}" for lang, n, s in CASES])
+@pytest.mark.parametrize(
+    "lang, n_turns, system", CASES, ids=[f"{lang}-{n}turns-{'sys' if s else 'nosys'}" for lang, n, s in CASES]
+)
 def test_chat_mask_equals_generation_markers(tiny_tokenizer, lang, n_turns, system):
     tok = tiny_tokenizer
     msgs = conversation(lang, n_turns, system)
@@ -109,7 +111,9 @@ def test_template_that_is_not_prefix_consistent_trains_each_turn_on_its_inferenc
     first, second = encode(tok, {"messages": msgs})  # one sequence per assistant turn
     assert first.note.startswith("assistant turn 1 renders differently")
     for enc, k in ((first, 1), (second, 3)):
-        prompt = tok.apply_chat_template(msgs[:k], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        prompt = tok.apply_chat_template(msgs[:k], add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
         n = len(prompt)
         assert enc.input_ids[:n] == list(prompt) and set(enc.labels[:n]) == {IGNORE}
         assert runs(tok, enc.input_ids, enc.labels) == [msgs[k]["content"]]  # up to the newline that ends the turn
@@ -171,8 +175,15 @@ def test_truncated_and_dropped_records_are_counted(tmp_path, tiny_tokenizer):
     kept_short, kept_long = split.encoded
     assert not kept_short.truncated and kept_long.truncated
     assert len(kept_long.input_ids) == len(kept_long.labels) == max_length
-    [full] = encode(tok, {"messages": [{"role": "user", "content": long_answer["instruction"]},
-                                       {"role": "assistant", "content": long_answer["output"]}]})
+    [full] = encode(
+        tok,
+        {
+            "messages": [
+                {"role": "user", "content": long_answer["instruction"]},
+                {"role": "assistant", "content": long_answer["output"]},
+            ]
+        },
+    )
     assert kept_long.input_ids == full.input_ids[:max_length] and kept_long.labels == full.labels[:max_length]
     assert kept_long.labels[-1] != IGNORE  # the cut answer is still trained up to the limit
     assert prepared.notes == [
@@ -180,7 +191,13 @@ def test_truncated_and_dropped_records_are_counted(tmp_path, tiny_tokenizer):
     ]
     assert prepared.modes[0].startswith(f"{path}: chat template prefix-consistent: one sequence per record")
     stats = split.stats()
-    assert (stats["records"], stats["examples"], stats["truncated"], stats["dropped"], stats["length_max"]) == (3, 2, 2, 1, max_length)
+    assert (stats["records"], stats["examples"], stats["truncated"], stats["dropped"], stats["length_max"]) == (
+        3,
+        2,
+        2,
+        1,
+        max_length,
+    )
 
 
 def test_all_records_too_long_is_a_data_error(tmp_path, tiny_tokenizer):

@@ -24,8 +24,9 @@ HOLD = "import sys; from finetune import locks; locks.hold(sys.argv[1]); print('
 def _holder(target: Path) -> subprocess.Popen:
     """Another process holding `target`'s lock until its stdin closes (or it is killed)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    p = subprocess.Popen([sys.executable, "-c", HOLD, str(target)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True, env=env)
+    p = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(target)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
     assert p.stdout.readline().strip() == "held"
     return p
 
@@ -34,7 +35,9 @@ def test_second_holder_is_refused_naming_the_pid_and_kill_9_frees_it(tmp_path):
     target = tmp_path / "out"
     holder = _holder(target)
     try:
-        with pytest.raises(OutputError, match=rf"output.dir: {target} is in use by another finetune process \(PID {holder.pid}\)"):
+        with pytest.raises(
+            OutputError, match=rf"output.dir: {target} is in use by another finetune process \(PID {holder.pid}\)"
+        ):
             locks.hold(target)
     finally:
         holder.send_signal(signal.SIGKILL)
@@ -48,12 +51,22 @@ def test_second_holder_is_refused_naming_the_pid_and_kill_9_frees_it(tmp_path):
 def test_a_pipeline_dir_in_use_is_refused(tmp_path, capsys):
     pipe_dir = tmp_path / "pipe"
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"stage": "sft", "model": {"name_or_path": "tiny-llama"},
-                                      "data": {"train": str(memo_data(tmp_path)), "format": "messages"},
-                                      "train": {"max_steps": 1}}), encoding="utf-8")
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "stage": "sft",
+                "model": {"name_or_path": "tiny-llama"},
+                "data": {"train": str(memo_data(tmp_path)), "format": "messages"},
+                "train": {"max_steps": 1},
+            }
+        ),
+        encoding="utf-8",
+    )
     pipe = tmp_path / "pipe.yaml"
-    pipe.write_text(yaml.safe_dump({"output": {"dir": str(pipe_dir)}, "stages": {"sft": {"recipe": str(recipe)}}}),
-                    encoding="utf-8")
+    pipe.write_text(
+        yaml.safe_dump({"output": {"dir": str(pipe_dir)}, "stages": {"sft": {"recipe": str(recipe)}}}),
+        encoding="utf-8",
+    )
     holder = _holder(pipe_dir)
     try:
         assert cli.main(["pipeline", str(pipe)]) == 2
@@ -71,11 +84,15 @@ def test_merge_eval_export_outputs_are_locked_too(tmp_path, tiny_path, capsys, c
     out = tmp_path / ("model.gguf" if command == "export" else "out")
     adapter = tmp_path / "adapter"  # merge only reads its config before claiming --out
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2,
-                                                             "base_model_name_or_path": tiny_path}), encoding="utf-8")
-    argv = {"merge": ["merge", str(adapter), "--out", str(out)],
-            "eval": ["eval", "tiny-llama", "--data", "alpaca_en_demo", "--out", str(out)],
-            "export": ["export", tiny_path, "--out", str(out)]}[command]
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "base_model_name_or_path": tiny_path}),
+        encoding="utf-8",
+    )
+    argv = {
+        "merge": ["merge", str(adapter), "--out", str(out)],
+        "eval": ["eval", "tiny-llama", "--data", "alpaca_en_demo", "--out", str(out)],
+        "export": ["export", tiny_path, "--out", str(out)],
+    }[command]
     holder = _holder(out)
     try:
         assert cli.main(argv) == 2
@@ -109,16 +126,33 @@ sft.run(config.load(sys.argv[1]), callbacks=[PauseAtFirstStep()])
 def test_two_concurrent_runs_one_refused_nothing_corrupted(tmp_path, tiny_path, capsys):
     out = tmp_path / "out"
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "stage": "sft", "model": {"name_or_path": "tiny-llama"},
-        "data": {"train": str(memo_data(tmp_path)), "format": "messages"},
-        "train": {"max_steps": 3, "per_device_train_batch_size": 2, "report_to": [], "bf16": False, "logging_steps": 1},
-        "output": {"dir": str(out)},
-    }), encoding="utf-8")
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "stage": "sft",
+                "model": {"name_or_path": "tiny-llama"},
+                "data": {"train": str(memo_data(tmp_path)), "format": "messages"},
+                "train": {
+                    "max_steps": 3,
+                    "per_device_train_batch_size": 2,
+                    "report_to": [],
+                    "bf16": False,
+                    "logging_steps": 1,
+                },
+                "output": {"dir": str(out)},
+            }
+        ),
+        encoding="utf-8",
+    )
     paused, go = tmp_path / "paused", tmp_path / "go"
-    first = subprocess.Popen([sys.executable, "-c", PAUSED_RUN, str(recipe), str(paused), str(go)], cwd=tmp_path,
-                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_RUN, str(recipe), str(paused), str(go)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 300
         while not paused.exists() and first.poll() is None and time.time() < deadline:

@@ -11,11 +11,11 @@ import sys
 
 import pytest
 import torch
+from _merge_support import logits, lora, make_adapter, other_base, set_base
 from peft import IA3Config, LoHaConfig, PeftModel, PromptTuningConfig, VeraConfig
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from _merge_support import lora, logits, make_adapter, other_base, set_base
 from finetune import cli, merge
 from finetune.errors import FinetuneError
 
@@ -27,11 +27,24 @@ def adapters(tmp_path_factory, tiny_path):
         "lora": make_adapter(tiny_path, root / "lora", lora(), seed=0),
         "lora_b": make_adapter(tiny_path, root / "lora_b", lora(), seed=1),
         "dora": make_adapter(tiny_path, root / "dora", lora(use_dora=True), seed=2),
-        "ia3": make_adapter(tiny_path, root / "ia3", IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
-                                                               feedforward_modules=["down_proj"], init_ia3_weights=False)),
-        "loha": make_adapter(tiny_path, root / "loha", LoHaConfig(r=4, target_modules="all-linear", init_weights=False)),
-        "vera": make_adapter(tiny_path, root / "vera", VeraConfig(r=16, target_modules=["q_proj", "o_proj"], init_weights=False)),
-        "prompt": make_adapter(tiny_path, root / "prompt", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)),
+        "ia3": make_adapter(
+            tiny_path,
+            root / "ia3",
+            IA3Config(
+                target_modules=["k_proj", "v_proj", "down_proj"],
+                feedforward_modules=["down_proj"],
+                init_ia3_weights=False,
+            ),
+        ),
+        "loha": make_adapter(
+            tiny_path, root / "loha", LoHaConfig(r=4, target_modules="all-linear", init_weights=False)
+        ),
+        "vera": make_adapter(
+            tiny_path, root / "vera", VeraConfig(r=16, target_modules=["q_proj", "o_proj"], init_weights=False)
+        ),
+        "prompt": make_adapter(
+            tiny_path, root / "prompt", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+        ),
     }
 
 
@@ -58,18 +71,27 @@ assert "finetune" not in sys.modules and "peft" not in sys.modules
 """
 
 
-def test_lora_merge_loads_in_plain_transformers_with_the_adapter_logits(tmp_path, adapters, tiny_path, tiny_tokenizer,
-                                                                       base_model):
+def test_lora_merge_loads_in_plain_transformers_with_the_adapter_logits(
+    tmp_path, adapters, tiny_path, tiny_tokenizer, base_model
+):
     out = tmp_path / "merged"
     report = merge.merge(str(adapters["lora"]), str(out))
     assert report.max_delta <= 1e-4
     files = {p.name for p in out.iterdir()}
-    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md",
-            "merge_report.json"} <= files
+    assert {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "README.md",
+        "merge_report.json",
+    } <= files
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pth"))] and not list(tmp_path.glob(".merged.tmp-*"))
     assert "adapter_config.json" not in files
 
-    r = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out), str(tmp_path / "l.pt")], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", PLAIN_LOAD, str(out), str(tmp_path / "l.pt")], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     merged = torch.load(tmp_path / "l.pt")
     expected = adapter_logits(tiny_path, adapters["lora"], tiny_tokenizer)
@@ -79,9 +101,19 @@ def test_lora_merge_loads_in_plain_transformers_with_the_adapter_logits(tmp_path
     assert "max |Δlogit|" in card and str(adapters["lora"]) in card
 
 
-@pytest.mark.parametrize("name,dtype,tol", [("dora", "float32", 1e-4), ("ia3", "float32", 1e-4), ("loha", "float32", 1e-4),
-                                            ("vera", "float32", 1e-4), ("lora", "bfloat16", 0.5)])
-def test_other_methods_and_dtypes_merge_within_tolerance(tmp_path, adapters, tiny_path, tiny_tokenizer, name, dtype, tol):
+@pytest.mark.parametrize(
+    "name,dtype,tol",
+    [
+        ("dora", "float32", 1e-4),
+        ("ia3", "float32", 1e-4),
+        ("loha", "float32", 1e-4),
+        ("vera", "float32", 1e-4),
+        ("lora", "bfloat16", 0.5),
+    ],
+)
+def test_other_methods_and_dtypes_merge_within_tolerance(
+    tmp_path, adapters, tiny_path, tiny_tokenizer, name, dtype, tol
+):
     out = tmp_path / "merged"
     report = merge.merge(str(adapters[name]), str(out), dtype=dtype, max_shard_size="1MB")
     assert report.max_delta <= tol
@@ -100,14 +132,20 @@ def test_other_methods_and_dtypes_merge_within_tolerance(tmp_path, adapters, tin
 def test_qlora_merges_both_ways_and_reports_the_deviation(tmp_path, tiny_path, tiny_tokenizer):
     from peft import LoraConfig
 
-    adapter = make_adapter(tiny_path, tmp_path / "qlora", LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                                     init_lora_weights=False), qlora=True)
+    adapter = make_adapter(
+        tiny_path,
+        tmp_path / "qlora",
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+        qlora=True,
+    )
     faithful = merge.merge(str(adapter), str(tmp_path / "deq"))  # default: onto the dequantized weights
     original = merge.merge(str(adapter), str(tmp_path / "orig"), onto="original")
     assert faithful.max_delta <= 1e-4 and original.max_delta <= 1e-4  # each merge reproduces its own adapter model
     deq, orig = faithful.deviations["dequantized"], original.deviations["original"]
     assert 0 < deq and deq * 5 < orig, (deq, orig)  # the faithful merge is far closer to what was trained
-    assert json.loads((tmp_path / "deq" / "merge_report.json").read_text())["deviation_from_4bit_adapter_model"] == {"dequantized": deq}
+    assert json.loads((tmp_path / "deq" / "merge_report.json").read_text())["deviation_from_4bit_adapter_model"] == {
+        "dequantized": deq
+    }
     assert not json.loads((tmp_path / "deq" / "config.json").read_text()).get("quantization_config")
     # the two merges differ exactly in the base weights: dequantized 4-bit vs original
     a = AutoModelForCausalLM.from_pretrained(str(tmp_path / "deq")).model.layers[0].self_attn.q_proj.weight
@@ -120,7 +158,9 @@ def test_qlora_merges_both_ways_and_reports_the_deviation(tmp_path, tiny_path, t
     assert abs(other.deviations["dequantized"] - deq) < 1e-6 and "no finetune recipe.yaml" in " ".join(other.notes)
 
 
-def test_ties_and_dare_combinations_load_and_differ_from_a_plain_average(tmp_path, adapters, tiny_path, tiny_tokenizer):
+def test_ties_and_dare_combinations_load_and_differ_from_a_plain_average(
+    tmp_path, adapters, tiny_path, tiny_tokenizer
+):
     pair = [str(adapters["lora"]), str(adapters["lora_b"])]
     merge.merge_adapters(pair, str(tmp_path / "avg"), method="cat", weights=[0.5, 0.5])
     average = adapter_logits(tiny_path, tmp_path / "avg", tiny_tokenizer)
@@ -130,7 +170,9 @@ def test_ties_and_dare_combinations_load_and_differ_from_a_plain_average(tmp_pat
         assert report.max_delta <= 1e-4
         outputs[method] = adapter_logits(tiny_path, tmp_path / method, tiny_tokenizer)  # plain peft loads it
         assert (outputs[method] - average).abs().max() > 0.05, method
-    assert (outputs["dare_ties"] - outputs["ties"]).abs().max() > 1e-3  # DARE's random drop is not TIES' magnitude trim
+    assert (
+        outputs["dare_ties"] - outputs["ties"]
+    ).abs().max() > 1e-3  # DARE's random drop is not TIES' magnitude trim
 
     into = merge.merge_adapters(pair, str(tmp_path / "ties_model"), method="ties", density=0.5, into_base=True)
     assert into.max_delta <= 1e-4
@@ -182,7 +224,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, adapters, tiny_path,
     moved = tmp_path / "other_adapter"
     shutil.copytree(adapters["lora_b"], moved)
     set_base(moved, str(other))
-    line = _cli_error(capsys, ["merge", "--adapters", str(adapters["lora"]), str(moved), "--method", "ties", "--out", str(out)])
+    line = _cli_error(
+        capsys, ["merge", "--adapters", str(adapters["lora"]), str(moved), "--method", "ties", "--out", str(out)]
+    )
     assert "same base" in line
 
     line = _cli_error(capsys, ["merge", "--adapters", str(adapters["lora"]), str(adapters["dora"]), "--out", str(out)])
@@ -204,11 +248,13 @@ def test_a_failed_check_writes_nothing(tmp_path, adapters):
 
 def test_a_finetune_output_merges_by_its_recipe_when_the_recorded_base_moved(tmp_path, tiny_path, tiny_tokenizer):
     from _support import memo_recipe
+
     from finetune import config
     from finetune.stages import sft
 
-    out = sft.run(config.load(text=memo_recipe(tmp_path, "lora", steps=3, adapter={"r": 4},
-                                               train={"learning_rate": 1e-2})))
+    out = sft.run(
+        config.load(text=memo_recipe(tmp_path, "lora", steps=3, adapter={"r": 4}, train={"learning_rate": 1e-2}))
+    )
     trained = adapter_logits(tiny_path, out, tiny_tokenizer)
     set_base(out, str(tmp_path / "gone" / "tiny-llama"))  # e.g. another machine's cache path
     report = merge.merge(str(out), str(tmp_path / "merged"))  # recipe.yaml's `tiny-llama` resolves here

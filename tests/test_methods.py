@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _support import REPO, Watcher, logged_losses, memo_recipe, probe_inputs
 from safetensors.torch import load_file
 
-from _support import REPO, Watcher, logged_losses, memo_recipe, probe_inputs
 from finetune import adapters, config
 from finetune.errors import RecipeError
 from finetune.generate import peft_misses_the_cache
@@ -36,18 +36,40 @@ CASES = {
     "loraplus": ({"method": "lora", **LORA, "loraplus_lr_ratio": 16}, 1e-3, ("lora_A", "lora_B"), 0.5),
     "pissa": ({"method": "pissa", **LORA}, 3e-3, ("lora_A", "lora_B"), 0.5),
     "olora": ({"method": "olora", **LORA}, 3e-3, ("lora_A", "lora_B"), 0.5),
-    "adalora": ({"method": "adalora", "r": 8, "init_r": 12, "alpha": 32, "dropout": 0.0}, 1e-2, ("lora_A", "lora_B", "lora_E"), 0.5),
+    "adalora": (
+        {"method": "adalora", "r": 8, "init_r": 12, "alpha": 32, "dropout": 0.0},
+        1e-2,
+        ("lora_A", "lora_B", "lora_E"),
+        0.5,
+    ),
     "loha": ({"method": "loha", "r": 16, "alpha": 32}, 3e-3, ("hada_",), 0.5),
     "lokr": ({"method": "lokr", "r": 16, "alpha": 32}, 3e-3, ("lokr_",), 0.5),
     "vera": ({"method": "vera", "r": 64, "dropout": 0.0}, 3e-2, ("vera_lambda",), 0.5),
     "ia3": ({"method": "ia3"}, 3e-2, ("ia3_l",), 0.5),
-    "prompt_tuning": ({"method": "prompt_tuning", "num_virtual_tokens": 8, "init_text": "Answer the question in one sentence."},
-                      1e-1, ("prompt_encoder",), 0.8),
-    "prefix_tuning": ({"method": "prefix_tuning", "num_virtual_tokens": 8, "prefix_projection": True, "encoder_hidden_size": 64},
-                      1e-2, ("prompt_encoder",), 0.8),
-    "p_tuning": ({"method": "p_tuning", "num_virtual_tokens": 8, "encoder_type": "lstm", "encoder_hidden_size": 64},
-                 3e-3, ("prompt_encoder",), 0.8),
-    "freeze": ({"method": "freeze", "trainable_layers": 1, "trainable_modules": ["lm_head"]}, 1e-3, ("layers.3.", "lm_head"), 0.5),
+    "prompt_tuning": (
+        {"method": "prompt_tuning", "num_virtual_tokens": 8, "init_text": "Answer the question in one sentence."},
+        1e-1,
+        ("prompt_encoder",),
+        0.8,
+    ),
+    "prefix_tuning": (
+        {"method": "prefix_tuning", "num_virtual_tokens": 8, "prefix_projection": True, "encoder_hidden_size": 64},
+        1e-2,
+        ("prompt_encoder",),
+        0.8,
+    ),
+    "p_tuning": (
+        {"method": "p_tuning", "num_virtual_tokens": 8, "encoder_type": "lstm", "encoder_hidden_size": 64},
+        3e-3,
+        ("prompt_encoder",),
+        0.8,
+    ),
+    "freeze": (
+        {"method": "freeze", "trainable_layers": 1, "trainable_modules": ["lm_head"]},
+        1e-3,
+        ("layers.3.", "lm_head"),
+        0.5,
+    ),
     "full": ({"method": "full"}, 1e-3, ("",), 0.5),
 }
 
@@ -124,15 +146,20 @@ RELOAD = textwrap.dedent("""
 """)
 
 
-
 @pytest.fixture(scope="module")
 def reloaded(runs, tmp_path_factory):
     """case -> {logits, cached, uncached} from the reload subprocess."""
     dirs = {case: str(r[0]) for case, r in runs.items() if not isinstance(r, Exception)}
     out = tmp_path_factory.mktemp("reloaded")
     env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", RELOAD, json.dumps(dirs), str(out), str(NEW_TOKENS)],
-                          capture_output=True, text=True, env=env, cwd=out, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", RELOAD, json.dumps(dirs), str(out), str(NEW_TOKENS)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=out,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = json.loads((out / "errors.json").read_text())
     return {case: errors.get(case) or load_file(str(out / f"{case}.safetensors")) for case in dirs}
@@ -155,8 +182,14 @@ def test_method_learns_and_trains_exactly_its_parameters(runs, case):
     assert watcher.before_trainable, "nothing was trainable"
     unchanged = [n for n, p in watcher.before_trainable.items() if torch.equal(p, watcher.after[n])]
     if case == "adalora":  # a layer AdaLoRA pruned to rank 0 keeps its all-zero singular values
-        pruned = {k for k, mask in json.loads((out / "adapter_config.json").read_text())["rank_pattern"].items() if not any(mask)}
-        unchanged = [n for n in unchanged if n.removeprefix("base_model.model.").removesuffix(".default") not in pruned]
+        pruned = {
+            k
+            for k, mask in json.loads((out / "adapter_config.json").read_text())["rank_pattern"].items()
+            if not any(mask)
+        }
+        unchanged = [
+            n for n in unchanged if n.removeprefix("base_model.model.").removesuffix(".default") not in pruned
+        ]
     assert not unchanged, f"trainable parameters that did not move: {unchanged[:5]}"
     moved_frozen = [n for n, p in watcher.before_frozen.items() if not torch.equal(p, watcher.after[n])]
     assert not moved_frozen, f"frozen parameters that moved: {moved_frozen[:5]}"
@@ -184,7 +217,9 @@ def test_output_reloads_in_plain_peft_with_the_trained_logits_and_generates(runs
     if case != "prefix_tuning" and not (case in ("prompt_tuning", "p_tuning") and peft_misses_the_cache()):
         # (plain peft <= 0.21.2 on transformers >= 5.24 re-injects the virtual tokens at every cached step;
         # finetune's own generation works around it: tests/test_generate.py)
-        assert torch.equal(got["cached"], got["uncached"]), "generation with the KV cache differs from generation without"
+        assert torch.equal(got["cached"], got["uncached"]), (
+            "generation with the KV cache differs from generation without"
+        )
     files = {p.name for p in out.iterdir()}
     if adapters.is_adapter(CASES[case][0]["method"]):
         assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
@@ -254,30 +289,72 @@ def test_user_learning_rate_wins_over_the_method_default(tmp_path):
 
 BAD = [
     ({"method": "prompt_tuning"}, ["train.packing=true"], r"train\.packing: not with adapter\.method=prompt_tuning"),
-    ({"method": "p_tuning"}, ["train.padding_free=true", "train.max_length=null"], r"train\.padding_free: not with adapter\.method=p_tuning"),
+    (
+        {"method": "p_tuning"},
+        ["train.padding_free=true", "train.max_length=null"],
+        r"train\.padding_free: not with adapter\.method=p_tuning",
+    ),
     ({"method": "full"}, ["adapter.quant_bits=8"], r"adapter\.quant_bits: not used by adapter\.method=full"),
-    ({"method": "full", "quant_type": "fp4"}, [], r"recipe:\d+: adapter\.quant_type: not used by adapter\.method=full"),
-    ({"method": "freeze", "r": 4}, [], r"adapter\.r: not used by adapter\.method=freeze \(it reads: trainable_layers, trainable_modules\)"),
-    ({"method": "freeze", "trainable_layers": 0}, [], r"adapter\.trainable_layers: 0 and no adapter\.trainable_modules"),
-    ({"method": "freeze"}, ["model.dtype=float16"], r"model\.dtype: float16 weights cannot be trained by adapter\.method=freeze"),
+    (
+        {"method": "full", "quant_type": "fp4"},
+        [],
+        r"recipe:\d+: adapter\.quant_type: not used by adapter\.method=full",
+    ),
+    (
+        {"method": "freeze", "r": 4},
+        [],
+        r"adapter\.r: not used by adapter\.method=freeze \(it reads: trainable_layers, trainable_modules\)",
+    ),
+    (
+        {"method": "freeze", "trainable_layers": 0},
+        [],
+        r"adapter\.trainable_layers: 0 and no adapter\.trainable_modules",
+    ),
+    (
+        {"method": "freeze"},
+        ["model.dtype=float16"],
+        r"model\.dtype: float16 weights cannot be trained by adapter\.method=freeze",
+    ),
     ({"method": "ia3", "r": 4}, [], r"adapter\.r: not used by adapter\.method=ia3"),
     ({"method": "ia3", "target_modules": "all-linear"}, [], r"adapter\.target_modules: ia3 needs module names"),
-    ({"method": "ia3", "target_modules": ["k_proj"], "feedforward_modules": ["down_proj"]}, [],
-     r"adapter\.feedforward_modules: must be a subset of adapter\.target_modules"),
-    ({"method": "prompt_tuning", "prefix_projection": True}, [], r"adapter\.prefix_projection: not used by adapter\.method=prompt_tuning"),
+    (
+        {"method": "ia3", "target_modules": ["k_proj"], "feedforward_modules": ["down_proj"]},
+        [],
+        r"adapter\.feedforward_modules: must be a subset of adapter\.target_modules",
+    ),
+    (
+        {"method": "prompt_tuning", "prefix_projection": True},
+        [],
+        r"adapter\.prefix_projection: not used by adapter\.method=prompt_tuning",
+    ),
     ({"method": "lora", "init_text": "hi"}, [], r"adapter\.init_text: not used by adapter\.method=lora"),
     ({"method": "adalora", "r": 8, "init_r": 4}, [], r"adapter\.init_r: must be at least adapter\.r"),
-    ({"method": "lora", "loraplus_lr_ratio": 16}, ["train.optim=sgd"], r"train\.optim: adapter\.loraplus_lr_ratio builds its own AdamW"),
+    (
+        {"method": "lora", "loraplus_lr_ratio": 16},
+        ["train.optim=sgd"],
+        r"train\.optim: adapter\.loraplus_lr_ratio builds its own AdamW",
+    ),
     ({"method": "vera", "loraplus_lr_ratio": 16}, [], r"adapter\.loraplus_lr_ratio: not used by adapter\.method=vera"),
     ({"method": "prefix_tuning", "num_virtual_tokens": 0}, [], r"adapter\.num_virtual_tokens: must be at least 1"),
     ({"method": "p_tuning", "encoder_type": "gru"}, [], r"adapter\.encoder_type: 'gru' is not one of mlp, lstm"),
-    ({"method": "prompt_tunning"}, [], r"adapter\.method: 'prompt_tunning' is not one of .*; did you mean 'prompt_tuning'\?"),
-    ({"method": "full"}, ["stage=dpo"], r"adapter\.method: full runs through stage sft only \(stage dpo takes lora, dora or qlora\)"),
+    (
+        {"method": "prompt_tunning"},
+        [],
+        r"adapter\.method: 'prompt_tunning' is not one of .*; did you mean 'prompt_tuning'\?",
+    ),
+    (
+        {"method": "full"},
+        ["stage=dpo"],
+        r"adapter\.method: full runs through stage sft only \(stage dpo takes lora, dora or qlora\)",
+    ),
 ]
 
 
-@pytest.mark.parametrize("adapter, overrides, message", BAD,
-                         ids=[f"{a['method']}-" + re.search(r"\w+\\\.\w+", m).group().replace("\\", "") for a, _, m in BAD])
+@pytest.mark.parametrize(
+    "adapter, overrides, message",
+    BAD,
+    ids=[f"{a['method']}-" + re.search(r"\w+\\\.\w+", m).group().replace("\\", "") for a, _, m in BAD],
+)
 def test_invalid_combinations_fail_at_load_naming_the_keys(tmp_path, adapter, overrides, message):
     with pytest.raises(RecipeError, match=message):
         config.load(text=method_recipe(tmp_path, adapter, 1e-3), overrides=overrides)
@@ -314,7 +391,13 @@ def _readme_tables() -> dict[str, list[list[str]]]:
         if m := re.match(r"\*\*([\w -]+)\*\*", line):  # `**adapter**`, `**eval** (optional...)`
             title = m.group(1)
             tables[title] = []
-        elif title and line.startswith("| ") and not line.startswith("|---") and not line.startswith("| key") and not line.startswith("| method"):
+        elif (
+            title
+            and line.startswith("| ")
+            and not line.startswith("|---")
+            and not line.startswith("| key")
+            and not line.startswith("| method")
+        ):
             tables[title].append([c.strip() for c in line.strip().strip("|").split(" | ", 2)])
         elif title and tables[title] and not line.startswith("|"):
             title = None

@@ -64,18 +64,32 @@ def test_rerun_skips_finished_stages_and_trains_the_rest(tmp_path, monkeypatch):
 
     # A changed first stage would retrain both: refused before anything trains, naming the change.
     assert "refused: pipeline stage sft" in pipeline.plan(pipeline.load(path, ["sft.train.max_steps=5"]))
-    with pytest.raises(OutputError, match=r"sft: .* another recipe: train.max_steps: 4 -> 5\); set output.overwrite=true"):
+    with pytest.raises(
+        OutputError, match=r"sft: .* another recipe: train.max_steps: 4 -> 5\); set output.overwrite=true"
+    ):
         pipeline.run(pipeline.load(path, ["sft.train.max_steps=5"]))
     assert (sft_dir / "adapter_model.safetensors").stat().st_mtime_ns == stamp
 
 
-@pytest.mark.parametrize("text, message", [
-    (PIPELINE.replace("${sft}", "${stf}"), "pipe.yaml:11: stages.grpo: stage grpo: ${stf}: no earlier stage named 'stf'; did you mean 'sft'?"),
-    (PIPELINE.replace("  dir: out\n", ""), "pipe.yaml:1: output.dir: missing"),
-    (PIPELINE.replace("    data:\n", "    dtaa:\n"), "pipe.yaml:4: stages.sft: stage sft: dtaa: unknown key; did you mean 'data'?"),
-    (PIPELINE.replace("max_steps: 2", "max_stepz: 2"), "stage grpo: override 'train.max_stepz=2': train.max_stepz: unknown key for GRPOConfig"),
-    (PIPELINE.replace("stages:", "stagez:"), "pipe.yaml:3: stagez: unknown key; did you mean 'stages'?"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            PIPELINE.replace("${sft}", "${stf}"),
+            "pipe.yaml:11: stages.grpo: stage grpo: ${stf}: no earlier stage named 'stf'; did you mean 'sft'?",
+        ),
+        (PIPELINE.replace("  dir: out\n", ""), "pipe.yaml:1: output.dir: missing"),
+        (
+            PIPELINE.replace("    data:\n", "    dtaa:\n"),
+            "pipe.yaml:4: stages.sft: stage sft: dtaa: unknown key; did you mean 'data'?",
+        ),
+        (
+            PIPELINE.replace("max_steps: 2", "max_stepz: 2"),
+            "stage grpo: override 'train.max_stepz=2': train.max_stepz: unknown key for GRPOConfig",
+        ),
+        (PIPELINE.replace("stages:", "stagez:"), "pipe.yaml:3: stagez: unknown key; did you mean 'stages'?"),
+    ],
+)
 def test_bad_pipeline_is_a_one_line_error(tmp_path, text, message):
     with pytest.raises(RecipeError) as e:
         pipeline.load(write(tmp_path, text))
@@ -83,11 +97,15 @@ def test_bad_pipeline_is_a_one_line_error(tmp_path, text, message):
 
 
 def test_cli_overrides_reach_one_stage_or_every_stage(tmp_path):
-    pipe = pipeline.load(write(tmp_path), ["output.dir=" + str(tmp_path / "elsewhere"), "grpo.train.max_steps=7", "train.seed=3"])
+    pipe = pipeline.load(
+        write(tmp_path), ["output.dir=" + str(tmp_path / "elsewhere"), "grpo.train.max_steps=7", "train.seed=3"]
+    )
     sft, grpo = pipe.stages
     assert grpo.recipe.train["max_steps"] == 7 and sft.recipe.train["max_steps"] == 4
     assert sft.recipe.train["seed"] == grpo.recipe.train["seed"] == 3
-    assert sft.dir == tmp_path / "elsewhere" / "sft" and grpo.recipe.model.name_or_path == str(tmp_path / "elsewhere" / "sft")
+    assert sft.dir == tmp_path / "elsewhere" / "sft" and grpo.recipe.model.name_or_path == str(
+        tmp_path / "elsewhere" / "sft"
+    )
     with pytest.raises(RecipeError, match="override 'foo.bar=1': expected output.dir"):
         pipeline.load(write(tmp_path), ["foo.bar=1"])
 
@@ -99,7 +117,10 @@ def test_cli_dry_run_lists_the_stages_and_bad_input_is_one_line(tmp_path, capsys
     path = write(tmp_path)
     assert cli.main(["pipeline", str(path), "sft.train.max_steps=3", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[1:5] for line in lines[1:]] == [["sft", "stage", "sft", "train"], ["grpo", "stage", "grpo", "train"]]
+    assert [line.split()[1:5] for line in lines[1:]] == [
+        ["sft", "stage", "sft", "train"],
+        ["grpo", "stage", "grpo", "train"],
+    ]
     assert not (tmp_path / "out").exists()
     assert cli.main(["pipeline", str(path), "nope.x=1"]) == 2
     err = capsys.readouterr().err
@@ -112,8 +133,10 @@ def test_cli_dry_run_lists_the_stages_and_bad_input_is_one_line(tmp_path, capsys
 def test_shipped_pipeline_runs_end_to_end_on_the_tiny_model(name, tmp_path, monkeypatch):
     """The shipped pipelines, 2 steps per stage: every stage chains and writes its output."""
     monkeypatch.chdir(REPO)  # their recipe paths are relative to the repository root
-    pipe = pipeline.load(REPO / "recipes" / "pipelines" / f"{name}.yaml",
-                         [f"output.dir={tmp_path / name}", "train.max_steps=2", "train.report_to=[]"])
+    pipe = pipeline.load(
+        REPO / "recipes" / "pipelines" / f"{name}.yaml",
+        [f"output.dir={tmp_path / name}", "train.max_steps=2", "train.report_to=[]"],
+    )
     summary = pipeline.run(pipe)
     assert [s["status"] for s in summary["stages"].values()] == ["trained"] * len(pipe.stages)
     for stage in pipe.stages:

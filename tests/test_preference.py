@@ -11,8 +11,8 @@ import json
 
 import pytest
 import torch
-
 from _support import REPO, Watcher, log_series, preference_recipe, write_jsonl
+
 from finetune import chain, cli, config
 from finetune.stages import dpo, kto, orpo, rm, simpo
 
@@ -90,8 +90,13 @@ def test_reward_trainer_drops_long_pairs_and_says_how_many(tmp_path, tiny_path):
     short = {"prompt": "What is 2 plus 3?", "chosen": "Sure! 2 plus 3 is 5. Hope this helps.", "rejected": "6."}
     long = {**short, "prompt": "What is 2 plus 3? " * 20}
     data = write_jsonl(tmp_path / "pairs.jsonl", [short, long, short | {"rejected": "Ask someone else."}, long])
-    text = preference_recipe(tmp_path / "out", "rm", steps=2, data={"train": str(data), "eval_ratio": 0.0},
-                             train={"max_length": 64, "eval_strategy": "no"})
+    text = preference_recipe(
+        tmp_path / "out",
+        "rm",
+        steps=2,
+        data={"train": str(data), "eval_ratio": 0.0},
+        train={"max_length": 64, "eval_strategy": "no"},
+    )
     out = rm.run(config.load(text=text))
     assert _results(out)["train_dropped_examples"] == 2
     assert "training examples dropped as longer than train.max_length: 2" in (out / "README.md").read_text()
@@ -119,7 +124,9 @@ def test_dpo_learns_the_preference_on_held_out_pairs(tmp_path, tiny_path):
     ],
 )
 def test_reference_free_and_unpaired_objectives_move_the_right_way(tmp_path, tiny_path, stage, module, train, data):
-    text = preference_recipe(tmp_path / stage, stage, steps=20, data={"train": data}, train={**train, "eval_steps": 20})
+    text = preference_recipe(
+        tmp_path / stage, stage, steps=20, data={"train": data}, train={**train, "eval_steps": 20}
+    )
     out = module.run(config.load(text=text))
     margins = log_series(out, "rewards/margins")
     assert margins[-1] > margins[0] + 0.1, margins
@@ -139,7 +146,9 @@ def test_qlora_preference_stages_learn_on_a_4bit_base(tmp_path, tiny_path, tiny_
     assert watcher.before_trainable and not unchanged and not moved_frozen, (unchanged[:3], moved_frozen[:3])
     names = " ".join(watcher.before_trainable)
     assert "lora_A" in names and "lora_B" in names and (("score" in names) == (stage == "rm"))
-    assert json.loads((out / "adapter_config.json").read_text())["task_type"] == ("SEQ_CLS" if stage == "rm" else "CAUSAL_LM")
+    assert json.loads((out / "adapter_config.json").read_text())["task_type"] == (
+        "SEQ_CLS" if stage == "rm" else "CAUSAL_LM"
+    )
     assert "4-bit nf4 base" in (out / "README.md").read_text()
 
 
@@ -147,9 +156,16 @@ def test_interrupted_dpo_run_resumes_to_the_same_losses(tmp_path, tiny_path):
     from test_resume import CrashAt
 
     def recipe(out):
-        return config.load(text=preference_recipe(out, "dpo", steps=6, data={"max_samples": 24, "eval_ratio": 0.0},
-                                                  adapter={"dropout": 0.1}, train={"save_steps": 2, "logging_steps": 1,
-                                                                                   "eval_strategy": "no"}))
+        return config.load(
+            text=preference_recipe(
+                out,
+                "dpo",
+                steps=6,
+                data={"max_samples": 24, "eval_ratio": 0.0},
+                adapter={"dropout": 0.1},
+                train={"save_steps": 2, "logging_steps": 1, "eval_strategy": "no"},
+            )
+        )
 
     reference = dpo.run(recipe(tmp_path / "reference"))
     out = tmp_path / "resumed"
@@ -168,10 +184,10 @@ def test_chained_stage_starts_from_the_merged_sft_model(tmp_path, tiny_path):
     """model.name_or_path = an SFT output dir: the next stage's base is SFT merged into its base
     (same logits as the SFT adapter on its base), cached and reused, so DPO's reference (the
     adapter disabled) is the SFT model."""
+    from _support import memo_recipe
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from _support import memo_recipe
     from finetune.stages import sft
 
     sft_dir = sft.run(config.load(text=memo_recipe(tmp_path, steps=6)))
@@ -183,8 +199,14 @@ def test_chained_stage_starts_from_the_merged_sft_model(tmp_path, tiny_path):
         got = AutoModelForCausalLM.from_pretrained(merged)(ids).logits
     assert torch.allclose(expected, got, atol=1e-4)
 
-    text = preference_recipe(tmp_path / "dpo", "dpo", steps=2, model={"name_or_path": str(sft_dir)},
-                             train={"eval_strategy": "no"}, data={"max_samples": 16, "eval_ratio": 0.0})
+    text = preference_recipe(
+        tmp_path / "dpo",
+        "dpo",
+        steps=2,
+        model={"name_or_path": str(sft_dir)},
+        train={"eval_strategy": "no"},
+        data={"max_samples": 16, "eval_ratio": 0.0},
+    )
     out = dpo.run(config.load(text=text))
     # the adapter config names the original model (not this machine's cache); base.json records the SFT parent
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_path

@@ -4,8 +4,8 @@ examples; bad records are one-line errors naming file, record and field."""
 from __future__ import annotations
 
 import pytest
-
 from _support import REPO, write_jsonl
+
 from finetune import cli, config
 from finetune.config import DataSection
 from finetune.data import pairs
@@ -22,16 +22,34 @@ def one(record: dict, fmt: str | None = None, **columns) -> dict:
     return convert([Record(record, "f.jsonl:7")], fmt or guess_format(record), columns)[0]
 
 
-@pytest.mark.parametrize("record, fmt", [
-    ({"prompt": "Hi?", "chosen": "Hello! Nice to meet you.", "rejected": "Go away."}, "preference"),
-    ({"prompt": [U("Hi?")], "chosen": [A("Hello! Nice to meet you.")], "rejected": [A("Go away.")]}, "preference"),
-    ({"chosen": [U("Hi?"), A("Hello! Nice to meet you.")], "rejected": [U("Hi?"), A("Go away.")]}, "preference"),
-    ({"instruction": "Hi?", "input": "", "chosen": "Hello! Nice to meet you.", "rejected": "Go away."}, "alpaca_preference"),
-    ({"conversations": [{"from": "human", "value": "Hi?"}], "chosen": {"from": "gpt", "value": "Hello! Nice to meet you."},
-      "rejected": {"from": "gpt", "value": "Go away."}}, "sharegpt_preference"),
-    ({"conversations": [{"from": "human", "value": "Hi?"}], "chosen": "Hello! Nice to meet you.", "rejected": "Go away."},
-     "sharegpt_preference"),
-])
+@pytest.mark.parametrize(
+    "record, fmt",
+    [
+        ({"prompt": "Hi?", "chosen": "Hello! Nice to meet you.", "rejected": "Go away."}, "preference"),
+        ({"prompt": [U("Hi?")], "chosen": [A("Hello! Nice to meet you.")], "rejected": [A("Go away.")]}, "preference"),
+        ({"chosen": [U("Hi?"), A("Hello! Nice to meet you.")], "rejected": [U("Hi?"), A("Go away.")]}, "preference"),
+        (
+            {"instruction": "Hi?", "input": "", "chosen": "Hello! Nice to meet you.", "rejected": "Go away."},
+            "alpaca_preference",
+        ),
+        (
+            {
+                "conversations": [{"from": "human", "value": "Hi?"}],
+                "chosen": {"from": "gpt", "value": "Hello! Nice to meet you."},
+                "rejected": {"from": "gpt", "value": "Go away."},
+            },
+            "sharegpt_preference",
+        ),
+        (
+            {
+                "conversations": [{"from": "human", "value": "Hi?"}],
+                "chosen": "Hello! Nice to meet you.",
+                "rejected": "Go away.",
+            },
+            "sharegpt_preference",
+        ),
+    ],
+)
 def test_every_pair_layout_gives_the_same_example(record, fmt):
     assert guess_format(record) == fmt
     assert one(record) == PAIR
@@ -44,37 +62,64 @@ def test_implicit_prompt_keeps_earlier_turns_and_system():
 
 
 def test_alpaca_preference_builds_the_prompt_like_alpaca():
-    got = one({"instruction": "Add.", "input": "2+2", "system": "Be kind.", "history": [["Hi", "Hello"]],
-               "chosen": "4", "rejected": "5"})
+    got = one(
+        {
+            "instruction": "Add.",
+            "input": "2+2",
+            "system": "Be kind.",
+            "history": [["Hi", "Hello"]],
+            "chosen": "4",
+            "rejected": "5",
+        }
+    )
     assert got["prompt"] == [{"role": "system", "content": "Be kind."}, U("Hi"), A("Hello"), U("Add.\n2+2")]
 
 
 def test_columns_remap_preference_fields():
-    got = one({"question": "Hi?", "good": "Hello! Nice to meet you.", "bad": "Go away."}, "preference",
-              prompt="question", chosen="good", rejected="bad")
+    got = one(
+        {"question": "Hi?", "good": "Hello! Nice to meet you.", "bad": "Go away."},
+        "preference",
+        prompt="question",
+        chosen="good",
+        rejected="bad",
+    )
     assert got == PAIR
 
 
 def test_kto_labels_and_prompt_extras():
-    assert one({"prompt": "Hi?", "completion": "Go away.", "label": "false"}, "kto") == \
-        {"prompt": [U("Hi?")], "completion": [A("Go away.")], "label": False}  # CSV strings read as booleans
+    assert one({"prompt": "Hi?", "completion": "Go away.", "label": "false"}, "kto") == {
+        "prompt": [U("Hi?")],
+        "completion": [A("Go away.")],
+        "label": False,
+    }  # CSV strings read as booleans
     assert one({"prompt": "2+2?", "answer": "4", "id": 3}, "prompt") == {"prompt": [U("2+2?")], "answer": "4", "id": 3}
     assert guess_format({"prompt": "2+2?", "answer": "4"}) == "prompt"
     assert guess_format({"prompt": "2+2?", "completion": "4"}) == "prompt_completion"
 
 
-@pytest.mark.parametrize("record, fmt, message", [
-    ({"prompt": "Hi?", "rejected": "Go away."}, "preference", "field 'chosen': missing"),
-    ({"prompt": "Hi?", "chosen": "Same.", "rejected": "Same."}, "preference", "field 'rejected': identical to chosen"),
-    ({"chosen": [U("Hi?"), A("Same.")], "rejected": [U("Hi?"), A("Same.")]}, "preference", "identical to chosen"),
-    ({"prompt": "  ", "chosen": "a", "rejected": "b"}, "preference", "field 'prompt': empty prompt"),
-    ({"prompt": [U("Hi?"), A("Hello")], "chosen": "a", "rejected": "b"}, "preference", "must end with a user turn"),
-    ({"prompt": "Hi?", "chosen": "", "rejected": "b"}, "preference", "field 'chosen': empty answer"),
-    ({"chosen": [U("Hi?"), A("a")], "rejected": [U("Yo?"), A("b")]}, "preference", "share no prompt"),
-    ({"chosen": "a", "rejected": "b"}, "preference", "field 'prompt': missing"),
-    ({"instruction": "", "chosen": "a", "rejected": "b"}, "alpaca_preference", "field 'instruction': empty"),
-    ({"prompt": "Hi?", "completion": "Hello", "label": "maybe"}, "kto", "field 'label': expected true"),
-])
+@pytest.mark.parametrize(
+    "record, fmt, message",
+    [
+        ({"prompt": "Hi?", "rejected": "Go away."}, "preference", "field 'chosen': missing"),
+        (
+            {"prompt": "Hi?", "chosen": "Same.", "rejected": "Same."},
+            "preference",
+            "field 'rejected': identical to chosen",
+        ),
+        ({"chosen": [U("Hi?"), A("Same.")], "rejected": [U("Hi?"), A("Same.")]}, "preference", "identical to chosen"),
+        ({"prompt": "  ", "chosen": "a", "rejected": "b"}, "preference", "field 'prompt': empty prompt"),
+        (
+            {"prompt": [U("Hi?"), A("Hello")], "chosen": "a", "rejected": "b"},
+            "preference",
+            "must end with a user turn",
+        ),
+        ({"prompt": "Hi?", "chosen": "", "rejected": "b"}, "preference", "field 'chosen': empty answer"),
+        ({"chosen": [U("Hi?"), A("a")], "rejected": [U("Yo?"), A("b")]}, "preference", "share no prompt"),
+        ({"chosen": "a", "rejected": "b"}, "preference", "field 'prompt': missing"),
+        ({"instruction": "", "chosen": "a", "rejected": "b"}, "alpaca_preference", "field 'instruction': empty"),
+        ({"prompt": "Hi?", "completion": "Hello", "label": "maybe"}, "kto", "field 'label': expected true"),
+    ],
+)
 def test_bad_records_name_the_record_and_field(record, fmt, message):
     with pytest.raises(DataError) as e:
         one(record, fmt)
@@ -82,17 +127,25 @@ def test_bad_records_name_the_record_and_field(record, fmt, message):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"prompt": "Hi?", "rejected": "Go away."}, "pairs.jsonl:3: field 'chosen': missing"),
-    ({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Hello."}, "pairs.jsonl:3: field 'rejected': identical to chosen"),
-    ({"prompt": "", "chosen": "Hello.", "rejected": "Go away."}, "pairs.jsonl:3: field 'prompt': empty prompt"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"prompt": "Hi?", "rejected": "Go away."}, "pairs.jsonl:3: field 'chosen': missing"),
+        (
+            {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Hello."},
+            "pairs.jsonl:3: field 'rejected': identical to chosen",
+        ),
+        ({"prompt": "", "chosen": "Hello.", "rejected": "Go away."}, "pairs.jsonl:3: field 'prompt': empty prompt"),
+    ],
+)
 def test_cli_reports_a_bad_record_in_one_line_and_writes_nothing(tmp_path, capsys, tiny_path, bad, message):
     good = {"prompt": "Hi?", "chosen": "Hello! Nice to meet you.", "rejected": "Go away."}
     data = write_jsonl(tmp_path / "pairs.jsonl", [good, good | {"prompt": "Hey?"}, bad])
     recipe = tmp_path / "dpo.yaml"
-    recipe.write_text(f"stage: dpo\nmodel: {{name_or_path: tiny-llama}}\ndata: {{train: {data}}}\n"
-                      f"output: {{dir: {tmp_path / 'out'}}}\n")
+    recipe.write_text(
+        f"stage: dpo\nmodel: {{name_or_path: tiny-llama}}\ndata: {{train: {data}}}\n"
+        f"output: {{dir: {tmp_path / 'out'}}}\n"
+    )
     assert cli.main(["train", str(recipe)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("finetune: error: ") and f"/{message}" in err
@@ -101,11 +154,18 @@ def test_cli_reports_a_bad_record_in_one_line_and_writes_nothing(tmp_path, capsy
 
 def test_stage_and_format_must_fit():
     base = "model: {name_or_path: tiny-llama}\noutput: {dir: /tmp/never}\n"
-    with pytest.raises(RecipeError, match="stage dpo takes preference, alpaca_preference, sharegpt_preference records, not alpaca"):
+    with pytest.raises(
+        RecipeError, match="stage dpo takes preference, alpaca_preference, sharegpt_preference records, not alpaca"
+    ):
         config.load(text="stage: dpo\ndata: {train: x.jsonl, format: alpaca}\n" + base)
     with pytest.raises(RecipeError, match="stage sft takes .* not preference"):
         config.load(text="stage: sft\ndata: {train: x.jsonl, format: preference}\n" + base)
-    for stage, fmt in (("kto", "preference"), ("kto", "kto"), ("rm", "sharegpt_preference"), ("simpo", "alpaca_preference")):
+    for stage, fmt in (
+        ("kto", "preference"),
+        ("kto", "kto"),
+        ("rm", "sharegpt_preference"),
+        ("simpo", "alpaca_preference"),
+    ):
         config.load(text=f"stage: {stage}\ndata: {{train: x.jsonl, format: {fmt}}}\n" + base)
 
 
@@ -126,7 +186,10 @@ def test_kto_stage_unpairs_pairs_and_rl_stages_keep_prompts(tiny_tokenizer):
 
 
 def test_dry_run_plans_a_preference_stage(tmp_path, capsys, tiny_path):
-    assert cli.main(["train", str(REPO / "recipes/tiny/dpo_lora.yaml"), f"output.dir={tmp_path / 'out'}", "--dry-run"]) == 0
+    assert (
+        cli.main(["train", str(REPO / "recipes/tiny/dpo_lora.yaml"), f"output.dir={tmp_path / 'out'}", "--dry-run"])
+        == 0
+    )
     plan = capsys.readouterr().out
     assert "stage          dpo" in plan and "128 examples from 128 records" in plan
     assert not (tmp_path / "out").exists()
@@ -138,13 +201,22 @@ def test_preview_marks_the_answers_as_trl_trains_them(tiny_tokenizer):
     text = preview("preference_zh_demo", tiny_tokenizer, index=1)
     assert "chosen: " in text and "rejected: " in text
     assert "[[好的！8乘以6等于48。希望对你有帮助。</s>]]" in text and "[[58。</s>]]" in text
-    assert text.count("[[") == 3  # the header, then only the answers: the prompt (user turn, generation prompt) is not trained
+    assert (
+        text.count("[[") == 3
+    )  # the header, then only the answers: the prompt (user turn, generation prompt) is not trained
     kto_text = preview("kto_demo", tiny_tokenizer, index=0)
     assert "completion (undesirable): " in kto_text and kto_text.count("[[") == 2
 
 
-@pytest.mark.parametrize("name, stage, n", [("preference_en_demo", "dpo", 160), ("preference_zh_demo", "rm", 120),
-                                            ("kto_demo", "kto", 100), ("preference_zh_demo", "kto", 240)])
+@pytest.mark.parametrize(
+    "name, stage, n",
+    [
+        ("preference_en_demo", "dpo", 160),
+        ("preference_zh_demo", "rm", 120),
+        ("kto_demo", "kto", 100),
+        ("preference_zh_demo", "kto", 240),
+    ],
+)
 def test_preference_demo_sets_load_for_their_stages(tiny_tokenizer, name, stage, n):
     prepared = pairs.load(DataSection(train=name), tiny_tokenizer, stage)
     assert len(prepared.train.examples) == n and prepared.eval is None
@@ -160,5 +232,8 @@ def test_sft_refuses_preference_data_in_one_line(tiny_tokenizer):
 def test_dpo_loss_type_takes_one_name_or_a_list():
     base = "stage: dpo\nmodel: {name_or_path: tiny-llama}\ndata: {train: x.jsonl}\noutput: {dir: /tmp/never}\n"
     assert config.load(text=base, overrides=["train.loss_type=ipo"]).train["loss_type"] == ["ipo"]
-    assert config.load(text=base, overrides=["train.loss_type=[sigmoid,bco_pair]"]).train["loss_type"] == ["sigmoid", "bco_pair"]
+    assert config.load(text=base, overrides=["train.loss_type=[sigmoid,bco_pair]"]).train["loss_type"] == [
+        "sigmoid",
+        "bco_pair",
+    ]
     assert config.load(text=base).train["learning_rate"] == 5e-5  # a LoRA learning rate, not TRL's 1e-6

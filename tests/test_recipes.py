@@ -8,7 +8,9 @@ from accelerate.commands.config.config_args import ClusterConfig
 from finetune import config
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-TRAIN_RECIPES = sorted(p for p in RECIPES.rglob("*.yaml") if "accelerate" not in p.parts and "pipelines" not in p.parts)
+TRAIN_RECIPES = sorted(
+    p for p in RECIPES.rglob("*.yaml") if "accelerate" not in p.parts and "pipelines" not in p.parts
+)
 PIPELINES = sorted((RECIPES / "pipelines").glob("*.yaml"))
 ACCELERATE_CONFIGS = sorted((RECIPES / "accelerate").glob("*.yaml"))
 
@@ -16,7 +18,9 @@ ACCELERATE_CONFIGS = sorted((RECIPES / "accelerate").glob("*.yaml"))
 def test_there_are_recipes():
     names = {str(p.relative_to(RECIPES)) for p in TRAIN_RECIPES}
     assert {"tiny/sft_lora.yaml", "tiny/sft_qlora.yaml", "tiny/sft_dora.yaml"} <= names
-    assert {"cpu_ddp.yaml", "fsdp.yaml", "deepspeed_zero3.yaml", "multi_node.yaml"} <= {p.name for p in ACCELERATE_CONFIGS}
+    assert {"cpu_ddp.yaml", "fsdp.yaml", "deepspeed_zero3.yaml", "multi_node.yaml"} <= {
+        p.name for p in ACCELERATE_CONFIGS
+    }
 
 
 @pytest.mark.parametrize("path", TRAIN_RECIPES, ids=lambda p: str(p.relative_to(RECIPES)))

@@ -28,8 +28,14 @@ class CrashAt(TrainerCallback):
 
 
 def _recipe(tmp_path, out, **train):
-    text = memo_recipe(tmp_path, "lora", steps=6, adapter={"dropout": 0.1},
-                       train={"save_steps": 2, "learning_rate": 1e-3, **train}, output={"dir": str(out)})
+    text = memo_recipe(
+        tmp_path,
+        "lora",
+        steps=6,
+        adapter={"dropout": 0.1},
+        train={"save_steps": 2, "learning_rate": 1e-3, **train},
+        output={"dir": str(out)},
+    )
     return config.load(text=text)
 
 
@@ -88,26 +94,52 @@ def _epoch_recipe(tmp_path, out) -> Path:
     import yaml
 
     words = ["the", "sky", "is", "blue", "and", "the", "grass", "is", "green", "while", "cats", "sleep"]
-    rows = [{"messages": [{"role": "user", "content": " ".join(words[: 2 + i % 6]) + "?"},
-                          {"role": "assistant", "content": " ".join(words[i % 4: i % 4 + 1 + (i * 7) % 9])}]}
-            for i in range(12)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": " ".join(words[: 2 + i % 6]) + "?"},
+                {"role": "assistant", "content": " ".join(words[i % 4 : i % 4 + 1 + (i * 7) % 9])},
+            ]
+        }
+        for i in range(12)
+    ]
     data = tmp_path / "varied.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     path = tmp_path / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump({
-        "stage": "sft", "model": {"name_or_path": "tiny-llama"},
-        "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
-        "data": {"train": str(data), "format": "messages"},
-        "train": {"max_steps": 14, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "save_steps": 4,
-                  "logging_steps": 3, "report_to": [], "bf16": False, "max_length": 64},
-        "output": {"dir": str(out)},
-    }), encoding="utf-8")
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "stage": "sft",
+                "model": {"name_or_path": "tiny-llama"},
+                "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
+                "data": {"train": str(data), "format": "messages"},
+                "train": {
+                    "max_steps": 14,
+                    "per_device_train_batch_size": 2,
+                    "learning_rate": 1e-3,
+                    "save_steps": 4,
+                    "logging_steps": 3,
+                    "report_to": [],
+                    "bf16": False,
+                    "max_length": 64,
+                },
+                "output": {"dir": str(out)},
+            }
+        ),
+        encoding="utf-8",
+    )
     return path
 
 
 def _killed(recipe: Path, checkpoint: int) -> None:
-    r = subprocess.run([sys.executable, "-c", KILLED_RUN, str(recipe), str(checkpoint)], env={**os.environ, "PYTHONPATH": str(REPO)},
-                       capture_output=True, text=True, timeout=600, check=False)
+    r = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(recipe), str(checkpoint)],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
 
 
@@ -128,7 +160,9 @@ def test_kill_9_mid_checkpoint_past_an_epoch_then_resume_is_bit_identical(tmp_pa
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed adapter differs from the uninterrupted run's"
     assert logged_losses(finished) == logged_losses(reference)
-    ref_loss, got_loss = (json.loads((d / "all_results.json").read_text())["train_loss"] for d in (reference, finished))
+    ref_loss, got_loss = (
+        json.loads((d / "all_results.json").read_text())["train_loss"] for d in (reference, finished)
+    )
     assert got_loss == pytest.approx(ref_loss, rel=1e-9)  # the whole run's, not only the steps after the resume
     assert f"{ref_loss:.4g}" in (finished / "README.md").read_text(encoding="utf-8")
 
@@ -160,8 +194,11 @@ def test_a_diverging_run_stops_keeps_its_last_good_checkpoint_and_writes_no_outp
     from finetune.guards import TrainingDiverged
 
     out = tmp_path / "diverged"
-    recipe = config.load(text=memo_recipe(tmp_path, "lora", steps=6, train={"learning_rate": 1e30, "save_steps": 1},
-                                          output={"dir": str(out)}))
+    recipe = config.load(
+        text=memo_recipe(
+            tmp_path, "lora", steps=6, train={"learning_rate": 1e30, "save_steps": 1}, output={"dir": str(out)}
+        )
+    )
     with pytest.raises(TrainingDiverged) as e:
         sft.run(recipe)
     message = str(e.value)

@@ -39,7 +39,13 @@ def test_rule_rewards_score_what_they_say():
     assert regex(completions=conv) == [1.0, 0.0]
     assert regex.__name__ == "regex"
     fmt = rewards.rule_function({"type": "format", "name": "think"})
-    assert fmt(completions=["<think>x</think> <answer>7</answer>", "<answer>7</answer>", "<think>x</think><answer>7</answer> more"]) == [1.0, 0.0, 0.0]
+    assert fmt(
+        completions=[
+            "<think>x</think> <answer>7</answer>",
+            "<answer>7</answer>",
+            "<think>x</think><answer>7</answer> more",
+        ]
+    ) == [1.0, 0.0, 0.0]
     assert fmt.__name__ == "think"
     words = rewards.rule_function({"type": "length", "target": 4})
     assert words(completions=["a b c d", "a b", "a b c d e f g h", ""]) == [1.0, 0.5, 0.0, 0.0]
@@ -50,21 +56,55 @@ def test_rule_rewards_score_what_they_say():
 
 
 def _rl_text(stage: str, rewards_section) -> str:
-    return yaml.safe_dump({"stage": stage, "model": {"name_or_path": "tiny-llama"}, "data": {"train": "x.jsonl", "format": "prompt"},
-                           "rewards": rewards_section, "output": {"dir": "/tmp/unused"}})
+    return yaml.safe_dump(
+        {
+            "stage": stage,
+            "model": {"name_or_path": "tiny-llama"},
+            "data": {"train": "x.jsonl", "format": "prompt"},
+            "rewards": rewards_section,
+            "output": {"dir": "/tmp/unused"},
+        }
+    )
 
 
-@pytest.mark.parametrize("stage, section, message", [
-    ("grpo", {"rules": [{"type": "regex", "pattern": "("}]}, "rewards.rules[0].pattern: invalid regular expression"),
-    ("grpo", {"rules": [{"type": "lenght", "target": 3}]}, "rewards.rules[0].type: 'lenght' is not one of regex, format, length, answer; did you mean 'length'?"),
-    ("grpo", {"rules": [{"type": "length", "target": 0}]}, "rewards.rules[0].target: expected a positive whole number"),
-    ("grpo", {"rules": [{"type": "regex", "pattern": "a", "colour": 1}]}, "rewards.rules[0].colour: unknown key for a regex reward"),
-    ("grpo", {"rules": [{"type": "regex", "pattern": "a"}, {"type": "regex", "pattern": "b"}]}, "two rewards are named 'regex'"),
-    ("rloo", {}, "rewards: rloo needs rewards.model (an rm output dir) and/or rewards.rules"),
-    ("ppo", {}, "rewards.model: ppo needs a reward model"),
-    ("ppo", {"model": "rm", "rules": [{"type": "regex", "pattern": "a"}]}, "rewards.rules: ppo scores with the reward model only"),
-    ("sft", {"model": "rm"}, "rewards: only the ppo, grpo, rloo stages use rewards"),
-])
+@pytest.mark.parametrize(
+    "stage, section, message",
+    [
+        (
+            "grpo",
+            {"rules": [{"type": "regex", "pattern": "("}]},
+            "rewards.rules[0].pattern: invalid regular expression",
+        ),
+        (
+            "grpo",
+            {"rules": [{"type": "lenght", "target": 3}]},
+            "rewards.rules[0].type: 'lenght' is not one of regex, format, length, answer; did you mean 'length'?",
+        ),
+        (
+            "grpo",
+            {"rules": [{"type": "length", "target": 0}]},
+            "rewards.rules[0].target: expected a positive whole number",
+        ),
+        (
+            "grpo",
+            {"rules": [{"type": "regex", "pattern": "a", "colour": 1}]},
+            "rewards.rules[0].colour: unknown key for a regex reward",
+        ),
+        (
+            "grpo",
+            {"rules": [{"type": "regex", "pattern": "a"}, {"type": "regex", "pattern": "b"}]},
+            "two rewards are named 'regex'",
+        ),
+        ("rloo", {}, "rewards: rloo needs rewards.model (an rm output dir) and/or rewards.rules"),
+        ("ppo", {}, "rewards.model: ppo needs a reward model"),
+        (
+            "ppo",
+            {"model": "rm", "rules": [{"type": "regex", "pattern": "a"}]},
+            "rewards.rules: ppo scores with the reward model only",
+        ),
+        ("sft", {"model": "rm"}, "rewards: only the ppo, grpo, rloo stages use rewards"),
+    ],
+)
 def test_bad_rewards_section_is_a_one_line_error_naming_the_line(stage, section, message):
     if stage == "sft":
         text = _rl_text("sft", section).replace("format: prompt", "format: messages")
@@ -89,7 +129,13 @@ def test_grpo_learns_the_rule_reward_and_writes_a_self_describing_output(tmp_pat
     assert mean(total[-6:]) > mean(total[:3]) + 0.4, total  # measured 0.43 -> 1.10
     results = json.loads((out / "all_results.json").read_text())
     assert results["reward_last5"] > results["reward_first5"]
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "recipe.yaml", "trainer_state.json"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "recipe.yaml",
+        "trainer_state.json",
+    ):
         assert (out / name).is_file(), name
     card = (out / "README.md").read_text()
     assert "## Rewards" in card and "`symbols`: regex rule" in card and "prompts" in card
@@ -114,12 +160,17 @@ def symbol_rate(out: Path, adapter: bool) -> float:
     model = AutoModelForCausalLM.from_pretrained(tiny.resolve("tiny-llama"))
     if adapter:
         model = PeftModel.from_pretrained(model, str(out))
-    prompts = [[{"role": "user", "content": q}] for q in ("What is 13 times 12?", "What is 23 plus 85?", "What is 7 plus 9?", "What is 41 plus 3?")]
-    enc = tok.apply_chat_template(prompts * 8, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True)
+    prompts = [
+        [{"role": "user", "content": q}]
+        for q in ("What is 13 times 12?", "What is 23 plus 85?", "What is 7 plus 9?", "What is 41 plus 3?")
+    ]
+    enc = tok.apply_chat_template(
+        prompts * 8, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
+    )
     torch.manual_seed(0)
     with torch.no_grad():
         ids = model.generate(**enc, max_new_tokens=16, do_sample=True, pad_token_id=tok.pad_token_id)
-    texts = tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    texts = tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return mean([1.0 if re.search(SYMBOLS, t) else 0.0 for t in texts])
 
 
@@ -159,11 +210,17 @@ def test_ppo_reward_rises_with_kl_and_entropy_logged(tmp_path, tiny_rm_dir, tiny
 def test_grpo_sums_rule_and_reward_model_rewards_with_their_weights(tmp_path, tiny_rm_dir):
     from finetune.stages import grpo
 
-    recipe = rl_recipe("grpo", tmp_path / "grpo", rewards={"model": str(tiny_rm_dir), "model_weight": 0.5},
-                       train={"max_steps": 2, "per_device_train_batch_size": 8})
+    recipe = rl_recipe(
+        "grpo",
+        tmp_path / "grpo",
+        rewards={"model": str(tiny_rm_dir), "model_weight": 0.5},
+        train={"max_steps": 2, "per_device_train_batch_size": 8},
+    )
     out = grpo.run(recipe)
     for step in [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "reward" in h]:
-        weighted = step["rewards/symbols/mean"] + 0.5 * step["rewards/length/mean"] + 0.5 * step["rewards/reward_model/mean"]
+        weighted = (
+            step["rewards/symbols/mean"] + 0.5 * step["rewards/length/mean"] + 0.5 * step["rewards/reward_model/mean"]
+        )
         assert step["reward"] == pytest.approx(weighted, abs=1e-4)
         assert step["rewards/reward_model/std"] > 0  # the reward model tells the completions apart
 
@@ -174,9 +231,18 @@ def test_answer_rule_on_records_without_the_field_fails_before_writing(tmp_path)
     from finetune.errors import DataError
     from finetune.stages import grpo
 
-    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "What is 2 plus 3?", "answer": "5"}, {"prompt": "What is 1 plus 6?"}])
-    recipe = rl_recipe("grpo", tmp_path / "out", data={"train": str(data), "format": "prompt"}, rewards={"rules": [{"type": "answer"}]})
-    with pytest.raises(DataError, match=r"prompts.jsonl: record 2: rewards.rules\[0\] \(an answer reward\) reads the field 'answer'"):
+    data = write_jsonl(
+        tmp_path / "prompts.jsonl", [{"prompt": "What is 2 plus 3?", "answer": "5"}, {"prompt": "What is 1 plus 6?"}]
+    )
+    recipe = rl_recipe(
+        "grpo",
+        tmp_path / "out",
+        data={"train": str(data), "format": "prompt"},
+        rewards={"rules": [{"type": "answer"}]},
+    )
+    with pytest.raises(
+        DataError, match=r"prompts.jsonl: record 2: rewards.rules\[0\] \(an answer reward\) reads the field 'answer'"
+    ):
         grpo.run(recipe)
     assert not list(tmp_path.glob("out*"))
 
@@ -191,13 +257,33 @@ def test_ppo_runs_under_two_process_ddp(tmp_path, tiny_rm_dir):
 
     from _support import free_port
 
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", str(free_port()),
-              "-m", "finetune", "train", str(REPO / "recipes" / "tiny" / "ppo_lora.yaml"), f"output.dir={tmp_path / 'ddp'}",
-              f"rewards.model={tiny_rm_dir}", "train.max_steps=2", "train.per_device_train_batch_size=4",
-              "train.response_length=8"]
-    ddp = subprocess.run(launch, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "finetune",
+        "train",
+        str(REPO / "recipes" / "tiny" / "ppo_lora.yaml"),
+        f"output.dir={tmp_path / 'ddp'}",
+        f"rewards.model={tiny_rm_dir}",
+        "train.max_steps=2",
+        "train.per_device_train_batch_size=4",
+        "train.response_length=8",
+    ]
+    ddp = subprocess.run(
+        launch,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stderr.count("finetune: done: output in") == 1
     state = json.loads((tmp_path / "ddp" / "trainer_state.json").read_text())

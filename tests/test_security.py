@@ -29,7 +29,7 @@ class Payload:
         return (Path.touch, (Path(self.marker),))
 
 
-EVIL_MODULE = '''from pathlib import Path
+EVIL_MODULE = """from pathlib import Path
 Path({marker!r}).touch()  # runs on import: the planted code
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -40,7 +40,7 @@ class EvilConfig(LlamaConfig):
 
 class EvilModel(LlamaForCausalLM):
     config_class = EvilConfig
-'''
+"""
 
 
 @pytest.fixture
@@ -85,7 +85,9 @@ def _adapter(tmp_path: Path, tiny_path: str, name: str) -> Path:
 
     d = tmp_path / name
     model = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)
+    )
     peft_model.save_pretrained(d)
     return d
 
@@ -143,8 +145,10 @@ def test_pickled_model_weights_one_line_with_or_without_the_opt_in(tmp_path, tin
         f.unlink()
     marker = tmp_path / "PWNED"
     (d / "pytorch_model.bin").write_bytes(pickle.dumps(Payload(marker)))
-    argv = {"chat": ["chat", str(d), "--prompt", "hi"],
-            "eval": ["eval", str(d), "--data", "alpaca_en_demo", "--max-samples", "1", "--out", str(tmp_path / "ev")]}
+    argv = {
+        "chat": ["chat", str(d), "--prompt", "hi"],
+        "eval": ["eval", str(d), "--data", "alpaca_en_demo", "--max-samples", "1", "--out", str(tmp_path / "ev")],
+    }
     for extra in ([], ["--allow-pickle"]):
         assert cli.main(argv[command] + extra) == 2
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("finetune: error:")]

@@ -24,6 +24,7 @@ from finetune import tiny
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
+
 @pytest.fixture(scope="module")
 def model_dir(tiny_path) -> pathlib.Path:
     return pathlib.Path(tiny_path)
@@ -243,7 +244,9 @@ def test_concurrent_resolve_builds_once(tmp_path):
     )
     env = {**os.environ, "FINETUNE_CACHE": str(tmp_path), "PYTHONPATH": str(REPO)}
     procs = [
-        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -272,7 +275,11 @@ def _data_strings():
 
     for path in sorted((REPO / "data").glob("*.json")) + sorted((REPO / "data").glob("*.jsonl")):
         text = path.read_text(encoding="utf-8")
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else [json.loads(text)]
+        rows = (
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+            if path.suffix == ".jsonl"
+            else [json.loads(text)]
+        )
         for row in rows:
             for s in walk(row):
                 yield path.name, s

@@ -27,10 +27,35 @@ from finetune.resources import find_suite
 
 # The stage registry: one module each in finetune/stages/ (finetune.stages.module).
 STAGES = ("sft", "rm", "dpo", "kto", "orpo", "cpo", "simpo", "ppo", "grpo", "rloo")
-ADAPTER_METHODS = ("lora", "dora", "qlora", "pissa", "olora", "adalora", "loha", "lokr", "vera", "ia3",
-                   "prompt_tuning", "prefix_tuning", "p_tuning", "freeze", "full")  # config/methods.py, adapters.py
-DATA_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text",
-                "preference", "alpaca_preference", "sharegpt_preference", "kto", "prompt")
+ADAPTER_METHODS = (
+    "lora",
+    "dora",
+    "qlora",
+    "pissa",
+    "olora",
+    "adalora",
+    "loha",
+    "lokr",
+    "vera",
+    "ia3",
+    "prompt_tuning",
+    "prefix_tuning",
+    "p_tuning",
+    "freeze",
+    "full",
+)  # config/methods.py, adapters.py
+DATA_FORMATS = (
+    "alpaca",
+    "sharegpt",
+    "messages",
+    "prompt_completion",
+    "text",
+    "preference",
+    "alpaca_preference",
+    "sharegpt_preference",
+    "kto",
+    "prompt",
+)
 # What each stage trains on (formats that give it): checked when data.format is known.
 PAIRED_FORMATS = ("preference", "alpaca_preference", "sharegpt_preference")
 STAGE_FORMATS = {
@@ -38,7 +63,10 @@ STAGE_FORMATS = {
     **{s: PAIRED_FORMATS for s in ("rm", "dpo", "orpo", "cpo", "simpo")},
     "kto": ("kto",) + PAIRED_FORMATS,  # pairs are unpaired: chosen -> desirable, rejected -> undesirable
     # Prompts only: the last assistant turn / completion / chosen+rejected of a record is dropped.
-    **{s: ("prompt", "alpaca", "sharegpt", "messages", "prompt_completion") + PAIRED_FORMATS for s in ("ppo", "grpo", "rloo")},
+    **{
+        s: ("prompt", "alpaca", "sharegpt", "messages", "prompt_completion") + PAIRED_FORMATS
+        for s in ("ppo", "grpo", "rloo")
+    },
 }
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -59,16 +87,23 @@ def _f(default=dataclasses.MISSING, help: str = "", **kw):
 
 @dataclass
 class ModelSection:
-    name_or_path: str = _f(help="Hub id, local path, or a built-in tiny model (`tiny-llama`, built locally on first use).")
+    name_or_path: str = _f(
+        help="Hub id, local path, or a built-in tiny model (`tiny-llama`, built locally on first use)."
+    )
     revision: str | None = _f(None, help="Hub revision (branch, tag or commit) of the model.")
     tokenizer: str | None = _f(None, help="Tokenizer id or path when it differs from the model's.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
         "auto", help="Weight dtype: auto = bfloat16 on a GPU that supports it, else float32."
     )
-    attn_implementation: str | None = _f(None, help="e.g. sdpa, eager, flash_attention_2; None lets transformers pick.")
-    chat_template: str | None = _f(None, help="A Jinja chat template (or the path of a .jinja file) replacing the tokenizer's.")
+    attn_implementation: str | None = _f(
+        None, help="e.g. sdpa, eager, flash_attention_2; None lets transformers pick."
+    )
+    chat_template: str | None = _f(
+        None, help="A Jinja chat template (or the path of a .jinja file) replacing the tokenizer's."
+    )
     chat_template_kwargs: dict[str, Any] = _f(
-        {}, help="Extra variables for the chat template, e.g. {enable_thinking: true}; used for training data, chat and eval alike."
+        {},
+        help="Extra variables for the chat template, e.g. {enable_thinking: true}; used for training data, chat and eval alike.",
     )
     trust_remote_code: bool = _f(False, help="Run code shipped with the model repo. Off unless you trust its author.")
     allow_pickle: bool = _f(False, help="Allow loading .bin/.pt (pickle) weights. Off: safetensors only.")
@@ -77,18 +112,24 @@ class ModelSection:
 @dataclass
 class AdapterSection:
     method: Literal[ADAPTER_METHODS] = _f(
-        "lora", help="lora, dora (weight-decomposed LoRA), qlora (LoRA on a 4/8-bit base), pissa / olora (LoRA initialised "
+        "lora",
+        help="lora, dora (weight-decomposed LoRA), qlora (LoRA on a 4/8-bit base), pissa / olora (LoRA initialised "
         "from the SVD / QR of the weights), adalora, loha, lokr, vera, ia3, prompt_tuning, prefix_tuning, p_tuning, "
-        "freeze (train some layers in full, no adapter), full (train every weight). See 'Adapter methods'."
+        "freeze (train some layers in full, no adapter), full (train every weight). See 'Adapter methods'.",
     )
     r: int = _f(8, help="Rank: LoRA family, adalora (target average rank), loha, lokr, vera.")
-    alpha: int = _f(16, help="Alpha: LoRA family, adalora, loha, lokr (scale = alpha / r, or alpha / sqrt(r) with use_rslora).")
+    alpha: int = _f(
+        16, help="Alpha: LoRA family, adalora, loha, lokr (scale = alpha / r, or alpha / sqrt(r) with use_rslora)."
+    )
     dropout: float = _f(0.05, help="Dropout on the adapter input: LoRA family, adalora, vera.")
     target_modules: str | list[str] | None = _f(
-        "all-linear", help="Modules that get adapters: all-linear, or a list of names (q_proj, v_proj, ...); "
-        "null = PEFT's default for the architecture (the ia3 default)."
+        "all-linear",
+        help="Modules that get adapters: all-linear, or a list of names (q_proj, v_proj, ...); "
+        "null = PEFT's default for the architecture (the ia3 default).",
     )
-    modules_to_save: list[str] | None = _f(None, help="Modules trained in full and saved with the adapter (e.g. lm_head).")
+    modules_to_save: list[str] | None = _f(
+        None, help="Modules trained in full and saved with the adapter (e.g. lm_head)."
+    )
     use_rslora: bool = _f(False, help="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
     use_dora: bool = _f(False, help="DoRA on top of lora/qlora (method: dora sets it).")
     bias: Literal["none", "all", "lora_only"] = _f("none", help="Which biases are trained.")
@@ -99,19 +140,26 @@ class AdapterSection:
         "auto", help="qlora: dtype of the matmuls (auto = bfloat16 on a bf16 GPU, else float32)."
     )
     loraplus_lr_ratio: float | None = _f(
-        None, help="LoRA+ (lora, dora, qlora, pissa, olora): the B matrices learn at ratio x train.learning_rate (paper: 16). "
-        "Uses AdamW with train.weight_decay and train.adam_*; train.optim is not used."
+        None,
+        help="LoRA+ (lora, dora, qlora, pissa, olora): the B matrices learn at ratio x train.learning_rate (paper: 16). "
+        "Uses AdamW with train.weight_decay and train.adam_*; train.optim is not used.",
     )
     init_r: int | None = _f(None, help="adalora: rank of every layer before pruning towards r (None = 1.5 x r).")
     feedforward_modules: list[str] | None = _f(
-        None, help="ia3: which target_modules are feed-forward (scaled on their input); None = PEFT's default for the architecture."
+        None,
+        help="ia3: which target_modules are feed-forward (scaled on their input); None = PEFT's default for the architecture.",
     )
     num_virtual_tokens: int = _f(20, help="prompt_tuning, prefix_tuning, p_tuning: number of virtual tokens.")
-    init_text: str | None = _f(None, help="prompt_tuning: initialise the virtual tokens from the embeddings of this text (None = random).")
-    prefix_projection: bool = _f(False, help="prefix_tuning: train the prefix through a 2-layer MLP (P-tuning v2 without it).")
+    init_text: str | None = _f(
+        None, help="prompt_tuning: initialise the virtual tokens from the embeddings of this text (None = random)."
+    )
+    prefix_projection: bool = _f(
+        False, help="prefix_tuning: train the prefix through a 2-layer MLP (P-tuning v2 without it)."
+    )
     encoder_type: Literal["mlp", "lstm"] = _f("mlp", help="p_tuning: the prompt encoder, mlp or lstm.")
     encoder_hidden_size: int | None = _f(
-        None, help="p_tuning, prefix_tuning with prefix_projection: hidden size of the encoder (None = the model's hidden size)."
+        None,
+        help="p_tuning, prefix_tuning with prefix_projection: hidden size of the encoder (None = the model's hidden size).",
     )
     trainable_layers: int = _f(2, help="freeze: train the last N decoder layers in full (0 = none).")
     trainable_modules: list[str] | None = _f(
@@ -121,65 +169,121 @@ class AdapterSection:
 
 @dataclass
 class DataSection:
-    train: str = _f(help="Training data: a name from data/datasets.yaml, a local file (json, jsonl, csv, parquet) or a hub dataset id.")
-    format: Literal["alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference", "alpaca_preference",
-                    "sharegpt_preference", "kto", "prompt"] | None = _f(
-        None, help="Record format; optional for registry names (the registry says it). Preference stages: "
-        "preference, alpaca_preference, sharegpt_preference, kto; RL stages: prompt (or any chat format)."
+    train: str = _f(
+        help="Training data: a name from data/datasets.yaml, a local file (json, jsonl, csv, parquet) or a hub dataset id."
+    )
+    format: (
+        Literal[
+            "alpaca",
+            "sharegpt",
+            "messages",
+            "prompt_completion",
+            "text",
+            "preference",
+            "alpaca_preference",
+            "sharegpt_preference",
+            "kto",
+            "prompt",
+        ]
+        | None
+    ) = _f(
+        None,
+        help="Record format; optional for registry names (the registry says it). Preference stages: "
+        "preference, alpaca_preference, sharegpt_preference, kto; RL stages: prompt (or any chat format).",
     )
     eval: str | None = _f(None, help="Held-out data (same forms as train).")
     eval_ratio: float = _f(0.0, help="Fraction of train held out for eval when no eval data is given (0 = none).")
-    columns: dict[str, str] = _f({}, help="Map the format's field names to your column names, e.g. {instruction: question}.")
+    columns: dict[str, str] = _f(
+        {}, help="Map the format's field names to your column names, e.g. {instruction: question}."
+    )
     split: str = _f("train", help="Split of a hub dataset.")
     max_samples: int | None = _f(None, help="Use only the first N training records.")
     system: str | None = _f(None, help="System prompt added to chat examples that have none.")
     train_on: Literal["all_turns", "last_turn"] = _f(
-        "all_turns", help="Chat data: train every assistant turn, or only the last one of each record. Each trained turn is "
+        "all_turns",
+        help="Chat data: train every assistant turn, or only the last one of each record. Each trained turn is "
         "trained on exactly its inference prompt (where the template renders a turn differently once later turns follow, "
-        "it gets a sequence of its own; the dry-run plan says which)."
+        "it gets a sequence of its own; the dry-run plan says which).",
     )
     reasoning_tags: list[str] = _f(
-        ["<think>", "</think>"], help="Open and close tags of reasoning written inline in an answer, and of the reasoning "
-        "finetune writes inline for templates that have no reasoning support."
+        ["<think>", "</think>"],
+        help="Open and close tags of reasoning written inline in an answer, and of the reasoning "
+        "finetune writes inline for templates that have no reasoning support.",
     )
-    registry: str | None = _f(None, help="Path of a datasets.yaml registry (default: ./data/datasets.yaml, then the shipped one).")
-    encoding: str | None = _f(None, help="Text encoding of local JSON/JSONL/CSV files, e.g. gb18030 (default: UTF-8, with or without a BOM).")
-    num_proc: int | None = _f(None, help="Processes that encode the data (default: the usable cores up to 8; 1 below 20k records).")
+    registry: str | None = _f(
+        None, help="Path of a datasets.yaml registry (default: ./data/datasets.yaml, then the shipped one)."
+    )
+    encoding: str | None = _f(
+        None, help="Text encoding of local JSON/JSONL/CSV files, e.g. gb18030 (default: UTF-8, with or without a BOM)."
+    )
+    num_proc: int | None = _f(
+        None, help="Processes that encode the data (default: the usable cores up to 8; 1 below 20k records)."
+    )
     cache: Literal["auto", "off", "refresh"] = _f(
-        "auto", help="Prepared-data cache: auto = reuse the encoded data when nothing it depends on changed; "
-        "refresh = encode again and replace it; off = encode into a temp dir, every rank for itself."
+        "auto",
+        help="Prepared-data cache: auto = reuse the encoded data when nothing it depends on changed; "
+        "refresh = encode again and replace it; off = encode into a temp dir, every rank for itself.",
     )
-    streaming: bool = _f(False, help="Read and encode while training (data larger than RAM or disk); needs train.max_steps.")
-    skip_bad_rows: bool = _f(False, help="Skip malformed records instead of stopping; the run reports how many and the first few.")
+    streaming: bool = _f(
+        False, help="Read and encode while training (data larger than RAM or disk); needs train.max_steps."
+    )
+    skip_bad_rows: bool = _f(
+        False, help="Skip malformed records instead of stopping; the run reports how many and the first few."
+    )
 
 
 @dataclass
 class OutputSection:
     dir: str = _f(help="Where the run's output goes; a finished dir is never overwritten unless overwrite is true.")
     overwrite: bool = _f(False, help="Replace an existing non-empty output dir.")
-    keep_checkpoints: bool = _f(False, help="Keep the checkpoint-N dirs in the finished output (they are removed by default).")
+    keep_checkpoints: bool = _f(
+        False, help="Keep the checkpoint-N dirs in the finished output (they are removed by default)."
+    )
 
 
 @dataclass
 class EvalSection:
     """Optional: evaluation after training (finetune.eval.after_training); absent = none."""
 
-    data: str | None = _f(None, help="Dataset for generation metrics (registry name, file or hub id); default: the run's held-out split (data.eval or data.eval_ratio; SFT only).")
+    data: str | None = _f(
+        None,
+        help="Dataset for generation metrics (registry name, file or hub id); default: the run's held-out split (data.eval or data.eval_ratio; SFT only).",
+    )
     max_samples: int | None = _f(200, help="Score at most this many examples (null = all).")
     max_new_tokens: int = _f(128, help="Greedy generation length limit per answer.")
     batch_size: int = _f(16, help="Prompts per generation batch (left-padded, sorted by length).")
-    language: Literal["auto", "en", "zh"] = _f("auto", help="BLEU tokenizer: en = sacrebleu 13a, zh = sacrebleu zh; auto = zh if the references contain CJK text.")
-    metric_style: Literal["standard", "llamafactory"] = _f("standard", help="standard = sacrebleu + rouge-score; llamafactory = LLaMA-Factory's character BLEU-4 and jieba ROUGE.")
-    rouge_tokenizer: Literal["chars", "jieba"] = _f("chars", help="ROUGE tokens: chars = each CJK character + ASCII words; jieba = jieba words.")
-    suite: str | None = _f(None, help="Capability suite YAML (e.g. eval/suites/general.yaml) scored on the tuned and the base model.")
-    history: str | None = _f(None, help="JSONL file the results are appended to (default: eval_history.jsonl beside output.dir).")
-    fail_on_regression: bool = _f(False, help="Exit 1 when the suite gate finds a regression (or eval fails); the output stays, marked in its card.")
+    language: Literal["auto", "en", "zh"] = _f(
+        "auto",
+        help="BLEU tokenizer: en = sacrebleu 13a, zh = sacrebleu zh; auto = zh if the references contain CJK text.",
+    )
+    metric_style: Literal["standard", "llamafactory"] = _f(
+        "standard",
+        help="standard = sacrebleu + rouge-score; llamafactory = LLaMA-Factory's character BLEU-4 and jieba ROUGE.",
+    )
+    rouge_tokenizer: Literal["chars", "jieba"] = _f(
+        "chars", help="ROUGE tokens: chars = each CJK character + ASCII words; jieba = jieba words."
+    )
+    suite: str | None = _f(
+        None, help="Capability suite YAML (e.g. eval/suites/general.yaml) scored on the tuned and the base model."
+    )
+    history: str | None = _f(
+        None, help="JSONL file the results are appended to (default: eval_history.jsonl beside output.dir)."
+    )
+    fail_on_regression: bool = _f(
+        False,
+        help="Exit 1 when the suite gate finds a regression (or eval fails); the output stays, marked in its card.",
+    )
 
 
 RESUME_VOLATILE = (("train", "resume"), ("output", "overwrite"), ("output", "keep_checkpoints"))
-SECTIONS = {"model": ModelSection, "adapter": AdapterSection, "data": DataSection, "output": OutputSection,
-            "rewards": RewardsSection,  # rewards: the RL stages (finetune/rewards.py)
-            "eval": EvalSection}
+SECTIONS = {
+    "model": ModelSection,
+    "adapter": AdapterSection,
+    "data": DataSection,
+    "output": OutputSection,
+    "rewards": RewardsSection,  # rewards: the RL stages (finetune/rewards.py)
+    "eval": EvalSection,
+}
 OPTIONAL_SECTIONS = ("eval",)
 TOP_LEVEL = ("stage", "model", "adapter", "data", "train", "rewards", "output", "eval")
 
@@ -266,7 +370,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             if isinstance(key, (str, int, float, bool)) and key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key '{key}' (first given on line {seen[key]})", key_node.start_mark)
+                    None, None, f"duplicate key '{key}' (first given on line {seen[key]})", key_node.start_mark
+                )
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
 
@@ -320,7 +425,9 @@ def _parse_override(item: str) -> tuple[tuple[str, ...], Any]:
     return path, value
 
 
-def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, text: str | None = None) -> Recipe:
+def load(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, text: str | None = None
+) -> Recipe:
     """Read a recipe file (or `text`), apply `section.key=value` overrides, validate, fill defaults."""
     source = str(path) if path is not None else None
     if text is None:
@@ -371,8 +478,9 @@ def _validate(raw: dict, where: _Where, source: str | None) -> Recipe:
             raise RecipeError(f"{where((name,))}: missing section '{name}'")
         if isinstance(value, dict):
             origins.update({f"{name}.{key}": _origin((name, key), where) for key in value})
-            filled = {key: default for (section, key), (default, _) in table.items()
-                      if section == name and key not in value}
+            filled = {
+                key: default for (section, key), (default, _) in table.items() if section == name and key not in value
+            }
             origins.update({f"{name}.{key}": table[(name, key)][1] for key in filled})
             value = {**value, **filled}
         sections[name] = _build(cls, value, (name,), where)
@@ -391,13 +499,17 @@ def _validate(raw: dict, where: _Where, source: str | None) -> Recipe:
 
 def _origin(path: tuple, where: _Where) -> str:
     return "override" if any(path[:n] in where.overridden for n in range(1, len(path) + 1)) else "recipe"
+
+
 def _section_of(key: str, stage) -> str:
     """`; did you mean 'train.max_steps'?` for a key given without its section (max_steps=5)."""
     import difflib
 
     keys = [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in fields(cls)]
     if stage in STAGES:
-        keys += [f"train.{f.name}" for f in fields(trl_config_class(stage)) if f.init] + [f"train.{k}" for k in TRAIN_EXTRA_KEYS]
+        keys += [f"train.{f.name}" for f in fields(trl_config_class(stage)) if f.init] + [
+            f"train.{k}" for k in TRAIN_EXTRA_KEYS
+        ]
     by_name = {}
     for k in keys:
         by_name.setdefault(k.split(".", 1)[1], k)
@@ -435,7 +547,9 @@ def _build(cls, raw, path: tuple, where: _Where):
         if f.name in raw:
             kwargs[f.name] = _coerce(raw[f.name], hints[f.name], path + (f.name,), where)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise RecipeError(f"{where(path)}: missing required key '{'.'.join(path + (f.name,))}' ({f.metadata['help']})")
+            raise RecipeError(
+                f"{where(path)}: missing required key '{'.'.join(path + (f.name,))}' ({f.metadata['help']})"
+            )
     return cls(**kwargs)
 
 
@@ -532,7 +646,9 @@ def _coerce(value, tp, path: tuple, where: _Where):
             return tp(value).value
         except ValueError:
             choices = [e.value for e in tp]
-            raise RecipeError(f"{where(path)}: {value!r} is not one of {', '.join(map(str, choices))}{closest(str(value), choices)}") from None
+            raise RecipeError(
+                f"{where(path)}: {value!r} is not one of {', '.join(map(str, choices))}{closest(str(value), choices)}"
+            ) from None
     return value  # complex TRL types (dicts, callables...) are checked by the TRL config itself
 
 
@@ -571,7 +687,10 @@ def train_defaults(stage: str) -> dict[str, Any]:
 EVAL_STEPS_WITH_EVAL_SPLIT = 0.1
 
 # transformers 5 renamed these; accept the old names users know, as aliases.
-TRAIN_ALIASES = {"gradient_checkpointing": "activation_checkpointing", "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
+TRAIN_ALIASES = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
 # Set by finetune itself, from other sections.
 TRAIN_RESERVED = {"output_dir": "output.dir", "use_cpu": "the device", "dataset_text_field": "data.format"}
 
@@ -593,7 +712,9 @@ def _validate_train(stage: str, raw, where: _Where, table: dict, origins: dict[s
             out[key] = _coerce(value, str, path, where) if value is not False else "never"
             continue
         if key not in valid:
-            raise RecipeError(f"{where(path)}: unknown key for {cls.__name__}{closest(str(key), valid + list(TRAIN_EXTRA_KEYS))}")
+            raise RecipeError(
+                f"{where(path)}: unknown key for {cls.__name__}{closest(str(key), valid + list(TRAIN_EXTRA_KEYS))}"
+            )
         out[TRAIN_ALIASES.get(key, key)] = _coerce(value, hints.get(key, Any), path, where)
     return out
 
@@ -607,10 +728,14 @@ def _cross_checks(recipe: Recipe, where: _Where) -> None:
     if not 0.0 <= d.eval_ratio < 1.0:
         raise RecipeError(f"{where(('data', 'eval_ratio'))}: must be in [0, 1), got {d.eval_ratio}")
     if len(d.reasoning_tags) != 2 or not all(isinstance(t, str) and t.strip() for t in d.reasoning_tags):
-        raise RecipeError(f"{where(('data', 'reasoning_tags'))}: expected [open tag, close tag], got {d.reasoning_tags}")
+        raise RecipeError(
+            f"{where(('data', 'reasoning_tags'))}: expected [open tag, close tag], got {d.reasoning_tags}"
+        )
     if recipe.eval is not None:
         if recipe.stage == "rm":
-            raise RecipeError(f"{where(('eval',))}: a reward model does not generate; score it with `finetune score` instead")
+            raise RecipeError(
+                f"{where(('eval',))}: a reward model does not generate; score it with `finetune score` instead"
+            )
         for key in ("max_samples", "max_new_tokens", "batch_size"):
             if getattr(recipe.eval, key) is not None and getattr(recipe.eval, key) < 1:
                 raise RecipeError(f"{where(('eval', key))}: must be at least 1")
@@ -622,7 +747,9 @@ def _cross_checks(recipe: Recipe, where: _Where) -> None:
         try:
             codecs.lookup(d.encoding)
         except LookupError:
-            raise RecipeError(f"{where(('data', 'encoding'))}: unknown encoding {d.encoding!r} (e.g. utf-8, gb18030, big5)") from None
+            raise RecipeError(
+                f"{where(('data', 'encoding'))}: unknown encoding {d.encoding!r} (e.g. utf-8, gb18030, big5)"
+            ) from None
     if d.max_samples is not None and d.max_samples < 1:
         raise RecipeError(f"{where(('data', 'max_samples'))}: must be at least 1")
     if d.num_proc is not None and d.num_proc < 1:
@@ -648,7 +775,9 @@ def _cross_checks(recipe: Recipe, where: _Where) -> None:
         if t.get(key) is not None and t[key] <= 0:
             raise RecipeError(f"{where(('train', key))}: must be positive, got {t[key]}")
     if t["max_steps"] <= 0 and t["num_train_epochs"] <= 0:
-        raise RecipeError(f"{where(('train', 'num_train_epochs'))}: set train.max_steps or a positive train.num_train_epochs")
+        raise RecipeError(
+            f"{where(('train', 'num_train_epochs'))}: set train.max_steps or a positive train.num_train_epochs"
+        )
     if "report_to" in t:
         _check_trackers(t["report_to"], where)
     resume = t["resume"]
@@ -657,10 +786,22 @@ def _cross_checks(recipe: Recipe, where: _Where) -> None:
 
 
 # train.report_to: the trackers transformers' Trainer reports to, and the modules each needs (any one of them).
-TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
-            "trackio": ("trackio",), "comet_ml": ("comet_ml",), "clearml": ("clearml",), "neptune": ("neptune",),
-            "dvclive": ("dvclive",), "swanlab": ("swanlab",), "codecarbon": ("codecarbon",), "azure_ml": ("azureml",),
-            "dagshub": ("dagshub",), "flyte": ("flytekit",), "kubeflow": ("kubeflow",)}
+TRACKERS = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "wandb": ("wandb",),
+    "mlflow": ("mlflow",),
+    "trackio": ("trackio",),
+    "comet_ml": ("comet_ml",),
+    "clearml": ("clearml",),
+    "neptune": ("neptune",),
+    "dvclive": ("dvclive",),
+    "swanlab": ("swanlab",),
+    "codecarbon": ("codecarbon",),
+    "azure_ml": ("azureml",),
+    "dagshub": ("dagshub",),
+    "flyte": ("flytekit",),
+    "kubeflow": ("kubeflow",),
+}
 
 
 def _check_trackers(report_to, where) -> None:
@@ -672,12 +813,16 @@ def _check_trackers(report_to, where) -> None:
         if name in ("none", "all"):
             continue
         if name not in TRACKERS:
-            raise RecipeError(f"{where(('train', 'report_to'))}: unknown tracker {name!r}{closest(str(name), TRACKERS)} "
-                              f"(one of {', '.join(TRACKERS)}, or none)")
+            raise RecipeError(
+                f"{where(('train', 'report_to'))}: unknown tracker {name!r}{closest(str(name), TRACKERS)} "
+                f"(one of {', '.join(TRACKERS)}, or none)"
+            )
         if not any(importlib.util.find_spec(module) for module in TRACKERS[name]):
             package = TRACKERS[name][0].replace("_", "-")
-            raise RecipeError(f"{where(('train', 'report_to'))}: {name} is not installed; `pip install {package}`, "
-                              f"or remove it from train.report_to")
+            raise RecipeError(
+                f"{where(('train', 'report_to'))}: {name} is not installed; `pip install {package}`, "
+                f"or remove it from train.report_to"
+            )
 
 
 def check_stage_format(stage: str, fmt: str | None, where) -> None:

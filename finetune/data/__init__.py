@@ -99,8 +99,9 @@ class Split:
         from finetune.data import _WithLengths
 
         rows = self.table.select_columns(["input_ids", "labels", "length"])
-        return _WithLengths(rows.data, info=rows.info, split=rows.split, indices_table=rows._indices,
-                            fingerprint=rows._fingerprint)
+        return _WithLengths(
+            rows.data, info=rows.info, split=rows.split, indices_table=rows._indices, fingerprint=rows._fingerprint
+        )
 
     def _column(self, name: str):
         return self.table.with_format("arrow")[name].to_numpy()
@@ -178,10 +179,17 @@ class StreamSplit:
             return lengths[min(len(lengths) - 1, int(p * len(lengths)))]
 
         return {
-            "examples": len(lengths), "records": self.n_records, "truncated": self.n_truncated,
-            "dropped": self.n_dropped, "tokens": sum(lengths), "trained_tokens": sum(e.n_trained for e in self.sample),
-            "length_min": lengths[0], "length_mean": round(statistics.fmean(lengths), 1), "length_p50": pct(0.5),
-            "length_p95": pct(0.95), "length_max": lengths[-1],
+            "examples": len(lengths),
+            "records": self.n_records,
+            "truncated": self.n_truncated,
+            "dropped": self.n_dropped,
+            "tokens": sum(lengths),
+            "trained_tokens": sum(e.n_trained for e in self.sample),
+            "length_min": lengths[0],
+            "length_mean": round(statistics.fmean(lengths), 1),
+            "length_p50": pct(0.5),
+            "length_p95": pct(0.95),
+            "length_max": lengths[-1],
         }
 
 
@@ -216,7 +224,9 @@ def _format_of(src: sources.Source, cfg: DataSection, first: sources.Record | No
     return fmt
 
 
-def read_examples(name: str, cfg: DataSection, fmt: str | None = None, field_name: str = "data.train") -> tuple[list[dict], str, sources.Source]:
+def read_examples(
+    name: str, cfg: DataSection, fmt: str | None = None, field_name: str = "data.train"
+) -> tuple[list[dict], str, sources.Source]:
     """Records of one dataset reference, converted to canonical examples (a list: for previews,
     scoring and eval prompts; training data goes through `load`, which holds no lists)."""
     src = sources.resolve(name, split=cfg.split, registry=cfg.registry, field=field_name)
@@ -236,8 +246,13 @@ class _Progress:
         from tqdm.auto import tqdm
 
         self.phase, self.label, self.start = phase, label, time.perf_counter()
-        self.bar = tqdm(desc=f"{phase} {Path(label).name}", unit=" rows", disable=None if bar else True, leave=False,
-                        mininterval=1.0)
+        self.bar = tqdm(
+            desc=f"{phase} {Path(label).name}",
+            unit=" rows",
+            disable=None if bar else True,
+            leave=False,
+            mininterval=1.0,
+        )
 
     def update(self, n: int = 1) -> None:
         self.bar.update(n)
@@ -247,8 +262,16 @@ class _Progress:
         seconds = time.perf_counter() - self.start
         # a summary where a phase is worth watching; small demo files stay quiet (errors stay one line)
         level = logging.INFO if seconds >= 1.0 or rows >= SUMMARY_ROWS else logging.DEBUG
-        log.log(level, "%s: %s %s rows in %.1f s (%s rows/s)%s", self.phase, self.label, f"{rows:,}", seconds,
-                f"{rows / max(seconds, 1e-9):,.0f}", what)
+        log.log(
+            level,
+            "%s: %s %s rows in %.1f s (%s rows/s)%s",
+            self.phase,
+            self.label,
+            f"{rows:,}",
+            seconds,
+            f"{rows / max(seconds, 1e-9):,.0f}",
+            what,
+        )
         return seconds
 
 
@@ -257,7 +280,9 @@ def _convert_extra(cfg: DataSection) -> tuple:
     return (cfg.reasoning_tags,) if getattr(cfg, "reasoning_tags", None) is not None else ()
 
 
-def _write_examples(records, fmt: str, columns: dict, cfg: DataSection, label: str, path: Path) -> tuple[int, list[str], int]:
+def _write_examples(
+    records, fmt: str, columns: dict, cfg: DataSection, label: str, path: Path
+) -> tuple[int, list[str], int]:
     """Convert records to canonical examples, row by row, into an Arrow file (JSON per example,
     with its `where` and record number). Returns (records read, skipped rows' first locations, skipped count)."""
     import pyarrow as pa
@@ -266,6 +291,7 @@ def _write_examples(records, fmt: str, columns: dict, cfg: DataSection, label: s
     batch, n, bad, n_bad = {"example": [], "where": [], "record": []}, 0, [], 0
     progress = _Progress("read", label)
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+
         def flush():
             writer.write_batch(pa.record_batch([batch[k] for k in ("example", "where", "record")], schema=schema))
             progress.update(len(batch["record"]))
@@ -321,9 +347,17 @@ def _features():
     import datasets
 
     ids = datasets.List(datasets.Value("int32"))
-    return datasets.Features({"input_ids": ids, "labels": ids, "truncated": datasets.Value("bool"),
-                              "n_trained": datasets.Value("int32"), "length": datasets.Value("int32"),
-                              "record": datasets.Value("int64"), "note": datasets.Value("string")})
+    return datasets.Features(
+        {
+            "input_ids": ids,
+            "labels": ids,
+            "truncated": datasets.Value("bool"),
+            "n_trained": datasets.Value("int32"),
+            "length": datasets.Value("int32"),
+            "record": datasets.Value("int64"),
+            "note": datasets.Value("string"),
+        }
+    )
 
 
 def _options_key(options):
@@ -351,10 +385,16 @@ def _build(src, records, fmt, columns, cfg: DataSection, tok, max_length, option
         datasets.enable_progress_bars()
     try:
         encoded = raw.map(
-            _encode_batch, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
+            _encode_batch,
+            batched=True,
+            batch_size=256,
+            num_proc=num_proc if num_proc > 1 else None,
             fn_kwargs={"tok": tok, "max_length": max_length, "options": options},
-            remove_columns=raw.column_names, features=_features(), cache_file_name=str(tmp / "encoded.arrow"),
-            new_fingerprint=tmp.name, desc=f"encode {Path(label).name}",
+            remove_columns=raw.column_names,
+            features=_features(),
+            cache_file_name=str(tmp / "encoded.arrow"),
+            new_fingerprint=tmp.name,
+            desc=f"encode {Path(label).name}",
         )
     finally:
         if not bars:
@@ -381,11 +421,21 @@ def _build(src, records, fmt, columns, cfg: DataSection, tok, max_length, option
         np.save(tmp / "keep.npy", keep)
     return {
         "files": files,
-        "source": label, "format": fmt, "language": src.language, "records": n_records,
-        "examples": len(keep), "truncated": n_truncated, "dropped": int(len(n_trained) - len(keep)),
-        "bad_rows": n_bad, "first_bad_rows": bad, "first_note": first_note, "max_length": max_length, "num_proc": num_proc,
+        "source": label,
+        "format": fmt,
+        "language": src.language,
+        "records": n_records,
+        "examples": len(keep),
+        "truncated": n_truncated,
+        "dropped": int(len(n_trained) - len(keep)),
+        "bad_rows": n_bad,
+        "first_bad_rows": bad,
+        "first_note": first_note,
+        "max_length": max_length,
+        "num_proc": num_proc,
         "encode_rows_per_s": round(n_records / max(encode_seconds, 1e-9), 1),
-        "seconds": round(time.perf_counter() - start, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.perf_counter() - start, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
@@ -405,13 +455,17 @@ def cache_key_parts(src, fmt, columns, cfg: DataSection, tok, max_length, option
     """Everything that changes an encoded split (see finetune.data.cache for the choices)."""
     return {
         "source": sources.fingerprint(src),
-        "format": fmt, "columns": columns, "system": cfg.system, "conversion": _convert_extra(cfg),
+        "format": fmt,
+        "columns": columns,
+        "system": cfg.system,
+        "conversion": _convert_extra(cfg),
         "encoding": cfg.encoding,
         "max_samples": cfg.max_samples if field_name == "data.train" else None,
         "skip_bad_rows": cfg.skip_bad_rows,
         "tokenizer": cache.tokenizer_fingerprint(tok),
         "options": _options_key(options),
-        "max_length": max_length, "truncation": "keep_start",
+        "max_length": max_length,
+        "truncation": "keep_start",
         "encoder": encode_module.ENCODER_VERSION,
     }
 
@@ -425,8 +479,15 @@ def _private_dir() -> Path:
     return path
 
 
-def prepare_split(name: str, cfg: DataSection, tok, max_length: int | None, options=None,
-                  field_name: str = "data.train", stage: str = "sft") -> tuple[Split, str, sources.Source, list[str]]:
+def prepare_split(
+    name: str,
+    cfg: DataSection,
+    tok,
+    max_length: int | None,
+    options=None,
+    field_name: str = "data.train",
+    stage: str = "sft",
+) -> tuple[Split, str, sources.Source, list[str]]:
     """One source encoded (from the cache when it holds it): (split, format, source, notes)."""
     src = sources.resolve(name, split=cfg.split, registry=cfg.registry, field=field_name)
     records = _records(src, cfg, field_name)
@@ -449,16 +510,23 @@ def prepare_split(name: str, cfg: DataSection, tok, max_length: int | None, opti
         path = cache.obtain(key, build, cfg.cache)
         meta = cache.read_meta(path)
         if cache.builds == builds:
-            log.info("cache: %s %s examples from %s (%.1f s)", src.label(), f"{meta['examples']:,}", path,
-                     time.perf_counter() - start)
+            log.info(
+                "cache: %s %s examples from %s (%.1f s)",
+                src.label(),
+                f"{meta['examples']:,}",
+                path,
+                time.perf_counter() - start,
+            )
         else:
             log.info("cache: %s saved in %s", src.label(), path)
     table = _open_entry(path, meta)
     split = Split(src.label(), table, meta["records"], meta["truncated"], meta["dropped"], path, meta["first_note"])
     notes = []
     if meta.get("bad_rows"):
-        notes.append(f"{src.label()}: {meta['bad_rows']} bad records skipped (data.skip_bad_rows), first: "
-                     + "; ".join(meta["first_bad_rows"]))
+        notes.append(
+            f"{src.label()}: {meta['bad_rows']} bad records skipped (data.skip_bad_rows), first: "
+            + "; ".join(meta["first_bad_rows"])
+        )
     return split, fmt, src, notes
 
 
@@ -469,10 +537,14 @@ def chat_mode_note(label: str, split, options: EncodeOptions, why: str) -> str:
     if options.train_on == "last_turn" and not why:
         return f"{label}: one sequence per record, {turns} trained on its inference prompt (data.train_on=last_turn)"
     if n_seq <= n_rec and not why:
-        return (f"{label}: chat template prefix-consistent: one sequence per record, {turns} trained "
-                f"(data.train_on={options.train_on})")
-    return (f"{label}: {n_seq} sequences from {split.n_records} records, {turns} trained "
-            f"(data.train_on={options.train_on}), each on exactly its inference prompt; first case: {why}")
+        return (
+            f"{label}: chat template prefix-consistent: one sequence per record, {turns} trained "
+            f"(data.train_on={options.train_on})"
+        )
+    return (
+        f"{label}: {n_seq} sequences from {split.n_records} records, {turns} trained "
+        f"(data.train_on={options.train_on}), each on exactly its inference prompt; first case: {why}"
+    )
 
 
 NOT_CHAT_FORMATS = ("prompt_completion", "text")
@@ -522,8 +594,14 @@ def _split(train: Split, ratio: float, seed: int) -> tuple[Split, Split]:
     n_eval = len(out)
     n_out_truncated = int(out.with_format("arrow")["truncated"].to_numpy().sum())
     return (
-        Split(train.source, keep, train.n_records - n_eval, train.n_truncated - n_out_truncated, train.n_dropped,
-              train.cache_dir),
+        Split(
+            train.source,
+            keep,
+            train.n_records - n_eval,
+            train.n_truncated - n_out_truncated,
+            train.n_dropped,
+            train.cache_dir,
+        ),
         Split(f"{train.source} (held out {ratio:g})", out, n_eval, n_out_truncated, 0, train.cache_dir),
     )
 
@@ -549,8 +627,10 @@ def load_streaming(cfg: DataSection, tok, max_length: int | None, options=None) 
     import datasets
 
     if cfg.eval or cfg.eval_ratio:
-        raise DataError("data.streaming: eval data is not streamed; unset data.eval / data.eval_ratio "
-                        "(or prepare the data without streaming)")
+        raise DataError(
+            "data.streaming: eval data is not streamed; unset data.eval / data.eval_ratio "
+            "(or prepare the data without streaming)"
+        )
     src = sources.resolve(cfg.train, split=cfg.split, registry=cfg.registry, field="data.train")
     first = next(_records(src, cfg, "data.train", streaming=True), None)
     fmt = _format_of(src, cfg, first)
@@ -560,20 +640,43 @@ def load_streaming(cfg: DataSection, tok, max_length: int | None, options=None) 
     sample_rows = list(itertools.islice(_stream_rows(src, fmt, columns, cfg), STREAM_SAMPLE))
     batch = {k: [r[k] for r in sample_rows] for k in ("example", "where", "record")}
     sample = _encode_batch(batch, tok, max_length, options)
-    encoded = [Encoded(i, lab, t) for i, lab, t, n in
-               zip(sample["input_ids"], sample["labels"], sample["truncated"], sample["n_trained"]) if n > 0]
+    encoded = [
+        Encoded(i, lab, t)
+        for i, lab, t, n in zip(sample["input_ids"], sample["labels"], sample["truncated"], sample["n_trained"])
+        if n > 0
+    ]
     if not encoded:
-        raise DataError(f"{src.label()}: the first {len(sample_rows)} records are longer than train.max_length="
-                        f"{max_length} before their answers start (nothing left to train); raise train.max_length")
+        raise DataError(
+            f"{src.label()}: the first {len(sample_rows)} records are longer than train.max_length="
+            f"{max_length} before their answers start (nothing left to train); raise train.max_length"
+        )
     stream = datasets.IterableDataset.from_generator(
-        _stream_rows, gen_kwargs={"src": src, "fmt": fmt, "columns": columns, "cfg": cfg},
-        features=datasets.Features({"example": datasets.Value("large_string"), "where": datasets.Value("string"),
-                                    "record": datasets.Value("int64")}),
+        _stream_rows,
+        gen_kwargs={"src": src, "fmt": fmt, "columns": columns, "cfg": cfg},
+        features=datasets.Features(
+            {
+                "example": datasets.Value("large_string"),
+                "where": datasets.Value("string"),
+                "record": datasets.Value("int64"),
+            }
+        ),
     )
-    stream = stream.map(_encode_batch, batched=True, batch_size=64, remove_columns=["example", "where", "record"],
-                        fn_kwargs={"tok": tok, "max_length": max_length, "options": options}, features=_features())
+    stream = stream.map(
+        _encode_batch,
+        batched=True,
+        batch_size=64,
+        remove_columns=["example", "where", "record"],
+        fn_kwargs={"tok": tok, "max_length": max_length, "options": options},
+        features=_features(),
+    )
     stream = stream.filter(lambda n: n > 0, input_columns=["n_trained"]).select_columns(["input_ids", "labels"])
-    split = StreamSplit(f"{src.label()} (streamed)", stream, encoded, len(sample_rows),
-                        sum(sample["truncated"]), len(sample["n_trained"]) - len(encoded))
+    split = StreamSplit(
+        f"{src.label()} (streamed)",
+        stream,
+        encoded,
+        len(sample_rows),
+        sum(sample["truncated"]),
+        len(sample["n_trained"]) - len(encoded),
+    )
     note = f"data.streaming: statistics of the first {len(sample_rows)} records; the stream is encoded while training"
     return PreparedData(train=split, format=fmt, language=src.language, notes=[note])

@@ -16,7 +16,8 @@ Errors name the record (`where`) and the field.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from finetune.data.sources import Record
 from finetune.errors import DataError

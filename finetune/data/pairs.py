@@ -70,7 +70,11 @@ class ExampleSplit:
 def _n_tokens(tok, messages, generation_prompt=False) -> int:
     if isinstance(messages, str):  # a raw-text prompt (prompt_completion data for an RL stage)
         return len(tok(messages)["input_ids"])
-    return len(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True)["input_ids"])
+    return len(
+        tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True)[
+            "input_ids"
+        ]
+    )
 
 
 def _shape(examples: list[dict], fmt: str, stage: str) -> list[dict]:

@@ -85,7 +85,9 @@ def _split_shared_prefix(f: _Fields, chosen: list[dict], rejected: list[dict]) -
     while n > 0 and chosen[n - 1]["role"] != "user":
         n -= 1
     if n == 0:
-        raise f.error("chosen", "chosen and rejected share no prompt (no common user turn) and there is no 'prompt' field")
+        raise f.error(
+            "chosen", "chosen and rejected share no prompt (no common user turn) and there is no 'prompt' field"
+        )
     return chosen[:n], chosen[n:], rejected[n:]
 
 
@@ -95,7 +97,9 @@ def preference(f: _Fields) -> dict:
     if raw_prompt is None:  # implicit prompt: two whole conversations sharing their start
         if not (isinstance(chosen, list) and isinstance(rejected, list)):
             raise f.error("prompt", "missing (only message-list pairs may leave the prompt implicit)")
-        prompt, chosen, rejected = _split_shared_prefix(f, _messages(f, "chosen", chosen), _messages(f, "rejected", rejected))
+        prompt, chosen, rejected = _split_shared_prefix(
+            f, _messages(f, "chosen", chosen), _messages(f, "rejected", rejected)
+        )
         if not chosen or not rejected:
             raise f.error("rejected", "identical to chosen (a pair must differ)")
         if chosen[0]["role"] != "assistant" or rejected[0]["role"] != "assistant":
@@ -127,7 +131,9 @@ class _WithOutput(_Fields):
 
 def sharegpt_preference(f: _Fields) -> dict:
     turns = _turns(f, "conversations", f.name("from"), f.name("value"), SHAREGPT_ROLES)
-    return _pair(f, _prompt(f, "conversations", turns, f.text("system", required=False)), f.get("chosen"), f.get("rejected"))
+    return _pair(
+        f, _prompt(f, "conversations", turns, f.text("system", required=False)), f.get("chosen"), f.get("rejected")
+    )
 
 
 def _label(f: _Fields) -> bool:

@@ -22,11 +22,15 @@ def prepare(recipe) -> str:
     from finetune.data import cache
 
     if recipe.stage != "sft":
-        raise RecipeError(f"{recipe.source or 'recipe'}: stage {recipe.stage}: its data is tokenized by the TRL "
-                          "trainer while it starts; `data prepare` is for sft recipes")
+        raise RecipeError(
+            f"{recipe.source or 'recipe'}: stage {recipe.stage}: its data is tokenized by the TRL "
+            "trainer while it starts; `data prepare` is for sft recipes"
+        )
     if recipe.data.streaming:
-        raise RecipeError(f"{recipe.source or 'recipe'}: data.streaming: streamed data is encoded while training; "
-                          "there is nothing to prepare (unset data.streaming to cache it)")
+        raise RecipeError(
+            f"{recipe.source or 'recipe'}: data.streaming: streamed data is encoded while training; "
+            "there is nothing to prepare (unset data.streaming to cache it)"
+        )
     if recipe.data.cache == "off":
         raise RecipeError(f"{recipe.source or 'recipe'}: data.cache: off keeps nothing; use auto or refresh")
     tok = models.load_tokenizer(recipe.model)
@@ -37,14 +41,18 @@ def prepare(recipe) -> str:
         if split is None:
             continue
         s = split.stats()
-        lines.append(f"  {name:<6} {split.source}: {s['examples']:,} examples from {s['records']:,} records, "
-                     f"{s['tokens']:,} tokens ({s['trained_tokens']:,} trained), length p50 {s['length_p50']} "
-                     f"max {s['length_max']}; {s['truncated']} truncated, {s['dropped']} dropped")
+        lines.append(
+            f"  {name:<6} {split.source}: {s['examples']:,} examples from {s['records']:,} records, "
+            f"{s['tokens']:,} tokens ({s['trained_tokens']:,} trained), length p50 {s['length_p50']} "
+            f"max {s['length_max']}; {s['truncated']} truncated, {s['dropped']} dropped"
+        )
         if split.cache_dir not in seen:
             seen.add(split.cache_dir)
             meta = cache.read_meta(split.cache_dir)
-            lines.append(f"         cache {split.cache_dir} ({_size(cache.size_on_disk(split.cache_dir))}, "
-                         f"format {meta['format']}, max_length {meta['max_length']}, built {meta['created']} "
-                         f"in {meta['seconds']} s at {meta['encode_rows_per_s']:,.0f} records/s)")
+            lines.append(
+                f"         cache {split.cache_dir} ({_size(cache.size_on_disk(split.cache_dir))}, "
+                f"format {meta['format']}, max_length {meta['max_length']}, built {meta['created']} "
+                f"in {meta['seconds']} s at {meta['encode_rows_per_s']:,.0f} records/s)"
+            )
     lines += [f"  note   {n}" for n in prepared.notes]
     return "\n".join(lines)

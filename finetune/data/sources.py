@@ -173,14 +173,18 @@ def _decode_error(path: Path, encoding: str | None, error: UnicodeDecodeError) -
         head = f.read(1 << 22)
     try:
         head.decode(encoding or "utf-8-sig")
-        line, byte = "", error.object[error.start:error.start + 1]
+        line, byte = "", error.object[error.start : error.start + 1]
     except UnicodeDecodeError as e:
-        line, byte = f":{head[:e.start].count(NEWLINE) + 1}", head[e.start:e.start + 1]
+        line, byte = f":{head[: e.start].count(NEWLINE) + 1}", head[e.start : e.start + 1]
     where = f"{path}{line}: byte 0x{byte.hex()} is not {encoding or 'UTF-8'} text"
     likely = likely_encoding(head)
     named = f"{likely} (GBK)" if likely == "gb18030" else likely
     if encoding:
-        hint = f" (it looks like {named})" if likely and codecs.lookup(likely).name != codecs.lookup(encoding).name else ""
+        hint = (
+            f" (it looks like {named})"
+            if likely and codecs.lookup(likely).name != codecs.lookup(encoding).name
+            else ""
+        )
         return f"{where}{hint}; set data.encoding to the file's encoding"
     if likely:
         return f"{where}; it looks like {named}: set data.encoding={likely} or save the file as UTF-8"
@@ -193,7 +197,9 @@ def likely_encoding(data: bytes) -> str | None:
     try:
         text = data.decode("gb18030")
         wide = [c for c in text if ord(c) > 127]
-        chinese = sum("\u4e00" <= c <= "\u9fff" or "\u3000" <= c <= "\u303f" or "\uff00" <= c <= "\uffef" for c in wide)
+        chinese = sum(
+            "\u4e00" <= c <= "\u9fff" or "\u3000" <= c <= "\u303f" or "\uff00" <= c <= "\uffef" for c in wide
+        )
         if wide and chinese >= 0.8 * len(wide):
             return "gb18030"
     except UnicodeDecodeError:
@@ -259,7 +265,9 @@ def _load_hub(src: Source, streaming: bool = False):
         return datasets.load_dataset(src.hub, split=src.split, streaming=streaming)
     except Exception as e:  # offline, unknown id, bad split: one line for the user
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"data: {src.hub!r} is not a local file, a registry name, or a loadable hub dataset: {msg}") from None
+        raise DataError(
+            f"data: {src.hub!r} is not a local file, a registry name, or a loadable hub dataset: {msg}"
+        ) from None
 
 
 def _read_hub(src: Source, streaming: bool = False) -> Iterator[Record]:

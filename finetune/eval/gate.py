@@ -33,7 +33,9 @@ def compare(suite: Suite, tuned: dict, baseline: dict) -> list[Row]:
             higher, relative = direction(metric)
             worse = (b - t) if higher else (t - b)
             limit = task.tolerance[metric] * (abs(b) if relative else 1.0)
-            rows.append(Row(task.name, metric, b, t, t - b, task.tolerance[metric], relative, higher, worse > limit + 1e-12))
+            rows.append(
+                Row(task.name, metric, b, t, t - b, task.tolerance[metric], relative, higher, worse > limit + 1e-12)
+            )
     return rows
 
 

@@ -41,8 +41,13 @@ def items_from_examples(examples: list[dict], label: str) -> list[Item]:
     return items
 
 
-def load_items(dataset: str, fmt: str | None = None, split: str = "test", max_samples: int | None = None,
-               registry: str | None = None) -> tuple[list[Item], str | None]:
+def load_items(
+    dataset: str,
+    fmt: str | None = None,
+    split: str = "test",
+    max_samples: int | None = None,
+    registry: str | None = None,
+) -> tuple[list[Item], str | None]:
     """(items, registry language) of a dataset: registry name, file or hub id (`split` for the hub)."""
     from finetune.config import DataSection
     from finetune.data import read_examples
@@ -56,13 +61,17 @@ def load_items(dataset: str, fmt: str | None = None, split: str = "test", max_sa
 def render(tok, prompt, template_kwargs: dict | None = None) -> list[int]:
     if isinstance(prompt, str):
         return tok(prompt, add_special_tokens=True)["input_ids"]
-    return list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                        **(template_kwargs or {}))["input_ids"])
+    return list(
+        tok.apply_chat_template(
+            prompt, add_generation_prompt=True, tokenize=True, return_dict=True, **(template_kwargs or {})
+        )["input_ids"]
+    )
 
 
 @torch.no_grad()
-def generate(model, tok, prompts: list, max_new_tokens: int = 128, batch_size: int = 16,
-             template_kwargs: dict | None = None) -> list[str]:
+def generate(
+    model, tok, prompts: list, max_new_tokens: int = 128, batch_size: int = 16, template_kwargs: dict | None = None
+) -> list[str]:
     """Greedy answers, in the order of `prompts`: length-sorted, left-padded batches (chat prompts
     rendered with the run's model.chat_template_kwargs, as in training)."""
     ids = [render(tok, p, template_kwargs) for p in prompts]
@@ -71,15 +80,21 @@ def generate(model, tok, prompts: list, max_new_tokens: int = 128, batch_size: i
     device = next(model.parameters()).device
     progress = _Progress(len(ids))
     for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
+        batch = order[start : start + batch_size]
         width = max(len(ids[i]) for i in batch)
         input_ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(batch), width), dtype=torch.long)
         for row, i in enumerate(batch):
-            input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
-            attention[row, width - len(ids[i]):] = 1
-        generated = generate_tokens(model, input_ids.to(device), attention.to(device),
-                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            input_ids[row, width - len(ids[i]) :] = torch.tensor(ids[i])
+            attention[row, width - len(ids[i]) :] = 1
+        generated = generate_tokens(
+            model,
+            input_ids.to(device),
+            attention.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
         for row, i in enumerate(batch):
             out[i] = tok.decode(generated[row, width:], skip_special_tokens=True).strip()
         progress.update(len(batch))
@@ -109,8 +124,11 @@ class _Progress:
             self.bar.update(n)
         elif not self.quiet and self.done * 10 // self.total > before * 10 // self.total:
             rate = self.done / max(self.clock() - self.t0, 1e-9)
-            print(f"finetune: generated {self.done}/{self.total} answers ({rate:.2g} answers/s)", file=self.stream,
-                  flush=True)
+            print(
+                f"finetune: generated {self.done}/{self.total} answers ({rate:.2g} answers/s)",
+                file=self.stream,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -123,14 +141,20 @@ def generate_one_by_one(model, tok, prompts: list, max_new_tokens: int = 128) ->
 
 
 def prompt_text(tok, prompt) -> str:
-    return prompt if isinstance(prompt, str) else tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return (
+        prompt
+        if isinstance(prompt, str)
+        else tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    )
 
 
 def write_predictions(path: Path, tok, items: list[Item], predictions: list[str]) -> None:
     from finetune.outputs import write_text_atomic
 
-    rows = [{"prompt": prompt_text(tok, it.prompt), "prediction": p, "reference": it.reference}
-            for it, p in zip(items, predictions)]
+    rows = [
+        {"prompt": prompt_text(tok, it.prompt), "prediction": p, "reference": it.reference}
+        for it, p in zip(items, predictions)
+    ]
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 

@@ -31,8 +31,9 @@ def heldout_items(recipe) -> tuple[list, str, str | None]:
         tok = models.load_tokenizer(recipe.model)
         from finetune.data.encode import options_of
 
-        held_out = data.load(d, tok, recipe.train["max_length"], seed=recipe.train["seed"],
-                             options=options_of(recipe)).eval
+        held_out = data.load(
+            d, tok, recipe.train["max_length"], seed=recipe.train["seed"], options=options_of(recipe)
+        ).eval
         records = sorted(set(held_out.table.with_format("arrow")["record"].to_numpy().tolist()))
         examples, _, src = data.read_examples(d.train, d)
         examples = [examples[i] for i in records]
@@ -77,8 +78,10 @@ def gate_failure(recipe, output_dir) -> str | None:
     n = (rep.get("suite") or {}).get("regressions") or 0
     if n:
         rows = [f"{r['task']} {r['metric']}" for r in rep["suite"]["rows"] if r["regression"]]
-        return (f"eval.fail_on_regression: {plural(n, 'regression')} ({', '.join(rows)}); "
-                f"the output in {output_dir} is kept and its card marks them")
+        return (
+            f"eval.fail_on_regression: {plural(n, 'regression')} ({', '.join(rows)}); "
+            f"the output in {output_dir} is kept and its card marks them"
+        )
     return None
 
 
@@ -89,11 +92,21 @@ def _evaluate(recipe, cfg, output_dir: Path) -> str:
             log.warning("eval: nothing to evaluate (no data.eval, data.eval_ratio or eval.data, and no eval.suite)")
             return ""
         req = Request(
-            out=output_dir / "eval", model=str(output_dir), baseline=recipe.model.name_or_path,
-            baseline_tokenizer=str(output_dir), items=items, data_label=label, data_language=language,
-            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, suite=cfg.suite, language=cfg.language,
-            metric_style=cfg.metric_style, rouge_tokenizer=cfg.rouge_tokenizer,
-            history=cfg.history or str(output_dir.parent / HISTORY_NAME), overwrite=True,
+            out=output_dir / "eval",
+            model=str(output_dir),
+            baseline=recipe.model.name_or_path,
+            baseline_tokenizer=str(output_dir),
+            items=items,
+            data_label=label,
+            data_language=language,
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.batch_size,
+            suite=cfg.suite,
+            language=cfg.language,
+            metric_style=cfg.metric_style,
+            rouge_tokenizer=cfg.rouge_tokenizer,
+            history=cfg.history or str(output_dir.parent / HISTORY_NAME),
+            overwrite=True,
         )
         rep = run_eval(req)
     except FinetuneError as e:

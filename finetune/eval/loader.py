@@ -63,24 +63,38 @@ def load(name: str, field: str = "MODEL", dtype: str = "auto", tokenizer: str | 
     adapter_dir = None
     if source is not None and source.kind == "adapter":
         base_path = source.base
-        base = loading.load_model(base_path, source.base_field, dtype=models.resolve_dtype(cfg.dtype), quant=source.quant)
+        base = loading.load_model(
+            base_path, source.base_field, dtype=models.resolve_dtype(cfg.dtype), quant=source.quant
+        )
         model = loading.attach_adapter(base, source)
         adapter_dir = str(path)
     else:
         base_path = models.resolve_reference(cfg.name_or_path, field)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                base_path, dtype=models.resolve_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code,
-                use_safetensors=None if cfg.allow_pickle else True, revision=cfg.revision,
+                base_path,
+                dtype=models.resolve_dtype(cfg.dtype),
+                trust_remote_code=cfg.trust_remote_code,
+                use_safetensors=None if cfg.allow_pickle else True,
+                revision=cfg.revision,
             )
         except pickle.UnpicklingError:  # --allow-pickle: torch's weights-only loader still refuses code
-            raise RecipeError(f"{field}: {base_path}: its pickled weights hold objects torch's safe loader refuses "
-                              "(a pickle that could run code); not loaded") from None
+            raise RecipeError(
+                f"{field}: {base_path}: its pickled weights hold objects torch's safe loader refuses "
+                "(a pickle that could run code); not loaded"
+            ) from None
         except OSError as e:
             raise RecipeError(f"{field}: cannot load {base_path!r}: {str(e).splitlines()[0]}") from None
     if source is None or source.quant is None:  # a quantized base is placed at load time
         model.to("cuda" if torch.cuda.is_available() else "cpu")
     model.eval()
     state = path / "trainer_state.json" if path.is_dir() else None
-    return Loaded(model, tok, name, base_path, adapter_dir, state if state and state.is_file() else None,
-                  dict(cfg.chat_template_kwargs))
+    return Loaded(
+        model,
+        tok,
+        name,
+        base_path,
+        adapter_dir,
+        state if state and state.is_file() else None,
+        dict(cfg.chat_template_kwargs),
+    )

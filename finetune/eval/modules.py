@@ -72,8 +72,9 @@ def load(name: str):
     return cls(keep_in_memory=True, hash=module.hash, cache_dir=cache_dir)
 
 
-def score(predictions, references, language: str = "auto", style: str = "standard",
-          rouge_tokenizer: str = "chars") -> dict:
+def score(
+    predictions, references, language: str = "auto", style: str = "standard", rouge_tokenizer: str = "chars"
+) -> dict:
     """All metrics of a style through the evaluate modules: the numbers of `metrics.json`."""
     predictions, references = list(predictions), list(references)
     language = scores.detect_language(references) if language == "auto" else language

@@ -86,8 +86,9 @@ def bars_plot(rows: list[dict]) -> str | None:
         colours = [BASELINE, WORSE if r["regression"] else TUNED]
         bars = ax.bar(["baseline", "tuned"], [r["baseline"], r["tuned"]], color=colours, width=0.6)
         ax.bar_label(bars, labels=[_fmt(r["baseline"]), _fmt(r["tuned"])], fontsize=8, padding=2)
-        ax.set_title(f"{r['task']}\n{r['metric']}" + (" (lower is better)" if not r["higher_is_better"] else ""),
-                     fontsize=8.5)
+        ax.set_title(
+            f"{r['task']}\n{r['metric']}" + (" (lower is better)" if not r["higher_is_better"] else ""), fontsize=8.5
+        )
         ax.set_ylim(0, max(r["baseline"], r["tuned"], 1e-9) * 1.22)
         ax.tick_params(labelsize=7.5)
         ax.spines[["top", "right"]].set_visible(False)
@@ -120,8 +121,9 @@ def history_plot(history: list[dict]) -> str | None:
     for ax, (key, points) in zip(axes, series.items()):
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         ax.plot(xs, ys, "o-", color=TUNED, markersize=4)
-        ax.plot(xs[-1:], ys[-1:], "o", color=WORSE if len(ys) > 1 and _worse(key, ys[-1], ys[-2]) else TUNED,
-                markersize=7)
+        ax.plot(
+            xs[-1:], ys[-1:], "o", color=WORSE if len(ys) > 1 and _worse(key, ys[-1], ys[-2]) else TUNED, markersize=7
+        )
         ax.set_title(key, fontsize=8.5)
         ax.set_xticks(xs if len(xs) <= 8 else xs[:: max(1, len(xs) // 8)])
         ax.set_xlabel("run", fontsize=7.5)
@@ -143,20 +145,28 @@ def sample_rows(predictions_file: Path, n: int = 5) -> tuple[list[dict], list[di
     from finetune.eval import scores
 
     try:
-        rows = [json.loads(line) for line in Path(predictions_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [
+            json.loads(line)
+            for line in Path(predictions_file).read_text(encoding="utf-8").splitlines()
+            if line.strip()
+        ]
     except (OSError, ValueError):
         return [], []
     for r in rows:
         r["rougeL"] = scores.rouge([r["prediction"]], [r["reference"]])["rougeL"]
     ranked = sorted(range(len(rows)), key=lambda i: (rows[i]["rougeL"], i))
     k = min(n, len(rows) // 2) if len(rows) > 1 else len(rows)  # few rows: split them, never show one twice
-    return [rows[i] for i in ranked[:k]], [rows[i] for i in reversed(ranked[len(rows) - k:])] if len(rows) > 1 else []
+    return [rows[i] for i in ranked[:k]], [rows[i] for i in reversed(ranked[len(rows) - k :])] if len(rows) > 1 else []
 
 
 def _table(rows: list[dict]) -> list[list[str]]:
     out = []
     for r in rows:
-        tol = "" if r["task"] == "generation" else (f"{r['tolerance']:.0%} rel." if r["relative"] else f"{r['tolerance']:g}")
+        tol = (
+            ""
+            if r["task"] == "generation"
+            else (f"{r['tolerance']:.0%} rel." if r["relative"] else f"{r['tolerance']:g}")
+        )
         verdict = "REGRESSION" if r["regression"] else ("" if r["task"] == "generation" else "ok")
         out.append([r["task"], r["metric"], _fmt(r["baseline"]), _fmt(r["tuned"]), f"{r['delta']:+.4g}", tol, verdict])
     return out
@@ -188,8 +198,10 @@ def markdown(report: dict) -> str:
     if gen:
         n, style = plural(gen["tuned"]["n"], "example"), gen["tuned"]["style"]
         lines += [f"## Generation metrics on `{gen['data']}` ({n}, {style} style)", ""]
-        lines += ["| metric | tuned |" + (" baseline | delta |" if gen.get("baseline") else ""),
-                  "|---|---|" + ("---|---|" if gen.get("baseline") else "")]
+        lines += [
+            "| metric | tuned |" + (" baseline | delta |" if gen.get("baseline") else ""),
+            "|---|---|" + ("---|---|" if gen.get("baseline") else ""),
+        ]
         for k, v in gen["tuned"].items():
             if isinstance(v, float):
                 b = (gen.get("baseline") or {}).get(k)
@@ -198,7 +210,12 @@ def markdown(report: dict) -> str:
     suite = report.get("suite")
     if suite:
         verdict = f"**{plural(suite['regressions'], 'regression')}**" if suite["regressions"] else "no regression"
-        lines += [f"## Capability suite `{suite['name']}`: {verdict}", "", "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+        lines += [
+            f"## Capability suite `{suite['name']}`: {verdict}",
+            "",
+            "| " + " | ".join(HEAD) + " |",
+            "|" + "---|" * len(HEAD),
+        ]
         lines += ["| " + " | ".join(r) + " |" for r in _table(suite["rows"])]
         lines.append("")
     if report.get("history_file"):
@@ -234,8 +251,9 @@ def html_page(report: dict, images: dict[str, str], samples: tuple[list[dict], l
         th = "".join(f"<th>{esc(h)}</th>" for h in head)
         body = []
         for r in rows:
-            cells = "".join(f'<td class="num">{esc(c)}</td>' if i in numeric else f"<td>{esc(c)}</td>"
-                            for i, c in enumerate(r))
+            cells = "".join(
+                f'<td class="num">{esc(c)}</td>' if i in numeric else f"<td>{esc(c)}</td>" for i, c in enumerate(r)
+            )
             row_class = ' class="bad"' if bad and bad(r) else ""
             body.append(f"<tr{row_class}>{cells}</tr>")
         return f'<table class="{cls}"><tr>{th}</tr>{"".join(body)}</table>'
@@ -251,45 +269,80 @@ def html_page(report: dict, images: dict[str, str], samples: tuple[list[dict], l
         parts.append(f'<p class="sub">against the baseline <code>{esc(report["baseline"])}</code></p>')
     if suite and suite.get("baseline"):
         n = suite["regressions"]
-        verdict = (f'<span class="verdict fail">Gate: {plural(n, "regression")}</span>' if n else
-                   '<span class="verdict pass">Gate: passed (no regression)</span>')
+        verdict = (
+            f'<span class="verdict fail">Gate: {plural(n, "regression")}</span>'
+            if n
+            else '<span class="verdict pass">Gate: passed (no regression)</span>'
+        )
         parts.append(f"<p>{verdict} on suite <code>{esc(suite['name'])}</code></p>")
     if gen:
         base = gen.get("baseline") or {}
-        rows = [[k, _fmt(v)] + ([_fmt(base.get(k)), f"{v - base[k]:+.4g}"] if isinstance(base.get(k), float) else [])
-                for k, v in gen["tuned"].items() if isinstance(v, float)]
+        rows = [
+            [k, _fmt(v)] + ([_fmt(base.get(k)), f"{v - base[k]:+.4g}"] if isinstance(base.get(k), float) else [])
+            for k, v in gen["tuned"].items()
+            if isinstance(v, float)
+        ]
         head = ["metric", "tuned"] + (["baseline", "delta"] if base else [])
-        parts.append(f"<h2>Generation metrics on <code>{esc(gen['data'])}</code> "
-                     f"({plural(gen['tuned'].get('n', 0), 'example')}, {esc(gen['tuned'].get('style', ''))} style)</h2>")
+        parts.append(
+            f"<h2>Generation metrics on <code>{esc(gen['data'])}</code> "
+            f"({plural(gen['tuned'].get('n', 0), 'example')}, {esc(gen['tuned'].get('style', ''))} style)</h2>"
+        )
         parts.append(table(rows, head, numeric={1, 2, 3}))
     if suite:
         parts.append(f"<h2>Capability suite <code>{esc(suite['name'])}</code></h2>")
-        parts.append(table(_table(suite["rows"]), HEAD, numeric={2, 3, 4}, bad=lambda r: r[-1] == "REGRESSION")
-                     if suite["rows"] else
-                     table([[t, m, _fmt(v)] for t, ms in suite["tuned"].items() for m, v in ms.items()],
-                           ["task", "metric", "tuned"], numeric={2}))
-    parts.append(image("bars", "Baseline vs tuned", '<p class="note">One panel per metric, each on its own scale '
-                                                    "from zero; red: a regression beyond the suite's tolerance.</p>"))
+        parts.append(
+            table(_table(suite["rows"]), HEAD, numeric={2, 3, 4}, bad=lambda r: r[-1] == "REGRESSION")
+            if suite["rows"]
+            else table(
+                [[t, m, _fmt(v)] for t, ms in suite["tuned"].items() for m, v in ms.items()],
+                ["task", "metric", "tuned"],
+                numeric={2},
+            )
+        )
+    parts.append(
+        image(
+            "bars",
+            "Baseline vs tuned",
+            '<p class="note">One panel per metric, each on its own scale '
+            "from zero; red: a regression beyond the suite's tolerance.</p>",
+        )
+    )
     worst, best = samples
     for title, rows in (("Worst predictions", worst), ("Best predictions", best)):
         if rows:
             body = [[_prompt_tail(r["prompt"]), r["reference"], r["prediction"], _fmt(r["rougeL"])] for r in rows]
             th = "".join(f"<th>{h}</th>" for h in ("prompt (end)", "reference", "prediction", "ROUGE-L"))
-            trs = "".join("<tr>" + "".join(f"<td><pre>{esc(c)}</pre></td>" for c in row[:3]) +
-                          f'<td class="num">{esc(row[3])}</td></tr>' for row in body)
+            trs = "".join(
+                "<tr>"
+                + "".join(f"<td><pre>{esc(c)}</pre></td>" for c in row[:3])
+                + f'<td class="num">{esc(row[3])}</td></tr>'
+                for row in body
+            )
             note = "By each answer's own ROUGE-L F1 against its reference."
-            parts.append(f'<h2>{title}</h2><p class="note">{note}</p><table class="samples"><tr>{th}</tr>{trs}</table>')
+            parts.append(
+                f'<h2>{title}</h2><p class="note">{note}</p><table class="samples"><tr>{th}</tr>{trs}</table>'
+            )
     parts.append(image("loss", "Training loss"))
     runs = report.get("comparable_runs", 0)
     if images.get("history"):
-        parts.append(image("history", "History", f'<p class="note">{plural(runs, "run")} measured the same way in '
-                                                 f'<code>{esc(report.get("history_file", ""))}</code>; the last point '
-                                                 "is this run (red: worse than the run before).</p>"))
+        parts.append(
+            image(
+                "history",
+                "History",
+                f'<p class="note">{plural(runs, "run")} measured the same way in '
+                f"<code>{esc(report.get('history_file', ''))}</code>; the last point "
+                "is this run (red: worse than the run before).</p>",
+            )
+        )
     elif report.get("history_file"):
-        parts.append(f'<h2>History</h2><p class="note">This is the first run measured this way in '
-                     f'<code>{esc(report["history_file"])}</code>: the trend appears from the second.</p>')
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>finetune eval: {esc(report["model"])}'
-            f"</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
+        parts.append(
+            f'<h2>History</h2><p class="note">This is the first run measured this way in '
+            f"<code>{esc(report['history_file'])}</code>: the trend appears from the second.</p>"
+        )
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>finetune eval: {esc(report["model"])}'
+        f"</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n"
+    )
 
 
 def _prompt_tail(prompt: str, limit: int = 400) -> str:

@@ -52,7 +52,9 @@ class Request:
 
 def _check(req: Request):
     if req.predictions and (req.model or req.data or req.suite or req.baseline):
-        raise RecipeError("--predictions scores an existing file: give it alone (no MODEL, --data, --suite or --baseline)")
+        raise RecipeError(
+            "--predictions scores an existing file: give it alone (no MODEL, --data, --suite or --baseline)"
+        )
     if not req.predictions and not req.model:
         raise RecipeError("give MODEL (with --data and/or --suite) or --predictions FILE")
     if req.model and not (req.data or req.items or req.suite):
@@ -121,8 +123,14 @@ def _score_model(req: Request, name: str, field: str, prefix: str, work: Path, s
     gen = results = None
     if req.items:
         log.info("generating %d answers with %s", len(req.items), name)
-        answers = generation.generate(loaded.model, loaded.tokenizer, [it.prompt for it in req.items],
-                                      req.max_new_tokens, req.batch_size, template_kwargs=loaded.template_kwargs)
+        answers = generation.generate(
+            loaded.model,
+            loaded.tokenizer,
+            [it.prompt for it in req.items],
+            req.max_new_tokens,
+            req.batch_size,
+            template_kwargs=loaded.template_kwargs,
+        )
         generation.write_predictions(work / f"{prefix}predictions.jsonl", loaded.tokenizer, req.items, answers)
         gen = modules.score(answers, [it.reference for it in req.items], **metric_kw)
     if suite:
@@ -145,8 +153,9 @@ def _evaluate(req: Request, work: Path, preds, refs, suite, pending_history: lis
     if req.model:
         gen_tuned, tuned_suite, trainer_state = _score_model(req, req.model, "MODEL", "", work, suite, metric_kw)
     if req.baseline:
-        gen_base, base_suite, _ = _score_model(req, req.baseline, "--baseline", "baseline_", work, suite, metric_kw,
-                                               tokenizer=req.baseline_tokenizer)
+        gen_base, base_suite, _ = _score_model(
+            req, req.baseline, "--baseline", "baseline_", work, suite, metric_kw, tokenizer=req.baseline_tokenizer
+        )
     if gen_tuned is not None:
         rep["generation"] = {"data": str(req.predictions) if preds is not None else req.data_label, "tuned": gen_tuned}
         if gen_base is not None:
@@ -157,8 +166,14 @@ def _evaluate(req: Request, work: Path, preds, refs, suite, pending_history: lis
             write_text_atomic(work / name, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     if suite:
         rows = gate.compare(suite, tuned_suite, base_suite) if base_suite else []
-        rep["suite"] = {"name": suite.name, "path": str(suite.path), "tuned": tuned_suite, "baseline": base_suite,
-                        "rows": gate.rows_to_dicts(rows), "regressions": sum(r.regression for r in rows)}
+        rep["suite"] = {
+            "name": suite.name,
+            "path": str(suite.path),
+            "tuned": tuned_suite,
+            "baseline": base_suite,
+            "rows": gate.rows_to_dicts(rows),
+            "regressions": sum(r.regression for r in rows),
+        }
         write_text_atomic(work / "suite.json", json.dumps(rep["suite"], indent=2, ensure_ascii=False) + "\n")
 
     history: list[dict] = []
@@ -167,8 +182,12 @@ def _evaluate(req: Request, work: Path, preds, refs, suite, pending_history: lis
         flat = {f"{t}/{m}": v for t, ms in (tuned_suite or {}).items() for m, v in ms.items()}
         flat.update({f"generation/{k}": v for k, v in (gen_tuned or {}).items() if isinstance(v, float)})
         entry = {
-            "model": rep["model"], "baseline": req.baseline, "suite": suite.name if suite else None,
-            "data": (rep.get("generation") or {}).get("data"), "out": str(req.out), "metrics": flat,
+            "model": rep["model"],
+            "baseline": req.baseline,
+            "suite": suite.name if suite else None,
+            "data": (rep.get("generation") or {}).get("data"),
+            "out": str(req.out),
+            "metrics": flat,
             "regressions": (rep.get("suite") or {}).get("regressions"),
         }
         history = gate.read_history(path) + [entry]  # appended only once the outputs are in place (run)
@@ -183,14 +202,26 @@ def summary(rep: dict) -> str:
     lines = []
     gen = rep.get("generation")
     if gen:
-        keys = [k for k in ("bleu", "sentence_bleu", "rouge1", "rouge2", "rougeL", "bleu-4", "rouge-l", "exact_match") if k in gen["tuned"]]
-        lines.append("generation: " + ", ".join(f"{k} {gen['tuned'][k]:.4g}" + (
-            f" ({gen['tuned'][k] - gen['baseline'][k]:+.4g})" if gen.get("baseline") else "") for k in keys))
+        keys = [
+            k
+            for k in ("bleu", "sentence_bleu", "rouge1", "rouge2", "rougeL", "bleu-4", "rouge-l", "exact_match")
+            if k in gen["tuned"]
+        ]
+        lines.append(
+            "generation: "
+            + ", ".join(
+                f"{k} {gen['tuned'][k]:.4g}"
+                + (f" ({gen['tuned'][k] - gen['baseline'][k]:+.4g})" if gen.get("baseline") else "")
+                for k in keys
+            )
+        )
     s = rep.get("suite")
     if s:
         for r in s["rows"]:
             flag = "  REGRESSION" if r["regression"] else ""
-            lines.append(f"{r['task']}/{r['metric']}: {r['baseline']:.4g} -> {r['tuned']:.4g} ({r['delta']:+.4g}){flag}")
+            lines.append(
+                f"{r['task']}/{r['metric']}: {r['baseline']:.4g} -> {r['tuned']:.4g} ({r['delta']:+.4g}){flag}"
+            )
         if not s["rows"]:
             lines += [f"{t}/{m}: {v:.4g}" for t, ms in s["tuned"].items() for m, v in ms.items()]
         if s["baseline"]:

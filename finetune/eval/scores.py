@@ -30,7 +30,9 @@ ROUGE_TOKENIZERS = ("chars", "jieba")
 STYLES = ("standard", "llamafactory")
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
-CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")  # a CJK ideograph: the one definition
+CJK = re.compile(
+    r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]"
+)  # a CJK ideograph: the one definition
 _CHARS_TOKEN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]|[a-z0-9]+")
 
 
@@ -124,8 +126,13 @@ def llamafactory(predictions: Sequence[str], references: Sequence[str]) -> dict[
     return {k: _mean(v) for k, v in scores.items()}
 
 
-def compute(predictions: Sequence[str], references: Sequence[str], language: str = "auto",
-            style: str = "standard", rouge_tokenizer_name: str = "chars") -> dict[str, float]:
+def compute(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    language: str = "auto",
+    style: str = "standard",
+    rouge_tokenizer_name: str = "chars",
+) -> dict[str, float]:
     """Every metric of a style in one flat dict (plus `language`, `n`), computed directly."""
     language = detect_language(references) if language == "auto" else language
     if style == "llamafactory":

@@ -33,11 +33,29 @@ from finetune.eval.scores import CJK
 TASK_TYPES = ("perplexity", "multiple_choice", "instruction", "lm_eval")
 # Lower is better for these (and their tolerance is relative to the baseline); higher for the rest.
 LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
-TASK_METRICS = {"perplexity": ("perplexity",), "multiple_choice": ("acc", "acc_norm"), "instruction": ("check_rate", "prompt_rate")}
+TASK_METRICS = {
+    "perplexity": ("perplexity",),
+    "multiple_choice": ("acc", "acc_norm"),
+    "instruction": ("check_rate", "prompt_rate"),
+}
 DEFAULT_TOLERANCE = {"perplexity": 0.10, "acc": 0.10, "acc_norm": 0.10, "check_rate": 0.15, "prompt_rate": 0.20}
 CHECKS = ("starts_with", "contains", "not_contains", "max_words", "max_chars", "language")
-TASK_KEYS = ("name", "type", "data", "tolerance", "template", "choice_prefix", "max_new_tokens", "batch_size", "description",
-             "task", "include_path", "metrics", "num_fewshot", "limit")
+TASK_KEYS = (
+    "name",
+    "type",
+    "data",
+    "tolerance",
+    "template",
+    "choice_prefix",
+    "max_new_tokens",
+    "batch_size",
+    "description",
+    "task",
+    "include_path",
+    "metrics",
+    "num_fewshot",
+    "limit",
+)
 LM_EVAL_KEYS = ("task", "include_path", "metrics", "num_fewshot", "limit")
 
 
@@ -93,7 +111,9 @@ def load(path: str | Path) -> Suite:
     def where(*keys) -> str:
         for n in range(len(keys), 0, -1):
             if keys[:n] in lines:
-                return f"{path}:{lines[keys[:n]]}: " + ".".join(f"[{k}]" if isinstance(k, int) else str(k) for k in keys).replace(".[", "[")
+                return f"{path}:{lines[keys[:n]]}: " + ".".join(
+                    f"[{k}]" if isinstance(k, int) else str(k) for k in keys
+                ).replace(".[", "[")
         return f"{path}: " + ".".join(map(str, keys))
 
     if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), list) or not raw["tasks"]:
@@ -113,8 +133,10 @@ def load(path: str | Path) -> Suite:
             if not t.get(key):
                 raise RecipeError(f"{where('tasks', i)}: tasks[{i}].{key}: missing")
         if t["type"] not in TASK_TYPES:
-            raise RecipeError(f"{where('tasks', i, 'type')}: unknown task type {t['type']!r} "
-                              f"(one of {', '.join(TASK_TYPES)}){closest(str(t['type']), TASK_TYPES)}")
+            raise RecipeError(
+                f"{where('tasks', i, 'type')}: unknown task type {t['type']!r} "
+                f"(one of {', '.join(TASK_TYPES)}){closest(str(t['type']), TASK_TYPES)}"
+            )
         if t["name"] in names:
             raise RecipeError(f"{where('tasks', i, 'name')}: duplicate task name {t['name']!r}")
         names.add(t["name"])
@@ -122,7 +144,19 @@ def load(path: str | Path) -> Suite:
         for key in LM_EVAL_KEYS if not lm else ("data", "template", "choice_prefix", "max_new_tokens"):
             if key in t:
                 raise RecipeError(f"{where('tasks', i, key)}: not a key of a {t['type']} task")
-        extra = {k: t[k] for k in ("template", "choice_prefix", "max_new_tokens", "batch_size", "description", "num_fewshot", "limit") if k in t}
+        extra = {
+            k: t[k]
+            for k in (
+                "template",
+                "choice_prefix",
+                "max_new_tokens",
+                "batch_size",
+                "description",
+                "num_fewshot",
+                "limit",
+            )
+            if k in t
+        }
         data = None
         if lm:
             extra.update(_lm_eval_keys(t, path, functools.partial(where, "tasks", i)))
@@ -137,7 +171,9 @@ def load(path: str | Path) -> Suite:
         tolerance = {m: default_tolerance(m) for m in metrics}
         for m, v in (t.get("tolerance") or {}).items():
             if m not in tolerance:
-                raise RecipeError(f"{where('tasks', i, 'tolerance', m)}: {t['name']} has no metric {m!r} (one of {', '.join(tolerance)})")
+                raise RecipeError(
+                    f"{where('tasks', i, 'tolerance', m)}: {t['name']} has no metric {m!r} (one of {', '.join(tolerance)})"
+                )
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
                 raise RecipeError(f"{where('tasks', i, 'tolerance', m)}: expected a number >= 0, got {v!r}")
             tolerance[m] = float(v)
@@ -202,18 +238,20 @@ def _device(model):
 
 
 @torch.no_grad()
-def _sequence_logprobs(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 16) -> list[tuple[float, int]]:
+def _sequence_logprobs(
+    model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 16
+) -> list[tuple[float, int]]:
     """(sum log p(continuation | context), continuation tokens) per (context ids, continuation ids)."""
     out = []
     for start in range(0, len(pairs), batch_size):
-        batch = pairs[start:start + batch_size]
+        batch = pairs[start : start + batch_size]
         seqs = [c + x for c, x in batch]
         width = max(len(s) for s in seqs)
         ids = torch.zeros((len(seqs), width), dtype=torch.long)
         attn = torch.zeros_like(ids)
         for r, s in enumerate(seqs):
-            ids[r, :len(s)] = torch.tensor(s)
-            attn[r, :len(s)] = 1
+            ids[r, : len(s)] = torch.tensor(s)
+            attn[r, : len(s)] = 1
         logits = model(input_ids=ids.to(_device(model)), attention_mask=attn.to(_device(model))).logits
         logp = torch.log_softmax(logits[:, -width:].float(), -1)  # prompt tuning prepends virtual-token positions
         for r, (c, x) in enumerate(batch):
@@ -228,8 +266,10 @@ def perplexity(model, tok, task: Task) -> dict[str, float]:
     for where, rec in _records(task.data):
         texts.append(_field(where, rec, "text", str) if isinstance(rec, dict) else rec)
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    pairs = [(bos or ids[:1], (ids if bos else ids[1:]) + [tok.eos_token_id])
-             for ids in (tok(t, add_special_tokens=False)["input_ids"] for t in texts)]
+    pairs = [
+        (bos or ids[:1], (ids if bos else ids[1:]) + [tok.eos_token_id])
+        for ids in (tok(t, add_special_tokens=False)["input_ids"] for t in texts)
+    ]
     scored = _sequence_logprobs(model, pairs, task.batch_size)
     nll = -sum(s for s, _ in scored)
     n = sum(k for _, k in scored)
@@ -253,7 +293,7 @@ def multiple_choice(model, tok, task: Task) -> dict[str, float]:
         spans.append((len(pairs), len(choices)))
         for c in choices:  # harness: encode context + continuation together, split at the context length
             whole = tok(context + task.choice_prefix + c, add_special_tokens=True)["input_ids"]
-            pairs.append((whole[:len(ctx)], whole[len(ctx):]))
+            pairs.append((whole[: len(ctx)], whole[len(ctx) :]))
     scored = _sequence_logprobs(model, pairs, task.batch_size)
     acc = acc_norm = 0
     for (context, choices, answer), (first, k) in zip(questions, spans):
@@ -290,15 +330,21 @@ def instruction(model, tok, task: Task) -> dict[str, float]:
         c = _field(where, rec, "checks", dict)
         for name, value in c.items():
             if name not in CHECKS:
-                raise DataError(f"{where}: field 'checks.{name}': unknown check{closest(name, CHECKS)} (one of {', '.join(CHECKS)})")
+                raise DataError(
+                    f"{where}: field 'checks.{name}': unknown check{closest(name, CHECKS)} (one of {', '.join(CHECKS)})"
+                )
             if name == "language" and value not in ("en", "zh"):
                 raise DataError(f"{where}: field 'checks.language': expected en or zh, got {value!r}")
         checks.append(c)
-    answers = generate(model, tok, [[{"role": "user", "content": p}] for p in prompts], task.max_new_tokens, task.batch_size)
+    answers = generate(
+        model, tok, [[{"role": "user", "content": p}] for p in prompts], task.max_new_tokens, task.batch_size
+    )
     passed = [[_check(n, v, a) for n, v in c.items()] for c, a in zip(checks, answers)]
     total = sum(len(p) for p in passed)
-    return {"check_rate": sum(sum(p) for p in passed) / max(total, 1),
-            "prompt_rate": sum(all(p) for p in passed) / len(passed)}
+    return {
+        "check_rate": sum(sum(p) for p in passed) / max(total, 1),
+        "prompt_rate": sum(all(p) for p in passed) / len(passed),
+    }
 
 
 def lm_eval_task(model, tok, task: Task) -> dict[str, float]:
@@ -310,21 +356,38 @@ def lm_eval_task(model, tok, task: Task) -> dict[str, float]:
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=task.batch_size)
     manager = TaskManager(include_path=str(task.include_path) if task.include_path else None)
     if not manager.match_tasks([task.task]):
-        raise RecipeError(f"{task.name}: task: lm-eval has no task {task.task!r}{closest(task.task, manager.all_tasks)}")
-    out = lm_eval.simple_evaluate(model=lm, tasks=[task.task], task_manager=manager, num_fewshot=task.num_fewshot,
-                                  limit=task.limit, log_samples=False)
+        raise RecipeError(
+            f"{task.name}: task: lm-eval has no task {task.task!r}{closest(task.task, manager.all_tasks)}"
+        )
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[task.task],
+        task_manager=manager,
+        num_fewshot=task.num_fewshot,
+        limit=task.limit,
+        log_samples=False,
+    )
     results = out["results"][task.task]
     values = {}
     for m in task.lm_metrics:
         key = next((k for k in results if k.split(",")[0] == m), None)
         if key is None:
-            have = sorted({k.split(",")[0] for k in results if "stderr" not in k and k not in ("alias", "name", "sample_len")})
-            raise RecipeError(f"{task.name}: metrics: lm-eval task {task.task!r} has no metric {m!r} (it has {', '.join(have)})")
+            have = sorted(
+                {k.split(",")[0] for k in results if "stderr" not in k and k not in ("alias", "name", "sample_len")}
+            )
+            raise RecipeError(
+                f"{task.name}: metrics: lm-eval task {task.task!r} has no metric {m!r} (it has {', '.join(have)})"
+            )
         values[m] = float(results[key])
     return values
 
 
-SCORERS = {"perplexity": perplexity, "multiple_choice": multiple_choice, "instruction": instruction, "lm_eval": lm_eval_task}
+SCORERS = {
+    "perplexity": perplexity,
+    "multiple_choice": multiple_choice,
+    "instruction": instruction,
+    "lm_eval": lm_eval_task,
+}
 
 
 def run(model, tok, suite: Suite) -> dict[str, dict[str, float]]:

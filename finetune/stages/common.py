@@ -48,8 +48,11 @@ def count_adapter_parameters(recipe: Recipe) -> tuple[int, int]:
         AutoModelForSequenceClassification,
     )
 
-    cfg = AutoConfig.from_pretrained(models.model_path(recipe.model), revision=recipe.model.revision,
-                                     trust_remote_code=recipe.model.trust_remote_code)
+    cfg = AutoConfig.from_pretrained(
+        models.model_path(recipe.model),
+        revision=recipe.model.revision,
+        trust_remote_code=recipe.model.trust_remote_code,
+    )
     auto, task_type = AutoModelForCausalLM, None
     if recipe.stage == "rm":  # a reward model: a score head (trained in full) instead of lm_head
         cfg.num_labels, auto, task_type = 1, AutoModelForSequenceClassification, "SEQ_CLS"
@@ -66,12 +69,19 @@ def output_notes(recipe: Recipe) -> list[str]:
     run_dir = RunDir(recipe.output.dir, recipe.output.overwrite, recipe.train["resume"])
     notes = []
     if run_dir.final.exists() and not run_dir.final.is_dir():
-        notes.append(f"{run_dir.final} exists and is not a directory: a real run would refuse; choose another output.dir")
+        notes.append(
+            f"{run_dir.final} exists and is not a directory: a real run would refuse; choose another output.dir"
+        )
     elif is_nonempty_dir(run_dir.final):
         finished = "a finished run" if (run_dir.final / "recipe.yaml").is_file() else "files"
-        notes.append(f"{run_dir.final} already holds {finished}: a real run would " + (
-            "replace it when it finishes (output.overwrite=true)" if recipe.output.overwrite else
-            "refuse; set output.overwrite=true to replace it, or choose another output.dir"))
+        notes.append(
+            f"{run_dir.final} already holds {finished}: a real run would "
+            + (
+                "replace it when it finishes (output.overwrite=true)"
+                if recipe.output.overwrite
+                else "refuse; set output.overwrite=true to replace it, or choose another output.dir"
+            )
+        )
     checkpoint = run_dir.resume_from() if run_dir.work.is_dir() else None
     if checkpoint is not None:
         notes.append(f"an interrupted run is in {run_dir.work}: a real run resumes from {checkpoint.name}")
@@ -108,9 +118,17 @@ class TrainPlan:
         effective = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] * world
         steps = planned_steps(recipe, len(prepared.train.encoded), world)
         notes = list(prepared.notes) + output_notes(recipe)
-        return cls(recipe, trainable, total, prepared.train.stats(),
-                   prepared.eval.stats() if prepared.eval else None, world, effective, steps,
-                   [*getattr(prepared, "modes", []), *notes])
+        return cls(
+            recipe,
+            trainable,
+            total,
+            prepared.train.stats(),
+            prepared.eval.stats() if prepared.eval else None,
+            world,
+            effective,
+            steps,
+            [*getattr(prepared, "modes", []), *notes],
+        )
 
     def render(self) -> str:
         r, t = self.recipe, self.recipe.train
@@ -132,9 +150,12 @@ class TrainPlan:
         online = r.stage in RL_STAGES  # prompts only: the trained tokens are generated during training
         for name, stats in (("train", self.train_stats), ("eval", self.eval_stats)):
             if stats:
-                trained = ("prompts only (answers are generated and scored during training)" if online else
-                           f"{stats['trained_tokens']} of {stats['tokens']} tokens trained "
-                           f"({100 * stats['trained_tokens'] / max(stats['tokens'], 1):.0f}%)")
+                trained = (
+                    "prompts only (answers are generated and scored during training)"
+                    if online
+                    else f"{stats['trained_tokens']} of {stats['tokens']} tokens trained "
+                    f"({100 * stats['trained_tokens'] / max(stats['tokens'], 1):.0f}%)"
+                )
                 lines.append(
                     f"  {name:<14} {plural(stats['examples'], 'prompt' if online else 'example')} from "
                     f"{plural(stats['records'], 'record')}; tokens/{'prompt' if online else 'example'} "
@@ -215,6 +236,8 @@ def _rename_base(work, base: str) -> None:
         cfg = json.loads(f.read_text(encoding="utf-8"))
         cfg["base_model_name_or_path"] = base
         write_text_atomic(f, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 # ----------------------------------------------------------------------------- the terminal during a run
 
 
@@ -226,13 +249,16 @@ def start_summary(recipe: Recipe, prepared, model, steps: int, world: int, work)
     n_train = prepared.train.stats()["examples"]
     held = prepared.eval.stats()["examples"] if prepared.eval is not None else 0
     unit = "prompt" if recipe.stage in RL_STAGES else "example"
-    return "\n".join([
-        f"training: {recipe.stage}, {adapters.describe(recipe.adapter)}, on {recipe.model.name_or_path}",
-        f"  parameters  {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.3g}%)",
-        f"  data        {plural(n_train, unit)}" + (f", {held} held out for eval" if held else "") +
-        f"; {plural(steps, 'step')} of {effective} ({plural(world, 'process', 'processes')})",
-        f"  writing     {work} (renamed to {recipe.output.dir} when finished)",
-    ])
+    return "\n".join(
+        [
+            f"training: {recipe.stage}, {adapters.describe(recipe.adapter)}, on {recipe.model.name_or_path}",
+            f"  parameters  {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.3g}%)",
+            f"  data        {plural(n_train, unit)}"
+            + (f", {held} held out for eval" if held else "")
+            + f"; {plural(steps, 'step')} of {effective} ({plural(world, 'process', 'processes')})",
+            f"  writing     {work} (renamed to {recipe.output.dir} when finished)",
+        ]
+    )
 
 
 def _number(value) -> str:
@@ -299,8 +325,11 @@ def terminal_log(trainer) -> None:
 
 def final_summary(metrics: dict) -> str:
     """`final: train loss 1.23, eval loss 1.41` (the numbers a run is judged by), '' if none."""
-    parts = [f"{name} {metrics[key]:.4g}" for key, name in (("train_loss", "train loss"), ("eval_loss", "eval loss"))
-             if isinstance(metrics.get(key), (int, float))]
+    parts = [
+        f"{name} {metrics[key]:.4g}"
+        for key, name in (("train_loss", "train loss"), ("eval_loss", "eval loss"))
+        if isinstance(metrics.get(key), (int, float))
+    ]
     return "final: " + ", ".join(parts) if parts else ""
 
 
@@ -327,8 +356,10 @@ def claim(recipe, run_dir) -> None:
     checkpoint = run_dir.resume_from()
     if checkpoint is not None:
         if not (Path(checkpoint) / "trainer_state.json").is_file():
-            raise OutputError(f"train.resume: {checkpoint} is not a checkpoint dir (no trainer_state.json); "
-                              "give a checkpoint-N dir, auto or never")
+            raise OutputError(
+                f"train.resume: {checkpoint} is not a checkpoint dir (no trainer_state.json); "
+                "give a checkpoint-N dir, auto or never"
+            )
         security.check_checkpoint(checkpoint)
     check_adapter_fits(recipe)
 
@@ -351,5 +382,7 @@ def check_adapter_fits(recipe) -> None:
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise RecipeError(f"{recipe.source or 'recipe'}: adapter: {first[:300]}") from None
     if trainable > total - trainable:
-        raise RecipeError(f"{recipe.source or 'recipe'}: adapter.r: {recipe.adapter.r} makes an adapter of "
-                          f"{trainable:,} parameters, more than the model's own {total - trainable:,}; use a smaller r")
+        raise RecipeError(
+            f"{recipe.source or 'recipe'}: adapter.r: {recipe.adapter.r} makes an adapter of "
+            f"{trainable:,} parameters, more than the model's own {total - trainable:,}; use a smaller r"
+        )

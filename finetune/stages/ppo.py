@@ -46,9 +46,11 @@ def _reward_models(recipe: Recipe, tok):
     """(frozen reward model, trainable value model) from the `rm` dir, checked against the policy tokenizer."""
     reward_model, rm_tok = rewards.load_model(recipe)
     if rm_tok.get_vocab() != tok.get_vocab():
-        raise RecipeError(f"rewards.model: {recipe.rewards.model}: its tokenizer differs from the policy's "
-                          f"({recipe.model.name_or_path}); PPO scores the policy's tokens directly, so train the "
-                          "reward model on the same base")
+        raise RecipeError(
+            f"rewards.model: {recipe.rewards.model}: its tokenizer differs from the policy's "
+            f"({recipe.model.name_or_path}); PPO scores the policy's tokens directly, so train the "
+            "reward model on the same base"
+        )
     value_model, _ = rewards.load_model(recipe)
     value_model.train().requires_grad_(True)
     return reward_model, value_model
@@ -60,14 +62,20 @@ def run(recipe: Recipe, callbacks=()) -> Path:
     from trl.experimental.ppo import PPOTrainer
 
     state = PartialState()
-    log.warning("stage ppo is experimental: it runs on trl.experimental.ppo.PPOTrainer, "
-                "which TRL marks experimental (and removes after 1.12)")
+    log.warning(
+        "stage ppo is experimental: it runs on trl.experimental.ppo.PPOTrainer, "
+        "which TRL marks experimental (and removes after 1.12)"
+    )
     run_dir, tok, prepared = prepare(recipe)
     tok.padding_side = "left"  # prompts are generated from: pad on the left
     args = trl_args(recipe, run_dir.work)
     if args.total_episodes is None and recipe.train["max_steps"] > 0:
-        batch = (args.per_device_train_batch_size * args.gradient_accumulation_steps * args.num_mini_batches
-                 * state.num_processes)
+        batch = (
+            args.per_device_train_batch_size
+            * args.gradient_accumulation_steps
+            * args.num_mini_batches
+            * state.num_processes
+        )
         args.total_episodes = recipe.train["max_steps"] * batch
     claim(recipe, run_dir)  # the output dir's lock; the checkpoint to resume; the adapter fits
     reward_model, value_model = _reward_models(recipe, tok)

@@ -56,8 +56,13 @@ def run(recipe: Recipe, make_trainer: Callable, callbacks=(), num_labels: int | 
     args = trl_args(recipe, run_dir.work)  # invalid TRL combinations fail here, before anything is written
     claim(recipe, run_dir)  # the output dir's lock; the checkpoint to resume; the adapter fits
     set_seed(recipe.train["seed"])  # the adapter (and a reward head) are initialised from this seed
-    model = models.load_model(recipe.model, recipe.adapter, recipe.train["activation_checkpointing"],
-                              num_labels=num_labels, pad_token_id=tok.pad_token_id)
+    model = models.load_model(
+        recipe.model,
+        recipe.adapter,
+        recipe.train["activation_checkpointing"],
+        num_labels=num_labels,
+        pad_token_id=tok.pad_token_id,
+    )
     models.align_router_aux_loss(model, args)
     checkpoint = run_dir.start(recipe.identity(), is_main=state.is_main_process)
     state.wait_for_everyone()
@@ -93,14 +98,18 @@ def _count_dropped(trainer, prepared, recipe: Recipe) -> dict:
             continue
         split.n_dropped = counts[f"{name}_dropped_examples"] = len(split.examples) - len(dataset)
         if split.n_dropped:
-            prepared.notes.append(f"{split.source}: {split.n_dropped} of {len(split.examples)} examples dropped: "
-                                  f"longer than train.max_length={recipe.train.get('max_length')}")
+            prepared.notes.append(
+                f"{split.source}: {split.n_dropped} of {len(split.examples)} examples dropped: "
+                f"longer than train.max_length={recipe.train.get('max_length')}"
+            )
             log.warning(prepared.notes[-1])
             if split is prepared.train and not len(dataset):
                 from finetune.errors import DataError
 
-                raise DataError(f"{split.source}: every example is longer than train.max_length="
-                                f"{recipe.train.get('max_length')}; raise it")
+                raise DataError(
+                    f"{split.source}: every example is longer than train.max_length="
+                    f"{recipe.train.get('max_length')}; raise it"
+                )
     return counts
 
 

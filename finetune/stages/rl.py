@@ -14,8 +14,9 @@ from finetune.stages.preference import plan  # noqa: F401  (the stage interface:
 
 def run(trainer_cls, recipe: Recipe, callbacks=()) -> Path:
     if "reward_weights" in recipe.train:
-        raise RecipeError(f"{recipe.source or 'recipe'}: train.reward_weights: give each reward its weight in the "
-                          "rewards section")
+        raise RecipeError(
+            f"{recipe.source or 'recipe'}: train.reward_weights: give each reward its weight in the rewards section"
+        )
     # Reward models load before any output dir exists: a bad rewards.model fails first.
     funcs, tokenizers, weights = rewards.reward_functions(recipe)
     make = preference.trainer(trainer_cls, recipe, reward_funcs=funcs, reward_processing_classes=tokenizers)
@@ -41,6 +42,8 @@ def _check_answer_columns(recipe: Recipe, prepared) -> None:
             missing = [n for n, e in enumerate(split.examples) if column not in e] if split else []
             if missing:
                 fields = ", ".join(sorted(split.examples[missing[0]])) or "none"
-                raise DataError(f"{split.source}: record {missing[0] + 1}: rewards.rules[{i}] (an answer reward) "
-                                f"reads the field '{column}', which it lacks (fields: {fields}; only "
-                                "data.format: prompt keeps extra fields)")
+                raise DataError(
+                    f"{split.source}: record {missing[0] + 1}: rewards.rules[{i}] (an answer reward) "
+                    f"reads the field '{column}', which it lacks (fields: {fields}; only "
+                    "data.format: prompt keeps extra fields)"
+                )

@@ -36,8 +36,9 @@ def prepare(recipe: Recipe, dry_run: bool = False):
     if not dry_run:
         run_dir.check()
     tok = models.load_tokenizer(recipe.model)
-    prepared = data.load(recipe.data, tok, recipe.train["max_length"], seed=recipe.train["seed"],
-                         options=options_of(recipe))
+    prepared = data.load(
+        recipe.data, tok, recipe.train["max_length"], seed=recipe.train["seed"], options=options_of(recipe)
+    )
     for note in prepared.notes:
         log.warning(note)
     return run_dir, tok, prepared

@@ -8,7 +8,9 @@ import evaluate
 
 from finetune.eval import scores
 
-_DESCRIPTION = "sacrebleu corpus BLEU and mean sentence BLEU (0-100); language auto-detected (CJK -> zh tokenizer) or given."
+_DESCRIPTION = (
+    "sacrebleu corpus BLEU and mean sentence BLEU (0-100); language auto-detected (CJK -> zh tokenizer) or given."
+)
 _INPUTS = """predictions: list of str; references: list of str (one per prediction);
 language: auto | en | zh (default auto). Returns {bleu, sentence_bleu, language}."""
 
@@ -19,7 +21,9 @@ class Bleu(evaluate.Metric):
             description=_DESCRIPTION,
             citation="Post, 2018. A Call for Clarity in Reporting BLEU Scores.",
             inputs_description=_INPUTS,
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references, language="auto"):

@@ -15,7 +15,9 @@ class ExactMatch(evaluate.Metric):
             description="Share of predictions equal to their reference (surrounding whitespace ignored), 0-1.",
             citation="",
             inputs_description="predictions: list of str; references: list of str. Returns {exact_match}.",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references):

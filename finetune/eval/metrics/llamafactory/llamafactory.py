@@ -16,7 +16,9 @@ class LlamaFactory(evaluate.Metric):
             description="LLaMA-Factory-style character BLEU-4 and jieba ROUGE (0-100).",
             citation="",
             inputs_description="predictions: list of str; references: list of str. Returns {bleu-4, rouge-1, rouge-2, rouge-l}.",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references):
