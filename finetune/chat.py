@@ -9,7 +9,6 @@ message and exits, for scripts: only the answer goes to stdout.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import warnings
@@ -20,35 +19,10 @@ from finetune.data.formats import DEFAULT_REASONING_TAGS, split_inline_reasoning
 from finetune.errors import FinetuneError
 from finetune.generate import generate
 from finetune.loading import load_for_inference
+from finetune.outputs import recorded_system_prompt
 
 HELP = "commands: /reset clears the history, /exit quits"
 HISTORY_LENGTH = 1000
-
-
-def recorded_system_prompt(model_dir: str | os.PathLike) -> str | None:
-    """The system prompt a finetune output was trained with (`data.system` of its recipe.yaml), for
-    chat, serve and export's Modelfile. A merged model follows its merge_report.json to the adapter
-    it came from (several adapters: only when they agree). None when nothing was recorded."""
-    import yaml
-
-    path = Path(model_dir).expanduser()
-    recipe = path / "recipe.yaml"
-    if recipe.is_file():
-        try:
-            raw = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError:
-            return None
-        system = (raw.get("data") or {}).get("system") if isinstance(raw, dict) else None
-        return system if isinstance(system, str) and system else None
-    report = path / "merge_report.json"
-    if report.is_file():
-        try:
-            adapters = json.loads(report.read_text(encoding="utf-8")).get("adapters") or []
-        except (OSError, ValueError, AttributeError):
-            return None
-        found = {recorded_system_prompt(a) for a in adapters if Path(a).is_dir()}
-        return found.pop() if len(found) == 1 else None
-    return None
 
 
 def history_file() -> Path:

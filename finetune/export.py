@@ -6,6 +6,7 @@ import shutil
 
 from finetune import gguf_export, merge, ollama
 from finetune.loading import SourceError, inspect, load_tokenizer
+from finetune.outputs import recorded_system_prompt
 from finetune.staging import Staged, check_free
 
 
@@ -52,6 +53,8 @@ def export_gguf(
             ) from None
         gguf_export.check_config(base_config, f"{source.base_field}: {source.base}")
     tok = load_tokenizer(source)
+    if system is None:  # the system prompt the model was trained with, as chat and serve use it
+        system = recorded_system_prompt(model_dir)
     modelfile_text = ollama.modelfile(final.name, tok, system) if ollama_file else None  # fails before any work
 
     with Staged(final, overwrite, file=True) as tmp:

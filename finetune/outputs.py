@@ -22,7 +22,7 @@ from pathlib import Path
 
 from finetune import config, tiny
 from finetune.atomic import publish_modes, replace_dir, write_text_atomic  # noqa: F401  (the one atomic swap, re-exported)
-from finetune.errors import OutputError, RecipeError
+from finetune.errors import FinetuneError, OutputError, RecipeError
 
 log = logging.getLogger("finetune")
 
@@ -422,3 +422,26 @@ def _merge_into(adapter: OutputDir, base: str, target: Path) -> None:
         replace_dir(tmp, target)  # an incomplete earlier attempt is swapped out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recorded_system_prompt(model_dir: str | os.PathLike) -> str | None:
+    """The system prompt a finetune output was trained with (`data.system` of its recipe.yaml), for
+    chat, serve and export's Modelfile. A merged model follows its merge_report.json to the adapter
+    it came from (several adapters: only when they agree). None when nothing was recorded."""
+    path = Path(model_dir).expanduser()
+    if (path / RECIPE_STAMP).is_file():
+        try:
+            raw = OutputDir(path).recipe_dict()
+        except FinetuneError:
+            return None
+        system = (raw.get("data") or {}).get("system")
+        return system if isinstance(system, str) and system else None
+    report = path / "merge_report.json"
+    if report.is_file():
+        try:
+            adapters = json.loads(report.read_text(encoding="utf-8")).get("adapters") or []
+        except (OSError, ValueError, AttributeError):
+            return None
+        found = {recorded_system_prompt(a) for a in adapters if Path(a).is_dir()}
+        return found.pop() if len(found) == 1 else None
+    return None

@@ -35,6 +35,7 @@ import torch
 from finetune import loading
 from finetune.errors import FinetuneError
 from finetune.generate import generate
+from finetune.outputs import OutputDir, recorded_system_prompt
 
 log = logging.getLogger("finetune")
 API_KEY_ENV = "FINETUNE_API_KEY"
@@ -70,6 +71,8 @@ class Served:
     adapter: str | None  # peft adapter name to activate, None for a plain model
     schema: dict | None = None  # response template for reasoning / tool calls (None: plain text)
     keep_ids: frozenset = frozenset()  # special tokens that delimit reasoning / tool calls: kept when decoding
+    system: str | None = None  # the system prompt it was trained with: used when a request brings none
+    template_kwargs: dict = field(default_factory=dict)  # the recipe's model.chat_template_kwargs (request overrides)
 
     @property
     def max_positions(self) -> int | None:
@@ -118,7 +121,10 @@ def load_served(
             model.to("cuda")  # a quantized base is placed at load time
         tok = loading.load_tokenizer(source)
         schema, keep = response_schema(tok)
-        served[served_name] = Served(served_name, source.path, model, tok, adapter, schema, keep)
+        recipe = OutputDir(source.path).recipe_dict() if Path(source.path).is_dir() else {}
+        kwargs = (recipe.get("model") or {}).get("chat_template_kwargs") or {}
+        system = recorded_system_prompt(source.path) if Path(source.path).is_dir() else None
+        served[served_name] = Served(served_name, source.path, model, tok, adapter, schema, keep, system, kwargs)
     return served
 
 
@@ -614,16 +620,17 @@ def create_app(served: dict[str, Served], api_key: str | None = None, limits: Li
         from jinja2 import TemplateError
         from transformers.cli.serving.utils import BaseHandler, Modality
 
-        messages = BaseHandler.get_processor_inputs_from_messages(
-            [m.model_dump(exclude_none=True) for m in body.messages], Modality.LLM
-        )
+        given = [m.model_dump(exclude_none=True) for m in body.messages]
+        if target.system and not any(m["role"] in ("system", "developer") for m in given):
+            given = [{"role": "system", "content": target.system}, *given]  # as in training, chat and Ollama
+        messages = BaseHandler.get_processor_inputs_from_messages(given, Modality.LLM)
         try:
             text = target.tokenizer.apply_chat_template(
                 messages,
                 tools=body.tools,
                 add_generation_prompt=True,
                 tokenize=False,
-                **(body.chat_template_kwargs or {}),
+                **{**target.template_kwargs, **(body.chat_template_kwargs or {})},
             )
         except (TemplateError, TypeError, ValueError, KeyError) as e:
             raise APIError(

@@ -12,7 +12,7 @@ from _merge_support import lora, make_adapter
 from _support import run_cli
 from transformers import AutoModelForCausalLM
 
-from finetune import chat
+from finetune import chat, outputs
 
 
 def greedy(model_dir, tok, messages, n):
@@ -100,8 +100,8 @@ def test_chat_uses_the_recorded_system_prompt_and_accepts_tiny_names(tmp_path, t
     merged = tmp_path / "merged"
     merged.mkdir()
     (merged / "merge_report.json").write_text(json.dumps({"adapters": [str(adapter)]}))
-    assert chat.recorded_system_prompt(adapter) == chat.recorded_system_prompt(merged) == "你是一个助手。"
-    assert chat.recorded_system_prompt(tiny_path) is None
+    assert outputs.recorded_system_prompt(adapter) == outputs.recorded_system_prompt(merged) == "你是一个助手。"
+    assert outputs.recorded_system_prompt(tiny_path) is None
 
     seen = []
     monkeypatch.setattr(chat.Chat, "answer", lambda self, text, stream=None: seen.append(self.messages()) or "")
@@ -113,6 +113,12 @@ def test_chat_uses_the_recorded_system_prompt_and_accepts_tiny_names(tmp_path, t
     assert chat.run_cli(_args(str(adapter), prompt="Hi", system="")) == 0 and seen[1] == []  # '' = no system prompt
     assert chat.run_cli(_args("tiny-llama", prompt="Hi", system="Be brief.")) == 0
     assert seen[2] == [{"role": "system", "content": "Be brief."}]
+
+    # export's Modelfile carries the same default (Ollama sends SYSTEM when a request has no system message)
+    from finetune import export
+
+    export.export_gguf(str(adapter), str(tmp_path / "m.gguf"), "f32", ollama_file=True)
+    assert 'SYSTEM """你是一个助手。"""' in (tmp_path / "Modelfile").read_text(encoding="utf-8")
 
 
 def test_chat_line_editing_recalls_history_with_the_arrow_keys(tmp_path):
