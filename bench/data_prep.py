@@ -60,7 +60,10 @@ EN_WORDS = [
     "which",
     "every",
 ]
-ZH_CHARS = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行学法所民得经"
+ZH_CHARS = (
+    "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下"
+    "过子说产种面而方后多定行学法所民得经"
+)
 
 
 def _sentence(rng: random.Random, zh: bool) -> str:
@@ -149,7 +152,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     print(f"tokenizer {args.tokenizer}; work dir {work}; {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}")
     print(
-        "| rows | num_proc | cold s | cold rows/s | rows/s per CPU-s | peak RSS main / any process | warm load s | warm process s | cache size |"
+        "| rows | num_proc | cold s | cold rows/s | rows/s per CPU-s | peak RSS main / any process "
+        "| warm load s | warm process s | cache size |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for rows in args.rows:

@@ -71,7 +71,8 @@ def main() -> None:
         s, answers = timed(functools.partial(generation.generate, model, tok, items, args.max_new_tokens, bs))
         same = sum(a == b for a, b in zip(answers, loop))
         print(
-            f"| batched {bs} | {s:.2f} | {len(items) / s:.1f} | {new_tokens(answers) / s:.0f} | {loop_s / s:.1f}x | {same}/{len(items)} |"
+            f"| batched {bs} | {s:.2f} | {len(items) / s:.1f} | {new_tokens(answers) / s:.0f} "
+            f"| {loop_s / s:.1f}x | {same}/{len(items)} |"
         )
 
 

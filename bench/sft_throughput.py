@@ -374,7 +374,10 @@ def summarize(runs: list[dict], variants: list[str]) -> list[dict]:
         if not ok:
             rows.append({"variant": v, "error": errs[0] if errs else "no runs"})
             continue
-        med = lambda k: statistics.median(r[k] for r in ok)  # noqa: E731
+
+        def med(k, ok=ok):
+            return statistics.median(r[k] for r in ok)
+
         rows.append(
             {
                 "variant": v,
@@ -507,7 +510,8 @@ def main(argv=None) -> int:
         meta["ratio_ft_over_trl"] = ratios
         ratio = ratios["tok_s"]
         print(
-            f"\nfinetune / plain TRL: {ratio:.2f}x median real tokens/s (goal >= 1.5x: {'met' if ratio >= 1.5 else 'NOT met'}); "
+            f"\nfinetune / plain TRL: {ratio:.2f}x median real tokens/s "
+            f"(goal >= 1.5x: {'met' if ratio >= 1.5 else 'NOT met'}); "
             f"best-of {ratios['best_tok_s']:.2f}x; per CPU-second {ratios['tok_cpu_s']:.2f}x; "
             f"peak RSS {ft['peak_rss_mb']:.0f} vs {tr['peak_rss_mb']:.0f} MB"
         )
@@ -515,7 +519,8 @@ def main(argv=None) -> int:
         if max(loads) > (os.cpu_count() or 1):
             print(
                 f"note: 1-min load average reached {max(loads):.1f} on {os.cpu_count()} cores during the runs: "
-                "other processes shared the CPU, so wall-clock figures are noisy; tokens per CPU-second and best-of are steadier"
+                "other processes shared the CPU, so wall-clock figures are noisy; "
+                "tokens per CPU-second and best-of are steadier"
             )
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"meta": meta, "summary": rows, "runs": runs}, indent=1, default=str))

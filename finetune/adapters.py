@@ -303,7 +303,10 @@ def describe(a) -> str:
         more = "".join(f", {text}" for text, on in extras if on)
         return f"{m} r={a.r} alpha={a.alpha} dropout={a.dropout} {targets}{more}"
     if m == "adalora":
-        return f"adalora r={a.r} (from init_r={a.init_r or math.ceil(1.5 * a.r)}) alpha={a.alpha} dropout={a.dropout} {targets}"
+        return (
+            f"adalora r={a.r} (from init_r={a.init_r or math.ceil(1.5 * a.r)}) "
+            f"alpha={a.alpha} dropout={a.dropout} {targets}"
+        )
     if m in ("loha", "lokr"):
         return f"{m} r={a.r} alpha={a.alpha} {targets}"
     if m == "vera":
@@ -320,7 +323,10 @@ def describe(a) -> str:
         )
         return f"prefix_tuning {a.num_virtual_tokens} virtual tokens per layer, {projection}"
     if m == "p_tuning":
-        return f"p_tuning {a.num_virtual_tokens} virtual tokens, {a.encoder_type} encoder (hidden {a.encoder_hidden_size or 'model'})"
+        return (
+            f"p_tuning {a.num_virtual_tokens} virtual tokens, "
+            f"{a.encoder_type} encoder (hidden {a.encoder_hidden_size or 'model'})"
+        )
     if m == "freeze":
         return (
             f"freeze: last {a.trainable_layers} decoder layers"

@@ -27,7 +27,10 @@ def _versions() -> str:
     import transformers
     import trl
 
-    return f"finetune {__version__}, transformers {transformers.__version__}, peft {peft.__version__}, trl {trl.__version__}, torch {torch.__version__}"
+    return (
+        f"finetune {__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+        f"trl {trl.__version__}, torch {torch.__version__}"
+    )
 
 
 # Preference stages: what the eval split says (rm: pairwise accuracy; dpo/kto/...: implicit rewards).
@@ -154,13 +157,18 @@ def model_card(recipe, prepared, metrics: dict, model, base: str, chained: dict 
     front = card_data(recipe, prepared, tokenizer, chained).to_yaml()
     batch = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"]
     auto = "AutoModelForSequenceClassification" if recipe.stage == "rm" else "AutoModelForCausalLM"
+    train_data = rewards.card_data(recipe, train_stats) or (
+        f"{plural(train_stats['examples'], 'example')}, {train_stats['trained_tokens']} trained tokens "
+        f"of {train_stats['tokens']} (loss on answers only)"
+    )
     return str(
         ModelCard(
             f"---\n{front}\n---\n"
             + f"""
 # {Path(recipe.output.dir).name}
 
-A **{a.method}** {"adapter for" if adapters.is_adapter(a.method) else "fine-tune (full model weights) of"} `{recipe.model.name_or_path}`, trained with finetune's `{recipe.stage}` stage.
+A **{a.method}** {"adapter for" if adapters.is_adapter(a.method) else "fine-tune (full model weights) of"} \
+`{recipe.model.name_or_path}`, trained with finetune's `{recipe.stage}` stage.
 
 ## Base model
 {_base_section(recipe, base, chained)}
@@ -170,7 +178,7 @@ A **{a.method}** {"adapter for" if adapters.is_adapter(a.method) else "fine-tune
 - trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)
 
 ## Data
-- train: `{d.train}` ({prepared.format}), {rewards.card_data(recipe, train_stats) or f"{plural(train_stats['examples'], 'example')}, {train_stats['trained_tokens']} trained tokens of {train_stats['tokens']} (loss on answers only)"}
+- train: `{d.train}` ({prepared.format}), {train_data}
 {eval_line}
 ## Hyper-parameters
 | key | value |

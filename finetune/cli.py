@@ -118,7 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     prev.add_argument("--model", required=True, help="model (tokenizer + chat template): hub id, path or tiny-llama")
     prev.add_argument(
         "--format",
-        help="record format (alpaca, sharegpt, messages, prompt_completion, text, preference, alpaca_preference, sharegpt_preference, kto, prompt)",
+        help="record format (alpaca, sharegpt, messages, prompt_completion, text, preference, alpaca_preference, "
+        "sharegpt_preference, kto, prompt)",
     )
     prev.add_argument("--index", type=int, default=0, help="which record (default 0)")
     prev.add_argument("--max-length", type=int, default=None, help="truncate as train.max_length would")

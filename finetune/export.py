@@ -1,4 +1,5 @@
-"""`finetune export`: a model dir (or an adapter dir, merged on the fly) to GGUF (+ Ollama Modelfile) or safetensors."""
+"""`finetune export`: a model dir (or an adapter dir, merged on the fly) to GGUF (+ Ollama Modelfile)
+or safetensors."""
 
 from __future__ import annotations
 

@@ -100,8 +100,8 @@ class GGUFReport:
     def lines(self) -> list[str]:
         return [
             (
-                f"GGUF written to {self.path} ({self.arch}, {self.outtype}, {self.tensors} tensors, vocab {self.vocab}, "
-                f"pre-tokenizer {self.pre}{', chat template' if self.chat_template else ''}, "
+                f"GGUF written to {self.path} ({self.arch}, {self.outtype}, {self.tensors} tensors, "
+                f"vocab {self.vocab}, pre-tokenizer {self.pre}{', chat template' if self.chat_template else ''}, "
                 f"add_bos_token {str(self.add_bos).lower()}: as training saw it)"
             ),
             (
@@ -546,8 +546,8 @@ def _stacked_experts(model_dir: Path, cfg: dict):
 
 def gguf_tensors(model_dir: Path, cfg: dict, arch_name: str):
     """(GGUF name, float32 array) as llama.cpp stores them: renamed, q/k rows permuted for Llama, plus
-    Llama-3.1's rope_freqs, Gemma's norms shifted by one, MoE experts stacked. A generator, in a fixed order: the writer's two passes and the check each
-    stream the weights once."""
+    Llama-3.1's rope_freqs, Gemma's norms shifted by one, MoE experts stacked. A generator, in a fixed
+    order: the writer's two passes and the check each stream the weights once."""
     import gguf
 
     arch = getattr(gguf.MODEL_ARCH, arch_name)

@@ -137,7 +137,8 @@ class StopOnNonFinite(TrainerCallback):
     @staticmethod
     def _stop(args, state, what: str):
         raise TrainingDiverged(
-            f"training stopped at step {state.global_step}: {what} (train.learning_rate {args.learning_rate:g} too high?); "
+            f"training stopped at step {state.global_step}: {what} "
+            f"(train.learning_rate {args.learning_rate:g} too high?); "
             f"nothing was written as a finished output; {_last_checkpoint_line(args.output_dir)}"
         )
 

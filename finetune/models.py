@@ -21,7 +21,8 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
     "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n"
-    "{% elif m['role'] == 'assistant' %}Assistant: {% generation %}{{ m['content'] }}{{ eos_token }}{% endgeneration %}\n"
+    "{% elif m['role'] == 'assistant' %}Assistant: "
+    "{% generation %}{{ m['content'] }}{{ eos_token }}{% endgeneration %}\n"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}Assistant: {% endif %}"
 )

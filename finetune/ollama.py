@@ -191,7 +191,10 @@ def go_template(p: Pieces) -> str:
             )
     default = ""
     if p.default_system is not None:
-        default = f'{{{{ if and (eq $i 0) (ne .Role "system") }}}}{p.system_prefix}{p.default_system}{p.system_suffix}{{{{ end }}}}'
+        default = (
+            f'{{{{ if and (eq $i 0) (ne .Role "system") }}}}'
+            f"{p.system_prefix}{p.default_system}{p.system_suffix}{{{{ end }}}}"
+        )
     return (
         "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
         f"{default}"

@@ -113,7 +113,8 @@ def describe(rewards: RewardsSection) -> list[str]:
     for rule in rewards.rules:
         opts = ", ".join(f"{k}={v!r}" for k, v in rule.items() if k not in ("type", "weight", "name"))
         lines.append(
-            f"`{rule.get('name') or rule['type']}`: {rule['type']} rule ({opts}), weight {float(rule.get('weight', 1.0)):g}"
+            f"`{rule.get('name') or rule['type']}`: {rule['type']} rule ({opts}), "
+            f"weight {float(rule.get('weight', 1.0)):g}"
         )
     if rewards.model is not None:
         lines.append(f"`reward_model`: the reward model in `{rewards.model}`, weight {rewards.model_weight:g}")

@@ -151,8 +151,8 @@ def heldout_loss(model, tok) -> float:
 
 
 def lora_check(model, tok, steps: int = 100, lr: float = 2e-3, seed: int = 0) -> tuple[float, float, list[str]]:
-    """(first, last, trainable parameter names): answer-only loss of LoRA r=8 on all-linear (lm_head frozen) memorising QA:
-    the property every learning test relies on."""
+    """(first, last, trainable parameter names): answer-only loss of LoRA r=8 on all-linear (lm_head frozen)
+    memorising QA: the property every learning test relies on."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)

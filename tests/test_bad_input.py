@@ -609,7 +609,8 @@ def _catalogue(root: Path, tiny_path: str) -> tuple[list[dict], Path]:
         path, _ = recipe(d)
         p = d / "pipe.yaml"
         p.write_text(
-            f"output:\n  dir: {d / 'pipe_out'}\nstages:\n  sft:\n    recipe: {path}\n    train: {{learning_rate: .inf}}\n",
+            f"output:\n  dir: {d / 'pipe_out'}\nstages:\n  sft:\n    recipe: {path}\n"
+            "    train: {learning_rate: .inf}\n",
             encoding="utf-8",
         )
         return ["pipeline", p]

@@ -176,8 +176,15 @@ from finetune.data import cache
 import hashlib
 tok = models.load_tokenizer(ModelSection(name_or_path="tiny-llama"))
 prepared = data.load(DataSection(train={path!r}, format="alpaca", eval_ratio=0.2), tok, 64, seed=3)
-digest = hashlib.sha256(repr([(e.input_ids, e.labels) for e in prepared.train.encoded + prepared.eval.encoded]).encode())
-out = {{"rank": int(os.environ["RANK"]), "builds": cache.builds, "digest": digest.hexdigest(), "dir": str(prepared.train.cache_dir)}}
+digest = hashlib.sha256(
+    repr([(e.input_ids, e.labels) for e in prepared.train.encoded + prepared.eval.encoded]).encode()
+)
+out = {{
+    "rank": int(os.environ["RANK"]),
+    "builds": cache.builds,
+    "digest": digest.hexdigest(),
+    "dir": str(prepared.train.cache_dir),
+}}
 with open(os.path.join({out!r}, "rank%s.json" % os.environ["RANK"]), "w") as f:
     json.dump(out, f)
 """

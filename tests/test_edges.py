@@ -208,7 +208,10 @@ def test_finished_outputs_follow_the_umask(tmp_path, umask, mask, dirs, files, s
     from finetune.staging import Staged
 
     umask(mask)
-    mode = lambda p: p.stat().st_mode & 0o777
+
+    def mode(p):
+        return p.stat().st_mode & 0o777
+
     replace_dir(_private_output(tmp_path), tmp_path / "out")
     run = RunDir(tmp_path / "run")
     run.start("stage: sft\n")

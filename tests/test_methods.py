@@ -130,7 +130,8 @@ RELOAD = textwrap.dedent("""
         with torch.no_grad():
             got = {"logits": model(**inputs).logits.float().contiguous(),
                    "cached": model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)}
-            if getattr(model, "peft_type", None) != "PREFIX_TUNING":  # its prefix lives in the KV cache: peft needs use_cache
+            # its prefix lives in the KV cache: peft needs use_cache
+            if getattr(model, "peft_type", None) != "PREFIX_TUNING":
                 got["uncached"] = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, use_cache=False)
         return got
 

@@ -132,7 +132,8 @@ BAD = {
     "template raises": (
         [{"messages": GOOD + [{"role": "assistant", "content": "Sunny."}]}],
         {"chat_template": "{{ raise_exception('this model takes no ' + messages[0]['role'] + ' turns') }}"},
-        "bad.jsonl:1: the chat template cannot render this conversation: TemplateError: this model takes no user turns",
+        "bad.jsonl:1: the chat template cannot render this conversation: "
+        "TemplateError: this model takes no user turns",
     ),
     "invalid tool JSON": (
         [

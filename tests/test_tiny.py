@@ -294,7 +294,7 @@ def test_corpus_covers_every_token_of_the_demo_data(tok):
     seen |= set(tok("\n", add_special_tokens=False)["input_ids"])  # the chat template's newline
     strings = list(_data_strings())
     missing: dict[int, str] = {}
-    for (name, s), ids in zip(strings, tok([s for _, s in strings], add_special_tokens=False)["input_ids"]):
+    for (name, _s), ids in zip(strings, tok([s for _, s in strings], add_special_tokens=False)["input_ids"]):
         for j, i in enumerate(ids):
             if i not in seen and i not in missing:
                 missing[i] = f"{tok.decode([i])!r} in {name}: ...{tok.decode(ids[max(0, j - 3) : j + 4])!r}..."

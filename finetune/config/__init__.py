@@ -103,7 +103,8 @@ class ModelSection:
     )
     chat_template_kwargs: dict[str, Any] = _f(
         {},
-        help="Extra variables for the chat template, e.g. {enable_thinking: true}; used for training data, chat and eval alike.",
+        help="Extra variables for the chat template, e.g. {enable_thinking: true}; "
+        "used for training data, chat and eval alike.",
     )
     trust_remote_code: bool = _f(False, help="Run code shipped with the model repo. Off unless you trust its author.")
     allow_pickle: bool = _f(False, help="Allow loading .bin/.pt (pickle) weights. Off: safetensors only.")
@@ -141,13 +142,14 @@ class AdapterSection:
     )
     loraplus_lr_ratio: float | None = _f(
         None,
-        help="LoRA+ (lora, dora, qlora, pissa, olora): the B matrices learn at ratio x train.learning_rate (paper: 16). "
-        "Uses AdamW with train.weight_decay and train.adam_*; train.optim is not used.",
+        help="LoRA+ (lora, dora, qlora, pissa, olora): the B matrices learn at ratio x train.learning_rate "
+        "(paper: 16). Uses AdamW with train.weight_decay and train.adam_*; train.optim is not used.",
     )
     init_r: int | None = _f(None, help="adalora: rank of every layer before pruning towards r (None = 1.5 x r).")
     feedforward_modules: list[str] | None = _f(
         None,
-        help="ia3: which target_modules are feed-forward (scaled on their input); None = PEFT's default for the architecture.",
+        help="ia3: which target_modules are feed-forward (scaled on their input); "
+        "None = PEFT's default for the architecture.",
     )
     num_virtual_tokens: int = _f(20, help="prompt_tuning, prefix_tuning, p_tuning: number of virtual tokens.")
     init_text: str | None = _f(
@@ -159,7 +161,8 @@ class AdapterSection:
     encoder_type: Literal["mlp", "lstm"] = _f("mlp", help="p_tuning: the prompt encoder, mlp or lstm.")
     encoder_hidden_size: int | None = _f(
         None,
-        help="p_tuning, prefix_tuning with prefix_projection: hidden size of the encoder (None = the model's hidden size).",
+        help="p_tuning, prefix_tuning with prefix_projection: hidden size of the encoder "
+        "(None = the model's hidden size).",
     )
     trainable_layers: int = _f(2, help="freeze: train the last N decoder layers in full (0 = none).")
     trainable_modules: list[str] | None = _f(
@@ -170,7 +173,8 @@ class AdapterSection:
 @dataclass
 class DataSection:
     train: str = _f(
-        help="Training data: a name from data/datasets.yaml, a local file (json, jsonl, csv, parquet) or a hub dataset id."
+        help="Training data: a name from data/datasets.yaml, a local file (json, jsonl, csv, parquet) "
+        "or a hub dataset id."
     )
     format: (
         Literal[
@@ -202,8 +206,8 @@ class DataSection:
     train_on: Literal["all_turns", "last_turn"] = _f(
         "all_turns",
         help="Chat data: train every assistant turn, or only the last one of each record. Each trained turn is "
-        "trained on exactly its inference prompt (where the template renders a turn differently once later turns follow, "
-        "it gets a sequence of its own; the dry-run plan says which).",
+        "trained on exactly its inference prompt (where the template renders a turn differently once later turns "
+        "follow, it gets a sequence of its own; the dry-run plan says which).",
     )
     reasoning_tags: list[str] = _f(
         ["<think>", "</think>"],
@@ -247,7 +251,8 @@ class EvalSection:
 
     data: str | None = _f(
         None,
-        help="Dataset for generation metrics (registry name, file or hub id); default: the run's held-out split (data.eval or data.eval_ratio; SFT only).",
+        help="Dataset for generation metrics (registry name, file or hub id); "
+        "default: the run's held-out split (data.eval or data.eval_ratio; SFT only).",
     )
     max_samples: int | None = _f(200, help="Score at most this many examples (null = all).")
     max_new_tokens: int = _f(128, help="Greedy generation length limit per answer.")
@@ -377,7 +382,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def parse_yaml(text: str, source: str):
-    """`yaml.safe_load` (duplicate keys refused) whose syntax errors are one line: `file:line: invalid YAML: problem`."""
+    """`yaml.safe_load` (duplicate keys refused) whose syntax errors are one line:
+    `file:line: invalid YAML: problem`."""
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:

@@ -16,7 +16,8 @@ cache identity, which follows the hub revision).
 Layout: `$FINETUNE_DATA_CACHE/<key>/` (default `<finetune cache root>/data/<key>/`) holds
 `meta.json` (what it holds) and the Arrow files `datasets.map` wrote (one per encoding process,
 concatenated in order when loaded), plus `keep.npy` when rows were dropped. An entry is built
-in `.tmp-<key>-<host>-<pid>/` beside it and renamed into place when complete, so an interrupted preparation never looks like a finished one.
+in `.tmp-<key>-<host>-<pid>/` beside it and renamed into place when complete, so an interrupted
+preparation never looks like a finished one.
 
 Ranks: the local main process of each node (LOCAL_RANK 0) takes a file lock and builds or
 finds the entry; the other ranks poll the file system for the finished entry (no collective,

@@ -187,8 +187,8 @@ def _completion(render, history, turn, prompt: str, full: str, reasoning: str, o
 
     1. The rendering of history + turn starts with the generation prompt: the rest (the usual case).
     2. Else let c be where they part (moved back to the start of the token it falls in and out of any
-       `<...>` / `[...]` marker, so a special token is written whole), `opener` the rest of the generation prompt and `rest` the rest of
-       the finished rendering.
+       `<...>` / `[...]` marker, so a special token is written whole), `opener` the rest of the
+       generation prompt and `rest` the rest of the finished rendering.
        a. The turn's reasoning, which the template drops, (or an empty think block, when it has
           none) wrapped in reasoning_tags and followed by `rest` starts with `opener`: what follows
           `opener` there. (A generation prompt that opens a think block: DeepSeek-R1 distills.)
@@ -217,8 +217,9 @@ def _completion(render, history, turn, prompt: str, full: str, reasoning: str, o
     completion = full[i:]
     if reasoning and (reasoning not in completion or (i == c and opener.strip())):
         raise DataError(
-            f"assistant turn {k}: the chat template's generation prompt ends with {opener[-40:]!r}, after which this turn's "
-            "reasoning cannot be written (is the template's thinking mode off? see model.chat_template_kwargs, "
+            f"assistant turn {k}: the chat template's generation prompt ends with {opener[-40:]!r}, "
+            "after which this turn's reasoning cannot be written (is the template's thinking mode off? "
+            "see model.chat_template_kwargs, "
             "e.g. {enable_thinking: true})"
         )
     return completion

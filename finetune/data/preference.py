@@ -179,7 +179,8 @@ GUESSES = (
 
 
 def unpair(examples: list[dict]) -> list[dict]:
-    """Pairs -> KTO examples: chosen is desirable, rejected undesirable (as trl.data_utils.unpair_preference_dataset)."""
+    """Pairs -> KTO examples: chosen is desirable, rejected undesirable
+    (as trl.data_utils.unpair_preference_dataset)."""
     out = []
     for e in examples:
         out.append({"prompt": e["prompt"], "completion": e["chosen"], "label": True})

@@ -101,7 +101,8 @@ def resolve(name: str, split: str = "train", registry: str | None = None, field:
 
 
 def read(src: Source, encoding: str | None = None) -> list[Record]:
-    """Every record of `src`; text files are UTF-8 (with or without a BOM) unless `encoding` (data.encoding) says otherwise."""
+    """Every record of `src`; text files are UTF-8 (with or without a BOM) unless `encoding`
+    (data.encoding) says otherwise."""
     records = list(iter_records(src, encoding=encoding))
     if not records:
         raise DataError(f"{src.label()}: empty dataset (no records)")

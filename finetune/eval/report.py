@@ -232,13 +232,16 @@ def card_section(report: dict) -> str:
 STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI","Noto Sans","Noto Sans CJK SC","PingFang SC",sans-serif;
  max-width:1080px;margin:2em auto;padding:0 1em;color:#1a202c;line-height:1.45}
-h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.15em;margin-top:1.8em;border-bottom:1px solid #e2e8f0;padding-bottom:.2em}
+h1{font-size:1.5em;margin-bottom:.2em}\
+h2{font-size:1.15em;margin-top:1.8em;border-bottom:1px solid #e2e8f0;padding-bottom:.2em}
 .sub{color:#4a5568;margin-top:0}.verdict{display:inline-block;padding:.35em .8em;border-radius:6px;font-weight:600}
 .pass{background:#e6f4ea;color:#1e6b34}.fail{background:#fde8e8;color:#9b1c1c}.none{background:#edf2f7;color:#2d3748}
-table{border-collapse:collapse;margin:.6em 0;font-size:.92em}td,th{border:1px solid #e2e8f0;padding:4px 9px;vertical-align:top}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}\
+td,th{border:1px solid #e2e8f0;padding:4px 9px;vertical-align:top}
 th{background:#f7fafc;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.bad td{background:#fde8e8}td.up{color:#1e6b34}td.down{color:#9b1c1c}
-table.samples{width:100%}table.samples td{max-width:330px}table.samples pre{white-space:pre-wrap;margin:0;font-size:.88em;max-height:9em;overflow:auto}
+table.samples{width:100%}table.samples td{max-width:330px}\
+table.samples pre{white-space:pre-wrap;margin:0;font-size:.88em;max-height:9em;overflow:auto}
 img{max-width:100%;border:1px solid #edf2f7;border-radius:4px}.note{color:#4a5568;font-size:.92em}
 """
 

@@ -172,7 +172,8 @@ def load(path: str | Path) -> Suite:
         for m, v in (t.get("tolerance") or {}).items():
             if m not in tolerance:
                 raise RecipeError(
-                    f"{where('tasks', i, 'tolerance', m)}: {t['name']} has no metric {m!r} (one of {', '.join(tolerance)})"
+                    f"{where('tasks', i, 'tolerance', m)}: {t['name']} has no metric {m!r} "
+                    f"(one of {', '.join(tolerance)})"
                 )
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
                 raise RecipeError(f"{where('tasks', i, 'tolerance', m)}: expected a number >= 0, got {v!r}")
@@ -296,7 +297,7 @@ def multiple_choice(model, tok, task: Task) -> dict[str, float]:
             pairs.append((whole[: len(ctx)], whole[len(ctx) :]))
     scored = _sequence_logprobs(model, pairs, task.batch_size)
     acc = acc_norm = 0
-    for (context, choices, answer), (first, k) in zip(questions, spans):
+    for (_context, choices, answer), (first, k) in zip(questions, spans):
         ll = [scored[first + j][0] for j in range(k)]
         norm = [ll[j] / len(c) for j, c in enumerate(choices)]  # the harness: per character of the choice
         acc += int(max(range(k), key=ll.__getitem__) == answer)
@@ -331,7 +332,8 @@ def instruction(model, tok, task: Task) -> dict[str, float]:
         for name, value in c.items():
             if name not in CHECKS:
                 raise DataError(
-                    f"{where}: field 'checks.{name}': unknown check{closest(name, CHECKS)} (one of {', '.join(CHECKS)})"
+                    f"{where}: field 'checks.{name}': unknown check{closest(name, CHECKS)} "
+                    f"(one of {', '.join(CHECKS)})"
                 )
             if name == "language" and value not in ("en", "zh"):
                 raise DataError(f"{where}: field 'checks.language': expected en or zh, got {value!r}")

@@ -140,9 +140,11 @@ class TrainPlan:
             f"  stage          {r.stage}" + ("" if stage_origin in ("recipe", "override") else f" ({stage_origin})"),
             f"  model          {r.model.name_or_path} -> {models.model_path(r.model)}",
             f"  adapter        {adapters.describe(r.adapter)}",
-            f"  parameters     {self.trainable:,} trainable of {self.total:,} ({100 * self.trainable / max(self.total, 1):.3f}%)",
+            f"  parameters     {self.trainable:,} trainable of {self.total:,} "
+            f"({100 * self.trainable / max(self.total, 1):.3f}%)",
             f"  device         {device} x {plural(self.world, 'process', 'processes')}, {dtype}",
-            f"  batch          {t['per_device_train_batch_size']} per device x {t['gradient_accumulation_steps']} accumulation"
+            f"  batch          {t['per_device_train_batch_size']} per device"
+            f" x {t['gradient_accumulation_steps']} accumulation"
             f" x {self.world} = {self.effective_batch} per step",
             f"  steps          {self.steps} (lr {t['learning_rate']:g}, {t['lr_scheduler_type']})",
             f"  output         {r.output.dir}",

@@ -321,7 +321,7 @@ def build(lang: str = "en", runs_dir: str = "runs"):
         def switch(choice):
             code = "zh" if choice == "中文" else "en"
             out = []
-            for component, key, attr in labelled:
+            for _component, key, attr in labelled:
                 text = t(key, code)
                 if key == "title":
                     text = f"## {text}\n{TEXT['subtitle'][1 if code == 'zh' else 0]}"

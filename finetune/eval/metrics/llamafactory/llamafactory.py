@@ -15,7 +15,8 @@ class LlamaFactory(evaluate.Metric):
         return evaluate.MetricInfo(
             description="LLaMA-Factory-style character BLEU-4 and jieba ROUGE (0-100).",
             citation="",
-            inputs_description="predictions: list of str; references: list of str. Returns {bleu-4, rouge-1, rouge-2, rouge-l}.",
+            inputs_description="predictions: list of str; references: list of str. "
+            "Returns {bleu-4, rouge-1, rouge-2, rouge-l}.",
             features=datasets.Features(
                 {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
             ),
