@@ -15,15 +15,17 @@ import httpx
 import openai
 import pytest
 import uvicorn
+import yaml
 from _merge_support import make_adapter
 from _support import MEMO_CHATS, REPO, free_port, run_cli
 from peft import LoraConfig, PromptTuningConfig
 
-from finetune import chat, loading, serve
+from finetune import chat, loading, outputs, serve
 
 KEY = "sk-test-key"
 QUESTIONS = [c[0]["content"] for c in MEMO_CHATS]
 ANSWERS = [c[1]["content"] for c in MEMO_CHATS]
+RAND_SYSTEM = "你是一个乐于助人的助手。"
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +35,16 @@ def adapters(tmp_path_factory, tiny_path, memo_lora_dir):
     root = tmp_path_factory.mktemp("serve_adapters")
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     prompt = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    rand = make_adapter(tiny_path, root / "rand", lora, seed=1)
+    recipe = {
+        "stage": "sft",
+        "model": {"name_or_path": str(tiny_path)},
+        "data": {"train": "x.jsonl", "system": RAND_SYSTEM},
+    }
+    (rand / "recipe.yaml").write_text(yaml.safe_dump(recipe, allow_unicode=True), encoding="utf-8")
     return {
         "memo": memo_lora_dir,
-        "rand": make_adapter(tiny_path, root / "rand", lora, seed=1),
+        "rand": rand,  # with a recorded system prompt (data.system), the default when a request has none
         "qlora": make_adapter(tiny_path, root / "qlora", copy.deepcopy(lora), seed=2, qlora=True),
         "prompt": make_adapter(tiny_path, root / "prompt", prompt, seed=3),
     }
@@ -66,10 +75,12 @@ def ask(c, question, model="memo", **kw):
     return c.chat.completions.create(model=model, messages=[{"role": "user", "content": question}], **kw)
 
 
-def chat_answer(adapter_dir, question, n=24):
-    """What `finetune chat` answers (the same Chat class the CLI runs), in-process."""
+def chat_answer(adapter_dir, question, n=24, system=None):
+    """What `finetune chat` answers (the same Chat class the CLI runs, with the dir's recorded system
+    prompt unless `system` is given), in-process."""
     model, tok, _ = loading.load_for_inference(adapter_dir)
-    return chat.Chat(model, tok, max_new_tokens=n).answer(question)
+    system = system if system is not None else outputs.recorded_system_prompt(adapter_dir)
+    return chat.Chat(model, tok, system=system, max_new_tokens=n).answer(question)
 
 
 def test_chat_completion_equals_finetune_chat_streamed_or_not(server, adapters, tmp_path):
@@ -130,10 +141,23 @@ def test_two_adapters_on_one_base_are_served_by_name(server, adapters):
                 lambda m: ask(c, QUESTIONS[1], model=m).choices[0].message.content, ["rand", "memo", "rand", "memo"]
             )
         )
-    expected_rand = chat_answer(adapters["rand"], QUESTIONS[1])
+    # a random adapter's answer may stop at max_tokens inside a character: the server holds back the
+    # incomplete bytes, chat prints U+FFFD for them; compare the complete characters
+    expected_rand = chat_answer(adapters["rand"], QUESTIONS[1]).rstrip("\ufffd")
+    got = [g.rstrip("\ufffd") for g in got]
     assert got == [expected_rand, ANSWERS[1], expected_rand, ANSWERS[1]] and expected_rand != ANSWERS[1]
+    assert server["served"]["rand"].system == RAND_SYSTEM and server["served"]["memo"].system is None
+    own = c.chat.completions.create(
+        model="rand",
+        temperature=0,
+        max_tokens=24,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTIONS[1]}],
+    )  # a request's own system message replaces the recorded one
+    own_expected = chat_answer(adapters["rand"], QUESTIONS[1], system="Be brief.").rstrip("\ufffd")
+    assert own.choices[0].message.content.rstrip("\ufffd") == own_expected
+    assert chat_answer(adapters["rand"], QUESTIONS[1], system="").rstrip("\ufffd") != expected_rand  # it mattered
     both = ask(c, QUESTIONS[1], model="rand", n=2)  # n choices
-    assert [ch.message.content for ch in both.choices] == [expected_rand] * 2
+    assert [ch.message.content.rstrip("\ufffd") for ch in both.choices] == [expected_rand] * 2
     sampled = [
         ask(c, QUESTIONS[1], model="rand", temperature=1.0, top_p=0.9, seed=s).choices[0].message.content
         for s in (7, 7)
