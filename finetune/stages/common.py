@@ -135,8 +135,10 @@ class TrainPlan:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = "bf16" if t["bf16"] else "fp16" if t["fp16"] else "fp32"
         stage_origin = r.origins.get("stage", "recipe")
+        caches = r.stage == "sft" and r.data.cache != "off" and not r.data.streaming  # finetune.data's cache
+        cached = "; the encoded data is kept in the prepared-data cache" if caches else ""
         lines = [
-            f"plan for {r.source or 'recipe'} (dry run: nothing trained, nothing written)",
+            f"plan for {r.source or 'recipe'} (dry run: nothing trained, no output written{cached})",
             f"  stage          {r.stage}" + ("" if stage_origin in ("recipe", "override") else f" ({stage_origin})"),
             f"  model          {r.model.name_or_path} -> {models.model_path(r.model)}",
             f"  adapter        {adapters.describe(r.adapter)}",
