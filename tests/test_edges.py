@@ -105,8 +105,13 @@ def test_the_verdict_table_is_printed_at_the_end_of_a_run(tmp_path, monkeypatch,
 
     monkeypatch.setattr(hook, "_evaluate", fake_evaluate)
     recipe = config.load(text=memo_recipe(tmp_path), overrides=["eval.suite=eval/suites/general.yaml"])
-    with caplog.at_level(logging.INFO, logger="finetune"):
-        hook.run(recipe, tmp_path / "out")
+    logger = logging.getLogger("finetune")  # the CLI may have stopped it propagating (an earlier test's run)
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="finetune"):
+            hook.run(recipe, tmp_path / "out")
+    finally:
+        logger.removeHandler(caplog.handler)
     text = caplog.text
     assert (
         re.search(r"heldout_en +perplexity +59.98 +81.3 +\+21.32", text)
