@@ -264,7 +264,16 @@ def _add_merge_export_chat(sub) -> None:
         "--outtype", choices=("f32", "f16", "q8_0"), default="f16", help="gguf: tensor type (default f16)"
     )
     export.add_argument("--ollama", action="store_true", help="gguf: also write an Ollama Modelfile beside it")
-    export.add_argument("--system", help="--ollama: the Modelfile's SYSTEM prompt (default: the chat template's own)")
+    export.add_argument(
+        "--system",
+        help="--ollama: the Modelfile's SYSTEM prompt (default: the data.system the model was trained with, "
+        "else the chat template's own)",
+    )
+    export.add_argument(
+        "--modelfile",
+        metavar="PATH",
+        help="--ollama: where to write the Modelfile (default: Modelfile beside the GGUF)",
+    )
     export.add_argument(
         "--dtype", choices=dtypes, default="auto", help="safetensors: weight dtype (default: the base's)"
     )

@@ -3,7 +3,9 @@ or safetensors."""
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 from finetune import gguf_export, merge, ollama
 from finetune.loading import SourceError, inspect, load_tokenizer
@@ -27,17 +29,23 @@ def export_gguf(
     onto: str | None = None,
     base: str | None = None,
     overwrite: bool = False,
+    modelfile: str | None = None,
 ) -> list[str]:
-    """Write `out` (.gguf), and with `ollama_file` a `Modelfile` beside it; returns the report lines."""
+    """Write `out` (.gguf), and with `ollama_file` a Modelfile (`modelfile`, default `Modelfile` beside the
+    GGUF; its FROM points at the GGUF relative to it); returns the report lines."""
     source = inspect(model_dir, base)
     if source.is_prompt_learning:
         raise _not_foldable(source, "GGUF")
     final = check_free(out, overwrite, file=True)
     if final.suffix != ".gguf":
         raise SourceError(f"--out: {out}: name the GGUF file *.gguf")
-    modelfile_path = final.with_name("Modelfile")
+    if modelfile is not None and not ollama_file:
+        raise SourceError("--modelfile: goes with --ollama")
+    modelfile_path = Path(modelfile).expanduser().absolute() if modelfile else final.with_name("Modelfile")
     if ollama_file:
-        check_free(modelfile_path, overwrite, file=True, flag="--ollama Modelfile")
+        check_free(modelfile_path, overwrite, file=True, flag="--modelfile")
+        if modelfile_path == final:
+            raise SourceError("--modelfile: must differ from --out")
     lines: list[str] = []
     # an unsupported architecture fails before anything is merged or written
     if source.kind == "model":
@@ -56,7 +64,8 @@ def export_gguf(
     tok = load_tokenizer(source)
     if system is None:  # the system prompt the model was trained with, as chat and serve use it
         system = recorded_system_prompt(model_dir)
-    modelfile_text = ollama.modelfile(final.name, tok, system) if ollama_file else None  # fails before any work
+    gguf_ref = os.path.relpath(final, modelfile_path.parent)  # FROM, relative to the Modelfile
+    modelfile_text = ollama.modelfile(gguf_ref, tok, system) if ollama_file else None  # fails before any work
 
     with Staged(final, overwrite, file=True) as tmp:
         model_path = source.path
@@ -77,7 +86,8 @@ def export_gguf(
         if source.kind == "adapter":
             shutil.rmtree(model_path)
         if modelfile_text is not None:  # both files appear together: the Modelfile goes in just before the GGUF
-            (tmp / "Modelfile").replace(modelfile_path)
+            modelfile_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(tmp / "Modelfile", modelfile_path)
     return lines
 
 
@@ -107,11 +117,19 @@ def run_cli(args) -> int:
         if args.dtype != "auto":
             raise SourceError("--dtype: applies to --format safetensors; for gguf use --outtype")
         lines = export_gguf(
-            args.model, args.out, args.outtype, args.ollama, args.system, args.onto, args.base, args.overwrite
+            args.model,
+            args.out,
+            args.outtype,
+            args.ollama,
+            args.system,
+            args.onto,
+            args.base,
+            args.overwrite,
+            args.modelfile,
         )
     else:
-        if args.ollama or args.system:
-            raise SourceError("--ollama / --system: apply to --format gguf")
+        if args.ollama or args.system or args.modelfile:
+            raise SourceError("--ollama / --system / --modelfile: apply to --format gguf")
         lines = export_safetensors(args.model, args.out, args.dtype, args.onto, args.base, args.overwrite)
     for line in lines:
         print(line)

@@ -256,7 +256,8 @@ def modelfile(gguf_name: str, tok, system: str | None = None) -> str:
         lines.append(f"# note: {TRIM_NOTE}")
     if renders_tools(tok):
         lines.append(f"# note: {TOOLS_NOTE}")
-    lines += [f"FROM ./{gguf_name}", f'TEMPLATE """{go_template(p)}"""']
+    ref = gguf_name if gguf_name.startswith(("./", "../", "/")) else f"./{gguf_name}"  # relative to the Modelfile
+    lines += [f"FROM {ref}", f'TEMPLATE """{go_template(p)}"""']
     lines += [f'PARAMETER stop "{s}"' for s in stops(p)]
     system = system if system is not None else p.default_system
     if system:

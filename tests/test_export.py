@@ -207,6 +207,15 @@ def test_export_cli_merges_an_adapter_and_writes_gguf_and_modelfile(tmp_path, ti
     r = run_cli(["export", str(adapter), "--out", str(tmp_path / "out" / "model.gguf")], cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()] and "exists" in r.stderr
 
+    # a folder that already has a Modelfile: refused, naming --modelfile; --modelfile elsewhere points FROM back
+    out2 = tmp_path / "out" / "second.gguf"
+    r = run_cli(["export", str(adapter), "--out", str(out2), "--ollama"], cwd=tmp_path)
+    assert r.returncode == 2 and "--modelfile" in r.stderr and not out2.exists()
+    other = tmp_path / "ollama" / "Modelfile.second"
+    r = run_cli(["export", str(adapter), "--out", str(out2), "--ollama", "--modelfile", str(other)], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "FROM ../out/second.gguf\n" in other.read_text() and (other.parent / "../out/second.gguf").resolve() == out2
+
 
 def test_export_refuses_what_it_cannot_write(tmp_path, tiny_path):
     from peft import PromptTuningConfig
