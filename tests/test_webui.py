@@ -176,3 +176,22 @@ def test_a_missing_extra_is_one_line_naming_the_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_gradio)
     with pytest.raises(webui.FinetuneError, match=r"needs gradio: pip install 'finetune\[webui\]'"):
         webui.require_extra()
+
+
+def test_the_live_loss_curve_reads_the_lines_a_run_prints():
+    """The Train tab's curve, while a run goes on, comes from the log lines the trainer prints
+    (finetune.stages.common.log_line): eval and summary lines are not training losses."""
+    from finetune.stages.common import log_line
+    from finetune.webui.runner import logged_losses
+
+    text = "\n".join(
+        [
+            "finetune: training: sft, lora r=16 ...",
+            log_line({"loss": 2.5, "grad_norm": 1.25, "learning_rate": 0.003}, 1, 40),
+            "  3%|#         | 1/40 [00:01<00:40]\r  5%|##        | 2/40",
+            log_line({"loss": 1.75e-05, "grad_norm": 0.5}, 2, 40),
+            log_line({"eval_loss": 3.0, "eval_runtime": 0.1}, 2, 40),
+            log_line({"train_runtime": 5.0, "train_loss": 1.1}, 40, 40),
+        ]
+    )
+    assert logged_losses(text) == [(1, 2.5), (2, 1.75e-05)]

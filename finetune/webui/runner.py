@@ -4,7 +4,6 @@ The run's output goes to a log file beside the recipe; the loss curve is read ba
 (the trainer's logged dicts) or, once the run finished, from its own `trainer_state.json`.
 """
 
-import ast
 import json
 import os
 import re
@@ -16,7 +15,8 @@ from pathlib import Path
 
 import finetune
 
-LOGGED = re.compile(r"\{'loss': [^}]*\}")
+# a training log line (finetune.stages.common.log_line): `step 4/40  loss 1.234  grad_norm ...`
+LOGGED = re.compile(r"^(?:finetune: )?step (\d+)/\d+\s+loss (\S+)", re.MULTILINE)
 PACKAGE_ROOT = str(Path(finetune.__file__).resolve().parents[1])
 
 
@@ -96,17 +96,22 @@ class Runner:
         return "\n".join([r for r in rows if r.strip()][-lines:])
 
     def losses(self) -> list[tuple[int, float]]:
-        """(step, loss) points: the finished run's trainer_state.json, else the log's logged dicts."""
+        """(step, loss) points: the finished run's trainer_state.json, else the log's training lines."""
         state = self.output_dir / "trainer_state.json" if self.output_dir else None
         if state is not None and state.is_file() and self.state()[0] == "finished":
             history = json.loads(state.read_text(encoding="utf-8")).get("log_history", [])
             return [(h["step"], float(h["loss"])) for h in history if "loss" in h]
         if self.log_path is None or not self.log_path.is_file():
             return []
-        points = []
-        for i, match in enumerate(LOGGED.finditer(self.log_path.read_text(encoding="utf-8", errors="replace"))):
-            try:
-                points.append((i + 1, float(ast.literal_eval(match.group(0))["loss"])))
-            except (ValueError, SyntaxError, KeyError):
-                continue
-        return points
+        return logged_losses(self.log_path.read_text(encoding="utf-8", errors="replace"))
+
+
+def logged_losses(text: str) -> list[tuple[int, float]]:
+    """(step, loss) of every training log line in a run's output."""
+    points = []
+    for match in LOGGED.finditer(text.replace("\r", "\n")):
+        try:
+            points.append((int(match.group(1)), float(match.group(2))))
+        except ValueError:
+            continue
+    return points
