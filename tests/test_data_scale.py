@@ -90,3 +90,21 @@ def test_streamed_data_trains_and_stops_at_max_steps(tmp_path, cache_dir, tiny_p
     assert state["global_step"] == 5 and len(losses) == 5
     assert losses[-1] < losses[0]
     assert cache.entries() == []  # a stream is not cached
+
+
+def test_a_chat_ending_after_its_last_answer_trains_nothing_from_that_turn_and_the_plan_says_so(
+    tmp_path, cache_dir, tiny_tokenizer
+):
+    chats = [
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "And?"},
+        ],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": m} for m in chats])
+    prepared = data.load(DataSection(train=str(path), format="messages"), tiny_tokenizer, 256)
+    first, second = prepared.train.encoded
+    assert (first.input_ids, first.labels) == (second.input_ids, second.labels)  # the trailing turn left out
+    assert any(f"1 conversation ends with a turn after the last answer (first: {path}:1)" in n for n in prepared.notes)

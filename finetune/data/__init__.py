@@ -29,7 +29,7 @@ from finetune.config import DataSection, check_stage_format
 from finetune.data import cache, formats, sources
 from finetune.data import encode as encode_module
 from finetune.data.encode import Encoded, EncodeOptions
-from finetune.errors import DataError
+from finetune.errors import DataError, plural
 
 log = logging.getLogger("finetune")
 
@@ -282,13 +282,15 @@ def _convert_extra(cfg: DataSection) -> tuple:
 
 def _write_examples(
     records, fmt: str, columns: dict, cfg: DataSection, label: str, path: Path
-) -> tuple[int, list[str], int]:
+) -> tuple[int, list[str], int, list]:
     """Convert records to canonical examples, row by row, into an Arrow file (JSON per example,
-    with its `where` and record number). Returns (records read, skipped rows' first locations, skipped count)."""
+    with its `where` and record number). Returns (records read, skipped rows' first locations, skipped
+    count, [how many chats end after their last answer, the first of them])."""
     import pyarrow as pa
 
     schema = pa.schema([("example", pa.large_string()), ("where", pa.string()), ("record", pa.int64())])
     batch, n, bad, n_bad = {"example": [], "where": [], "record": []}, 0, [], 0
+    trailing = [0, ""]  # chats whose last turn is not an answer: that turn trains nothing
     progress = _Progress("read", label)
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
 
@@ -308,6 +310,10 @@ def _write_examples(
                 if len(bad) < FIRST_BAD_ROWS:
                     bad.append(str(e))
                 continue
+            messages = example.get("messages")
+            if messages and messages[-1].get("role") != "assistant":
+                trailing[0] += 1
+                trailing[1] = trailing[1] or record.where
             batch["example"].append(json.dumps(example, ensure_ascii=False))
             batch["where"].append(record.where)
             batch["record"].append(n)
@@ -317,7 +323,7 @@ def _write_examples(
         if batch["record"]:
             flush()
     progress.done(n, f", {n_bad:,} bad rows skipped" if n_bad else "")
-    return n, bad, n_bad
+    return n, bad, n_bad, trailing
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -374,7 +380,7 @@ def _build(src, records, fmt, columns, cfg: DataSection, tok, max_length, option
 
     label = src.label()
     start = time.perf_counter()
-    n_records, bad, n_bad = _write_examples(records, fmt, columns, cfg, label, tmp / "examples.arrow")
+    n_records, bad, n_bad, trailing = _write_examples(records, fmt, columns, cfg, label, tmp / "examples.arrow")
     if n_records == 0:
         raise DataError(f"{label}: empty dataset (no records)" + (f"; {n_bad} bad rows skipped" if n_bad else ""))
     raw = datasets.Dataset.from_file(str(tmp / "examples.arrow"))
@@ -430,6 +436,7 @@ def _build(src, records, fmt, columns, cfg: DataSection, tok, max_length, option
         "dropped": int(len(n_trained) - len(keep)),
         "bad_rows": n_bad,
         "first_bad_rows": bad,
+        "trailing_turns": trailing,
         "first_note": first_note,
         "max_length": max_length,
         "num_proc": num_proc,
@@ -522,6 +529,13 @@ def prepare_split(
     table = _open_entry(path, meta)
     split = Split(src.label(), table, meta["records"], meta["truncated"], meta["dropped"], path, meta["first_note"])
     notes = []
+    trailing, first = meta.get("trailing_turns") or [0, ""]
+    if trailing:
+        notes.append(
+            f"{src.label()}: {plural(trailing, 'conversation')} {'ends' if trailing == 1 else 'end'} with a turn "
+            f"after the last answer (first: "
+            f"{first}); nothing is trained from such a turn, and it is left out of the sequence"
+        )
     if meta.get("bad_rows"):
         notes.append(
             f"{src.label()}: {meta['bad_rows']} bad records skipped (data.skip_bad_rows), first: "
