@@ -83,12 +83,14 @@ def load_tokenizer(cfg: ModelSection, padding_side: str = "right"):
 def _check_template(tok) -> None:
     """A Jinja syntax error in model.chat_template is one line, before any data is rendered with it
     (compiled by transformers itself, which knows its own tags such as {% generation %})."""
-    from jinja2 import TemplateSyntaxError
+    from jinja2 import TemplateError, TemplateSyntaxError
 
     try:
         tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
     except TemplateSyntaxError as e:
         raise RecipeError(f"model.chat_template: Jinja syntax error on line {e.lineno}: {e.message}") from None
+    except (TemplateError, TypeError, KeyError, ValueError):
+        pass  # it compiles but refuses this probe chat (tools required, no user turns...): records say so one by one
 
 
 def quantization_config(adapter: AdapterSection):
