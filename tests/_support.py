@@ -222,3 +222,13 @@ def log_series(out_dir: Path, key: str) -> list[float]:
     """Every logged value of `key` (e.g. 'eval_rewards/margins') in a run's trainer_state.json, in order."""
     state = json.loads((Path(out_dir) / "trainer_state.json").read_text())
     return [h[key] for h in state["log_history"] if key in h]
+
+
+def missing_tool(reason: str):
+    """A system tool a test drives is missing: a skip on a developer's machine, a failure in CI
+    (`.ci/run` installs it there, so a skip would hide a gap)."""
+    import pytest
+
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"{reason} (.ci/run installs it: CI must not skip this)")
+    pytest.skip(reason)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _support import memo_data, memo_recipe
+from _support import memo_data, memo_recipe, missing_tool
 from transformers import TrainerCallback
 
 from finetune import cli, config, guards, locks
@@ -31,12 +31,12 @@ def tmpfs(tmp_path):
             ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(d)], capture_output=True, text=True, check=False
         )
         if r.returncode != 0:
-            pytest.skip(f"needs root and mount(8) to make a small tmpfs: {r.stderr.strip() or r.returncode}")
+            missing_tool(f"needs root and mount(8) to make a small tmpfs: {r.stderr.strip() or r.returncode}")
         mounted.append(d)
         return d
 
     if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs (read-only / full disk)")
+        missing_tool("needs root to mount a small tmpfs (read-only / full disk)")
     yield mount
     for d in mounted:
         subprocess.run(["umount", "-l", str(d)], check=False)

@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from _support import missing_tool
 
 from finetune import gguf_export, ollama
 from finetune.models import FALLBACK_CHAT_TEMPLATE
@@ -80,7 +81,7 @@ CHATS = {
 def go_render(tmp_path_factory):
     """The Go renderer, built once per session (stdlib only: offline)."""
     if shutil.which("go") is None:
-        pytest.skip("the Go toolchain is missing: apt-get install golang-go (CI installs it)")
+        missing_tool("the Go toolchain is missing: apt-get install golang-go (CI installs it)")
     tmp = tmp_path_factory.mktemp("go")
     env = {
         **os.environ,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _support import MEMO_CHATS, free_port, memo_recipe
+from _support import MEMO_CHATS, free_port, memo_recipe, missing_tool
 
 from finetune import chat, loading
 
@@ -34,7 +34,7 @@ def ui(tmp_path_factory):
 @pytest.fixture(scope="module")
 def page(ui):
     if CHROMIUM is None:
-        pytest.skip("needs Debian's chromium (apt-get install -y chromium); CI installs it")
+        missing_tool("needs Debian's chromium (apt-get install -y chromium); CI installs it")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
