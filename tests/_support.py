@@ -232,3 +232,18 @@ def missing_tool(reason: str):
     if os.environ.get("CI", "").lower() in ("true", "1"):
         pytest.fail(f"{reason} (.ci/run installs it: CI must not skip this)")
     pytest.skip(reason)
+
+
+def ddp_launch(*args: str) -> list[str]:
+    """`accelerate launch` with the 2-process CPU DDP config (recipes/accelerate/cpu_ddp.yaml), then `args`."""
+    config = str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml")
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        config,
+        "--main_process_port",
+        str(free_port()),
+        *args,
+    ]

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from _support import REPO, free_port, memo_recipe, write_jsonl
+from _support import REPO, ddp_launch, memo_recipe, write_jsonl
 
 from finetune import data
 from finetune.config import DataSection
@@ -194,16 +194,9 @@ def test_two_ranks_under_accelerate_share_one_encoding(tmp_path, cache_dir):
     path = write_jsonl(tmp_path / "d.jsonl", _rows(30))
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT.format(repo=str(REPO), path=str(path), out=str(tmp_path)))
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml"),
-        "--main_process_port",
-        str(free_port()),
+    launch = ddp_launch(
         str(script),
-    ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(launch, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env, check=False)
     assert done.returncode == 0, done.stderr[-3000:]

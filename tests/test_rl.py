@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _support import log_series
+from _support import ddp_launch, log_series
 
 from finetune import config, rewards
 from finetune.errors import RecipeError
@@ -253,18 +253,8 @@ def test_ppo_runs_under_two_process_ddp(tmp_path, tiny_rm_dir):
     """TRL 1.12's PPOTrainer needs two fixes to run under DDP (finetune/stages/ppo.py)."""
     import os
     import subprocess
-    import sys
 
-    from _support import free_port
-
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml"),
-        "--main_process_port",
-        str(free_port()),
+    launch = ddp_launch(
         "-m",
         "finetune",
         "train",
@@ -274,7 +264,7 @@ def test_ppo_runs_under_two_process_ddp(tmp_path, tiny_rm_dir):
         "train.max_steps=2",
         "train.per_device_train_batch_size=4",
         "train.response_length=8",
-    ]
+    )
     ddp = subprocess.run(
         launch,
         cwd=tmp_path,
