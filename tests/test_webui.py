@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _support import MEMO_CHATS, free_port, memo_recipe, missing_tool
+from _support import MEMO_CHATS, free_port, memo_recipe, missing_tool, write_jsonl
 
 from finetune import chat, loading
 
@@ -65,36 +65,43 @@ def value(page, elem_id) -> str:
     return page.locator(f"#{elem_id} textarea, #{elem_id} input").first.input_value()
 
 
-def wait_for(predicate, timeout=300, what=""):
+def wait_for(predicate, timeout=300, what="", poll=0.5):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
             return
-        time.sleep(0.5)
+        time.sleep(poll)
     raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_train_chat_data_eval_export_in_a_browser(ui, page, tiny_path):
     root = ui["root"]
     recipe = root / "memo.yaml"
-    recipe.write_text(memo_recipe(root, steps=25, train={"save_steps": 5}), encoding="utf-8")
+    # 8 micro-batches a step (the memo chats twice, batch 1): slow enough (~10 s for 40 steps on an idle
+    # 2-core machine) that the test sees checkpoint-5 and stops the run before it finishes
+    slow = write_jsonl(root / "memo_x2.jsonl", [{"messages": m} for m in MEMO_CHATS * 2])
+    train = {"save_steps": 5, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 8}
+    text = memo_recipe(root, steps=25, train=train, data={"train": str(slow), "format": "messages"})
+    recipe.write_text(text, encoding="utf-8")
     out_dir = root / "memo_out"
 
     # Train: load the recipe file, change the form (the YAML follows), dry-run, start, watch the loss
     fill(page, "ft-recipe-file", recipe)
     page.locator("#ft-load").click()
-    wait_for(lambda: "memo.jsonl" in value(page, "ft-data"), 30, "the recipe in the form")
+    wait_for(lambda: "memo_x2.jsonl" in value(page, "ft-data"), 30, "the recipe in the form")
     fill(page, "ft-output_dir", out_dir)
     fill(page, "ft-max_steps", 40)
-    wait_for(lambda: str(out_dir) in page.locator("#ft-yaml").inner_text(), 30, "the form in the YAML")
-    text = page.locator("#ft-yaml").inner_text()
-    assert "max_steps: 40" in text
+    wait_for(
+        lambda: str(out_dir) in (text := page.locator("#ft-yaml").inner_text()) and "max_steps: 40" in text,
+        30,
+        "the form (output dir, max steps) in the YAML",
+    )
     page.locator("#ft-dry-run").click()
     wait_for(lambda: "steps          40" in value(page, "ft-plan"), 60, "the dry-run plan")
     # start, stop once a checkpoint is written, then the same button resumes it
     page.locator("#ft-start").click()
     checkpoint = out_dir.with_name(out_dir.name + ".incomplete") / "checkpoint-5" / "trainer_state.json"
-    wait_for(checkpoint.is_file, 300, "the first checkpoint")
+    wait_for(checkpoint.is_file, 300, "the first checkpoint", poll=0.1)
     page.locator("#ft-stop").click()
     wait_for(lambda: value(page, "ft-status").startswith("stopped"), 60, "the run to stop")
     assert not out_dir.exists()  # an interrupted run never looks finished
