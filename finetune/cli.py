@@ -33,6 +33,22 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted (an in-process caller, such as the web UI
+    or a test, may swap it), never to a stream that has since been closed."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _quiet_libraries(debug: bool) -> None:
     """Keep the terminal for progress bars and our own messages."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -52,7 +68,9 @@ def _quiet_libraries(debug: bool) -> None:
         datasets.disable_progress_bars()  # per-map bars over a few hundred rows are noise
     except ImportError:
         pass
-    handler = logging.StreamHandler(sys.stderr)
+    for old in [h for h in log.handlers if isinstance(h, _StderrHandler)]:  # an earlier in-process call's
+        log.removeHandler(old)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("finetune: %(message)s"))
     log.addHandler(handler)
     # Other ranks of a distributed run say only what went wrong (the main process reports).
