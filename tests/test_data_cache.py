@@ -130,7 +130,7 @@ def test_two_processes_encode_exactly_what_one_does(tmp_path, cache_dir, tiny_to
 def test_interrupted_preparation_leaves_nothing_usable(tmp_path, cache_dir, tiny_tokenizer, monkeypatch):
     path = write_jsonl(tmp_path / "d.jsonl", _rows(10))
     cfg = DataSection(train=str(path), format="alpaca")
-    real, calls = encode_module.encode, []
+    real, calls = encode_module._plan_chat, []
 
     def dies_midway(*args, **kw):
         calls.append(1)
@@ -138,7 +138,7 @@ def test_interrupted_preparation_leaves_nothing_usable(tmp_path, cache_dir, tiny
             raise KeyboardInterrupt  # like Ctrl-C or a kill: nothing after this line runs
         return real(*args, **kw)
 
-    monkeypatch.setattr(encode_module, "encode", dies_midway)
+    monkeypatch.setattr(encode_module, "_plan_chat", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         data.load(cfg, tiny_tokenizer, 64)
     assert cache.entries() == []
@@ -147,7 +147,7 @@ def test_interrupted_preparation_leaves_nothing_usable(tmp_path, cache_dir, tiny
     # a temp dir of a dead process (this host) is cleaned up by the next preparation
     dead = cache_dir / leftovers[0].name.replace(f"-{os.getpid()}", "-999999999")
     leftovers[0].rename(dead)
-    monkeypatch.setattr(encode_module, "encode", real)
+    monkeypatch.setattr(encode_module, "_plan_chat", real)
     before = cache.builds
     prepared = data.load(cfg, tiny_tokenizer, 64)
     assert cache.builds == before + 1 and len(prepared.train.encoded) == 10
@@ -229,20 +229,22 @@ def test_a_record_may_become_several_sequences(tmp_path, cache_dir, tiny_tokeniz
     from types import SimpleNamespace
 
     path = write_jsonl(tmp_path / "d.jsonl", _rows(3))
-    real = encode_module.encode
+    real = encode_module.encode_many
 
-    def per_turn(tok, example, max_length=None, *, options=None):
-        one = real(tok, example, max_length)[0]
-        two = SimpleNamespace(
-            input_ids=one.input_ids + one.input_ids,
-            labels=[-100] * len(one.labels) + one.labels,
-            truncated=False,
-            n_trained=one.n_trained,
-            note="turn 1 renders differently",
-        )
-        return [one, two]
+    def per_turn(tok, examples, max_length=None, *, options=None, where=None):
+        out = []
+        for [one] in real(tok, examples, max_length):
+            two = SimpleNamespace(
+                input_ids=one.input_ids + one.input_ids,
+                labels=[-100] * len(one.labels) + one.labels,
+                truncated=False,
+                n_trained=one.n_trained,
+                note="turn 1 renders differently",
+            )
+            out.append([one, two])
+        return out
 
-    monkeypatch.setattr(encode_module, "encode", per_turn)
+    monkeypatch.setattr(encode_module, "encode_many", per_turn)
     prepared = data.load(DataSection(train=str(path), format="alpaca"), tiny_tokenizer, 256)
     split = prepared.train
     assert (split.n_records, len(split.encoded)) == (3, 6)

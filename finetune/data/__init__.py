@@ -332,12 +332,9 @@ def _write_examples(
 def _encode_batch(batch: dict, tok, max_length: int | None, options) -> dict:
     """datasets.map function: canonical examples -> encoded rows (a record may give several)."""
     out = {"input_ids": [], "labels": [], "truncated": [], "n_trained": [], "length": [], "record": [], "note": []}
-    for text, where, record in zip(batch["example"], batch["where"], batch["record"]):
-        example = json.loads(text)
-        try:
-            sequences = encode_module.encode(tok, example, max_length, options=options)
-        except DataError as e:
-            raise DataError(f"{where}: {e}") from None
+    examples = [json.loads(text) for text in batch["example"]]
+    encoded = encode_module.encode_many(tok, examples, max_length, options=options, where=batch["where"])
+    for sequences, record in zip(encoded, batch["record"]):
         for enc in sequences:
             out["input_ids"].append(enc.input_ids)
             out["labels"].append(enc.labels)
