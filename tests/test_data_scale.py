@@ -1,13 +1,16 @@
 """Data at scale: a bad row deep in a big file is named before anything is written; skipped bad
-rows are counted, never silent; a streamed dataset trains and stops at train.max_steps."""
+rows are counted, never silent; a streamed dataset trains and stops at train.max_steps, is dealt
+to the ranks of a DDP run without encoding a record twice, and resumes to the uninterrupted run."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import subprocess
 
 import pytest
 import yaml
-from _support import memo_recipe, write_jsonl
+from _support import ddp_launch, logged_losses, memo_recipe, write_jsonl
 
 from finetune import cli, config, data, models
 from finetune.config import DataSection
@@ -108,3 +111,79 @@ def test_a_chat_ending_after_its_last_answer_trains_nothing_from_that_turn_and_t
     first, second = prepared.train.encoded
     assert (first.input_ids, first.labels) == (second.input_ids, second.labels)  # the trailing turn left out
     assert any(f"1 conversation ends with a turn after the last answer (first: {path}:1)" in n for n in prepared.notes)
+
+
+def test_each_rank_encodes_only_its_own_records_of_a_stream(tmp_path, monkeypatch, tiny_tokenizer):
+    """What accelerate does with the stream under 2 processes (its prepare_data_loader, run here for
+    each rank): rank r gets records r, r + 2, ... (with an odd count, rank 0 gets one more), and then
+    its share again, without end."""
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    from finetune.data import encode as encode_module
+
+    chats = [[{"role": "user", "content": f"Q{n}?"}, {"role": "assistant", "content": f"A{n}."}] for n in range(7)]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": m} for m in chats])
+    cfg = DataSection(train=str(path), format="messages", streaming=True)
+    expected = data.load(DataSection(train=str(path), format="messages", cache="off"), tiny_tokenizer, 64)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    prepared = data.load(cfg, tiny_tokenizer, 64)
+    encoded_lines, real = [], encode_module.encode_many
+
+    def spy(tok, examples, *args, where=None, **kw):
+        encoded_lines.extend(where)
+        return real(tok, examples, *args, where=where, **kw)
+
+    monkeypatch.setattr(encode_module, "encode_many", spy)
+    for rank in (0, 1):
+        encoded_lines.clear()
+        loader = DataLoader(prepared.train.dataset(), batch_size=2, collate_fn=list)
+        shard = prepare_data_loader(loader, num_processes=2, process_index=rank, put_on_device=False)
+        mine = list(range(rank, 7, 2))
+        rows = [(r["input_ids"], r["labels"]) for batch in itertools.islice(shard, 4) for r in batch]
+        assert rows == [(expected.train.encoded[n].input_ids, expected.train.encoded[n].labels) for n in mine * 3][:8]
+        assert encoded_lines[: len(mine)] == [f"{path}:{n + 1}" for n in mine]  # then it reads its share again
+
+
+def test_streamed_two_process_ddp_trains_to_max_steps(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(memo_recipe(tmp_path, "lora", steps=6))
+    launch = ddp_launch(
+        "-m",
+        "finetune",
+        "train",
+        str(recipe),
+        f"output.dir={tmp_path / 'ddp'}",
+        "data.streaming=true",
+        "train.per_device_train_batch_size=2",
+    )
+    ddp = subprocess.run(launch, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    losses = logged_losses(tmp_path / "ddp")
+    assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+def test_an_interrupted_streamed_run_resumes_to_the_same_losses(tmp_path, cache_dir, tiny_path):
+    from test_resume import CrashAt
+
+    from finetune.stages import sft
+
+    def recipe(out):
+        text = yaml.safe_load(memo_recipe(tmp_path, steps=6, output={"dir": str(out)}))
+        text["model"]["name_or_path"] = tiny_path
+        text["data"]["streaming"] = True
+        text["adapter"]["dropout"] = 0.1
+        # 4 chats in batches of 3: the stream's batches repeat every 2 steps, so a resume from step 3
+        # that did not skip the 3 consumed batches would train step 4 on step 1's batch
+        text["train"].update(save_steps=3, per_device_train_batch_size=3)
+        return config.load(text=yaml.safe_dump(text))
+
+    reference = sft.run(recipe(tmp_path / "reference"))
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        sft.run(recipe(out), callbacks=[CrashAt(5)])
+    assert [p.name for p in out.with_name("resumed.incomplete").glob("checkpoint-*")] == ["checkpoint-3"]
+    sft.run(recipe(out))
+    expected, got = logged_losses(reference), logged_losses(out)
+    assert len(got) == len(expected) == 6
+    assert got == pytest.approx(expected, abs=1e-6)

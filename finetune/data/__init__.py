@@ -390,7 +390,7 @@ def _build(src, records, fmt, columns, cfg: DataSection, tok, max_length, option
         encoded = raw.map(
             _encode_batch,
             batched=True,
-            batch_size=256,
+            batch_size=64,  # measured: 64 chats per tokenizer call is ~9% faster than 256 (bench/README.md)
             num_proc=num_proc if num_proc > 1 else None,
             fn_kwargs={"tok": tok, "max_length": max_length, "options": options},
             remove_columns=raw.column_names,
@@ -620,11 +620,22 @@ def _split(train: Split, ratio: float, seed: int) -> tuple[Split, Split]:
 # ----------------------------------------------------------------------------- streaming
 
 
-def _stream_rows(src, fmt, columns, cfg: DataSection):
-    """Generator of canonical examples for IterableDataset.from_generator (errors name the row)."""
+def _stream_rows(src, fmt, columns, cfg: DataSection, shards: list[int] | None = None, n_shards: int = 1):
+    """Generator of canonical examples for IterableDataset.from_generator (errors name the row).
+    Shard k of n keeps records k, k + n, k + 2n, ...: each rank reads the stream (cheap) and
+    converts and encodes only its own records."""
     for n, record in enumerate(_records(src, cfg, "data.train", streaming=True)):
+        if shards is not None and n % n_shards not in shards:
+            continue
         example = formats.convert([record], fmt, columns, cfg.system, *_convert_extra(cfg))[0]
         yield {"example": json.dumps(example, ensure_ascii=False), "where": record.where, "record": n}
+
+
+def stream_shards() -> int:
+    """Shards of a stream: one per process of the run (WORLD_SIZE, set by accelerate launch /
+    torchrun), so that accelerate hands each rank exactly one (it splits a datasets
+    IterableDataset by whole shards when it has at least as many as processes)."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def load_streaming(cfg: DataSection, tok, max_length: int | None, options=None) -> PreparedData:
@@ -632,9 +643,13 @@ def load_streaming(cfg: DataSection, tok, max_length: int | None, options=None) 
 
     The first STREAM_SAMPLE records are encoded up front: their errors surface before any output
     dir exists, and they give the plan's statistics; an error deeper in the stream stops training.
-    Under DDP, accelerate gives each rank its own part: whole shards when the source has at least
-    as many shards as ranks, else every rank reads the stream and keeps its share of each batch.
-    Resuming re-reads (and re-encodes) the consumed part of the stream to skip it."""
+    Under DDP the stream has one shard per process (`stream_shards`); accelerate gives rank r shard
+    r: records r, r + W, r + 2W, ... of the W processes, dealt round-robin, so the ranks' shares differ
+    by at most one record whatever the count, and no record is encoded twice. Each rank reads
+    (not encodes) the whole source. The stream repeats without end: a rank reads its share again
+    when it is through it, and every rank takes train.max_steps steps. Resuming re-reads and
+    re-encodes the consumed part of the stream to skip it (the trainer skips the batches it
+    consumed), so a resumed run sees exactly the batches an uninterrupted one would."""
     import datasets
 
     if cfg.eval or cfg.eval_ratio:
@@ -661,9 +676,17 @@ def load_streaming(cfg: DataSection, tok, max_length: int | None, options=None) 
             f"{src.label()}: the first {len(sample_rows)} records are longer than train.max_length="
             f"{max_length} before their answers start (nothing left to train); raise train.max_length"
         )
+    n_shards = stream_shards()
     stream = datasets.IterableDataset.from_generator(
         _stream_rows,
-        gen_kwargs={"src": src, "fmt": fmt, "columns": columns, "cfg": cfg},
+        gen_kwargs={
+            "src": src,
+            "fmt": fmt,
+            "columns": columns,
+            "cfg": cfg,
+            "shards": list(range(n_shards)),  # datasets splits the list: one shard per process
+            "n_shards": n_shards,
+        },
         features=datasets.Features(
             {
                 "example": datasets.Value("large_string"),
@@ -681,6 +704,10 @@ def load_streaming(cfg: DataSection, tok, max_length: int | None, options=None) 
         features=_features(),
     )
     stream = stream.filter(lambda n: n > 0, input_columns=["n_trained"]).select_columns(["input_ids", "labels"])
+    # Endless: the trainer's one pass is train.max_steps batches, read across the stream's end (no short
+    # batch there), and a resumed run skips exactly the batches it consumed (a trainer restarting a
+    # finite stream at its end would count the skip from the wrong place).
+    stream = stream.repeat(None)
     split = StreamSplit(
         f"{src.label()} (streamed)",
         stream,
