@@ -158,8 +158,8 @@ def model_card(recipe, prepared, metrics: dict, model, base: str, chained: dict 
     batch = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"]
     auto = "AutoModelForSequenceClassification" if recipe.stage == "rm" else "AutoModelForCausalLM"
     train_data = rewards.card_data(recipe, train_stats) or (
-        f"{plural(train_stats['examples'], 'example')}, {train_stats['trained_tokens']} trained tokens "
-        f"of {train_stats['tokens']} (loss on answers only)"
+        f"{plural(train_stats['examples'], 'example')}, {'about ' if train_stats.get('sampled') else ''}"
+        f"{train_stats['trained_tokens']} trained tokens of {train_stats['tokens']} (loss on answers only)"
     )
     return str(
         ModelCard(

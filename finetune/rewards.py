@@ -141,7 +141,10 @@ def card_data(recipe, stats: dict) -> str:
     """The model card's description of an RL stage's training data ('' for other stages)."""
     if recipe.stage not in RL_STAGES:
         return ""
-    return f"{stats['examples']} prompts ({stats['tokens']} tokens); the completions are sampled during training"
+    about = "about " if stats.get("sampled") else ""
+    return (
+        f"{stats['examples']} prompts ({about}{stats['tokens']} tokens); the completions are sampled during training"
+    )
 
 
 def trend(log_history: list[dict], key: str, name: str, n: int = 5) -> dict:

@@ -185,6 +185,20 @@ def test_kto_stage_unpairs_pairs_and_rl_stages_keep_prompts(tiny_tokenizer):
     assert stats["examples"] == 8 and 0 < stats["trained_tokens"] < stats["tokens"]
 
 
+def test_statistics_of_a_big_split_are_estimated_from_a_sample_and_computed_once(tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(pairs, "STATS_SAMPLE", 10)
+    short = {"prompt": [U("Hi?")], "chosen": [A("Yes.")], "rejected": [A("No.")]}
+    rendered, real = [], pairs._n_tokens
+    monkeypatch.setattr(pairs, "_n_tokens", lambda *a, **k: rendered.append(1) or real(*a, **k))
+    split = pairs.ExampleSplit("s", [short] * 40, 40, tiny_tokenizer)
+    stats = split.stats()
+    assert len(rendered) == 30  # 10 sampled pairs: prompt, chosen, rejected
+    exact = pairs.ExampleSplit("s", [short] * 10, 10, tiny_tokenizer).stats()
+    assert stats["sampled"] == 10 and exact["sampled"] == 0
+    assert (stats["tokens"], stats["trained_tokens"]) == (4 * exact["tokens"], 4 * exact["trained_tokens"])
+    assert split.stats() == stats and len(rendered) == 60  # the second split's 30; this one's are kept
+
+
 def test_dry_run_plans_a_preference_stage(tmp_path, capsys, tiny_path):
     assert (
         cli.main(["train", str(REPO / "recipes/tiny/dpo_lora.yaml"), f"output.dir={tmp_path / 'out'}", "--dry-run"])

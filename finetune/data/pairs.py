@@ -16,6 +16,8 @@ from finetune.data import PreparedData, read_examples
 from finetune.data.preference import PAIR_FORMATS, prompt_only, unpair
 from finetune.errors import DataError
 
+STATS_SAMPLE = 4000  # token statistics of a bigger split are estimated from this many examples
+
 
 @dataclass
 class ExampleSplit:
@@ -26,6 +28,7 @@ class ExampleSplit:
     n_records: int
     tok: object = field(default=None, repr=False)
     n_dropped: int = 0  # set by a stage whose trainer drops examples (RewardTrainer: longer than max_length)
+    _lengths: list | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def encoded(self) -> list[dict]:  # what TrainPlan counts
@@ -37,18 +40,28 @@ class ExampleSplit:
         return datasets.Dataset.from_list(self.examples)
 
     def lengths(self) -> list[tuple[int, int]]:
-        """(tokens in the longest sequence the example makes, answer tokens) per example."""
-        out = []
-        for e in self.examples:
-            prompt = _n_tokens(self.tok, e["prompt"], generation_prompt=True)
-            answers = [e[k] for k in ("chosen", "rejected", "completion") if k in e]
-            full = [_n_tokens(self.tok, e["prompt"] + a) for a in answers] or [prompt]
-            out.append((max(full), sum(n - prompt for n in full)))
-        return out
+        """(tokens in the longest sequence the example makes, answer tokens) per example, for at most
+        STATS_SAMPLE examples (a seeded sample of a bigger split: rendering and tokenizing every pair
+        of a million-row set would take minutes before training starts; the trainer tokenizes them
+        all anyway, in parallel). Computed once."""
+        if self._lengths is None:
+            examples = self.examples
+            if len(examples) > STATS_SAMPLE:
+                examples = [examples[i] for i in sorted(random.Random(0).sample(range(len(examples)), STATS_SAMPLE))]
+            self._lengths = []
+            for e in examples:
+                prompt = _n_tokens(self.tok, e["prompt"], generation_prompt=True)
+                answers = [e[k] for k in ("chosen", "rejected", "completion") if k in e]
+                full = [_n_tokens(self.tok, e["prompt"] + a) for a in answers] or [prompt]
+                self._lengths.append((max(full), sum(n - prompt for n in full)))
+        return self._lengths
 
     def stats(self) -> dict:
+        """Token statistics; for a split of more than STATS_SAMPLE examples, `sampled` says how many
+        they are estimated from (totals scaled up; min, max and percentiles those of the sample)."""
         lengths = self.lengths()
         seq = sorted(n for n, _ in lengths)
+        scale = len(self.examples) / len(lengths)
 
         def pct(p):
             return seq[min(len(seq) - 1, int(p * len(seq)))]
@@ -57,13 +70,14 @@ class ExampleSplit:
             "examples": len(self.examples),
             "records": self.n_records,
             "dropped": self.n_dropped,
-            "tokens": sum(seq),
-            "trained_tokens": sum(a for _, a in lengths),
+            "tokens": round(sum(seq) * scale),
+            "trained_tokens": round(sum(a for _, a in lengths) * scale),
             "length_min": seq[0],
             "length_mean": round(statistics.fmean(seq), 1),
             "length_p50": pct(0.5),
             "length_p95": pct(0.95),
             "length_max": seq[-1],
+            "sampled": len(lengths) if scale > 1 else 0,
         }
 
 

@@ -165,6 +165,7 @@ class TrainPlan:
                     f"{plural(stats['records'], 'record')}; tokens/{'prompt' if online else 'example'} "
                     f"min {stats['length_min']} mean {stats['length_mean']} p50 {stats['length_p50']} "
                     f"p95 {stats['length_p95']} max {stats['length_max']}; {trained}"
+                    + (f" (estimated from {stats['sampled']:,} sampled examples)" if stats.get("sampled") else "")
                 )
         lines += [f"  note           {n}" for n in self.notes]
         lines += origin_lines(r)
