@@ -199,6 +199,33 @@ def test_statistics_of_a_big_split_are_estimated_from_a_sample_and_computed_once
     assert split.stats() == stats and len(rendered) == 60  # the second split's 30; this one's are kept
 
 
+def test_pairs_are_memory_mapped_and_rows_that_differ_in_their_fields_share_one_schema(
+    tmp_path, tiny_tokenizer, monkeypatch
+):
+    import finetune.data
+
+    monkeypatch.setattr(finetune.data, "WRITE_BATCH", 2)  # several Arrow batches from a few records
+    rows = [dict(PAIR, prompt=[U(f"Hi {n}?")]) for n in range(4)] + [{"prompt": "Bye?", "chosen": "Bye!"}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with pytest.raises(DataError, match=r"pairs\.jsonl:5: .*rejected"):
+        pairs.load(DataSection(train=str(path), format="preference"), tiny_tokenizer, "dpo")
+    prepared = pairs.load(DataSection(train=str(path), format="preference", skip_bad_rows=True), tiny_tokenizer, "dpo")
+    assert any("1 bad records skipped" in n and "pairs.jsonl:5" in n for n in prepared.notes)
+    dataset = prepared.train.dataset()
+    assert dataset.cache_files and len(dataset) == 4  # memory-mapped Arrow, not a list in memory
+    expected = [one(r, "preference") for r in rows[:4]]
+    assert list(prepared.train.examples) == expected and prepared.train.examples[1:3] == expected[1:3]
+    kto = pairs.load(DataSection(train=str(path), format="preference", skip_bad_rows=True), tiny_tokenizer, "kto")
+    assert len(kto.train.examples) == 8 and sum(e["label"] for e in kto.train.examples) == 4
+
+    # prompts keep their records' other fields: one only the last batch has is a column, null before
+    prompts = [{"prompt": "Q1?"}, {"prompt": "Q2?"}, {"prompt": "Q3?", "answer": "42"}]
+    path = write_jsonl(tmp_path / "prompts.jsonl", prompts)
+    rl = pairs.load(DataSection(train=str(path), format="prompt"), tiny_tokenizer, "grpo")
+    assert rl.train.dataset()["answer"] == [None, None, "42"]
+    assert [e.get("answer") for e in rl.train.examples] == [None, None, "42"] and "answer" not in rl.train.examples[0]
+
+
 def test_dry_run_plans_a_preference_stage(tmp_path, capsys, tiny_path):
     assert (
         cli.main(["train", str(REPO / "recipes/tiny/dpo_lora.yaml"), f"output.dir={tmp_path / 'out'}", "--dry-run"])

@@ -35,6 +35,7 @@ log = logging.getLogger("finetune")
 
 SMALL_DATASET = 20_000  # rows below which one process encodes: spawning workers costs more than it saves
 MAX_DEFAULT_PROC = 8
+WRITE_BATCH = 8192  # converted examples per Arrow record batch
 STREAM_SAMPLE = 256  # streaming: records encoded up front (errors, statistics for the plan)
 FIRST_BAD_ROWS = 5  # data.skip_bad_rows: how many skipped rows a note names
 
@@ -318,7 +319,7 @@ def _write_examples(
             batch["where"].append(record.where)
             batch["record"].append(n)
             n += 1
-            if len(batch["record"]) >= 8192:
+            if len(batch["record"]) >= WRITE_BATCH:
                 flush()
         if batch["record"]:
             flush()

@@ -2,21 +2,69 @@
 and prompts (ppo, grpo, rloo), as untokenised conversational datasets the TRL trainers tokenise.
 
 `load(cfg, tok, stage)` mirrors `finetune.data.load` (same sources, formats, eval split,
-errors); the splits also give token statistics for the dry-run plan and the model card.
+errors, data.skip_bad_rows); the splits also give token statistics for the dry-run plan and the
+model card. Records are read and converted row by row into Arrow files (a private temp dir,
+removed at exit) and memory-mapped: a million-pair set is not held in memory, and TRL's own
+tokenization (`datasets.map`, dataset_num_proc) caches its result next to them, so under DDP the
+ranks after the first reuse it.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import random
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from finetune.config import RL_STAGES, DataSection, check_stage_format
-from finetune.data import PreparedData, read_examples
+from finetune.data import (
+    PreparedData,
+    _format_of,
+    _private_dir,
+    _records,
+    _write_examples,
+    formats,
+    heldout_indices,
+    log,
+    sources,
+)
 from finetune.data.preference import PAIR_FORMATS, prompt_only, unpair
 from finetune.errors import DataError
 
 STATS_SAMPLE = 4000  # token statistics of a bigger split are estimated from this many examples
+
+
+def _without_nulls(value):
+    """A row as the converter made it: Arrow gives every row every key of the file's schema (null
+    where a row had none); dropping them restores the example."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+class ExampleRows(Sequence):
+    """The examples of an Arrow dataset as dicts, read on access (not held)."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [_without_nulls(row) for row in self.table.select(range(*i.indices(len(self))))]
+        return _without_nulls(self.table[i + len(self) if i < 0 else i])
+
+    def __iter__(self):
+        for batch in self.table.iter(batch_size=1000):
+            columns = list(batch)
+            yield from (_without_nulls(dict(zip(columns, row))) for row in zip(*batch.values()))
 
 
 @dataclass
@@ -24,20 +72,25 @@ class ExampleSplit:
     """Canonical examples of one split (pairs, KTO examples or prompts)."""
 
     source: str
-    examples: list[dict]
+    table: object  # datasets.Dataset (memory-mapped), or a list of example dicts
     n_records: int
     tok: object = field(default=None, repr=False)
     n_dropped: int = 0  # set by a stage whose trainer drops examples (RewardTrainer: longer than max_length)
     _lengths: list | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
-    def encoded(self) -> list[dict]:  # what TrainPlan counts
+    def examples(self) -> Sequence[dict]:
+        return self.table if isinstance(self.table, list) else ExampleRows(self.table)
+
+    @property
+    def encoded(self) -> Sequence[dict]:  # what TrainPlan counts
         return self.examples
 
     def dataset(self):
+        """What the trainer takes (every row has every key of the split; null where a record had none)."""
         import datasets
 
-        return datasets.Dataset.from_list(self.examples)
+        return datasets.Dataset.from_list(self.table) if isinstance(self.table, list) else self.table
 
     def lengths(self) -> list[tuple[int, int]]:
         """(tokens in the longest sequence the example makes, answer tokens) per example, for at most
@@ -47,7 +100,11 @@ class ExampleSplit:
         if self._lengths is None:
             examples = self.examples
             if len(examples) > STATS_SAMPLE:
-                examples = [examples[i] for i in sorted(random.Random(0).sample(range(len(examples)), STATS_SAMPLE))]
+                sample = sorted(random.Random(0).sample(range(len(examples)), STATS_SAMPLE))
+                if isinstance(self.table, list):
+                    examples = [self.table[i] for i in sample]
+                else:
+                    examples = ExampleRows(self.table.select(sample))
             self._lengths = []
             for e in examples:
                 prompt = _n_tokens(self.tok, e["prompt"], generation_prompt=True)
@@ -100,29 +157,88 @@ def _shape(examples: list[dict], fmt: str, stage: str) -> list[dict]:
     return examples
 
 
-def _read(name: str, cfg: DataSection, stage: str, field_name: str):
-    examples, fmt, src = read_examples(name, cfg, field_name=field_name)
+def _converted(name: str, cfg: DataSection, stage: str, field_name: str, tmp: Path):
+    """One source read and converted row by row into `tmp` (JSON per example):
+    (path, format, source, records, notes)."""
+    src = sources.resolve(name, split=cfg.split, registry=cfg.registry, field=field_name)
+    records = _records(src, cfg, field_name)
+    first = next(records, None)
+    fmt = _format_of(src, cfg, first)
     check_stage_format(stage, fmt, lambda: f"{src.label()}: data.format")
-    return examples, fmt, src
+    columns = {**(src.columns or {}), **cfg.columns}
+    formats.convert([], fmt, columns)  # unknown data.columns fail here, before any work
+    path = tmp / f"{field_name}.json.arrow"
+    n, bad, n_bad, _ = _write_examples(itertools.chain([first], records), fmt, columns, cfg, src.label(), path)
+    if n == 0:
+        raise DataError(
+            f"{src.label()}: empty dataset (no records)" + (f"; {n_bad} bad rows skipped" if n_bad else "")
+        )
+    notes = []
+    if n_bad:
+        notes.append(f"{src.label()}: {n_bad} bad records skipped (data.skip_bad_rows), first: " + "; ".join(bad))
+    return path, fmt, src, n, notes
+
+
+def _to_arrow(json_path: Path, route, fmt: str, stage: str, out: dict[str, Path]) -> dict:
+    """The converted examples, shaped for `stage` and routed by record number (`route(n)` names the
+    output, or None to drop), as Arrow tables of real columns, a batch at a time. Two passes: the
+    first unifies each output's schema over all rows (rows differ in their keys: a message with a
+    `name`, a prompt with extra fields), the second writes every batch in it."""
+    import datasets
+    import pyarrow as pa
+
+    def shaped_batches():
+        with pa.memory_map(str(json_path)) as source:
+            for batch in pa.ipc.open_stream(source):
+                routed: dict[str, list[dict]] = {}
+                for text, n in zip(batch.column("example").to_pylist(), batch.column("record").to_pylist()):
+                    name = route(n)
+                    if name is not None:
+                        routed.setdefault(name, []).append(json.loads(text))
+                yield {name: _shape(rows, fmt, stage) for name, rows in routed.items()}
+
+    schemas: dict[str, list] = {name: [] for name in out}
+    for routed in shaped_batches():
+        for name, rows in routed.items():
+            schemas[name].append(pa.Table.from_pylist(rows).schema)
+    unified = {name: pa.unify_schemas(s, promote_options="permissive") for name, s in schemas.items() if s}
+    writers = {}
+    try:
+        for name, schema in unified.items():
+            writers[name] = pa.ipc.new_stream(pa.OSFile(str(out[name]), "wb"), schema)
+        for routed in shaped_batches():
+            for name, rows in routed.items():
+                writers[name].write_table(pa.Table.from_pylist(rows, schema=unified[name]))
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return {name: datasets.Dataset.from_file(str(out[name])) for name in unified}
 
 
 def load(cfg: DataSection, tok, stage: str, seed: int = 42) -> PreparedData:
-    examples, fmt, src = _read(cfg.train, cfg, stage, "data.train")
+    tmp = _private_dir()
+    path, fmt, src, n, notes = _converted(cfg.train, cfg, stage, "data.train", tmp)
     label = src.label()
     eval_split = None
     if cfg.eval:
-        eval_examples, eval_fmt, eval_src = _read(cfg.eval, cfg, stage, "data.eval")
-        eval_split = ExampleSplit(eval_src.label(), _shape(eval_examples, eval_fmt, stage), len(eval_examples), tok)
+        eval_path, eval_fmt, eval_src, n_eval, eval_notes = _converted(cfg.eval, cfg, stage, "data.eval", tmp)
+        notes += eval_notes
+        [table] = _to_arrow(eval_path, lambda _: "eval", eval_fmt, stage, {"eval": tmp / "eval.arrow"}).values()
+        eval_split = ExampleSplit(eval_src.label(), table, n_eval, tok)
+        tables = _to_arrow(path, lambda _: "train", fmt, stage, {"train": tmp / "train.arrow"})
     elif cfg.eval_ratio:
-        n = len(examples)
-        n_eval = max(1, round(n * cfg.eval_ratio))
-        if n_eval >= n:
-            raise DataError(f"data.eval_ratio: {cfg.eval_ratio} of {n} records leaves nothing to train on")
-        order = list(range(n))
-        random.Random(seed).shuffle(order)
-        held = set(order[:n_eval])
-        held_out = [e for i, e in enumerate(examples) if i in held]
-        examples = [e for i, e in enumerate(examples) if i not in held]
-        eval_split = ExampleSplit(f"{label} (held out {cfg.eval_ratio:g})", _shape(held_out, fmt, stage), n_eval, tok)
-    train = ExampleSplit(label, _shape(examples, fmt, stage), len(examples), tok)
-    return PreparedData(train=train, eval=eval_split, format=fmt, language=src.language)
+        held = heldout_indices(n, cfg.eval_ratio, seed)  # records, before KTO unpairs them: a pair stays whole
+        tables = _to_arrow(
+            path,
+            lambda i: "eval" if i in held else "train",
+            fmt,
+            stage,
+            {"train": tmp / "train.arrow", "eval": tmp / "eval.arrow"},
+        )
+        eval_split = ExampleSplit(f"{label} (held out {cfg.eval_ratio:g})", tables["eval"], len(held), tok)
+        n -= len(held)
+    else:
+        tables = _to_arrow(path, lambda _: "train", fmt, stage, {"train": tmp / "train.arrow"})
+    log.debug("%s: %s examples in %s", label, f"{len(tables['train']):,}", tmp)
+    train = ExampleSplit(label, tables["train"], n, tok)
+    return PreparedData(train=train, eval=eval_split, format=fmt, language=src.language, notes=notes)
