@@ -93,7 +93,14 @@ def write_dataset_info(dataset_dir: Path, chat_file: Path) -> str:
 
 
 def measure_lf(
-    lf_python: str, chat_file: Path, tokenizer: str, template: str, workers: int, cutoff_len: int, work: Path
+    lf_python: str,
+    chat_file: Path,
+    tokenizer: str,
+    template: str,
+    workers: int,
+    cutoff_len: int,
+    work: Path,
+    save: bool = False,
 ) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix=f"lf_{workers}_", dir=work))
     dataset_dir = run_dir / "data"
@@ -109,6 +116,7 @@ def measure_lf(
         "cutoff_len": cutoff_len,
         "preprocessing_num_workers": workers,
         "overwrite_cache": True,
+        **({"tokenized_path": str(run_dir / "tokenized")} if save else {}),
         "output_dir": str(run_dir / "out"),
         "report_to": "none",
     }
@@ -169,6 +177,11 @@ def main() -> None:
     )
     p.add_argument("--max-length", type=int, default=2048, help="finetune max_length = LF cutoff_len")
     p.add_argument("--lf-python", default="/work/lfvenv/bin/python")
+    p.add_argument(
+        "--lf-save",
+        action="store_true",
+        help="LF also saves the tokenized data (`tokenized_path`), as finetune writes its prepared-data cache",
+    )
     p.add_argument("--work", help="where the data, tokenizer and caches go (default: a temp dir)")
     args = p.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="lf_prep_"))
@@ -195,7 +208,15 @@ def main() -> None:
                 shutil.rmtree(cache_dir)
             else:
                 out = isolated(
-                    measure_lf, args.lf_python, chat_file, tokenizer, args.lf_template, workers, args.max_length, work
+                    measure_lf,
+                    args.lf_python,
+                    chat_file,
+                    tokenizer,
+                    args.lf_template,
+                    workers,
+                    args.max_length,
+                    work,
+                    args.lf_save,
                 )
             print(
                 f"| {arm} | {workers} | {load:.1f} | {out['load_s']:.1f} | {args.rows / out['load_s']:,.0f} | "
