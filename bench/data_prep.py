@@ -100,11 +100,14 @@ from finetune.config import DataSection
 from finetune.data import cache
 tok = AutoTokenizer.from_pretrained({tokenizer!r})
 t1 = time.perf_counter()
+setup = resource.getrusage(resource.RUSAGE_SELF)
 prepared = data.load(DataSection(train={path!r}, format="messages", num_proc={num_proc}), tok, {max_length})
 t2 = time.perf_counter()
 stats = prepared.train.stats()
 print(json.dumps({{"load_s": t2 - t1, "import_s": t1 - t0, "built": cache.builds, "examples": stats["examples"],
-                  "tokens": stats["tokens"], "cache_bytes": cache.size_on_disk(prepared.train.cache_dir),
+                  "tokens": stats["tokens"], "trained_tokens": stats["trained_tokens"],
+                  "setup_cpu_s": setup.ru_utime + setup.ru_stime,
+                  "cache_bytes": cache.size_on_disk(prepared.train.cache_dir),
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
 
