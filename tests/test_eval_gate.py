@@ -395,12 +395,12 @@ def test_lm_eval_backend_runs_a_local_task_and_agrees_with_ours(tmp_path):
 
 def test_after_training_scores_exactly_the_examples_training_held_out(tiny_path):
     """eval with data.eval_ratio: the hook's prompts are the examples data.load held out."""
-    from finetune import config, data, models
+    from finetune import config, data, loading
     from finetune.data.encode import encode
     from finetune.eval.hook import heldout_items
 
     recipe = config.load(REPO / "recipes" / "tiny" / "sft_lora_eval.yaml", ["eval.max_samples=null"])
-    tok = models.load_tokenizer(recipe.model)
+    tok = loading.load_tokenizer(recipe.model)
     prepared = data.load(recipe.data, tok, recipe.train["max_length"], seed=recipe.train["seed"])
     items, label, language = heldout_items(recipe)
     assert len(items) == len(prepared.eval.encoded) > 1 and language == "en"

@@ -17,7 +17,7 @@ log = logging.getLogger("finetune")
 
 def heldout_items(recipe) -> tuple[list, str, str | None]:
     """(items, label, registry language) of eval.data, else (SFT only) data.eval, else the data.eval_ratio split."""
-    from finetune import data, models
+    from finetune import data, loading
 
     cfg, d = recipe.eval, recipe.data
     if cfg.data:
@@ -28,7 +28,7 @@ def heldout_items(recipe) -> tuple[list, str, str | None]:
     if d.eval:
         examples, _, src = data.read_examples(d.eval, d, fmt=d.format, field_name="data.eval")
     elif d.eval_ratio:  # the records of the rows data.load held out (from the prepared-data cache: no re-encoding)
-        tok = models.load_tokenizer(recipe.model)
+        tok = loading.load_tokenizer(recipe.model)
         from finetune.data.encode import options_of
 
         held_out = data.load(

@@ -1,17 +1,16 @@
-"""Load what `finetune eval` scores: a full model (dir, hub id or tiny name) or an adapter dir
-(base and quantization resolved by `finetune.loading`, as merge, export and chat do)."""
+"""What `finetune eval` scores: a full model (dir, hub id or tiny name) or an adapter dir, loaded by
+`finetune.loading` as merge, export and chat load it, with the run's model section (chat template,
+dtype, template kwargs) from its recipe."""
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from finetune import models, security
+from finetune import security
 from finetune.config import ModelSection
-from finetune.errors import RecipeError
 from finetune.outputs import OutputDir
 
 USER_ONLY = ("trust_remote_code", "allow_pickle")  # finetune.security: never taken from the dir being read
@@ -44,57 +43,38 @@ def _model_section(path: Path | None, name_or_path: str) -> tuple[ModelSection, 
 def load(name: str, field: str = "MODEL", dtype: str = "auto", tokenizer: str | None = None):
     """(Loaded) model in eval mode + a left-padding tokenizer with a chat template (from
     `tokenizer` when given: the tuned run's, so a baseline sees the same prompts). An adapter
-    dir runs on its base as it was trained (4-bit for a QLoRA run), through `finetune.loading`."""
-    from transformers import AutoModelForCausalLM
-
+    dir runs on its base as it was trained (4-bit for a QLoRA run); all loading is `finetune.loading`'s."""
     from finetune import loading
 
     path = Path(name).expanduser()
-    source = loading.inspect(path, what=field) if path.is_dir() else None
-    if source is not None and source.kind == "adapter":
-        cfg, _ = _model_section(path, source.base)
-        if source.has_tokenizer:  # a finetune run saved its tokenizer (and chat template) with the adapter
+    model_dir = loading.inspect(path, what=field) if path.is_dir() else None
+    adapter = model_dir is not None and model_dir.kind == "adapter"
+    if adapter:
+        cfg, _ = _model_section(path, model_dir.base)
+        if model_dir.has_tokenizer:  # a finetune run saved its tokenizer (and chat template) with the adapter
             cfg.tokenizer = str(path)
     else:
         cfg, _ = _model_section(path if path.is_dir() else None, name)
     cfg.dtype = dtype if dtype != "auto" else cfg.dtype
     cfg.tokenizer = tokenizer or cfg.tokenizer
-    tok = models.load_tokenizer(cfg, padding_side="left")
-    adapter_dir = None
-    if source is not None and source.kind == "adapter":
-        base_path = source.base
-        base = loading.load_model(
-            base_path, source.base_field, dtype=models.resolve_dtype(cfg.dtype), quant=source.quant
-        )
-        model = loading.attach_adapter(base, source)
-        adapter_dir = str(path)
+    tok = loading.load_tokenizer(cfg, padding_side="left")
+    if adapter:
+        base_path = model_dir.base
+        model = loading.attach_adapter(loading.load_base(model_dir, dtype=loading.resolve_dtype(cfg.dtype)), model_dir)
     else:
-        base_path = models.resolve_reference(cfg.name_or_path, field)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                base_path,
-                dtype=models.resolve_dtype(cfg.dtype),
-                trust_remote_code=cfg.trust_remote_code,
-                use_safetensors=None if cfg.allow_pickle else True,
-                revision=cfg.revision,
-            )
-        except pickle.UnpicklingError:  # --allow-pickle: torch's weights-only loader still refuses code
-            raise RecipeError(
-                f"{field}: {base_path}: its pickled weights hold objects torch's safe loader refuses "
-                "(a pickle that could run code); not loaded"
-            ) from None
-        except OSError as e:
-            raise RecipeError(f"{field}: cannot load {base_path!r}: {str(e).splitlines()[0]}") from None
-    if source is None or source.quant is None:  # a quantized base is placed at load time
+        base_path = loading.resolve_reference(cfg.name_or_path, field)
+        model = loading.load_inference_model(
+            base_path, field, dtype=loading.resolve_dtype(cfg.dtype), revision=cfg.revision
+        )
+    if model_dir is None or model_dir.quant is None:  # a quantized base is placed at load time
         model.to("cuda" if torch.cuda.is_available() else "cpu")
-    model.eval()
     state = path / "trainer_state.json" if path.is_dir() else None
     return Loaded(
         model,
         tok,
         name,
         base_path,
-        adapter_dir,
+        str(path) if adapter else None,
         state if state and state.is_file() else None,
         dict(cfg.chat_template_kwargs),
     )
