@@ -14,8 +14,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from finetune.data.chat_formats import DEFAULT_REASONING_TAGS, split_inline_reasoning
 from finetune.data.encode import template_messages
-from finetune.data.formats import DEFAULT_REASONING_TAGS, split_inline_reasoning
 from finetune.errors import FinetuneError
 from finetune.generate import generate
 from finetune.loading import load_for_inference
