@@ -409,6 +409,27 @@ def test_after_training_scores_exactly_the_examples_training_held_out(tiny_path)
         assert [e.input_ids for e in encode(tok, {"messages": chat}, recipe.train["max_length"])] == [held.input_ids]
 
 
+def test_after_training_scores_the_split_the_stage_held_out_without_loading_the_data_again(tiny_path, monkeypatch):
+    """The hook takes the stage's held-out split: data.load is not called again (no re-encoding)."""
+    from finetune import config, data, loading
+    from finetune.eval.hook import heldout_items
+
+    recipe = config.load(REPO / "recipes" / "tiny" / "sft_lora_eval.yaml", ["eval.max_samples=null"])
+    prepared = data.load(
+        recipe.data, loading.load_tokenizer(recipe.model), recipe.train["max_length"], seed=recipe.train["seed"]
+    )
+    expected = heldout_items(recipe)
+
+    def no_second_load(*args, **kwargs):
+        raise AssertionError("data.load called again")
+
+    monkeypatch.setattr(data, "load", no_second_load)
+    items, label, _ = heldout_items(recipe, prepared.eval)
+    assert items == expected[0] and len(items) == len(prepared.eval.encoded) > 1 and label == expected[1]
+    with pytest.raises(AssertionError, match="called again"):
+        heldout_items(recipe)  # without the split, the hook would load it
+
+
 def test_eval_settings_do_not_block_resuming_an_interrupted_run(tmp_path):
     from finetune import config
 

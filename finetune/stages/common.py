@@ -250,7 +250,8 @@ def finish(recipe: Recipe, run_dir: RunDir, trainer, prepared, metrics: dict) ->
     run_dir.finish()
     if final_summary(metrics):
         log.info(final_summary(metrics))
-    after_training(recipe, run_dir.final)  # the recipe's `eval:` section, if any (report + model card)
+    # the recipe's `eval:` section, if any (report + model card), on the held-out split training had
+    after_training(recipe, run_dir.final, getattr(prepared, "eval", None))
 
 
 def _rename_base(work, base: str) -> None:

@@ -45,15 +45,15 @@ def plan(recipe: Recipe) -> TrainPlan:
     return TrainPlan.build(recipe, prepared)
 
 
-def run(recipe: Recipe, make_trainer: Callable, callbacks=(), num_labels: int | None = None, prepared=None) -> Path:
+def run(recipe: Recipe, make_trainer: Callable, callbacks=(), num_labels: int | None = None, loaded=None) -> Path:
     """Train with the trainer `make_trainer(model, args, tok, prepared, callbacks)` builds.
-    `num_labels` loads the base as a sequence classifier (the reward model); `prepared`: what
-    `prepare(recipe)` returned, when the stage has already loaded the data."""
+    `num_labels` loads the base as a sequence classifier (the reward model); `loaded`: what
+    `prepare(recipe)` returned, when the stage has already loaded the data (rl.py checks it first)."""
     from accelerate import PartialState
     from transformers import set_seed
 
     state = PartialState()
-    run_dir, tok, prepared = prepared or prepare(recipe)
+    run_dir, tok, prepared = loaded or prepare(recipe)
     args = trl_args(recipe, run_dir.work)  # invalid TRL combinations fail here, before anything is written
     claim(recipe, run_dir)  # the output dir's lock; the checkpoint to resume; the adapter fits
     set_seed(recipe.train["seed"])  # the adapter (and a reward head) are initialised from this seed
