@@ -322,46 +322,49 @@ def load_base(model_dir: ModelDir, dtype=torch.float32, quantized: bool = True):
     )
 
 
-def attach_adapter(base_model, source: ModelDir, adapter_name: str = "default"):
-    """PeftModel of `base_model` + the adapter in `source`; a misfit (other base) is a one-line error."""
+def attach_adapter(base_model, adapter_dir: ModelDir, adapter_name: str = "default"):
+    """PeftModel of `base_model` + the adapter in `adapter_dir`; a misfit (other base) is a one-line error."""
     from peft import PeftModel
     from safetensors import SafetensorError
 
-    security.check_adapter_weights(source.path)
-    _check_readable(source)
+    security.check_adapter_weights(adapter_dir.path)
+    _check_readable(adapter_dir)
     try:
-        model = PeftModel.from_pretrained(base_model, str(source.path), adapter_name=adapter_name)
+        model = PeftModel.from_pretrained(base_model, str(adapter_dir.path), adapter_name=adapter_name)
     except pickle.UnpicklingError:  # an opted-in pickle that torch's weights-only loader still refuses
         raise ModelDirError(
-            f"{source.path}: adapter_model.bin holds objects torch's safe loader refuses "
+            f"{adapter_dir.path}: adapter_model.bin holds objects torch's safe loader refuses "
             "(a pickle that could run code); not loaded"
         ) from None
     except (RuntimeError, ValueError, KeyError, SafetensorError) as e:
         raise ModelDirError(
-            f"{source.path}: the adapter does not fit base {source.base} ({source.base_field}): {_first_line(e)}"
+            f"{adapter_dir.path}: the adapter does not fit base {adapter_dir.base} ({adapter_dir.base_field}): "
+            f"{_first_line(e)}"
         ) from None
-    _check_all_loaded(model, source, adapter_name)
+    _check_all_loaded(model, adapter_dir, adapter_name)
     model.eval()
     return model
 
 
-def add_adapter(model, source: ModelDir, adapter_name: str) -> None:
+def add_adapter(model, adapter_dir: ModelDir, adapter_name: str) -> None:
     from safetensors import SafetensorError
 
-    security.check_adapter_weights(source.path)
-    _check_readable(source)
+    security.check_adapter_weights(adapter_dir.path)
+    _check_readable(adapter_dir)
     try:
-        model.load_adapter(str(source.path), adapter_name=adapter_name)
+        model.load_adapter(str(adapter_dir.path), adapter_name=adapter_name)
     except (RuntimeError, ValueError, KeyError, SafetensorError) as e:
-        raise ModelDirError(f"{source.path}: the adapter does not fit base {source.base}: {_first_line(e)}") from None
-    _check_all_loaded(model, source, adapter_name)
+        raise ModelDirError(
+            f"{adapter_dir.path}: the adapter does not fit base {adapter_dir.base}: {_first_line(e)}"
+        ) from None
+    _check_all_loaded(model, adapter_dir, adapter_name)
 
 
-def _check_readable(source: ModelDir) -> None:
+def _check_readable(adapter_dir: ModelDir) -> None:
     """A truncated or damaged adapter_model.safetensors is one line naming the file."""
     from safetensors import SafetensorError, safe_open
 
-    f = source.path / "adapter_model.safetensors"
+    f = adapter_dir.path / "adapter_model.safetensors"
     if not f.is_file():
         return
     try:
@@ -375,13 +378,13 @@ def _check_readable(source: ModelDir) -> None:
         ) from None
 
 
-def _check_all_loaded(model, source: ModelDir, adapter_name: str) -> None:
+def _check_all_loaded(model, adapter_dir: ModelDir, adapter_name: str) -> None:
     """peft ignores saved adapter weights the base has no module for (e.g. layers 4-7 on a 4-layer
     base): that would merge part of the adapter without a word, so it is an error here."""
     from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
 
-    f = source.path / "adapter_model.safetensors"
+    f = adapter_dir.path / "adapter_model.safetensors"
     if not f.is_file():
         return
     with safe_open(str(f), framework="pt") as st:
@@ -390,7 +393,7 @@ def _check_all_loaded(model, source: ModelDir, adapter_name: str) -> None:
     extra = sorted(saved - loaded)
     if extra:
         raise ModelDirError(
-            f"{source.path}: the adapter does not fit base {source.base} ({source.base_field}): "
+            f"{adapter_dir.path}: the adapter does not fit base {adapter_dir.base} ({adapter_dir.base_field}): "
             f"{len(extra)} of its {len(saved)} weights have no module in that model (e.g. {extra[0]}); "
             "it was trained on a different model"
         )
