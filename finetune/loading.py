@@ -6,7 +6,8 @@ Three kinds of input:
 - an output dir (or any PEFT / transformers dir): `inspect()` -> `ModelDir` (what it holds and where an
   adapter's base is, from `outputs.OutputDir`), then `load_tokenizer(model_dir)`, `load_base()` /
   `load_inference_model()` + `attach_adapter()`, or `load_for_inference()` for all of it;
-- an `rm` output dir: `load_reward_model()`, merged and frozen.
+- an `rm` output dir: `load_reward_model()`, merged and frozen;
+- what `finetune eval` scores (a dir, tiny name or hub id): `load_for_eval()`.
 
 The policy lives here once: a tokenizer always has a chat template (finetune's plain one when it has
 none) and a pad token; a Jinja error in a recipe's template is one line; `trust_remote_code` and
@@ -17,6 +18,7 @@ from a dir being read.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import pickle
@@ -453,3 +455,70 @@ def load_reward_model(rm_dir: str | os.PathLike, dtype=None, merge: bool = True)
         model = model.merge_and_unload()
     model.eval().requires_grad_(False)
     return model, tok
+
+
+# ----------------------------------------------------------------------------- what `finetune eval` scores
+
+
+@dataclass
+class EvalModel:
+    """What `finetune eval` scores: the model, its tokenizer and what the run recorded about them."""
+
+    model: object
+    tokenizer: object
+    name: str  # what the user gave
+    base: str  # the base model path (== name's path for a full model)
+    adapter: str | None = None
+    train_state: Path | None = None  # trainer_state.json of a finetune output dir, if any
+    template_kwargs: dict = dataclasses.field(default_factory=dict)  # the run's model.chat_template_kwargs
+
+
+def _eval_model_section(path: Path | None, name_or_path: str) -> ModelSection:
+    """The recipe's model section for a finetune output dir (chat template, dtype...) pointed at
+    `name_or_path`, else defaults. Its security flags are the user's (finetune.security), never the
+    evaluated dir's own."""
+    section = OutputDir(path).model_section() if path is not None else None
+    if section is None:
+        section = ModelSection(name_or_path=name_or_path)
+    else:
+        section.name_or_path = name_or_path
+    section.trust_remote_code, section.allow_pickle = security.flags().trust_remote_code, security.flags().allow_pickle
+    return section
+
+
+def load_for_eval(name: str, field: str = "MODEL", dtype: str = "auto", tokenizer: str | None = None) -> EvalModel:
+    """What `finetune eval` scores, `name` being a full model (dir, hub id or tiny name) or an adapter
+    dir: the model in eval mode + a left-padding tokenizer with a chat template (from `tokenizer` when
+    given: the tuned run's, so a baseline sees the same prompts), with the run's model section (chat
+    template, dtype, template kwargs) from its recipe. An adapter dir runs on its base as it was trained
+    (4-bit for a QLoRA run), as merge, export and chat load it."""
+    path = Path(name).expanduser()
+    model_dir = inspect(path, what=field) if path.is_dir() else None
+    adapter = model_dir is not None and model_dir.kind == "adapter"
+    if adapter:
+        cfg = _eval_model_section(path, model_dir.base)
+        if model_dir.has_tokenizer:  # a finetune run saved its tokenizer (and chat template) with the adapter
+            cfg.tokenizer = str(path)
+    else:
+        cfg = _eval_model_section(path if path.is_dir() else None, name)
+    cfg.dtype = dtype if dtype != "auto" else cfg.dtype
+    cfg.tokenizer = tokenizer or cfg.tokenizer
+    tok = load_tokenizer(cfg, padding_side="left")
+    if adapter:
+        base_path = model_dir.base
+        model = attach_adapter(load_base(model_dir, dtype=resolve_dtype(cfg.dtype)), model_dir)
+    else:
+        base_path = resolve_reference(cfg.name_or_path, field)
+        model = load_inference_model(base_path, field, dtype=resolve_dtype(cfg.dtype), revision=cfg.revision)
+    if model_dir is None or model_dir.quant is None:  # a quantized base is placed at load time
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+    state = path / "trainer_state.json" if path.is_dir() else None
+    return EvalModel(
+        model,
+        tok,
+        name,
+        base_path,
+        str(path) if adapter else None,
+        state if state and state.is_file() else None,
+        dict(cfg.chat_template_kwargs),
+    )

@@ -224,9 +224,10 @@ def test_generation_from_a_registry_dataset(trained, tmp_path, capsys, env):
 
 
 def test_batched_generation_equals_one_by_one(trained):
-    from finetune.eval import generation, loader
+    from finetune import loading
+    from finetune.eval import generation
 
-    loaded = loader.load(str(trained))
+    loaded = loading.load_for_eval(str(trained))
     prompts = [c[:1] for c in MEMO_CHATS] + [
         [{"role": "user", "content": "Tell me a long story about a cat, a dog and a bird."}]
     ]
