@@ -19,14 +19,9 @@ The chained output records which base it trained on, by content (`outputs.record
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from finetune.errors import RecipeError
-from finetune.outputs import ADAPTER_CONFIG, MERGED_STAMP, OutputDir  # noqa: F401  (MERGED_STAMP: kept importable)
-
-
-def is_adapter_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
+from finetune.outputs import OutputDir
 
 
 def base_of(adapter_dir: str | os.PathLike, field: str = "model.name_or_path") -> str:
@@ -35,17 +30,13 @@ def base_of(adapter_dir: str | os.PathLike, field: str = "model.name_or_path") -
 
 
 def merged_if_adapter(path: str, field: str = "model.name_or_path") -> str:
-    """`path` itself, or for an adapter dir the cached merged copy of adapter + base."""
-    if not is_adapter_dir(path):
-        return path
+    """`path` itself, or for an adapter dir the cached merged copy of adapter + base: what a stage
+    whose model.name_or_path is `path` trains on."""
     out = OutputDir(path, field)
+    if not out.is_adapter:
+        return path
     if out.task_type not in (None, "CAUSAL_LM"):
         raise RecipeError(
             f"{field}: {path} holds a {out.task_type} adapter (a reward model?), not a language model to train on"
         )
     return str(out.merged())
-
-
-def merged_copy(adapter_dir: Path, field: str = "model.name_or_path") -> Path:
-    """Merge the adapter into its base (full precision) once; the copy is cached by content."""
-    return OutputDir(adapter_dir, field).merged()
