@@ -150,7 +150,7 @@ def main() -> None:
         sys.path.insert(0, str(REPO))
         from finetune import tiny
 
-        args.tokenizer = tiny.resolve("tiny-llama")
+        args.tokenizer = tiny.build_if_tiny("tiny-llama")
     work = Path(args.work or tempfile.mkdtemp(prefix="data_prep_"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"tokenizer {args.tokenizer}; work dir {work}; {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}")

@@ -42,9 +42,10 @@ def main() -> None:
 
     import torch
 
-    from finetune.eval import generation, loader
+    from finetune import loading
+    from finetune.eval import generation
 
-    loaded = loader.load(args.model)
+    loaded = loading.load_for_eval(args.model)
     model, tok = loaded.model, loaded.tokenizer
     items = prompts(args.n)
     generation.generate(model, tok, items[:4], 8, 4)  # warm-up

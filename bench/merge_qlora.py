@@ -78,9 +78,9 @@ def main() -> None:
         adapter = str(sft.run(recipe))
     source = loading.inspect(adapter)
     tok = loading.load_tokenizer(source)
-    q_model = loading.attach_adapter(loading.load_model(source.base, source.base_field, quant=source.quant), source)
+    q_model = loading.attach_adapter(loading.load_base(source), source)
     reference = greedy(q_model, tok)
-    scale = loading.max_abs(loading.probe_logits(q_model, loading.probe_batch(tok)))
+    scale = merge.max_abs(merge.probe_logits(q_model, merge.probe_batch(tok)))
     del q_model
 
     rows = []

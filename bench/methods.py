@@ -67,7 +67,7 @@ def child(method: str, steps: int, work: pathlib.Path) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from finetune import config, models
+    from finetune import adapters, config
     from finetune.stages import sft
 
     data = write_jsonl(work / "memo.jsonl", [{"messages": c} for c in CHATS])
@@ -100,7 +100,7 @@ def child(method: str, steps: int, work: pathlib.Path) -> dict:
                 mem["peak_delta"] = torch.cuda.max_memory_allocated() / 2**20
             else:
                 mem["peak_delta"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - mem["start"]
-            mem["trainable"], mem["total"] = models.count_parameters(model)
+            mem["trainable"], mem["total"] = adapters.count_parameters(model)
 
     out = sft.run(recipe, callbacks=[Memory()])
     state = json.loads((out / "trainer_state.json").read_text())
@@ -152,7 +152,7 @@ def base_row() -> dict:
 
     from finetune import tiny
 
-    path = tiny.resolve("tiny-llama")
+    path = tiny.build_if_tiny("tiny-llama")
     model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
     return {
         "method": "base",

@@ -247,7 +247,7 @@ def main(argv: list[str]) -> int:
     from finetune import tiny
 
     families = [a for a in argv if not a.startswith("--")] or list(FAMILIES)
-    tokenizer = AutoTokenizer.from_pretrained(tiny.resolve("tiny-llama"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny.build_if_tiny("tiny-llama"))
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for family in families:

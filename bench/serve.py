@@ -29,7 +29,7 @@ def main() -> None:
 
     from finetune import serve, tiny
 
-    path = tiny.resolve(args.model) if tiny.is_tiny(args.model) else args.model
+    path = tiny.build_if_tiny(args.model) if tiny.is_tiny(args.model) else args.model
     served = serve.load_served(path, [], name="m")
     app = serve.create_app(served, limits=serve.Limits(max_tokens=max(args.max_tokens, 64)))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))

@@ -118,7 +118,7 @@ def build_model(out: Path, hidden: int = 512, layers: int = 8) -> str:
 
     from finetune import tiny
 
-    tok = AutoTokenizer.from_pretrained(tiny.resolve("tiny-llama"))
+    tok = AutoTokenizer.from_pretrained(tiny.build_if_tiny("tiny-llama"))
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(tok),
@@ -320,7 +320,7 @@ def _resolve(model: str) -> str:
     ]
     if built:
         return str(max(built, key=lambda d: d.stat().st_mtime))
-    return tiny.resolve(model)
+    return tiny.build_if_tiny(model)
 
 
 # ----------------------------------------------------------------------------- parent

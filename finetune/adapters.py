@@ -276,6 +276,19 @@ def attach(model, cfg):
         raise RecipeError(f"adapter: {str(e).strip().splitlines()[0]}") from None
 
 
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as their unpacked size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if getattr(p, "quant_state", None) is not None or p.__class__.__name__ == "Params4bit":
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
 # ----------------------------------------------------------------------------- descriptions
 
 

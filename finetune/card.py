@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from finetune import __version__, adapters, models, rewards
+from finetune import __version__, adapters, rewards
 from finetune.errors import FinetuneError, plural
 from finetune.outputs import write_text_atomic
 
@@ -78,7 +78,7 @@ def dataset_ids(recipe) -> list[str]:
         if not name:
             continue
         try:
-            src = sources.resolve(name, split=recipe.data.split, registry=recipe.data.registry)
+            src = sources.locate(name, split=recipe.data.split, registry=recipe.data.registry)
         except FinetuneError:
             continue
         if src.hub and not Path(src.hub).expanduser().exists():
@@ -148,7 +148,7 @@ def model_card(recipe, prepared, metrics: dict, model, base: str, chained: dict 
     from huggingface_hub import ModelCard
 
     a, t, d = recipe.adapter, recipe.train, recipe.data
-    trainable, total = models.count_parameters(model)
+    trainable, total = adapters.count_parameters(model)
     train_stats = prepared.train.stats()
     eval_line = ""
     if prepared.eval is not None:

@@ -14,8 +14,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from finetune.data.chat_formats import DEFAULT_REASONING_TAGS, split_inline_reasoning
 from finetune.data.encode import template_messages
-from finetune.data.formats import DEFAULT_REASONING_TAGS, split_inline_reasoning
 from finetune.errors import FinetuneError
 from finetune.generate import generate
 from finetune.loading import load_for_inference
@@ -61,11 +61,11 @@ def enable_line_editing(history: Path | None = None) -> None:
 def model_dir(name: str) -> str:
     """A model or adapter dir for `name`: a dir as given, a tiny name built (once) into its cache, a hub id
     from the Hugging Face cache (downloaded when online) - the names `finetune eval` accepts."""
-    from finetune import models
+    from finetune import loading
 
     if Path(name).expanduser().is_dir():
         return name
-    resolved = models.resolve_reference(name, "MODEL_OR_ADAPTER_DIR")
+    resolved = loading.resolve_reference(name, "MODEL_OR_ADAPTER_DIR")
     if Path(resolved).is_dir():
         return resolved
     from huggingface_hub import snapshot_download

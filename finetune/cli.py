@@ -420,7 +420,7 @@ def cmd_data(args) -> int:
         return 0
     import json
 
-    from finetune import models
+    from finetune import loading
     from finetune.config import ModelSection
     from finetune.data.encode import EncodeOptions
     from finetune.data.preview import preview
@@ -433,7 +433,7 @@ def cmd_data(args) -> int:
     if not isinstance(kwargs, dict):
         raise RecipeError("--chat-template-kwargs: expected a JSON object")
     _at_least(args, "max_length", 1)
-    tok = models.load_tokenizer(ModelSection(name_or_path=args.model, chat_template=args.chat_template))
+    tok = loading.load_tokenizer(ModelSection(name_or_path=args.model, chat_template=args.chat_template))
     print(
         preview(
             args.dataset,
@@ -456,7 +456,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from finetune.score import score_file
+    from finetune.reward_scoring import score_file
 
     _at_least(args, "batch_size", 1)
     summary = score_file(args.rm_dir, args.data, fmt=args.format, out=args.out, batch_size=args.batch_size)

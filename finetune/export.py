@@ -8,13 +8,13 @@ import shutil
 from pathlib import Path
 
 from finetune import gguf_export, merge, ollama
-from finetune.loading import SourceError, inspect, load_tokenizer
+from finetune.loading import ModelDirError, inspect, load_tokenizer
 from finetune.outputs import recorded_system_prompt
 from finetune.staging import Staged, check_free
 
 
-def _not_foldable(source, fmt: str) -> SourceError:
-    return SourceError(
+def _not_foldable(source, fmt: str) -> ModelDirError:
+    return ModelDirError(
         f"{source.path}: a {source.peft_type} adapter adds virtual tokens at run time, which a "
         f"{fmt} file cannot hold; keep the adapter dir and load it with peft (`finetune chat DIR` runs it)"
     )
@@ -38,14 +38,14 @@ def export_gguf(
         raise _not_foldable(source, "GGUF")
     final = check_free(out, overwrite, file=True)
     if final.suffix != ".gguf":
-        raise SourceError(f"--out: {out}: name the GGUF file *.gguf")
+        raise ModelDirError(f"--out: {out}: name the GGUF file *.gguf")
     if modelfile is not None and not ollama_file:
-        raise SourceError("--modelfile: goes with --ollama")
+        raise ModelDirError("--modelfile: goes with --ollama")
     modelfile_path = Path(modelfile).expanduser().absolute() if modelfile else final.with_name("Modelfile")
     if ollama_file:
         check_free(modelfile_path, overwrite, file=True, flag="--modelfile")
         if modelfile_path == final:
-            raise SourceError("--modelfile: must differ from --out")
+            raise ModelDirError("--modelfile: must differ from --out")
     lines: list[str] = []
     # an unsupported architecture fails before anything is merged or written
     if source.kind == "model":
@@ -56,7 +56,7 @@ def export_gguf(
         try:
             base_config = AutoConfig.from_pretrained(source.base).to_dict()
         except (OSError, ValueError) as e:
-            raise SourceError(
+            raise ModelDirError(
                 f"{source.base_field}: cannot load base {source.base}: {str(e).splitlines()[0]}; "
                 "pass --base MODEL if it lives elsewhere"
             ) from None
@@ -102,7 +102,7 @@ def export_safetensors(
     """An adapter dir -> a merged, verified HF model dir (what `finetune merge` writes)."""
     source = inspect(model_dir, base)
     if source.kind == "model":
-        raise SourceError(
+        raise ModelDirError(
             f"{source.path}: already a plain safetensors model; `--format safetensors` merges an "
             "adapter dir (nothing to export here)"
         )
@@ -115,7 +115,7 @@ def run_cli(args) -> int:
     merge.quiet_progress()
     if args.format == "gguf":
         if args.dtype != "auto":
-            raise SourceError("--dtype: applies to --format safetensors; for gguf use --outtype")
+            raise ModelDirError("--dtype: applies to --format safetensors; for gguf use --outtype")
         lines = export_gguf(
             args.model,
             args.out,
@@ -129,7 +129,7 @@ def run_cli(args) -> int:
         )
     else:
         if args.ollama or args.system or args.modelfile:
-            raise SourceError("--ollama / --system / --modelfile: apply to --format gguf")
+            raise ModelDirError("--ollama / --system / --modelfile: apply to --format gguf")
         lines = export_safetensors(args.model, args.out, args.dtype, args.onto, args.base, args.overwrite)
     for line in lines:
         print(line)

@@ -23,18 +23,14 @@ from finetune import __version__
 from finetune.config import AdapterSection
 from finetune.errors import FinetuneError
 from finetune.loading import (
-    PROBE_CHATS,
-    Source,
-    SourceError,
+    ModelDir,
+    ModelDirError,
     add_adapter,
     attach_adapter,
     inspect,
-    load_model,
+    load_base,
+    load_inference_model,
     load_tokenizer,
-    max_abs,
-    max_abs_diff,
-    probe_batch,
-    probe_logits,
 )
 from finetune.outputs import OutputDir
 from finetune.staging import Staged, check_free
@@ -46,6 +42,12 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 6e-2}
 COMBINATIONS = ("linear", "cat", "ties", "dare_ties", "dare_linear", "magnitude_prune")
 PRUNING = ("ties", "dare_ties", "dare_linear", "magnitude_prune")
+# Short chats every merge is checked on (English and Chinese, with and without a system turn).
+PROBE_CHATS = [
+    [{"role": "user", "content": "What colour is the sky?"}],
+    [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Name three fruits."}],
+    [{"role": "user", "content": "中国的首都是哪里？"}],
+]
 
 
 class MergeError(FinetuneError):
@@ -75,7 +77,43 @@ class MergeReport:
         return out + self.notes
 
 
-def prompt_learning_message(source: Source) -> str:
+# ----------------------------------------------------------------------------- the probe check
+
+
+def probe_batch(tokenizer) -> list[dict]:
+    """PROBE_CHATS rendered as generation prompts (one tensor dict per chat: no padding effects)."""
+    out = []
+    for chat in PROBE_CHATS:
+        try:
+            enc = tokenizer.apply_chat_template(
+                chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+        except Exception:  # a template that rejects system turns: probe without it
+            enc = tokenizer.apply_chat_template(
+                [m for m in chat if m["role"] != "system"],
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
+            )
+        out.append({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")})
+    return out
+
+
+@torch.no_grad()
+def probe_logits(model, batch: list[dict]) -> list[torch.Tensor]:
+    device = next(model.parameters()).device
+    return [model(**{k: v.to(device) for k, v in enc.items()}).logits.float().cpu() for enc in batch]
+
+
+def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def max_abs(a: list[torch.Tensor]) -> float:
+    return max(x.abs().max().item() for x in a)
+
+
+def prompt_learning_message(source: ModelDir) -> str:
     return (
         f"{source.path}: a {source.peft_type} adapter adds virtual tokens instead of changing weights, so it cannot "
         "be folded into the base model; keep the adapter dir and load it with peft (PeftModel.from_pretrained), "
@@ -87,11 +125,11 @@ def _tolerance(dtype: str, scale: float, override: float | None) -> float:
     return override if override is not None else TOLERANCE[dtype] * max(1.0, scale)
 
 
-def _check_adapter(source: Source, what: str) -> None:
+def _check_adapter(source: ModelDir, what: str) -> None:
     if source.kind != "adapter":
-        raise SourceError(f"{what}: {source.path} is a full model, not an adapter (nothing to merge)")
+        raise ModelDirError(f"{what}: {source.path} is a full model, not an adapter (nothing to merge)")
     if source.is_prompt_learning:
-        raise SourceError(prompt_learning_message(source))
+        raise ModelDirError(prompt_learning_message(source))
 
 
 # --------------------------------------------------------------------------- single adapter
@@ -114,7 +152,7 @@ def merge(
     notes, deviations = [], {}
     if onto is not None and source.quant is None:
         if OutputDir(source.path).finished:  # a finetune run: its recipe says how the base was quantized
-            raise SourceError(
+            raise ModelDirError(
                 f"--onto: {source.path}/recipe.yaml: adapter.method is not qlora; --onto applies to "
                 "QLoRA adapters only"
             )
@@ -128,7 +166,7 @@ def merge(
     tok = load_tokenizer(source)
     batch = probe_batch(tok)
 
-    full = load_model(source.base, source.base_field)
+    full = load_base(source, quantized=False)
     q_logits = None
     if source.quant is not None:
         onto = onto or "dequantized"
@@ -149,7 +187,7 @@ def merge(
     with Staged(final, overwrite) as tmp:
         _save_model(merged.to(DTYPES[dtype]), tok, tmp, max_shard_size)
         del merged, model, full
-        written = probe_logits(load_model(str(tmp), "--out", dtype=DTYPES[dtype]), batch)
+        written = probe_logits(load_inference_model(str(tmp), "--out", dtype=DTYPES[dtype]), batch)
         scale = max_abs(reference)
         report = MergeReport(
             final, dtype, max_abs_diff(written, reference), _tolerance(dtype, scale, tolerance), scale, notes
@@ -162,20 +200,20 @@ def merge(
     return report
 
 
-def _merge_and_unload(model, source: Source):
+def _merge_and_unload(model, source: ModelDir):
     try:
         return model.merge_and_unload(safe_merge=True)
     except (ValueError, AttributeError, NotImplementedError, RuntimeError) as e:
-        raise SourceError(
+        raise ModelDirError(
             f"{source.path}: peft cannot merge this {source.peft_type} adapter: {str(e).splitlines()[0]}"
         ) from None
 
 
-def _qlora_reference(source: Source, dequantize_into, batch) -> tuple[list[torch.Tensor], float | None]:
+def _qlora_reference(source: ModelDir, dequantize_into, batch) -> tuple[list[torch.Tensor], float | None]:
     """Logits of the adapter on the 4-bit base (what was trained); if `dequantize_into` is a full-precision
     model, its weights are first replaced by the dequantized 4-bit ones (and the other parameters by the
     quantized model's, which are in the compute dtype)."""
-    q_model = load_model(source.base, source.base_field, quant=source.quant)
+    q_model = load_base(source)
     floor = None
     if dequantize_into is not None:
         _copy_dequantized(q_model, dequantize_into)
@@ -207,7 +245,7 @@ def _copy_dequantized(q_model, full) -> None:
             params[name].data.copy_(p.data.to(torch.float32))
 
 
-def _output_dtype(dtype: str, source: Source) -> str:
+def _output_dtype(dtype: str, source: ModelDir) -> str:
     """`auto`: the base model's own dtype (a bf16 model stays bf16), float32 when it does not say."""
     if dtype != "auto":
         return dtype
@@ -227,7 +265,7 @@ def _check_shard_size(max_shard_size: str) -> None:
     try:
         convert_file_size_to_int(max_shard_size)
     except ValueError:
-        raise SourceError(f"--max-shard-size: {max_shard_size!r}: not a size like 500MB or 2GB") from None
+        raise ModelDirError(f"--max-shard-size: {max_shard_size!r}: not a size like 500MB or 2GB") from None
 
 
 def _save_model(model, tok, tmp: Path, max_shard_size: str) -> None:
@@ -245,7 +283,9 @@ def _verify(report: MergeReport) -> None:
         )
 
 
-def _write_card(tmp: Path, report: MergeReport, sources: list[Source], method: str, extra: dict | None = None) -> None:
+def _write_card(
+    tmp: Path, report: MergeReport, sources: list[ModelDir], method: str, extra: dict | None = None
+) -> None:
     base = sources[0].base
     info = {
         "finetune_version": __version__,
@@ -329,15 +369,15 @@ def merge_adapters(
 ) -> MergeReport:
     """Combine LoRA adapters with PEFT's add_weighted_adapter: an adapter dir, or (into_base) a merged model."""
     if len(adapter_dirs) < 2:
-        raise SourceError("--adapters: give at least two adapter dirs (for one, use `finetune merge ADAPTER_DIR`)")
+        raise ModelDirError("--adapters: give at least two adapter dirs (for one, use `finetune merge ADAPTER_DIR`)")
     _check_shard_size(max_shard_size)
     weights = _weights(weights, len(adapter_dirs), method)
     if method in PRUNING:
         density = 0.5 if density is None else density
         if not 0.0 < density <= 1.0:
-            raise SourceError(f"--density: {density}: must be in (0, 1]")
+            raise ModelDirError(f"--density: {density}: must be in (0, 1]")
     elif density is not None:
-        raise SourceError(f"--density: only applies to {', '.join(PRUNING)} (not {method})")
+        raise ModelDirError(f"--density: only applies to {', '.join(PRUNING)} (not {method})")
     sources = [inspect(d, base, what="--adapters") for d in adapter_dirs]
     for s in sources:
         _check_adapter(s, "--adapters")
@@ -351,7 +391,7 @@ def merge_adapters(
     notes = []
     if any(s.quant is not None for s in sources):
         notes.append("QLoRA adapters are combined on the full-precision base")
-    model = attach_adapter(load_model(first.base, first.base_field), first, adapter_name="a0")
+    model = attach_adapter(load_base(first, quantized=False), first, adapter_name="a0")
     for i, s in enumerate(sources[1:], start=1):
         add_adapter(model, s, f"a{i}")
     names = [f"a{i}" for i in range(len(sources))]
@@ -359,7 +399,7 @@ def merge_adapters(
     try:
         model.add_weighted_adapter(names, weights, "default", combination_type=method, density=density)
     except (ValueError, NotImplementedError, RuntimeError, AttributeError) as e:
-        raise SourceError(
+        raise ModelDirError(
             f"--adapters: peft cannot combine these adapters with {method}: {str(e).splitlines()[0]}"
         ) from None
     model.set_adapter("default")
@@ -376,14 +416,14 @@ def merge_adapters(
         if into_base:
             _save_model(model.merge_and_unload(safe_merge=True).to(DTYPES[dtype]), tok, tmp, max_shard_size)
             del model
-            written = probe_logits(load_model(str(tmp), "--out", dtype=DTYPES[dtype]), batch)
+            written = probe_logits(load_inference_model(str(tmp), "--out", dtype=DTYPES[dtype]), batch)
         else:
             dtype = "float32"
             model.peft_config["default"].base_model_name_or_path = first.base
             model.save_pretrained(str(tmp))
             tok.save_pretrained(str(tmp))
             del model
-            reloaded = attach_adapter(load_model(first.base, first.base_field), inspect(tmp, first.base))
+            reloaded = attach_adapter(load_base(first, quantized=False), inspect(tmp, first.base))
             written = probe_logits(reloaded, batch)
         scale = max_abs(reference)
         report = MergeReport(
@@ -411,41 +451,41 @@ def _weights(weights: list[float] | None, n: int, method: str) -> list[float]:
     if weights is None:
         return [1.0] * n if method in PRUNING else [1.0 / n] * n
     if len(weights) != n:
-        raise SourceError(f"--weights: {len(weights)} weights for {n} adapters")
+        raise ModelDirError(f"--weights: {len(weights)} weights for {n} adapters")
     return list(weights)
 
 
-def _check_compatible(sources: list[Source], method: str) -> None:
+def _check_compatible(sources: list[ModelDir], method: str) -> None:
     first = sources[0]
     for s in sources[1:]:
         if s.base != first.base:
-            raise SourceError(
+            raise ModelDirError(
                 f"--adapters: {s.path} was trained on {s.base} but {first.path} on {first.base}; "
                 "only adapters of the same base can be combined"
             )
         if s.peft_type != first.peft_type:
-            raise SourceError(f"--adapters: {s.path} is {s.peft_type} but {first.path} is {first.peft_type}")
+            raise ModelDirError(f"--adapters: {s.path} is {s.peft_type} but {first.path} is {first.peft_type}")
     if first.peft_type != "LORA":
-        raise SourceError(f"--adapters: weighted merging supports LoRA adapters; these are {first.peft_type}")
+        raise ModelDirError(f"--adapters: weighted merging supports LoRA adapters; these are {first.peft_type}")
     dora = [str(s.path) for s in sources if s.peft_config.get("use_dora")]
     if dora:
-        raise SourceError(
+        raise ModelDirError(
             f"--adapters: {dora[0]}: DoRA adapters cannot be combined by peft's weighted merging; "
             "merge each into its own model instead"
         )
     ranks = {s.peft_config.get("r") for s in sources}
     if method == "linear" and len(ranks) > 1:
-        raise SourceError(f"--adapters: linear needs adapters of one rank (got r={sorted(ranks)}); use --method cat")
+        raise ModelDirError(f"--adapters: linear needs adapters of one rank (got r={sorted(ranks)}); use --method cat")
 
 
 def run_cli(args) -> int:
     """`finetune merge`: one adapter (ADAPTER_DIR) or several (--adapters)."""
     quiet_progress()
     if bool(args.adapter) == bool(args.adapters):
-        raise SourceError("merge: give either ADAPTER_DIR or --adapters DIR DIR ...")
+        raise ModelDirError("merge: give either ADAPTER_DIR or --adapters DIR DIR ...")
     if args.adapters:
         if args.onto:
-            raise SourceError("--onto: applies to a single QLoRA adapter, not to --adapters")
+            raise ModelDirError("--onto: applies to a single QLoRA adapter, not to --adapters")
         report = merge_adapters(
             args.adapters,
             args.out,
@@ -463,9 +503,9 @@ def run_cli(args) -> int:
     else:
         for flag in ("weights", "density"):
             if getattr(args, flag) is not None:
-                raise SourceError(f"--{flag}: applies to --adapters only")
+                raise ModelDirError(f"--{flag}: applies to --adapters only")
         if args.into_base or args.method != "linear":
-            raise SourceError("--method / --into-base: apply to --adapters only")
+            raise ModelDirError("--method / --into-base: apply to --adapters only")
         report = merge(
             args.adapter,
             args.out,

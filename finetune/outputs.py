@@ -379,7 +379,7 @@ def _local_or_hub(candidates: list[tuple[str, str]], path: Path) -> Base:
     for name, field in candidates:
         if tiny.is_tiny(name):
             try:
-                return Base(tiny.resolve(name), field)
+                return Base(tiny.build_if_tiny(name), field)
             except ValueError as e:
                 raise OutputError(f"{field}: {e}") from None
         local = Path(name).expanduser()

@@ -79,14 +79,14 @@ def rule_function(rule: dict):
     return score
 
 
-def load_model(recipe):
-    """(model, tokenizer) of `rewards.model` (finetune.chain.load_reward_model: merged, frozen) in
+def load_recipe_reward_model(recipe):
+    """(model, tokenizer) of `rewards.model` (finetune.loading.load_reward_model: merged, frozen) in
     the recipe's model dtype; a dir that is not a reward model is an error naming the field."""
-    from finetune import chain, models
+    from finetune import loading
     from finetune.errors import RecipeError
 
     try:
-        return chain.load_reward_model(recipe.rewards.model, dtype=models.resolve_dtype(recipe.model.dtype))
+        return loading.load_reward_model(recipe.rewards.model, dtype=loading.resolve_dtype(recipe.model.dtype))
     except RecipeError as e:
         raise RecipeError(f"rewards.model: {e}") from None
 
@@ -99,7 +99,7 @@ def reward_functions(recipe) -> tuple[list, list, list[float]]:
         tokenizers.append(None)
         weights.append(float(rule.get("weight", 1.0)))
     if recipe.rewards.model is not None:
-        model, tok = load_model(recipe)
+        model, tok = load_recipe_reward_model(recipe)
         model.config.name_or_path = "reward_model"  # TRL logs a model reward under this name
         funcs.append(model)
         tokenizers.append(tok)

@@ -100,11 +100,9 @@ def load_served(
         source = loading.inspect(path, base_override, what=what)
         internal = f"adapter{i}"  # peft adapter names become module keys: no dots, no user text
         if source.kind == "model":
-            model, adapter = loading.load_model(str(source.path), what), None
+            model, adapter = loading.load_inference_model(str(source.path), what), None
         elif source.is_prompt_learning:  # virtual tokens live in the PeftModel's forward: one model each
-            model = loading.attach_adapter(
-                loading.load_model(source.base, source.base_field, quant=source.quant), source, internal
-            )
+            model = loading.attach_adapter(loading.load_base(source), source, internal)
             adapter = internal
         else:
             key = (source.base, repr(source.quant))
@@ -112,9 +110,7 @@ def load_served(
                 model = shared[key]
                 loading.add_adapter(model, source, internal)
             else:
-                model = loading.attach_adapter(
-                    loading.load_model(source.base, source.base_field, quant=source.quant), source, internal
-                )
+                model = loading.attach_adapter(loading.load_base(source), source, internal)
                 shared[key] = model
             adapter = internal
         if torch.cuda.is_available() and source.quant is None and next(model.parameters()).device.type == "cpu":

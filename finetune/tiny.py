@@ -1,6 +1,6 @@
 """Build the tiny local model that the quickstart and every CPU test use.
 
-``resolve("tiny-llama")`` returns the path of a plain Hugging Face model dir (Llama
+``build_if_tiny("tiny-llama")`` returns the path of a plain Hugging Face model dir (Llama
 architecture, byte-level BPE tokenizer, chat template with ``{% generation %}`` markers),
 building it on first use and caching it under ``cache_root()/tiny/<name>-<fingerprint>``.
 Nothing is downloaded: the tokenizer is trained on the corpus shipped in
@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
-__all__ = ["TINY_MODELS", "TinySpec", "BUILD_VERSION", "is_tiny", "resolve", "build", "cache_root"]
+__all__ = ["TINY_MODELS", "TinySpec", "BUILD_VERSION", "is_tiny", "build_if_tiny", "build", "cache_root"]
 
 # Bump when the build code changes in a way that changes the artefact.
 BUILD_VERSION = 1
@@ -118,7 +118,7 @@ def is_tiny(name_or_path: str | os.PathLike) -> bool:
 
     An existing local path always wins (as in ``from_pretrained``), so a folder called
     ``tiny-llama`` in the working directory is loaded as a folder. Unknown "tiny-*" names
-    count as tiny so that ``resolve`` can reject them with the list of valid names instead
+    count as tiny so that ``build_if_tiny`` can reject them with the list of valid names instead
     of a model-hub error.
     """
     s = os.fspath(name_or_path)
@@ -127,7 +127,7 @@ def is_tiny(name_or_path: str | os.PathLike) -> bool:
     return s in TINY_MODELS or s.startswith("tiny-")
 
 
-def resolve(name_or_path: str | os.PathLike) -> str:
+def build_if_tiny(name_or_path: str | os.PathLike) -> str:
     """A tiny name -> absolute path of its built dir (built on first use); else unchanged."""
     if not is_tiny(name_or_path):
         return name_or_path  # type: ignore[return-value]

@@ -28,7 +28,7 @@ def tiny_path(finetune_cache) -> str:
     """Path of the built tiny-llama model dir (built once per cache root)."""
     from finetune import tiny
 
-    return tiny.resolve("tiny-llama")
+    return tiny.build_if_tiny("tiny-llama")
 
 
 @pytest.fixture(scope="session")

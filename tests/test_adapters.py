@@ -9,7 +9,7 @@ from _support import Watcher, logged_losses, memo_recipe, probe_inputs
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from finetune import config, models
+from finetune import config, loading
 from finetune.stages import sft
 
 CASES = {
@@ -39,7 +39,7 @@ def _load_base(adapter_dir, method):
 def test_adapter_learns_changes_its_parameters_and_reloads(tmp_path, case):
     method, extra = CASES[case]
     recipe = config.load(text=memo_recipe(tmp_path, method, adapter=extra))
-    tok = AutoTokenizer.from_pretrained(models.model_path(recipe.model))
+    tok = AutoTokenizer.from_pretrained(loading.model_path(recipe.model))
     watcher = Watcher(tok)
     out = sft.run(recipe, callbacks=[watcher])
 

@@ -15,9 +15,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from finetune import models
 from finetune.adapters import peft_config
 from finetune.config import AdapterSection
+from finetune.stages.common import align_router_aux_loss
 
 TINY = {
     "vocab_size": 128,
@@ -95,11 +95,9 @@ def test_a_model_without_router_aux_loss_turns_trl_s_switch_off():
     )
     args = SFTConfig(output_dir="/nonexistent", use_cpu=True, bf16=False)
     assert args.router_aux_loss_coef > 0 and cfg.output_router_logits is not None  # TRL would ask for an aux loss
-    assert (
-        models.align_router_aux_loss(AutoModelForCausalLM.from_config(cfg), args) and args.router_aux_loss_coef == 0.0
-    )
+    assert align_router_aux_loss(AutoModelForCausalLM.from_config(cfg), args) and args.router_aux_loss_coef == 0.0
     mixtral = AutoModelForCausalLM.from_config(AutoConfig.for_model("mixtral", **{**TINY, "num_local_experts": 4}))
     args = SFTConfig(output_dir="/nonexistent", use_cpu=True, bf16=False)
-    assert not models.align_router_aux_loss(mixtral, args) and args.router_aux_loss_coef > 0
+    assert not align_router_aux_loss(mixtral, args) and args.router_aux_loss_coef > 0
     torch.manual_seed(0)
     assert math.isfinite(float(mixtral(input_ids=torch.tensor([[1, 2, 3]]), output_router_logits=True).aux_loss))

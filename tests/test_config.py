@@ -135,17 +135,17 @@ def test_recipes_are_data_not_code(tmp_path):
 
 
 def test_bad_model_references_name_the_field(tmp_path):
-    from finetune import models
+    from finetune import loading
     from finetune.config import ModelSection
 
     with pytest.raises(
         RecipeError, match=r"model\.name_or_path: unknown tiny model 'tiny-lama'.*did you mean 'tiny-llama'\?"
     ):
-        models.model_path(ModelSection(name_or_path="tiny-lama"))
+        loading.model_path(ModelSection(name_or_path="tiny-lama"))
     missing = tmp_path / "no-such-model"
     with pytest.raises(RecipeError, match=rf"model\.tokenizer: {missing}: no such directory"):
-        models.load_tokenizer(ModelSection(name_or_path="tiny-llama", tokenizer=str(missing)))
-    assert models.model_path(ModelSection(name_or_path="org/some-model")) == "org/some-model"
+        loading.load_tokenizer(ModelSection(name_or_path="tiny-llama", tokenizer=str(missing)))
+    assert loading.model_path(ModelSection(name_or_path="org/some-model")) == "org/some-model"
 
 
 def test_one_defaults_table_and_where_each_value_came_from():

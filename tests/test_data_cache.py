@@ -170,11 +170,11 @@ def test_a_waiting_rank_raises_the_main_process_error(tmp_path, cache_dir, tiny_
 RANK_SCRIPT = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
-from finetune import data, models
+from finetune import data, loading
 from finetune.config import DataSection, ModelSection
 from finetune.data import cache
 import hashlib
-tok = models.load_tokenizer(ModelSection(name_or_path="tiny-llama"))
+tok = loading.load_tokenizer(ModelSection(name_or_path="tiny-llama"))
 prepared = data.load(DataSection(train={path!r}, format="alpaca", eval_ratio=0.2), tok, 64, seed=3)
 digest = hashlib.sha256(
     repr([(e.input_ids, e.labels) for e in prepared.train.encoded + prepared.eval.encoded]).encode()

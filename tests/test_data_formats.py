@@ -326,14 +326,14 @@ def test_registry_names_resolve_to_the_shipped_files():
         "text_demo",
     } <= set(local)
     for name, entry in local.items():
-        src = sources.resolve(name)
+        src = sources.locate(name)
         assert src.path == (REPO / "data" / entry["path"]).resolve()
         assert (src.format, src.language) == (entry["format"], entry["language"])
 
 
 def test_unknown_registry_name_suggests_the_closest():
     with pytest.raises(DataError) as e:
-        sources.resolve("alpaca_en_dem")
+        sources.locate("alpaca_en_dem")
     assert "data.train: 'alpaca_en_dem' is not a file nor a dataset in" in str(e.value)
     assert "did you mean 'alpaca_en_demo'?" in str(e.value)
 
@@ -511,7 +511,7 @@ def test_hub_dataset_code_path_loads_a_local_dataset_dir(tmp_path, tiny_tokenize
     folder.mkdir()
     rows = [{"instruction": f"Say {w}.", "input": "", "output": f"{w}."} for w in ("one", "two", "three")]
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    src = sources.resolve(str(folder))
+    src = sources.locate(str(folder))
     assert src.hub == str(folder) and src.path is None
     prepared = load(DataSection(train=str(folder), format="alpaca"), tiny_tokenizer, max_length=64)
     assert prepared.train.n_records == 3

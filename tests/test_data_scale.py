@@ -12,7 +12,7 @@ import pytest
 import yaml
 from _support import ddp_launch, logged_losses, memo_recipe, write_jsonl
 
-from finetune import cli, config, data, models
+from finetune import cli, config, data, loading
 from finetune.config import DataSection
 from finetune.data import cache
 from finetune.errors import RecipeError
@@ -81,7 +81,7 @@ def test_streamed_data_trains_and_stops_at_max_steps(tmp_path, cache_dir, tiny_p
     text["data"]["streaming"] = True
     text["train"]["per_device_train_batch_size"] = 3  # 4 chats: the stream is re-read for later steps
     recipe = config.load(text=yaml.safe_dump(text))
-    prepared = data.load(recipe.data, models.load_tokenizer(recipe.model), recipe.train["max_length"])
+    prepared = data.load(recipe.data, loading.load_tokenizer(recipe.model), recipe.train["max_length"])
     first = next(iter(prepared.train.dataset()))
     assert (
         first["input_ids"] == prepared.train.encoded[0].input_ids

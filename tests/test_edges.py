@@ -98,7 +98,7 @@ def test_the_verdict_table_is_printed_at_the_end_of_a_run(tmp_path, monkeypatch,
     from finetune import config
     from finetune.eval import hook
 
-    def fake_evaluate(recipe, cfg, output_dir):
+    def fake_evaluate(recipe, cfg, output_dir, heldout=None):
         (output_dir / "eval").mkdir(parents=True)
         (output_dir / "eval" / "report.json").write_text(json.dumps(_report(1)))
         return "\n## Evaluation\n"

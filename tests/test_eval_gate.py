@@ -224,9 +224,10 @@ def test_generation_from_a_registry_dataset(trained, tmp_path, capsys, env):
 
 
 def test_batched_generation_equals_one_by_one(trained):
-    from finetune.eval import generation, loader
+    from finetune import loading
+    from finetune.eval import generation
 
-    loaded = loader.load(str(trained))
+    loaded = loading.load_for_eval(str(trained))
     prompts = [c[:1] for c in MEMO_CHATS] + [
         [{"role": "user", "content": "Tell me a long story about a cat, a dog and a bird."}]
     ]
@@ -395,18 +396,39 @@ def test_lm_eval_backend_runs_a_local_task_and_agrees_with_ours(tmp_path):
 
 def test_after_training_scores_exactly_the_examples_training_held_out(tiny_path):
     """eval with data.eval_ratio: the hook's prompts are the examples data.load held out."""
-    from finetune import config, data, models
+    from finetune import config, data, loading
     from finetune.data.encode import encode
     from finetune.eval.hook import heldout_items
 
     recipe = config.load(REPO / "recipes" / "tiny" / "sft_lora_eval.yaml", ["eval.max_samples=null"])
-    tok = models.load_tokenizer(recipe.model)
+    tok = loading.load_tokenizer(recipe.model)
     prepared = data.load(recipe.data, tok, recipe.train["max_length"], seed=recipe.train["seed"])
     items, label, language = heldout_items(recipe)
     assert len(items) == len(prepared.eval.encoded) > 1 and language == "en"
     for item, held in zip(items, prepared.eval.encoded):
         chat = item.prompt + [{"role": "assistant", "content": item.reference}]
         assert [e.input_ids for e in encode(tok, {"messages": chat}, recipe.train["max_length"])] == [held.input_ids]
+
+
+def test_after_training_scores_the_split_the_stage_held_out_without_loading_the_data_again(tiny_path, monkeypatch):
+    """The hook takes the stage's held-out split: data.load is not called again (no re-encoding)."""
+    from finetune import config, data, loading
+    from finetune.eval.hook import heldout_items
+
+    recipe = config.load(REPO / "recipes" / "tiny" / "sft_lora_eval.yaml", ["eval.max_samples=null"])
+    prepared = data.load(
+        recipe.data, loading.load_tokenizer(recipe.model), recipe.train["max_length"], seed=recipe.train["seed"]
+    )
+    expected = heldout_items(recipe)
+
+    def no_second_load(*args, **kwargs):
+        raise AssertionError("data.load called again")
+
+    monkeypatch.setattr(data, "load", no_second_load)
+    items, label, _ = heldout_items(recipe, prepared.eval)
+    assert items == expected[0] and len(items) == len(prepared.eval.encoded) > 1 and label == expected[1]
+    with pytest.raises(AssertionError, match="called again"):
+        heldout_items(recipe)  # without the split, the hook would load it
 
 
 def test_eval_settings_do_not_block_resuming_an_interrupted_run(tmp_path):

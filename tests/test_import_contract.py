@@ -8,10 +8,6 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "finetune"
-# Known cycle, owned by the data modules' work (the preference formats register themselves into
-# formats.CONVERTERS at the bottom of formats.py): listed so the test fails on any NEW cycle and
-# when this one is gone (then delete the entry).
-KNOWN_CYCLES = [{"finetune.data.formats", "finetune.data.preference"}]
 CONFIG_MAY_IMPORT = {"finetune.errors", "finetune.resources"}
 
 
@@ -86,11 +82,8 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_no_import_cycle_inside_the_package():
-    found = cycles(graph())
-    new = [sorted(c) for c in found if c not in KNOWN_CYCLES]
-    assert not new, f"import cycles: {new}"
-    gone = [sorted(c) for c in KNOWN_CYCLES if c not in found]
-    assert not gone, f"cycles no longer there (remove them from KNOWN_CYCLES): {gone}"
+    found = [sorted(c) for c in cycles(graph())]
+    assert not found, f"import cycles: {found}"
 
 
 def test_config_is_the_bottom_layer():

@@ -17,7 +17,7 @@ import pytest
 from _support import missing_tool
 
 from finetune import gguf_export, ollama
-from finetune.models import FALLBACK_CHAT_TEMPLATE
+from finetune.loading import FALLBACK_CHAT_TEMPLATE
 
 GO_SOURCE = Path(__file__).parent / "go" / "ollama_render"
 CHATML = (

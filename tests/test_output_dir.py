@@ -80,7 +80,7 @@ def test_chained_output_names_its_base_portably(chained):
     merged = str(sft.merged())
     assert dpo.base().where == merged
     cache = str(tiny.cache_root() / "merged")
-    assert dpo.adapter_config()["base_model_name_or_path"] == tiny.resolve("tiny-llama")
+    assert dpo.adapter_config()["base_model_name_or_path"] == tiny.build_if_tiny("tiny-llama")
     card = (dpo.path / "README.md").read_text()
     assert cache not in card and 'PeftModel.from_pretrained(base, "../sft").merge_and_unload()' in card
     # the card's plain transformers + peft recipe gives the model finetune loads
@@ -123,10 +123,10 @@ def test_moved_outputs_and_cache_are_rebuilt_then_a_retrained_parent_is_named(ch
             logging.getLogger("finetune").removeHandler(said)
         assert again.base == source.base and old in said.text and new in said.text
         shutil.rmtree(source.base)
-        with pytest.raises(loading.SourceError, match=f"fingerprint {old}.*fingerprint {new}"):
+        with pytest.raises(loading.ModelDirError, match=f"fingerprint {old}.*fingerprint {new}"):
             loading.inspect(moved / "dpo")
         shutil.rmtree(moved / "sft")
-        with pytest.raises(loading.SourceError, match=r"its base is tiny-llama \+ .*sft merged"):
+        with pytest.raises(loading.ModelDirError, match=r"its base is tiny-llama \+ .*sft merged"):
             loading.inspect(moved / "dpo")
     finally:
         (root / "away").rename(root / "out")
@@ -150,7 +150,7 @@ def test_output_dir_reads_what_a_dir_holds(chained):
     sft = OutputDir(root / "out" / "sft")
     assert sft.finished and sft.is_adapter and not sft.is_model and sft.method == "lora"
     assert sft.quantization() is None and sft.base_record() is None
-    assert sft.base().where == tiny.resolve("tiny-llama")
+    assert sft.base().where == tiny.build_if_tiny("tiny-llama")
     assert sft.model_section().name_or_path == "tiny-llama"
     recipe = sft.recipe()
     assert recipe.stage == "sft" and json.dumps(sft.identity()) == json.dumps(sft.identity())

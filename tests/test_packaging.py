@@ -19,7 +19,7 @@ root = pathlib.Path(finetune.__file__).parent
 assert "site-packages" in str(root), root
 registry = sources.find_registry()
 assert registry is not None and root in registry.parents, registry
-demo = sources.resolve("alpaca_zh_demo")
+demo = sources.locate("alpaca_zh_demo")
 assert demo.path.is_file() and root in demo.path.parents, demo.path
 suite = pathlib.Path(find_suite("eval/suites/general.yaml"))
 assert suite.is_file() and root in suite.parents, suite

@@ -13,7 +13,7 @@ import pytest
 import torch
 from _support import REPO, Watcher, log_series, preference_recipe, write_jsonl
 
-from finetune import chain, cli, config
+from finetune import chain, cli, config, loading
 from finetune.stages import dpo, kto, orpo, rm, simpo
 
 DEMO_ZH = REPO / "data" / "preference_zh_demo.jsonl"
@@ -53,13 +53,13 @@ def test_reward_model_loads_with_plain_transformers_and_peft(tiny_rm_dir):
     tok = AutoTokenizer.from_pretrained(tiny_rm_dir)
     plain = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, pad_token_id=tok.pad_token_id)
     plain = PeftModel.from_pretrained(plain, tiny_rm_dir).eval()
-    merged, merged_tok = chain.load_reward_model(tiny_rm_dir)
+    merged, merged_tok = loading.load_reward_model(tiny_rm_dir)
 
     rows = [json.loads(line) for line in DEMO_ZH.read_text(encoding="utf-8").splitlines()[:12]]
     texts = [tok.apply_chat_template(r[k], tokenize=False) for r in rows for k in ("chosen", "rejected")]
     with torch.no_grad():
         a = torch.cat([plain(**tok(t, add_special_tokens=False, return_tensors="pt")).logits[:, 0] for t in texts])
-    from finetune.score import score_conversations
+    from finetune.reward_scoring import score_conversations
 
     b = torch.tensor(score_conversations(merged, merged_tok, [r[k] for r in rows for k in ("chosen", "rejected")]))
     assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
@@ -219,9 +219,7 @@ def test_chained_stage_starts_from_the_merged_sft_model(tmp_path, tiny_path):
 
 
 def models_path(name: str) -> str:
-    from finetune import models
-
-    return models.model_path(config.ModelSection(name_or_path=name))
+    return loading.model_path(config.ModelSection(name_or_path=name))
 
 
 def test_a_reward_dir_is_not_a_policy_to_train(tiny_rm_dir, tmp_path):

@@ -157,7 +157,7 @@ def symbol_rate(out: Path, adapter: bool) -> float:
 
     tok = AutoTokenizer.from_pretrained(out)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(tiny.resolve("tiny-llama"))
+    model = AutoModelForCausalLM.from_pretrained(tiny.build_if_tiny("tiny-llama"))
     if adapter:
         model = PeftModel.from_pretrained(model, str(out))
     prompts = [

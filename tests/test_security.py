@@ -60,15 +60,13 @@ def planted_model(tmp_path, tiny_path) -> tuple[Path, Path]:
 
 
 def test_eval_ignores_the_evaluated_dirs_trust_remote_code(planted_model):
-    from finetune.eval import loader
-
     d, marker = planted_model
-    loaded = loader.load(str(d), "MODEL")
+    loaded = loading.load_for_eval(str(d), "MODEL")
     assert not marker.exists(), "eval ran code planted in the evaluated dir"
     assert type(loaded.model).__name__ == "LlamaForCausalLM"
     # the plant is live: the user's own flag runs it (and only that)
     with security.user_flags(trust_remote_code=True), contextlib.suppress(Exception):  # importing it is the point
-        loader.load(str(d), "MODEL")
+        loading.load_for_eval(str(d), "MODEL")
     assert marker.exists(), "control: with the user's --trust-remote-code the planted module is imported"
 
 

@@ -63,22 +63,22 @@ def test_resolve_builds_once_then_hits_the_cache(model_dir, info, monkeypatch):
         raise AssertionError("cache hit expected, but the model was rebuilt")
 
     monkeypatch.setattr(tiny, "_build_into", no_rebuild)
-    assert tiny.resolve("tiny-llama") == str(model_dir)
+    assert tiny.build_if_tiny("tiny-llama") == str(model_dir)
     assert tiny.build("tiny-llama") == model_dir
     assert (model_dir / tiny.INFO_FILE).stat().st_mtime_ns == stamp
     assert not list(model_dir.parent.glob(f".{model_dir.name}.tmp-*")), "temp build dirs left behind"
 
 
 def test_resolve_passes_other_names_through_and_rejects_unknown_tiny_names(tmp_path):
-    assert tiny.resolve("some/hub-id") == "some/hub-id"
-    assert tiny.resolve("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
-    assert tiny.resolve(str(tmp_path)) == str(tmp_path)
+    assert tiny.build_if_tiny("some/hub-id") == "some/hub-id"
+    assert tiny.build_if_tiny("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert tiny.build_if_tiny(str(tmp_path)) == str(tmp_path)
     local = tmp_path / "tiny-llama"
     local.mkdir()
     assert not tiny.is_tiny(str(local))  # an existing path is a path, even if it looks tiny
     assert tiny.is_tiny("tiny-llama") and tiny.is_tiny("tiny-nope")
     with pytest.raises(ValueError, match="tiny-nope.*valid names: .*tiny-llama"):
-        tiny.resolve("tiny-nope")
+        tiny.build_if_tiny("tiny-nope")
     with pytest.raises(ValueError, match="tiny-llama"):
         tiny.build("tiny-nope")
 
@@ -239,7 +239,7 @@ def test_concurrent_resolve_builds_once(tmp_path):
         tiny.TINY_MODELS["tiny-small"] = dataclasses.replace(
             tiny.TINY_MODELS["tiny-llama"], pretrain_steps={SMALL_BUILD.pretrain_steps},
             pretrain_batch={SMALL_BUILD.pretrain_batch})
-        print(tiny.resolve("tiny-small"))
+        print(tiny.build_if_tiny("tiny-small"))
         """
     )
     env = {**os.environ, "FINETUNE_CACHE": str(tmp_path), "PYTHONPATH": str(REPO)}

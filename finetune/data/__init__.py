@@ -230,7 +230,7 @@ def read_examples(
 ) -> tuple[list[dict], str, sources.Source]:
     """Records of one dataset reference, converted to canonical examples (a list: for previews,
     scoring and eval prompts; training data goes through `load`, which holds no lists)."""
-    src = sources.resolve(name, split=cfg.split, registry=cfg.registry, field=field_name)
+    src = sources.locate(name, split=cfg.split, registry=cfg.registry, field=field_name)
     records = list(_records(src, cfg, field_name))
     fmt = _format_of(src, cfg, records[0] if records else None, fmt)
     columns = {**(src.columns or {}), **cfg.columns}
@@ -494,7 +494,7 @@ def prepare_split(
     stage: str = "sft",
 ) -> tuple[Split, str, sources.Source, list[str]]:
     """One source encoded (from the cache when it holds it): (split, format, source, notes)."""
-    src = sources.resolve(name, split=cfg.split, registry=cfg.registry, field=field_name)
+    src = sources.locate(name, split=cfg.split, registry=cfg.registry, field=field_name)
     records = _records(src, cfg, field_name)
     first = next(records, None)
     fmt = _format_of(src, cfg, first)
@@ -658,7 +658,7 @@ def load_streaming(cfg: DataSection, tok, max_length: int | None, options=None) 
             "data.streaming: eval data is not streamed; unset data.eval / data.eval_ratio "
             "(or prepare the data without streaming)"
         )
-    src = sources.resolve(cfg.train, split=cfg.split, registry=cfg.registry, field="data.train")
+    src = sources.locate(cfg.train, split=cfg.split, registry=cfg.registry, field="data.train")
     first = next(_records(src, cfg, "data.train", streaming=True), None)
     fmt = _format_of(src, cfg, first)
     check_stage_format("sft", fmt, lambda: f"{src.label()}: data.format")

@@ -13,7 +13,7 @@ single user / assistant turns. Errors name the record and the field.
 
 from __future__ import annotations
 
-from finetune.data.formats import MESSAGE_ROLES, SHAREGPT_ROLES, _check_chat, _Fields, _turns
+from finetune.data.chat_formats import MESSAGE_ROLES, SHAREGPT_ROLES, _check_chat, _Fields, _turns
 
 FIELDS = {
     "preference": ("prompt", "chosen", "rejected", "system"),
@@ -111,7 +111,7 @@ def preference(f: _Fields) -> dict:
 
 
 def alpaca_preference(f: _Fields) -> dict:
-    from finetune.data.formats import alpaca
+    from finetune.data.chat_formats import alpaca
 
     # The alpaca converter builds the prompt side (system, history, instruction + input); the
     # answer it needs is only a placeholder here.

@@ -18,7 +18,7 @@ def _size(n: int) -> str:
 
 def prepare(recipe) -> str:
     """Prepare the recipe's train (and eval) data; return the report printed by the CLI."""
-    from finetune import data, models
+    from finetune import data, loading
     from finetune.data import cache
 
     if recipe.stage != "sft":
@@ -33,7 +33,7 @@ def prepare(recipe) -> str:
         )
     if recipe.data.cache == "off":
         raise RecipeError(f"{recipe.source or 'recipe'}: data.cache: off keeps nothing; use auto or refresh")
-    tok = models.load_tokenizer(recipe.model)
+    tok = loading.load_tokenizer(recipe.model)
     prepared = data.load(recipe.data, tok, recipe.train["max_length"], seed=recipe.train["seed"])
     lines = [f"prepared data for {recipe.source or 'recipe'} (cache root {cache.root()})"]
     seen = set()

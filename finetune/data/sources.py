@@ -66,7 +66,7 @@ def read_registry(path: Path | None) -> dict[str, dict]:
     return entries
 
 
-def resolve(name: str, split: str = "train", registry: str | None = None, field: str = "data.train") -> Source:
+def locate(name: str, split: str = "train", registry: str | None = None, field: str = "data.train") -> Source:
     """A recipe's dataset reference -> Source. Files and folders first, then registry names, then hub ids."""
     p = Path(name).expanduser()
     if p.is_file():

@@ -15,9 +15,11 @@ from finetune.outputs import write_text_atomic
 log = logging.getLogger("finetune")
 
 
-def heldout_items(recipe) -> tuple[list, str, str | None]:
-    """(items, label, registry language) of eval.data, else (SFT only) data.eval, else the data.eval_ratio split."""
-    from finetune import data, models
+def heldout_items(recipe, heldout=None) -> tuple[list, str, str | None]:
+    """(items, label, registry language) of eval.data, else (SFT only) data.eval, else the data.eval_ratio
+    split: `heldout`, the split the stage trained with (its `record` column names the held-out records),
+    or, called on its own, that split as data.load makes it again (from the prepared-data cache)."""
+    from finetune import data
 
     cfg, d = recipe.eval, recipe.data
     if cfg.data:
@@ -27,13 +29,8 @@ def heldout_items(recipe) -> tuple[list, str, str | None]:
         return [], "", None
     if d.eval:
         examples, _, src = data.read_examples(d.eval, d, fmt=d.format, field_name="data.eval")
-    elif d.eval_ratio:  # the records of the rows data.load held out (from the prepared-data cache: no re-encoding)
-        tok = models.load_tokenizer(recipe.model)
-        from finetune.data.encode import options_of
-
-        held_out = data.load(
-            d, tok, recipe.train["max_length"], seed=recipe.train["seed"], options=options_of(recipe)
-        ).eval
+    elif d.eval_ratio:  # the records of the rows training held out: no re-encoding
+        held_out = heldout if getattr(heldout, "table", None) is not None else _heldout_split(recipe)
         records = sorted(set(held_out.table.with_format("arrow")["record"].to_numpy().tolist()))
         examples, _, src = data.read_examples(d.train, d)
         examples = [examples[i] for i in records]
@@ -43,11 +40,21 @@ def heldout_items(recipe) -> tuple[list, str, str | None]:
     return items[: cfg.max_samples] if cfg.max_samples else items, f"{src.label()} (held out)", src.language
 
 
-def run(recipe, output_dir) -> str:
-    """Evaluate into `output_dir/eval`, append the section to its model card, return it. A user
-    error here (data, suite) is reported in the log and the card; the training output stays."""
+def _heldout_split(recipe):
+    from finetune import data, loading
+    from finetune.data.encode import options_of
+
+    tok = loading.load_tokenizer(recipe.model)
+    d = recipe.data
+    return data.load(d, tok, recipe.train["max_length"], seed=recipe.train["seed"], options=options_of(recipe)).eval
+
+
+def run(recipe, output_dir, heldout=None) -> str:
+    """Evaluate into `output_dir/eval`, append the section to its model card, return it (`heldout`: the
+    stage's held-out split, see heldout_items). A user error here (data, suite) is reported in the log
+    and the card; the training output stays."""
     cfg, output_dir = recipe.eval, Path(output_dir)
-    section = _evaluate(recipe, cfg, output_dir)
+    section = _evaluate(recipe, cfg, output_dir, heldout)
     rep = read_report(output_dir)
     table = report.verdict_table(rep) if rep else ""
     if table:
@@ -85,9 +92,9 @@ def gate_failure(recipe, output_dir) -> str | None:
     return None
 
 
-def _evaluate(recipe, cfg, output_dir: Path) -> str:
+def _evaluate(recipe, cfg, output_dir: Path, heldout=None) -> str:
     try:
-        items, label, language = heldout_items(recipe)
+        items, label, language = heldout_items(recipe, heldout)
         if not items and not cfg.suite:
             log.warning("eval: nothing to evaluate (no data.eval, data.eval_ratio or eval.data, and no eval.suite)")
             return ""

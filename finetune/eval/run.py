@@ -16,8 +16,9 @@ from pathlib import Path
 from finetune import locks
 from finetune.config import EvalSection
 from finetune.errors import RecipeError, plural
-from finetune.eval import gate, generation, loader, modules, report, scores
+from finetune.eval import gate, generation, modules, report, scores
 from finetune.eval import suite as suites
+from finetune.loading import load_for_eval
 from finetune.outputs import check_target, replace_dir, write_text_atomic
 from finetune.resources import find_suite
 
@@ -119,7 +120,7 @@ def run(req: Request) -> dict:
 def _score_model(req: Request, name: str, field: str, prefix: str, work: Path, suite, metric_kw: dict, tokenizer=None):
     """Load one model, answer req.items (-> `{prefix}predictions.jsonl`), run the suite; then free it.
     Returns (generation metrics or None, suite results or None, trainer_state.json or None)."""
-    loaded = loader.load(name, field, tokenizer=tokenizer)
+    loaded = load_for_eval(name, field, tokenizer=tokenizer)
     gen = results = None
     if req.items:
         log.info("generating %d answers with %s", len(req.items), name)

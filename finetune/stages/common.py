@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from finetune import adapters, card, models, rewards, tiny
+from finetune import adapters, card, loading, rewards, tiny
 from finetune.config import RL_STAGES, TRAIN_EXTRA_KEYS, Recipe, trl_config_class
 from finetune.errors import RecipeError, plural
 from finetune.outputs import ADAPTER_CONFIG, RunDir, record_base, write_text_atomic
@@ -49,7 +49,7 @@ def count_adapter_parameters(recipe: Recipe) -> tuple[int, int]:
     )
 
     cfg = AutoConfig.from_pretrained(
-        models.model_path(recipe.model),
+        loading.model_path(recipe.model),
         revision=recipe.model.revision,
         trust_remote_code=recipe.model.trust_remote_code,
     )
@@ -59,7 +59,7 @@ def count_adapter_parameters(recipe: Recipe) -> tuple[int, int]:
     with init_empty_weights():
         model = auto.from_config(cfg, trust_remote_code=recipe.model.trust_remote_code)
         model = adapters.for_counting(model, recipe.adapter, task_type)
-    return models.count_parameters(model)
+    return adapters.count_parameters(model)
 
 
 def output_notes(recipe: Recipe) -> list[str]:
@@ -140,7 +140,7 @@ class TrainPlan:
         lines = [
             f"plan for {r.source or 'recipe'} (dry run: nothing trained, no output written{cached})",
             f"  stage          {r.stage}" + ("" if stage_origin in ("recipe", "override") else f" ({stage_origin})"),
-            f"  model          {r.model.name_or_path} -> {models.model_path(r.model)}",
+            f"  model          {r.model.name_or_path} -> {loading.model_path(r.model)}",
             f"  adapter        {adapters.describe(r.adapter)}",
             f"  parameters     {self.trainable:,} trainable of {self.total:,} "
             f"({100 * self.trainable / max(self.total, 1):.3f}%)",
@@ -192,13 +192,33 @@ def origin_lines(recipe: Recipe) -> list[str]:
     return lines
 
 
+def align_router_aux_loss(model, args) -> bool:
+    """TRL treats a model whose config has `output_router_logits` as a MoE with a router load-balancing loss,
+    asks the forward for it and adds `outputs.aux_loss`. A model whose forward takes no `output_router_logits`
+    returns none (DeepSeek-V3 / Kimi-K2 / Moonlight balance experts with a routing bias, not an auxiliary
+    loss), and TRL crashed on the missing loss. For such a model the TRL config's public switch,
+    `router_aux_loss_coef`, is set to 0.0 (the config's own field cannot hold None); returns whether it was."""
+    import inspect
+
+    text_config = model.config.get_text_config()
+    if getattr(text_config, "output_router_logits", None) is None or not getattr(args, "router_aux_loss_coef", 0.0):
+        return False
+    if "output_router_logits" in inspect.signature(model.forward).parameters:
+        return False
+    args.router_aux_loss_coef = 0.0
+    log.info(
+        "%s returns no router load-balancing loss: trained without one (router_aux_loss_coef 0)", type(model).__name__
+    )
+    return True
+
+
 def keep_adapter_in_compute_dtype(model, recipe: Recipe) -> None:
     """SFTTrainer casts a quantized model's trainable weights to bf16 (the QLoRA paper's GPU
     recipe). With a float32 compute dtype (the CPU default) that only loses precision and
     mixes dtypes, so cast them back before the optimizer is built."""
     if recipe.adapter.method != "qlora":
         return
-    dtype = models.resolve_dtype(recipe.adapter.compute_dtype)
+    dtype = loading.resolve_dtype(recipe.adapter.compute_dtype)
     for p in model.parameters():
         if p.requires_grad and p.dtype != dtype:
             p.data = p.data.to(dtype)
@@ -221,7 +241,7 @@ def finish(recipe: Recipe, run_dir: RunDir, trainer, prepared, metrics: dict) ->
     base = adapters.base_model_path(model)
     chained = record_base(work, run_dir.final, recipe.model.name_or_path)
     if chained is not None:  # name the original model, not this machine's merged copy in the cache
-        base = tiny.resolve(chained["base"]) if tiny.is_tiny(chained["base"]) else chained["base"]
+        base = tiny.build_if_tiny(chained["base"])
         _rename_base(work, base)
     text = card.model_card(recipe, prepared, metrics, model, base, chained, tokenizer=trainer.processing_class)
     write_text_atomic(work / "README.md", text)
@@ -231,7 +251,8 @@ def finish(recipe: Recipe, run_dir: RunDir, trainer, prepared, metrics: dict) ->
     run_dir.finish()
     if final_summary(metrics):
         log.info(final_summary(metrics))
-    after_training(recipe, run_dir.final)  # the recipe's `eval:` section, if any (report + model card)
+    # the recipe's `eval:` section, if any (report + model card), on the held-out split training had
+    after_training(recipe, run_dir.final, getattr(prepared, "eval", None))
 
 
 def _rename_base(work, base: str) -> None:
@@ -249,7 +270,7 @@ def _rename_base(work, base: str) -> None:
 def start_summary(recipe: Recipe, prepared, model, steps: int, world: int, work) -> str:
     """What the run is about to do, in four lines: model and adapter, parameters, data and steps, where it writes."""
     t = recipe.train
-    trainable, total = models.count_parameters(model)
+    trainable, total = adapters.count_parameters(model)
     effective = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] * world
     n_train = prepared.train.stats()["examples"]
     held = prepared.eval.stats()["examples"] if prepared.eval is not None else 0

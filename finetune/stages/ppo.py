@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from finetune import models, rewards
+from finetune import adapters, loading, rewards
 from finetune.config import Recipe
 from finetune.errors import RecipeError
 from finetune.stages.common import claim, finish, keep_adapter_in_compute_dtype, trl_args
@@ -44,14 +44,14 @@ def _prompt_ids(split, tok):
 
 def _reward_models(recipe: Recipe, tok):
     """(frozen reward model, trainable value model) from the `rm` dir, checked against the policy tokenizer."""
-    reward_model, rm_tok = rewards.load_model(recipe)
+    reward_model, rm_tok = rewards.load_recipe_reward_model(recipe)
     if rm_tok.get_vocab() != tok.get_vocab():
         raise RecipeError(
             f"rewards.model: {recipe.rewards.model}: its tokenizer differs from the policy's "
             f"({recipe.model.name_or_path}); PPO scores the policy's tokens directly, so train the "
             "reward model on the same base"
         )
-    value_model, _ = rewards.load_model(recipe)
+    value_model, _ = rewards.load_recipe_reward_model(recipe)
     value_model.train().requires_grad_(True)
     return reward_model, value_model
 
@@ -80,7 +80,7 @@ def run(recipe: Recipe, callbacks=()) -> Path:
     claim(recipe, run_dir)  # the output dir's lock; the checkpoint to resume; the adapter fits
     reward_model, value_model = _reward_models(recipe, tok)
     set_seed(recipe.train["seed"])
-    model = models.load_model(recipe.model, recipe.adapter, recipe.train["activation_checkpointing"])
+    model = loading.load_for_training(recipe.model, recipe.adapter, recipe.train["activation_checkpointing"])
     if run_dir.resume_from() is not None:
         log.warning("ppo cannot resume (TRL's PPOTrainer has no resume): starting over")
     run_dir.resume = "never"
@@ -96,7 +96,7 @@ def run(recipe: Recipe, callbacks=()) -> Path:
         value_model=value_model,
         train_dataset=_prompt_ids(prepared.train, tok),
         eval_dataset=_prompt_ids(prepared.eval, tok) if prepared.eval else None,
-        peft_config=models.adapter_config(recipe.adapter),
+        peft_config=adapters.peft_config(recipe.adapter),
         callbacks=list(callbacks),
     )
     keep_adapter_in_compute_dtype(trainer.model, recipe)

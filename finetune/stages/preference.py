@@ -9,12 +9,13 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from finetune import guards, models
+from finetune import adapters, guards, loading
 from finetune.config import Recipe
 from finetune.data import pairs
 from finetune.outputs import RunDir
 from finetune.stages.common import (
     TrainPlan,
+    align_router_aux_loss,
     claim,
     final_eval,
     finish,
@@ -34,7 +35,7 @@ def prepare(recipe: Recipe, dry_run: bool = False):
     run_dir = RunDir(recipe.output.dir, recipe.output.overwrite, recipe.train["resume"])
     if not dry_run:
         run_dir.check()
-    tok = models.load_tokenizer(recipe.model)
+    tok = loading.load_tokenizer(recipe.model)
     prepared = pairs.load(recipe.data, tok, recipe.stage, seed=recipe.train["seed"])
     return run_dir, tok, prepared
 
@@ -44,26 +45,26 @@ def plan(recipe: Recipe) -> TrainPlan:
     return TrainPlan.build(recipe, prepared)
 
 
-def run(recipe: Recipe, make_trainer: Callable, callbacks=(), num_labels: int | None = None, prepared=None) -> Path:
+def run(recipe: Recipe, make_trainer: Callable, callbacks=(), num_labels: int | None = None, loaded=None) -> Path:
     """Train with the trainer `make_trainer(model, args, tok, prepared, callbacks)` builds.
-    `num_labels` loads the base as a sequence classifier (the reward model); `prepared`: what
-    `prepare(recipe)` returned, when the stage has already loaded the data."""
+    `num_labels` loads the base as a sequence classifier (the reward model); `loaded`: what
+    `prepare(recipe)` returned, when the stage has already loaded the data (rl.py checks it first)."""
     from accelerate import PartialState
     from transformers import set_seed
 
     state = PartialState()
-    run_dir, tok, prepared = prepared or prepare(recipe)
+    run_dir, tok, prepared = loaded or prepare(recipe)
     args = trl_args(recipe, run_dir.work)  # invalid TRL combinations fail here, before anything is written
     claim(recipe, run_dir)  # the output dir's lock; the checkpoint to resume; the adapter fits
     set_seed(recipe.train["seed"])  # the adapter (and a reward head) are initialised from this seed
-    model = models.load_model(
+    model = loading.load_for_training(
         recipe.model,
         recipe.adapter,
         recipe.train["activation_checkpointing"],
         num_labels=num_labels,
         pad_token_id=tok.pad_token_id,
     )
-    models.align_router_aux_loss(model, args)
+    align_router_aux_loss(model, args)
     checkpoint = run_dir.start(recipe.identity(), is_main=state.is_main_process)
     state.wait_for_everyone()
     if checkpoint and state.is_main_process:
@@ -124,7 +125,7 @@ def trainer(trainer_cls, recipe: Recipe, peft_config=None, **extra) -> Callable:
             train_dataset=prepared.train.dataset(),
             eval_dataset=prepared.eval.dataset() if prepared.eval else None,
             processing_class=tok,
-            peft_config=peft_config or models.adapter_config(recipe.adapter, model),
+            peft_config=peft_config or adapters.peft_config(recipe.adapter, model),
             callbacks=callbacks,
             **extra,
         )

@@ -29,7 +29,7 @@ def run(trainer_cls, recipe: Recipe, callbacks=()) -> Path:
         args.reward_weights = weights
         return make(model, args, tok, prepared, callbacks)
 
-    return preference.run(recipe, make_weighted, callbacks, prepared=loaded)
+    return preference.run(recipe, make_weighted, callbacks, loaded=loaded)
 
 
 def _check_answer_columns(recipe: Recipe, prepared) -> None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from finetune import adapters, data, guards, models
+from finetune import adapters, data, guards, loading
 from finetune.config import Recipe
 from finetune.data.encode import options_of
 from finetune.outputs import RunDir
 from finetune.stages.common import (
     TrainPlan,
+    align_router_aux_loss,
     claim,
     final_eval,
     finish,
@@ -35,7 +36,7 @@ def prepare(recipe: Recipe, dry_run: bool = False):
     run_dir = RunDir(recipe.output.dir, recipe.output.overwrite, recipe.train["resume"])
     if not dry_run:
         run_dir.check()
-    tok = models.load_tokenizer(recipe.model)
+    tok = loading.load_tokenizer(recipe.model)
     prepared = data.load(
         recipe.data, tok, recipe.train["max_length"], seed=recipe.train["seed"], options=options_of(recipe)
     )
@@ -70,8 +71,8 @@ def run(recipe: Recipe, callbacks=()) -> Path:
     # SFTTrainer builds the adapter before Trainer seeds the RNG: seed first, so the same
     # recipe gives the same initial adapter (and the same run) every time.
     set_seed(recipe.train["seed"])
-    model = models.load_model(recipe.model, recipe.adapter, recipe.train["activation_checkpointing"])
-    models.align_router_aux_loss(model, args)
+    model = loading.load_for_training(recipe.model, recipe.adapter, recipe.train["activation_checkpointing"])
+    align_router_aux_loss(model, args)
     # The method's adapter (or frozen weights), callbacks and optimizer: finetune/adapters.py.
     steps = planned_steps(recipe, len(prepared.train.encoded), state.num_processes)
     training = adapters.for_training(model, recipe, args, steps, tokenizer=tok.name_or_path)

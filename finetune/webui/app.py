@@ -84,12 +84,12 @@ def to_yaml(recipe: dict, path_hint: str = "RECIPE.yaml") -> str:
 
 def preview_html(dataset: str, model: str, index: int) -> str:
     """`finetune data preview`, with the trained tokens highlighted."""
-    from finetune import models
+    from finetune import loading
     from finetune.config import ModelSection
     from finetune.data.preview import preview
 
     try:
-        tok = models.load_tokenizer(ModelSection(name_or_path=model))
+        tok = loading.load_tokenizer(ModelSection(name_or_path=model))
         text = preview(dataset, tok, index=int(index or 0), color=True)
     except (FinetuneError, OSError, ValueError) as e:
         return f"<pre class='ft-error'>{html.escape(str(e))}</pre>"

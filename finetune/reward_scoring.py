@@ -47,8 +47,8 @@ def score_conversations(
 def score_file(rm_dir: str, data: str, fmt: str | None = None, out: str | None = None, batch_size: int = 16) -> dict:
     """Score every record of `data` with the reward model in `rm_dir`; write JSONL to `out`
     (atomically) or stdout; return the summary."""
-    from finetune.chain import load_reward_model
     from finetune.data import read_examples
+    from finetune.loading import load_reward_model
 
     examples, fmt, src = read_examples(data, DataSection(train=data, format=fmt), field_name="--data")
     if out and Path(out).resolve() == Path(src.label()).resolve():
