@@ -160,7 +160,7 @@ def _shape(examples: list[dict], fmt: str, stage: str) -> list[dict]:
 def _converted(name: str, cfg: DataSection, stage: str, field_name: str, tmp: Path):
     """One source read and converted row by row into `tmp` (JSON per example):
     (path, format, source, records, notes)."""
-    src = sources.resolve(name, split=cfg.split, registry=cfg.registry, field=field_name)
+    src = sources.locate(name, split=cfg.split, registry=cfg.registry, field=field_name)
     records = _records(src, cfg, field_name)
     first = next(records, None)
     fmt = _format_of(src, cfg, first)
