@@ -226,6 +226,44 @@ def test_pairs_are_memory_mapped_and_rows_that_differ_in_their_fields_share_one_
     assert [e.get("answer") for e in rl.train.examples] == [None, None, "42"] and "answer" not in rl.train.examples[0]
 
 
+def test_the_models_chat_template_kwargs_reach_every_stage(tmp_path, tiny_tokenizer):
+    """model.chat_template_kwargs render the preference examples in TRL (a per-example column its
+    trainers read), the RL stages' prompts (their TRL config), and the plan's token counts."""
+    import copy
+
+    import yaml
+    from trl import apply_chat_template
+
+    from finetune.stages.common import trl_args
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = (
+        "{% if mood is defined %}({{ mood }}) {% endif %}"
+        "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    kwargs = {"mood": "cheerful"}
+    path = write_jsonl(tmp_path / "pairs.jsonl", [PAIR] * 3)
+    cfg = DataSection(train=str(path), format="preference")
+    plain = pairs.load(cfg, tok, "dpo")
+    moody = pairs.load(cfg, tok, "dpo", template_kwargs=kwargs)
+    row = moody.train.dataset()[0]
+    assert row["chat_template_kwargs"] == kwargs
+    rendered = apply_chat_template(row, tok)["prompt"]
+    assert rendered == tok.apply_chat_template(PAIR["prompt"], add_generation_prompt=True, tokenize=False, **kwargs)
+    assert rendered.startswith("(cheerful) ") and "chat_template_kwargs" not in plain.train.dataset().column_names
+    assert moody.train.stats()["tokens"] > plain.train.stats()["tokens"]
+    assert (
+        "chat_template_kwargs" not in pairs.load(cfg, tok, "grpo", template_kwargs=kwargs).train.dataset().column_names
+    )
+
+    for stage in ("grpo", "rloo", "dpo"):
+        recipe = yaml.safe_load((REPO / f"recipes/tiny/{stage}_lora.yaml").read_text())
+        recipe["model"]["chat_template_kwargs"] = kwargs
+        args = trl_args(config.load(text=yaml.safe_dump(recipe)), tmp_path / stage)
+        assert getattr(args, "chat_template_kwargs", kwargs) == kwargs  # DPO's config has no such field
+
+
 def test_dry_run_plans_a_preference_stage(tmp_path, capsys, tiny_path):
     assert (
         cli.main(["train", str(REPO / "recipes/tiny/dpo_lora.yaml"), f"output.dir={tmp_path / 'out'}", "--dry-run"])

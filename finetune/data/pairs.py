@@ -76,6 +76,7 @@ class ExampleSplit:
     n_records: int
     tok: object = field(default=None, repr=False)
     n_dropped: int = 0  # set by a stage whose trainer drops examples (RewardTrainer: longer than max_length)
+    template_kwargs: dict = field(default_factory=dict)  # model.chat_template_kwargs, as TRL renders them
     _lengths: list | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -107,9 +108,9 @@ class ExampleSplit:
                     examples = ExampleRows(self.table.select(sample))
             self._lengths = []
             for e in examples:
-                prompt = _n_tokens(self.tok, e["prompt"], generation_prompt=True)
+                prompt = _n_tokens(self.tok, e["prompt"], generation_prompt=True, **self.template_kwargs)
                 answers = [e[k] for k in ("chosen", "rejected", "completion") if k in e]
-                full = [_n_tokens(self.tok, e["prompt"] + a) for a in answers] or [prompt]
+                full = [_n_tokens(self.tok, e["prompt"] + a, **self.template_kwargs) for a in answers] or [prompt]
                 self._lengths.append((max(full), sum(n - prompt for n in full)))
         return self._lengths
 
@@ -138,22 +139,26 @@ class ExampleSplit:
         }
 
 
-def _n_tokens(tok, messages, generation_prompt=False) -> int:
+def _n_tokens(tok, messages, generation_prompt=False, **template_kwargs) -> int:
     if isinstance(messages, str):  # a raw-text prompt (prompt_completion data for an RL stage)
         return len(tok(messages)["input_ids"])
     return len(
-        tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True)[
-            "input_ids"
-        ]
+        tok.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True, **template_kwargs
+        )["input_ids"]
     )
 
 
-def _shape(examples: list[dict], fmt: str, stage: str) -> list[dict]:
-    """Examples of format `fmt` -> what `stage` trains on."""
+def _shape(examples: list[dict], fmt: str, stage: str, template_kwargs: dict | None = None) -> list[dict]:
+    """Examples of format `fmt` -> what `stage` trains on. The preference trainers render each
+    example with its `chat_template_kwargs` (TRL reads them per example); the RL stages take them
+    from their TRL config (or PPO from its own rendering)."""
     if stage in RL_STAGES:
         return [prompt_only(e) for e in examples]
     if stage == "kto" and fmt in PAIR_FORMATS:
-        return unpair(examples)
+        examples = unpair(examples)
+    if template_kwargs:
+        examples = [{**e, "chat_template_kwargs": dict(template_kwargs)} for e in examples]
     return examples
 
 
@@ -179,7 +184,7 @@ def _converted(name: str, cfg: DataSection, stage: str, field_name: str, tmp: Pa
     return path, fmt, src, n, notes
 
 
-def _to_arrow(json_path: Path, route, fmt: str, stage: str, out: dict[str, Path]) -> dict:
+def _to_arrow(json_path: Path, route, fmt: str, stage: str, out: dict[str, Path], template_kwargs=None) -> dict:
     """The converted examples, shaped for `stage` and routed by record number (`route(n)` names the
     output, or None to drop), as Arrow tables of real columns, a batch at a time. Two passes: the
     first unifies each output's schema over all rows (rows differ in their keys: a message with a
@@ -195,7 +200,7 @@ def _to_arrow(json_path: Path, route, fmt: str, stage: str, out: dict[str, Path]
                     name = route(n)
                     if name is not None:
                         routed.setdefault(name, []).append(json.loads(text))
-                yield {name: _shape(rows, fmt, stage) for name, rows in routed.items()}
+                yield {name: _shape(rows, fmt, stage, template_kwargs) for name, rows in routed.items()}
 
     schemas: dict[str, list] = {name: [] for name in out}
     for routed in shaped_batches():
@@ -215,30 +220,30 @@ def _to_arrow(json_path: Path, route, fmt: str, stage: str, out: dict[str, Path]
     return {name: datasets.Dataset.from_file(str(out[name])) for name in unified}
 
 
-def load(cfg: DataSection, tok, stage: str, seed: int = 42) -> PreparedData:
+def load(cfg: DataSection, tok, stage: str, seed: int = 42, template_kwargs: dict | None = None) -> PreparedData:
+    """The stage's train (and eval) examples; `template_kwargs`: the model's chat_template_kwargs,
+    which TRL then renders every example with (and the statistics count with)."""
     tmp = _private_dir()
+    kwargs = dict(template_kwargs or {})
     path, fmt, src, n, notes = _converted(cfg.train, cfg, stage, "data.train", tmp)
     label = src.label()
     eval_split = None
     if cfg.eval:
         eval_path, eval_fmt, eval_src, n_eval, eval_notes = _converted(cfg.eval, cfg, stage, "data.eval", tmp)
         notes += eval_notes
-        [table] = _to_arrow(eval_path, lambda _: "eval", eval_fmt, stage, {"eval": tmp / "eval.arrow"}).values()
-        eval_split = ExampleSplit(eval_src.label(), table, n_eval, tok)
-        tables = _to_arrow(path, lambda _: "train", fmt, stage, {"train": tmp / "train.arrow"})
+        eval_out = {"eval": tmp / "eval.arrow"}
+        [table] = _to_arrow(eval_path, lambda _: "eval", eval_fmt, stage, eval_out, kwargs).values()
+        eval_split = ExampleSplit(eval_src.label(), table, n_eval, tok, template_kwargs=kwargs)
+        tables = _to_arrow(path, lambda _: "train", fmt, stage, {"train": tmp / "train.arrow"}, kwargs)
     elif cfg.eval_ratio:
         held = heldout_indices(n, cfg.eval_ratio, seed)  # records, before KTO unpairs them: a pair stays whole
-        tables = _to_arrow(
-            path,
-            lambda i: "eval" if i in held else "train",
-            fmt,
-            stage,
-            {"train": tmp / "train.arrow", "eval": tmp / "eval.arrow"},
-        )
-        eval_split = ExampleSplit(f"{label} (held out {cfg.eval_ratio:g})", tables["eval"], len(held), tok)
+        out = {"train": tmp / "train.arrow", "eval": tmp / "eval.arrow"}
+        tables = _to_arrow(path, lambda i: "eval" if i in held else "train", fmt, stage, out, kwargs)
+        held_label = f"{label} (held out {cfg.eval_ratio:g})"
+        eval_split = ExampleSplit(held_label, tables["eval"], len(held), tok, template_kwargs=kwargs)
         n -= len(held)
     else:
-        tables = _to_arrow(path, lambda _: "train", fmt, stage, {"train": tmp / "train.arrow"})
+        tables = _to_arrow(path, lambda _: "train", fmt, stage, {"train": tmp / "train.arrow"}, kwargs)
     log.debug("%s: %s examples in %s", label, f"{len(tables['train']):,}", tmp)
-    train = ExampleSplit(label, tables["train"], n, tok)
+    train = ExampleSplit(label, tables["train"], n, tok, template_kwargs=kwargs)
     return PreparedData(train=train, eval=eval_split, format=fmt, language=src.language, notes=notes)

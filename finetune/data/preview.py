@@ -108,13 +108,16 @@ def _views(tok, example: dict, max_length: int | None, options: EncodeOptions) -
             return [("", sequences[0])]
         return [(f"sequence {i + 1} of {len(sequences)}: ", enc) for i, enc in enumerate(sequences)]
     prompt = example["prompt"]
+    kwargs = options.chat_template_kwargs  # as TRL renders them (a per-example column, finetune.data.pairs)
     n_prompt = len(
-        tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True, **kwargs)[
+            "input_ids"
+        ]
     )
     views = []
     for title, answer in answers:
         ids = tok.apply_chat_template(
-            prompt + answer, add_generation_prompt=not answer, tokenize=True, return_dict=True
+            prompt + answer, add_generation_prompt=not answer, tokenize=True, return_dict=True, **kwargs
         )["input_ids"]
         enc = Encoded(ids, [IGNORE] * n_prompt + ids[n_prompt:])
         if max_length is not None and len(ids) > max_length:

@@ -3,6 +3,7 @@ end of every run (`finish`: save what describes the output, swap it into place, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -26,6 +27,8 @@ def trl_args(recipe: Recipe, output_dir):
     kwargs = {k: v for k, v in recipe.train.items() if k not in TRAIN_EXTRA_KEYS}
     kwargs.update(output_dir=str(output_dir), use_cpu=not torch.cuda.is_available())
     cls = trl_config_class(recipe.stage)
+    if recipe.model.chat_template_kwargs and "chat_template_kwargs" in {f.name for f in dataclasses.fields(cls)}:
+        kwargs["chat_template_kwargs"] = dict(recipe.model.chat_template_kwargs)  # GRPO, RLOO render prompts
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:

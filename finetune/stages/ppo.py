@@ -28,7 +28,8 @@ log = logging.getLogger("finetune")
 
 
 def _prompt_ids(split, tok):
-    """The `input_ids` dataset PPOTrainer generates from: prompts with the generation prompt."""
+    """The `input_ids` dataset PPOTrainer generates from: prompts with the generation prompt (and the
+    model's chat_template_kwargs)."""
     import datasets
 
     ids = []
@@ -37,7 +38,9 @@ def _prompt_ids(split, tok):
         if isinstance(p, str):
             ids.append(tok(p)["input_ids"])
         else:
-            rendered = tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)
+            rendered = tok.apply_chat_template(
+                p, add_generation_prompt=True, tokenize=True, return_dict=True, **split.template_kwargs
+            )
             ids.append(rendered["input_ids"])
     return datasets.Dataset.from_dict({"input_ids": ids})
 

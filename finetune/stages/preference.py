@@ -36,7 +36,9 @@ def prepare(recipe: Recipe, dry_run: bool = False):
     if not dry_run:
         run_dir.check()
     tok = loading.load_tokenizer(recipe.model)
-    prepared = pairs.load(recipe.data, tok, recipe.stage, seed=recipe.train["seed"])
+    prepared = pairs.load(
+        recipe.data, tok, recipe.stage, seed=recipe.train["seed"], template_kwargs=recipe.model.chat_template_kwargs
+    )
     return run_dir, tok, prepared
 
 
