@@ -304,8 +304,8 @@ class _Anchors:
     does this before anything else). Tokenizing a prefix of a rendered chat then only needs the
     part after its last anchor: the text before is tokenized as it is in the whole. The window
     starts *at* the anchor, so the piece after it is never at offset 0 (where some pre-tokenizers
-    prepend a space marker). Anchors that strip whitespace around them are left out; a tokenizer
-    without the fast backend gets none.
+    prepend a space marker). Anchors are the added tokens matched on the raw text (not normalized)
+    that strip no whitespace around them; a tokenizer without the fast backend has none.
 
     The first CHECKED sequences of each process are also checked in full, and a tokenizer whose
     windows ever disagree with the full check is checked in full from then on."""
@@ -317,7 +317,7 @@ class _Anchors:
         self.ids = frozenset(
             i
             for i, t in (tok.added_tokens_decoder.items() if getattr(tok, "is_fast", False) else ())
-            if not (getattr(t, "lstrip", False) or getattr(t, "rstrip", False) or getattr(t, "single_word", False))
+            if not any(getattr(t, flag, False) for flag in ("lstrip", "rstrip", "single_word", "normalized"))
         )
         self.checked = 0
 
