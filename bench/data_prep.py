@@ -122,11 +122,19 @@ def measure(path: Path, tokenizer: str, num_proc: int, max_length: int, cache_di
     script = MEASURE.format(
         repo=str(REPO), tokenizer=tokenizer, path=str(path), num_proc=num_proc, max_length=max_length
     )
+    return run_measured([sys.executable, "-c", script], env)
+
+
+def run_measured(command: list[str], env: dict, log: Path | None = None) -> dict:
+    """Run one measurement process: the JSON of its last stdout line, plus its wall time, the CPU
+    seconds of it and its children, and the children's peak RSS (`log` keeps its output)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if log is not None:
+        log.write_text(done.stdout + done.stderr, encoding="utf-8")
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])
     out = json.loads(done.stdout.strip().splitlines()[-1])

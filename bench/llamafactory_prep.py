@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -130,22 +128,7 @@ def measure_lf(
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    done = subprocess.run(
-        [lf_python, "-c", LF_MEASURE.format(args=args)], capture_output=True, text=True, env=env, check=False
-    )
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    (work / f"lf_{workers}.log").write_text(done.stdout + done.stderr, encoding="utf-8")
-    if done.returncode:
-        raise SystemExit(done.stderr[-3000:])
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    out.update(
-        wall_s=wall,
-        cpu_s=(after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
-        children_peak_rss_mb=after.ru_maxrss / 1024,
-    )
+    out = data_prep.run_measured([lf_python, "-c", LF_MEASURE.format(args=args)], env, work / f"lf_{workers}.log")
     shutil.rmtree(run_dir)
     return out
 

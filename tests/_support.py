@@ -234,6 +234,13 @@ def missing_tool(reason: str):
     pytest.skip(reason)
 
 
+def ddp_train(recipe: Path | str, cwd: Path, *overrides: str):
+    """`finetune train RECIPE OVERRIDES...` as 2 CPU processes under accelerate launch (DDP); the finished process."""
+    launch = ddp_launch("-m", "finetune", "train", str(recipe), *overrides)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(launch, cwd=cwd, capture_output=True, text=True, timeout=600, env=env, check=False)
+
+
 def ddp_launch(*args: str) -> list[str]:
     """`accelerate launch` with the 2-process CPU DDP config (recipes/accelerate/cpu_ddp.yaml), then `args`."""
     config = str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml")

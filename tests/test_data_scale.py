@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
 
 import pytest
 import yaml
-from _support import ddp_launch, logged_losses, memo_recipe, write_jsonl
+from _support import ddp_train, logged_losses, memo_recipe, write_jsonl
 
 from finetune import cli, config, data, loading
 from finetune.config import DataSection
@@ -148,16 +147,13 @@ def test_each_rank_encodes_only_its_own_records_of_a_stream(tmp_path, monkeypatc
 def test_streamed_two_process_ddp_trains_to_max_steps(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(memo_recipe(tmp_path, "lora", steps=6))
-    launch = ddp_launch(
-        "-m",
-        "finetune",
-        "train",
-        str(recipe),
+    ddp = ddp_train(
+        recipe,
+        tmp_path,
         f"output.dir={tmp_path / 'ddp'}",
         "data.streaming=true",
         "train.per_device_train_batch_size=2",
     )
-    ddp = subprocess.run(launch, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     losses = logged_losses(tmp_path / "ddp")
     assert len(losses) == 6 and losses[-1] < losses[0]

@@ -4,7 +4,7 @@ loss of one process with the same global batch."""
 import subprocess
 import sys
 
-from _support import ddp_launch, free_port, logged_losses, memo_recipe, run_cli
+from _support import ddp_train, free_port, logged_losses, memo_recipe, run_cli
 
 COMMON = ["train.max_steps=20", "train.report_to=[]"]
 
@@ -18,16 +18,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     )
     assert single.returncode == 0, single.stderr[-3000:]
 
-    launch = ddp_launch(
-        "-m",
-        "finetune",
-        "train",
-        str(recipe),
-        f"output.dir={tmp_path / 'ddp'}",
-        "train.per_device_train_batch_size=2",
-        *COMMON,
-    )
-    ddp = subprocess.run(launch, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    ddp = ddp_train(recipe, tmp_path, f"output.dir={tmp_path / 'ddp'}", "train.per_device_train_batch_size=2", *COMMON)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stderr.count("finetune: done: output in") == 1, "only the main process reports"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "memo.jsonl", "recipe.yaml", "single"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _support import ddp_launch, log_series
+from _support import ddp_train, log_series
 
 from finetune import config, rewards
 from finetune.errors import RecipeError
@@ -251,28 +251,14 @@ def test_answer_rule_on_records_without_the_field_fails_before_writing(tmp_path)
 @pytest.mark.timeout(600)
 def test_ppo_runs_under_two_process_ddp(tmp_path, tiny_rm_dir):
     """TRL 1.12's PPOTrainer needs two fixes to run under DDP (finetune/stages/ppo.py)."""
-    import os
-    import subprocess
-
-    launch = ddp_launch(
-        "-m",
-        "finetune",
-        "train",
-        str(REPO / "recipes" / "tiny" / "ppo_lora.yaml"),
+    ddp = ddp_train(
+        REPO / "recipes" / "tiny" / "ppo_lora.yaml",
+        tmp_path,
         f"output.dir={tmp_path / 'ddp'}",
         f"rewards.model={tiny_rm_dir}",
         "train.max_steps=2",
         "train.per_device_train_batch_size=4",
         "train.response_length=8",
-    )
-    ddp = subprocess.run(
-        launch,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stderr.count("finetune: done: output in") == 1
