@@ -104,7 +104,7 @@ class ModelSection:
     chat_template_kwargs: dict[str, Any] = _f(
         {},
         help="Extra variables for the chat template, e.g. {enable_thinking: true}; "
-        "used for training data, chat and eval alike.",
+        "used for training data (SFT, and the preference and RL stages' TRL rendering), chat and eval alike.",
     )
     trust_remote_code: bool = _f(False, help="Run code shipped with the model repo. Off unless you trust its author.")
     allow_pickle: bool = _f(False, help="Allow loading .bin/.pt (pickle) weights. Off: safetensors only.")
