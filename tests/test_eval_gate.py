@@ -302,15 +302,6 @@ def test_recipe_eval_section_is_validated(tmp_path):
         config.load(text=text, overrides=["eval.max_new_token=3"])
 
 
-def test_readme_recipe_reference_is_in_sync_with_the_schema():
-    from finetune import config
-
-    readme = (REPO / "README.md").read_text()
-    for section, rows in config.field_docs().items():
-        for key, default, help_text in rows:
-            assert f"| `{section}.{key}` | `{default}` | {help_text} |" in readme, f"{section}.{key}"
-
-
 def test_shipped_suites_parse():
     from finetune.eval import suite
 
