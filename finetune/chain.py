@@ -10,7 +10,8 @@ KL term would pull the policy back from what SFT taught. With the SFT weights me
 reference is the SFT model, as in the papers. A copy on disk (rather than a merge in memory)
 works for every model class (a reward model's sequence-classification head on an SFT model)
 and lets QLoRA re-quantise the merged weights. (An `rm` dir is not a base to train on; it is
-loaded as a scorer by `finetune.loading.load_reward_model`.)
+loaded as a scorer by `finetune.loading.load_reward_model`.) `finetune.loading.merged_copy` builds the
+merged copy; `loading.model_path` and `loading.inspect` ask for it.
 
 The chained output records which base it trained on, by content (`outputs.record_base`:
 `base.json`), and every later reader finds that base through `outputs.OutputDir.base()`.
@@ -20,23 +21,9 @@ from __future__ import annotations
 
 import os
 
-from finetune.errors import RecipeError
 from finetune.outputs import OutputDir
 
 
 def base_of(adapter_dir: str | os.PathLike, field: str = "model.name_or_path") -> str:
     """The path (or hub id) of the base an adapter dir was trained on (`OutputDir.base()`)."""
     return OutputDir(adapter_dir, field).base().where
-
-
-def merged_if_adapter(path: str, field: str = "model.name_or_path") -> str:
-    """`path` itself, or for an adapter dir the cached merged copy of adapter + base: what a stage
-    whose model.name_or_path is `path` trains on."""
-    out = OutputDir(path, field)
-    if not out.is_adapter:
-        return path
-    if out.task_type not in (None, "CAUSAL_LM"):
-        raise RecipeError(
-            f"{field}: {path} holds a {out.task_type} adapter (a reward model?), not a language model to train on"
-        )
-    return str(out.merged())

@@ -2,7 +2,8 @@
 
 Three kinds of input:
 - a recipe's `model` section: `load_tokenizer(recipe.model)`, `load_for_training(...)` (a tiny name is
-  built, a previous stage's adapter dir merged into its base: finetune.chain; QLoRA quantizes);
+  built, a previous stage's adapter dir merged into its base once, `merged_copy`: finetune.chain;
+  QLoRA quantizes);
 - an output dir (or any PEFT / transformers dir): `inspect()` -> `ModelDir` (what it holds and where an
   adapter's base is, from `outputs.OutputDir`), then `load_tokenizer(model_dir)`, `load_base()` /
   `load_inference_model()` + `attach_adapter()`, or `load_for_inference()` for all of it;
@@ -19,18 +20,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import pickle
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from finetune import security, tiny
+from finetune.atomic import replace_dir
 from finetune.config import AdapterSection, ModelSection
 from finetune.errors import FinetuneError, OutputError, RecipeError, closest
-from finetune.outputs import ADAPTER_CONFIG, OutputDir
+from finetune.outputs import ADAPTER_CONFIG, MERGED_STAMP, Base, OutputDir, is_merged_copy
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +65,68 @@ class ModelDirError(FinetuneError):
 def model_path(cfg: ModelSection) -> str:
     """The path or hub id a recipe's model section loads: a built-in tiny name is built (once) and
     cached locally; a previous stage's adapter dir is merged into its base (finetune.chain: merge-first)."""
-    from finetune import chain
+    path = resolve_reference(cfg.name_or_path, "model.name_or_path")
+    out = OutputDir(path, "model.name_or_path")
+    if not out.is_adapter:
+        return path
+    if out.task_type not in (None, "CAUSAL_LM"):
+        raise RecipeError(
+            f"model.name_or_path: {path} holds a {out.task_type} adapter (a reward model?), not a language model "
+            "to train on"
+        )
+    return str(merged_copy(out))
 
-    return chain.merged_if_adapter(resolve_reference(cfg.name_or_path, "model.name_or_path"))
+
+def merged_copy(adapter: OutputDir) -> Path:
+    """The adapter merged into its base (built once, cached by content: `OutputDir.merged_dir`): the
+    base a stage chained on it trains on. Under a launcher one rank merges, the others find the copy."""
+    from accelerate import PartialState
+
+    target = adapter.merged_dir()
+    if is_merged_copy(target):
+        return target
+    with PartialState().main_process_first():
+        if not is_merged_copy(target):
+            _merge_into(adapter, materialize(adapter.base()), target)
+    return target
+
+
+def materialize(base: Base) -> str:
+    """A base's path, its merged copy built first when it names one not built yet."""
+    if base.unmerged is not None:
+        merged_copy(base.unmerged)
+    return base.where
+
+
+def _merge_into(adapter: OutputDir, base: str, target: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    log.info("chaining: merging the adapter in %s into %s (cached in %s)", adapter.path, base, target)
+    security.check_adapter_weights(adapter.path, "model.allow_pickle=true")
+    model = load_inference_model(base, "model.name_or_path", dtype="auto")
+    model = PeftModel.from_pretrained(model, str(adapter.path))
+    if not hasattr(model, "merge_and_unload"):  # prompt / prefix tuning: nothing to merge into the weights
+        kind = model.peft_config["default"].peft_type
+        raise RecipeError(
+            f"model.name_or_path: {adapter.path} holds a {kind} adapter, which cannot be merged into "
+            "its base; a stage can only start from a mergeable (LoRA-type) adapter"
+        )
+    model = model.merge_and_unload()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer_source = adapter.path if (adapter.path / "tokenizer_config.json").is_file() else base
+        # the tokenizer files as they are (no fallback template or pad token added): the merged copy is a base
+        AutoTokenizer.from_pretrained(
+            str(tokenizer_source), trust_remote_code=security.flags().trust_remote_code
+        ).save_pretrained(tmp)
+        stamp = {"adapter": str(adapter.path), "base": base, "fingerprint": adapter.fingerprint()}
+        (tmp / MERGED_STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
+        replace_dir(tmp, target)  # an incomplete earlier attempt is swapped out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_reference(name: str, field: str) -> str:
@@ -154,7 +218,7 @@ def inspect(path: str | Path, base: str | None = None, what: str = "MODEL_DIR") 
             model_dir = ModelDir(out.path, "adapter", out.adapter_config())
             model_dir.quant = out.quantization()
             found = out.base(base)
-            model_dir.base, model_dir.base_field = found.where, found.field
+            model_dir.base, model_dir.base_field = materialize(found), found.field
             return model_dir
     except (RecipeError, OutputError) as e:  # an unreadable recipe.yaml, a chained base that cannot merge
         raise ModelDirError(str(e)) from None

@@ -16,13 +16,12 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import config, tiny
 from finetune.atomic import publish_modes, replace_dir, write_text_atomic  # noqa: F401  (the one atomic swap, re-exported)
-from finetune.errors import FinetuneError, OutputError, RecipeError
+from finetune.errors import FinetuneError, OutputError
 
 log = logging.getLogger("finetune")
 
@@ -138,10 +137,13 @@ def _first_difference(old: str, new: str) -> str:
 
 @dataclass
 class Base:
-    """Where an adapter's base is (a local dir or a hub id) and which field said so (for errors)."""
+    """Where an adapter's base is (a local dir or a hub id) and which field said so (for errors).
+    `unmerged`: the adapter whose merged copy `where` is, when that copy is not built yet
+    (`finetune.loading.merged_copy` builds it; reading this dir loads nothing)."""
 
     where: str
     field: str
+    unmerged: OutputDir | None = None
 
 
 class OutputDir:
@@ -256,7 +258,7 @@ class OutputDir:
             return _local_or_hub([(override, "--base")], self.path)
         record = self.base_record()
         if record is not None:
-            return Base(str(self._recorded_base(record)), f"{self.path / BASE_RECORD}: base")
+            return self._recorded_base(record, f"{self.path / BASE_RECORD}: base")
         candidates = []
         name = self._recipe_base_name()
         if name:
@@ -294,18 +296,16 @@ class OutputDir:
                     h.update(block)
         return h.hexdigest()[:16]
 
-    def merged(self) -> Path:
-        """This adapter merged into its base (full precision), cached by content under
-        $FINETUNE_CACHE/merged/: what a stage chained on this dir loads as its base."""
-        target = tiny.cache_root() / "merged" / f"{self.path.name}-{self.fingerprint()}"
-        if (target / MERGED_STAMP).is_file():
-            return target
-        from accelerate import PartialState
+    def merged_dir(self) -> Path:
+        """Where this adapter merged into its base (full precision) is cached, by content, under
+        $FINETUNE_CACHE/merged/: what a stage chained on this dir loads as its base
+        (`finetune.loading.merged_copy` builds it)."""
+        return tiny.cache_root() / "merged" / f"{self.path.name}-{self.fingerprint()}"
 
-        with PartialState().main_process_first():  # one rank merges, the others find the copy
-            if not (target / MERGED_STAMP).is_file():
-                _merge_into(self, self.base().where, target)
-        return target
+    def as_merged_base(self, field: str) -> Base:
+        """This adapter's merged copy as a base (not built yet: `unmerged` says so)."""
+        target = self.merged_dir()
+        return Base(str(target), field, None if is_merged_copy(target) else self)
 
     def chained_description(self) -> dict:
         """base.json for a stage trained on this adapter merged: the original model and every
@@ -319,7 +319,7 @@ class OutputDir:
         adapters.append({"dir": str(self.path), "fingerprint": self.fingerprint()})
         return {"base": root, "adapters": adapters, "fingerprint": adapters[-1]["fingerprint"]}
 
-    def _recorded_base(self, record: dict) -> Path:
+    def _recorded_base(self, record: dict, field: str) -> Base:
         """The merged base recorded in base.json: the parent adapter's merge when its content still
         matches; the cached merge of the recorded content when the parent was retrained since
         (with a warning naming both fingerprints); else an error saying how to rebuild it."""
@@ -329,20 +329,20 @@ class OutputDir:
         if parent is not None:
             now = parent.fingerprint()
             if now == fp:
-                return parent.merged()
+                return parent.as_merged_base(field)
             changed = (
                 f"{self.path} was trained on {parent.path} with fingerprint {fp}, and {parent.path} now has "
                 f"fingerprint {now} (retrained since)"
             )
-            if (cached / MERGED_STAMP).is_file():
+            if is_merged_copy(cached):
                 log.warning("%s; using the cached merge of the adapter it was trained on, %s", changed, cached)
-                return cached
+                return Base(str(cached), field)
             raise OutputError(
                 f"{self.path / BASE_RECORD}: {changed}; restore that adapter, retrain this stage, "
                 "or pass --base with the merged model it was trained on"
             )
-        if (cached / MERGED_STAMP).is_file():
-            return cached
+        if is_merged_copy(cached):
+            return Base(str(cached), field)
         chain = " + ".join([str(record["base"])] + [a["dir"] for a in record["adapters"]])
         raise OutputError(
             f"{self.path / BASE_RECORD}: its base is {chain} merged in that order, and adapter "
@@ -384,7 +384,7 @@ def _local_or_hub(candidates: list[tuple[str, str]], path: Path) -> Base:
                 raise OutputError(f"{field}: {e}") from None
         local = Path(name).expanduser()
         if (local / ADAPTER_CONFIG).is_file():  # chained without base.json (trained before it existed)
-            return Base(str(OutputDir(local).merged()), field)
+            return OutputDir(local).as_merged_base(field)
         if local.is_dir():
             return Base(str(local.resolve()), field)
     name, field = candidates[0]
@@ -394,34 +394,9 @@ def _local_or_hub(candidates: list[tuple[str, str]], path: Path) -> Base:
     return Base(name, field)  # a hub id: from_pretrained finds it (in the HF cache, or online)
 
 
-def _merge_into(adapter: OutputDir, base: str, target: Path) -> None:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from finetune import security
-
-    log.info("chaining: merging the adapter in %s into %s (cached in %s)", adapter.path, base, target)
-    security.check_adapter_weights(adapter.path, "model.allow_pickle=true")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", use_safetensors=True)
-    model = PeftModel.from_pretrained(model, str(adapter.path))
-    if not hasattr(model, "merge_and_unload"):  # prompt / prefix tuning: nothing to merge into the weights
-        kind = model.peft_config["default"].peft_type
-        raise RecipeError(
-            f"model.name_or_path: {adapter.path} holds a {kind} adapter, which cannot be merged into "
-            "its base; a stage can only start from a mergeable (LoRA-type) adapter"
-        )
-    model = model.merge_and_unload()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer_source = adapter.path if (adapter.path / "tokenizer_config.json").is_file() else base
-        AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(tmp)
-        stamp = {"adapter": str(adapter.path), "base": base, "fingerprint": adapter.fingerprint()}
-        (tmp / MERGED_STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
-        replace_dir(tmp, target)  # an incomplete earlier attempt is swapped out
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def is_merged_copy(path: Path) -> bool:
+    """A finished merged copy (its stamp is written last, before the atomic swap into place)."""
+    return (path / MERGED_STAMP).is_file()
 
 
 def recorded_system_prompt(model_dir: str | os.PathLike) -> str | None:

@@ -77,7 +77,7 @@ def test_chained_output_names_its_base_portably(chained):
     record = dpo.base_record()
     assert record["base"] == "tiny-llama" and record["fingerprint"] == sft.fingerprint()
     assert [(a["dir"], a["relative"]) for a in record["adapters"]] == [(str(sft.path), "../sft")]
-    merged = str(sft.merged())
+    merged = str(loading.merged_copy(sft))
     assert dpo.base().where == merged
     cache = str(tiny.cache_root() / "merged")
     assert dpo.adapter_config()["base_model_name_or_path"] == tiny.build_if_tiny("tiny-llama")
@@ -96,7 +96,7 @@ def test_chained_output_names_its_base_portably(chained):
 
 def test_moved_outputs_and_cache_are_rebuilt_then_a_retrained_parent_is_named(chained, tmp_path):
     root, _ = chained
-    expected = logits(str(OutputDir(root / "out" / "sft").merged()), root / "out" / "dpo")
+    expected = logits(str(loading.merged_copy(OutputDir(root / "out" / "sft"))), root / "out" / "dpo")
     moved = tmp_path / "elsewhere"
     shutil.copytree(root / "out", moved)  # another machine: the original dirs and merged copies are gone
     (root / "out").rename(root / "away")
