@@ -6,7 +6,8 @@ generated chat file, the same tokenizer and the same worker counts, next to fine
     python bench/llamafactory_prep.py --tokenizer DIR --lf-template NAME
 
 LLaMA-Factory lives in its own venv (--lf-python, default /work/lfvenv/bin/python; how to build it:
-bench/README.md). The default tokenizer is Qwen2's, built from tests/fixtures/vocab/ggml-vocab-qwen2.gguf
+bench/README.md). The default tokenizer is Qwen2's, built from llama.cpp's ggml-vocab-qwen2.gguf
+(tests/_support.real_vocab)
 with the Qwen2.5-Instruct chat template (tests/fixtures/templates), LLaMA-Factory template `qwen`.
 The chat file is bench/data_prep.py's generator; LLaMA-Factory reads it as `formatting: sharegpt` with
 role/content tags through a dataset_info.json. Each measurement is a fresh process (`get_train_args`,
@@ -31,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data_prep  # noqa: E402  (the generator and finetune's measurement, shared with bench/data_prep.py)
 
 REPO = data_prep.REPO
-QWEN2_GGUF = REPO / "tests/fixtures/vocab/ggml-vocab-qwen2.gguf"
 QWEN2_TEMPLATE = REPO / "tests/fixtures/templates/Qwen-Qwen2.5-7B-Instruct.jinja"
 
 LF_MEASURE = """
@@ -63,7 +63,11 @@ def build_qwen2_tokenizer(out: Path) -> Path:
         return out
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(QWEN2_GGUF.parent), gguf_file=QWEN2_GGUF.name)
+    sys.path.insert(0, str(REPO / "tests"))
+    from _support import real_vocab  # Qwen2's vocab file, from the llama-cpp-python sdist on PyPI (cached)
+
+    qwen2 = real_vocab("qwen2")
+    tok = AutoTokenizer.from_pretrained(str(qwen2.parent), gguf_file=qwen2.name)
     tok.chat_template = QWEN2_TEMPLATE.read_text(encoding="utf-8")
     tok.save_pretrained(str(out))
     return out

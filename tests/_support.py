@@ -224,6 +224,54 @@ def log_series(out_dir: Path, key: str) -> list[float]:
     return [h[key] for h in state["log_history"] if key in h]
 
 
+# llama.cpp's vocab-only GGUFs of real tokenizers (6-8 MB each), from the llama-cpp-python source
+# distribution on PyPI (MIT, llama.cpp's models/ folder), checked by content; not committed.
+LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
+VOCAB_SHA256 = {
+    "qwen2": "44c2f46b715f585c6ab513970e8a006bfa5badd6108560054921cf598d154d8c",
+    "llama-bpe": "97272e430d53bc7688f52d5e0ad8ea8f163ede9f1bbd1694feaa504797d5d96e",
+}
+
+
+def real_vocab(name: str) -> Path:
+    """`ggml-vocab-{name}.gguf` (a real tokenizer; tests/fixtures/vocab/README.md), in
+    $FINETUNE_CACHE/vocab: on first use, pip downloads the pinned source distribution from PyPI (a
+    package registry, the one network source the project uses) and the vocab files are taken out of
+    it, their sha256 checked, and moved into place whole."""
+    import hashlib
+    import tarfile
+    import tempfile
+
+    from finetune import tiny
+
+    target = tiny.cache_root() / "vocab" / f"ggml-vocab-{name}.gguf"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
+        done = subprocess.run([*command, LLAMA_CPP_SDIST, "-d", tmp], capture_output=True, text=True, check=False)
+        sdists = list(Path(tmp).glob("*.tar.gz"))
+        if done.returncode or not sdists:
+            missing_tool(
+                f"{LLAMA_CPP_SDIST} (the real tokenizers' vocab files) cannot be downloaded: {done.stderr[-300:]}"
+            )
+        with tarfile.open(sdists[0]) as sdist:
+            for member in sdist.getmembers():
+                vocab = Path(member.name).name.removeprefix("ggml-vocab-").removesuffix(".gguf")
+                if (
+                    member.name.endswith(f"/vendor/llama.cpp/models/{Path(member.name).name}")
+                    and vocab in VOCAB_SHA256
+                ):
+                    data = sdist.extractfile(member).read()
+                    assert hashlib.sha256(data).hexdigest() == VOCAB_SHA256[vocab], (
+                        f"{member.name}: not the tested file"
+                    )
+                    (Path(tmp) / Path(member.name).name).write_bytes(data)
+                    os.replace(Path(tmp) / Path(member.name).name, target.parent / Path(member.name).name)
+    return target
+
+
 def missing_tool(reason: str):
     """A system tool a test drives is missing: a skip on a developer's machine, a failure in CI
     (`.ci/run` installs it there, so a skip would hide a gap)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from _support import real_vocab
 from transformers import AutoTokenizer
 
 from finetune.data import encode as encode_module
@@ -22,7 +23,7 @@ VOCAB = Path(__file__).parent / "fixtures" / "vocab"
 def real_tokenizers():
     return {
         # byte-level BPE behind a split regex, <|im_start|> / <|im_end|> ... as added tokens
-        "qwen2": AutoTokenizer.from_pretrained(str(VOCAB), gguf_file="ggml-vocab-qwen2.gguf"),
+        "qwen2": AutoTokenizer.from_pretrained(str(real_vocab("qwen2").parent), gguf_file="ggml-vocab-qwen2.gguf"),
         # SentencePiece-style: a "▁" prepended to every piece by the normalizer, byte fallback
         "phi-3": AutoTokenizer.from_pretrained(str(VOCAB / "phi-3-hf")),
     }

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import regex
 import torch
+from _support import real_vocab
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from finetune import gguf_export
@@ -87,7 +88,7 @@ def model_with_real_tokenizer(root: Path, name: str, tokenizer_class: str, claim
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    meta, _ = gguf_export.read_gguf(VOCAB / f"ggml-vocab-{name}.gguf")
+    meta, _ = gguf_export.read_gguf(real_vocab(name))
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     bpe = models.BPE(
         {t: i for i, t in enumerate(tokens)},

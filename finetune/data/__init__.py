@@ -484,6 +484,19 @@ def _private_dir() -> Path:
     return path
 
 
+def open_source(name: str, cfg: DataSection, stage: str, field_name: str, streaming: bool = False):
+    """One data reference, checked before any work: (source, its records (an iterator, read once),
+    format (fits the stage), column map). Unknown data.columns fail here."""
+    src = sources.locate(name, split=cfg.split, registry=cfg.registry, field=field_name)
+    records = _records(src, cfg, field_name, streaming)
+    first = next(records, None)
+    fmt = _format_of(src, cfg, first)
+    check_stage_format(stage, fmt, lambda: f"{src.label()}: data.format")
+    columns = {**(src.columns or {}), **cfg.columns}
+    formats.convert([], fmt, columns)
+    return src, itertools.chain([first], records), fmt, columns
+
+
 def prepare_split(
     name: str,
     cfg: DataSection,
@@ -494,16 +507,10 @@ def prepare_split(
     stage: str = "sft",
 ) -> tuple[Split, str, sources.Source, list[str]]:
     """One source encoded (from the cache when it holds it): (split, format, source, notes)."""
-    src = sources.locate(name, split=cfg.split, registry=cfg.registry, field=field_name)
-    records = _records(src, cfg, field_name)
-    first = next(records, None)
-    fmt = _format_of(src, cfg, first)
-    check_stage_format(stage, fmt, lambda: f"{src.label()}: data.format")
-    columns = {**(src.columns or {}), **cfg.columns}
-    formats.convert([], fmt, columns)  # unknown data.columns fail here, before any work
+    src, records, fmt, columns = open_source(name, cfg, stage, field_name)
 
     def build(tmp: Path) -> dict:
-        return _build(src, itertools.chain([first], records), fmt, columns, cfg, tok, max_length, options, tmp)
+        return _build(src, records, fmt, columns, cfg, tok, max_length, options, tmp)
 
     start = time.perf_counter()
     if cfg.cache == "off":
@@ -658,12 +665,7 @@ def load_streaming(cfg: DataSection, tok, max_length: int | None, options=None) 
             "data.streaming: eval data is not streamed; unset data.eval / data.eval_ratio "
             "(or prepare the data without streaming)"
         )
-    src = sources.locate(cfg.train, split=cfg.split, registry=cfg.registry, field="data.train")
-    first = next(_records(src, cfg, "data.train", streaming=True), None)
-    fmt = _format_of(src, cfg, first)
-    check_stage_format("sft", fmt, lambda: f"{src.label()}: data.format")
-    columns = {**(src.columns or {}), **cfg.columns}
-    formats.convert([], fmt, columns)
+    src, _, fmt, columns = open_source(cfg.train, cfg, "sft", "data.train", streaming=True)  # the stream re-reads
     sample_rows = list(itertools.islice(_stream_rows(src, fmt, columns, cfg), STREAM_SAMPLE))
     batch = {k: [r[k] for r in sample_rows] for k in ("example", "where", "record")}
     sample = _encode_batch(batch, tok, max_length, options)

@@ -11,7 +11,6 @@ ranks after the first reuse it.
 
 from __future__ import annotations
 
-import itertools
 import json
 import random
 import statistics
@@ -19,17 +18,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.config import RL_STAGES, DataSection, check_stage_format
+from finetune.config import RL_STAGES, DataSection
 from finetune.data import (
     PreparedData,
-    _format_of,
     _private_dir,
-    _records,
     _write_examples,
-    formats,
     heldout_indices,
     log,
-    sources,
+    open_source,
 )
 from finetune.data.preference import PAIR_FORMATS, prompt_only, unpair
 from finetune.errors import DataError
@@ -165,15 +161,9 @@ def _shape(examples: list[dict], fmt: str, stage: str, template_kwargs: dict | N
 def _converted(name: str, cfg: DataSection, stage: str, field_name: str, tmp: Path):
     """One source read and converted row by row into `tmp` (JSON per example):
     (path, format, source, records, notes)."""
-    src = sources.locate(name, split=cfg.split, registry=cfg.registry, field=field_name)
-    records = _records(src, cfg, field_name)
-    first = next(records, None)
-    fmt = _format_of(src, cfg, first)
-    check_stage_format(stage, fmt, lambda: f"{src.label()}: data.format")
-    columns = {**(src.columns or {}), **cfg.columns}
-    formats.convert([], fmt, columns)  # unknown data.columns fail here, before any work
+    src, records, fmt, columns = open_source(name, cfg, stage, field_name)
     path = tmp / f"{field_name}.json.arrow"
-    n, bad, n_bad, _ = _write_examples(itertools.chain([first], records), fmt, columns, cfg, src.label(), path)
+    n, bad, n_bad, _ = _write_examples(records, fmt, columns, cfg, src.label(), path)
     if n == 0:
         raise DataError(
             f"{src.label()}: empty dataset (no records)" + (f"; {n_bad} bad rows skipped" if n_bad else "")
