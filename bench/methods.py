@@ -35,26 +35,13 @@ import tempfile
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
 from _support import MEMO_CHATS, QA, heldout_loss, write_jsonl  # noqa: E402  (shared probes)
 
-METHODS = [
-    "lora",
-    "dora",
-    "qlora",
-    "loraplus",
-    "pissa",
-    "olora",
-    "adalora",
-    "loha",
-    "lokr",
-    "vera",
-    "ia3",
-    "prompt_tuning",
-    "prefix_tuning",
-    "p_tuning",
-    "freeze",
-    "full",
-]
+from finetune.config import ADAPTER_METHODS  # noqa: E402
+
+# every method's shipped recipe, and LoRA+ (recipes/tiny/sft_loraplus.yaml: LoRA with loraplus_lr_ratio)
+METHODS = [*ADAPTER_METHODS, "loraplus"]
 CHATS = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in QA] + MEMO_CHATS
 
 
