@@ -176,21 +176,7 @@ class DataSection:
         help="Training data: a name from data/datasets.yaml, a local file (json, jsonl, csv, parquet) "
         "or a hub dataset id."
     )
-    format: (
-        Literal[
-            "alpaca",
-            "sharegpt",
-            "messages",
-            "prompt_completion",
-            "text",
-            "preference",
-            "alpaca_preference",
-            "sharegpt_preference",
-            "kto",
-            "prompt",
-        ]
-        | None
-    ) = _f(
+    format: Literal[DATA_FORMATS] | None = _f(
         None,
         help="Record format; optional for registry names (the registry says it). Preference stages: "
         "preference, alpaca_preference, sharegpt_preference, kto; RL stages: prompt (or any chat format).",
