@@ -225,6 +225,12 @@ def test_pairs_are_memory_mapped_and_rows_that_differ_in_their_fields_share_one_
     assert rl.train.dataset()["answer"] == [None, None, "42"]
     assert [e.get("answer") for e in rl.train.examples] == [None, None, "42"] and "answer" not in rl.train.examples[0]
 
+    write_jsonl(path, prompts + [{"prompt": "Q4?", "answer": 42}])  # text in one record, a number in another
+    with pytest.raises(
+        DataError, match=r"prompts\.jsonl:4: field 'answer': a number here, but text at .*prompts\.jsonl:3"
+    ):
+        pairs.load(DataSection(train=str(path), format="prompt"), tiny_tokenizer, "grpo")
+
 
 def test_the_models_chat_template_kwargs_reach_every_stage(tmp_path, tiny_tokenizer):
     """model.chat_template_kwargs render the preference examples in TRL (a per-example column its

@@ -174,6 +174,34 @@ def _converted(name: str, cfg: DataSection, stage: str, field_name: str, tmp: Pa
     return path, fmt, src, n, notes
 
 
+class _OneTypePerField:
+    """A column holds one type: a field (a prompt's extra `answer`, say) that is text in one record
+    and a number in another is a one-line error naming both records, not an Arrow traceback."""
+
+    def __init__(self):
+        self.seen: dict[str, tuple[str, str]] = {}
+
+    @staticmethod
+    def _kind(value) -> str:
+        if isinstance(value, bool):
+            return "a boolean"
+        if isinstance(value, (int, float)):
+            return "a number"
+        return {str: "text", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+    def __call__(self, example: dict, where: str) -> None:
+        for field_name, value in example.items():
+            if value is None:
+                continue
+            kind = self._kind(value)
+            first = self.seen.setdefault(field_name, (kind, where))
+            if first[0] != kind:
+                raise DataError(
+                    f"{where}: field {field_name!r}: {kind} here, but {first[0]} at {first[1]}; "
+                    "a field holds one type in every record"
+                )
+
+
 def _to_arrow(json_path: Path, route, fmt: str, stage: str, out: dict[str, Path], template_kwargs=None) -> dict:
     """The converted examples, shaped for `stage` and routed by record number (`route(n)` names the
     output, or None to drop), as Arrow tables of real columns, a batch at a time. Two passes: the
@@ -182,18 +210,22 @@ def _to_arrow(json_path: Path, route, fmt: str, stage: str, out: dict[str, Path]
     import datasets
     import pyarrow as pa
 
-    def shaped_batches():
+    def shaped_batches(check=None):
         with pa.memory_map(str(json_path)) as source:
             for batch in pa.ipc.open_stream(source):
                 routed: dict[str, list[dict]] = {}
-                for text, n in zip(batch.column("example").to_pylist(), batch.column("record").to_pylist()):
+                columns = ("example", "record", "where")
+                for text, n, where in zip(*(batch.column(c).to_pylist() for c in columns)):
                     name = route(n)
                     if name is not None:
-                        routed.setdefault(name, []).append(json.loads(text))
+                        example = json.loads(text)
+                        if check:
+                            check(example, where)
+                        routed.setdefault(name, []).append(example)
                 yield {name: _shape(rows, fmt, stage, template_kwargs) for name, rows in routed.items()}
 
     schemas: dict[str, list] = {name: [] for name in out}
-    for routed in shaped_batches():
+    for routed in shaped_batches(_OneTypePerField()):
         for name, rows in routed.items():
             schemas[name].append(pa.Table.from_pylist(rows).schema)
     unified = {name: pa.unify_schemas(s, promote_options="permissive") for name, s in schemas.items() if s}
