@@ -77,10 +77,11 @@ def wait_for(predicate, timeout=300, what="", poll=0.5):
 def test_train_chat_data_eval_export_in_a_browser(ui, page, tiny_path):
     root = ui["root"]
     recipe = root / "memo.yaml"
-    # 8 micro-batches a step (the memo chats twice, batch 1): slow enough (~10 s for 40 steps on an idle
-    # 2-core machine) that the test sees checkpoint-5 and stops the run before it finishes
-    slow = write_jsonl(root / "memo_x2.jsonl", [{"messages": m} for m in MEMO_CHATS * 2])
-    train = {"save_steps": 5, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 8}
+    # 32 micro-batches a step (the memo chats 8 times, batch 1): slow enough (~18 s for 40 steps on an
+    # idle 2-core machine; 8 micro-batches took 4.5 s in a fresh virtualenv, and the run finished before
+    # the stop click landed) that the test sees checkpoint-5 and stops the run well before it finishes
+    slow = write_jsonl(root / "memo_x2.jsonl", [{"messages": m} for m in MEMO_CHATS * 8])
+    train = {"save_steps": 5, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 32}
     text = memo_recipe(root, steps=25, train=train, data={"train": str(slow), "format": "messages"})
     recipe.write_text(text, encoding="utf-8")
     out_dir = root / "memo_out"
