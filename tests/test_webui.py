@@ -77,9 +77,9 @@ def wait_for(predicate, timeout=300, what="", poll=0.5):
 def test_train_chat_data_eval_export_in_a_browser(ui, page, tiny_path):
     root = ui["root"]
     recipe = root / "memo.yaml"
-    # 32 micro-batches a step (the memo chats 8 times, batch 1): slow enough (~18 s for 40 steps on an
-    # idle 2-core machine; 8 micro-batches took 4.5 s in a fresh virtualenv, and the run finished before
-    # the stop click landed) that the test sees checkpoint-5 and stops the run well before it finishes
+    # 32 micro-batches a step (the memo chats 8 times, batch 1): slow enough (~15 s for 40 steps on an
+    # idle 2-core machine, where 8 micro-batches took 4.5 s) that the test sees checkpoint-5 and stops
+    # the run well before it finishes
     slow = write_jsonl(root / "memo_x2.jsonl", [{"messages": m} for m in MEMO_CHATS * 8])
     train = {"save_steps": 5, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 32}
     text = memo_recipe(root, steps=25, train=train, data={"train": str(slow), "format": "messages"})
@@ -167,6 +167,29 @@ def test_train_chat_data_eval_export_in_a_browser(ui, page, tiny_path):
     page.get_by_role("tab", name="训练").click()
     wait_for(lambda: page.get_by_role("button", name="开始 / 继续").count() == 1, 30, "Chinese labels")
     shot(page, ui, "6-train-zh")
+
+
+def test_stop_interrupts_a_run_even_when_the_ui_ignores_ctrl_c(tmp_path):
+    """A UI started where SIGINT is ignored (`finetune webui &` in a script) hands that to its
+    children; Stop must still interrupt the run cleanly (checkpoints kept), not wait and kill it."""
+    import signal
+
+    from finetune.webui.runner import Runner
+
+    recipe = tmp_path / "long.yaml"
+    recipe.write_text(memo_recipe(tmp_path, steps=2000, output={"dir": str(tmp_path / "long_out")}))
+    runner = Runner()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert runner.start(recipe, tmp_path / "long_out", tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        wait_for(lambda: "step 2/2000" in runner.log_path.read_text(), 300, "the run's second step")
+    finally:
+        runner.stop()
+    assert runner.state()[0] == "stopped"
+    assert "finetune: interrupted" in runner.log_path.read_text()  # Ctrl-C's clean stop, not a kill
 
 
 def test_a_missing_extra_is_one_line_naming_the_install(monkeypatch):

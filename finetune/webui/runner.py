@@ -24,6 +24,20 @@ def finetune_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "finetune", *args]
 
 
+# Stop is Ctrl-C (SIGINT): the trainer stops cleanly and its checkpoints stay for a resume. A UI started
+# where SIGINT is ignored (in the background of a script, or under a supervisor that ignores it) passes
+# that on to its children, and a run would not stop: the run restores Python's handler first.
+_INTERRUPTIBLE = (
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('finetune', run_name='__main__', alter_sys=True)"
+)
+
+
+def interruptible_command(*args: str) -> list[str]:
+    """`finetune ARGS` that Ctrl-C (SIGINT) interrupts, whatever the UI's own SIGINT disposition."""
+    return [sys.executable, "-c", _INTERRUPTIBLE, *args]
+
+
 def child_env() -> dict:
     """The UI's own finetune package first on the path, unbuffered output (the log is read live)."""
     path = os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p)
@@ -53,7 +67,7 @@ class Runner:
                 log.write(f"$ finetune train {recipe_path}\n")
                 log.flush()
                 self.proc = subprocess.Popen(
-                    finetune_command("train", str(recipe_path)),
+                    interruptible_command("train", str(recipe_path)),
                     cwd=cwd,
                     env=child_env(),
                     stdout=log,
