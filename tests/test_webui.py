@@ -136,8 +136,12 @@ def test_train_chat_data_eval_export_in_a_browser(ui, page, tiny_path):
     page.get_by_role("tab", name="Data").click()
     fill(page, "ft-d-data", root / "memo.jsonl")
     page.locator("#ft-d-preview").click()
-    page.wait_for_selector("#ft-d-out mark.ft-trained")
-    assert MEMO_CHATS[0][1]["content"] in page.locator("#ft-d-out mark.ft-trained").first.inner_text()
+    # wait for the preview asked for (its own answer highlighted), not for any highlight: a preview of
+    # other data may still be on the page when the click returns
+    answer = MEMO_CHATS[0][1]["content"]
+    marks = page.locator("#ft-d-out mark.ft-trained")
+    wait_for(lambda: any(answer in m for m in marks.all_inner_texts()), 60, f"the preview of {answer!r}")
+    assert answer in marks.first.inner_text()  # the record asked for (index 0), its answer trained
     shot(page, ui, "2-data")
 
     # Evaluate: finetune eval on the memo chats, metrics table and report
