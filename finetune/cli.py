@@ -113,6 +113,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+    fit = sub.add_parser(
+        "fit",
+        help="will it fit: estimate a recipe's peak GPU memory per device",
+        description="Estimate the peak accelerator memory of one training process from the recipe and the "
+        "model's config alone (weights, adapter, gradients, optimizer states, activations, framework), with a "
+        "verdict against --gpu-memory (or the visible GPU) and the first change that would make it fit.",
+    )
+    fit.add_argument("recipe", help="recipe YAML file")
+    fit.add_argument("overrides", nargs="*", metavar="section.key=value", help="override a recipe key")
+    fit.add_argument(
+        "--gpu-memory", metavar="SIZE", help="memory of one GPU, e.g. 24GB or 80GiB (default: the visible GPU)"
+    )
+    fit.add_argument("--gpus", type=int, default=1, help="processes the run is launched with (default 1)")
+    fit.add_argument(
+        "--sharding",
+        choices=["none", "zero1", "zero2", "zero3", "fsdp"],
+        default="none",
+        help="what the accelerate config shards: none (DDP), DeepSpeed ZeRO-1/2/3, FSDP full shard",
+    )
+    fit.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
     pipe = sub.add_parser(
         "pipeline",
         help="run a multi-stage pipeline (sft -> rm -> ppo, sft -> dpo, ...)",
@@ -397,6 +418,24 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_fit(args) -> int:
+    from finetune import adapters, config, fit
+
+    recipe = config.load(args.recipe, args.overrides)
+    _at_least(args, "gpus", 1)
+    capacity = fit.parse_size(args.gpu_memory) if args.gpu_memory else fit.visible_gpu_bytes()
+    sharding = {"zero3": "full", "fsdp": "full"}.get(args.sharding, args.sharding)
+    model = fit.meta_model(recipe)
+    est = fit.estimate(recipe, on_gpu=True, world=args.gpus, sharding=sharding, model=model)
+    where = f"{args.gpus} GPUs, {args.sharding}" if args.gpus > 1 else "1 GPU"
+    print(f"will it fit: {recipe.source} ({recipe.model.name_or_path}, {adapters.describe(recipe.adapter)}; {where})")
+    print("\n".join("  " + line for line in est.lines()))
+    for note in est.notes:
+        print(f"  note: {note}")
+    print(fit.verdict(recipe, capacity, world=args.gpus, sharding=sharding, model=model))
+    return 0
+
+
 def cmd_pipeline(args) -> int:
     from finetune import pipeline
 
@@ -557,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries(args.debug)
     handler = {
         "train": cmd_train,
+        "fit": cmd_fit,
         "pipeline": cmd_pipeline,
         "data": cmd_data,
         "score": cmd_score,
