@@ -22,8 +22,75 @@ from finetune.outputs import ADAPTER_CONFIG, RunDir, record_base, write_text_ato
 log = logging.getLogger("finetune")
 
 
+def check_throughput_features(recipe: Recipe) -> None:
+    """Packing, Liger kernels and vLLM generation: where they would be wrong or cannot run here, one line before
+    anything loads (not a leak between packed examples, a Triton or an import traceback mid-run)."""
+    import importlib.util
+
+    from finetune.data.packing import PACKING_ATTENTION
+
+    t, where = recipe.train, recipe.source or "recipe"
+    attn = recipe.model.attn_implementation
+    if t.get("packing") and attn and attn not in PACKING_ATTENTION:
+        raise RecipeError(
+            f"{where}: train.packing with model.attn_implementation={attn}: packed examples would attend to each "
+            f"other (only {', '.join(PACKING_ATTENTION)} keep them apart by position_ids)"
+        )
+    wants = [
+        ("use_liger_kernel", "Liger's fused kernels (Triton)", "liger_kernel", "liger"),
+        ("use_vllm", "vLLM generation", "vllm", "vllm"),
+    ]
+    for key, what, module, extra in wants:
+        if not t.get(key):
+            continue
+        if not torch.cuda.is_available():
+            raise RecipeError(f"{where}: train.{key}: {what} needs a CUDA GPU and this machine has none; drop it here")
+        if importlib.util.find_spec(module) is None:
+            raise RecipeError(
+                f"{where}: train.{key}: {what} needs the {module} package: pip install 'finetune[{extra}]'"
+            )
+    if t.get("use_vllm") and recipe.adapter.method == "qlora":
+        raise RecipeError(
+            f"{where}: train.use_vllm with adapter.method=qlora: TRL 1.12 syncs a LoRA policy to vLLM by merging the "
+            "adapter into the 4-bit base weights each step, which re-quantizes them; use adapter.method=lora "
+            "(a 16-bit base) with vLLM, or TRL's own generation with QLoRA"
+        )
+
+
+def accelerated_notes(recipe: Recipe) -> list[str]:
+    """What the plan says about Liger and vLLM when they are on."""
+    t, notes = recipe.train, []
+    if t.get("use_liger_kernel"):
+        notes.append(
+            "Liger kernels: fused linear cross-entropy (no full logits); the per-step entropy metric is not logged, "
+            "token accuracy comes from the kernel"
+        )
+    if t.get("use_vllm"):
+        notes.append(
+            f"vLLM generation ({t.get('vllm_mode', 'colocate')} mode); the LoRA adapter is merged for each sync"
+        )
+    return notes
+
+
+def packing_notes(recipe: Recipe, prepared) -> list[str]:
+    """train.packing: how many rows the examples become (as TRL's best-fit decreasing packs them)."""
+    from finetune.data.packing import packed_rows
+
+    t = recipe.train
+    if recipe.stage != "sft" or not t.get("packing") or not hasattr(prepared.train, "table"):
+        return []
+    lengths = prepared.train.table.with_format("arrow")["length"].to_numpy()
+    rows = packed_rows(lengths, t["max_length"])
+    fill = lengths.sum() / max(rows * t["max_length"], 1)
+    return [
+        f"packing: {len(lengths):,} examples -> {rows:,} rows of up to {t['max_length']} tokens "
+        f"({fill:.0%} full; padding-free, each example attends only to itself)"
+    ]
+
+
 def trl_args(recipe: Recipe, output_dir):
     """The stage's TRL config (SFTConfig, ...) from the recipe's effective `train` section."""
+    check_throughput_features(recipe)
     kwargs = {k: v for k, v in recipe.train.items() if k not in TRAIN_EXTRA_KEYS}
     kwargs.update(output_dir=str(output_dir), use_cpu=not torch.cuda.is_available())
     cls = trl_config_class(recipe.stage)
@@ -120,7 +187,9 @@ class TrainPlan:
         world = world_size()
         effective = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] * world
         steps = planned_steps(recipe, len(prepared.train.encoded), world)
-        notes = list(prepared.notes) + output_notes(recipe)
+        notes = (
+            list(prepared.notes) + output_notes(recipe) + accelerated_notes(recipe) + packing_notes(recipe, prepared)
+        )
         return cls(
             recipe,
             trainable,
