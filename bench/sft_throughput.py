@@ -2,6 +2,7 @@
 
     python bench/sft_throughput.py                     # finetune vs plain TRL, tiny model, 3 repeats
     python bench/sft_throughput.py --variants study    # + each finetune default flipped alone
+    python bench/sft_throughput.py --variants fourway --ref trl:fp32+nockpt   # vs TRL tuned for the hardware
     python bench/sft_throughput.py --build-model /tmp/bench_model   # a 512x8 random Llama (tiny tokenizer)
     python bench/sft_throughput.py --model /tmp/bench_model --variants ft,trl,ft:bf16
 
@@ -75,6 +76,9 @@ MODS = {
 }
 PRESETS = {
     "default": ["ft", "trl"],
+    # the honest table: finetune's default, TRL's defaults, TRL tuned for this hardware (fp32 and no activation
+    # checkpointing on a CPU), finetune packed
+    "fourway": ["ft", "trl", "trl:fp32+nockpt", "ft:pack_bfd"],
     "study": [
         "ft",
         "trl",
