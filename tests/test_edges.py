@@ -261,10 +261,10 @@ def test_a_tracker_that_is_not_installed_fails_at_load_before_any_dir(tmp_path, 
     assert code == 2 and "unknown tracker 'tensorbord'; did you mean 'tensorboard'?" in err
 
 
-def test_readme_lists_the_trackers():
+def test_the_recipe_docs_list_the_trackers():
     from _support import REPO
 
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "recipes.md").read_text()
     for name in ("wandb", "mlflow", "trackio", "tensorboard"):
         assert f"| `{name}`" in readme and f"pip install {name}" in readme
 

@@ -289,3 +289,23 @@ def test_every_shipped_recipe_gets_an_estimate(capsys, path):
     assert code == 0
     verdict = out.strip().splitlines()[-1]
     assert verdict.startswith(("fits: peak ~", "does not fit: peak ~")), out
+
+
+def test_the_readme_recipe_table_shows_fits_estimates():
+    """The peak GPU memory in the README's recipe table is `finetune fit`'s estimate of the row's first recipe."""
+    import re
+
+    rows = [line for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines() if " GiB" in line]
+    checked = 0
+    for row in rows:
+        m = re.match(r"\| `(recipes/[\w.]+/\w+\.yaml)`.* \| ([\d.]+) GiB", row)
+        if not m:
+            continue
+        path, shown = m.group(1), float(m.group(2))
+        name = yaml.safe_load((REPO / path).read_text(encoding="utf-8"))["model"]["name_or_path"]
+        if name.startswith("outputs/"):
+            name = "Qwen/Qwen2.5-7B-Instruct" if "qwen" in path else "meta-llama/Llama-3.1-8B-Instruct"
+        recipe = config.load(REPO / path, [real(REAL_CONFIGS[name])])
+        assert round(fit.estimate(recipe).total / fit.GIB, 1) == shown, path
+        checked += 1
+    assert checked >= 15

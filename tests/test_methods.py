@@ -386,9 +386,9 @@ def test_freeze_names_unknown_modules(tmp_path, tiny_path):
 
 
 def _readme_tables() -> dict[str, list[list[str]]]:
-    """README tables keyed by the bold line above them (`**adapter**`, ...)."""
+    """The recipe reference's tables (docs/recipes.md) keyed by the bold line above them (`**adapter**`, ...)."""
     tables, title = {}, None
-    for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines():
+    for line in (REPO / "docs" / "recipes.md").read_text(encoding="utf-8").splitlines():
         if m := re.match(r"\*\*([\w -]+)\*\*", line):  # `**adapter**`, `**eval** (optional...)`
             title = m.group(1)
             tables[title] = []
@@ -409,7 +409,7 @@ def test_readme_recipe_reference_matches_the_schema():
     tables = _readme_tables()
     for section, rows in config.field_docs().items():
         want = [[f"`{section}.{key}`", f"`{default}`", help_] for key, default, help_ in rows]
-        assert tables.get(section) == want, f"README recipe reference for `{section}` is out of date"
+        assert tables.get(section) == want, f"docs/recipes.md recipe reference for `{section}` is out of date"
 
 
 def test_readme_lists_every_method_default():
@@ -419,4 +419,4 @@ def test_readme_lists_every_method_default():
         text = " ".join(rows[f"`{method}`"][1:])
         for key, value in defaults.items():
             shown = f"{value:g}" if isinstance(value, float) else "null" if value is None else value
-            assert f"`{key}: {shown}`" in text, f"README per-method defaults: {method} {key}"
+            assert f"`{key}: {shown}`" in text, f"docs/recipes.md per-method defaults: {method} {key}"
