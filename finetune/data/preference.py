@@ -108,7 +108,7 @@ def preference(f: _Fields) -> dict:
             raise f.error("rejected", "identical to chosen (a pair must differ)")
         if chosen[0]["role"] != "assistant" or rejected[0]["role"] != "assistant":
             raise f.error("chosen", "after the shared prompt, chosen and rejected must start with an assistant turn")
-        prompt = _prompt(f, "chosen", prompt, system)
+        prompt = _prompt(f, "chosen", prompt, system, parsed=True)
     else:
         prompt = _prompt(f, "prompt", raw_prompt, system)
     return _pair(f, prompt, chosen, rejected)
@@ -136,7 +136,10 @@ class _WithOutput(_Fields):
 def sharegpt_preference(f: _Fields) -> dict:
     turns = _turns(f, "conversations", f.name("from"), f.name("value"), SHAREGPT_ROLES)
     return _pair(
-        f, _prompt(f, "conversations", turns, f.text("system", required=False)), f.get("chosen"), f.get("rejected")
+        f,
+        _prompt(f, "conversations", turns, f.text("system", required=False), parsed=True),
+        f.get("chosen"),
+        f.get("rejected"),
     )
 
 
