@@ -634,3 +634,42 @@ def test_preview_of_a_registry_recipe_with_weight_and_max_length(lf_dir, tmp_pat
     assert cli.main(["data", "preview", str(recipe), "train.max_length=12"]) == 0
     out = capsys.readouterr().out
     assert "12 tokens" in out and "(truncated)" in out
+
+
+# ----------------------------------------------------------------------------- docs/data.md's examples (22.11)
+
+
+def _doc_blocks(lang: str) -> list[str]:
+    import re
+
+    text = (REPO / "docs" / "data.md").read_text(encoding="utf-8")
+    return [textwrap.dedent(b) for b in re.findall(rf"```{lang}\n(.*?)```", text, re.S)]
+
+
+def test_the_data_docs_examples_work(tmp_path, tiny_tokenizer):
+    chats, weighted = _doc_blocks("jsonl")
+    path = tmp_path / "my_chats.jsonl"
+    path.write_text(chats, encoding="utf-8")
+    examples, fmt, _ = data.read_examples(str(path), DataSection(train=str(path)))
+    assert fmt == "messages" and len(examples) == 2  # detected, no data.format
+    [example] = [_convert(json.loads(weighted))]
+    assert [trained_runs(tiny_tokenizer, e) for e in encode(tiny_tokenizer, example)] == [["4.</s>"]]
+
+    recipe = yaml.safe_load(_doc_blocks("yaml")[0])
+    from finetune import config
+
+    assert config.load(text=yaml.safe_dump(recipe)).data.train == "data/my_chats.jsonl"
+
+    [info] = [json.loads(b) for b in _doc_blocks("json")]
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    (tmp_path / "chats").mkdir()
+    path.rename(tmp_path / "chats" / "openai.jsonl")
+    sharegpt = {
+        "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}],
+        "system": "Be brief.",
+    }
+    (tmp_path / "my_sharegpt.json").write_text(json.dumps([sharegpt]), encoding="utf-8")
+    for name in info:
+        cfg = DataSection(train=name, registry=str(tmp_path / "dataset_info.json"))
+        examples, fmt, _ = data.read_examples(name, cfg)
+        assert fmt == "sharegpt" and examples[0]["messages"][-1]["role"] == "assistant"

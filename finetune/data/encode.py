@@ -24,7 +24,12 @@ them gets it inline in the trained turn's content, wrapped in `reasoning_tags`
 (`<think>\\nR\\n</think>\\n\\n`); earlier turns keep it only in those keys, so their reasoning
 shows in the history exactly as the template shows it at inference.
 
+An assistant turn with `weight: 0` (OpenAI's fine-tuning format) is context only: never trained.
+
 Completion: only `completion` + EOS is trained. Text: every token, + EOS.
+
+With a max_length, a huge record is cut before it is tokenized (`bounded`), to a length that cannot
+change its first max_length tokens: memory follows max_length, not the record's size.
 """
 
 from __future__ import annotations

@@ -134,10 +134,13 @@ def preview_data(
     options = options or EncodeOptions()
     if index < 0:
         raise DataError(f"--index {index}: must be at least 0")
+    from finetune.data.pairs import _shape
+
     example, fmt, label, where = _example(cfg, stage, index)
     marker = "green background" if color else "[[ ]]"
+    shaped = [example] if stage in (None, "sft") else _shape([example], fmt, stage)  # as the stage's loader shapes it
     try:
-        views = _views(tok, example, max_length, options)
+        views = [view for e in shaped for view in _views(tok, e, max_length, options)]
     except DataError as e:
         raise DataError(f"{where}: {e}") from None
     lines = [f"{label} record {index} ({fmt}); trained tokens in {marker}:"]
