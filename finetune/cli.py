@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -152,9 +153,22 @@ def _parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="inspect datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    prev = data_sub.add_parser("preview", help="show one example as the model sees it, trained tokens marked")
-    prev.add_argument("dataset", help="registry name, file, or hub dataset id")
-    prev.add_argument("--model", required=True, help="model (tokenizer + chat template): hub id, path or tiny-llama")
+    prev = data_sub.add_parser(
+        "preview",
+        help="show one training example as the model sees it, trained tokens marked",
+        description="finetune data preview RECIPE [--index N] [section.key=value ...]: record N of the recipe's "
+        "training data exactly as `finetune train` reads, converts and encodes it (its tokenizer, chat template, "
+        "data.* settings, model.chat_template_kwargs, train.max_length). Quick look at a file: "
+        "finetune data preview FILE --model MODEL [data.key=value ...].",
+    )
+    prev.add_argument("dataset", help="a recipe YAML, or a registry name, data file or hub dataset id")
+    prev.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="override a recipe key, e.g. data.encoding=gb18030 (the file form takes data.* and model.* keys)",
+    )
+    prev.add_argument("--model", help="file form: model (tokenizer + chat template): hub id, path or tiny-llama")
     prev.add_argument(
         "--format",
         help="record format (alpaca, sharegpt, messages, prompt_completion, text, preference, alpaca_preference, "
@@ -172,7 +186,7 @@ def _parser() -> argparse.ArgumentParser:
     prev.add_argument(
         "--train-on",
         choices=["all_turns", "last_turn"],
-        default="all_turns",
+        default=None,
         help="chat data: train every assistant turn or only the last (data.train_on)",
     )
     prev.add_argument(
@@ -457,35 +471,83 @@ def cmd_data(args) -> int:
 
         print(prepare(config.load(args.recipe, args.overrides)))
         return 0
-    import json
+    from finetune import security
+    from finetune.data.preview import preview_recipe
 
-    from finetune import loading
-    from finetune.config import ModelSection
-    from finetune.data.encode import EncodeOptions
-    from finetune.data.preview import preview
-    from finetune.errors import RecipeError
-
-    try:
-        kwargs = json.loads(args.chat_template_kwargs) if args.chat_template_kwargs else {}
-    except json.JSONDecodeError as e:
-        raise RecipeError(f"--chat-template-kwargs: not valid JSON ({e.msg})") from None
-    if not isinstance(kwargs, dict):
-        raise RecipeError("--chat-template-kwargs: expected a JSON object")
     _at_least(args, "max_length", 1)
-    tok = loading.load_tokenizer(ModelSection(name_or_path=args.model, chat_template=args.chat_template))
-    print(
-        preview(
-            args.dataset,
-            tok,
-            fmt=args.format,
+    recipe, stage = _preview_recipe(args)
+    with security.user_flags(recipe.model.trust_remote_code, recipe.model.allow_pickle):
+        text = preview_recipe(
+            recipe,
+            stage=stage,
             index=args.index,
             max_length=args.max_length,
             color=sys.stdout.isatty(),
             show_tokens=args.tokens,
-            options=EncodeOptions(chat_template_kwargs=kwargs, train_on=args.train_on),
         )
-    )
+    print(text)
     return 0
+
+
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
+def _preview_recipe(args):
+    """The recipe `data preview` shows: the one named (recipe form), or one built from the file form's
+    dataset, --model and options; either way with the key=value overrides, validated as `train` validates."""
+    import json
+
+    import yaml
+
+    from finetune import config
+    from finetune.errors import RecipeError
+
+    flags = {  # file-form option -> the recipe key it stands for
+        "--model": (args.model, "model.name_or_path"),
+        "--format": (args.format, "data.format"),
+        "--chat-template": (args.chat_template, "model.chat_template"),
+        "--chat-template-kwargs": (args.chat_template_kwargs, "model.chat_template_kwargs"),
+        "--train-on": (args.train_on, "data.train_on"),
+    }
+    if args.dataset.lower().endswith(RECIPE_SUFFIXES):
+        given = [(flag, key) for flag, (value, key) in flags.items() if value is not None]
+        if given:
+            raise RecipeError(
+                f"{given[0][0]}: the recipe form takes its settings from the recipe; override them as "
+                f"{given[0][1]}=..."
+            )
+        recipe = config.load(args.dataset, args.overrides)
+        return recipe, recipe.stage
+    if not args.model:
+        raise RecipeError(
+            f"{args.dataset}: name the model whose tokenizer and chat template to use (--model), "
+            "or preview a recipe: finetune data preview RECIPE.yaml"
+        )
+    for item in args.overrides:
+        if not item.split("=", 1)[0].startswith(("data.", "model.")):
+            raise RecipeError(
+                f"override '{item}': the file form takes data.* and model.* keys; use a recipe for others"
+            )
+    kwargs = None
+    if args.chat_template_kwargs:
+        try:
+            kwargs = json.loads(args.chat_template_kwargs)
+        except json.JSONDecodeError as e:
+            raise RecipeError(f"--chat-template-kwargs: not valid JSON ({e.msg})") from None
+        if not isinstance(kwargs, dict):
+            raise RecipeError("--chat-template-kwargs: expected a JSON object")
+    model = {"name_or_path": args.model, "chat_template": args.chat_template, "chat_template_kwargs": kwargs}
+    data = {"train": args.dataset, "train_on": args.train_on}
+    raw = {
+        "model": {k: v for k, v in model.items() if v is not None},
+        "data": {k: v for k, v in data.items() if v is not None},
+        "train": {"max_length": None},
+        "output": {"dir": "unused-by-preview"},
+    }
+    recipe = config.load(text=yaml.safe_dump(raw, allow_unicode=True), overrides=args.overrides)
+    if args.format:  # any format (a preference or KTO file too), not only the stage's
+        recipe.data = dataclasses.replace(recipe.data, format=args.format)
+    return recipe, None  # no stage: the file form previews records of any format
 
 
 def cmd_eval(args) -> int:

@@ -201,7 +201,9 @@ class DataSection:
         "finetune writes inline for templates that have no reasoning support.",
     )
     registry: str | None = _f(
-        None, help="Path of a datasets.yaml registry (default: ./data/datasets.yaml, then the shipped one)."
+        None,
+        help="Path of a datasets.yaml registry, or of LLaMA-Factory's dataset_info.json (docs/data.md has the "
+        "mapping); default: ./data/datasets.yaml, then the shipped one.",
     )
     encoding: str | None = _f(
         None, help="Text encoding of local JSON/JSONL/CSV files, e.g. gb18030 (default: UTF-8, with or without a BOM)."
@@ -218,7 +220,9 @@ class DataSection:
         False, help="Read and encode while training (data larger than RAM or disk); needs train.max_steps."
     )
     skip_bad_rows: bool = _f(
-        False, help="Skip malformed records instead of stopping; the run reports how many and the first few."
+        False,
+        help="Skip bad records (malformed JSON lines, records a format rejects) instead of stopping, streamed "
+        "data too; the run reports how many and the first few.",
     )
 
 

@@ -208,7 +208,7 @@ class PreparedData:
 
 
 def _records(src: sources.Source, cfg: DataSection, field_name: str, streaming: bool = False):
-    records = sources.iter_records(src, streaming, cfg.encoding)
+    records = sources.iter_records(src, streaming, cfg.encoding, keep_bad=cfg.skip_bad_rows)
     if cfg.max_samples and field_name == "data.train":
         records = itertools.islice(records, cfg.max_samples)
     return records
@@ -232,9 +232,17 @@ def read_examples(
     scoring and eval prompts; training data goes through `load`, which holds no lists)."""
     src = sources.locate(name, split=cfg.split, registry=cfg.registry, field=field_name)
     records = list(_records(src, cfg, field_name))
-    fmt = _format_of(src, cfg, records[0] if records else None, fmt)
+    fmt = _format_of(src, cfg, next((r for r in records if not r.error), None), fmt)
     columns = {**(src.columns or {}), **cfg.columns}
-    return formats.convert(records, fmt, columns, cfg.system, *_convert_extra(cfg)), fmt, src
+    if not cfg.skip_bad_rows:
+        return formats.convert(records, fmt, columns, cfg.system, *_convert_extra(cfg)), fmt, src
+    examples = []
+    for record in records:
+        try:
+            examples += formats.convert([record], fmt, columns, cfg.system, *_convert_extra(cfg))
+        except DataError:
+            continue
+    return examples, fmt, src
 
 
 SUMMARY_ROWS = 10_000  # phases below this many rows (and a second) log their summary at debug level
@@ -489,12 +497,17 @@ def open_source(name: str, cfg: DataSection, stage: str, field_name: str, stream
     format (fits the stage), column map). Unknown data.columns fail here."""
     src = sources.locate(name, split=cfg.split, registry=cfg.registry, field=field_name)
     records = _records(src, cfg, field_name, streaming)
+    bad = []  # data.skip_bad_rows: unreadable rows before the first one the format is guessed from
     first = next(records, None)
+    while first is not None and first.error:
+        bad.append(first)
+        first = next(records, None)
     fmt = _format_of(src, cfg, first)
-    check_stage_format(stage, fmt, lambda: f"{src.label()}: data.format")
+    if stage is not None:  # None: any format (the file form of `data preview`)
+        check_stage_format(stage, fmt, lambda: f"{src.label()}: data.format")
     columns = {**(src.columns or {}), **cfg.columns}
     formats.convert([], fmt, columns)
-    return src, itertools.chain([first], records), fmt, columns
+    return src, itertools.chain(bad, [first], records), fmt, columns
 
 
 def prepare_split(
@@ -628,14 +641,25 @@ def _split(train: Split, ratio: float, seed: int) -> tuple[Split, Split]:
 # ----------------------------------------------------------------------------- streaming
 
 
-def _stream_rows(src, fmt, columns, cfg: DataSection, shards: list[int] | None = None, n_shards: int = 1):
+def _stream_rows(
+    src, fmt, columns, cfg: DataSection, shards: list[int] | None = None, n_shards: int = 1, report: bool = True
+):
     """Generator of canonical examples for IterableDataset.from_generator (errors name the row).
     Shard k of n keeps records k, k + n, k + 2n, ...: each rank reads the stream (cheap) and
     converts and encodes only its own records."""
+    n_bad = 0
     for n, record in enumerate(_records(src, cfg, "data.train", streaming=True)):
         if shards is not None and n % n_shards not in shards:
             continue
-        example = formats.convert([record], fmt, columns, cfg.system, *_convert_extra(cfg))[0]
+        try:
+            example = formats.convert([record], fmt, columns, cfg.system, *_convert_extra(cfg))[0]
+        except DataError as e:
+            if not cfg.skip_bad_rows:
+                raise
+            n_bad += 1
+            if report and (n_bad <= FIRST_BAD_ROWS or n_bad % 1000 == 0):
+                log.warning("data.skip_bad_rows: %s skipped so far; this one: %s", f"{n_bad:,}", e)
+            continue
         yield {"example": json.dumps(example, ensure_ascii=False), "where": record.where, "record": n}
 
 
@@ -666,7 +690,10 @@ def load_streaming(cfg: DataSection, tok, max_length: int | None, options=None) 
             "(or prepare the data without streaming)"
         )
     src, _, fmt, columns = open_source(cfg.train, cfg, "sft", "data.train", streaming=True)  # the stream re-reads
-    sample_rows = list(itertools.islice(_stream_rows(src, fmt, columns, cfg), STREAM_SAMPLE))
+    sample_rows = list(itertools.islice(_stream_rows(src, fmt, columns, cfg, report=False), STREAM_SAMPLE))
+    if not sample_rows:
+        raise DataError(f"{src.label()}: no record could be read (data.skip_bad_rows skipped every one)")
+    n_bad = sample_rows[-1]["record"] + 1 - len(sample_rows)  # records before the last kept one, not kept
     batch = {k: [r[k] for r in sample_rows] for k in ("example", "where", "record")}
     sample = _encode_batch(batch, tok, max_length, options)
     encoded = [
@@ -719,5 +746,13 @@ def load_streaming(cfg: DataSection, tok, max_length: int | None, options=None) 
         sum(sample["truncated"]),
         len(sample["n_trained"]) - len(encoded),
     )
-    note = f"data.streaming: statistics of the first {len(sample_rows)} records; the stream is encoded while training"
-    return PreparedData(train=split, format=fmt, language=src.language, notes=[note])
+    notes = [
+        f"data.streaming: statistics of the first {len(sample_rows)} records; the stream is encoded while training"
+    ]
+    if n_bad:
+        notes.append(
+            f"{src.label()}: {n_bad} bad records skipped among the first {n_bad + len(sample_rows)} "
+            "(data.skip_bad_rows); while training, the log names the first "
+            f"{FIRST_BAD_ROWS} skipped and counts every 1000th"
+        )
+    return PreparedData(train=split, format=fmt, language=src.language, notes=notes)

@@ -38,11 +38,22 @@ CHAT_ROLES = (*MESSAGE_ROLES, "tool")
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 DEFAULT_REASONING_TAGS = ("<think>", "</think>")
 
+# LLaMA-Factory's sharegpt `tags`, accepted in data.columns by every format with message lists: the
+# key of a message's role and content, and the role values (a value maps to the role named here).
+ROLE_TAGS = {
+    "user_tag": "user",
+    "assistant_tag": "assistant",
+    "observation_tag": "tool",
+    "function_tag": "function_call",
+    "system_tag": "system",
+}
+TAGS = ("role_tag", "content_tag", *ROLE_TAGS)
+
 # The fields of each format (the names `data.columns` can remap).
 FIELDS = {
-    "alpaca": ("instruction", "input", "output", "system", "history", "reasoning"),
-    "sharegpt": ("conversations", "from", "value", "system", "tools"),
-    "messages": ("messages", "role", "content", "tools"),
+    "alpaca": ("instruction", "input", "output", "system", "history", "reasoning", "tools"),
+    "sharegpt": ("conversations", "from", "value", "system", "tools", *TAGS),
+    "messages": ("messages", "role", "content", "tools", *TAGS),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
 }
@@ -67,6 +78,17 @@ class _Fields:
             raise self.error(field, "missing")
         return value
 
+    def tagged(self, role_key: str, content_key: str, roles: dict[str, str]) -> tuple[str, str, dict[str, str]]:
+        """The message keys and role values of a message list, after data.columns' tags (ROLE_TAGS):
+        a tag adds its value to the roles (besides the format's own and sharegpt's)."""
+        if not any(t in self.columns for t in TAGS):
+            return role_key, content_key, roles
+        roles = {**roles, **SHAREGPT_ROLES}
+        for tag, role in ROLE_TAGS.items():
+            if tag in self.columns:
+                roles[self.columns[tag]] = role
+        return self.columns.get("role_tag", role_key), self.columns.get("content_tag", content_key), roles
+
     def text(self, field: str, required: bool = True, allow_empty: bool = False) -> str | None:
         value = self.get(field, required)
         if value is None:
@@ -81,6 +103,8 @@ class _Fields:
 def _check_chat(messages: list[dict], f: _Fields, field: str) -> list[dict]:
     if not any(m["role"] == "assistant" for m in messages):
         raise f.error(field, "the conversation has no assistant turn (nothing to learn)")
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):
+        raise f.error(field, "every assistant turn has weight 0 (nothing to learn)")
     calls: list[dict] = []  # the calls of the last assistant turn that made some, not yet answered
     n_calls = 0
     for i, m in enumerate(messages):
@@ -172,9 +196,11 @@ def _message(f: _Fields, field: str, i: int, role: str, turn: dict, content, sou
         raise f.error(field, f"{where}: the content must be a string")
     message = {"role": role, "content": content}
     if role == "assistant":
+        from_key = reasoning is not None
         if reasoning is None:
             reasoning, content = split_inline_reasoning(content, f.reasoning_tags)
             message["content"] = content
+        _check_reasoning(f, field, where, reasoning, content, from_key)
         if reasoning:
             message["reasoning_content"] = reasoning
         if tool_calls:
@@ -189,7 +215,37 @@ def _message(f: _Fields, field: str, i: int, role: str, turn: dict, content, sou
         for key in ("tool_call_id", "name"):
             if turn.get(key):
                 message[key] = str(turn[key])
+    weight = turn.get("weight")
+    if weight is not None:  # OpenAI's fine-tuning format: 0 = context only, 1 = trained
+        if role != "assistant":
+            raise f.error(field, f"{where}: 'weight' on a {role} turn (only assistant turns are trained)")
+        if isinstance(weight, bool) or weight not in (0, 1):
+            raise f.error(field, f"{where}: 'weight' must be 0 (not trained) or 1 (trained), got {weight!r}")
+        if weight == 0:
+            message["weight"] = 0
     return message
+
+
+def _check_reasoning(f: _Fields, field: str, where: str, reasoning: str, answer: str, from_key: bool) -> None:
+    """An assistant turn's reasoning is one block: a reasoning key (`reasoning_content`, ...) or one
+    `<think>...</think>` (data.reasoning_tags) at the start of its content. A tag anywhere else (nested,
+    unclosed, stray, or inline think next to a reasoning key) would be trained as text: an error."""
+    open_tag, close_tag = f.reasoning_tags
+    if from_key and answer.lstrip().startswith(open_tag):
+        raise f.error(
+            field, f"{where}: reasoning given twice: a reasoning key and an inline {open_tag} block (keep one)"
+        )
+    for part, name in ((reasoning, "reasoning"), (answer, "answer")):
+        for tag in (open_tag, close_tag):
+            if tag in part:
+                problem = (
+                    f"an unclosed {open_tag} (no {close_tag})"
+                    if name == "answer" and tag == open_tag and close_tag not in part
+                    else f"a {'nested' if name == 'reasoning' else 'stray'} {tag} in the {name}"
+                )
+                raise f.error(
+                    field, f"{where}: {problem}; reasoning is one {open_tag}...{close_tag} block at the answer's start"
+                )
 
 
 def _tools(f: _Fields) -> list[dict] | None:
@@ -226,6 +282,7 @@ def _turns(f: _Fields, field: str, role_key: str, content_key: str, roles: dict[
     turns = f.get(field) if value is None else value
     if not isinstance(turns, list) or not turns:
         raise f.error(field, "expected a non-empty list of turns")
+    role_key, content_key, roles = f.tagged(role_key, content_key, roles)
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
@@ -233,9 +290,11 @@ def _turns(f: _Fields, field: str, role_key: str, content_key: str, roles: dict[
         role, content = turn.get(role_key), turn.get(content_key)
         if role not in roles:
             raise f.error(field, f"turn {i}: unknown role {role!r} (expected one of {', '.join(roles)})")
-        if not isinstance(content, str) and not (role == "function_call" or turn.get("tool_calls")):
+        source = "function_call" if "function_call" in (role, roles[role]) else role
+        if not isinstance(content, str) and not (source == "function_call" or turn.get("tool_calls")):
             raise f.error(field, f"turn {i}: '{content_key}' must be a string")
-        messages.append(_message(f, field, i, roles[role], turn, content, source_role=role))
+        canonical = "assistant" if source == "function_call" else roles[role]
+        messages.append(_message(f, field, i, canonical, turn, content, source_role=source))
     return messages
 
 
@@ -263,7 +322,7 @@ def alpaca(f: _Fields) -> dict:
         f.text("output"),
     )
     messages += [{"role": "user", "content": user}, answer]
-    return {"messages": _check_chat(messages, f, "output")}
+    return _chat(messages, f, "output")
 
 
 def sharegpt(f: _Fields) -> dict:

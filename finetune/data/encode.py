@@ -24,7 +24,12 @@ them gets it inline in the trained turn's content, wrapped in `reasoning_tags`
 (`<think>\\nR\\n</think>\\n\\n`); earlier turns keep it only in those keys, so their reasoning
 shows in the history exactly as the template shows it at inference.
 
+An assistant turn with `weight: 0` (OpenAI's fine-tuning format) is context only: never trained.
+
 Completion: only `completion` + EOS is trained. Text: every token, + EOS.
+
+With a max_length, a huge record is cut before it is tokenized (`bounded`), to a length that cannot
+change its first max_length tokens: memory follows max_length, not the record's size.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from finetune.errors import DataError
 
 IGNORE = -100
-ENCODER_VERSION = 2  # bump on any change of the ids or labels encode() produces
+ENCODER_VERSION = 3  # bump on any change of the ids or labels encode() produces
 TRAIN_ON = ("all_turns", "last_turn")
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")  # what released templates read
 
@@ -83,9 +88,11 @@ class EncodeOptions:
 
 
 def template_messages(messages: list[dict]) -> list[dict]:
-    """Messages as templates read them: reasoning under every key a template may use."""
+    """Messages as templates read them: reasoning under every key a template may use (and no `weight`)."""
     out = []
     for m in messages:
+        if "weight" in m:
+            m = {k: v for k, v in m.items() if k != "weight"}
         reasoning = m.get("reasoning_content")
         if reasoning:
             m = {**m, **{k: reasoning for k in REASONING_KEYS}}
@@ -490,7 +497,8 @@ def encode_chat(
 
 
 def _turns(render: _Renderer, messages: list[dict], options: EncodeOptions) -> list[Turn]:
-    indices = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    # `weight: 0` (OpenAI's fine-tuning format): the turn is context only, never trained
+    indices = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0]
     if options.train_on == "last_turn":
         indices = indices[-1:]
     return [_turn(render, messages, k, options) for k in indices]
@@ -535,7 +543,10 @@ def encode_many(
     options = options or EncodeOptions()
     encoded: list[list[Encoded] | None] = [None] * len(examples)
     chats: dict[int, _ChatPlan] = {}
+    budget = char_budget(tok, max_length) if max_length is not None else None
     for n, example in enumerate(examples):
+        if budget is not None:
+            example = bounded(example, budget, options.train_on)
         try:
             if "messages" in example:
                 chats[n] = _plan_chat(tok, example["messages"], example.get("tools"), options)
@@ -558,6 +569,52 @@ def encode_many(
         ]
         for sequences in encoded
     ]
+
+
+# ----------------------------------------------------------------------------- huge records
+
+_LONGEST_TOKEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def char_budget(tok, max_length: int) -> int:
+    """A number of characters that always tokenizes to more than `max_length` tokens: no token covers
+    more characters than the longest vocabulary entry (x2 for normalizers that join characters)."""
+    try:
+        longest = _LONGEST_TOKEN.get(tok)
+    except TypeError:
+        longest = None
+    if longest is None:
+        longest = max((len(t) for t in tok.get_vocab()), default=1)
+        try:
+            _LONGEST_TOKEN[tok] = longest
+        except TypeError:
+            pass
+    return 2 * (max_length + 1) * max(longest, 1) + 64
+
+
+def _clip(text, budget: int):
+    return text[:budget] if isinstance(text, str) and len(text) > budget else text
+
+
+def bounded(example: dict, budget: int, train_on: str = "all_turns") -> dict:
+    """The example with every text cut to `budget` characters (see `char_budget`), and, for
+        train_on=all_turns, the turns after the first `budget` characters of the conversation dropped (once
+    it has an assistant turn, so that a record too long to train still gives its one dropped sequence):
+        none of it can reach the first max_length tokens, so the truncated sequences are the same, but a
+        20 MB record costs memory in proportion to max_length, not to its size. (With last_turn the last
+        turn is the one trained, so the conversation keeps its turns.)"""
+    if "messages" not in example:
+        return {k: _clip(v, budget) for k, v in example.items()}
+    messages, total = [], 0
+    for m in example["messages"]:
+        if total > budget and train_on == "all_turns" and any(k["role"] == "assistant" for k in messages):
+            break
+        m = {k: _clip(v, budget) for k, v in m.items()}
+        total += sum(len(v) for v in m.values() if isinstance(v, str))
+        messages.append(m)
+    if messages == example["messages"]:
+        return example
+    return {**example, "messages": messages}
 
 
 def options_of(recipe) -> EncodeOptions:

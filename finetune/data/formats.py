@@ -52,6 +52,8 @@ def convert(
     convert_one = CONVERTERS[fmt]
     out = []
     for record in records:
+        if record.error:  # a row the reader could not read (kept for data.skip_bad_rows)
+            raise DataError(record.error)
         fields = _Fields(record, columns, reasoning_tags)
         fields.fmt = fmt
         example = convert_one(fields)

@@ -13,14 +13,14 @@ single user / assistant turns. Errors name the record and the field.
 
 from __future__ import annotations
 
-from finetune.data.chat_formats import MESSAGE_ROLES, SHAREGPT_ROLES, _check_chat, _Fields, _turns
+from finetune.data.chat_formats import MESSAGE_ROLES, SHAREGPT_ROLES, TAGS, _check_chat, _Fields, _turns
 
 FIELDS = {
-    "preference": ("prompt", "chosen", "rejected", "system"),
+    "preference": ("prompt", "chosen", "rejected", "system", *TAGS),
     "alpaca_preference": ("instruction", "input", "chosen", "rejected", "system", "history"),
-    "sharegpt_preference": ("conversations", "from", "value", "chosen", "rejected", "system"),
-    "kto": ("prompt", "completion", "label", "system"),
-    "prompt": ("prompt", "system"),
+    "sharegpt_preference": ("conversations", "from", "value", "chosen", "rejected", "system", *TAGS),
+    "kto": ("prompt", "input", "completion", "label", "system", *TAGS),
+    "prompt": ("prompt", "system", *TAGS),
 }
 PAIR_FORMATS = ("preference", "alpaca_preference", "sharegpt_preference")
 _ROLES = {r: r for r in MESSAGE_ROLES}
@@ -33,8 +33,11 @@ def _messages(f: _Fields, field: str, value) -> list[dict]:
     return _turns(f, field, "role", "content", _ROLES, value=value)
 
 
-def _prompt(f: _Fields, field: str, value, system: str | None = None) -> list[dict]:
-    if isinstance(value, str):
+def _prompt(f: _Fields, field: str, value, system: str | None = None, parsed: bool = False) -> list[dict]:
+    """The prompt side: a string or a message list (`parsed`: canonical messages already)."""
+    if parsed:
+        msgs = list(value)
+    elif isinstance(value, str):
         if not value.strip():
             raise f.error(field, "empty prompt")
         msgs = [{"role": "user", "content": value}]
@@ -57,7 +60,8 @@ def _answer(f: _Fields, field: str, value) -> list[dict]:
         raise f.error(field, "missing")
     if isinstance(value, dict):
         value = [value]
-    if isinstance(value, list) and value and all(isinstance(t, dict) and f.name("from") in t for t in value):
+    role_key = f.tagged(f.name("from"), f.name("value"), SHAREGPT_ROLES)[0]
+    if isinstance(value, list) and value and all(isinstance(t, dict) and role_key in t for t in value):
         msgs = _turns(f, field, f.name("from"), f.name("value"), SHAREGPT_ROLES, value=value)
     elif isinstance(value, str):
         msgs = [{"role": "assistant", "content": value}]
@@ -104,7 +108,7 @@ def preference(f: _Fields) -> dict:
             raise f.error("rejected", "identical to chosen (a pair must differ)")
         if chosen[0]["role"] != "assistant" or rejected[0]["role"] != "assistant":
             raise f.error("chosen", "after the shared prompt, chosen and rejected must start with an assistant turn")
-        prompt = _prompt(f, "chosen", prompt, system)
+        prompt = _prompt(f, "chosen", prompt, system, parsed=True)
     else:
         prompt = _prompt(f, "prompt", raw_prompt, system)
     return _pair(f, prompt, chosen, rejected)
@@ -132,7 +136,10 @@ class _WithOutput(_Fields):
 def sharegpt_preference(f: _Fields) -> dict:
     turns = _turns(f, "conversations", f.name("from"), f.name("value"), SHAREGPT_ROLES)
     return _pair(
-        f, _prompt(f, "conversations", turns, f.text("system", required=False)), f.get("chosen"), f.get("rejected")
+        f,
+        _prompt(f, "conversations", turns, f.text("system", required=False), parsed=True),
+        f.get("chosen"),
+        f.get("rejected"),
     )
 
 
@@ -146,8 +153,24 @@ def _label(f: _Fields) -> bool:
 
 
 def kto(f: _Fields) -> dict:
-    prompt = _prompt(f, "prompt", f.get("prompt"), f.text("system", required=False))
-    return {"prompt": prompt, "completion": _answer(f, "completion", f.get("completion")), "label": _label(f)}
+    raw, completion = f.get("prompt"), f.get("completion", required=False)
+    extra = f.text("input", required=False)
+    if isinstance(raw, str) and extra and extra.strip():  # LLaMA-Factory's alpaca KTO: instruction + input
+        raw = f"{raw}\n{extra}"
+    system = f.text("system", required=False)
+    if completion is None and isinstance(raw, list) and raw:  # one conversation: its last turn is the completion
+        turns = _messages(f, "prompt", raw)
+        if turns[-1]["role"] != "assistant":
+            raise f.error("completion", "missing (or end the prompt's conversation with the assistant turn)")
+        if not turns[-1]["content"].strip():
+            raise f.error("prompt", "empty answer in the last turn")
+        return {
+            "prompt": _prompt(f, "prompt", turns[:-1], system, parsed=True),
+            "completion": turns[-1:],
+            "label": _label(f),
+        }
+    prompt = _prompt(f, "prompt", raw, system)
+    return {"prompt": prompt, "completion": _answer(f, "completion", completion), "label": _label(f)}
 
 
 def prompt(f: _Fields) -> dict:

@@ -7,7 +7,6 @@ once later turns follow: each such turn is trained on its own inference prompt) 
 from __future__ import annotations
 
 from finetune.config import DataSection
-from finetune.data import read_examples
 from finetune.data.encode import IGNORE, Encoded, EncodeOptions, encode
 from finetune.errors import DataError
 
@@ -66,30 +65,98 @@ def preview(
     show_tokens: bool = False,
     options: EncodeOptions | None = None,
 ) -> str:
+    """The file form (`finetune data preview FILE --model M`): a dataset with default data settings."""
     options = options or EncodeOptions()
     cfg = DataSection(train=dataset, format=fmt, columns=columns or {}, reasoning_tags=list(options.reasoning_tags))
-    examples, fmt, src = read_examples(dataset, cfg)
-    if not 0 <= index < len(examples):
-        raise DataError(f"{src.label()}: --index {index} is out of range (0..{len(examples) - 1})")
+    return preview_data(
+        cfg, tok, index=index, max_length=max_length, color=color, show_tokens=show_tokens, options=options
+    )
+
+
+def preview_recipe(
+    recipe,
+    stage: str | None = "",
+    index: int = 0,
+    max_length: int | None = None,
+    color: bool = False,
+    show_tokens: bool = False,
+) -> str:
+    """The recipe form (`finetune data preview RECIPE [k=v ...]`): record `index` of the recipe's training
+    data as `finetune train` reads, converts and encodes it (its tokenizer and chat template, data.encoding,
+    columns, registry, system, reasoning_tags, train_on, skip_bad_rows, chat_template_kwargs, train.max_length).
+    `stage`: the stage whose formats the data must fit ("" = the recipe's; None = any)."""
+    from finetune import loading
+    from finetune.data.encode import options_of
+
+    tok = loading.load_tokenizer(recipe.model)
+    return preview_data(
+        recipe.data,
+        tok,
+        stage=recipe.stage if stage == "" else stage,
+        index=index,
+        max_length=max_length if max_length is not None else recipe.train.get("max_length"),
+        color=color,
+        show_tokens=show_tokens,
+        options=options_of(recipe),
+    )
+
+
+def _example(cfg: DataSection, stage: str | None, index: int) -> tuple[dict, str, str, str]:
+    """Training example `index` (numbered as training numbers them: bad rows skipped under data.skip_bad_rows
+    are not counted), read as far as it and no further: (example, format, source label, where)."""
+    from finetune.data import _convert_extra, formats, open_source
+
+    src, records, fmt, columns = open_source(cfg.train, cfg, stage, "data.train")  # stage None: any format
+    n = 0
+    for record in records:
+        try:
+            example = formats.convert([record], fmt, columns, cfg.system, *_convert_extra(cfg))[0]
+        except DataError:
+            if cfg.skip_bad_rows:
+                continue
+            raise
+        if n == index:
+            return example, fmt, src.label(), record.where
+        n += 1
+    raise DataError(f"{src.label()}: --index {index} is out of range (0..{n - 1})")
+
+
+def preview_data(
+    cfg: DataSection,
+    tok,
+    stage: str | None = None,
+    index: int = 0,
+    max_length: int | None = None,
+    color: bool = False,
+    show_tokens: bool = False,
+    options: EncodeOptions | None = None,
+) -> str:
+    options = options or EncodeOptions()
+    if index < 0:
+        raise DataError(f"--index {index}: must be at least 0")
+    from finetune.data.pairs import _shape
+
+    example, fmt, label, where = _example(cfg, stage, index)
     marker = "green background" if color else "[[ ]]"
+    shaped = [example] if stage in (None, "sft") else _shape([example], fmt, stage)  # as the stage's loader shapes it
     try:
-        views = _views(tok, examples[index], max_length, options)
+        views = [view for e in shaped for view in _views(tok, e, max_length, options)]
     except DataError as e:
-        raise DataError(f"{src.label()} record {index}: {e}") from None
-    lines = [f"{src.label()} record {index} ({fmt}); trained tokens in {marker}:"]
+        raise DataError(f"{where}: {e}") from None
+    lines = [f"{label} record {index} ({fmt}); trained tokens in {marker}:"]
     if len(views) > 1 and views[0][1].note:
         lines.append(f"{len(views)} sequences: {views[0][1].note}")
     for title, enc in views:
         counts = f"{len(enc.input_ids)} tokens, {enc.n_trained} trained{' (truncated)' if enc.truncated else ''}"
         if not title:  # one chat / completion / text (SFT): the counts go in the header
-            lines = [f"{src.label()} record {index} ({fmt}); {counts}; trained tokens in {marker}:", ""]
+            lines = [f"{label} record {index} ({fmt}); {counts}; trained tokens in {marker}:", ""]
         else:
             lines += ["", f"{title}{counts}:"]
         lines.append(render(tok, enc.input_ids, enc.labels, color))
         if show_tokens:
             lines += ["", "  pos  id     label  token"]
-            for i, (tid, label) in enumerate(zip(enc.input_ids, enc.labels)):
-                lines.append(f"  {i:<4} {tid:<6} {'train' if label != IGNORE else '-':<6} {token_text(tok, tid)}")
+            for i, (tid, label_id) in enumerate(zip(enc.input_ids, enc.labels)):
+                lines.append(f"  {i:<4} {tid:<6} {'train' if label_id != IGNORE else '-':<6} {token_text(tok, tid)}")
     return "\n".join(lines)
 
 
