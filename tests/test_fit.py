@@ -309,3 +309,15 @@ def test_the_readme_recipe_table_shows_fits_estimates():
         assert round(fit.estimate(recipe).total / fit.GIB, 1) == shown, path
         checked += 1
     assert checked >= 15
+
+
+def test_the_gpu_comparison_refuses_cleanly_without_cuda():
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "fit_gpu.py")], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "bench/fit_gpu.py: needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured"
+    ]
