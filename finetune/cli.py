@@ -112,6 +112,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--dry-run", action="store_true", help="validate recipe, data and model config; print the plan; train nothing"
     )
+    train.add_argument(
+        "--gpu-memory",
+        metavar="SIZE",
+        help="with --dry-run: the GPU the plan's will-it-fit verdict is for (e.g. 24GB)",
+    )
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     fit = sub.add_parser(
@@ -419,7 +424,9 @@ def cmd_train(args) -> int:
     stage = stages.module(recipe.stage)
     with security.user_flags(recipe.model.trust_remote_code, recipe.model.allow_pickle):  # the recipe the user runs
         if args.dry_run:
-            print(stage.plan(recipe).render())
+            from finetune import fit
+
+            print(stage.plan(recipe, fit.parse_size(args.gpu_memory) if args.gpu_memory else None).render())
             return 0
         out = stage.run(recipe)
     log.info("done: output in %s", out)

@@ -321,3 +321,13 @@ def test_the_gpu_comparison_refuses_cleanly_without_cuda():
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "bench/fit_gpu.py: needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured"
     ]
+
+
+def test_the_dry_run_plan_says_whether_it_fits(capsys):
+    code = cli.main(["train", "recipes/tiny/sft_lora.yaml", "--dry-run", "--gpu-memory", "8GB"])
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("  memory "))
+    assert code == 0 and "fits: peak ~" in line and "of 8.00 GiB per device" in line
+    code = cli.main(["train", "recipes/tiny/sft_lora.yaml", "--dry-run", "--gpu-memory", "100MB"])
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  memory "))
+    assert code == 0 and line.split("memory", 1)[1].strip().startswith("does not fit: peak ~")

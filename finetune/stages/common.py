@@ -178,9 +178,10 @@ class TrainPlan:
     effective_batch: int
     steps: int
     notes: list[str] = field(default_factory=list)
+    memory: str = ""  # will it fit (finetune.fit): the peak per device on a GPU, and the verdict
 
     @classmethod
-    def build(cls, recipe: Recipe, prepared) -> TrainPlan:
+    def build(cls, recipe: Recipe, prepared, gpu_memory: int | None = None) -> TrainPlan:
         t = recipe.train
         trl_args(recipe, "/nonexistent-dry-run")  # the TRL config accepts these values
         trainable, total = count_adapter_parameters(recipe)
@@ -200,6 +201,7 @@ class TrainPlan:
             effective,
             steps,
             [*getattr(prepared, "modes", []), *notes],
+            memory_line(recipe, world, gpu_memory),
         )
 
     def render(self) -> str:
@@ -223,6 +225,8 @@ class TrainPlan:
             f"  steps          {self.steps} (lr {t['learning_rate']:g}, {t['lr_scheduler_type']})",
             f"  output         {r.output.dir}",
         ]
+        if self.memory:
+            lines.append(f"  memory         {self.memory}")
         online = r.stage in RL_STAGES  # prompts only: the trained tokens are generated during training
         for name, stats in (("train", self.train_stats), ("eval", self.eval_stats)):
             if stats:
@@ -242,6 +246,15 @@ class TrainPlan:
         lines += [f"  note           {n}" for n in self.notes]
         lines += origin_lines(r)
         return "\n".join(lines)
+
+
+def memory_line(recipe: Recipe, world: int, gpu_memory: int | None) -> str:
+    """The plan's will-it-fit line: finetune.fit's peak per device on a GPU, with the verdict where a GPU size is
+    known (--gpu-memory or the visible GPU); `finetune fit` prints the breakdown."""
+    from finetune import fit
+
+    capacity = gpu_memory if gpu_memory is not None else fit.visible_gpu_bytes()
+    return fit.verdict(recipe, capacity, world=world) + " (finetune fit: the breakdown)"
 
 
 ORIGINS = ("override", "recipe", "method default", "stage default", "default")

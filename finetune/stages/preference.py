@@ -42,9 +42,9 @@ def prepare(recipe: Recipe, dry_run: bool = False):
     return run_dir, tok, prepared
 
 
-def plan(recipe: Recipe) -> TrainPlan:
+def plan(recipe: Recipe, gpu_memory: int | None = None) -> TrainPlan:
     _, _, prepared = prepare(recipe, dry_run=True)
-    return TrainPlan.build(recipe, prepared)
+    return TrainPlan.build(recipe, prepared, gpu_memory)
 
 
 def run(recipe: Recipe, make_trainer: Callable, callbacks=(), num_labels: int | None = None, loaded=None) -> Path:

@@ -45,10 +45,11 @@ def prepare(recipe: Recipe, dry_run: bool = False):
     return run_dir, tok, prepared
 
 
-def plan(recipe: Recipe) -> TrainPlan:
-    """What `train` would do (for --dry-run): validates recipe, data and model config, trains nothing."""
+def plan(recipe: Recipe, gpu_memory: int | None = None) -> TrainPlan:
+    """What `train` would do (for --dry-run): validates recipe, data and model config, trains nothing;
+    `gpu_memory` (bytes) gives the will-it-fit line a verdict."""
     _, tok, prepared = prepare(recipe, dry_run=True)
-    return TrainPlan.build(recipe, prepared)
+    return TrainPlan.build(recipe, prepared, gpu_memory)
 
 
 def run(recipe: Recipe, callbacks=()) -> Path:
