@@ -209,3 +209,33 @@ def test_credentials_come_from_the_flag_a_file_or_the_environment(tmp_path, monk
     with pytest.raises(FinetuneError, match=r"--auth-file .*logins line 1: expected USER:PASSWORD"):
         credentials(None, str(logins))
     assert os.environ["FINETUNE_WEBUI_AUTH"] == "env:pw"
+
+
+def test_a_dry_run_that_runs_model_code_runs_it_in_a_child_process(tmp_path, tiny_path):
+    """With the UI started with --trust-remote-code, a model's own code may run, but never inside the UI
+    process: the dry run (which loads the model's config through its `auto_map`) is a subprocess."""
+    import shutil
+
+    from finetune.webui.app import launch
+
+    evil = tmp_path / "remote_model"
+    evil.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{tiny_path}/{name}", evil / name)
+    marker = tmp_path / "ran_in.txt"
+    (evil / "configuration_x.py").write_text(
+        f"import os\nopen({str(marker)!r}, 'w').write(str(os.getpid()))\n"
+        "from transformers import PretrainedConfig\n\n\nclass XConfig(PretrainedConfig):\n    model_type = 'x'\n"
+    )
+    (evil / "config.json").write_text(
+        json.dumps({"model_type": "x", "auto_map": {"AutoConfig": "configuration_x.XConfig"}})
+    )
+    port = free_port()
+    app = launch(port=port, workspace=Workspace.at(tmp_path, trust_remote_code=True), block=False)
+    try:
+        text = recipe_text(model={"name_or_path": "remote_model", "trust_remote_code": True})
+        answer = call(f"http://127.0.0.1:{port}", "dry_run", text)[0]
+    finally:
+        app.close()
+    assert answer.startswith("error:") and "\n" not in answer  # not a causal LM: one line, no traceback
+    assert marker.is_file() and int(marker.read_text()) != os.getpid(), answer

@@ -75,9 +75,15 @@ def form_values(recipe: dict) -> list:
 def recipe_with_form(recipe: dict, values: list) -> dict:
     recipe = json.loads(json.dumps(recipe))  # a deep copy of plain data
     for (_, section, key), value in zip(FORM_KEYS, values):
-        if key == "max_steps" and value in (None, "", 0, -1):  # empty: the epochs decide
-            (recipe.get("train") or {}).pop("max_steps", None)
-            continue
+        if key == "max_steps":  # a text box: empty (or 0, -1) leaves it to the epochs
+            text = str(value if value is not None else "").strip()
+            try:
+                value = int(float(text)) if text else 0
+            except ValueError:
+                continue  # half typed
+            if value <= 0:
+                (recipe.get("train") or {}).pop("max_steps", None)
+                continue
         if value is None or value == "":
             continue
         if isinstance(value, float) and value.is_integer() and key != "learning_rate":
@@ -303,7 +309,9 @@ def build(lang: str = "en", workspace: Workspace | None = None, runs_dir: str = 
                     )
             with gr.Row():
                 for (name, _, _), value in zip(FORM_KEYS[4:11], values[4:11]):
-                    fields[name] = L(gr.Number(value=value, label=t(name, lang), elem_id=f"ft-{name}"), name)
+                    # Gradio's Number shows an absent value as 0: max_steps, often absent, is a text box
+                    box = gr.Textbox if name == "max_steps" else gr.Number
+                    fields[name] = L(box(value=value, label=t(name, lang), elem_id=f"ft-{name}"), name)
             with gr.Row():
                 fields["output_dir"] = L(
                     gr.Textbox(value=values[11], label=t("output_dir", lang), elem_id="ft-output_dir", scale=4),
@@ -487,7 +495,7 @@ def build(lang: str = "en", workspace: Workspace | None = None, runs_dir: str = 
                 else v
                 for (name, _, _), v in zip(FORM_KEYS, form_values(recipe))
             ]
-            picked = gr.update(value=shipped_name) if shipped_name else gr.update()
+            picked = gr.update(value=shipped_name)  # None for a file: the list no longer names what is loaded
             return [*updates, recipe, to_yaml(recipe), picked, f"{t('loaded', code_of(choice))} {shown}"]
 
         load_outputs = [*form, state_recipe, recipe_yaml, shipped, status]
@@ -498,7 +506,7 @@ def build(lang: str = "en", workspace: Workspace | None = None, runs_dir: str = 
             return to_yaml(recipe_with_form(recipe, list(values)))
 
         for field in form:
-            field.input(live_yaml, [state_recipe, *form], recipe_yaml)
+            field.change(live_yaml, [state_recipe, *form], recipe_yaml)
 
         def write_recipe(text: str, overwrite_confirmed: bool = False) -> tuple[Path, Path]:
             """The recipe in the YAML box, checked (paths in the root, flags, overwrite) and written to
