@@ -398,12 +398,35 @@ def _add_serve_webui(sub) -> None:
         help="the web UI: train, data, chat, evaluate, export (Gradio)",
         description="A Gradio web UI over the same commands. Needs finetune[webui].",
     )
-    webui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    webui.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs --auth)"
+    )
     webui.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     webui.add_argument(
         "--lang", choices=("en", "zh"), default="en", help="UI language at start (switchable in the UI)"
     )
-    webui.add_argument("--runs-dir", default="runs", help="where runs started from the UI write (default ./runs)")
+    webui.add_argument(
+        "--root",
+        default=".",
+        help="workspace: every path the UI reads or writes must lie inside it (default: the current dir)",
+    )
+    webui.add_argument(
+        "--runs-dir", default="runs", help="where the UI writes its recipes and logs, inside --root (default runs)"
+    )
+    webui.add_argument(
+        "--auth", metavar="USER:PASS", help="require this login (default: $FINETUNE_WEBUI_AUTH, if set)"
+    )
+    webui.add_argument("--auth-file", metavar="FILE", help="require one of the USER:PASS logins in FILE, one a line")
+    webui.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let recipes run from the UI use model.trust_remote_code (never turned on by a recipe alone)",
+    )
+    webui.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="let recipes run from the UI use model.allow_pickle (never turned on by a recipe alone)",
+    )
     for p in (serve, webui):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 

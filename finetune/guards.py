@@ -143,9 +143,42 @@ class StopOnNonFinite(TrainerCallback):
         )
 
 
+# ----------------------------------------------------------------------------- stop with a checkpoint
+
+_STOP = {"requested": False, "training": False}
+
+
+def request_stop(signum=None, frame=None) -> None:
+    """A SIGUSR1 handler (the web UI's Stop): save a checkpoint at the end of the current step, then stop
+    as Ctrl-C does, so a restart resumes from the step reached rather than from the last `save_steps`.
+    Before training has begun there is nothing to save: it is Ctrl-C."""
+    if not _STOP["training"]:
+        raise KeyboardInterrupt
+    _STOP["requested"] = True
+
+
+class SaveOnStop(TrainerCallback):
+    """After `request_stop`: save a checkpoint at the end of this step, then interrupt the run (the
+    checkpoint is complete when `on_save` is called; the run is left interrupted, never finished)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        _STOP["training"] = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        _STOP["training"] = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if _STOP["requested"]:
+            control.should_save = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if _STOP["requested"]:
+            raise KeyboardInterrupt(f"stopped at step {state.global_step}")
+
+
 def callbacks(recipe) -> list:
     """The guards every training stage runs with."""
-    return [ExactResume(recipe.train["seed"]), StopOnNonFinite()]
+    return [ExactResume(recipe.train["seed"]), StopOnNonFinite(), SaveOnStop()]
 
 
 # ----------------------------------------------------------------------------- disk trouble

@@ -1,7 +1,10 @@
 """The Gradio app: Train, Data, Chat, Evaluate and Export tabs over the same functions and commands the
-terminal uses (`finetune train / eval / merge / export` run as subprocesses; data preview, dry-run plans
-and chat call finetune's own functions). No training logic lives here."""
+terminal uses. `finetune train / eval / merge / export`, dry-run plans and data previews run as
+subprocesses in the workspace root (loading a model or tokenizer can run its code: never in the UI
+process); chat calls finetune's own functions with remote code and pickles off. What a request may read,
+write and turn on is finetune.webui.workspace's to decide. No training logic lives here."""
 
+import hashlib
 import html
 import json
 import queue
@@ -15,6 +18,7 @@ import yaml
 from finetune.errors import FinetuneError
 from finetune.webui.i18n import TEXT, t
 from finetune.webui.runner import Runner, child_env, finetune_command
+from finetune.webui.workspace import Refused, Workspace
 
 REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 ANSI_GREEN = re.compile(r"\x1b\[42;30m(.*?)\x1b\[0m", re.DOTALL)
@@ -32,6 +36,12 @@ FORM_KEYS = [  # (form field, recipe section, key)
     ("lora_alpha", "adapter", "alpha"),
     ("output_dir", "output", "dir"),
 ]
+EXPORT_OUT = {"merge": "export/merged", "gguf": "export/model.gguf", "safetensors": "export/model"}
+CSS = """
+#ft-plan textarea, #ft-log textarea, #ft-e-log textarea, #ft-x-log textarea, #ft-x-files textarea
+  { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+.ft-error, .ft-preview { white-space: pre-wrap; overflow-wrap: anywhere; max-width: 100%; }
+"""
 
 
 def shipped_recipes() -> list[str]:
@@ -44,14 +54,14 @@ def shipped_recipes() -> list[str]:
     )
 
 
-def read_recipe(path: str) -> dict:
-    p = Path(path).expanduser()
-    if not p.is_absolute() and not p.is_file():
-        p = REPO_RECIPES.parent / path
+def read_recipe(path: Path, shown: str) -> dict:
     try:
-        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as e:
-        raise FinetuneError(f"{path}: {str(e).splitlines()[0]}") from None
+        raise FinetuneError(f"{shown}: {str(e).splitlines()[0]}") from None
+    if not isinstance(recipe, dict):
+        raise FinetuneError(f"{shown}: a recipe is a mapping of sections")
+    return recipe
 
 
 def form_values(recipe: dict) -> list:
@@ -65,6 +75,15 @@ def form_values(recipe: dict) -> list:
 def recipe_with_form(recipe: dict, values: list) -> dict:
     recipe = json.loads(json.dumps(recipe))  # a deep copy of plain data
     for (_, section, key), value in zip(FORM_KEYS, values):
+        if key == "max_steps":  # a text box: empty (or 0, -1) leaves it to the epochs
+            text = str(value if value is not None else "").strip()
+            try:
+                value = int(float(text)) if text else 0
+            except ValueError:
+                continue  # half typed
+            if value <= 0:
+                (recipe.get("train") or {}).pop("max_steps", None)
+                continue
         if value is None or value == "":
             continue
         if isinstance(value, float) and value.is_integer() and key != "learning_rate":
@@ -73,48 +92,88 @@ def recipe_with_form(recipe: dict, values: list) -> dict:
             recipe[key] = value
         else:
             recipe.setdefault(section, {})[key] = value
-    if recipe.get("train", {}).get("max_steps") == -1:
-        recipe["train"].pop("max_steps")
     return recipe
 
 
+class _ReadableDumper(yaml.SafeDumper):
+    """Multi-line strings (a chat template) as YAML block scalars (`|`), as a person writes them."""
+
+
+def _str(dumper, value: str):
+    if "\n" in value:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|")
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value)
+
+
+_ReadableDumper.add_representer(str, _str)
+
+
+def dump_yaml(recipe: dict) -> str:
+    return yaml.dump(recipe, Dumper=_ReadableDumper, sort_keys=False, allow_unicode=True, width=119)
+
+
 def to_yaml(recipe: dict, path_hint: str = "RECIPE.yaml") -> str:
-    return f"# finetune train {path_hint}\n" + yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True)
+    return f"# finetune train {path_hint}\n" + dump_yaml(recipe)
 
 
-def preview_html(dataset: str, model: str, index: int) -> str:
-    """`finetune data preview`, with the trained tokens highlighted."""
-    from finetune import loading
-    from finetune.config import ModelSection
-    from finetune.data.preview import preview
-
+def run_command(args: list[str], cwd: Path, timeout: int = 3600, module: str = "finetune") -> tuple[int, str]:
+    """`finetune ARGS` (or `python -m MODULE ARGS`) in `cwd`: (exit code, stdout and stderr)."""
+    command = finetune_command(*args) if module == "finetune" else [finetune_command()[0], "-m", module, *args]
     try:
-        tok = loading.load_tokenizer(ModelSection(name_or_path=model))
-        text = preview(dataset, tok, index=int(index or 0), color=True)
-    except (FinetuneError, OSError, ValueError) as e:
+        r = subprocess.run(
+            command, cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return 124, f"timed out after {timeout} s"
+    return r.returncode, (r.stdout + ("\n" if r.stdout and r.stderr else "") + r.stderr).strip()
+
+
+def error_line(text: str) -> str:
+    """The `finetune: error: ...` line of a command's output (else its last line)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    errors = [line.removeprefix("finetune: error: ") for line in lines if line.startswith("finetune: error:")]
+    return (errors or lines or ["(no output)"])[-1]
+
+
+def preview_html(workspace: Workspace, dataset: str, model: str, index) -> str:
+    """`finetune data preview`, with the trained tokens highlighted (run in a child process)."""
+    try:
+        dataset = workspace.name_or_path(dataset, "dataset")
+        model = workspace.name_or_path(model, "model")
+    except Refused as e:
         return f"<pre class='ft-error'>{html.escape(str(e))}</pre>"
+    rc, text = run_command([dataset, model, str(int(index or 0))], workspace.root, 600, "finetune.webui.child")
+    if rc != 0:
+        return f"<pre class='ft-error'>{html.escape(error_line(text))}</pre>"
     body = ANSI_GREEN.sub(lambda m: "\x00" + m.group(1) + "\x01", text)
     body = (
         html.escape(body)
         .replace("\x00", "<mark class='ft-trained' style='background:#9be59b'>")
         .replace("\x01", "</mark>")
     )
-    return f"<pre class='ft-preview' style='white-space: pre-wrap'>{body}</pre>"
+    return f"<pre class='ft-preview'>{body}</pre>"
 
 
 class ChatSessions:
-    """Loaded models for the Chat tab, one at a time (the last dir chosen)."""
+    """Loaded models for the Chat tab, one at a time (the last dir chosen): a model or dir in the workspace,
+    loaded in the UI process with remote code and pickles off whatever the UI's flags (`finetune chat` in a
+    terminal takes --trust-remote-code)."""
 
-    def __init__(self):
+    def __init__(self, workspace: Workspace):
+        self.workspace = workspace
         self.path, self.model, self.tok = None, None, None
         self.lock = threading.Lock()
 
     def get(self, path: str):
+        from finetune import security
         from finetune.loading import load_for_inference
 
+        path = self.workspace.name_or_path(path, "model or output dir")
         with self.lock:
             if path != self.path:
-                self.model, self.tok, _ = load_for_inference(path)
+                with security.user_flags(trust_remote_code=False, allow_pickle=False):
+                    local = self.workspace.root / path if self.workspace.is_path(path) else path
+                    self.model, self.tok, _ = load_for_inference(str(local))
                 self.path = path
             return self.model, self.tok
 
@@ -156,13 +215,6 @@ class ChatSessions:
         yield session.history[-1]["content"]
 
 
-def run_command(args: list[str], cwd: Path, timeout: int = 3600) -> tuple[int, str]:
-    r = subprocess.run(
-        finetune_command(*args), cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=timeout, check=False
-    )
-    return r.returncode, (r.stdout + ("\n" if r.stdout and r.stderr else "") + r.stderr).strip()
-
-
 def written_files(path: Path) -> str:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
     siblings = sorted(path.parent.glob(path.stem + "*")) if path.suffix else []
@@ -170,22 +222,54 @@ def written_files(path: Path) -> str:
     return "\n".join(f"{p}  ({size:,} bytes)" for p, size in rows.items()) or "(nothing written)"
 
 
-def build(lang: str = "en", runs_dir: str = "runs"):
+def known_datasets(root: Path) -> list[str]:
+    """The registry names a recipe can use from the workspace: ./data/datasets.yaml, else the shipped one."""
+    from finetune.data.sources import SHIPPED_REGISTRY, read_registry
+
+    local = root / "data" / "datasets.yaml"
+    try:
+        return sorted(read_registry(local if local.is_file() else SHIPPED_REGISTRY))
+    except (FinetuneError, OSError):
+        return []
+
+
+def run_yaml(runs: Path, out_dir: Path, root: Path) -> Path:
+    """`runs/<output basename>-<hash of the output path>.yaml`: one recipe (and log) per output dir."""
+    digest = hashlib.sha1(str(out_dir.relative_to(root)).encode()).hexdigest()[:8]
+    return runs / f"{out_dir.name}-{digest}.yaml"
+
+
+def build(lang: str = "en", workspace: Workspace | None = None, runs_dir: str = "runs"):
     import gradio as gr
     import pandas as pd
 
-    runs = Path(runs_dir).expanduser().resolve()
-    cwd = Path.cwd()
-    runner, chats = Runner(), ChatSessions()
+    from finetune.config import ADAPTER_METHODS, STAGES
+    from finetune.tiny import TINY_MODELS
+
+    workspace = workspace or Workspace.at(Path.cwd())
+    root = workspace.root
+    runs = workspace.output(runs_dir, "--runs-dir")
+    runner, chats = Runner(), ChatSessions(workspace)
     labelled: list[tuple[object, str, str]] = []  # (component, text key, "label" | "value")
 
     def L(component, key, attr="label"):
         labelled.append((component, key, attr))
         return component
 
+    def code_of(choice) -> str:
+        return "zh" if choice == "中文" else "en"
+
     recipes = shipped_recipes()
     first = next((r for r in recipes if r.endswith("tiny/sft_lora.yaml")), recipes[0] if recipes else None)
-    base_recipe = read_recipe(first) if first else {"stage": "sft", "model": {"name_or_path": "tiny-llama"}}
+    base_recipe = (
+        read_recipe(REPO_RECIPES.parent / first, first) if first else {"stage": "sft", "model": {"name_or_path": ""}}
+    )
+    lists = {
+        "stage": list(STAGES),
+        "model": sorted(TINY_MODELS),
+        "method": list(ADAPTER_METHODS),
+        "data": known_datasets(root),
+    }
 
     with gr.Blocks(title="finetune", analytics_enabled=False) as app:  # offline: no usage pings
         state_recipe = gr.State(base_recipe)
@@ -212,13 +296,28 @@ def build(lang: str = "en", runs_dir: str = "runs"):
                 fields = {}
                 values = form_values(base_recipe)
                 for (name, _, _), value in zip(FORM_KEYS[:4], values[:4]):
-                    fields[name] = L(gr.Textbox(value=value, label=t(name, lang), elem_id=f"ft-{name}"), name)
+                    choices = lists[name] if value in (None, *lists[name]) else [*lists[name], value]
+                    fields[name] = L(
+                        gr.Dropdown(
+                            choices,
+                            value=value,
+                            label=t(name, lang),
+                            allow_custom_value=True,
+                            elem_id=f"ft-{name}",
+                        ),
+                        name,
+                    )
             with gr.Row():
                 for (name, _, _), value in zip(FORM_KEYS[4:11], values[4:11]):
-                    fields[name] = L(gr.Number(value=value, label=t(name, lang), elem_id=f"ft-{name}"), name)
-            fields["output_dir"] = L(
-                gr.Textbox(value=values[11], label=t("output_dir", lang), elem_id="ft-output_dir"), "output_dir"
-            )
+                    # Gradio's Number shows an absent value as 0: max_steps, often absent, is a text box
+                    box = gr.Textbox if name == "max_steps" else gr.Number
+                    fields[name] = L(box(value=value, label=t(name, lang), elem_id=f"ft-{name}"), name)
+            with gr.Row():
+                fields["output_dir"] = L(
+                    gr.Textbox(value=values[11], label=t("output_dir", lang), elem_id="ft-output_dir", scale=4),
+                    "output_dir",
+                )
+                t_over = L(gr.Checkbox(False, label=t("overwrite_run", lang), elem_id="ft-overwrite"), "overwrite_run")
             recipe_yaml = L(
                 gr.Code(to_yaml(base_recipe), language="yaml", label=t("yaml", lang), elem_id="ft-yaml"), "yaml"
             )
@@ -255,8 +354,26 @@ def build(lang: str = "en", runs_dir: str = "runs"):
         with gr.Tab(t("tab_data", lang), id="data") as tab_data:
             L(tab_data, "tab_data")
             with gr.Row():
-                d_data = L(gr.Textbox("alpaca_en_demo", label=t("data", lang), elem_id="ft-d-data"), "data")
-                d_model = L(gr.Textbox("tiny-llama", label=t("model", lang), elem_id="ft-d-model"), "model")
+                d_data = L(
+                    gr.Dropdown(
+                        lists["data"],
+                        value="alpaca_en_demo",
+                        allow_custom_value=True,
+                        label=t("data", lang),
+                        elem_id="ft-d-data",
+                    ),
+                    "data",
+                )
+                d_model = L(
+                    gr.Dropdown(
+                        lists["model"],
+                        value="tiny-llama",
+                        allow_custom_value=True,
+                        label=t("model", lang),
+                        elem_id="ft-d-model",
+                    ),
+                    "model",
+                )
                 d_index = L(gr.Number(0, precision=0, label=t("index", lang)), "index")
                 d_btn = L(gr.Button(t("preview", lang), elem_id="ft-d-preview"), "preview", "value")
             d_out = L(gr.HTML(label=t("preview_out", lang), elem_id="ft-d-out"), "preview_out")
@@ -280,14 +397,38 @@ def build(lang: str = "en", runs_dir: str = "runs"):
             L(tab_eval, "tab_eval")
             with gr.Row():
                 e_dir = L(gr.Textbox(label=t("eval_dir", lang), elem_id="ft-e-dir"), "eval_dir")
-                e_data = L(gr.Textbox("messages_demo", label=t("eval_data", lang), elem_id="ft-e-data"), "eval_data")
+                e_data = L(
+                    gr.Dropdown(
+                        ["", *lists["data"]],
+                        value="messages_demo",
+                        allow_custom_value=True,
+                        label=t("eval_data", lang),
+                        elem_id="ft-e-data",
+                    ),
+                    "eval_data",
+                )
                 e_suite = L(gr.Textbox(label=t("suite", lang)), "suite")
                 e_base = L(gr.Textbox(label=t("baseline", lang)), "baseline")
                 e_max = L(gr.Number(8, precision=0, label=t("max_samples", lang)), "max_samples")
-            e_out = L(gr.Textbox(str(runs / "eval"), label=t("eval_out", lang), elem_id="ft-e-out"), "eval_out")
+            with gr.Row():
+                e_out = L(
+                    gr.Textbox(str(runs / "eval"), label=t("eval_out", lang), elem_id="ft-e-out", scale=4), "eval_out"
+                )
+                e_over = L(
+                    gr.Checkbox(False, label=t("overwrite_report", lang), elem_id="ft-e-overwrite"), "overwrite_report"
+                )
             e_btn = L(gr.Button(t("run_eval", lang), variant="primary", elem_id="ft-e-run"), "run_eval", "value")
             e_log = L(gr.Textbox(label=t("log", lang), lines=4, interactive=False, elem_id="ft-e-log"), "log")
-            e_table = L(gr.Dataframe(label=t("metrics", lang), elem_id="ft-e-metrics"), "metrics")
+            e_table = L(
+                gr.Dataframe(
+                    pd.DataFrame({"metric": [], "value": []}),
+                    headers=["metric", "value"],
+                    label=t("metrics", lang),
+                    interactive=False,
+                    elem_id="ft-e-metrics",
+                ),
+                "metrics",
+            )
             e_report = L(gr.HTML(label=t("report", lang)), "report")
 
         with gr.Tab(t("tab_export", lang), id="export") as tab_export:
@@ -306,11 +447,11 @@ def build(lang: str = "en", runs_dir: str = "runs"):
                 x_outtype = L(gr.Radio(["f32", "f16", "q8_0"], value="f16", label=t("outtype", lang)), "outtype")
             with gr.Row():
                 x_out = L(
-                    gr.Textbox(str(runs / "export" / "merged"), label=t("export_out", lang), elem_id="ft-x-out"),
+                    gr.Textbox(str(runs / EXPORT_OUT["merge"]), label=t("export_out", lang), elem_id="ft-x-out"),
                     "export_out",
                 )
                 x_ollama = L(gr.Checkbox(False, label=t("ollama", lang)), "ollama")
-                x_over = L(gr.Checkbox(False, label=t("overwrite", lang)), "overwrite")
+                x_over = L(gr.Checkbox(False, label=t("overwrite", lang), elem_id="ft-x-overwrite"), "overwrite")
             x_btn = L(gr.Button(t("run_export", lang), variant="primary", elem_id="ft-x-run"), "run_export", "value")
             x_log = L(gr.Textbox(label=t("log", lang), lines=8, interactive=False, elem_id="ft-x-log"), "log")
             x_files = L(
@@ -319,7 +460,7 @@ def build(lang: str = "en", runs_dir: str = "runs"):
 
         # ---- language
         def switch(choice):
-            code = "zh" if choice == "中文" else "en"
+            code = code_of(choice)
             out = []
             for _component, key, attr in labelled:
                 text = t(key, code)
@@ -333,16 +474,33 @@ def build(lang: str = "en", runs_dir: str = "runs"):
         # ---- train
         form = [fields[name] for name, _, _ in FORM_KEYS]
 
-        def load(shipped_path, file_path):
-            path = (file_path or "").strip() or shipped_path
-            try:
-                recipe = read_recipe(path)
-            except FinetuneError as e:
-                return [gr.update()] * (len(form) + 1) + [gr.update(), str(e)]
-            return [*form_values(recipe), recipe, to_yaml(recipe), f"loaded {path}"]
+        def locate_recipe(shipped_path, file_path) -> tuple[Path, str, str | None]:
+            """(file, name shown, shipped name or None): a shipped recipe by its name, else a file in the root."""
+            text = (file_path or "").strip()
+            if not text and shipped_path in recipes:
+                return REPO_RECIPES.parent / shipped_path, shipped_path, shipped_path
+            if not text:
+                raise Refused("choose a shipped recipe or give a recipe file")
+            return workspace.path(text, "recipe file"), text, None
 
-        load_btn.click(load, [shipped, recipe_file], [*form, state_recipe, recipe_yaml, status])
-        shipped.change(load, [shipped, recipe_file], [*form, state_recipe, recipe_yaml, status])
+        def load(shipped_path, file_path, choice):
+            try:
+                path, shown, shipped_name = locate_recipe(shipped_path, file_path)
+                recipe = read_recipe(path, shown)
+            except FinetuneError as e:
+                return [gr.update()] * (len(form) + 3) + [str(e)]
+            updates = [
+                gr.update(value=v, choices=lists[name] if v in (None, *lists[name]) else [*lists[name], v])
+                if name in lists
+                else v
+                for (name, _, _), v in zip(FORM_KEYS, form_values(recipe))
+            ]
+            picked = gr.update(value=shipped_name)  # None for a file: the list no longer names what is loaded
+            return [*updates, recipe, to_yaml(recipe), picked, f"{t('loaded', code_of(choice))} {shown}"]
+
+        load_outputs = [*form, state_recipe, recipe_yaml, shipped, status]
+        load_btn.click(load, [shipped, recipe_file, lang_box], load_outputs, api_name="load")
+        shipped.input(lambda s, c: load(s, "", c), [shipped, lang_box], load_outputs)
 
         def live_yaml(recipe, *values):
             return to_yaml(recipe_with_form(recipe, list(values)))
@@ -350,68 +508,89 @@ def build(lang: str = "en", runs_dir: str = "runs"):
         for field in form:
             field.change(live_yaml, [state_recipe, *form], recipe_yaml)
 
-        def write_recipe(text: str) -> tuple[Path, Path]:
+        def write_recipe(text: str, overwrite_confirmed: bool = False) -> tuple[Path, Path]:
+            """The recipe in the YAML box, checked (paths in the root, flags, overwrite) and written to
+            `runs/`; (recipe file, output dir)."""
             try:
                 recipe = yaml.safe_load(text) or {}
             except yaml.YAMLError as e:
                 raise FinetuneError(f"recipe YAML: {str(e).splitlines()[0]}") from None
-            out_dir = Path(str((recipe.get("output") or {}).get("dir") or "outputs/run")).expanduser()
-            out_dir = out_dir if out_dir.is_absolute() else cwd / out_dir
+            if not isinstance(recipe, dict):
+                raise FinetuneError("recipe YAML: a recipe is a mapping of sections")
+            recipe = workspace.check_recipe(recipe)
+            out_dir = Path(recipe["output"]["dir"])
+            if recipe["output"].get("overwrite") and not overwrite_confirmed:
+                raise Refused(f"output.overwrite: replacing {out_dir} needs the Overwrite box ticked")
+            if overwrite_confirmed:
+                recipe["output"]["overwrite"] = True
             runs.mkdir(parents=True, exist_ok=True)
-            path = runs / f"{out_dir.name}.yaml"
-            path.write_text(
-                f"# finetune train {path}\n" + yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True),
-                encoding="utf-8",
-            )
+            path = run_yaml(runs, out_dir, root)
+            path.write_text(to_yaml(recipe, str(path)), encoding="utf-8")
             return path, out_dir
 
         def dry_run(text):
-            import importlib
-
-            from finetune import config
-
             try:
                 path, _ = write_recipe(text)
-                recipe = config.load(str(path), [])
-                return importlib.import_module(f"finetune.stages.{recipe.stage}").plan(recipe).render()
             except FinetuneError as e:
                 return f"error: {e}"
+            rc, out = run_command(["train", str(path), "--dry-run"], root, 600)
+            return out if rc == 0 else f"error: {error_line(out)}"
 
-        dry_btn.click(dry_run, recipe_yaml, plan)
+        dry_btn.click(dry_run, recipe_yaml, plan, api_name="dry_run")
 
-        def start(text, choice):
-            code = "zh" if choice == "中文" else "en"
+        def start(text, overwrite, choice):
+            code = code_of(choice)
             try:
-                path, out_dir = write_recipe(text)
+                path, out_dir = write_recipe(text, bool(overwrite))
             except FinetuneError as e:
                 return str(e)
-            if not runner.start(path, out_dir, cwd):
+            if not runner.start(path, out_dir, root):
                 return t("busy", code)
             return f"{t('running', code)}: finetune train {path}"
 
-        start_btn.click(start, [recipe_yaml, lang_box], status)
+        start_btn.click(start, [recipe_yaml, t_over, lang_box], status, api_name="start")
 
-        def stop():
+        def stop(choice):
             runner.stop()
+            return status_line(code_of(choice))
 
-        stop_btn.click(stop, None, None)
+        stop_btn.click(stop, lang_box, status, api_name="stop")
+
+        def status_line(code: str) -> str:
+            state, rc = runner.state()
+            points = runner.losses()
+            progress = runner.progress()
+            where = ""
+            if progress and state == "running":
+                step, total, left = progress
+                eta = f", {t('eta', code)} {_duration(left)}" if left is not None else ""
+                where = f"; {t('step', code)} {step}/{total}{eta}"
+            last = f"; loss {points[-1][1]:.4f} ({len(points)} logged)" if points else ""
+            word = t(state, code).format(rc=rc)
+            if state in ("stopped", "failed"):
+                ckpt = runner.resume_point()
+                word += "; " + (
+                    t("resumes_from", code).format(ckpt=ckpt.name, path=ckpt) if ckpt else t("no_checkpoint", code)
+                )
+            output = f"; output {runner.output_dir}" if state == "finished" else ""
+            return f"{word}{where}{last}{output}"
 
         def poll(choice):
-            code = "zh" if choice == "中文" else "en"
-            state, rc = runner.state()
-            if state == "idle":
+            if runner.state()[0] == "idle":
                 return gr.update(), gr.update(), gr.update()
             points = runner.losses()
             frame = pd.DataFrame({"step": [p[0] for p in points], "loss": [p[1] for p in points]})
-            word = t(state, code).format(rc=rc)
-            last = f"; loss {points[-1][1]:.4f} ({len(points)} logged)" if points else ""
-            where = f"; output {runner.output_dir}" if state == "finished" else ""
-            return f"{word}{last}{where}", runner.log_tail(14), frame
+            return status_line(code_of(choice)), runner.log_tail(14), frame
 
         timer.tick(poll, lang_box, [status, log_box, curve])
 
         # ---- data
-        d_btn.click(preview_html, [d_data, d_model, d_index], d_out)
+        d_btn.click(
+            lambda data, model, index: preview_html(workspace, data, model, index),
+            [d_data, d_model, d_index],
+            d_out,
+            api_name="preview_html",
+        )
 
         # ---- chat
         def send(path, system, history, message, max_new, temperature):
@@ -432,22 +611,34 @@ def build(lang: str = "en", runs_dir: str = "runs"):
                 history[-1] = {"role": "assistant", "content": f"error: {e}"}
                 yield history, ""
 
-        c_send.click(send, [c_dir, c_system, chatbot, c_msg, c_max, c_temp], [chatbot, c_msg])
+        c_send.click(send, [c_dir, c_system, chatbot, c_msg, c_max, c_temp], [chatbot, c_msg], api_name="send")
         c_msg.submit(send, [c_dir, c_system, chatbot, c_msg, c_max, c_temp], [chatbot, c_msg])
         c_reset.click(list, None, chatbot)
 
         # ---- evaluate
-        def evaluate(path, data, suite, baseline, max_samples, out):
-            args = ["eval", path.strip(), "--out", out.strip(), "--overwrite"]
-            if data.strip():
-                args += ["--data", data.strip(), "--max-samples", str(int(max_samples or 8))]
-            if suite.strip():
-                args += ["--suite", suite.strip()]
-            if baseline.strip():
-                args += ["--baseline", baseline.strip()]
-            rc, text = run_command(args, cwd)
-            report = Path(out.strip()).expanduser() / "report.json"
-            table = pd.DataFrame()
+        def evaluate(path, data, suite, baseline, max_samples, out, overwrite, choice):
+            empty = pd.DataFrame({"metric": [], "value": []})
+            try:
+                model = workspace.name_or_path(path, "model or output dir")
+                out_path = workspace.output(out, "report dir")
+                data, suite, baseline = (
+                    workspace.name_or_path(v, what)
+                    for v, what in ((data, "dataset"), (suite, "suite"), (baseline, "baseline"))
+                )
+            except Refused as e:
+                return str(e), empty, ""
+            if out_path.exists() and not overwrite:
+                return t("report_exists", code_of(choice)).format(path=out_path), empty, ""
+            args = ["eval", model, "--out", str(out_path)] + (["--overwrite"] if overwrite else [])
+            if data:
+                args += ["--data", data, "--max-samples", str(int(max_samples or 8))]
+            if suite:
+                args += ["--suite", suite]
+            if baseline:
+                args += ["--baseline", baseline]
+            rc, text = run_command(args, root)
+            report = out_path / "report.json"
+            table = empty
             if rc == 0 and report.is_file():
                 data = json.loads(report.read_text(encoding="utf-8"))
                 metrics = _flat({k: data[k] for k in ("generation", "suite") if isinstance(data.get(k), dict)})
@@ -463,26 +654,58 @@ def build(lang: str = "en", runs_dir: str = "runs"):
             )
             return text[-4000:], table, frame
 
-        e_btn.click(evaluate, [e_dir, e_data, e_suite, e_base, e_max, e_out], [e_log, e_table, e_report])
+        e_btn.click(
+            evaluate,
+            [e_dir, e_data, e_suite, e_base, e_max, e_out, e_over, lang_box],
+            [e_log, e_table, e_report],
+            api_name="evaluate",
+        )
 
         # ---- export
-        def export(path, kind, outtype, out, ollama, overwrite):
-            out_path = Path(out.strip()).expanduser()
+        def export(path, kind, outtype, out, ollama, overwrite, choice):
+            try:
+                source = workspace.path(path, "adapter or model dir")
+                out_path = workspace.output(out, "output path")
+            except Refused as e:
+                return str(e), ""
+            if out_path.exists() and not overwrite:
+                return t("export_exists", code_of(choice)).format(path=out_path), ""
             if kind == "merge":
-                args = ["merge", path.strip(), "--out", str(out_path)]
+                args = ["merge", str(source), "--out", str(out_path)]
             else:
-                args = ["export", path.strip(), "--format", kind, "--out", str(out_path)]
+                args = ["export", str(source), "--format", kind, "--out", str(out_path)]
                 if kind == "gguf":
                     args += ["--outtype", outtype] + (["--ollama"] if ollama else [])
             if overwrite:
                 args.append("--overwrite")
-            rc, text = run_command(args, cwd)
+            rc, text = run_command(args, root)
             return f"$ finetune {' '.join(args)}\n{text}\n(exit {rc})", written_files(out_path) if rc == 0 else ""
 
-        x_btn.click(export, [x_dir, x_kind, x_outtype, x_out, x_ollama, x_over], [x_log, x_files])
+        x_btn.click(
+            export,
+            [x_dir, x_kind, x_outtype, x_out, x_ollama, x_over, lang_box],
+            [x_log, x_files],
+            api_name="export",
+        )
+
+        def default_out(kind, out):
+            """The output path follows the kind while it is one of the defaults (a `.gguf` file for GGUF)."""
+            defaults = {str(runs / v) for v in EXPORT_OUT.values()}
+            return str(runs / EXPORT_OUT[kind]) if (out or "").strip() in defaults | {""} else gr.update()
+
+        x_kind.change(default_out, [x_kind, x_out], x_out)
 
     app.finetune_runner = runner
     return app
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else (f"{seconds // 60}:{seconds % 60:02d}")
+    )
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -495,10 +718,46 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def launch(host: str = "127.0.0.1", port: int = 7860, lang: str = "en", runs_dir: str = "runs", block: bool = True):
-    app = build(lang, runs_dir)
+class NoUploads:
+    """ASGI middleware: the app has no file inputs, so Gradio's upload routes answer 403 (an upload is
+    how a file of the sender's choosing would land on this machine)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].rstrip("/").endswith(("/upload", "/upload_progress")):
+            body = b'{"error": "uploads are off: this app takes no files"}'
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 403, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
+def launch(
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    lang: str = "en",
+    workspace: Workspace | None = None,
+    runs_dir: str = "runs",
+    auth: list[tuple[str, str]] | None = None,
+    block: bool = True,
+):
+    from starlette.middleware import Middleware
+
+    app = build(lang, workspace, runs_dir)
     app.queue(default_concurrency_limit=4)
     app.launch(
-        server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True, inbrowser=False, quiet=True
+        server_name=host,
+        server_port=port,
+        prevent_thread_lock=not block,
+        show_error=True,
+        inbrowser=False,
+        quiet=True,
+        auth=auth or None,
+        css=CSS,
+        max_file_size=0,  # and NoUploads: no uploads at all
+        app_kwargs={"middleware": [Middleware(NoUploads)]},
     )
     return app

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import finetune
@@ -24,17 +25,20 @@ def finetune_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "finetune", *args]
 
 
-# Stop is Ctrl-C (SIGINT): the trainer stops cleanly and its checkpoints stay for a resume. A UI started
-# where SIGINT is ignored (in the background of a script, or under a supervisor that ignores it) passes
-# that on to its children, and a run would not stop: the run restores Python's handler first.
+# Stop is SIGUSR1 (finetune.guards.request_stop): the trainer saves a checkpoint at the end of the current
+# step, then stops as Ctrl-C does, so Start resumes from the step reached. Before training has begun it is
+# Ctrl-C. A UI started where SIGINT is ignored (in the background of a script, or under a supervisor that
+# ignores it) passes that on to its children: the run restores Python's handler first.
 _INTERRUPTIBLE = (
-    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "import runpy, signal; from finetune import guards; "
+    "signal.signal(signal.SIGINT, signal.default_int_handler); signal.signal(signal.SIGUSR1, guards.request_stop); "
     "runpy.run_module('finetune', run_name='__main__', alter_sys=True)"
 )
+STEP = re.compile(r"^(?:finetune: )?step (\d+)/(\d+)\s", re.MULTILINE)
 
 
 def interruptible_command(*args: str) -> list[str]:
-    """`finetune ARGS` that Ctrl-C (SIGINT) interrupts, whatever the UI's own SIGINT disposition."""
+    """`finetune ARGS` that Stop (SIGUSR1) and Ctrl-C (SIGINT) interrupt, whatever the UI's dispositions."""
     return [sys.executable, "-c", _INTERRUPTIBLE, *args]
 
 
@@ -50,6 +54,7 @@ class Runner:
         self.log_path: Path | None = None
         self.output_dir: Path | None = None
         self.stopped = False
+        self.first_seen: tuple[int, float] | None = None  # (step, time) this UI first saw logged
         self.lock = threading.Lock()
 
     @property
@@ -62,7 +67,7 @@ class Runner:
             if self.running:
                 return False
             self.log_path = recipe_path.with_suffix(".log")
-            self.output_dir, self.stopped = output_dir, False
+            self.output_dir, self.stopped, self.first_seen = output_dir, False, None
             with open(self.log_path, "a", encoding="utf-8") as log:
                 log.write(f"$ finetune train {recipe_path}\n")
                 log.flush()
@@ -77,18 +82,46 @@ class Runner:
                 )
             return True
 
-    def stop(self) -> None:
-        """Ctrl-C, as in a terminal: the trainer stops; its checkpoints stay for a resume."""
+    def stop(self, grace: float = 300) -> None:
+        """Save a checkpoint at the end of the current step and stop (then Ctrl-C, then terminate, if the
+        step does not end within `grace` seconds); the checkpoints stay for a resume."""
         with self.lock:
             if not self.running:
                 return
             self.stopped = True
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.terminate()
-                self.proc.wait(timeout=30)
+            for sig, wait in ((signal.SIGUSR1, grace), (signal.SIGINT, 30), (signal.SIGTERM, 30)):
+                self.proc.send_signal(sig)
+                try:
+                    self.proc.wait(timeout=wait)
+                    return
+                except subprocess.TimeoutExpired:
+                    continue
+            self.proc.kill()
+            self.proc.wait()
+
+    def resume_point(self) -> Path | None:
+        """The checkpoint Start resumes this (stopped or failed) run from, if any."""
+        from finetune.outputs import last_complete_checkpoint
+
+        if self.output_dir is None:
+            return None
+        return last_complete_checkpoint(self.output_dir.with_name(self.output_dir.name + ".incomplete"))
+
+    def progress(self) -> tuple[int, int, float | None] | None:
+        """(step, total steps, seconds left) from the run's last logged step; the time left is estimated
+        from the steps logged since this UI first saw the run logging (None until two were seen)."""
+        if self.log_path is None or not self.log_path.is_file():
+            return None
+        found = STEP.findall(self.log_path.read_text(encoding="utf-8", errors="replace")[-20000:])
+        if not found:
+            return None
+        step, total = int(found[-1][0]), int(found[-1][1])
+        now = time.monotonic()
+        if self.first_seen is None or step < self.first_seen[0]:
+            self.first_seen = (step, now)
+        first_step, first_time = self.first_seen
+        left = (total - step) * (now - first_time) / (step - first_step) if step > first_step else None
+        return step, total, left
 
     def state(self) -> tuple[str, int | None]:
         """('idle' | 'running' | 'finished' | 'stopped' | 'failed', exit code)."""
