@@ -155,7 +155,7 @@ def create_app(
         try:
             return schema.model_validate(data)
         except ValidationError as e:
-            raise validation_error(e) from None
+            raise validation_error(e, data) from None
 
     async def off_loop(fn, *args):
         """fn(*args) in the render pool, within the time budget (a template or tokenizer never blocks the loop)."""

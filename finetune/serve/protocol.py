@@ -178,11 +178,17 @@ def request_models():
     return ChatRequest, CompletionRequest
 
 
-def validation_error(e) -> APIError:
+def validation_error(e, data: dict) -> APIError:
     """pydantic's first complaint as a 400 naming the field (OpenAI answers bad values with 400)."""
     err = e.errors()[0]
-    where = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "list[", "dict[", "str")))
-    where = where or ".".join(str(p) for p in err["loc"])
+    parts, node = [], data
+    for i, key in enumerate(err["loc"]):  # the request's own keys, not pydantic's union branch tags
+        if (isinstance(node, dict) and key in node) or (isinstance(node, list) and isinstance(key, int)):
+            parts.append(str(key))
+            node = node[key]
+        elif i == len(err["loc"]) - 1 and isinstance(node, dict):  # a missing field
+            parts.append(str(key))
+    where = ".".join(parts) or "body"
     return APIError(400, f"{where}: {err['msg']}", param=where)
 
 
