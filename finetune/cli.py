@@ -392,6 +392,23 @@ def _add_serve_webui(sub) -> None:
     )
     serve.add_argument("--max-batch-size", type=int, default=16, help="rows generated together (default 16)")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    serve.add_argument("--max-n", type=int, default=8, help="cap on a request's n (default 8)")
+    serve.add_argument(
+        "--max-sequences", type=int, default=64, help="cap on the sequences one request generates, prompts x n (64)"
+    )
+    serve.add_argument(
+        "--max-request-tokens",
+        type=int,
+        default=131_072,
+        help="cap on one request's tokens: prompt + max_tokens, summed over its sequences (131072)",
+    )
+    serve.add_argument(
+        "--render-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="time budget for rendering and tokenizing a request's prompts (default 10)",
+    )
 
     webui = sub.add_parser(
         "webui",
