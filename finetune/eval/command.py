@@ -64,6 +64,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="ROUGE tokens for Chinese: characters or jieba words",
     )
     p.add_argument(
+        "--reasoning-tags",
+        nargs=2,
+        metavar=("OPEN", "CLOSE"),
+        help="tags of the reasoning a prediction opens with, split off before scoring "
+        "(default: MODEL's recorded data.reasoning_tags, else <think> </think>)",
+    )
+    p.add_argument(
         "--history", default="", help="JSONL history file (default: eval_history.jsonl beside --out; 'none' = off)"
     )
     p.add_argument("--out", required=True, help="output dir (must not hold a finished result unless --overwrite)")
@@ -101,6 +108,7 @@ def main(args) -> int:
         rouge_tokenizer=args.rouge_tokenizer,
         history=None if args.history.lower() == "none" else args.history,
         overwrite=args.overwrite,
+        reasoning_tags=tuple(args.reasoning_tags) if args.reasoning_tags else None,
     )
     rep = run(req)
     print(summary(rep))
