@@ -41,6 +41,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         metavar="FILE.jsonl",
         help="score this file (records with prediction, reference) instead of generating",
     )
+    p.add_argument("--base", help="MODEL's base model, when MODEL is an adapter whose recorded base moved")
     p.add_argument("--baseline", help="model to compare with (usually the base model)")
     p.add_argument("--suite", help="capability suite YAML, e.g. eval/suites/general.yaml")
     p.add_argument(
@@ -102,6 +103,7 @@ def main(args) -> int:
         batch_size=args.batch_size,
         predictions=args.predictions,
         baseline=args.baseline,
+        base=args.base,
         suite=args.suite,
         language=args.language,
         metric_style=args.metric_style,

@@ -39,6 +39,7 @@ class Request:
     batch_size: int = EvalSection.batch_size
     predictions: str | None = None
     baseline: str | None = None
+    base: str | None = None  # MODEL's base, when MODEL is an adapter whose recorded base moved
     suite: str | None = None
     language: str = "auto"
     metric_style: str = "standard"
@@ -65,6 +66,8 @@ def _check(req: Request):
         raise RecipeError("nothing to evaluate: give --data DATASET and/or --suite SUITE")
     if req.baseline and not req.model:
         raise RecipeError("--baseline needs MODEL")
+    if req.base and not req.model:
+        raise RecipeError("--base needs MODEL (an adapter dir)")
     for key in ("max_samples", "max_new_tokens", "batch_size"):
         if getattr(req, key) is not None and getattr(req, key) < 1:
             raise RecipeError(f"--{key.replace('_', '-')}: must be at least 1")
@@ -166,7 +169,7 @@ def _score(req: Request, predictions: list[str], references: list[str], metric_k
 def _score_model(req: Request, name: str, field: str, prefix: str, work: Path, suite, metric_kw: dict, tokenizer=None):
     """Load one model, answer req.items (-> `{prefix}predictions.jsonl`), run the suite; then free it.
     Returns (generation metrics or None, suite results or None, trainer_state.json or None)."""
-    loaded = load_for_eval(name, field, tokenizer=tokenizer)
+    loaded = load_for_eval(name, field, tokenizer=tokenizer, base=req.base if field == "MODEL" else None)
     gen = results = None
     if req.items:
         log.info("generating %d answers with %s", len(req.items), name)
