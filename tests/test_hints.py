@@ -118,6 +118,7 @@ def _cases(root: Path, tiny_path: str, memo_lora_dir) -> dict[str, tuple[str, li
         "export_out_exists": ("export", ["export", memo_lora_dir, "--out", gguf]),
         "export_dtype_for_gguf": ("export", ["export", memo_lora_dir, "--out", root / "e.gguf", "--dtype", "float16"]),
         "chat_base_moved": ("chat", ["chat", moved, "--prompt", "hi"]),
+        "dry_run": ("train", ["train", REPO / "recipes" / "tiny" / "sft_tools.yaml", "--dry-run"]),
         "score_batch_size": ("score", ["score", memo_lora_dir, "--data", "preference_en_demo", "--batch-size", "0"]),
     }
 
@@ -150,6 +151,8 @@ def test_every_printed_hint_names_an_option_of_its_command(printed):
     table, keys = parsers(), schema_keys()
     failures = []
     for name, (command, _) in cases.items():
+        if name == "dry_run":
+            continue
         errors = [line for line in results[name]["stderr"].splitlines() if line.startswith("finetune: error:")]
         if results[name]["returncode"] != 2 or len(errors) != 1:
             failures.append(f"{name}: expected one error line, got {results[name]['stderr'][-800:]}")
@@ -195,3 +198,32 @@ def test_every_hint_in_the_source_names_a_real_option_or_key():
                     failures.append(f"{rel}: {m.group(0)} is not a recipe key")
     assert seen > 50  # the scan finds the hints (a broken pattern would pass vacuously)
     assert not failures, "\n".join(sorted(set(failures)))
+
+
+def test_the_dry_run_prints_whole_numbers_as_given_and_a_template_in_one_line(printed):
+    """`train.logging_steps: 5` is printed 5 (TRL types it float), a multi-line chat template as its first line."""
+    _, results = printed
+    r = results["dry_run"]
+    assert r["returncode"] == 0, r["stderr"][-2000:]
+    text = r["stdout"] + r["stderr"]
+    assert "train.logging_steps=5," in text and "train.max_steps=80," in text and "=5.0" not in text
+    line = next(line for line in text.splitlines() if "model.chat_template=" in line)
+    assert "(11 lines)" in line and "<|user|>" not in line  # the rest of the template is not inlined
+
+
+def test_every_output_dir_the_readmes_name_is_one_a_recipe_writes():
+    """A README command pointing at outputs/... names a dir some shipped recipe (or pipeline) creates."""
+    written = set()
+    for path in (REPO / "recipes").rglob("*.yaml"):
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        out = (raw.get("output") or {}).get("dir") if isinstance(raw, dict) else None
+        if isinstance(out, str):
+            written.add(out.rstrip("/"))
+    assert written
+    named = set()
+    for readme in ("README.md", "README_zh.md"):
+        for line in (REPO / readme).read_text(encoding="utf-8").splitlines():
+            if line.lstrip().startswith("finetune "):  # a command to run, not a recipe snippet's own choice
+                named |= set(re.findall(r"\boutputs/[\w./-]*\w", line))
+    missing = sorted(n for n in named if not any(n == w or n.startswith(w + "/") for w in written))
+    assert not missing, missing
