@@ -31,7 +31,7 @@ def test_the_mtime_notice_is_not_printed(tmp_path, capfd):
     cli._quiet_libraries(False)
     for step in (10, 20):  # saved within the same second, as a tiny run does
         (tmp_path / f"checkpoint-{step}").mkdir()
-    assert sort_checkpoints(str(tmp_path))[-1].endswith("checkpoint-20")
+    assert sort_checkpoints(str(tmp_path), use_mtime=True)[-1].endswith("checkpoint-20")
     assert "mtime" not in capfd.readouterr().err
 
 
