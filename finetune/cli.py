@@ -50,6 +50,19 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def _no_loading_bars(factory, args, kwargs):
+    """transformers' tqdm hook: its "Loading weights" bar (one per model loaded) off, every other bar as it was."""
+    if kwargs.get("desc") == "Loading weights":
+        kwargs = {**kwargs, "disable": True}
+    return factory(*args, **kwargs)
+
+
+def _no_mtime_notice(record) -> bool:
+    """transformers' notice that checkpoints saved within a second (tiny runs) are ordered by number, not mtime:
+    harmless, and it lands inside the progress bar."""
+    return "mtime may not be reliable" not in record.getMessage()
+
+
 def _quiet_libraries(debug: bool) -> None:
     """Keep the terminal for progress bars and our own messages."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -60,9 +73,14 @@ def _quiet_libraries(debug: bool) -> None:
             from transformers.utils import logging as transformers_logging
 
             transformers_logging.disable_progress_bar()
+    elif not debug:  # a terminal: the training and generation bars stay; the per-model "Loading weights" ones go
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_tqdm_hook(_no_loading_bars)
     if not debug:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        logging.getLogger("transformers.trainer_utils").addFilter(_no_mtime_notice)
     try:
         import datasets
 

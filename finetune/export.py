@@ -80,9 +80,7 @@ def export_gguf(
         if modelfile_text is not None:
             (tmp / "Modelfile").write_text(modelfile_text, encoding="utf-8")
             lines.append(f"Ollama Modelfile written to {modelfile_path} (ollama create NAME -f {modelfile_path})")
-            for note in (ollama.TRIM_NOTE, ollama.TOOLS_NOTE):
-                if note in modelfile_text:
-                    lines.append(f"note: {note}")
+            lines += [f"note: {note}" for note in ollama.modelfile_notes(modelfile_text)]
         if source.kind == "adapter":
             shutil.rmtree(model_path)
         if modelfile_text is not None:  # both files appear together: the Modelfile goes in just before the GGUF

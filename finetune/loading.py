@@ -550,14 +550,16 @@ def _eval_model_section(path: Path | None, name_or_path: str) -> ModelSection:
     return section
 
 
-def load_for_eval(name: str, field: str = "MODEL", dtype: str = "auto", tokenizer: str | None = None) -> EvalModel:
+def load_for_eval(
+    name: str, field: str = "MODEL", dtype: str = "auto", tokenizer: str | None = None, base: str | None = None
+) -> EvalModel:
     """What `finetune eval` scores, `name` being a full model (dir, hub id or tiny name) or an adapter
     dir: the model in eval mode + a left-padding tokenizer with a chat template (from `tokenizer` when
     given: the tuned run's, so a baseline sees the same prompts), with the run's model section (chat
     template, dtype, template kwargs) from its recipe. An adapter dir runs on its base as it was trained
-    (4-bit for a QLoRA run), as merge, export and chat load it."""
+    (4-bit for a QLoRA run), as merge, export and chat load it (`base`: --base, where the recorded one moved)."""
     path = Path(name).expanduser()
-    model_dir = inspect(path, what=field) if path.is_dir() else None
+    model_dir = inspect(path, base, what=field) if path.is_dir() else None
     adapter = model_dir is not None and model_dir.kind == "adapter"
     if adapter:
         cfg = _eval_model_section(path, model_dir.base)

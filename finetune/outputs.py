@@ -41,9 +41,8 @@ def check_target(final: Path, overwrite: bool, what: str = "output.dir") -> None
     if final.exists() and not final.is_dir():
         raise OutputError(f"{what}: {final} exists and is not a directory")
     if is_nonempty_dir(final) and not overwrite:
-        raise OutputError(
-            f"{what}: {final} exists and is not empty; set output.overwrite=true or choose another {what}"
-        )
+        fix = "pass --overwrite" if what.startswith("--") else "set output.overwrite=true"  # a flag or a recipe key
+        raise OutputError(f"{what}: {final} exists and is not empty; {fix} or choose another {what}")
 
 
 def last_complete_checkpoint(run_dir: Path) -> Path | None:

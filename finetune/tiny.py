@@ -97,9 +97,6 @@ TINY_MODELS: dict[str, TinySpec] = {
     "tiny-llama": TinySpec(),
 }
 
-# Pre-training throughput measured on a 2-core CPU (tokens/s), only for the log line's estimate.
-_TOKENS_PER_S_GUESS = 17_000
-
 
 # --------------------------------------------------------------------------- public API
 
@@ -161,8 +158,12 @@ def build(name: str, cache_root: str | os.PathLike | None = None, force: bool = 
             return target  # another process built it while we waited
         for stale in parent.glob(f".{target.name}.tmp-*"):  # left by a killed build
             shutil.rmtree(stale, ignore_errors=True)
-        est = 5 + spec.pretrain_steps * spec.pretrain_batch * spec.pretrain_seq_len / _TOKENS_PER_S_GUESS
-        print(f"finetune: building {name} into {target} (one-off, ~{est:.0f} s)", file=sys.stderr, flush=True)
+        print(
+            f"finetune: building {name} into {target} (one-off; the progress lines give the time left, "
+            "from the measured speed)",
+            file=sys.stderr,
+            flush=True,
+        )
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
         try:
             info = _build_into(tmp, name, spec, fp)
@@ -381,8 +382,10 @@ class _Progress:
             self.bar.set_postfix(loss=f"{loss:.3g}", refresh=False)
         elif step * 10 // self.steps > self.last * 10 // self.steps:
             rate = step / max(time.perf_counter() - self.t0, 1e-9)
+            left = (self.steps - step) / max(rate, 1e-9)
             print(
-                f"finetune: pre-training {self.name}: step {step}/{self.steps}, loss {loss:.3g}, {rate:.1f} steps/s",
+                f"finetune: pre-training {self.name}: step {step}/{self.steps}, loss {loss:.3g}, {rate:.1f} steps/s, "
+                f"~{left:.0f} s left",
                 file=sys.stderr,
                 flush=True,
             )

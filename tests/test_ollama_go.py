@@ -190,13 +190,96 @@ def test_an_empty_system_message_is_a_system_turn(go_render, tiny_tokenizer):
     assert "if .System" not in go
 
 
-def test_a_template_with_tool_support_is_flagged(tiny_tokenizer):
-    """The TEMPLATE carries no .Tools: a chat template that renders a tool list gets a note in the Modelfile."""
-    tok = copy.deepcopy(tiny_tokenizer)
-    tok.chat_template = (
-        "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}" + CHATML_NO_DEFAULT
+def test_a_tool_template_it_cannot_translate_says_exactly_what_is_lost(tiny_tokenizer):
+    """Tool parts that are not prefix/item/suffix text (here: a numbered tool list) keep a TEMPLATE without
+    tools, and the Modelfile and the export report name each part it leaves out (here also the `tool` turns)."""
+    tok = _with(
+        tiny_tokenizer,
+        "{% if tools %}<|im_start|>system\n{% for t in tools %}{{ loop.index }}. {{ t.function.name }}\n"
+        "{% endfor %}<|im_end|>\n{% endif %}" + CHATML_NO_DEFAULT,
     )
-    assert ollama.renders_tools(tok)
-    assert f"# note: {ollama.TOOLS_NOTE}" in ollama.modelfile("m.gguf", tok)
-    tok.chat_template = CHATML_NO_DEFAULT
+    assert ollama.renders_tools(tok) and ollama.split_template(tok).tools is None
+    text = ollama.modelfile("m.gguf", tok)
+    lost = ollama.tools_note(["the tool list", "tool results"])
+    assert "requests with tools get no tool instructions" in lost and "tool results never reach the model" in lost
+    assert ollama.modelfile_notes(text) == [lost] and f"# note: {lost}" in text
+    assert ".Tools" not in text and ".ToolCalls" not in text
+    no_tools = (
+        "{% for m in messages %}{% if m.role != 'tool' %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tok = _with(tiny_tokenizer, no_tools)
     assert not ollama.renders_tools(tok) and "note:" not in ollama.modelfile("m.gguf", tok)
+
+
+SFT_TOOLS = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "sft_tools.yaml"
+# ChatML with a tool list of one line per tool, calls after the content, results as their own turns
+CHATML_TOOLS = (
+    "{% if tools %}<|im_start|>tools\n{% for t in tools %}- {{ t.function.name }}: {{ t.function.description }}\n"
+    "{% endfor %}<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}\n<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CALLS = [
+    {"type": "function", "function": {"name": "get_weather", "arguments": {"unit": "c", "city": "Paris"}}},
+    {"type": "function", "function": {"name": "get_time", "arguments": {}}},
+]
+TOOL_CHATS = {
+    "calls_and_results": [
+        {"role": "system", "content": "You may call tools."},
+        {"role": "user", "content": "Weather and time in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": CALLS},
+        {"role": "tool", "content": "18 C", "tool_call_id": "1"},
+        {"role": "tool", "content": "12:00", "tool_call_id": "2"},
+    ],
+    "answer_after_results": [
+        {"role": "user", "content": "天气？"},
+        {"role": "assistant", "content": "我查一下。", "tool_calls": CALLS[:1]},
+        {"role": "tool", "content": "18 C"},
+        {"role": "assistant", "content": "18 度。"},
+        {"role": "user", "content": "谢谢"},
+    ],
+}
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "description": "The time", "parameters": {}}}
+
+
+def _go_json(text: str) -> str:
+    """`text` with each call's arguments as Ollama's `json` writes them (compact, keys sorted): JSON_NOTE."""
+    for call in CALLS:
+        args = call["function"]["arguments"]
+        text = text.replace(
+            json.dumps(args, ensure_ascii=False), json.dumps(args, separators=(",", ":"), sort_keys=True)
+        )
+    return text
+
+
+@pytest.mark.parametrize("family", ["sft_tools_recipe", "chatml_tools"])
+def test_tool_calls_results_and_the_tool_list_render_in_go(go_render, tiny_tokenizer, family):
+    """A tool-calling template's TEMPLATE writes .Tools, an assistant's .ToolCalls and `tool` messages as the chat
+    template does; the one difference is the arguments' JSON, which the Modelfile states (JSON_NOTE)."""
+    import yaml
+
+    template = yaml.safe_load(SFT_TOOLS.read_text(encoding="utf-8"))["model"]["chat_template"]
+    tok = _with(tiny_tokenizer, template if family == "sft_tools_recipe" else CHATML_TOOLS)
+    pieces = ollama.split_template(tok)
+    assert pieces.tools is not None
+    go = ollama.go_template(pieces)
+    assert ".ToolCalls" in go and ".Tools" in go and 'eq .Role "tool"' in go
+    text = ollama.modelfile("m.gguf", tok)
+    assert f"# note: {ollama.JSON_NOTE}" in text and "leaves out" not in text
+    add_bos = gguf_export.adds_bos(tok)
+    cases = [(name, chat, tools) for name, chat in TOOL_CHATS.items() for tools in ([*TOOLS, TIME_TOOL], [])]
+    results = go_render([{"template": go, "messages": chat, "tools": tools} for _, chat, tools in cases])
+    for (name, chat, tools), result in zip(cases, results):
+        assert not result.get("error"), (name, result)
+        expected = tok.apply_chat_template(chat, tools=tools or None, tokenize=False, add_generation_prompt=True)
+        assert "18 C" in expected and "get_weather" in expected  # the results and calls are in the prompt
+        assert (tok.bos_token if add_bos else "") + result["text"] == _go_json(expected), (name, len(tools))
+
+
+def test_the_shipped_tools_recipe_ends_its_tool_list_with_a_newline(tiny_tokenizer):
+    import yaml
+
+    tok = _with(tiny_tokenizer, yaml.safe_load(SFT_TOOLS.read_text(encoding="utf-8"))["model"]["chat_template"])
+    text = tok.apply_chat_template(CHATS["tools"], tools=[*TOOLS, TIME_TOOL], tokenize=False)
+    assert "Tools: get_weather, get_time\n<|system|>\n" in text

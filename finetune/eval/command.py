@@ -41,6 +41,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         metavar="FILE.jsonl",
         help="score this file (records with prediction, reference) instead of generating",
     )
+    p.add_argument("--base", help="MODEL's base model, when MODEL is an adapter whose recorded base moved")
     p.add_argument("--baseline", help="model to compare with (usually the base model)")
     p.add_argument("--suite", help="capability suite YAML, e.g. eval/suites/general.yaml")
     p.add_argument(
@@ -62,6 +63,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
         choices=ROUGE_TOKENIZERS,
         default="chars",
         help="ROUGE tokens for Chinese: characters or jieba words",
+    )
+    p.add_argument(
+        "--reasoning-tags",
+        nargs=2,
+        metavar=("OPEN", "CLOSE"),
+        help="tags of the reasoning a prediction opens with, split off before scoring "
+        "(default: MODEL's recorded data.reasoning_tags, else <think> </think>)",
     )
     p.add_argument(
         "--history", default="", help="JSONL history file (default: eval_history.jsonl beside --out; 'none' = off)"
@@ -95,12 +103,14 @@ def main(args) -> int:
         batch_size=args.batch_size,
         predictions=args.predictions,
         baseline=args.baseline,
+        base=args.base,
         suite=args.suite,
         language=args.language,
         metric_style=args.metric_style,
         rouge_tokenizer=args.rouge_tokenizer,
         history=None if args.history.lower() == "none" else args.history,
         overwrite=args.overwrite,
+        reasoning_tags=tuple(args.reasoning_tags) if args.reasoning_tags else None,
     )
     rep = run(req)
     print(summary(rep))

@@ -3,6 +3,10 @@
 Prompts are sorted by length and batched with left padding, so each batch pads little and every
 row's answer starts right after its prompt. The reference is the last assistant turn; the
 prompt is the conversation before it, rendered with the chat template (generation prompt on).
+
+What is scored is the answer: reasoning that a prediction opens with (`<think>...</think>`, or the run's
+data.reasoning_tags) is split off by the rule training used to inline it (`split_inline_reasoning`), since
+references carry none; predictions.jsonl keeps both (`prediction` as generated, `reasoning`, `answer`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.data.chat_formats import DEFAULT_REASONING_TAGS, split_inline_reasoning
 from finetune.errors import DataError
 from finetune.generate import generate as generate_tokens
 
@@ -140,21 +145,53 @@ def generate_one_by_one(model, tok, prompts: list, max_new_tokens: int = 128) ->
     return [generate(model, tok, [p], max_new_tokens, 1)[0] for p in prompts]
 
 
-def prompt_text(tok, prompt) -> str:
+def prompt_text(tok, prompt, template_kwargs: dict | None = None) -> str:
     return (
         prompt
         if isinstance(prompt, str)
-        else tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        else tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False, **(template_kwargs or {}))
     )
 
 
-def write_predictions(path: Path, tok, items: list[Item], predictions: list[str]) -> None:
+@dataclass
+class Split:
+    """A prediction cut into the reasoning it opened with and the answer that is scored."""
+
+    reasoning: str
+    answer: str
+    unfinished: bool = False  # the reasoning never closed (max_new_tokens ran out): the answer is empty
+
+
+def split_answer(prediction: str, tags=DEFAULT_REASONING_TAGS, opened: bool = False) -> Split:
+    """Reasoning and answer of a prediction, by training's rule (`split_inline_reasoning`). `opened`: the
+    prompt itself ended with the open tag (a template whose generation prompt starts the reasoning), so the
+    prediction begins inside it. An open tag that never closes leaves no answer."""
+    open_tag, close_tag = tags
+    text = open_tag + prediction if opened and not prediction.lstrip().startswith(open_tag) else prediction
+    reasoning, answer = split_inline_reasoning(text, tags)
+    if not reasoning and text.lstrip().startswith(open_tag) and close_tag not in text:
+        return Split(text.lstrip()[len(open_tag) :].strip("\n"), "", True)
+    if reasoning or text.lstrip().startswith(open_tag):  # `<think></think>answer`: an empty reasoning block
+        return Split(reasoning, answer.strip())
+    return Split("", prediction.strip())
+
+
+def prompt_opens_reasoning(prompt_text_: str, tags=DEFAULT_REASONING_TAGS) -> bool:
+    return prompt_text_.rstrip().endswith(tags[0])
+
+
+def write_predictions(
+    path: Path, tok, items: list[Item], predictions: list[str], splits: list[Split], template_kwargs=None
+) -> None:
     from finetune.outputs import write_text_atomic
 
-    rows = [
-        {"prompt": prompt_text(tok, it.prompt), "prediction": p, "reference": it.reference}
-        for it, p in zip(items, predictions)
-    ]
+    rows = []
+    for it, p, s in zip(items, predictions, splits):
+        row = {"prompt": prompt_text(tok, it.prompt, template_kwargs), "prediction": p}
+        if p.strip() != s.answer:  # reasoning was split off: the scored answer beside the text as generated
+            row.update(reasoning=s.reasoning, answer=s.answer)
+        row["reference"] = it.reference
+        rows.append(row)
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 

@@ -153,7 +153,7 @@ def sample_rows(predictions_file: Path, n: int = 5) -> tuple[list[dict], list[di
     except (OSError, ValueError):
         return [], []
     for r in rows:
-        r["rougeL"] = scores.rouge([r["prediction"]], [r["reference"]])["rougeL"]
+        r["rougeL"] = scores.rouge([r.get("answer", r["prediction"])], [r["reference"]])["rougeL"]
     ranked = sorted(range(len(rows)), key=lambda i: (rows[i]["rougeL"], i))
     k = min(n, len(rows) // 2) if len(rows) > 1 else len(rows)  # few rows: split them, never show one twice
     return [rows[i] for i in ranked[:k]], [rows[i] for i in reversed(ranked[len(rows) - k :])] if len(rows) > 1 else []
@@ -190,6 +190,33 @@ def verdict_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def scored_note(gen: dict) -> str:
+    """What the generation metrics scored: the answer, with the reasoning split off (how many had some)."""
+    scored = gen["tuned"].get("scored")
+    if not scored:
+        return ""
+    open_tag, close_tag = scored["reasoning_tags"]
+    n, k = gen["tuned"].get("n", 0), scored["with_reasoning"]
+    if not k:
+        return f"Scored: the whole prediction (none opened with reasoning in {open_tag}…{close_tag})."
+    note = f"Scored: the answer after {close_tag}; the reasoning in {open_tag}…{close_tag} of {k} of {n} predictions "
+    note += "was split off" + (
+        f" ({scored['kept_in']} keeps it as `reasoning`, the scored text as `answer`)."
+        if scored.get("kept_in")
+        else "."
+    )
+    if scored["unfinished_reasoning"]:
+        note += (
+            f" {scored['unfinished_reasoning']} never closed their reasoning within max_new_tokens and "
+            "scored as empty answers."
+        )
+    return note
+
+
+def data_notes(gen: dict) -> list[str]:
+    return [n for n in (scored_note(gen), gen.get("note", "")) if n]
+
+
 def markdown(report: dict) -> str:
     lines = [f"# Evaluation of `{report['model']}`", ""]
     if report.get("baseline"):
@@ -207,6 +234,7 @@ def markdown(report: dict) -> str:
                 b = (gen.get("baseline") or {}).get(k)
                 lines.append(f"| {k} | {_fmt(v)} |" + (f" {_fmt(b)} | {v - b:+.4g} |" if isinstance(b, float) else ""))
         lines.append("")
+        lines += [line for note in data_notes(gen) for line in (note, "")]
     suite = report.get("suite")
     if suite:
         verdict = f"**{plural(suite['regressions'], 'regression')}**" if suite["regressions"] else "no regression"
@@ -291,6 +319,7 @@ def html_page(report: dict, images: dict[str, str], samples: tuple[list[dict], l
             f"({plural(gen['tuned'].get('n', 0), 'example')}, {esc(gen['tuned'].get('style', ''))} style)</h2>"
         )
         parts.append(table(rows, head, numeric={1, 2, 3}))
+        parts += [f'<p class="note">{esc(note)}</p>' for note in data_notes(gen)]
     if suite:
         parts.append(f"<h2>Capability suite <code>{esc(suite['name'])}</code></h2>")
         parts.append(
@@ -313,8 +342,11 @@ def html_page(report: dict, images: dict[str, str], samples: tuple[list[dict], l
     worst, best = samples
     for title, rows in (("Worst predictions", worst), ("Best predictions", best)):
         if rows:
-            body = [[_prompt_tail(r["prompt"]), r["reference"], r["prediction"], _fmt(r["rougeL"])] for r in rows]
-            th = "".join(f"<th>{h}</th>" for h in ("prompt (end)", "reference", "prediction", "ROUGE-L"))
+            body = [
+                [_prompt_tail(r["prompt"]), r["reference"], r.get("answer", r["prediction"]), _fmt(r["rougeL"])]
+                for r in rows
+            ]
+            th = "".join(f"<th>{h}</th>" for h in ("prompt (end)", "reference", "answer (scored)", "ROUGE-L"))
             trs = "".join(
                 "<tr>"
                 + "".join(f"<td><pre>{esc(c)}</pre></td>" for c in row[:3])

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from finetune import locks
 from finetune.config import EvalSection
-from finetune.errors import RecipeError, plural
+from finetune.data.chat_formats import DEFAULT_REASONING_TAGS
+from finetune.errors import RecipeError
 from finetune.eval import gate, generation, modules, report, scores
 from finetune.eval import suite as suites
 from finetune.loading import load_for_eval
@@ -38,6 +39,7 @@ class Request:
     batch_size: int = EvalSection.batch_size
     predictions: str | None = None
     baseline: str | None = None
+    base: str | None = None  # MODEL's base, when MODEL is an adapter whose recorded base moved
     suite: str | None = None
     language: str = "auto"
     metric_style: str = "standard"
@@ -49,6 +51,8 @@ class Request:
     items: list = field(default_factory=list)  # prompts + references given directly (the hook)
     data_label: str = ""
     data_language: str | None = None
+    data_note: str = ""  # said beside the metrics (e.g. the data is what the model was trained on)
+    reasoning_tags: tuple[str, str] | None = None  # None: MODEL's recorded data.reasoning_tags, else <think>
 
 
 def _check(req: Request):
@@ -62,6 +66,8 @@ def _check(req: Request):
         raise RecipeError("nothing to evaluate: give --data DATASET and/or --suite SUITE")
     if req.baseline and not req.model:
         raise RecipeError("--baseline needs MODEL")
+    if req.base and not req.model:
+        raise RecipeError("--base needs MODEL (an adapter dir)")
     for key in ("max_samples", "max_new_tokens", "batch_size"):
         if getattr(req, key) is not None and getattr(req, key) < 1:
             raise RecipeError(f"--{key.replace('_', '-')}: must be at least 1")
@@ -93,6 +99,17 @@ def run(req: Request) -> dict:
     if req.data:
         req.items, req.data_language = generation.load_items(req.data, req.format, req.split, req.max_samples)
         req.data_label = req.data
+    recipe = _recorded_recipe(req.model)
+    if req.reasoning_tags is None:
+        req.reasoning_tags = tuple((recipe.get("data") or {}).get("reasoning_tags") or DEFAULT_REASONING_TAGS)
+    trained_on = (recipe.get("data") or {}).get("train")
+    if req.data and isinstance(trained_on, str) and _same_data(req.data, trained_on):
+        req.data_note = (
+            f"Note: {req.data} is the data {req.model} was trained on (data.train): these scores measure how "
+            "well it fits its training data, not how it generalises; evaluate on held-out data "
+            "(data.eval, data.eval_ratio) for that."
+        )
+        log.warning("%s", req.data_note)
     suite = suites.load(find_suite(req.suite)) if req.suite else None
     if suite:
         suites.check_data(suite)
@@ -117,10 +134,42 @@ def run(req: Request) -> dict:
         locks.release(req.out)
 
 
+def _same_data(given: str, trained: str) -> bool:
+    """Whether --data names the run's data.train: the same registry name / hub id, or the same file."""
+    if given == trained:
+        return True
+    a, b = Path(given).expanduser(), Path(trained).expanduser()
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
+def _recorded_recipe(model: str | None) -> dict:
+    """The recipe.yaml a finetune output dir (adapter or merged model) was trained with; {} otherwise."""
+    from finetune.outputs import OutputDir
+
+    path = Path(model).expanduser() if model else None
+    return OutputDir(path).recipe_dict() if path is not None and path.is_dir() else {}
+
+
+def _score(req: Request, predictions: list[str], references: list[str], metric_kw: dict, opened=None):
+    """Metrics of the answers (reasoning split off predictions and references by req.reasoning_tags), the
+    splits, and the report's account of what was scored."""
+    tags = tuple(req.reasoning_tags or DEFAULT_REASONING_TAGS)
+    splits = [generation.split_answer(p, tags, bool(opened and opened[i])) for i, p in enumerate(predictions)]
+    refs = [generation.split_answer(r, tags).answer for r in references]
+    metrics = modules.score([s.answer for s in splits], refs, **metric_kw)
+    scored = {
+        "what": "answer",
+        "reasoning_tags": list(tags),
+        "with_reasoning": sum(bool(s.reasoning) or s.unfinished for s in splits),
+        "unfinished_reasoning": sum(s.unfinished for s in splits),
+    }
+    return metrics, splits, scored
+
+
 def _score_model(req: Request, name: str, field: str, prefix: str, work: Path, suite, metric_kw: dict, tokenizer=None):
     """Load one model, answer req.items (-> `{prefix}predictions.jsonl`), run the suite; then free it.
     Returns (generation metrics or None, suite results or None, trainer_state.json or None)."""
-    loaded = load_for_eval(name, field, tokenizer=tokenizer)
+    loaded = load_for_eval(name, field, tokenizer=tokenizer, base=req.base if field == "MODEL" else None)
     gen = results = None
     if req.items:
         log.info("generating %d answers with %s", len(req.items), name)
@@ -132,8 +181,14 @@ def _score_model(req: Request, name: str, field: str, prefix: str, work: Path, s
             req.batch_size,
             template_kwargs=loaded.template_kwargs,
         )
-        generation.write_predictions(work / f"{prefix}predictions.jsonl", loaded.tokenizer, req.items, answers)
-        gen = modules.score(answers, [it.reference for it in req.items], **metric_kw)
+        kwargs = loaded.template_kwargs
+        prompts = [generation.prompt_text(loaded.tokenizer, it.prompt, kwargs) for it in req.items]
+        opened = [generation.prompt_opens_reasoning(p, req.reasoning_tags) for p in prompts]
+        gen, splits, scored = _score(req, answers, [it.reference for it in req.items], metric_kw, opened)
+        gen["scored"] = {**scored, "kept_in": f"{prefix}predictions.jsonl"}
+        generation.write_predictions(
+            work / f"{prefix}predictions.jsonl", loaded.tokenizer, req.items, answers, splits, kwargs
+        )
     if suite:
         log.info("scoring %s on suite %s", name, suite.name)
         results = suites.run(loaded.model, loaded.tokenizer, suite)
@@ -150,7 +205,8 @@ def _evaluate(req: Request, work: Path, preds, refs, suite, pending_history: lis
     metric_kw = {"language": language, "style": req.metric_style, "rouge_tokenizer": req.rouge_tokenizer}
     gen_tuned = gen_base = tuned_suite = base_suite = trainer_state = None
     if preds is not None:
-        gen_tuned = modules.score(preds, refs, **metric_kw)
+        gen_tuned, _, scored = _score(req, preds, refs, metric_kw)
+        gen_tuned["scored"] = scored
     if req.model:
         gen_tuned, tuned_suite, trainer_state = _score_model(req, req.model, "MODEL", "", work, suite, metric_kw)
     if req.baseline:
@@ -159,6 +215,8 @@ def _evaluate(req: Request, work: Path, preds, refs, suite, pending_history: lis
         )
     if gen_tuned is not None:
         rep["generation"] = {"data": str(req.predictions) if preds is not None else req.data_label, "tuned": gen_tuned}
+        if req.data_note:
+            rep["generation"]["note"] = req.data_note
         if gen_base is not None:
             rep["generation"]["baseline"] = gen_base
             rep["generation"]["rows"] = gate.rows_to_dicts(gate.generation_rows(gen_tuned, gen_base))
@@ -199,7 +257,8 @@ def _evaluate(req: Request, work: Path, preds, refs, suite, pending_history: lis
 
 
 def summary(rep: dict) -> str:
-    """A few lines for the terminal."""
+    """The terminal's account: generation metrics (what was scored), then the gate's table (baseline, tuned,
+    delta, tolerance, verdict per suite metric) and its verdict, as the after-training evaluation prints it."""
     lines = []
     gen = rep.get("generation")
     if gen:
@@ -209,22 +268,21 @@ def summary(rep: dict) -> str:
             if k in gen["tuned"]
         ]
         lines.append(
-            "generation: "
+            "generation (tuned"
+            + (", change from baseline" if gen.get("baseline") else "")
+            + "): "
             + ", ".join(
                 f"{k} {gen['tuned'][k]:.4g}"
                 + (f" ({gen['tuned'][k] - gen['baseline'][k]:+.4g})" if gen.get("baseline") else "")
                 for k in keys
             )
         )
+        lines += report.data_notes(gen)
     s = rep.get("suite")
     if s:
-        for r in s["rows"]:
-            flag = "  REGRESSION" if r["regression"] else ""
-            lines.append(
-                f"{r['task']}/{r['metric']}: {r['baseline']:.4g} -> {r['tuned']:.4g} ({r['delta']:+.4g}){flag}"
-            )
-        if not s["rows"]:
-            lines += [f"{t}/{m}: {v:.4g}" for t, ms in s["tuned"].items() for m, v in ms.items()]
-        if s["baseline"]:
-            lines.append(f"suite {s['name']}: {plural(s['regressions'], 'regression')}")
+        if s["rows"]:
+            lines.append(report.verdict_table({"suite": s}))
+        else:
+            lines.append(f"suite {s['name']} (no baseline: nothing gated; give --baseline to compare)")
+            lines += [f"tuned {t}/{m}: {v:.4g}" for t, ms in s["tuned"].items() for m, v in ms.items()]
     return "\n".join(lines)

@@ -158,6 +158,16 @@ def output_notes(recipe: Recipe) -> list[str]:
     return notes
 
 
+def absolute_intervals(args, steps: int) -> None:
+    """Fractional logging/eval/save steps (a share of the run, e.g. the 0.1 eval_steps default) as the step counts
+    Trainer derives from them (TrainerState.compute_steps), so resuming compares like with like (transformers
+    warned `eval_steps: 0.1 (from args) != 30 (from trainer_state.json)` on every resume)."""
+    for key in ("logging_steps", "eval_steps", "save_steps"):
+        value = getattr(args, key, None)
+        if value is not None and 0 < value < 1:
+            setattr(args, key, math.ceil(steps * value))
+
+
 def planned_steps(recipe: Recipe, n_examples: int, world: int) -> int:
     """Optimizer steps of the run: train.max_steps, or the epochs over the data."""
     t = recipe.train
@@ -260,6 +270,17 @@ def memory_line(recipe: Recipe, world: int, gpu_memory: int | None) -> str:
 ORIGINS = ("override", "recipe", "method default", "stage default", "default")
 
 
+def shown(value) -> str:
+    """A value as the plan prints it: whole numbers without `.0` (TRL types the step counts float, for ratios),
+    a multi-line text (a chat template) as its first line and its length."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, str) and "\n" in value:
+        first = value.split("\n", 1)[0]
+        return f"{first[:40]}{'…' if len(first) > 40 else ''} … ({value.count(chr(10)) + 1} lines)"
+    return str(value)
+
+
 def origin_lines(recipe: Recipe) -> list[str]:
     """Where each effective value came from, one line per source (recipe, override, method
     default, stage default, default), for the dry-run plan."""
@@ -269,7 +290,7 @@ def origin_lines(recipe: Recipe) -> list[str]:
             continue
         section, key = dotted.split(".", 1)
         value = recipe.train.get(key) if section == "train" else getattr(getattr(recipe, section, None), key, None)
-        by_origin.setdefault(origin, []).append(f"{dotted}={value}")
+        by_origin.setdefault(origin, []).append(f"{dotted}={shown(value)}")
     lines = []
     for origin in ORIGINS:
         if by_origin.get(origin):

@@ -15,6 +15,7 @@ from finetune.data import pairs
 from finetune.outputs import RunDir
 from finetune.stages.common import (
     TrainPlan,
+    absolute_intervals,
     align_router_aux_loss,
     claim,
     final_eval,
@@ -75,6 +76,7 @@ def run(recipe: Recipe, make_trainer: Callable, callbacks=(), num_labels: int | 
     trainer = make_trainer(model, args, tok, prepared, list(callbacks) + guards.callbacks(recipe))
     keep_adapter_in_compute_dtype(trainer.model, recipe)
     dropped = _count_dropped(trainer, prepared, recipe)
+    absolute_intervals(trainer.args, planned_steps(recipe, len(trainer.train_dataset), state.num_processes))
     terminal_log(trainer)
     if state.is_main_process:
         steps = planned_steps(recipe, len(trainer.train_dataset), state.num_processes)

@@ -16,6 +16,7 @@ from finetune.data.encode import options_of
 from finetune.outputs import RunDir
 from finetune.stages.common import (
     TrainPlan,
+    absolute_intervals,
     align_router_aux_loss,
     claim,
     final_eval,
@@ -76,6 +77,7 @@ def run(recipe: Recipe, callbacks=()) -> Path:
     align_router_aux_loss(model, args)
     # The method's adapter (or frozen weights), callbacks and optimizer: finetune/adapters.py.
     steps = planned_steps(recipe, len(prepared.train.encoded), state.num_processes)
+    absolute_intervals(args, steps)
     training = adapters.for_training(model, recipe, args, steps, tokenizer=tok.name_or_path)
     checkpoint = run_dir.start(recipe.identity(), is_main=state.is_main_process)
     training.keep_initial(run_dir.work, is_main=state.is_main_process)
