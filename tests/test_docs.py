@@ -18,8 +18,12 @@ PAGES = [REPO / "README.md", REPO / "README_zh.md", REPO / "CONTRIBUTING.md", *s
 
 def doc_commands():
     for page in PAGES:
-        in_bash = False
+        in_bash, pending = False, ""
         for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+            if line.rstrip().endswith("\\"):  # a command continued on the next line
+                pending += line.rstrip()[:-1] + " "
+                continue
+            line, pending = pending + line, ""
             if line.startswith("```"):
                 in_bash = line.strip() in ("```bash", "```sh", "```console")
                 continue
