@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from finetune import adapters, data, guards, kd, loading
-from finetune.config import DataSection, Recipe
+from finetune.config import Recipe
 from finetune.data.encode import options_of
 from finetune.errors import RecipeError, plural
 from finetune.outputs import OutputDir, RunDir, write_text_atomic
@@ -58,7 +58,10 @@ def prepare(recipe: Recipe, dry_run: bool = False):
     if not dry_run:
         run_dir.check()
     tok = loading.load_tokenizer(recipe.model)
-    teacher_tok = loading.load_named_tokenizer(recipe.distill.teacher, "distill.teacher")
+    try:
+        teacher_tok = loading.load_named_tokenizer(recipe.distill.teacher, "distill.teacher")
+    except RecipeError as e:
+        raise RecipeError(f"{recipe.source or 'recipe'}: {e}") from None
     if recipe.distill.method in SAME_VOCABULARY:
         check_vocabulary(recipe, teacher_tok, tok)
     prepared = data.load(
@@ -133,7 +136,18 @@ def teacher_memory(name: str) -> tuple[int, str]:
         model = AutoModelForCausalLM.from_config(_config(name))
     n = sum(p.numel() for p in model.parameters())
     dtype = loading.resolve_dtype("auto")
-    return n, f"{n * dtype.itemsize / 2**30:.2f} GiB of weights in {str(dtype).removeprefix('torch.')}"
+    return n, f"{size(n * dtype.itemsize)} of weights in {str(dtype).removeprefix('torch.')}"
+
+
+def size(n_bytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024 or unit == "GiB":
+            return f"{n_bytes:.0f} {unit}" if unit == "bytes" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+
+
+def count(n: int) -> str:
+    return next(f"{n / s:.3g}{u}" for s, u in ((1e9, "B"), (1e6, "M"), (1e3, "K"), (1, "")) if n >= s or s == 1)
 
 
 def topk_cache(recipe: Recipe, prepared):
@@ -153,7 +167,7 @@ def plan(recipe: Recipe) -> TrainPlan:
     d = recipe.distill
     n, memory = teacher_memory(d.teacher)
     p.details = [
-        ("teacher", f"{d.teacher} ({n / 1e9:.3g}B parameters, {memory})"),
+        ("teacher", f"{d.teacher} ({count(n)} parameters, {memory})"),
         ("student", f"{recipe.model.name_or_path}, {adapters.describe(recipe.adapter)}"),
         ("distill", describe(recipe)),
     ]
@@ -185,10 +199,9 @@ def logits_line(recipe: Recipe, prepared) -> str:
 
     key, rows, hit = topk_cache(recipe, prepared)
     tokens = sum(kd.n_answer_tokens(labels) for _, labels in rows)
-    size = kd.cache_bytes(tokens, d.top_k)
     state = "cached: the teacher does not run" if hit else "not cached yet: one teacher pass fills it"
     return (
-        f"top-{d.top_k} per answer token, {tokens:,} tokens = {size / 2**20:.1f} MiB in "
+        f"top-{d.top_k} per answer token, {tokens:,} tokens = {size(kd.cache_bytes(tokens, d.top_k))} in "
         f"{cache.entry_dir(key)} ({state})"
     )
 
@@ -250,6 +263,10 @@ def run(recipe: Recipe, callbacks=()) -> Path:
         common["args"] = args
         collator = Collator(tok.pad_token_id, with_prompts=True)
         trainer = GKDTrainer(model=training.model, teacher_model=teacher, data_collator=collator, **common)
+    elif d.method == "sequences":  # the teacher's answers are the labels: SFT's own loss
+        from trl import SFTTrainer
+
+        trainer = SFTTrainer(model=training.model, data_collator=Collator(tok.pad_token_id), **common)
     else:
         trainer = distillation_trainer()(
             model=training.model,
