@@ -39,8 +39,8 @@ class DistillSection:
     )
     beta: float = _f(
         0.0,
-        help="The divergence, as TRL's GKD defines it: 0 = forward KL(teacher || student), 1 = reverse "
-        "KL(student || teacher), in between = generalized Jensen-Shannon with that weight.",
+        help="The divergence, as TRL's GKD defines it: 0 = forward KL(teacher ‖ student), 1 = reverse "
+        "KL(student ‖ teacher), in between = generalized Jensen-Shannon with that weight.",
     )
     top_k: int | None = _f(
         None,
@@ -50,7 +50,7 @@ class DistillSection:
     )
     lmbda: float = _f(0.5, help="on_policy: fraction of steps trained on the student's own samples (TRL's lmbda).")
     max_new_tokens: int = _f(256, help="sequences: longest teacher answer; on_policy: longest student sample.")
-    batch_size: int = _f(8, help="sequences: prompts per teacher generation batch (left-padded, sorted by length).")
+    batch_size: int = _f(8, help="Sequences per teacher batch: sequences' generation, logits' top-k pass.")
 
     def given(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
@@ -58,7 +58,7 @@ class DistillSection:
 
 # Keys each method reads beyond teacher and method (a key given for another method is an error).
 METHOD_KEYS = {
-    "logits": {"alpha", "temperature", "beta", "top_k"},
+    "logits": {"alpha", "temperature", "beta", "top_k", "batch_size"},
     "sequences": {"max_new_tokens", "batch_size"},  # greedy answers (finetune.eval.generation)
     "on_policy": {"temperature", "beta", "lmbda", "max_new_tokens"},
 }
