@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from _support import MEMO_CHATS, REPO, logged_losses, run_cli, write_jsonl
+from _support import MEMO_CHATS, REPO, logged_losses, write_jsonl
 
 from finetune import config, kd, loading
 from finetune.errors import RecipeError
@@ -315,10 +315,25 @@ def test_bad_teacher_or_settings_are_one_line_and_write_nothing(tmp_path, memo_l
     vocab[a], vocab[b] = vocab[b], vocab[a]
     (other / "tokenizer.json").write_text(json.dumps(tok))
     recipe = distill_recipe(tmp_path, other, "out")
-    done = run_cli(["train", str(recipe)], cwd=tmp_path)
-    assert done.returncode == 2, done.stderr
-    error = done.stderr.strip().splitlines()[-1]
+    done = cli_in_process(["train", str(recipe)], tmp_path)
+    assert done["returncode"] == 2, done["stderr"]
+    error = done["stderr"].strip().splitlines()[-1]
     assert f"{other} and the student tiny-llama have different vocabularies (first difference: id 300 is {b!r}" in (
         error
     )
-    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+    assert "Traceback" not in done["stderr"] and not (tmp_path / "out").exists()
+
+
+def cli_in_process(argv: list[str], cwd: Path) -> dict:
+    """`finetune ARGV` as the console script runs it, in this process (no second torch import);
+    the `finetune` logger is left as it was."""
+    import logging
+
+    from _cli_batch import run_one
+
+    logger = logging.getLogger("finetune")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    try:
+        return run_one(argv, str(cwd))
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate

@@ -86,7 +86,10 @@ def check_vocabulary(recipe: Recipe, teacher_tok, tok) -> None:
                 f"{recipe.distill.method} needs the same one; use method: sequences"
             )
     if recipe.distill.method == "on_policy":  # TRL's GKDTrainer compares the configs' vocab_size
-        sizes = (vocab_size(recipe.distill.teacher), vocab_size(recipe.model.name_or_path, recipe.model))
+        try:
+            sizes = (vocab_size(recipe.distill.teacher), vocab_size(recipe.model.name_or_path, recipe.model))
+        except (OSError, ValueError) as e:
+            raise RecipeError(f"{recipe.source or 'recipe'}: distill.teacher: {str(e).splitlines()[0]}") from None
         if sizes[0] != sizes[1]:
             raise RecipeError(
                 f"{recipe.source or 'recipe'}: distill.teacher: {recipe.distill.teacher} has {sizes[0]} embedding "
@@ -132,8 +135,12 @@ def teacher_memory(name: str) -> tuple[int, str]:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    try:
+        cfg = _config(name)
+    except (OSError, ValueError) as e:  # a hub id with no network: the plan says so, the run finds out
+        return 0, f"memory unknown: {str(e).splitlines()[0][:200]}"
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(_config(name))
+        model = AutoModelForCausalLM.from_config(cfg)
     n = sum(p.numel() for p in model.parameters())
     dtype = loading.resolve_dtype("auto")
     return n, f"{size(n * dtype.itemsize)} of weights in {str(dtype).removeprefix('torch.')}"
@@ -167,7 +174,7 @@ def plan(recipe: Recipe) -> TrainPlan:
     d = recipe.distill
     n, memory = teacher_memory(d.teacher)
     p.details = [
-        ("teacher", f"{d.teacher} ({count(n)} parameters, {memory})"),
+        ("teacher", f"{d.teacher} ({count(n)} parameters, {memory})" if n else f"{d.teacher} ({memory})"),
         ("student", f"{recipe.model.name_or_path}, {adapters.describe(recipe.adapter)}"),
         ("distill", describe(recipe)),
     ]
