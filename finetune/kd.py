@@ -153,12 +153,14 @@ def cache_bytes(n_tokens: int, k: int) -> int:
 
 
 @torch.no_grad()
-def build_topk(teacher, rows, k: int, temperature: float, batch_size: int, out: Path, pad_id: int) -> dict:
-    """Run the teacher over `rows` (right-padded batches) and write its top-k answer-token log-probs into `out`."""
+def build_topk(teacher, rows, k: int, temperature: float, batch_size: int, out: Path, pad_id: int, vocab: int) -> dict:
+    """Run the teacher over `rows` (right-padded batches) and write its top-k answer-token log-probs into `out`.
+    Only the tokenizer's `vocab` ids count (a teacher's padded embedding rows beyond it are no tokens)."""
     global teacher_passes
     start = time.perf_counter()
     device = next(teacher.parameters()).device
-    k = min(k, teacher.get_output_embeddings().weight.shape[0])
+    vocab = min(vocab, teacher.get_output_embeddings().weight.shape[0])
+    k = min(k, vocab)
     counts = [n_answer_tokens(labels) for _, labels in rows]
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum(counts)
@@ -179,7 +181,7 @@ def build_topk(teacher, rows, k: int, temperature: float, batch_size: int, out: 
             )
         logits = teacher(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
         mask, _ = answer_positions(labels.to(device))
-        picked = F.log_softmax(logits[:, :-1][mask].float() / temperature, dim=-1)
+        picked = F.log_softmax(logits[:, :-1][mask][:, :vocab].float() / temperature, dim=-1)
         top = picked.topk(k, dim=-1)
         a, b = int(offsets[start_row]), int(offsets[start_row + len(batch)])
         ids_out[a:b] = top.indices.cpu().numpy()

@@ -227,6 +227,9 @@ def test_topk_cache_is_hit_on_the_second_run_and_gives_the_online_loss(tmp_path,
     assert (kd.teacher_passes, cache.builds) == (passes + 1, builds + 1)  # the teacher did not run
     assert logged_losses(second) == pytest.approx(logged_losses(first), rel=1e-6)
     assert logged_losses(first) == pytest.approx(logged_losses(online), rel=1e-3)
+    private = train(cached, f"output.dir={tmp_path / 'private'}", 'data.cache="off"')  # computed again, not shared
+    assert (kd.teacher_passes, cache.builds) == (passes + 2, builds + 1)
+    assert logged_losses(private) == pytest.approx(logged_losses(first), rel=1e-6)
 
 
 def test_sequences_distillation_trains_on_the_teachers_answers(tmp_path, memo_lora_dir, teacher, held_out, before):

@@ -157,19 +157,19 @@ def count(n: int) -> str:
     return next(f"{n / s:.3g}{u}" for s, u in ((1e9, "B"), (1e6, "M"), (1e3, "K"), (1, "")) if n >= s or s == 1)
 
 
-def topk_cache(recipe: Recipe, prepared):
+def topk_cache(recipe: Recipe, prepared, tok):
     """(key, unique rows, whether the cache holds them) of the teacher's top-k log-probs for the splits."""
     from finetune.data import cache
 
     splits = [s for s in (prepared.train, prepared.eval) if s is not None]
     d = recipe.distill
-    key, rows = kd.cache_key(teacher_fingerprint(d.teacher), splits, d.top_k, d.temperature)
+    key, rows = kd.cache_key(f"{teacher_fingerprint(d.teacher)}:{len(tok)}", splits, d.top_k, d.temperature)
     return key, rows, cache.is_complete(cache.entry_dir(key)) and recipe.data.cache == "auto"
 
 
 def plan(recipe: Recipe) -> TrainPlan:
     """What `train` would do (for --dry-run): validates recipe, teacher, data and model config, trains nothing."""
-    _, _, prepared = prepare(recipe, dry_run=True)
+    _, tok, prepared = prepare(recipe, dry_run=True)
     p = TrainPlan.build(recipe, prepared)
     d = recipe.distill
     n, memory = teacher_memory(d.teacher)
@@ -179,7 +179,7 @@ def plan(recipe: Recipe) -> TrainPlan:
         ("distill", describe(recipe)),
     ]
     if d.method == "logits":
-        p.details.append(("teacher logits", logits_line(recipe, prepared)))
+        p.details.append(("teacher logits", logits_line(recipe, prepared, tok)))
     return p
 
 
@@ -198,13 +198,13 @@ def describe(recipe: Recipe) -> str:
     )
 
 
-def logits_line(recipe: Recipe, prepared) -> str:
+def logits_line(recipe: Recipe, prepared, tok) -> str:
     d = recipe.distill
     if d.top_k is None:
         return "full distribution, the teacher runs at every step (not cached; set distill.top_k to cache)"
     from finetune.data import cache
 
-    key, rows, hit = topk_cache(recipe, prepared)
+    key, rows, hit = topk_cache(recipe, prepared, tok)
     tokens = sum(kd.n_answer_tokens(labels) for _, labels in rows)
     state = "cached: the teacher does not run" if hit else "not cached yet: one teacher pass fills it"
     return (
@@ -316,7 +316,7 @@ def teacher_topk(recipe: Recipe, prepared, tok) -> kd.TopK:
     from finetune.data import cache
 
     d = recipe.distill
-    key, rows, hit = topk_cache(recipe, prepared)
+    key, rows, hit = topk_cache(recipe, prepared, tok)
     if hit:
         log.info("teacher logits: top-%d from the cache %s (the teacher does not run)", d.top_k, cache.entry_dir(key))
         return kd.TopK(cache.entry_dir(key))
@@ -324,14 +324,23 @@ def teacher_topk(recipe: Recipe, prepared, tok) -> kd.TopK:
     def build(tmp: Path) -> dict:
         teacher = load_teacher(recipe)
         log.info("teacher logits: one pass of %s over %s", d.teacher, plural(len(rows), "sequence"))
-        meta = kd.build_topk(teacher, rows, d.top_k, d.temperature, d.batch_size, tmp, tok.pad_token_id)
+        meta = kd.build_topk(teacher, rows, d.top_k, d.temperature, d.batch_size, tmp, tok.pad_token_id, len(tok))
         meta["teacher"] = d.teacher
         del teacher
         gc.collect()
         return meta
 
-    path = cache.obtain(key, build, "refresh" if recipe.data.cache == "refresh" else "auto")
-    return kd.TopK(path)
+    if recipe.data.cache == "off":  # nothing shared: a private dir of this run, as finetune.data does
+        import os
+        import shutil
+        import socket
+
+        private = cache.root() / f".off-topk-{socket.gethostname()}-{os.getpid()}"  # removed once this process ends
+        shutil.rmtree(private, ignore_errors=True)
+        private.mkdir(parents=True)
+        (private / "meta.json").write_text(json.dumps(build(private)), encoding="utf-8")
+        return kd.TopK(private)
+    return kd.TopK(cache.obtain(key, build, recipe.data.cache))
 
 
 def teacher_answers(recipe: Recipe, prepared, work: Path, state):
