@@ -284,8 +284,8 @@ def run(recipe: Recipe, callbacks=()) -> Path:
             **common,
         )
     keep_adapter_in_compute_dtype(trainer.model, recipe)
-    if teacher is not None and d.method != "on_policy" and not getattr(teacher, "is_loaded_in_4bit", False):
-        teacher.to(trainer.accelerator.device)
+    if teacher is not None and d.method == "logits" and getattr(teacher, "hf_quantizer", None) is None:
+        teacher.to(trainer.accelerator.device)  # this rank's device (a quantized teacher was placed at load time)
     terminal_log(trainer)
     if state.is_main_process:
         log.info(start_summary(recipe, prepared, trainer.model, steps, state.num_processes, run_dir.work))
