@@ -273,6 +273,22 @@ def load_tokenizer(model: ModelSection | ModelDir, padding_side: str | None = No
     return tok
 
 
+def load_named_tokenizer(name: str, field: str):
+    """The tokenizer of a model named by a recipe field other than model.name_or_path (a distillation
+    teacher): a dir (its own tokenizer, else its base's), tiny name or hub id; errors are one line naming `field`."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        try:
+            return load_tokenizer(inspect(path, what=field))
+        except ModelDirError as e:
+            raise RecipeError(str(e)) from None
+    where = resolve_reference(name, field)
+    try:
+        return load_tokenizer(ModelSection(name_or_path=where))
+    except RecipeError as e:
+        raise RecipeError(str(e).replace("model.name_or_path", field, 1)) from None
+
+
 def _check_template(tok) -> None:
     """A Jinja syntax error in model.chat_template is one line, before any data is rendered with it
     (compiled by transformers itself, which knows its own tags such as {% generation %})."""

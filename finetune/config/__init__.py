@@ -20,13 +20,15 @@ import yaml
 
 from finetune.config import defaults, methods
 from finetune.config.defaults import STAGE_TRAIN_DEFAULTS, trl_config_class  # noqa: F401  (config's public API)
+from finetune.config.distill import DISTILL_METHODS, DistillSection  # noqa: F401
+from finetune.config.distill import check as check_distill
 from finetune.config.rewards import RL_STAGES, RewardsSection  # noqa: F401
 from finetune.config.rewards import check as check_rewards
 from finetune.errors import RecipeError, closest
 from finetune.resources import find_suite
 
 # The stage registry: one module each in finetune/stages/ (finetune.stages.module).
-STAGES = ("sft", "rm", "dpo", "kto", "orpo", "cpo", "simpo", "ppo", "grpo", "rloo")
+STAGES = ("sft", "rm", "dpo", "kto", "orpo", "cpo", "simpo", "ppo", "grpo", "rloo", "distill")
 ADAPTER_METHODS = (
     "lora",
     "dora",
@@ -60,6 +62,7 @@ DATA_FORMATS = (
 PAIRED_FORMATS = ("preference", "alpaca_preference", "sharegpt_preference")
 STAGE_FORMATS = {
     "sft": ("alpaca", "sharegpt", "messages", "prompt_completion", "text"),
+    "distill": ("alpaca", "sharegpt", "messages", "prompt_completion", "text"),  # encoded as sft's
     **{s: PAIRED_FORMATS for s in ("rm", "dpo", "orpo", "cpo", "simpo")},
     "kto": ("kto",) + PAIRED_FORMATS,  # pairs are unpaired: chosen -> desirable, rejected -> undesirable
     # Prompts only: the last assistant turn / completion / chosen+rejected of a record is dropped.
@@ -277,10 +280,11 @@ SECTIONS = {
     "data": DataSection,
     "output": OutputSection,
     "rewards": RewardsSection,  # rewards: the RL stages (finetune/rewards.py)
+    "distill": DistillSection,  # distill: stage distill (finetune/stages/distill.py)
     "eval": EvalSection,
 }
 OPTIONAL_SECTIONS = ("eval",)
-TOP_LEVEL = ("stage", "model", "adapter", "data", "train", "rewards", "output", "eval")
+TOP_LEVEL = ("stage", "model", "adapter", "data", "train", "rewards", "distill", "output", "eval")
 
 
 @dataclass
@@ -293,6 +297,7 @@ class Recipe:
     output: OutputSection
     source: str | None = None  # the YAML file it came from
     rewards: RewardsSection = field(default_factory=RewardsSection)
+    distill: DistillSection = field(default_factory=DistillSection)
     eval: EvalSection | None = None  # optional section: absent = no evaluation after training
     # "section.key" -> where its value came from: recipe | override | default | stage default | method default
     origins: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -300,6 +305,8 @@ class Recipe:
     def to_dict(self) -> dict:
         out = {"stage": self.stage}
         for name in SECTIONS:
+            if name == "distill" and self.stage != "distill":
+                continue  # stage distill's own section (recipe.yaml of the other stages stays as it was)
             if getattr(self, name) is not None:
                 out[name] = dataclasses.asdict(getattr(self, name))
         out["train"] = dict(self.train)
@@ -466,7 +473,7 @@ def _validate(raw: dict, where: _Where, source: str | None) -> Recipe:
     sections = {}
     for name, cls in SECTIONS.items():
         value = raw.get(name)
-        if value is None and name in ("adapter", "rewards"):
+        if value is None and name in ("adapter", "rewards", "distill"):
             value = {}
         if value is None and name in OPTIONAL_SECTIONS:
             continue
@@ -719,6 +726,7 @@ def _cross_checks(recipe: Recipe, where: _Where) -> None:
     d, a, t = recipe.data, recipe.adapter, recipe.train
     check_stage_format(recipe.stage, d.format, lambda: where(("data", "format")))
     check_rewards(recipe.stage, recipe.rewards, where)
+    check_distill(recipe.stage, recipe.distill, where, recipe.origins)
     if d.eval and d.eval_ratio:
         raise RecipeError(f"{where(('data', 'eval_ratio'))}: give data.eval or data.eval_ratio, not both")
     if not 0.0 <= d.eval_ratio < 1.0:

@@ -27,6 +27,7 @@ def trl_config_class(stage: str):
         return getattr(importlib.import_module(f"trl.experimental.{name}"), f"{name.upper()}Config")
     return {
         "sft": trl.SFTConfig,
+        "distill": trl.SFTConfig,  # on_policy: finetune.stages.distill builds TRL's GKDConfig (an SFTConfig) from it
         "rm": trl.RewardConfig,
         "dpo": trl.DPOConfig,
         "kto": trl.KTOConfig,
@@ -74,6 +75,7 @@ def train_defaults(stage: str, bf16: bool) -> dict[str, Any]:
 # and needs ~10x more. Only keys that exist in the stage's TRL config are set.
 STAGE_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {"max_length": 1024, "loss_type": "nll", "train_sampling_strategy": "group_by_length"},
+    "distill": {"max_length": 1024, "train_sampling_strategy": "group_by_length"},
     "rm": {"learning_rate": 1e-4, "max_length": 1024},
     "dpo": {"learning_rate": 5e-5, "max_length": 1024},
     "kto": {"learning_rate": 5e-5, "max_length": 1024},
@@ -97,7 +99,7 @@ def table(stage: str, method: str, bf16: bool) -> dict[tuple[str, str], tuple[An
         ("train", k): (v, "stage default" if k in STAGE_TRAIN_DEFAULTS[stage] else "default")
         for k, v in common.items()
     }
-    if stage == "sft":
+    if stage in ("sft", "distill"):  # the student of a distillation takes any method, as sft
         for dotted, value in METHOD_DEFAULTS[method].items():
             section, key = dotted.split(".")
             out[(section, key)] = (value, "method default")

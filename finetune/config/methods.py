@@ -61,7 +61,7 @@ def check(recipe, train_given: dict, where, adapter_given: dict | None = None) -
         raise RecipeError(
             f"{where(('adapter', 'use_dora'))}: method dora is LoRA with use_dora: true; use method lora instead"
         )
-    if recipe.stage != "sft":  # the other stages take LoRA only
+    if recipe.stage not in ("sft", "distill"):  # the other stages take LoRA only
         if a.method not in ("lora", "dora", "qlora"):
             raise RecipeError(
                 f"{where(('adapter', 'method'))}: {a.method} runs through stage sft only "

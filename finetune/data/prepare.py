@@ -21,10 +21,10 @@ def prepare(recipe) -> str:
     from finetune import data, loading
     from finetune.data import cache
 
-    if recipe.stage != "sft":
+    if recipe.stage not in ("sft", "distill"):  # distill's data is sft's
         raise RecipeError(
             f"{recipe.source or 'recipe'}: stage {recipe.stage}: its data is tokenized by the TRL "
-            "trainer while it starts; `data prepare` is for sft recipes"
+            "trainer while it starts; `data prepare` is for sft and distill recipes"
         )
     if recipe.data.streaming:
         raise RecipeError(

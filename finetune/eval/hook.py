@@ -25,7 +25,7 @@ def heldout_items(recipe, heldout=None) -> tuple[list, str, str | None]:
     if cfg.data:
         items, language = generation.load_items(cfg.data, None, d.split, cfg.max_samples, d.registry)
         return items, cfg.data, language
-    if recipe.stage != "sft":  # preference / prompt data has no single reference answer: use eval.data
+    if recipe.stage not in ("sft", "distill"):  # preference / prompt data: no single reference answer; eval.data
         return [], "", None
     if d.eval:
         examples, _, src = data.read_examples(d.eval, d, fmt=d.format, field_name="data.eval")

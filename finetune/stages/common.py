@@ -189,6 +189,7 @@ class TrainPlan:
     steps: int
     notes: list[str] = field(default_factory=list)
     memory: str = ""  # will it fit (finetune.fit): the peak per device on a GPU, and the verdict
+    details: list[tuple[str, str]] = field(default_factory=list)  # a stage's own lines (distill: the teacher)
 
     @classmethod
     def build(cls, recipe: Recipe, prepared, gpu_memory: int | None = None) -> TrainPlan:
@@ -219,13 +220,16 @@ class TrainPlan:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = "bf16" if t["bf16"] else "fp16" if t["fp16"] else "fp32"
         stage_origin = r.origins.get("stage", "recipe")
-        caches = r.stage == "sft" and r.data.cache != "off" and not r.data.streaming  # finetune.data's cache
+        caches = (
+            r.stage in ("sft", "distill") and r.data.cache != "off" and not r.data.streaming
+        )  # finetune.data's cache
         cached = "; the encoded data is kept in the prepared-data cache" if caches else ""
         lines = [
             f"plan for {r.source or 'recipe'} (dry run: nothing trained, no output written{cached})",
             f"  stage          {r.stage}" + ("" if stage_origin in ("recipe", "override") else f" ({stage_origin})"),
             f"  model          {r.model.name_or_path} -> {loading.model_path(r.model)}",
             f"  adapter        {adapters.describe(r.adapter)}",
+            *[f"  {name:<14} {value}" for name, value in self.details],
             f"  parameters     {self.trainable:,} trainable of {self.total:,} "
             f"({100 * self.trainable / max(self.total, 1):.3f}%)",
             f"  device         {device} x {plural(self.world, 'process', 'processes')}, {dtype}",
