@@ -263,6 +263,8 @@ def tokens_per_micro_batch(recipe: Recipe) -> tuple[int, int, str]:
     """(tokens, longest sequence, how) that one forward of the stage processes at its longest."""
     t = recipe.train
     batch = t["per_device_train_batch_size"]
+    if recipe.stage == "distill":
+        notes.append("the teacher's weights add to this (the dry-run plan names the teacher's memory)")
     if recipe.stage in ("grpo", "rloo"):
         length = (t.get("max_prompt_length") or 512) + (t.get("max_completion_length") or 256)
         return batch * length, length, f"{batch} completions x {length} (prompt + completion)"
@@ -341,6 +343,8 @@ def estimate(recipe: Recipe, *, on_gpu: bool = True, world: int = 1, sharding: s
         parts.append(Part("framework", CUDA_CONTEXT_BYTES + slack, "CUDA context 0.5 GiB + 5% allocator slack"))
     if recipe.stage == "ppo":
         notes.append("PPO also holds a reward and a value model: add their weights")
+    if recipe.stage == "distill":
+        notes.append("the teacher's weights add to this (the dry-run plan names the teacher's memory)")
     if recipe.stage in ("grpo", "rloo"):
         notes.append("generation's KV cache is not included (it is freed before the backward pass)")
     return Estimate(parts, notes)

@@ -265,6 +265,7 @@ def test_bad_sizes_are_one_line(capsys):
 REAL_CONFIGS = {  # the hub ids the shipped recipes name -> the vendored config of that model
     "Qwen/Qwen2.5-7B-Instruct": "qwen2.5-7b-instruct",
     "Qwen/Qwen2.5-1.5B-Instruct": "qwen2.5-1.5b-instruct",
+    "Qwen/Qwen2.5-0.5B-Instruct": "qwen2.5-0.5b-instruct",
     "meta-llama/Llama-3.1-8B-Instruct": "llama-3.1-8b-instruct",
     "meta-llama/Meta-Llama-3-8B-Instruct": "llama-3.1-8b-instruct",
 }
