@@ -253,7 +253,11 @@ class Row:
         if len(upto) > self._sent:
             delta, self._sent = upto[self._sent :], len(upto)
             if self._parser is not None:
-                self._route(self._parser.feed(delta))
+                try:
+                    self._route(self._parser.feed(delta))
+                except ValueError:  # a tool call that is not JSON: no valid call; the rest is plain text
+                    self._parser = None
+                    self._out("content", delta)
             else:
                 self._out("content", delta)
 
