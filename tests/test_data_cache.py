@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from _support import REPO, ddp_launch, memo_recipe, write_jsonl
+from _support import REPO, ddp_launch, memo_recipe, run_cli, write_jsonl
 
 from finetune import data
 from finetune.config import DataSection
@@ -277,3 +277,36 @@ def test_two_nodes_on_a_shared_cache_dir_encode_once(tmp_path, cache_dir):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 2)]
     assert sorted(r["builds"] for r in ranks) == [0, 1]
     assert ranks[0]["digest"] == ranks[1]["digest"] and len(cache.entries()) == 1
+
+
+def _encodes(log: str) -> int:
+    """Cache misses a command logged (`cache: SOURCE saved in ENTRY`: it encoded and saved an entry)."""
+    return sum(" saved in " in line for line in log.splitlines() if "cache: " in line)
+
+
+def test_data_prepare_is_what_train_starts_from_as_a_user_runs_them(tmp_path, cache_dir, tiny_path):
+    """`finetune data prepare RECIPE`, then `finetune train RECIPE`, each a process of its own: train
+    encodes nothing and uses the one entry prepare wrote (the reasoning recipe sets encode options)."""
+    recipe = str(REPO / "recipes" / "tiny" / "sft_reasoning.yaml")
+    prepared = run_cli(["data", "prepare", recipe], cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    assert _encodes(prepared.stderr) == 1
+    (entry,) = cache.entries()
+    trained = run_cli(
+        ["train", recipe, f"output.dir={tmp_path / 'out'}", "train.max_steps=1", "train.report_to=[]"], cwd=tmp_path
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert _encodes(trained.stderr) == 0 and f"24 examples from {entry[0]}" in trained.stderr
+    assert cache.entries() == [entry]  # nothing else written, the entry untouched
+
+
+@pytest.mark.parametrize("recipe", ["sft_lora.yaml", "sft_tools.yaml"])
+def test_data_prepare_and_train_compute_one_key(tmp_path, cache_dir, tiny_path, recipe, capsys):
+    from finetune import cli
+
+    path = str(REPO / "recipes" / "tiny" / recipe)
+    assert cli.main(["data", "prepare", path]) == 0
+    entries = cache.entries()
+    before = cache.builds
+    assert cli.main(["train", path, "--dry-run", f"output.dir={tmp_path / 'out'}"]) == 0
+    assert cache.builds == before and cache.entries() == entries

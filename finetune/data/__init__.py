@@ -365,8 +365,7 @@ def _features():
 
 
 def _options_key(options):
-    if options is None:
-        return None
+    options = options or EncodeOptions()  # no options and the default options encode the same: one key
     key = getattr(options, "key", None)
     return key() if callable(key) else repr(options)
 
@@ -567,6 +566,18 @@ def chat_mode_note(label: str, split, options: EncodeOptions, why: str) -> str:
 
 
 NOT_CHAT_FORMATS = ("prompt_completion", "text")
+
+
+def load_recipe(recipe, tok) -> PreparedData:
+    """A recipe's SFT data, exactly as `finetune train` encodes it (and `finetune data prepare` caches it for
+    train: one call, so the two commands compute one cache key)."""
+    return load(
+        recipe.data,
+        tok,
+        recipe.train["max_length"],
+        seed=recipe.train["seed"],
+        options=encode_module.options_of(recipe),
+    )
 
 
 def load(cfg: DataSection, tok, max_length: int | None, seed: int = 42, options=None) -> PreparedData:

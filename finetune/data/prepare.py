@@ -34,7 +34,7 @@ def prepare(recipe) -> str:
     if recipe.data.cache == "off":
         raise RecipeError(f"{recipe.source or 'recipe'}: data.cache: off keeps nothing; use auto or refresh")
     tok = loading.load_tokenizer(recipe.model)
-    prepared = data.load(recipe.data, tok, recipe.train["max_length"], seed=recipe.train["seed"])
+    prepared = data.load_recipe(recipe, tok)  # what train loads: the same cache key
     lines = [f"prepared data for {recipe.source or 'recipe'} (cache root {cache.root()})"]
     seen = set()
     for name, split in (("train", prepared.train), ("eval", prepared.eval)):
