@@ -310,3 +310,15 @@ def test_data_prepare_and_train_compute_one_key(tmp_path, cache_dir, tiny_path, 
     before = cache.builds
     assert cli.main(["train", path, "--dry-run", f"output.dir={tmp_path / 'out'}"]) == 0
     assert cache.builds == before and cache.entries() == entries
+
+
+def test_data_cache_off_as_yaml_reads_it(tmp_path):
+    """`data.cache: off` unquoted is the YAML boolean false: it means off (and true means auto)."""
+    from finetune import config
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name_or_path: tiny-llama}\ndata: {train: alpaca_en_demo, cache: off}\noutput: {dir: o}\n")
+    assert config.load(str(recipe)).data.cache == "off"
+    assert config.load(str(recipe), ["data.cache=on"]).data.cache == "auto"
+    assert config.load(str(recipe), ["data.cache=refresh"]).data.cache == "refresh"
+    assert config.load(str(recipe), ["data.cache=no"]).data.cache == "off"
