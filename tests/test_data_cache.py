@@ -322,3 +322,54 @@ def test_data_cache_off_as_yaml_reads_it(tmp_path):
     assert config.load(str(recipe), ["data.cache=on"]).data.cache == "auto"
     assert config.load(str(recipe), ["data.cache=refresh"]).data.cache == "refresh"
     assert config.load(str(recipe), ["data.cache=no"]).data.cache == "off"
+
+
+SLOW_PREPARE = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from finetune import data, loading
+from finetune.config import DataSection, ModelSection
+from finetune.data import encode
+
+tok = loading.load_tokenizer(ModelSection(name_or_path="tiny-llama"))
+encode.encode_many = lambda *a, **kw: time.sleep(600)  # workers that would outlive a killed parent
+data.load(DataSection(train={path!r}, format="alpaca", num_proc=2), tok, 64)
+"""
+
+
+def test_encoding_workers_die_with_a_killed_prepare(tmp_path, cache_dir, tiny_path):
+    """kill -9 of the process that prepares the data leaves no encoding worker behind."""
+    import signal
+    import time
+
+    import psutil
+
+    path = write_jsonl(tmp_path / "d.jsonl", _rows(8))
+    script = tmp_path / "prepare.py"
+    script.write_text(SLOW_PREPARE.format(repo=str(REPO), path=str(path)))
+    parent = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        workers = []
+        while len(workers) < 2 and parent.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+            workers = psutil.Process(parent.pid).children(recursive=True)
+        assert len(workers) >= 2, "the preparation never started its 2 workers"
+        time.sleep(0.5)  # the workers are in the encode function
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+
+    def alive(p):
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.time() + 10
+    while any(alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    orphans = [w.pid for w in workers if alive(w)]
+    for pid in orphans:  # do not leave them to the next test
+        os.kill(pid, signal.SIGKILL)
+    assert orphans == []

@@ -11,15 +11,11 @@ Every failure is a one-line `DataError` naming file, record, field.
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import json
 import logging
 import os
-import shutil
-import socket
 import statistics
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -387,18 +383,19 @@ def _build(src, records, fmt, columns, cfg: DataSection, tok, max_length, option
     if not bars and n_records >= SMALL_DATASET:
         datasets.enable_progress_bars()
     try:
-        encoded = raw.map(
-            _encode_batch,
-            batched=True,
-            batch_size=64,  # measured: 64 chats per tokenizer call is ~9% faster than 256 (bench/README.md)
-            num_proc=num_proc if num_proc > 1 else None,
-            fn_kwargs={"tok": tok, "max_length": max_length, "options": options},
-            remove_columns=raw.column_names,
-            features=_features(),
-            cache_file_name=str(tmp / "encoded.arrow"),
-            new_fingerprint=tmp.name,
-            desc=f"encode {Path(label).name}",
-        )
+        with cache.workers_die_with_this_process():  # kill -9 of this process leaves no worker behind
+            encoded = raw.map(
+                _encode_batch,
+                batched=True,
+                batch_size=64,  # measured: 64 chats per tokenizer call is ~9% faster than 256 (bench/README.md)
+                num_proc=num_proc if num_proc > 1 else None,
+                fn_kwargs={"tok": tok, "max_length": max_length, "options": options},
+                remove_columns=raw.column_names,
+                features=_features(),
+                cache_file_name=str(tmp / "encoded.arrow"),
+                new_fingerprint=tmp.name,
+                desc=f"encode {Path(label).name}",
+            )
     finally:
         if not bars:
             datasets.disable_progress_bars()
@@ -474,15 +471,6 @@ def cache_key_parts(src, fmt, columns, cfg: DataSection, tok, max_length, option
     }
 
 
-def _private_dir() -> Path:
-    """data.cache: off: a temp dir for this process's Arrow files, removed at exit."""
-    cache.root().mkdir(parents=True, exist_ok=True)
-    cache.clean_stale_temps()
-    path = Path(tempfile.mkdtemp(prefix=".off-", suffix=f"-{socket.gethostname()}-{os.getpid()}", dir=cache.root()))
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
-    return path
-
-
 def open_source(name: str, cfg: DataSection, stage: str, field_name: str, streaming: bool = False):
     """One data reference, checked before any work: (source, its records (an iterator, read once),
     format (fits the stage), column map). Unknown data.columns fail here."""
@@ -513,7 +501,7 @@ def prepare_split(
 
     start = time.perf_counter()
     if cfg.cache == "off":
-        path = _private_dir()
+        path = cache.private_dir()  # data.cache: off
         meta = build(path)
     else:
         key = cache.key_of(cache_key_parts(src, fmt, columns, cfg, tok, max_length, options, field_name))
