@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from _support import REPO, ddp_launch, memo_recipe, run_cli, write_jsonl
+from _support import REPO, ddp_launch, memo_recipe, missing_tool, run_cli, write_jsonl
 
 from finetune import data
 from finetune.config import DataSection
@@ -317,7 +317,9 @@ def test_data_cache_off_as_yaml_reads_it(tmp_path):
     from finetune import config
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: {name_or_path: tiny-llama}\ndata: {train: alpaca_en_demo, cache: off}\noutput: {dir: o}\n")
+    recipe.write_text(
+        "model: {name_or_path: tiny-llama}\ndata: {train: alpaca_en_demo, cache: off}\noutput: {dir: o}\n"
+    )
     assert config.load(str(recipe)).data.cache == "off"
     assert config.load(str(recipe), ["data.cache=on"]).data.cache == "auto"
     assert config.load(str(recipe), ["data.cache=refresh"]).data.cache == "refresh"
@@ -373,3 +375,80 @@ def test_encoding_workers_die_with_a_killed_prepare(tmp_path, cache_dir, tiny_pa
     for pid in orphans:  # do not leave them to the next test
         os.kill(pid, signal.SIGKILL)
     assert orphans == []
+
+
+def test_a_damaged_entry_is_one_warning_and_a_rebuild(tmp_path, cache_dir, tiny_tokenizer, caplog):
+    path = write_jsonl(tmp_path / "d.jsonl", _rows(12))
+    cfg = DataSection(train=str(path), format="alpaca")
+    good = _ids(data.load(cfg, tiny_tokenizer, 64))
+    (entry, meta) = cache.entries()[0]
+    arrow = entry / meta["files"][0]
+    damages = [
+        lambda: os.truncate(arrow, arrow.stat().st_size // 2),  # a disk that filled up, a copy cut short
+        lambda: (entry / "meta.json").write_text('{"files": ['),
+        lambda: arrow.write_bytes(arrow.read_bytes()[:-8] + b"\0" * 8),  # same size, other bytes
+        lambda: arrow.unlink(),
+    ]
+    for damage in damages:
+        damage()
+        caplog.clear()
+        before = cache.builds
+        assert _ids(data.load(cfg, tiny_tokenizer, 64)) == good
+        assert cache.builds == before + 1 and len(cache.entries()) == 1
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and f"{entry} is damaged" in warnings[0], warnings
+        assert cache.damage(entry) is None
+
+
+READ_ONLY = """
+import json, sys
+sys.path.insert(0, {repo!r})
+from finetune import cli, data, loading
+from finetune.config import DataSection, ModelSection
+from finetune.data import cache
+tok = loading.load_tokenizer(ModelSection(name_or_path="tiny-llama"))
+out = {{}}
+for max_length in (64, 32):  # the entry the root holds, then one it does not
+    prepared = data.load(DataSection(train={path!r}, format="alpaca"), tok, max_length)
+    out[max_length] = [str(prepared.train.cache_dir), [e.input_ids for e in prepared.train.encoded], cache.builds]
+out["prepare"] = cli.main(["data", "prepare", {recipe!r}])
+print(json.dumps(out))
+"""
+
+
+def test_a_read_only_cache_root(tmp_path, cache_dir, tiny_tokenizer, tiny_path):
+    """A read-only root (a shared cache mounted ro): its intact entry is used as it is; data it lacks
+    is encoded without caching (one warning); `data prepare` is refused in one line."""
+    import shutil
+
+    if not shutil.which("unshare"):
+        missing_tool("unshare (util-linux) is needed to mount the cache read-only")
+    path = write_jsonl(tmp_path / "d.jsonl", _rows(12))
+    prepared = data.load(DataSection(train=str(path), format="alpaca"), tiny_tokenizer, 64)
+    cached = [e.input_ids for e in prepared.train.encoded]
+    uncached = [
+        e.input_ids
+        for e in data.load(
+            DataSection(train=str(path), format="alpaca", cache="off"), tiny_tokenizer, 32
+        ).train.encoded
+    ]
+    listing = sorted(str(p) for p in cache_dir.rglob("*"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(memo_recipe(tmp_path, steps=2))
+    script = tmp_path / "ro.py"
+    script.write_text(READ_ONLY.format(repo=str(REPO), path=str(path), recipe=str(recipe)))
+    mount = f"mount --bind -o ro {cache_dir} {cache_dir} && exec {sys.executable} {script}"
+    done = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", mount], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    if done.returncode and "mount" in done.stderr and "ro.py" not in done.stderr:
+        missing_tool(f"no read-only bind mount in a user namespace here: {done.stderr.strip()[-200:]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["64"] == [str(prepared.train.cache_dir), cached, 0]  # the entry, read as it is
+    assert not out["32"][0].startswith(str(cache_dir)) and out["32"][1:] == [uncached, 0]
+    assert out["prepare"] == 2
+    assert done.stderr.count(f"data cache: {cache_dir} is read-only") == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("finetune: error:")]
+    assert len(errors) == 1 and f"{cache_dir} is not writable" in errors[0], errors
+    assert sorted(str(p) for p in cache_dir.rglob("*")) == listing

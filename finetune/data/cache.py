@@ -150,18 +150,19 @@ def _contents(path: Path) -> dict:
     }
 
 
-_checked: dict[Path, tuple[tuple, str | None]] = {}  # entry -> (meta.json's stat, its damage or None)
+_checked: dict[Path, tuple[tuple, str | None]] = {}  # entry -> (its files' stats, its damage or None)
 
 
 def damage(path: Path) -> str | None:
     """What is wrong with a complete entry (None: intact): meta.json unreadable or not this entry's,
-    a file missing, of another size or another content than meta.json records. Checked once per
-    process and meta.json version (a waiting rank polls this)."""
+    a file missing, of another size or another content than meta.json records. Hashed once per
+    process while its files' stats stay the same (a waiting rank polls this)."""
     try:
-        st = (path / "meta.json").stat()
+        stamp = tuple(
+            (p.name, st.st_ino, st.st_mtime_ns, st.st_size) for p in sorted(path.iterdir()) if (st := p.stat())
+        )
     except OSError as e:
-        return f"meta.json: {e.strerror}"
-    stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        return f"unreadable ({e})"
     if path in _checked and _checked[path][0] == stamp:
         return _checked[path][1]
     problem = _damage(path)
