@@ -452,3 +452,62 @@ def test_a_read_only_cache_root(tmp_path, cache_dir, tiny_tokenizer, tiny_path):
     errors = [line for line in done.stderr.splitlines() if line.startswith("finetune: error:")]
     assert len(errors) == 1 and f"{cache_dir} is not writable" in errors[0], errors
     assert sorted(str(p) for p in cache_dir.rglob("*")) == listing
+
+
+def test_cache_list_and_prune(tmp_path, cache_dir, tiny_tokenizer, capsys):
+    """`finetune cache list` shows each entry with its size and last use; `prune` removes by age, by
+    size (least recently used first) and all, a dry run removes nothing, an entry being built is kept,
+    a dead process's leftover always goes."""
+    import socket
+    import time
+    from pathlib import Path
+
+    from filelock import FileLock
+
+    from finetune import caches, cli
+
+    rows = _rows(12)
+    for name, n in (("old", 12), ("new", 6), ("built", 3)):
+        data.load(
+            DataSection(train=str(write_jsonl(tmp_path / f"{name}.jsonl", rows[:n])), format="alpaca"),
+            tiny_tokenizer,
+            64,
+        )
+    entry = {Path(m["source"]).stem: p for p, m in cache.entries()}
+    month_ago = time.time() - 30 * 86400
+    os.utime(entry["old"], (month_ago, month_ago))
+    os.utime(entry["built"], (month_ago - 60, month_ago - 60))
+    dead = cache_dir / f".tmp-x-{socket.gethostname()}-999999999"
+    elsewhere = cache_dir / ".tmp-x-otherhost-999999999"  # another node's build on a shared root: left alone
+    dead.mkdir(), elsewhere.mkdir()
+
+    assert cli.main(["cache", "list", "--kind", "data"]) == 0
+    listing = capsys.readouterr().out
+    for name, when in (("old", "30 days ago"), ("built", "30 days ago"), ("new", "just now")):
+        (line,) = [x for x in listing.splitlines() if entry[name].name in x]
+        assert (
+            f"{name}.jsonl: alpaca" in line
+            and when in line
+            and caches.human_size(cache.size_on_disk(entry[name])) in line
+        )
+
+    with FileLock(str(cache_dir / f".{entry['built'].name}.lock")):  # as a process building it holds it
+        assert cli.main(["cache", "prune", "--older-than", "7d", "--dry-run"]) == 0
+        dry = capsys.readouterr().out
+        assert all(p.exists() for p in entry.values()) and dead.exists()
+        assert cli.main(["cache", "prune", "--older-than", "7d"]) == 0
+        done = capsys.readouterr().out
+    assert dry.replace("would remove", "removed").replace("would free", "freed") == done.replace(
+        " entries)", " entries, dry run: nothing removed)"
+    )
+    assert not entry["old"].exists() and not dead.exists() and f"removed data   {entry['old'].name}" in done
+    assert entry["new"].exists() and elsewhere.exists()
+    assert entry["built"].exists() and f"kept   data   {entry['built'].name}" in done
+
+    assert cli.main(["cache", "prune", "--max-size", f"{cache.size_on_disk(entry['new']) + 10}B"]) == 0
+    assert not entry["built"].exists() and entry["new"].exists()  # the least recently used went first
+    assert cli.main(["cache", "prune", "--all"]) == 0
+    assert cache.entries() == []
+    capsys.readouterr()
+    assert cli.main(["cache", "prune"]) == 2  # nothing said: nothing removed
+    assert "say what to remove" in capsys.readouterr().err

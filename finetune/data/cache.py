@@ -176,7 +176,7 @@ def _damage(path: Path) -> str | None:
     except (OSError, ValueError) as e:
         return f"meta.json unreadable ({e})"
     if not isinstance(meta, dict) or not isinstance(meta.get("contents"), dict) or meta.get("key") != path.name:
-        return "meta.json is not this entry's (no key or contents)"
+        return "meta.json records no contents for this key (an older finetune's entry?)"
     for name, want in meta["contents"].items():
         f = path / name
         try:
@@ -235,17 +235,41 @@ def _error_note(key: str) -> Path:
 def clean_stale_temps() -> None:
     """Remove temp dirs of dead preparations on this host (killed, crashed, out of memory), and
     the data.cache=off dirs of dead runs (`.tmp-...` / `.off-...`, named `...-<host>-<pid>`)."""
-    host = socket.gethostname()
     for tmp in [*root().glob(".tmp-*"), *root().glob(".off-*")]:
-        rest, _, pid = tmp.name.rpartition("-")
-        if not (pid.isdigit() and rest.endswith(f"-{host}")):
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if not temp_owner_alive(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-        except PermissionError:
-            pass
+
+
+def temp_owner_alive(tmp: Path) -> bool:
+    """Whether the process that made a `.tmp-`/`.off-` dir (`...-<host>-<pid>`) or an `.old-` one
+    (`...-<pid>`) may still run (a dir of another host: assumed so)."""
+    rest, _, pid = tmp.name.rpartition("-")
+    if not pid.isdigit():
+        return False
+    if not tmp.name.startswith(".old-") and not rest.endswith(f"-{socket.gethostname()}"):
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def being_built(key: str) -> bool:
+    """Whether a process holds the entry's build lock now (`finetune cache prune` leaves it alone)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(root() / f".{key}.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    except OSError:  # a read-only root: nobody builds there
+        return False
+    lock.release()
+    return False
 
 
 def obtain(key: str, build: Callable[[Path], dict], mode: str = "auto") -> Path:
