@@ -389,15 +389,22 @@ def test_a_damaged_entry_is_one_warning_and_a_rebuild(tmp_path, cache_dir, tiny_
         lambda: arrow.write_bytes(arrow.read_bytes()[:-8] + b"\0" * 8),  # same size, other bytes
         lambda: arrow.unlink(),
     ]
-    for damage in damages:
-        damage()
-        caplog.clear()
-        before = cache.builds
-        assert _ids(data.load(cfg, tiny_tokenizer, 64)) == good
-        assert cache.builds == before + 1 and len(cache.entries()) == 1
-        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-        assert len(warnings) == 1 and f"{entry} is damaged" in warnings[0], warnings
-        assert cache.damage(entry) is None
+    import logging
+
+    finetune_log = logging.getLogger("finetune")  # the CLI stops it propagating (an earlier test may have run it)
+    finetune_log.addHandler(caplog.handler)
+    try:
+        for damage in damages:
+            damage()
+            caplog.clear()
+            before = cache.builds
+            assert _ids(data.load(cfg, tiny_tokenizer, 64)) == good
+            assert cache.builds == before + 1 and len(cache.entries()) == 1
+            warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+            assert len(warnings) == 1 and f"{entry} is damaged" in warnings[0], warnings
+            assert cache.damage(entry) is None
+    finally:
+        finetune_log.removeHandler(caplog.handler)
 
 
 READ_ONLY = """
