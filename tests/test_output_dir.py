@@ -97,10 +97,10 @@ def test_chained_output_names_its_base_portably(chained):
 def test_moved_outputs_and_cache_are_rebuilt_then_a_retrained_parent_is_named(chained, tmp_path):
     root, _ = chained
     expected = logits(str(loading.merged_copy(OutputDir(root / "out" / "sft"))), root / "out" / "dpo")
+    sft_copy = OutputDir(root / "out" / "sft").fingerprint()  # its merged copy's name
     moved = tmp_path / "elsewhere"
     shutil.copytree(root / "out", moved)  # another machine: the original dirs and merged copies are gone
     (root / "out").rename(root / "away")
-    sft_copy = OutputDir(root / "out" / "sft").fingerprint()  # its merged copy's name
     for merged in (tiny.cache_root() / "merged").glob(sft_copy):
         shutil.move(merged, tmp_path / merged.name)
     try:
