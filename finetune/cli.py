@@ -24,6 +24,7 @@ INTERRUPTED = {
     "data": "nothing was written",
     "chat": "bye",
     "env": "nothing was written",
+    "cache": "an entry being removed was renamed first: none is left half-removed under its name",
 }
 EXIT_GATE = (
     1  # eval.fail_on_regression: the run finished but its gate failed (as `finetune eval --fail-on-regression`)
@@ -247,6 +248,7 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
     score.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_merge_export_chat(sub)
+    _add_cache(sub)
     env = sub.add_parser(
         "env",
         help="versions, device and caches, for a bug report",
@@ -255,6 +257,46 @@ def _parser() -> argparse.ArgumentParser:
     )
     env.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
+
+
+def _add_cache(sub) -> None:
+    caches = sub.add_parser(
+        "cache",
+        help="show or remove what finetune's caches hold (encoded data, merged bases, tiny models)",
+        description="`list`: every entry of the data cache, the merged-base cache and the tiny models, with "
+        "size on disk and last use. `prune`: remove by age, by total size (least recently used first) "
+        "or all, with --dry-run; entries being built are kept. See docs/caching.md.",
+    )
+    cache_sub = caches.add_subparsers(dest="cache_command", metavar="{list,prune}", required=True)
+    kinds = "data, merged, tiny (repeatable)"
+    listing = cache_sub.add_parser("list", help="what each cache holds, with sizes")
+    listing.add_argument("--kind", action="append", choices=("data", "merged", "tiny"), help=f"only these: {kinds}")
+    listing.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    prune = cache_sub.add_parser(
+        "prune",
+        help="remove cache entries by age, size or all (--dry-run first)",
+        description="Remove cache entries. Leftovers of dead processes always go; then those last used "
+        "before --older-than, then the least recently used until the rest fits --max-size, or --all.",
+    )
+    prune.add_argument(
+        "--kind", action="append", choices=("data", "merged", "tiny"), help=f"{kinds}; default data and merged"
+    )
+    prune.add_argument("--older-than", metavar="AGE", help="last used longer ago than AGE: 30d, 12h, 90m, 2w")
+    prune.add_argument("--max-size", metavar="SIZE", help="keep at most SIZE in total: 500MB, 20GB, 1.5TiB")
+    prune.add_argument("--all", action="store_true", help="remove every entry of the kinds")
+    prune.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    prune.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def cmd_cache(args) -> int:
+    from finetune import caches
+
+    if args.cache_command == "list":
+        print(caches.render(caches.scan(tuple(dict.fromkeys(args.kind or caches.KINDS)))))
+        return 0
+    kinds = tuple(dict.fromkeys(args.kind or caches.PRUNED_BY_DEFAULT))
+    print(caches.prune(kinds, args.older_than, args.max_size, args.all, args.dry_run))
+    return 0
 
 
 def _no_file_given(command: str, kind: str, folder: str) -> int:
@@ -732,6 +774,7 @@ def main(argv: list[str] | None = None) -> int:
         "export": cmd_export,
         "chat": cmd_chat,
         "env": cmd_env,
+        "cache": cmd_cache,
         "serve": cmd_serve,
         "webui": cmd_webui,
     }[args.command]

@@ -84,6 +84,8 @@ def merged_copy(adapter: OutputDir) -> Path:
 
     target = adapter.merged_dir()
     if is_merged_copy(target):
+        with contextlib.suppress(OSError):
+            os.utime(target)  # last used now (`finetune cache list`, `prune --older-than`)
         return target
     with PartialState().main_process_first():
         if not is_merged_copy(target):

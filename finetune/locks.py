@@ -9,6 +9,12 @@ its PID into the file, and a second command is refused in one line naming that P
 removed on release, so a finished output leaves nothing beside it (a process that dies leaves the
 file, unlocked: the next command takes it over).
 
+A lock covers what is inside its output, and a run's work dir: while `DIR` is held, no other
+process takes `DIR.incomplete` (where the run writes its checkpoints), anything inside `DIR` or
+`DIR.incomplete`, or `DIR` while someone holds `DIR.incomplete` (e.g. `finetune merge X --out
+DIR.incomplete --overwrite` during a run of `DIR` is refused in one line: it would replace the
+run's work dir from under it). Checked by probing the lock files of those paths (no new file made).
+
 Only the main process of a distributed run locks (the other ranks write nothing of their own).
 Held locks are re-entrant within one process and released by `release` / `release_all` (the CLI
 releases them when a command ends) or at exit. Where `fcntl` is missing (Windows), filelock's
@@ -64,8 +70,48 @@ def hold(target: str | os.PathLike, what: str = "output.dir") -> Path | None:
             f"{what}: {final} is in use by another finetune process ({_holder(path)}); wait for it "
             f"to finish, or choose another {what}"
         )
+    for other, relation in _covering(final):
+        if lock_path(other) not in _HELD and _held_elsewhere(lock_path(other)):
+            _release(path, (final, handle, made))
+            raise OutputError(
+                f"{what}: {final} is {relation} {other}, in use by another finetune process "
+                f"({_holder(lock_path(other))}); wait for it to finish, or choose another {what}"
+            )
     _HELD[path] = (final, handle, made)
     return path
+
+
+WORK_SUFFIX = ".incomplete"  # a run's work dir beside its output (finetune.outputs.RunDir)
+
+
+def _covering(final: Path) -> list[tuple[Path, str]]:
+    """The other outputs whose lock also covers `final`: each dir above it, the output whose work
+    dir it is (or is inside), and its own work dir (a command holding that writes into it)."""
+    out = [(final.with_name(final.name + WORK_SUFFIX), "the output of the work dir")]
+    for p in [final, *final.parents[:-1]]:  # not the file system root: it has no name to lock
+        if p != final:
+            out.append((p, "inside"))
+        if p.name.endswith(WORK_SUFFIX) and len(p.name) > len(WORK_SUFFIX):
+            owner = p.with_name(p.name[: -len(WORK_SUFFIX)])
+            out.append((owner, "the work dir of" if p == final else "inside the work dir of"))
+    return out
+
+
+def _held_elsewhere(path: Path) -> bool:
+    """Whether another process holds the lock file `path` (probed without creating it)."""
+    if fcntl is None:  # pragma: no cover
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False  # no lock file: nobody holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing it drops the probe's shared lock
+    return False
 
 
 def check_free(target: str | os.PathLike, what: str = "output.dir") -> None:

@@ -286,20 +286,29 @@ class OutputDir:
 
     def fingerprint(self) -> str:
         """Content fingerprint of base + this adapter (what a stage chained on this dir trains on):
-        it changes when this dir is retrained, and not when it is copied or moved."""
+        it changes when this dir is retrained, and not when it is copied, moved or trained again
+        identically. Canonical: the adapter config as data (sets such as target_modules sorted, the
+        base's path left out: `base_key` names the base), the weights as named tensors (not the
+        file's bytes, whose header order may vary)."""
         h = hashlib.sha256(self.base_key().encode())
         for name in sorted(p.name for p in self.path.iterdir() if p.name.startswith("adapter_")):
-            h.update(name.encode())
-            with open(self.path / name, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
+            h.update(name.encode() + b"\0")
+            if name == ADAPTER_CONFIG:
+                h.update(_canonical_adapter_config(self.path / name))
+            elif name.endswith(".safetensors"):
+                _hash_tensors(self.path / name, h)
+            else:
+                with open(self.path / name, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
         return h.hexdigest()[:16]
 
     def merged_dir(self) -> Path:
         """Where this adapter merged into its base (full precision) is cached, by content, under
         $FINETUNE_CACHE/merged/: what a stage chained on this dir loads as its base
-        (`finetune.loading.merged_copy` builds it)."""
-        return tiny.cache_root() / "merged" / f"{self.path.name}-{self.fingerprint()}"
+        (`finetune.loading.merged_copy` builds it). Named by the fingerprint alone, so identical
+        adapters (a re-run, a copy in another dir) share one copy."""
+        return merged_cache_dir(self.fingerprint())
 
     def as_merged_base(self, field: str) -> Base:
         """This adapter's merged copy as a base (not built yet: `unmerged` says so)."""
@@ -324,7 +333,7 @@ class OutputDir:
         (with a warning naming both fingerprints); else an error saying how to rebuild it."""
         last, fp = record["adapters"][-1], record["fingerprint"]
         parent = _find_parent(self.path, last)
-        cached = tiny.cache_root() / "merged" / f"{Path(last['dir']).name}-{fp}"
+        cached = merged_cache_dir(fp)
         if parent is not None:
             now = parent.fingerprint()
             if now == fp:
@@ -391,6 +400,52 @@ def _local_or_hub(candidates: list[tuple[str, str]], path: Path) -> Base:
         others = f" (nor {candidates[1][0]})" if len(candidates) > 1 else ""
         raise OutputError(f"{field}: base model {name} not found{others}; pass --base MODEL")
     return Base(name, field)  # a hub id: from_pretrained finds it (in the HF cache, or online)
+
+
+MERGED_CACHE = "merged"  # $FINETUNE_CACHE/merged/<fingerprint>/: chained stages' merged bases
+SET_VALUED = ("target_modules", "modules_to_save", "exclude_modules")  # PEFT saves these sets in any order
+
+
+def merged_cache_dir(fingerprint: str) -> Path:
+    return tiny.cache_root() / MERGED_CACHE / fingerprint
+
+
+def _canonical_adapter_config(path: Path) -> bytes:
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise OutputError(f"{path}: unreadable adapter config ({str(e).splitlines()[0]})") from None
+    cfg.pop("base_model_name_or_path", None)
+    for key in SET_VALUED:
+        if isinstance(cfg.get(key), list):
+            cfg[key] = sorted(cfg[key], key=str)
+    return json.dumps(cfg, sort_keys=True, default=str).encode()
+
+
+def _hash_tensors(path: Path, h) -> None:
+    """Each tensor's name, dtype, shape and bytes, in name order, read from the safetensors layout
+    (an 8-byte header length, a JSON header of offsets, the data): no torch needed."""
+    import struct
+
+    with open(path, "rb") as f:
+        try:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        except (struct.error, ValueError) as e:
+            raise OutputError(f"{path}: not a safetensors file ({e})") from None
+        start = 8 + n
+        for name in sorted(k for k in header if k != "__metadata__"):
+            t = header[name]
+            h.update(json.dumps([name, t["dtype"], t["shape"]]).encode())
+            begin, end = t["data_offsets"]
+            f.seek(start + begin)
+            remaining = end - begin
+            while remaining:
+                block = f.read(min(remaining, 1 << 20))
+                if not block:
+                    raise OutputError(f"{path}: truncated (tensor {name})")
+                h.update(block)
+                remaining -= len(block)
 
 
 def is_merged_copy(path: Path) -> bool:

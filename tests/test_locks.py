@@ -104,6 +104,57 @@ def test_merge_eval_export_outputs_are_locked_too(tmp_path, tiny_path, capsys, c
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["merge", "eval", "export"])
+def test_a_locked_outputs_work_dir_and_inside_are_locked_too(tmp_path, tiny_path, capsys, command):
+    """While a run holds `out`, `--out out.incomplete --overwrite` (its work dir) or a path inside
+    either is refused in one line and nothing there changes."""
+    out = tmp_path / "out"
+    work = tmp_path / "out.incomplete"
+    (work / "checkpoint-1").mkdir(parents=True)
+    (work / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "base_model_name_or_path": tiny_path}),
+        encoding="utf-8",
+    )
+    targets = (
+        [work / "model.gguf", out / "model.gguf"] if command == "export" else [work, work / "checkpoint-1", out / "x"]
+    )
+    holder = _holder(out)
+    try:
+        for target in targets:
+            argv = {
+                "merge": ["merge", str(adapter), "--out", str(target), "--overwrite"],
+                "eval": ["eval", "tiny-llama", "--data", "alpaca_en_demo", "--out", str(target), "--overwrite"],
+                "export": ["export", tiny_path, "--out", str(target), "--overwrite"],
+            }[command]
+            assert cli.main(argv) == 2, target
+            errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("finetune: error:")]
+            assert len(errors) == 1 and f"in use by another finetune process (PID {holder.pid})" in errors[0], errors
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.name not in ("adapter", ".out.lock"))
+    assert [p for p in left if not p.startswith("adapter/")] == [
+        "out.incomplete",
+        "out.incomplete/checkpoint-1",
+        "out.incomplete/checkpoint-1/trainer_state.json",
+    ]
+
+
+def test_an_output_whose_work_dir_is_held_is_refused(tmp_path):
+    holder = _holder(tmp_path / "out.incomplete")
+    try:
+        with pytest.raises(OutputError, match=rf"in use by another finetune process \(PID {holder.pid}\)"):
+            locks.hold(tmp_path / "out")
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    locks.hold(tmp_path / "out")  # free again
+    locks.release(tmp_path / "out")
+
+
 PAUSED_RUN = """
 import sys, time
 from pathlib import Path
@@ -165,6 +216,15 @@ def test_two_concurrent_runs_one_refused_nothing_corrupted(tmp_path, tiny_path, 
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("finetune: error:")]
         assert len(errors) == 1 and f"(PID {first.pid})" in errors[0] and str(out) in errors[0], errors
         assert sorted(p.name for p in work.iterdir()) == before  # it touched nothing
+        adapter = tmp_path / "adapter"  # merge reads only its config before claiming --out
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text(
+            json.dumps({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "base_model_name_or_path": tiny_path})
+        )
+        assert cli.main(["merge", str(adapter), "--out", str(work), "--overwrite"]) == 2  # the run's work dir
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("finetune: error:")]
+        assert len(errors) == 1 and f"the work dir of {out}" in errors[0] and f"(PID {first.pid})" in errors[0]
+        assert sorted(p.name for p in work.iterdir()) == before
     finally:
         go.touch()
         _, stderr = first.communicate(timeout=600)

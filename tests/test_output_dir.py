@@ -97,10 +97,11 @@ def test_chained_output_names_its_base_portably(chained):
 def test_moved_outputs_and_cache_are_rebuilt_then_a_retrained_parent_is_named(chained, tmp_path):
     root, _ = chained
     expected = logits(str(loading.merged_copy(OutputDir(root / "out" / "sft"))), root / "out" / "dpo")
+    sft_copy = OutputDir(root / "out" / "sft").fingerprint()  # its merged copy's name
     moved = tmp_path / "elsewhere"
     shutil.copytree(root / "out", moved)  # another machine: the original dirs and merged copies are gone
     (root / "out").rename(root / "away")
-    for merged in (tiny.cache_root() / "merged").glob("sft-*"):
+    for merged in (tiny.cache_root() / "merged").glob(sft_copy):
         shutil.move(merged, tmp_path / merged.name)
     try:
         source = loading.inspect(moved / "dpo")  # rebuilt from base.json: tiny-llama + ../sft
@@ -130,7 +131,7 @@ def test_moved_outputs_and_cache_are_rebuilt_then_a_retrained_parent_is_named(ch
             loading.inspect(moved / "dpo")
     finally:
         (root / "away").rename(root / "out")
-        for merged in tmp_path.glob("sft-*"):
+        for merged in tmp_path.glob(sft_copy):
             target = tiny.cache_root() / "merged" / merged.name
             if not target.exists():
                 shutil.move(merged, target)

@@ -217,7 +217,7 @@ class DataSection:
     cache: Literal["auto", "off", "refresh"] = _f(
         "auto",
         help="Prepared-data cache: auto = reuse the encoded data when nothing it depends on changed; "
-        "refresh = encode again and replace it; off = encode into a temp dir, every rank for itself.",
+        "refresh = encode again and replace it; off (or false) = encode into a temp dir, every rank for itself.",
     )
     streaming: bool = _f(
         False, help="Read and encode while training (data larger than RAM or disk); needs train.max_steps."
@@ -592,6 +592,9 @@ def _coerce(value, tp, path: tuple, where: _Where):
                 continue
         raise bad
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare off/no as false and on/yes as true (data.cache: off)
+            spelled = ("off", "no", "false") if not value else ("on", "yes", "true", "auto")
+            value = next((c for c in spelled if c in args), value)
         for choice in args:
             if value == choice or (isinstance(value, str) and str(choice) == value):
                 return choice

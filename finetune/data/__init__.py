@@ -11,15 +11,11 @@ Every failure is a one-line `DataError` naming file, record, field.
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import json
 import logging
 import os
-import shutil
-import socket
 import statistics
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -373,8 +369,7 @@ def _features():
 
 
 def _options_key(options):
-    if options is None:
-        return None
+    options = options or EncodeOptions()  # no options and the default options encode the same: one key
     key = getattr(options, "key", None)
     return key() if callable(key) else repr(options)
 
@@ -396,18 +391,19 @@ def _build(src, records, fmt, columns, cfg: DataSection, tok, max_length, option
     if not bars and n_records >= SMALL_DATASET:
         datasets.enable_progress_bars()
     try:
-        encoded = raw.map(
-            _encode_batch,
-            batched=True,
-            batch_size=64,  # measured: 64 chats per tokenizer call is ~9% faster than 256 (bench/README.md)
-            num_proc=num_proc if num_proc > 1 else None,
-            fn_kwargs={"tok": tok, "max_length": max_length, "options": options},
-            remove_columns=raw.column_names,
-            features=_features(),
-            cache_file_name=str(tmp / "encoded.arrow"),
-            new_fingerprint=tmp.name,
-            desc=f"encode {Path(label).name}",
-        )
+        with cache.workers_die_with_this_process():  # kill -9 of this process leaves no worker behind
+            encoded = raw.map(
+                _encode_batch,
+                batched=True,
+                batch_size=64,  # measured: 64 chats per tokenizer call is ~9% faster than 256 (bench/README.md)
+                num_proc=num_proc if num_proc > 1 else None,
+                fn_kwargs={"tok": tok, "max_length": max_length, "options": options},
+                remove_columns=raw.column_names,
+                features=_features(),
+                cache_file_name=str(tmp / "encoded.arrow"),
+                new_fingerprint=tmp.name,
+                desc=f"encode {Path(label).name}",
+            )
     finally:
         if not bars:
             datasets.disable_progress_bars()
@@ -483,15 +479,6 @@ def cache_key_parts(src, fmt, columns, cfg: DataSection, tok, max_length, option
     }
 
 
-def _private_dir() -> Path:
-    """data.cache: off: a temp dir for this process's Arrow files, removed at exit."""
-    cache.root().mkdir(parents=True, exist_ok=True)
-    cache.clean_stale_temps()
-    path = Path(tempfile.mkdtemp(prefix=".off-", suffix=f"-{socket.gethostname()}-{os.getpid()}", dir=cache.root()))
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
-    return path
-
-
 def open_source(name: str, cfg: DataSection, stage: str, field_name: str, streaming: bool = False):
     """One data reference, checked before any work: (source, its records (an iterator, read once),
     format (fits the stage), column map). Unknown data.columns fail here."""
@@ -527,7 +514,7 @@ def prepare_split(
 
     start = time.perf_counter()
     if cfg.cache == "off":
-        path = _private_dir()
+        path = cache.private_dir()  # data.cache: off
         meta = build(path)
     else:
         key = cache.key_of(cache_key_parts(src, fmt, columns, cfg, tok, max_length, options, field_name))
@@ -580,6 +567,18 @@ def chat_mode_note(label: str, split, options: EncodeOptions, why: str) -> str:
 
 
 NOT_CHAT_FORMATS = ("prompt_completion", "text")
+
+
+def load_recipe(recipe, tok) -> PreparedData:
+    """A recipe's SFT data, exactly as `finetune train` encodes it (and `finetune data prepare` caches it for
+    train: one call, so the two commands compute one cache key)."""
+    return load(
+        recipe.data,
+        tok,
+        recipe.train["max_length"],
+        seed=recipe.train["seed"],
+        options=encode_module.options_of(recipe),
+    )
 
 
 def load(cfg: DataSection, tok, max_length: int | None, seed: int = 42, options=None) -> PreparedData:

@@ -21,12 +21,12 @@ from pathlib import Path
 from finetune.config import RL_STAGES, DataSection
 from finetune.data import (
     PreparedData,
-    _private_dir,
     _write_examples,
     heldout_indices,
     log,
     open_source,
 )
+from finetune.data import cache as data_cache
 from finetune.data.preference import PAIR_FORMATS, prompt_only, unpair
 from finetune.errors import DataError
 
@@ -245,7 +245,7 @@ def _to_arrow(json_path: Path, route, fmt: str, stage: str, out: dict[str, Path]
 def load(cfg: DataSection, tok, stage: str, seed: int = 42, template_kwargs: dict | None = None) -> PreparedData:
     """The stage's train (and eval) examples; `template_kwargs`: the model's chat_template_kwargs,
     which TRL then renders every example with (and the statistics count with)."""
-    tmp = _private_dir()
+    tmp = data_cache.private_dir()
     kwargs = dict(template_kwargs or {})
     path, fmt, src, n, notes = _converted(cfg.train, cfg, stage, "data.train", tmp)
     label = src.label()

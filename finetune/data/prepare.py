@@ -5,7 +5,7 @@ Point FINETUNE_CACHE at the same (shared) dir on both sides."""
 
 from __future__ import annotations
 
-from finetune.errors import RecipeError
+from finetune.errors import OutputError, RecipeError
 
 
 def _size(n: int) -> str:
@@ -33,8 +33,13 @@ def prepare(recipe) -> str:
         )
     if recipe.data.cache == "off":
         raise RecipeError(f"{recipe.source or 'recipe'}: data.cache: off keeps nothing; use auto or refresh")
+    if not cache.writable():
+        raise OutputError(
+            f"data cache: {cache.root()} is not writable, so nothing can be prepared there; set "
+            "FINETUNE_DATA_CACHE to a writable dir (a run finds an intact entry in a read-only one)"
+        )
     tok = loading.load_tokenizer(recipe.model)
-    prepared = data.load(recipe.data, tok, recipe.train["max_length"], seed=recipe.train["seed"])
+    prepared = data.load_recipe(recipe, tok)  # what train loads: the same cache key
     lines = [f"prepared data for {recipe.source or 'recipe'} (cache root {cache.root()})"]
     seen = set()
     for name, split in (("train", prepared.train), ("eval", prepared.eval)):

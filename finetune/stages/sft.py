@@ -12,7 +12,6 @@ from pathlib import Path
 
 from finetune import adapters, data, guards, loading
 from finetune.config import Recipe
-from finetune.data.encode import options_of
 from finetune.outputs import RunDir
 from finetune.stages.common import (
     TrainPlan,
@@ -38,9 +37,7 @@ def prepare(recipe: Recipe, dry_run: bool = False):
     if not dry_run:
         run_dir.check()
     tok = loading.load_tokenizer(recipe.model)
-    prepared = data.load(
-        recipe.data, tok, recipe.train["max_length"], seed=recipe.train["seed"], options=options_of(recipe)
-    )
+    prepared = data.load_recipe(recipe, tok)
     for note in prepared.notes:
         log.warning(note)
     return run_dir, tok, prepared
