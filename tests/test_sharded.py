@@ -210,7 +210,8 @@ def test_cpu_shim_tripwire():
     gpu_branch = accelerator_init.index("DistributedType.MULTI_GPU,")
     assert gpu_branch < accelerator_init.index("self.distributed_type = DistributedType.FSDP")
     assert DistributedType.MULTI_GPU.value == "MULTI_GPU"
-    assert callable(Accelerator.prepare) and callable(Trainer.training_step) and callable(Trainer._save_checkpoint)
+    assert callable(Accelerator.prepare) and callable(Accelerator.prepare_model)
+    assert callable(Trainer.training_step) and callable(Trainer._save_checkpoint)
 
 
 def test_count_never_builds_under_zero_init(tiny_path, tmp_path, monkeypatch):
@@ -292,7 +293,7 @@ def test_fsdp2_shards_lora_and_matches_ddp(fsdp2_run, ddp_run, tiny_path, tiny_t
         assert record["distributed_type"] == "DistributedType.FSDP" and record["is_fsdp2"], record
     for name, p in lora_params(records[0]).items():  # rows split between the ranks: Shard(0) on a 2-rank mesh
         q = lora_params(records[1])[name]
-        assert p["placements"] == q["placements"] == ["Shard(dim=0)"], (name, p)
+        assert p["placements"] == q["placements"] == ["S(0)"], (name, p)
         assert p["local"][0] + q["local"][0] == p["full"][0] and p["local"][0] == math.ceil(p["full"][0] / 2)
     assert "parallel    FSDP2, 2 processes on 1 machine" in done.stderr
     losses = logged_losses(out)
@@ -311,7 +312,7 @@ def test_fsdp2_crash_and_resume_is_exact(fsdp2_run, sharded_root):
     crash_after_checkpoint(config, sharded_root / "sft.yaml", out, probe, cpu_fsdp=True)
     resumed = train(config, sharded_root / "sft.yaml", out, cpu_fsdp=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from checkpoint-4" in resumed.stderr
+    assert f"resuming from {out.parent / out.name}.incomplete/checkpoint-4" in resumed.stderr
     assert logged_losses(out) == logged_losses(fsdp2_run[0])
     ours, uninterrupted = adapter(out), adapter(fsdp2_run[0])
     assert all(torch.equal(ours[k], uninterrupted[k]) for k in uninterrupted)
@@ -348,7 +349,7 @@ def test_zero3_crash_and_resume_is_exact(zero3_run, sharded_root):
     crash_after_checkpoint(config, sharded_root / "sft.yaml", out, probe)
     resumed = train(config, sharded_root / "sft.yaml", out)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from checkpoint-4" in resumed.stderr
+    assert f"resuming from {out.parent / out.name}.incomplete/checkpoint-4" in resumed.stderr
     assert logged_losses(out) == logged_losses(zero3_run[0])
     ours, uninterrupted = adapter(out), adapter(zero3_run[0])
     assert all(torch.equal(ours[k], uninterrupted[k]) for k in uninterrupted)
@@ -454,7 +455,7 @@ def test_dpo_under_fsdp2_and_zero3_agree(sharded_root, dpo_recipe, dpo_zero3, ti
     out, probe = sharded_root / "dpo-fsdp2", sharded_root / "probe-dpo-fsdp2"
     done = train(accelerate_config(sharded_root, "fsdp.yaml"), dpo_recipe, out, probe=probe, cpu_fsdp=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert all(p["placements"] == ["Shard(dim=0)"] for p in lora_params(probe_of(probe, 0)).values())
+    assert all(p["placements"] == ["S(0)"] for p in lora_params(probe_of(probe, 0)).values())
     for run in (out, dpo_zero3):
         losses, margins = logged_losses(run), log_series(run, "rewards/margins")
         assert losses[-1] < losses[0] and margins[-1] > margins[0], (run.name, losses, margins)
@@ -473,7 +474,22 @@ def test_qlora_fsdp2_matches_qlora_ddp(sharded_root):
     assert done.returncode == 0, done.stderr[-3000:]
     done = train(accelerate_config(sharded_root, "fsdp.yaml"), recipe, fsdp2, probe=probe, cpu_fsdp=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert all(p["placements"] == ["Shard(dim=0)"] for p in lora_params(probe_of(probe, 1)).values())
+    assert all(p["placements"] == ["S(0)"] for p in lora_params(probe_of(probe, 1)).values())
     losses = logged_losses(fsdp2)
     assert losses[-1] < losses[0], losses
     assert_full_adapter_like(fsdp2, ddp, 1e-4)
+
+
+def test_gpu_bench_refuses_without_cuda_in_one_line(tmp_path):
+    """bench/gpu.sh on a machine without CUDA: one line, exit status 2, nothing prepared."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: bench/gpu.sh would run")
+    env = {**os.environ, "BENCH_DIR": str(tmp_path / "bench")}
+    done = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu.sh")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "bench/gpu.sh: no CUDA GPU is visible (torch.cuda.is_available() is False): nothing to run"
+    ], done.stderr
+    assert not (tmp_path / "bench").exists()

@@ -70,23 +70,23 @@ def _probe(folder: str):
     import torch
     from accelerate import Accelerator
 
-    prepare = Accelerator.prepare
-
-    def prepare_and_record(self, *args, **kwargs):
-        out = prepare(self, *args, **kwargs)
-        modules = [m for m in (out if isinstance(out, tuple) else (out,)) if isinstance(m, torch.nn.Module)]
+    def record(accelerator, out):
+        modules = [m for m in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(m, torch.nn.Module)]
         if modules:
-            record = {
-                "distributed_type": str(self.distributed_type),
-                "is_fsdp2": bool(getattr(self, "is_fsdp2", False)),
-                "world": self.num_processes,
+            layout = {
+                "distributed_type": str(accelerator.distributed_type),
+                "is_fsdp2": bool(getattr(accelerator, "is_fsdp2", False)),
+                "world": accelerator.num_processes,
                 "modules": [_layout(m) for m in modules],
             }
             with open(os.path.join(folder, f"prepared-rank{RANK}.json"), "w", encoding="utf-8") as f:
-                json.dump(record, f)
+                json.dump(layout, f)
         return out
 
-    Accelerator.prepare = prepare_and_record
+    # Trainer calls `prepare`, or `prepare_model` where transformers loaded the model sharded itself
+    for method in ("prepare", "prepare_model"):
+        original = getattr(Accelerator, method)
+        setattr(Accelerator, method, lambda self, *a, _original=original, **k: record(self, _original(self, *a, **k)))
 
     watch = os.environ.get("FINETUNE_TEST_WATCH")
     if not watch:
@@ -106,8 +106,9 @@ def _probe(folder: str):
             return
         for path in paths:
             path = os.fsdecode(path) if isinstance(path, (bytes, os.PathLike)) else path
-            if isinstance(path, str) and os.path.abspath(path).startswith(watch):
-                os.write(log, f"{event} {os.path.abspath(path)}\n".encode())
+            path = os.path.abspath(path) if isinstance(path, str) else ""
+            if path.startswith(watch) and not path.startswith(folder):  # this hook's own files aside
+                os.write(log, f"{event} {path}\n".encode())
 
     sys.addaudithook(audit)
 
