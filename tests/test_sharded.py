@@ -31,7 +31,7 @@ STEPS = 8  # a checkpoint at step 4: the crash-and-resume runs stop there
 def accelerate_config(tmp: Path, name: str, **changes) -> Path:
     """A shipped accelerate config made to run here: 2 processes, a free port, and `changes`."""
     cfg = yaml.safe_load((CONFIGS / name).read_text())
-    cfg.update(num_processes=2, main_process_port=free_port(), **changes)
+    cfg.update({"num_processes": 2, "main_process_port": free_port(), **changes})
     path = tmp / f"{Path(name).stem}-{cfg['main_process_port']}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -41,14 +41,16 @@ def launch_command(config: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *args]
 
 
-def launch_env(probe: Path | None = None, cpu_fsdp: bool = False, **extra: str) -> dict:
+def launch_env(probe: Path | None = None, cpu_fsdp: bool = False, out: Path | None = None, **extra: str) -> dict:
+    """The launched processes' environment: the test hooks on PYTHONPATH; `probe` records what each rank holds
+    after `prepare` and what it writes under `out` (the output dir and its .incomplete work dir)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(SHIM), str(REPO)])}
     env.pop("FINETUNE_TEST_CPU_FSDP", None)
     if cpu_fsdp:
         env["FINETUNE_TEST_CPU_FSDP"] = "1"
     if probe is not None:
         probe.mkdir(parents=True, exist_ok=True)
-        env.update(FINETUNE_TEST_PROBE=str(probe), FINETUNE_TEST_WATCH=str(probe.parent))
+        env.update(FINETUNE_TEST_PROBE=str(probe), FINETUNE_TEST_WATCH=str(out or probe.parent))
     return {**env, **extra}
 
 
@@ -57,7 +59,7 @@ def train(config: Path, recipe: Path, out: Path, *overrides: str, probe=None, cp
     return subprocess.run(
         launch_command(config, "-m", "finetune", "train", str(recipe), f"output.dir={out}", *overrides),
         cwd=recipe.parent,
-        env=launch_env(probe, cpu_fsdp, **extra),
+        env=launch_env(probe, cpu_fsdp, out, **extra),
         capture_output=True,
         text=True,
         timeout=600,
@@ -73,7 +75,7 @@ def crash_after_checkpoint(config: Path, recipe: Path, out: Path, probe: Path, c
     launched = subprocess.Popen(
         launch_command(config, "-m", "finetune", "train", str(recipe), f"output.dir={out}"),
         cwd=recipe.parent,
-        env=launch_env(probe, cpu_fsdp, FINETUNE_TEST_HANG_AFTER_CHECKPOINT="4"),
+        env=launch_env(probe, cpu_fsdp, out, FINETUNE_TEST_HANG_AFTER_CHECKPOINT="4"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
