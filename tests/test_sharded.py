@@ -32,7 +32,7 @@ def accelerate_config(tmp: Path, name: str, **changes) -> Path:
     """A shipped accelerate config made to run here: 2 processes, a free port, and `changes`."""
     cfg = yaml.safe_load((CONFIGS / name).read_text())
     cfg.update({"num_processes": 2, "main_process_port": free_port(), **changes})
-    path = tmp / f"{Path(name).stem}-{cfg['main_process_port']}.yaml"
+    path = tmp / f"{Path(name).stem}-{cfg['main_process_port']}-{cfg['machine_rank']}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
