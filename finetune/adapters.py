@@ -277,10 +277,11 @@ def attach(model, cfg):
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit weights count as their unpacked size."""
+    """(trainable, total) parameter counts; 4-bit weights count as their unpacked size, a ZeRO-3 partitioned
+    parameter (empty on every rank) as its full size."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel()
+        n = getattr(p, "ds_numel", None) or p.numel()
         if getattr(p, "quant_state", None) is not None or p.__class__.__name__ == "Params4bit":
             n *= 2
         total += n

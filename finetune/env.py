@@ -26,6 +26,7 @@ LIBRARIES = (
 )
 OPTIONAL = (
     "deepspeed",
+    "ninja",
     "flash_attn",
     "lm_eval",
     "wandb",
@@ -87,6 +88,16 @@ def _device_lines() -> list[tuple[str, str]]:
     return rows
 
 
+def _built_ops() -> str:
+    """DeepSpeed JIT-builds its ops on first use (on CPU: deepspeed_shm_comm, with g++ and ninja), into torch's
+    extensions dir: which are built already (a first sharded run on a fresh machine waits for the build)."""
+    from pathlib import Path
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    built = sorted(so.parent.name for so in root.glob("*/*/*.so")) if root.is_dir() else []
+    return f"{', '.join(built) or 'none built yet'} ({root})"
+
+
 def report() -> str:
     """Every line of `finetune env`, aligned (paste it into a bug report)."""
     from huggingface_hub import constants
@@ -101,6 +112,8 @@ def report() -> str:
     rows += [(name, version_of(name) or "not installed") for name in LIBRARIES]
     rows += [(name, version_of(name)) for name in OPTIONAL if version_of(name)]
     rows += _device_lines()
+    if version_of("deepspeed"):
+        rows.append(("DeepSpeed ops", _built_ops()))
     rows += [
         ("finetune cache", str(tiny.cache_root())),
         ("HF hub cache", constants.HF_HUB_CACHE),

@@ -105,6 +105,7 @@ def meta_model(recipe: Recipe, config=None):
     bitsandbytes would quantize marked `_fit_quantized`."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.modeling_utils import set_zero3_state
     from transformers.quantizers.base import get_keys_to_not_convert
     from transformers.quantizers.quantizers_utils import should_convert_module
 
@@ -114,37 +115,18 @@ def meta_model(recipe: Recipe, config=None):
     auto, task_type = AutoModelForCausalLM, None
     if recipe.stage == "rm":
         cfg.num_labels, auto, task_type = 1, AutoModelForSequenceClassification, "SEQ_CLS"
-    with _outside_zero3(), init_empty_weights():
+    # set_zero3_state: transformers' own mark that zero.Init is already entered, so from_config never builds
+    # under it once accelerate has registered a ZeRO-3 config (partitioning a meta model fails)
+    with init_empty_weights(), set_zero3_state():
         model = auto.from_config(cfg, trust_remote_code=recipe.model.trust_remote_code)
     model.tie_weights()  # inside init_empty_weights tied weights stay apart; a loaded model shares them
-    with init_empty_weights():
+    with init_empty_weights(), set_zero3_state():
         if recipe.adapter.method == "qlora":
             keep = list(get_keys_to_not_convert(model)) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
             for name, module in model.named_modules():
                 if isinstance(module, torch.nn.Linear) and should_convert_module(name, keep):
                     module._fit_quantized = True
         return adapters.for_counting(model, recipe.adapter, task_type)
-
-
-class _outside_zero3:
-    """transformers wraps every `from_config` in `deepspeed.zero.Init` once accelerate has registered a
-    ZeRO-3 config; a meta model must be built outside it."""
-
-    def __enter__(self):
-        try:
-            from transformers.integrations import deepspeed as hf_ds
-        except ImportError:  # pragma: no cover - transformers always ships it
-            self.saved = None
-            return self
-        self.module = hf_ds
-        self.saved = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
-        hf_ds._hf_deepspeed_config_weak_ref = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.saved is not None:
-            self.module._hf_deepspeed_config_weak_ref = self.saved
-        return False
 
 
 # ----------------------------------------------------------------------------- the parts
@@ -263,8 +245,6 @@ def tokens_per_micro_batch(recipe: Recipe) -> tuple[int, int, str]:
     """(tokens, longest sequence, how) that one forward of the stage processes at its longest."""
     t = recipe.train
     batch = t["per_device_train_batch_size"]
-    if recipe.stage == "distill":
-        notes.append("the teacher's weights add to this (the dry-run plan names the teacher's memory)")
     if recipe.stage in ("grpo", "rloo"):
         length = (t.get("max_prompt_length") or 512) + (t.get("max_completion_length") or 256)
         return batch * length, length, f"{batch} completions x {length} (prompt + completion)"
@@ -343,6 +323,8 @@ def estimate(recipe: Recipe, *, on_gpu: bool = True, world: int = 1, sharding: s
         parts.append(Part("framework", CUDA_CONTEXT_BYTES + slack, "CUDA context 0.5 GiB + 5% allocator slack"))
     if recipe.stage == "ppo":
         notes.append("PPO also holds a reward and a value model: add their weights")
+    if recipe.stage == "distill":
+        notes.append("the teacher's weights add to this (the dry-run plan names the teacher's memory)")
     if recipe.stage == "distill":
         notes.append("the teacher's weights add to this (the dry-run plan names the teacher's memory)")
     if recipe.stage in ("grpo", "rloo"):

@@ -64,6 +64,10 @@ def train_defaults(stage: str, bf16: bool) -> dict[str, Any]:
         "seed": 42,
         "optim": "adamw_torch",
         "ddp_find_unused_parameters": False,
+        # seconds a rank waits at a collective (transformers: 1800): on many nodes, the other ranks wait while
+        # each node's main process prepares the data cache the first time; 3 h covers a large dataset on a
+        # slow node (docs/distributed.md). A rank that fails still stops the others at once (torchrun).
+        "ddp_timeout": 10800,
         "dataloader_num_workers": 0,
         "resume": "auto",
     }

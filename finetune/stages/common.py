@@ -90,6 +90,7 @@ def packing_notes(recipe: Recipe, prepared) -> list[str]:
 
 def trl_args(recipe: Recipe, output_dir):
     """The stage's TRL config (SFTConfig, ...) from the recipe's effective `train` section."""
+    check_launch(recipe)
     check_throughput_features(recipe)
     kwargs = {k: v for k, v in recipe.train.items() if k not in TRAIN_EXTRA_KEYS}
     kwargs.update(output_dir=str(output_dir), use_cpu=not torch.cuda.is_available())
@@ -103,33 +104,115 @@ def trl_args(recipe: Recipe, output_dir):
         raise RecipeError(f"{recipe.source or 'recipe'}: train: {message}") from None
 
 
-def world_size() -> int:
-    from accelerate import PartialState
+# ----------------------------------------------------------------------------- under accelerate launch
 
-    return PartialState().num_processes
+
+def _recipe_precision(recipe: Recipe) -> str:
+    return "bf16" if recipe.train["bf16"] else "fp16" if recipe.train["fp16"] else "no"
+
+
+def check_launch(recipe: Recipe) -> None:
+    """What `accelerate launch` asks for, checked against the recipe before anything is written.
+
+    The precision rule: the recipe's `train.bf16` / `train.fp16` decide. An accelerate config whose
+    `mixed_precision` names another precision (it reaches us as ACCELERATE_MIXED_PRECISION) is overridden,
+    with one log line naming both; `mixed_precision: 'no'` means "not set" and never conflicts. Without this,
+    a DeepSpeed config saying bf16 and a recipe saying fp32 stop on DeepSpeed's own mismatch check.
+    FSDP1 (`fsdp_version: 1`) is refused in one line: only FSDP2 is tested (FSDP1 refuses a CPU, in torch
+    and in accelerate, so CI cannot run it) and FSDP2 is what accelerate recommends."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise RecipeError(
+            "accelerate config: fsdp_config.fsdp_version is 1 (FSDP1), which finetune does not support; "
+            "set fsdp_version: 2 (see recipes/accelerate/fsdp.yaml)"
+        )
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    ours = _recipe_precision(recipe)
+    if asked not in ("no", ours):
+        log.warning(
+            "precision: %s says train.bf16=%s, train.fp16=%s (%s); the accelerate config's mixed_precision: %s "
+            "is overridden (the recipe decides, docs/distributed.md)",
+            recipe.source or "the recipe",
+            str(recipe.train["bf16"]).lower(),
+            str(recipe.train["fp16"]).lower(),
+            {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[ours],
+            asked,
+        )
+        os.environ["ACCELERATE_MIXED_PRECISION"] = ours
+
+
+@dataclass
+class Parallelism:
+    """The distributed mode in force: what the plan and the start summary say."""
+
+    mode: str  # single process, DDP, FSDP2, ZeRO-2, ...
+    world: int
+    machines: int
+    sharded: str
+    warning: str = ""
+
+    @classmethod
+    def of(cls, live: bool = False) -> Parallelism:
+        """`live`: from the trainer's accelerator state (a run, once the trainer is built); else as accelerate
+        will decide it (a dry run): FSDP only where `PartialState` reports a GPU-type backend (accelerate's own
+        rule), DeepSpeed wherever it is asked for (it runs on CPU too)."""
+        import os
+
+        from accelerate import PartialState
+        from accelerate.state import AcceleratorState, is_initialized
+        from accelerate.utils import DistributedType
+
+        live = live and is_initialized()
+        state = AcceleratorState() if live else PartialState(cpu=not torch.cuda.is_available())
+        world = state.num_processes
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
+        machines = max(1, world // max(per_node, 1))
+        asks_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        asks_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        if live:
+            fsdp = state.distributed_type == DistributedType.FSDP
+            zero = state.deepspeed_plugin.zero_stage if state.distributed_type == DistributedType.DEEPSPEED else 0
+        else:
+            fsdp = asks_fsdp and state.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU)
+            zero = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")) if asks_deepspeed else 0
+        if fsdp:
+            mode, sharded = "FSDP2", "parameters, gradients and optimizer state (adapter and base)"
+        elif zero:
+            mode = f"ZeRO-{zero}"
+            sharded = {
+                1: "optimizer state",
+                2: "optimizer state and gradients (parameters replicated)",
+                3: "parameters, gradients and optimizer state",
+            }.get(zero, "?")
+        else:
+            mode = "DDP" if world > 1 else "single process"
+            sharded = "nothing (every process holds the whole model)" if world > 1 else "nothing"
+        warning = ""
+        if asks_fsdp and not fsdp:
+            device = "CPU" if not torch.cuda.is_available() else str(state.distributed_type)
+            warning = (
+                f"FSDP on {device}: the accelerate config asks for FSDP, which accelerate does not run here; "
+                f"this trains as {mode}, nothing sharded"
+            )
+        return cls(mode, world, machines, sharded, warning)
+
+    def line(self, per_device: int, accumulation: int) -> str:
+        """`FSDP2, 2 processes on 1 machine, batch 4 per device x 1 accumulation = 8 per step; sharded: ...`"""
+        total = per_device * accumulation * self.world
+        if self.world == 1:
+            return f"{self.mode}, batch {per_device} per device x {accumulation} accumulation = {total} per step"
+        places = f"{plural(self.world, 'process', 'processes')} on {plural(self.machines, 'machine')}"
+        batch = f"batch {per_device} per device x {accumulation} accumulation x {self.world} = {total} per step"
+        return f"{self.mode}, {places}, {batch}; sharded: {self.sharded}"
 
 
 def count_adapter_parameters(recipe: Recipe) -> tuple[int, int]:
-    """(trainable, total) for the recipe's model + adapter, built on the meta device (no weights read)."""
-    from accelerate import init_empty_weights
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-    )
+    """(trainable, total) for the recipe's model + adapter, built on the meta device (no weights read, never
+    under DeepSpeed's `zero.Init`: finetune.fit.meta_model)."""
+    from finetune import fit
 
-    cfg = AutoConfig.from_pretrained(
-        loading.model_path(recipe.model),
-        revision=recipe.model.revision,
-        trust_remote_code=recipe.model.trust_remote_code,
-    )
-    auto, task_type = AutoModelForCausalLM, None
-    if recipe.stage == "rm":  # a reward model: a score head (trained in full) instead of lm_head
-        cfg.num_labels, auto, task_type = 1, AutoModelForSequenceClassification, "SEQ_CLS"
-    with init_empty_weights():
-        model = auto.from_config(cfg, trust_remote_code=recipe.model.trust_remote_code)
-        model = adapters.for_counting(model, recipe.adapter, task_type)
-    return adapters.count_parameters(model)
+    return adapters.count_parameters(fit.meta_model(recipe))
 
 
 def output_notes(recipe: Recipe) -> list[str]:
@@ -187,6 +270,7 @@ class TrainPlan:
     world: int
     effective_batch: int
     steps: int
+    parallelism: Parallelism | None = None
     notes: list[str] = field(default_factory=list)
     memory: str = ""  # will it fit (finetune.fit): the peak per device on a GPU, and the verdict
     details: list[tuple[str, str]] = field(default_factory=list)  # a stage's own lines (distill: the teacher)
@@ -196,12 +280,17 @@ class TrainPlan:
         t = recipe.train
         trl_args(recipe, "/nonexistent-dry-run")  # the TRL config accepts these values
         trainable, total = count_adapter_parameters(recipe)
-        world = world_size()
+        parallelism = Parallelism.of()
+        world = parallelism.world
         effective = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] * world
         steps = planned_steps(recipe, len(prepared.train.encoded), world)
-        notes = (
-            list(prepared.notes) + output_notes(recipe) + accelerated_notes(recipe) + packing_notes(recipe, prepared)
-        )
+        notes = [
+            *prepared.notes,
+            *output_notes(recipe),
+            *[parallelism.warning] * bool(parallelism.warning),
+            *accelerated_notes(recipe),
+            *packing_notes(recipe, prepared),
+        ]
         return cls(
             recipe,
             trainable,
@@ -211,8 +300,9 @@ class TrainPlan:
             world,
             effective,
             steps,
+            parallelism,
             [*getattr(prepared, "modes", []), *notes],
-            memory_line(recipe, world, gpu_memory),
+            memory_line(recipe, parallelism, gpu_memory),
         )
 
     def render(self) -> str:
@@ -233,9 +323,10 @@ class TrainPlan:
             f"  parameters     {self.trainable:,} trainable of {self.total:,} "
             f"({100 * self.trainable / max(self.total, 1):.3f}%)",
             f"  device         {device} x {plural(self.world, 'process', 'processes')}, {dtype}",
-            f"  batch          {t['per_device_train_batch_size']} per device"
-            f" x {t['gradient_accumulation_steps']} accumulation"
-            f" x {self.world} = {self.effective_batch} per step",
+            "  distributed    "
+            + (self.parallelism or Parallelism.of()).line(
+                t["per_device_train_batch_size"], t["gradient_accumulation_steps"]
+            ),
             f"  steps          {self.steps} (lr {t['learning_rate']:g}, {t['lr_scheduler_type']})",
             f"  output         {r.output.dir}",
         ]
@@ -262,13 +353,15 @@ class TrainPlan:
         return "\n".join(lines)
 
 
-def memory_line(recipe: Recipe, world: int, gpu_memory: int | None) -> str:
-    """The plan's will-it-fit line: finetune.fit's peak per device on a GPU, with the verdict where a GPU size is
-    known (--gpu-memory or the visible GPU); `finetune fit` prints the breakdown."""
+def memory_line(recipe: Recipe, parallelism: Parallelism, gpu_memory: int | None) -> str:
+    """The plan's will-it-fit line: finetune.fit's peak per device on a GPU (shared out as the distributed mode
+    shards), with the verdict where a GPU size is known (--gpu-memory or the visible GPU)."""
     from finetune import fit
 
+    sharding = {"FSDP2": "full", "ZeRO-3": "full", "ZeRO-2": "zero2", "ZeRO-1": "zero1"}.get(parallelism.mode, "none")
     capacity = gpu_memory if gpu_memory is not None else fit.visible_gpu_bytes()
-    return fit.verdict(recipe, capacity, world=world) + " (finetune fit: the breakdown)"
+    verdict = fit.verdict(recipe, capacity, world=parallelism.world, sharding=sharding)
+    return verdict + " (finetune fit: the breakdown)"
 
 
 ORIGINS = ("override", "recipe", "method default", "stage default", "default")
@@ -385,6 +478,7 @@ def start_summary(recipe: Recipe, prepared, model, steps: int, world: int, work)
     n_train = prepared.train.stats()["examples"]
     held = prepared.eval.stats()["examples"] if prepared.eval is not None else 0
     unit = "prompt" if recipe.stage in RL_STAGES else "example"
+    parallelism = Parallelism.of(live=True)
     return "\n".join(
         [
             f"training: {recipe.stage}, {adapters.describe(recipe.adapter)}, on {recipe.model.name_or_path}",
@@ -392,6 +486,8 @@ def start_summary(recipe: Recipe, prepared, model, steps: int, world: int, work)
             f"  data        {plural(n_train, unit)}"
             + (f", {held} held out for eval" if held else "")
             + f"; {plural(steps, 'step')} of {effective} ({plural(world, 'process', 'processes')})",
+            f"  parallel    {parallelism.line(t['per_device_train_batch_size'], t['gradient_accumulation_steps'])}",
+            *([f"  warning     {parallelism.warning}"] if parallelism.warning else []),
             f"  writing     {work} (renamed to {recipe.output.dir} when finished)",
         ]
     )
