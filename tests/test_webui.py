@@ -149,9 +149,10 @@ def test_train_chat_data_eval_export_in_a_browser(ui, page, tiny_path):
     wait_for(lambda: expected in bot.inner_text(), 120, f"the answer {expected!r}")
     shot(page, ui, "3-chat")
 
-    # Data: a long error wraps inside the page; the memo record with its trained tokens highlighted
+    # Data: a long error (a path outside the workspace, refused without a child process) wraps inside the
+    # page; the memo record with its trained tokens highlighted
     page.get_by_role("tab", name="Data").click()
-    fill(page, "ft-d-data", root / ("no_such_file_" * 12 + ".jsonl"))
+    fill(page, "ft-d-data", "/" + "no_such_dir_" * 12 + "/x.jsonl")
     page.locator("#ft-d-preview").click()
     error = page.locator("#ft-d-out .ft-error")
     error.wait_for(timeout=120_000)
