@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -152,6 +153,9 @@ def test_malformed_json_lines_stop_the_run_unless_skip_bad_rows(tmp_path, tiny_t
 def test_skip_bad_rows_works_when_streaming_and_counts(tmp_path, tiny_tokenizer, caplog):
     path = _with_bad_lines(tmp_path)
     cfg = DataSection(train=str(path), streaming=True, skip_bad_rows=True)
+    # the CLI stops the finetune logger propagating (an earlier in-process CLI test may have run): listen on it
+    finetune_log = logging.getLogger("finetune")
+    finetune_log.addHandler(caplog.handler)
     prepared = data.load(cfg, tiny_tokenizer, 64)
     assert prepared.train.n_records == 4
     assert any("2 bad records skipped among the first 6" in n for n in prepared.notes), prepared.notes
@@ -160,6 +164,7 @@ def test_skip_bad_rows_works_when_streaming_and_counts(tmp_path, tiny_tokenizer,
         tiny_tokenizer.decode([t for t, lab in zip(r["input_ids"], r["labels"]) if lab != IGNORE]) for r in rows
     ]
     assert [a.replace("</s>", "").strip() for a in answers] == [f"Answer {i}." for i in range(4)] * 2
+    finetune_log.removeHandler(caplog.handler)
     assert "bad_lines.jsonl:2: malformed JSON" in caplog.text  # the stream names what it skipped
     with pytest.raises(DataError, match=r"bad_lines.jsonl:2: malformed JSON"):
         data.load(DataSection(train=str(path), streaming=True), tiny_tokenizer, 64)
