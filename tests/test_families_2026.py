@@ -209,3 +209,44 @@ def test_mla_config_with_fewer_kv_heads_than_heads_is_refused_in_one_line():
         bad(input_ids=torch.tensor([[1, 2, 3]]))
     with pytest.raises(RecipeError, match="^model: .*num_key_value_heads=2 but num_attention_heads=4"):
         adapters.peft_config(AdapterSection(method="lora"), bad)
+
+
+TEMPLATES = Path(__file__).resolve().parent / "fixtures" / "templates"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+FAMILY_RECIPES = {  # recipe -> (the tiny model of its architecture, the vendored chat template of its family)
+    "qwen3.5/sft_lora.yaml": ("Qwen3.5", "Qwen3.5-4B.jinja"),
+    "qwen3.5/sft_lora_thinking.yaml": ("Qwen3.5", "Qwen3.5-4B.jinja"),
+    "qwen3-next/sft_qlora.yaml": ("Qwen3-Next", "Qwen-Qwen3-0.6B.jinja"),
+    "gemma4/sft_lora.yaml": ("Gemma 4 (text)", "google-gemma-4-31B-it.jinja"),
+    "glm4.5/sft_qlora.yaml": ("GLM-4.5 (MoE)", "GLM-4.6.jinja"),
+    "gpt-oss/sft_lora.yaml": ("gpt-oss", "openai-gpt-oss-120b.jinja"),
+    "llama4/sft_qlora.yaml": ("Llama 4 (text)", "meta-llama-Llama-3.1-8B-Instruct.jinja"),
+    "deepseek-r1-distill/sft_lora.yaml": ("Qwen2", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja"),
+    "mistral/sft_lora.yaml": ("Mistral", "mistralai-Mistral-Nemo-Instruct-2407.jinja"),
+}
+
+
+@pytest.mark.parametrize("rel", sorted(FAMILY_RECIPES))
+def test_family_recipe_dry_runs_on_a_tiny_model_of_its_architecture(rel, tmp_path, tiny_tokenizer):
+    from finetune.stages import sft
+
+    family, template = FAMILY_RECIPES[rel]
+    path = RECIPES / rel
+    first, gpu = path.read_text(encoding="utf-8").splitlines()[:2]
+    assert first == f"# finetune train recipes/{rel}" and gpu.startswith("# GPU: ")
+    model_dir = tmp_path / "model"
+    _model(family).save_pretrained(str(model_dir))
+    tiny_tokenizer.save_pretrained(str(model_dir))
+    recipe = config.load(
+        path,
+        [
+            f"model.name_or_path={model_dir}",
+            f"model.chat_template={TEMPLATES / template}",
+            f"output.dir={tmp_path / 'out'}",
+            "train.max_length=512",
+        ],
+    )
+    plan = sft.plan(recipe).render()
+    assert f"-> {model_dir}" in plan and recipe.adapter.method in plan
+    assert " 0 trainable" not in plan and "tokens trained" in plan
+    assert not (tmp_path / "out").exists()
