@@ -36,6 +36,15 @@ SMALL = {
     "max_position_embeddings": 256,
 }
 MOE = {"num_experts_per_tok": 2}
+HYBRID = ["linear_attention", "full_attention"]  # a linear-attention/SSM layer, then an attention layer
+LINEAR_ATTENTION = {
+    "layer_types": HYBRID,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 8,
+    "linear_value_head_dim": 8,
+}
+SHARED_EXPERT_MOE = {"num_experts": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, **MOE}
 FAMILIES = {  # family -> (transformers model_type, config overrides)
     "Llama": ("llama", {}),
     "Mistral": ("mistral", {"sliding_window": None}),
@@ -82,6 +91,102 @@ FAMILIES = {  # family -> (transformers model_type, config overrides)
             **MOE,
         },
     ),
+    # the families released in 2025-2026
+    "Qwen3.5": ("qwen3_5_text", {"head_dim": 16, **LINEAR_ATTENTION}),
+    "Qwen3.5-MoE": ("qwen3_5_moe_text", {"head_dim": 16, **LINEAR_ATTENTION, **SHARED_EXPERT_MOE}),
+    "Qwen3-Next": ("qwen3_next", {"head_dim": 16, **LINEAR_ATTENTION, **SHARED_EXPERT_MOE}),
+    "Granite 4 (hybrid)": (
+        "granitemoehybrid",
+        {
+            "layer_types": HYBRID,
+            "mamba_n_heads": 4,
+            "mamba_d_head": 16,
+            "mamba_d_state": 8,
+            "mamba_expand": 1,
+            "num_local_experts": 0,
+            "shared_intermediate_size": 96,
+        },
+    ),
+    "Kimi Linear": (
+        "kimi_linear",
+        {
+            "num_key_value_heads": 4,
+            "layer_types": HYBRID,
+            "mlp_layer_types": ["dense", "sparse"],
+            "linear_head_dim": 16,
+            "linear_num_heads": 4,
+            "kv_lora_rank": 16,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 16,
+            "num_experts": 4,
+            "num_experts_per_token": 2,
+            "moe_intermediate_size": 32,
+        },
+    ),
+    "Falcon-H1": (
+        "falcon_h1",
+        {"head_dim": 16, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_ssm": 64, "mamba_d_state": 8},
+    ),
+    "Gemma 4 (text)": (
+        "gemma4_text",
+        {
+            "head_dim": 16,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "sliding_window": 8,
+            "hidden_size_per_layer_input": 8,
+            "vocab_size_per_layer_input": 1536,
+            "per_layer_config": {},
+        },
+    ),
+    "GLM-4.5 (MoE)": (
+        "glm4_moe",
+        {"head_dim": 16, "n_routed_experts": 4, "moe_intermediate_size": 32, "first_k_dense_replace": 1, **MOE},
+    ),
+    "GLM-4.7-Flash (MLA+MoE)": (
+        "glm4_moe_lite",
+        {
+            "num_key_value_heads": 4,
+            "kv_lora_rank": 16,
+            "q_lora_rank": 32,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 16,
+            "n_routed_experts": 4,
+            "moe_intermediate_size": 32,
+            "mlp_layer_types": ["dense", "sparse"],
+            **MOE,
+        },
+    ),
+    "MiniMax-M2": ("minimax_m2", {"head_dim": 16, "num_local_experts": 4, **MOE}),
+    "Llama 4 (text)": (
+        "llama4_text",
+        {
+            "head_dim": 16,
+            "intermediate_size_mlp": 96,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 1,
+            "moe_layers": [1],
+            "no_rope_layers": [1, 0],
+            "layer_types": ["chunked_attention", "full_attention"],
+            "attention_chunk_size": 8,
+        },
+    ),
+    "ERNIE 4.5 (MoE)": (
+        "ernie4_5_moe",
+        {
+            "moe_intermediate_size": 32,
+            "moe_k": 2,
+            "moe_num_experts": 4,
+            "moe_num_shared_experts": 1,
+            "moe_layer_start_index": 1,
+            "moe_layer_end_index": 1,
+        },
+    ),
+    "Seed-OSS": ("seed_oss", {"head_dim": 16}),
+    "OLMo 3": ("olmo3", {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 8}),
+    "Ministral 3": ("ministral3", {"head_dim": 16}),
+    "LFM2": ("lfm2", {"layer_types": ["conv", "full_attention"], "full_attn_idxs": [1]}),
 }
 QUANT = {"quant_bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
 PAIRS = [

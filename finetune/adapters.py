@@ -23,23 +23,91 @@ from finetune.errors import RecipeError
 # ----------------------------------------------------------------------------- PEFT configs
 
 
-def moe_attention_targets(model) -> list[str] | None:
-    """`all-linear` on a mixture-of-experts model (one with an `experts` module): the linear layers of its
-    attention blocks only. PEFT 0.21 resolves `all-linear` there to transformers 5's fused 3-D expert tensors
-    (a rank-r LoRA per expert, refused with dropout) and to the router (whose LoRA changes which experts are
-    picked). None for a dense model; name the expert projections (gate_proj, up_proj, down_proj) to train them."""
+ATTENTION_BLOCKS = ("self_attn", "self_attention", "attention", "attn")
+
+
+def all_linear_targets(model) -> list[str] | None:
+    """What `all-linear` wraps: the linear layers LoRA can train in every decoder layer, attention and MLP. Two
+    kinds stay out, found by their structure, not by the family's name:
+    - linear-attention and SSM mixers (Qwen3.5/Qwen3-Next GatedDeltaNet, Kimi's KDA, Mamba in Falcon-H1 and
+      Granite 4, LFM2's short convolution): the block of a layer that holds a causal Conv1d. Their projections
+      train when named, where PEFT allows it (`check_recurrent_targets`).
+    - on a mixture-of-experts model (one with an `experts` module), everything but attention: PEFT 0.21 resolves
+      `all-linear` there to transformers 5's fused 3-D expert tensors (a rank-r LoRA per expert, refused with
+      dropout) and to the router (whose LoRA changes which experts are picked). Name the expert projections
+      (gate_proj, up_proj, down_proj) to train them.
+    None when that is PEFT's own `all-linear` (a dense, attention-only model); otherwise module names PEFT
+    matches as suffixes: `self_attn.q_proj`, or a layer's full name where a suffix would also pick a mixer."""
     import torch
 
-    modules = list(model.named_modules())
-    if not any(name.rsplit(".", 1)[-1] == "experts" for name, _ in modules):
+    layers = _layer_list(model)
+    if layers is None:
         return None
-    attention = ("self_attn", "self_attention", "attention", "attn")
-    names = {
-        name.rsplit(".", 1)[-1]
-        for name, module in modules
-        if isinstance(module, torch.nn.Linear) and any(part in attention for part in name.split(".")[:-1])
-    }
-    return sorted(names) or None
+    moe = any(name.rsplit(".", 1)[-1] == "experts" for name, _ in model.named_modules())
+    prefix = {id(m): name for name, m in model.named_modules()}[id(layers)]
+    chosen: dict[str, list[str]] = {}  # name within a layer -> the full names picked
+    left_out: set[str] = set()
+    for i, layer in enumerate(layers):
+        recurrent = {name for name, child in layer.named_children() if _holds_conv(child)}
+        for name, module in layer.named_modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            parts = name.split(".")
+            if parts[0] in recurrent or (moe and not any(p in ATTENTION_BLOCKS for p in parts[:-1])):
+                left_out.add(name)
+            else:
+                chosen.setdefault(name, []).append(f"{prefix}.{i}.{name}")
+    if not left_out and not moe:  # on a MoE model PEFT's all-linear would also find the fused expert tensors
+        return None
+    return (
+        sorted(
+            name_or_full
+            for name, full in chosen.items()
+            for name_or_full in (full if name in left_out else [name])  # a suffix that also names a left-out layer
+        )
+        or None
+    )
+
+
+def _holds_conv(module) -> bool:
+    import torch
+
+    return any(isinstance(m, torch.nn.Conv1d) for m in module.modules())
+
+
+def _layer_list(model):
+    import torch
+
+    n = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    return None
+
+
+def check_recurrent_targets(model, targets) -> None:
+    """Named targets inside a Mamba-2 mixer (one with the selective scan's `D` skip parameter): its fused CUDA kernel
+    (`mamba_split_conv1d_scan_combined`) takes `out_proj.weight` as a tensor, so a LoRA on out_proj would be
+    skipped on GPU; PEFT 0.21 refuses it for some model types only (falcon_h1, mamba2, nemotron_h: not Granite 4).
+    One line, for every model: `in_proj` trains."""
+    import torch
+
+    if not isinstance(targets, (list, tuple, set)):
+        return
+    layers = _layer_list(model)
+    for layer in layers if layers is not None else []:
+        for child_name, child in layer.named_children():
+            if not (_holds_conv(child) and isinstance(getattr(child, "D", None), torch.nn.Parameter)):
+                continue
+            for name, module in child.named_modules():
+                full = f"{child_name}.{name}"
+                conv = isinstance(module, torch.nn.Conv1d)
+                if (conv or name.endswith("out_proj")) and any(full == t or full.endswith(f".{t}") for t in targets):
+                    raise RecipeError(
+                        f"adapter.target_modules: {full} is the {'convolution' if conv else 'output projection'} "
+                        "of a Mamba-2 mixer, whose fused CUDA kernel reads its weight directly (a LoRA there "
+                        f"would be skipped on GPU); name {child_name}.in_proj, attention or MLP layers instead"
+                    )
 
 
 def peft_config(
@@ -51,10 +119,16 @@ def peft_config(
     import peft
 
     a, m = adapter, adapter.method
+    if model is not None:
+        check_trainable_config(model)
+        if m in PROMPT:
+            check_prompt_learning(model, m)
     common = dict(task_type=peft.TaskType.CAUSAL_LM, modules_to_save=a.modules_to_save)
     if m in LORA:
         init = {"pissa": "pissa_niter_16", "olora": "olora"}.get(m, True)
-        targets = moe_attention_targets(model) if model is not None and a.target_modules == "all-linear" else None
+        targets = all_linear_targets(model) if model is not None and a.target_modules == "all-linear" else None
+        if model is not None:
+            check_recurrent_targets(model, a.target_modules)
         return peft.LoraConfig(
             **common,
             r=a.r,
@@ -219,9 +293,57 @@ class Training:
             shutil.rmtree(self.initial_adapter)
 
 
+def check_trainable_config(model) -> None:
+    """A config transformers accepts but cannot run right, as one line before training. Multi-head latent attention
+    (DeepSeek-V3, GLM-4.7-Flash, Kimi): `kv_b_proj` makes keys and values for every attention head, yet transformers
+    5.23 still repeats them num_attention_heads / num_key_value_heads times; the forward then fails ("The size of
+    tensor a (4) must match the size of tensor b (8)") or attends with the wrong heads. Shipped MLA configs have
+    num_key_value_heads == num_attention_heads."""
+    config = model.config.get_text_config()
+    heads, kv = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    if getattr(config, "kv_lora_rank", None) and heads and kv and kv != heads:
+        raise RecipeError(
+            f"model: the config has multi-head latent attention (kv_lora_rank) with num_key_value_heads={kv} but "
+            f"num_attention_heads={heads}; latent attention makes keys and values for every head, so set "
+            "num_key_value_heads to num_attention_heads in config.json"
+        )
+
+
+def check_prompt_learning(model, method: str) -> None:
+    """Prompt-learning methods on caches and inputs they cannot reach, as one line (peft 0.21, transformers 5.23):
+    - prefix tuning writes a key/value prefix into every layer of the cache; a linear-attention/SSM layer holds
+      recurrent state instead, and peft's cache then fails ("Cannot get conv state for non linear attention layer");
+    - prompt tuning and P-tuning put their virtual tokens in as input embeddings: a model whose layers also read
+      per-layer embeddings looked up by token id (Gemma 4's `hidden_size_per_layer_input`) has no ids for them, and
+      a model whose generation takes no `inputs_embeds` cannot generate after them."""
+    import inspect
+
+    from finetune.generate import cache_layer_types, cache_tracks_each_layer
+
+    name = type(model).__name__
+    if method == "prefix_tuning" and not cache_tracks_each_layer(model):
+        kinds = sorted({k for k in cache_layer_types(model) if "Linear" in k} or set(cache_layer_types(model)))
+        raise RecipeError(
+            f"adapter.method: prefix_tuning puts a key/value prefix in every layer, but {name} keeps "
+            f"linear-attention/SSM state in some ({', '.join(kinds)}); use prompt_tuning, p_tuning or LoRA"
+        )
+    if method in ("prompt_tuning", "p_tuning"):
+        if getattr(model.config.get_text_config(), "hidden_size_per_layer_input", None):
+            raise RecipeError(
+                f"adapter.method: {method} feeds virtual tokens as embeddings, but {name} also looks up per-layer "
+                "embeddings by token id, which virtual tokens have none of; use LoRA"
+            )
+        if "inputs_embeds" not in inspect.signature(model.prepare_inputs_for_generation).parameters:
+            raise RecipeError(
+                f"adapter.method: {method} generates from input embeddings, which {name}'s generation does not "
+                "take (transformers 5.23); use LoRA"
+            )
+
+
 def for_training(model, recipe, args, total_steps: int, tokenizer: str | None = None) -> Training:
     """The model (adapter attached where the trainer cannot do it), callbacks and optimizer.
     Fails on a bad freeze selection before the run's output dir exists."""
+    check_trainable_config(model)
     a, m = recipe.adapter, recipe.adapter.method
     if m == "full":
         model.requires_grad_(True)
@@ -255,6 +377,7 @@ def for_training(model, recipe, args, total_steps: int, tokenizer: str | None = 
 def for_counting(model, adapter, task_type: str | None = None):
     """The model as it would train (adapter attached or weights frozen), for parameter counts on the meta device;
     `task_type` replaces the adapter's (SEQ_CLS for a reward model)."""
+    check_trainable_config(model)
     if adapter.method == "full":
         return model.requires_grad_(True)
     if adapter.method == "freeze":

@@ -11,12 +11,23 @@ training forward saw. Prefix tuning keeps peft's path: its prefix lives in the c
 correctly, though not a left-padded batch's attention mask: on such versions a padded batch of a
 prefix-tuning model is generated row by row. `tests/test_generate.py` checks all of this against peft's own
 generation, with and without cache, batched and one by one.
+
+Hybrid models (Qwen3.5, Qwen3-Next, Kimi Linear, Granite 4, Falcon-H1, LFM2) keep linear-attention/SSM state
+beside the key/value cache. transformers (5.23) generates with such a cache as long as one layer of it is an
+attention layer: it reads the sequence length there. A model whose every layer is a recurrent one (a cut-down
+config, a pure-SSM stack) has none, and `generate` then stops with "`get_seq_length` can only be called on
+Attention layers". We ask the model's own cache which layer types it holds (`cache_tracks_length`) and generate
+such a model without a cache: the same tokens, recomputed at every step.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers.generation.streamers import BaseStreamer
+
+log = logging.getLogger(__name__)
 
 # peft types whose virtual tokens are input embeddings (not a KV-cache prefix)
 EMBEDDING_PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING")
@@ -42,10 +53,52 @@ def uses_prompt_embeddings(model) -> bool:
     return _peft_type(model) in EMBEDDING_PROMPT_TYPES
 
 
+_TOLD: set[str] = set()  # the cache kinds already warned about (once per process)
+
+
+def cache_layer_types(model) -> list[str]:
+    """The class of each layer of the cache `generate` would build for `model` (a PEFT model: its base's)."""
+    from transformers.cache_utils import DynamicCache
+
+    return [type(layer).__name__ for layer in DynamicCache(config=_text_config(model)).layers]
+
+
+def cache_tracks_length(model) -> bool:
+    """Whether the model's cache has a layer that counts the tokens it holds (an attention layer, alone or beside
+    linear-attention state): transformers' cached generation needs one."""
+    from transformers.cache_utils import CacheLayerMixin, DynamicCache
+
+    cache = DynamicCache(config=_text_config(model))
+    return not cache.layers or any(isinstance(layer, CacheLayerMixin) for layer in cache.layers)
+
+
+def cache_tracks_each_layer(model) -> bool:
+    """Whether every layer of the model's cache is a key/value (attention) layer: no linear-attention/SSM state."""
+    from transformers.cache_utils import DynamicCache, LinearAttentionCacheLayerMixin
+
+    return not any(
+        isinstance(layer, LinearAttentionCacheLayerMixin) for layer in DynamicCache(config=_text_config(model)).layers
+    )
+
+
+def _text_config(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.config.get_text_config(decoder=True)
+
+
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """`model.generate(input_ids=..., attention_mask=..., **kwargs)`: the prompt followed by the new tokens."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if kwargs.get("use_cache", True) and not cache_tracks_length(model):
+        kinds = ", ".join(sorted(set(cache_layer_types(model))))
+        (log.debug if kinds in _TOLD else log.warning)(
+            "the model's cache holds only linear-attention/SSM layers (%s), which transformers cannot generate "
+            "with: generating without a cache (slower, same tokens)",
+            kinds,
+        )
+        _TOLD.add(kinds)
+        kwargs["use_cache"] = False
     if (
         _peft_type(model) == "PREFIX_TUNING"
         and len(input_ids) > 1

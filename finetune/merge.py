@@ -102,7 +102,8 @@ def probe_batch(tokenizer) -> list[dict]:
 @torch.no_grad()
 def probe_logits(model, batch: list[dict]) -> list[torch.Tensor]:
     device = next(model.parameters()).device
-    return [model(**{k: v.to(device) for k, v in enc.items()}).logits.float().cpu() for enc in batch]
+    # no cache: a probe needs none, and a model whose every layer keeps linear-attention/SSM state cannot build one
+    return [model(**{k: v.to(device) for k, v in enc.items()}, use_cache=False).logits.float().cpu() for enc in batch]
 
 
 def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

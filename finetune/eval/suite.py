@@ -253,7 +253,9 @@ def _sequence_logprobs(
         for r, s in enumerate(seqs):
             ids[r, : len(s)] = torch.tensor(s)
             attn[r, : len(s)] = 1
-        logits = model(input_ids=ids.to(_device(model)), attention_mask=attn.to(_device(model))).logits
+        logits = model(
+            input_ids=ids.to(_device(model)), attention_mask=attn.to(_device(model)), use_cache=False
+        ).logits
         logp = torch.log_softmax(logits[:, -width:].float(), -1)  # prompt tuning prepends virtual-token positions
         for r, (c, x) in enumerate(batch):
             positions = torch.arange(len(c) - 1, len(c) + len(x) - 1)

@@ -399,14 +399,17 @@ def align_router_aux_loss(model, args) -> bool:
     """TRL treats a model whose config has `output_router_logits` as a MoE with a router load-balancing loss,
     asks the forward for it and adds `outputs.aux_loss`. A model whose forward takes no `output_router_logits`
     returns none (DeepSeek-V3 / Kimi-K2 / Moonlight balance experts with a routing bias, not an auxiliary
-    loss), and TRL crashed on the missing loss. For such a model the TRL config's public switch,
-    `router_aux_loss_coef`, is set to 0.0 (the config's own field cannot hold None); returns whether it was."""
+    loss), and TRL crashed on the missing loss; nor does a MoE class configured with 0 experts. For such a model
+    the TRL config's public switch, `router_aux_loss_coef`, is set to 0.0 (the config's own field cannot hold None);
+    returns whether it was."""
     import inspect
 
     text_config = model.config.get_text_config()
     if getattr(text_config, "output_router_logits", None) is None or not getattr(args, "router_aux_loss_coef", 0.0):
         return False
-    if "output_router_logits" in inspect.signature(model.forward).parameters:
+    experts = [getattr(text_config, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts")]
+    dense = 0 in experts  # a dense config of a MoE class (Granite 4.0-H-Micro): no router, no router logits
+    if "output_router_logits" in inspect.signature(model.forward).parameters and not dense:
         return False
     args.router_aux_loss_coef = 0.0
     log.info(
