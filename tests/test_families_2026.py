@@ -249,4 +249,5 @@ def test_family_recipe_dry_runs_on_a_tiny_model_of_its_architecture(rel, tmp_pat
     plan = sft.plan(recipe).render()
     assert f"-> {model_dir}" in plan and recipe.adapter.method in plan
     assert " 0 trainable" not in plan and "tokens trained" in plan
+    assert "  memory         " in plan and "peak ~" in plan  # finetune fit estimates this architecture
     assert not (tmp_path / "out").exists()
