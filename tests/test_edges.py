@@ -396,8 +396,9 @@ def test_a_piped_run_prints_a_summary_plain_lines_an_eval_curve_the_final_eval_l
     start = lines.index(next(line for line in lines if line.startswith("finetune: training: sft, lora r=16")))
     assert lines[start + 1].startswith("  parameters  ") and " trainable of " in lines[start + 1]
     assert lines[start + 2] == "  data        3 examples, 1 held out for eval; 10 steps of 4 (1 process)"
+    assert lines[start + 3] == "  parallel    single process, batch 4 per device x 1 accumulation = 4 per step"
     assert (
-        lines[start + 3]
+        lines[start + 4]
         == f"  writing     {tmp_path / 'out.incomplete'} (renamed to {tmp_path / 'out'} when finished)"
     )
     state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())

@@ -15,12 +15,16 @@ def test_a_terminal_keeps_its_bars_but_not_the_loading_weights_ones(monkeypatch)
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     previous = hf_logging.set_tqdm_hook(None)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # an earlier in-process command (piped output) may have turned them all off
     try:
         cli._quiet_libraries(False)
         assert hf_logging.tqdm(range(3), desc="Loading weights").disable
         assert not hf_logging.tqdm(range(3), desc="generating").disable
     finally:
         hf_logging.set_tqdm_hook(previous)
+        if not bars_were_on:
+            hf_logging.disable_progress_bar()
 
 
 def test_the_mtime_notice_is_not_printed(tmp_path, capfd):
