@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from _support import MEMO_CHATS, REPO, logged_losses, write_jsonl
+from _support import MEMO_CHATS, REPO, logged_losses, memo_recipe, write_jsonl
 
 from finetune import config, kd, loading
 from finetune.errors import RecipeError
@@ -27,26 +27,11 @@ HELD_OUT = [
 
 
 def distill_recipe(tmp: Path, teacher, name: str, data=None, steps: int = 20, **sections) -> Path:
-    data = data or write_jsonl(tmp / "memo.jsonl", [{"messages": m} for m in MEMO_CHATS])
-    recipe = {
-        "stage": "distill",
-        "model": {"name_or_path": "tiny-llama"},
-        "adapter": {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0},
-        "distill": {"teacher": str(teacher)},
-        "data": {"train": str(data), "format": "messages"},
-        "train": {
-            "learning_rate": 3e-3,
-            "max_steps": steps,
-            "per_device_train_batch_size": 4,
-            "logging_steps": 1,
-            "save_steps": 1000,
-            "report_to": [],
-            "bf16": False,
-            "lr_scheduler_type": "constant",
-            "warmup_steps": 0,
-        },
-        "output": {"dir": str(tmp / name)},
-    }
+    recipe = yaml.safe_load(memo_recipe(tmp, steps=steps))  # the SFT memo recipe, as the student's stage
+    recipe["stage"], recipe["distill"] = "distill", {"teacher": str(teacher)}
+    recipe["output"] = {"dir": str(tmp / name)}
+    if data is not None:
+        recipe["data"]["train"] = str(data)
     for section, values in sections.items():
         recipe.setdefault(section, {}).update(values)
     path = tmp / f"{name}.yaml"
