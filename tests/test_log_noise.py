@@ -68,10 +68,11 @@ def test_resuming_with_the_default_eval_steps_warns_of_nothing(tmp_path, tiny_pa
 
 
 def test_the_stages_turn_fractional_steps_into_counts():
-    """The SFT and preference stages call absolute_intervals before training (the check above is theirs)."""
+    """The SFT, preference and distill stages call absolute_intervals before training (the check above is theirs)."""
     import inspect
 
-    from finetune.stages import preference, sft
+    from finetune.stages import distill, preference, sft
 
     assert "absolute_intervals(" in inspect.getsource(sft.run)
     assert "absolute_intervals(" in inspect.getsource(preference)
+    assert "absolute_intervals(" in inspect.getsource(distill.run)

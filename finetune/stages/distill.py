@@ -35,6 +35,7 @@ from finetune.errors import RecipeError, plural
 from finetune.outputs import OutputDir, RunDir, write_text_atomic
 from finetune.stages.common import (
     TrainPlan,
+    absolute_intervals,
     align_router_aux_loss,
     claim,
     final_eval,
@@ -242,6 +243,7 @@ def run(recipe: Recipe, callbacks=()) -> Path:
     model = loading.load_for_training(recipe.model, recipe.adapter, recipe.train["activation_checkpointing"])
     align_router_aux_loss(model, args)
     steps = planned_steps(recipe, len(prepared.train.encoded), state.num_processes)
+    absolute_intervals(args, steps)  # fractional logging/eval/save steps as counts: no warning on resume
     training = adapters.for_training(model, recipe, args, steps, tokenizer=tok.name_or_path)
     training.keep_initial(run_dir.work, is_main=state.is_main_process)
     state.wait_for_everyone()
