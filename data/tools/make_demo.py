@@ -39,20 +39,26 @@ ARITH_TEMPLATES = {
         "sub": lambda a, b, c: rec("Calculate the result.", f"{a} - {b} = {c}.", f"{a} - {b}"),
         "mul": lambda a, b, c: rec(f"What is {a} times {b}?", f"{a} times {b} is {c}."),
         "div": lambda a, b, c: rec(f"Divide {a} by {b}.", f"{a} divided by {b} is {c}."),
-        "word_add": lambda a, b, c: rec(f"Tom has {a} apples and buys {b} more. How many apples does he have now?",
-                                        f"He has {a} + {b} = {c} apples now."),
-        "word_sub": lambda a, b, c: rec(f"A bus has {a} people on it. {b} people get off. How many are left?",
-                                        f"{a} - {b} = {c}, so {c} people are left."),
+        "word_add": lambda a, b, c: rec(
+            f"Tom has {a} apples and buys {b} more. How many apples does he have now?",
+            f"He has {a} + {b} = {c} apples now.",
+        ),
+        "word_sub": lambda a, b, c: rec(
+            f"A bus has {a} people on it. {b} people get off. How many are left?",
+            f"{a} - {b} = {c}, so {c} people are left.",
+        ),
     },
     "zh": {
         "add": lambda a, b, c: rec(f"{a}加{b}等于多少？", f"{a}加{b}等于{c}。"),
         "sub": lambda a, b, c: rec("计算下面的算式。", f"{a}-{b}={c}。", f"{a}-{b}"),
         "mul": lambda a, b, c: rec(f"{a}乘以{b}是多少？", f"{a}乘以{b}等于{c}。"),
         "div": lambda a, b, c: rec(f"{a}除以{b}等于几？", f"{a}除以{b}等于{c}。"),
-        "word_add": lambda a, b, c: rec(f"小明有{a}个苹果，又买了{b}个，现在一共有几个？",
-                                        f"{a}+{b}={c}，现在一共有{c}个苹果。"),
-        "word_sub": lambda a, b, c: rec(f"车上有{a}个人，下去了{b}个人，还剩多少人？",
-                                        f"{a}-{b}={c}，车上还剩{c}个人。"),
+        "word_add": lambda a, b, c: rec(
+            f"小明有{a}个苹果，又买了{b}个，现在一共有几个？", f"{a}+{b}={c}，现在一共有{c}个苹果。"
+        ),
+        "word_sub": lambda a, b, c: rec(
+            f"车上有{a}个人，下去了{b}个人，还剩多少人？", f"{a}-{b}={c}，车上还剩{c}个人。"
+        ),
     },
 }
 
@@ -95,8 +101,10 @@ def arith_chain_en(rng):
     c = a + b
     e = c * d
     f = rng.randint(1, 20)
-    turns = [(f"What is {a} plus {b}?", f"{a} plus {b} is {c}."),
-             (f"Now multiply that by {d}.", f"{c} times {d} is {e}.")]
+    turns = [
+        (f"What is {a} plus {b}?", f"{a} plus {b} is {c}."),
+        (f"Now multiply that by {d}.", f"{c} times {d} is {e}."),
+    ]
     if rng.random() < 0.5:
         turns.append((f"And subtract {f}?", f"{e} minus {f} is {e - f}."))
     return turns
@@ -107,14 +115,14 @@ def arith_chain_zh(rng):
     c = a + b
     e = c * d
     f = rng.randint(1, 20)
-    turns = [(f"{a}加{b}等于多少？", f"{a}加{b}等于{c}。"),
-             (f"再乘以{d}呢？", f"{c}乘以{d}等于{e}。")]
+    turns = [(f"{a}加{b}等于多少？", f"{a}加{b}等于{c}。"), (f"再乘以{d}呢？", f"{c}乘以{d}等于{e}。")]
     if rng.random() < 0.5:
         turns.append((f"再减去{f}呢？", f"{e}减去{f}等于{e - f}。"))
     return turns
 
 
 # ---------------------------------------------------------------- alpaca
+
 
 def alpaca_en(rng):
     rows = [rec(q, a) for q, a in T.IDENTITY_EN]
@@ -129,14 +137,18 @@ def alpaca_en(rng):
         elif kind == 2:
             rows.append(rec(f"Which continent is {name} in?", f"{Name} is in {cont}."))
         else:
-            rows.append(rec(f"What language do people in {name} mainly speak?", f"People in {name} mainly speak {lang}."))
+            rows.append(
+                rec(f"What language do people in {name} mainly speak?", f"People in {name} mainly speak {lang}.")
+            )
     def_templates = ["What is {t}?", "Define {t}.", "Explain {t} in one sentence.", "What does {t} mean?"]
     for i, (term, d, _ex) in enumerate(T.DEFS_EN[:16]):
         rows.append(rec(def_templates[i % 4].format(t=term), d))
     rows += [rec(q, a) for q, a in T.HOWTO_EN[:14]]
     rows += arith_en(rng, 14)
     for i, (en, zh) in enumerate(T.PHRASES[:12]):
-        instr = "Translate the following into Chinese." if i % 2 == 0 else "Translate this English phrase into Chinese."
+        instr = (
+            "Translate the following into Chinese." if i % 2 == 0 else "Translate this English phrase into Chinese."
+        )
         rows.append(rec(instr, zh, en))
     for en, zh in T.PHRASES[12:16]:
         rows.append(rec("Translate the following Chinese into English.", en, zh))
@@ -183,24 +195,28 @@ def alpaca_zh(rng):
 
 # ---------------------------------------------------------------- chats
 
+
 def country_chat_en(c):
     name, cap, lang, _cont, note = c[:5]
-    return [(f"What is the capital of {name}?", f"The capital of {name} is {cap}."),
-            ("What language do people speak there?", f"People in {name} mainly speak {lang}."),
-            ("Tell me one more thing about it.", note)]
+    return [
+        (f"What is the capital of {name}?", f"The capital of {name} is {cap}."),
+        ("What language do people speak there?", f"People in {name} mainly speak {lang}."),
+        ("Tell me one more thing about it.", note),
+    ]
 
 
 def country_chat_zh(c):
     name, cap, lang, _cont, note = c[5:]
-    return [(f"{name}的首都是哪里？", f"{name}的首都是{cap}。"),
-            ("那里的人说什么语言？", f"{name}人主要说{lang}。"),
-            ("再说一点关于它的事吧。", note)]
+    return [
+        (f"{name}的首都是哪里？", f"{name}的首都是{cap}。"),
+        ("那里的人说什么语言？", f"{name}人主要说{lang}。"),
+        ("再说一点关于它的事吧。", note),
+    ]
 
 
 def animal_chat_en(a, third):
     plural, desc, food, habitat = a[:4]
-    turns = [(f"Tell me about {plural.lower()}.", desc),
-             ("What do they eat?", f"{plural} eat mostly {food}.")]
+    turns = [(f"Tell me about {plural.lower()}.", desc), ("What do they eat?", f"{plural} eat mostly {food}.")]
     if third:
         turns.append(("Where do they live?", f"They live in {habitat}."))
     return turns
@@ -208,8 +224,7 @@ def animal_chat_en(a, third):
 
 def animal_chat_zh(a, third):
     name, desc, food, habitat = a[4:]
-    turns = [(f"给我讲讲{name}。", desc),
-             ("它吃什么？", f"{name}主要吃{food}。")]
+    turns = [(f"给我讲讲{name}。", desc), ("它吃什么？", f"{name}主要吃{food}。")]
     if third:
         turns.append(("它住在哪里？", f"它生活在{habitat}。"))
     return turns
@@ -227,34 +242,35 @@ def def_chat_zh(d):
 
 def translate_chat_en(pairs):
     (e1, z1), (e2, z2) = pairs[:2]
-    turns = [(f"How do you say \"{e1}\" in Chinese?", f"\"{e1}\" in Chinese is \"{z1}\"."),
-             (f"And \"{e2}\"?", f"\"{e2}\" is \"{z2}\".")]
+    turns = [
+        (f'How do you say "{e1}" in Chinese?', f'"{e1}" in Chinese is "{z1}".'),
+        (f'And "{e2}"?', f'"{e2}" is "{z2}".'),
+    ]
     if len(pairs) > 2:
         e3, z3 = pairs[2]
-        turns.append((f"What about \"{e3}\"?", f"That is \"{z3}\"."))
+        turns.append((f'What about "{e3}"?', f'That is "{z3}".'))
     return turns
 
 
 def translate_chat_zh(pairs):
     (e1, z1), (e2, z2) = pairs[:2]
-    return [(f"“{z1}”用英语怎么说？", f"“{z1}”的英语是“{e1}”。"),
-            (f"那“{z2}”呢？", f"“{z2}”的英语是“{e2}”。")]
+    return [(f"“{z1}”用英语怎么说？", f"“{z1}”的英语是“{e1}”。"), (f"那“{z2}”呢？", f"“{z2}”的英语是“{e2}”。")]
 
 
 def chat_pool_sharegpt(rng):
     en, zh = [], []
-    en += [country_chat_en(c) for c in T.COUNTRIES[10:25]]                     # 15
-    en += [animal_chat_en(a, i % 2 == 0) for i, a in enumerate(T.ANIMALS)]     # 15
-    en += [def_chat_en(d) for d in T.DEFS_EN[13:28]]                           # 15
-    en += [arith_chain_en(rng) for _ in range(8)]                               # 8
+    en += [country_chat_en(c) for c in T.COUNTRIES[10:25]]  # 15
+    en += [animal_chat_en(a, i % 2 == 0) for i, a in enumerate(T.ANIMALS)]  # 15
+    en += [def_chat_en(d) for d in T.DEFS_EN[13:28]]  # 15
+    en += [arith_chain_en(rng) for _ in range(8)]  # 8
     p = T.PHRASES[18:39]
-    en += [translate_chat_en(p[3 * i:3 * i + (3 if i % 2 else 2)]) for i in range(7)]  # 7
-    zh += [country_chat_zh(c) for c in T.COUNTRIES[12:22]]                     # 10
+    en += [translate_chat_en(p[3 * i : 3 * i + (3 if i % 2 else 2)]) for i in range(7)]  # 7
+    zh += [country_chat_zh(c) for c in T.COUNTRIES[12:22]]  # 10
     zh += [animal_chat_zh(a, i % 2 == 1) for i, a in enumerate(T.ANIMALS[:10])]  # 10
-    zh += [def_chat_zh(d) for d in T.DEFS_ZH[15:25]]                           # 10
-    zh += [arith_chain_zh(rng) for _ in range(5)]                               # 5
+    zh += [def_chat_zh(d) for d in T.DEFS_ZH[15:25]]  # 10
+    zh += [arith_chain_zh(rng) for _ in range(5)]  # 5
     p = T.PHRASES[0:10]
-    zh += [translate_chat_zh(p[2 * i:2 * i + 2]) for i in range(5)]            # 5
+    zh += [translate_chat_zh(p[2 * i : 2 * i + 2]) for i in range(5)]  # 5
     return en, zh
 
 
@@ -279,12 +295,16 @@ def sharegpt(rng):
     return rows
 
 
-THANKS_EN = [("Thanks!", "You're welcome! Happy to help."),
-             ("Great, thank you.", "Glad I could help. Ask me anything else any time."),
-             ("That helps a lot.", "I'm glad it helps!")]
-THANKS_ZH = [("谢谢！", "不客气，很高兴能帮到你。"),
-             ("太好了，谢谢你。", "不用谢，有问题随时问我。"),
-             ("这很有用。", "能帮上忙我很高兴！")]
+THANKS_EN = [
+    ("Thanks!", "You're welcome! Happy to help."),
+    ("Great, thank you.", "Glad I could help. Ask me anything else any time."),
+    ("That helps a lot.", "I'm glad it helps!"),
+]
+THANKS_ZH = [
+    ("谢谢！", "不客气，很高兴能帮到你。"),
+    ("太好了，谢谢你。", "不用谢，有问题随时问我。"),
+    ("这很有用。", "能帮上忙我很高兴！"),
+]
 
 
 def messages(rng):
@@ -345,9 +365,13 @@ def text(rng):
         name, cap, lang, cont, note = c[:5]
         Name = name[0].upper() + name[1:]
         if i % 2 == 0:
-            en.append(f"{Name} is a country in {cont}. Its capital is {cap}, and people there mainly speak {lang}. {note}")
+            en.append(
+                f"{Name} is a country in {cont}. Its capital is {cap}, and people there mainly speak {lang}. {note}"
+            )
         else:
-            en.append(f"The capital of {name} is {cap}. {Name} is in {cont}, and its people mainly speak {lang}. {note}")
+            en.append(
+                f"The capital of {name} is {cap}. {Name} is in {cont}, and its people mainly speak {lang}. {note}"
+            )
     for a in T.ANIMALS:
         name, desc, food, habitat = a[4:]
         zh.append(f"{desc}{name}主要吃{food}。它们生活在{habitat}。")
@@ -358,6 +382,7 @@ def text(rng):
 
 
 # ---------------------------------------------------------------- write
+
 
 def write_json(path, rows):
     path.write_text(json.dumps(rows, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

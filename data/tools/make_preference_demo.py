@@ -45,7 +45,11 @@ def questions(rng: random.Random, lang: str, n: int) -> list[tuple[str, str, str
             else:
                 item = (f"{c[5]}的首都是哪里？", f"{c[5]}的首都是{c[6]}。", f"是{other[6]}。")
         else:
-            a, b = (rng.randint(11, 99), rng.randint(11, 99)) if kind == "add" else (rng.randint(3, 15), rng.randint(3, 12))
+            a, b = (
+                (rng.randint(11, 99), rng.randint(11, 99))
+                if kind == "add"
+                else (rng.randint(3, 15), rng.randint(3, 12))
+            )
             right = a + b if kind == "add" else a * b
             wrong = right + rng.choice([-11, -3, -1, 1, 2, 10])
             key = (kind, a, b)
@@ -84,8 +88,12 @@ def build() -> dict[str, list[dict]]:
     for i, (q, a, w) in enumerate(questions(rng, "zh", 120)):
         chosen, rejected = pair(rng, "zh", i, a, w)
         user = {"role": "user", "content": q}
-        zh.append({"chosen": [user, {"role": "assistant", "content": chosen}],
-                   "rejected": [user, {"role": "assistant", "content": rejected}]})
+        zh.append(
+            {
+                "chosen": [user, {"role": "assistant", "content": chosen}],
+                "rejected": [user, {"role": "assistant", "content": rejected}],
+            }
+        )
     for lang, n in (("en", 60), ("zh", 40)):
         for i, (q, a, w) in enumerate(questions(random.Random(SEED + len(lang) + n), lang, n)):
             chosen, rejected = pair(rng, lang, i, a, w)
