@@ -1,11 +1,12 @@
 """HF model dir -> GGUF (llama.cpp / Ollama), laid out as llama.cpp's convert_hf_to_gguf.py does it.
 
-Llama / Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 (text) and Phi-3: the same metadata keys and
-tensor names (gguf.TensorNameMap) as llama.cpp's converter, with its per-architecture quirks: the q/k row
-permutation of its Llama graph (its RoPE rotates adjacent pairs; HF's rotates halves), Gemma's RMSNorm
-weights stored as 1 + w, MoE experts stacked into one 3-D tensor per projection, Phi-3's fused qkv and
-gate_up kept fused, and the sliding-window / soft-capping / per-layer rope keys. A configuration llama.cpp
-would compute differently (a sliding-window layout or attention scale it does not read from the file) is
+Llama / Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 (text), Phi-3, and of the 2025-26 families
+Seed-OSS, OLMo 2 / OLMo 3, ERNIE 4.5 (dense) and SmolLM3: the same metadata keys and tensor names
+(gguf.TensorNameMap) as llama.cpp's converter, with its per-architecture quirks: the q/k row permutation of
+its Llama-style graphs (their RoPE rotates adjacent pairs; HF's rotates halves), Gemma's RMSNorm weights
+stored as 1 + w, MoE experts stacked into one 3-D tensor per projection, Phi-3's fused qkv and gate_up kept
+fused, and the sliding-window / soft-capping / per-layer rope keys. A configuration llama.cpp would compute
+differently (a sliding-window or NoPE layout, bias or attention scale it does not read from the file) is
 refused, not written. The vocab is byte-level BPE (`gpt2`, with merges and the llama.cpp pre-tokenizer
 that splits text as the tokenizer actually does: probed, not read from tokenizer.json) or SentencePiece-style
 BPE with byte fallback (`llama`, scores ranking the merges), with token types, special ids, add_bos_token as
@@ -34,11 +35,27 @@ ARCHS = {
     "Gemma2ForCausalLM": "GEMMA2",
     "Gemma3ForCausalLM": "GEMMA3",
     "Phi3ForCausalLM": "PHI3",
+    "SeedOssForCausalLM": "SEED_OSS",
+    "Olmo2ForCausalLM": "OLMO2",
+    "Olmo3ForCausalLM": "OLMO2",
+    "Ernie4_5ForCausalLM": "ERNIE4_5",
+    "SmolLM3ForCausalLM": "SMOLLM3",
 }
-PERMUTED = ("LLAMA",)  # architectures whose q/k rows llama.cpp wants permuted
+PERMUTED = ("LLAMA", "SMOLLM3")  # architectures whose q/k rows llama.cpp wants permuted
 NORM_PLUS_ONE = ("GEMMA2", "GEMMA3")  # HF's Gemma RMSNorm multiplies by (1 + w); llama.cpp by the stored weight
 # llama.cpp's sliding-window layout when the file names none: every n-th layer (n-1, 2n-1, ...) is global
-SWA_PATTERN = {"GEMMA2": 2, "GEMMA3": 6}
+SWA_PATTERN = {"GEMMA2": 2, "GEMMA3": 6, "OLMO2": 4}
+# architectures whose llama.cpp loader reads another period from attention.sliding_window_pattern (a scalar)
+SWA_PATTERN_KEY = ("GEMMA3", "OLMO2")
+# Gemma's attention scale in llama.cpp: 1/sqrt(hidden/heads) for the 27B (known by its layer count), else
+# 1/sqrt(head_dim); transformers' is 1/sqrt(query_pre_attn_scalar)
+GEMMA_27B_LAYERS = {"GEMMA2": 46, "GEMMA3": 62}
+# llama.cpp's NoPE layout, fixed in its graph (no GGUF key): layer il skips RoPE when (il + 1) % n == 0
+NOPE_STEP = {"SMOLLM3": 4}
+# config flags that add biases llama.cpp's graph for the architecture has no tensor for
+NO_BIAS = {"SEED_OSS": ("mlp_bias",), "ERNIE4_5": ("use_bias",), "OLMO2": ("attention_bias",)}
+# architectures exported with plain RoPE only (llama.cpp's converter writes per-arch keys for their scaling)
+PLAIN_ROPE = ("SEED_OSS", "OLMO2", "ERNIE4_5", "SMOLLM3")
 MOE = ("QWEN3MOE",)
 # llama.cpp's tokenizer.ggml.pre names -> the split regex llama-vocab.cpp runs for them (None: GPT-2's
 # byte-level regex); tried in this order, the first that splits as the tokenizer does is written (Qwen2's
@@ -143,19 +160,38 @@ def check_config(cfg: dict, where: str) -> str:
         )
 
     if arch in SWA_PATTERN:
-        n, head_dim = SWA_PATTERN[arch], _head_dim(cfg)
-        if cfg.get("query_pre_attn_scalar", head_dim) != head_dim:
-            refuse("query_pre_attn_scalar", f"{cfg['query_pre_attn_scalar']} is not head_dim {head_dim}")
+        swa_period(cfg, arch, refuse)
+    if arch in NORM_PLUS_ONE:
+        head_dim = _head_dim(cfg)
+        want = _gemma_attention_dim(cfg, arch)
+        if cfg.get("query_pre_attn_scalar", head_dim) != want:
+            refuse(
+                "query_pre_attn_scalar",
+                f"{cfg['query_pre_attn_scalar']} is not {want} (llama.cpp scales by head_dim, or by "
+                f"hidden/heads for a {GEMMA_27B_LAYERS[arch]}-layer 27B)",
+            )
         act = cfg.get("hidden_activation") or cfg.get("hidden_act")
         if act not in (None, "gelu_pytorch_tanh"):
             refuse("hidden_activation", f"{act} (llama.cpp uses tanh-approximated GELU)")
-        want = ["sliding_attention" if i % n < n - 1 else "full_attention" for i in range(cfg["num_hidden_layers"])]
-        if cfg.get("layer_types") and cfg["layer_types"] != want and cfg.get("sliding_window"):
-            refuse("layer_types", f"not llama.cpp's layout (every {n}th layer global)")
         if arch == "GEMMA2" and not cfg.get("tie_word_embeddings", True):
             refuse("tie_word_embeddings", "false (llama.cpp's Gemma 2 has no separate output matrix)")
         if arch == "GEMMA3" and cfg.get("attn_logit_softcapping"):
             refuse("attn_logit_softcapping", "set (llama.cpp's Gemma 3 has none)")
+    for flag in NO_BIAS.get(arch, ()):
+        if cfg.get(flag):
+            refuse(flag, "true (llama.cpp's graph has no such biases)")
+    if arch in NOPE_STEP:
+        n = NOPE_STEP[arch]
+        want = [int((i + 1) % n != 0) for i in range(cfg["num_hidden_layers"])]
+        if cfg.get("no_rope_layers", want) != want:
+            refuse("no_rope_layers", f"not llama.cpp's layout (every {n}th layer without RoPE)")
+        if cfg.get("use_sliding_window"):
+            refuse("use_sliding_window", "true (llama.cpp's graph has no sliding window)")
+    if arch == "OLMO2":
+        if _head_dim(cfg) * cfg["num_attention_heads"] != cfg["hidden_size"]:
+            refuse("head_dim", "heads x head_dim is not hidden_size (llama.cpp's olmo2 assumes it is)")
+        if cfg.get("tie_word_embeddings"):
+            refuse("tie_word_embeddings", "true (llama.cpp's olmo2 needs a separate output matrix)")
     if arch in MOE:
         if not cfg.get("norm_topk_prob", False):
             refuse("norm_topk_prob", "false (llama.cpp renormalises the top-k router weights)")
@@ -167,9 +203,38 @@ def check_config(cfg: dict, where: str) -> str:
             "rope_scaling",
             f"rope type {rope['rope_type']} is not exported by finetune (use llama.cpp's convert_hf_to_gguf.py)",
         )
-    if arch == "PHI3" and rope["rope_type"] != "default":
-        refuse("rope_scaling", f"{rope['rope_type']} on Phi-3 is not exported by finetune")
+    if arch in ("PHI3", *PLAIN_ROPE) and rope["rope_type"] != "default":
+        refuse("rope_scaling", f"{rope['rope_type']} on {arch.lower()} is not exported by finetune")
     return arch
+
+
+def swa_period(cfg: dict, arch: str, refuse=None) -> int | None:
+    """The period n of the config's sliding-window layout (layers n-1, 2n-1, ... global), None without a
+    sliding window. A layout llama.cpp cannot be told (not periodic, or another period where its loader reads
+    no attention.sliding_window_pattern) is refused through `refuse`."""
+    default, n_layer = SWA_PATTERN[arch], cfg["num_hidden_layers"]
+    types = cfg.get("layer_types")
+    if not cfg.get("sliding_window") or (types and "sliding_attention" not in types):
+        if arch not in SWA_PATTERN_KEY and refuse is not None:  # its loader slides whatever the file says
+            refuse("sliding_window", f"no sliding layers (llama.cpp's {arch.lower()} always has them)")
+        return None
+    if not types:
+        return default
+    for n in range(2, n_layer + 2):
+        if types == ["sliding_attention" if i % n < n - 1 else "full_attention" for i in range(n_layer)]:
+            if n == default or arch in SWA_PATTERN_KEY:
+                return n
+            break
+    if refuse is not None:
+        refuse("layer_types", f"not llama.cpp's layout (every {default}th layer global)")
+    return default
+
+
+def _gemma_attention_dim(cfg: dict, arch: str) -> int:
+    """The dimension llama.cpp divides Gemma's attention scores by the root of (see GEMMA_27B_LAYERS)."""
+    if cfg["num_hidden_layers"] == GEMMA_27B_LAYERS[arch]:
+        return cfg["hidden_size"] // cfg["num_attention_heads"]
+    return _head_dim(cfg)
 
 
 def _rope_params(cfg: dict, layer_type: str = "full_attention") -> dict:
@@ -482,7 +547,7 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
     if cfg.get("head_dim"):
         writer.add_key_length(cfg["head_dim"])
         writer.add_value_length(cfg["head_dim"])
-    if arch_name == "LLAMA":
+    if arch_name in PERMUTED:  # llama.cpp's LlamaModel converter (SmolLM3 is one) writes these
         writer.add_vocab_size(cfg["vocab_size"])
         writer.add_rope_dimension_count(_head_dim(cfg))
     if arch_name == "PHI3":
@@ -491,9 +556,11 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
             cfg.get("original_max_position_embeddings") or cfg["max_position_embeddings"]
         )
         writer.add_sliding_window(cfg.get("sliding_window") or 0)
-    if arch_name in SWA_PATTERN:
-        if cfg.get("sliding_window"):
-            writer.add_sliding_window(cfg["sliding_window"])
+    if arch_name in SWA_PATTERN and (period := swa_period(cfg, arch_name)):
+        writer.add_sliding_window(cfg["sliding_window"])
+        if period != SWA_PATTERN[arch_name]:
+            writer.add_sliding_window_pattern(period)
+    if arch_name in NORM_PLUS_ONE:
         if (theta_swa := _rope_theta(cfg, "sliding_attention")) is not None and theta_swa != theta:
             writer.add_rope_freq_base_swa(float(theta_swa))
         if arch_name == "GEMMA2" and cfg.get("attn_logit_softcapping"):

@@ -1,7 +1,8 @@
 """A numpy forward pass of a GGUF computed from the file alone, the way llama.cpp's graphs for the exported
-architectures compute (llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3): its RoPE layouts, Gemma's
-embedding scale, soft-capping and sliding-window layout, q/k norms, top-k MoE routing and Phi-3's fused
-projections. Used to show an exported file computes what transformers computes."""
+architectures compute (llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, seed_oss, olmo2, ernie4_5,
+smollm3): their RoPE layouts, Gemma's embedding and attention scales, soft-capping, sliding-window layouts,
+pre- and post-norms, q/k norms (per head, or over the whole projection as OLMo 2's), NoPE layers, top-k MoE
+routing and Phi-3's fused projections. Used to show an exported file computes what transformers computes."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import numpy as np
 
 from finetune import gguf_export
 
-NEOX = {"qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3"}  # llama.cpp's LLAMA_ROPE_TYPE_NEOX archs
-SWA_PATTERN = {
-    "gemma2": 2,
-    "gemma3": 6,
-}  # llama.cpp's load_swa_pattern defaults: layer il is local unless il % n == n-1
+# llama.cpp's LLAMA_ROPE_TYPE_NEOX archs
+NEOX = {"qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3", "seed_oss", "olmo2"}
+# llama.cpp's sliding-window periods when attention.sliding_window_pattern is absent: layer il is local
+# unless il % n == n-1
+SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "olmo2": 4}
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # llama.cpp scales the 27B's scores by 1/sqrt(hidden/heads)
+NOPE_STEP = {"smollm3": 4}  # llama.cpp's graph skips RoPE on layer il when (il + 1) % n == 0
 
 
 def read(path):
@@ -62,6 +65,7 @@ def gguf_forward(path, ids):
         key("final_logit_softcapping"),
     )
     gemma = arch.startswith("gemma")
+    period = key("attention.sliding_window_pattern", SWA_PATTERN.get(arch))
 
     def norm(x, w):
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
@@ -83,8 +87,8 @@ def gguf_forward(path, ids):
     local = causal + np.where(pos[:, None] - pos[None, :] >= (window or T + 1), -np.inf, 0.0)
     for i in range(key("block_count")):
         p = f"blk.{i}."
-        swa = arch in SWA_PATTERN and window and i % SWA_PATTERN[arch] < SWA_PATTERN[arch] - 1
-        h = norm(x, t[p + "attn_norm.weight"])
+        swa = arch in SWA_PATTERN and window and i % period < period - 1
+        h = norm(x, t[p + "attn_norm.weight"]) if p + "attn_norm.weight" in t else x  # olmo2: post-norms only
         if p + "attn_qkv.weight" in t:
             qkv = lin(h, p + "attn_qkv")
             d = qkv.shape[-1] // (n_head + 2 * n_kv)
@@ -92,24 +96,34 @@ def gguf_forward(path, ids):
         else:
             q, k, v = lin(h, p + "attn_q"), lin(h, p + "attn_k"), lin(h, p + "attn_v")
         d = key("attention.key_length") or q.shape[-1] // n_head
+        qk_norm = p + "attn_q_norm.weight" in t
+        if qk_norm and t[p + "attn_q_norm.weight"].shape[-1] == q.shape[-1]:  # olmo2: over the projection
+            q, k, qk_norm = norm(q, t[p + "attn_q_norm.weight"]), norm(k, t[p + "attn_k_norm.weight"]), False
         q, k, v = q.reshape(T, n_head, d), k.reshape(T, n_kv, d), v.reshape(T, n_kv, d)
-        if p + "attn_q_norm.weight" in t:
+        if qk_norm:
             q, k = norm(q, t[p + "attn_q_norm.weight"]), norm(k, t[p + "attn_k_norm.weight"])
         n_rot = key("rope.dimension_count", d)
         layer_base, layer_scale = (base_swa, 1.0) if swa else (base, scale)
-        q = rope(q, pos, layer_base, arch in NEOX, n_rot, layer_scale)
-        k = np.repeat(rope(k, pos, layer_base, arch in NEOX, n_rot, layer_scale), n_head // n_kv, axis=1)
-        v = np.repeat(v, n_head // n_kv, axis=1)
-        s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d)
+        if arch not in NOPE_STEP or (i + 1) % NOPE_STEP[arch] != 0:
+            q = rope(q, pos, layer_base, arch in NEOX, n_rot, layer_scale)
+            k = rope(k, pos, layer_base, arch in NEOX, n_rot, layer_scale)
+        k, v = np.repeat(k, n_head // n_kv, axis=1), np.repeat(v, n_head // n_kv, axis=1)
+        scale_dim = d
+        if gemma and key("block_count") == GEMMA_27B_LAYERS[arch]:
+            scale_dim = key("embedding_length") // n_head
+        s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(scale_dim)
         if attn_cap:
             s = np.tanh(s / attn_cap) * attn_cap
         s = s + (local if swa or (window and arch == "phi3") else causal)
         s = np.exp(s - s.max(-1, keepdims=True))
         a = lin(np.einsum("hqk,khd->qhd", s / s.sum(-1, keepdims=True), v).reshape(T, -1), p + "attn_output")
-        if p + "post_attention_norm.weight" in t:
+        # seed_oss's pre-FFN norm is named post_attention_norm; gemma and olmo2 norm the attention output with it
+        has = {n for n in ("attn_norm", "ffn_norm", "post_attention_norm") if f"{p}{n}.weight" in t}
+        pre_ffn = "post_attention_norm" if has == {"attn_norm", "post_attention_norm"} else "ffn_norm"
+        if pre_ffn != "post_attention_norm" and "post_attention_norm" in has:
             a = norm(a, t[p + "post_attention_norm.weight"])
         x = x + a
-        h = norm(x, t[p + "ffn_norm.weight"])
+        h = norm(x, t[f"{p}{pre_ffn}.weight"]) if f"{p}{pre_ffn}.weight" in t else x
         if p + "ffn_gate_inp.weight" in t:  # top-k experts, softmax router, weights renormalised
             logits = lin(h, p + "ffn_gate_inp")
             probs = np.exp(logits - logits.max(-1, keepdims=True))

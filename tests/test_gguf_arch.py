@@ -55,8 +55,64 @@ CONFIGS = {
         },
     },
     "phi3": {"model_type": "phi3", "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # Gemma 2 27B-style: scores scaled by hidden/heads (16), not head_dim (32); llama.cpp knows the 27B by
+    # its 46 layers
+    "gemma2_27b": {
+        "model_type": "gemma2",
+        "head_dim": 32,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 4,
+        "num_hidden_layers": 46,
+        "hidden_size": 32,
+        "intermediate_size": 32,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    },
+    # a non-default sliding layout (every 2nd layer global): carried by attention.sliding_window_pattern
+    "gemma3_period2": {
+        "model_type": "gemma3_text",
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 4,
+        "num_hidden_layers": 4,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+    },
+    # the 2025-26 families: q/k/o biases and head_dim != hidden/heads; post-norms only and full-width q/k
+    # norms; interleaved RoPE; NoPE every 4th layer with q/k biases under the Llama permutation
+    "seed_oss": {"model_type": "seed_oss", "head_dim": 32, "attention_bias": True, "attention_out_bias": True},
+    "olmo2": {"model_type": "olmo2", "tie_word_embeddings": False},
+    "olmo3": {"model_type": "olmo3", "sliding_window": 4, "num_hidden_layers": 4, "tie_word_embeddings": False},
+    "olmo3_period2": {
+        "model_type": "olmo3",
+        "sliding_window": 4,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "tie_word_embeddings": False,
+    },
+    "ernie4_5": {"model_type": "ernie4_5", "head_dim": 32},
+    "smollm3": {
+        "model_type": "smollm3",
+        "num_hidden_layers": 4,
+        "attention_bias": True,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
 }
-GGUF_ARCH = {"qwen3": "qwen3", "qwen3_moe": "qwen3moe", "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
+GGUF_ARCH = {
+    "qwen3": "qwen3",
+    "qwen3_moe": "qwen3moe",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "phi3": "phi3",
+    "gemma2_27b": "gemma2",
+    "gemma3_period2": "gemma3",
+    "seed_oss": "seed_oss",
+    "olmo2": "olmo2",
+    "olmo3": "olmo2",
+    "olmo3_period2": "olmo2",
+    "ernie4_5": "ernie4_5",
+    "smollm3": "smollm3",
+}
 
 
 def tiny_model_dir(root: Path, family: str, tokenizer, **overrides) -> Path:
@@ -68,6 +124,8 @@ def tiny_model_dir(root: Path, family: str, tokenizer, **overrides) -> Path:
         for name, p in model.named_parameters():
             if "norm" in name:  # random norm weights, so the Gemma +1 shift (or its absence) shows
                 p.normal_(0.0, 0.3)
+            if any(proj in name for proj in ("q_proj", "k_proj", "qkv_proj")):  # scores far from uniform, so a
+                p.mul_(10.0)  # wrong RoPE layout, NoPE layer or attention scale shows in the logits
     out = root / family
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
@@ -112,6 +170,11 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
         assert "output.weight" not in tensors and meta[f"{GGUF_ARCH[family]}.attention.sliding_window"] == 4
     if family == "phi3":
         assert tensors["blk.0.attn_qkv.weight"].shape == (64 + 2 * 32, 64)
+    # the layout's period is written only where it is not llama.cpp's default for the architecture
+    pattern = meta.get(f"{GGUF_ARCH[family]}.attention.sliding_window_pattern")
+    assert pattern == (2 if family.endswith("_period2") else None)
+    if family == "olmo3":  # llama.cpp's default layout, its window kept
+        assert meta["olmo2.attention.sliding_window"] == 4
 
 
 @pytest.mark.parametrize(
@@ -119,6 +182,11 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
     [
         ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob"),
         ("gemma2", {"query_pre_attn_scalar": 32}, "query_pre_attn_scalar"),
+        # hidden/heads is what llama.cpp uses for a 46-layer Gemma 2 only
+        ("gemma2_27b", {"num_hidden_layers": 2}, "query_pre_attn_scalar"),
+        ("ernie4_5", {"use_bias": True}, "use_bias"),
+        ("smollm3", {"no_rope_layers": [1, 0, 1, 1]}, "no_rope_layers"),
+        ("olmo3", {"layer_types": ["full_attention", "sliding_attention"] * 2}, "layer_types"),
     ],
 )
 def test_a_configuration_llama_cpp_would_compute_differently_is_refused(
