@@ -40,6 +40,7 @@ ARCHS = {
     "Olmo3ForCausalLM": "OLMO2",
     "Ernie4_5ForCausalLM": "ERNIE4_5",
     "SmolLM3ForCausalLM": "SMOLLM3",
+    "Glm4MoeForCausalLM": "GLM4_MOE",
 }
 PERMUTED = ("LLAMA", "SMOLLM3")  # architectures whose q/k rows llama.cpp wants permuted
 NORM_PLUS_ONE = ("GEMMA2", "GEMMA3")  # HF's Gemma RMSNorm multiplies by (1 + w); llama.cpp by the stored weight
@@ -55,8 +56,8 @@ NOPE_STEP = {"SMOLLM3": 4}
 # config flags that add biases llama.cpp's graph for the architecture has no tensor for
 NO_BIAS = {"SEED_OSS": ("mlp_bias",), "ERNIE4_5": ("use_bias",), "OLMO2": ("attention_bias",)}
 # architectures exported with plain RoPE only (llama.cpp's converter writes per-arch keys for their scaling)
-PLAIN_ROPE = ("SEED_OSS", "OLMO2", "ERNIE4_5", "SMOLLM3")
-MOE = ("QWEN3MOE",)
+PLAIN_ROPE = ("SEED_OSS", "OLMO2", "ERNIE4_5", "SMOLLM3", "GLM4_MOE")
+MOE = ("QWEN3MOE", "GLM4_MOE")
 # llama.cpp's tokenizer.ggml.pre names -> the split regex llama-vocab.cpp runs for them (None: GPT-2's
 # byte-level regex); tried in this order, the first that splits as the tokenizer does is written (Qwen2's
 # digit-free vocab tokenizes the same under qwen2 and llama-bpe: qwen2 is then the faithful name)
@@ -192,7 +193,9 @@ def check_config(cfg: dict, where: str) -> str:
             refuse("head_dim", "heads x head_dim is not hidden_size (llama.cpp's olmo2 assumes it is)")
         if cfg.get("tie_word_embeddings"):
             refuse("tie_word_embeddings", "true (llama.cpp's olmo2 needs a separate output matrix)")
-    if arch in MOE:
+    if arch == "GLM4_MOE" and cfg.get("topk_group", 1) < cfg.get("n_group", 1):
+        refuse("topk_group", "fewer than n_group (llama.cpp's glm4moe routes over all experts, no group limit)")
+    if arch == "QWEN3MOE":
         if not cfg.get("norm_topk_prob", False):
             refuse("norm_topk_prob", "false (llama.cpp renormalises the top-k router weights)")
         if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
@@ -255,6 +258,15 @@ def _rope_scaling(cfg: dict) -> dict:
     rope = _rope_params(cfg)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     return {**rope, "rope_type": rope_type}
+
+
+def _partial_rotary_factor(cfg: dict, default: float = 1.0) -> float:
+    """The share of each head's dims RoPE rotates (transformers 5 keeps it in the rope parameters)."""
+    return _rope_params(cfg).get("partial_rotary_factor", cfg.get("partial_rotary_factor", default))
+
+
+def _n_experts(cfg: dict) -> int | None:
+    return cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts")
 
 
 def _head_dim(cfg: dict) -> int:
@@ -568,9 +580,16 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
         if cfg.get("final_logit_softcapping"):
             writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
     if arch_name in MOE:
-        writer.add_expert_count(cfg.get("num_experts") or cfg["num_local_experts"])
+        writer.add_expert_count(_n_experts(cfg))
         writer.add_expert_used_count(cfg["num_experts_per_tok"])
         writer.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    if arch_name == "GLM4_MOE":  # a sigmoid router with a selection bias, shared experts, leading dense layers
+        writer.add_rope_dimension_count(int(_head_dim(cfg) * _partial_rotary_factor(cfg, 0.5)))
+        writer.add_expert_shared_count(cfg.get("n_shared_experts") or 0)
+        writer.add_leading_dense_block_count(cfg.get("first_k_dense_replace") or 0)
+        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        writer.add_expert_weights_scale(float(cfg.get("routed_scaling_factor", 1.0)))
+        writer.add_expert_weights_norm(bool(cfg.get("norm_topk_prob")))
     rope = _rope_scaling(cfg)
     if rope["rope_type"] in ("linear", "yarn") and rope.get("factor"):
         writer.add_rope_scaling_type(
@@ -587,7 +606,7 @@ def _stacked_experts(model_dir: Path, cfg: dict):
     `experts.gate_up_proj` (n_expert, 2*ff, hidden) is split into gate and up."""
     import re
 
-    n_experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+    n_experts = _n_experts(cfg)
     pending: dict[str, dict[int, np.ndarray]] = {}
     per_expert = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
     for name, data in _tensors(model_dir):
@@ -615,6 +634,8 @@ def gguf_tensors(model_dir: Path, cfg: dict, arch_name: str):
     """(GGUF name, float32 array) as llama.cpp stores them: renamed, q/k rows permuted for Llama, plus
     Llama-3.1's rope_freqs, Gemma's norms shifted by one, MoE experts stacked. A generator, in a fixed
     order: the writer's two passes and the check each stream the weights once."""
+    import re
+
     import gguf
 
     arch = getattr(gguf.MODEL_ARCH, arch_name)
@@ -623,9 +644,13 @@ def gguf_tensors(model_dir: Path, cfg: dict, arch_name: str):
     name_map = gguf.get_tensor_name_map(arch, cfg["num_hidden_layers"])
     source = _stacked_experts(model_dir, cfg) if arch_name in MOE else _tensors(model_dir)
     tied = cfg.get("tie_word_embeddings", arch_name in NORM_PLUS_ONE)
+    mtp = re.compile(r"model\.layers\.(\d+)\.")  # layers past num_hidden_layers: multi-token prediction
     for hf_name, data in source:
         if hf_name.endswith(".rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
             continue
+        if (m := mtp.match(hf_name)) and int(m.group(1)) >= cfg["num_hidden_layers"]:
+            continue  # transformers drops them too; llama.cpp runs without them
+        hf_name = hf_name.replace("e_score_correction_bias", "e_score_correction.bias")  # the router's selection bias
         new = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise ExportError(f"{model_dir}: tensor {hf_name} has no GGUF name for {gguf.MODEL_ARCH_NAMES[arch]}")

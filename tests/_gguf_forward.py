@@ -1,8 +1,9 @@
 """A numpy forward pass of a GGUF computed from the file alone, the way llama.cpp's graphs for the exported
-architectures compute (llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, seed_oss, olmo2, ernie4_5,
-smollm3): their RoPE layouts, Gemma's embedding and attention scales, soft-capping, sliding-window layouts,
-pre- and post-norms, q/k norms (per head, or over the whole projection as OLMo 2's), NoPE layers, top-k MoE
-routing and Phi-3's fused projections. Used to show an exported file computes what transformers computes."""
+architectures compute (llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, seed_oss, olmo2, ernie4_5, smollm3,
+glm4moe): their RoPE layouts, Gemma's embedding and attention scales, soft-capping, sliding-window layouts, pre-
+and post-norms, q/k norms (per head, or over the whole projection as OLMo 2's), NoPE layers, top-k MoE routing
+(softmax, or sigmoid with a selection bias; shared experts) and Phi-3's fused projections. Used to show an exported
+file computes what transformers computes."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 from finetune import gguf_export
 
 # llama.cpp's LLAMA_ROPE_TYPE_NEOX archs
-NEOX = {"qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3", "seed_oss", "olmo2"}
+NEOX = {"qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3", "seed_oss", "olmo2", "glm4moe"}
 # llama.cpp's sliding-window periods when attention.sliding_window_pattern is absent: layer il is local
 # unless il % n == n-1
 SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "olmo2": 4}
@@ -124,18 +125,26 @@ def gguf_forward(path, ids):
             a = norm(a, t[p + "post_attention_norm.weight"])
         x = x + a
         h = norm(x, t[f"{p}{pre_ffn}.weight"]) if f"{p}{pre_ffn}.weight" in t else x
-        if p + "ffn_gate_inp.weight" in t:  # top-k experts, softmax router, weights renormalised
+        if p + "ffn_gate_inp.weight" in t:  # top-k experts: softmax router, or sigmoid with a selection bias
             logits = lin(h, p + "ffn_gate_inp")
-            probs = np.exp(logits - logits.max(-1, keepdims=True))
-            probs /= probs.sum(-1, keepdims=True)
-            top = np.argsort(-probs, axis=-1)[:, : key("expert_used_count")]
+            if key("expert_gating_func") == gguf.ExpertGatingFuncType.SIGMOID:
+                probs = 1 / (1 + np.exp(-logits))
+            else:
+                probs = np.exp(logits - logits.max(-1, keepdims=True))
+                probs /= probs.sum(-1, keepdims=True)
+            choice = probs + t.get(p + "exp_probs_b.bias", 0.0)  # the bias picks the experts, not their weights
+            top = np.argsort(-choice, axis=-1)[:, : key("expert_used_count")]
             f = np.zeros_like(h)
             for row in range(T):
-                w = probs[row, top[row]] / probs[row, top[row]].sum()
-                for e, we in zip(top[row], w):
+                w = probs[row, top[row]]
+                if key("expert_weights_norm", True):
+                    w = w / w.sum()
+                for e, we in zip(top[row], w * key("expert_weights_scale", 1.0)):
                     g = t[p + "ffn_gate_exps.weight"][e] @ h[row]
                     u = t[p + "ffn_up_exps.weight"][e] @ h[row]
                     f[row] += we * (t[p + "ffn_down_exps.weight"][e] @ (act(g) * u))
+            if p + "ffn_gate_shexp.weight" in t:  # shared experts, on every token
+                f += lin(act(lin(h, p + "ffn_gate_shexp")) * lin(h, p + "ffn_up_shexp"), p + "ffn_down_shexp")
         elif p + "ffn_gate.weight" in t:
             f = lin(act(lin(h, p + "ffn_gate")) * lin(h, p + "ffn_up"), p + "ffn_down")
         else:  # phi3: ffn_up holds gate and up, in that order

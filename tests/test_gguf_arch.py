@@ -89,6 +89,20 @@ CONFIGS = {
         "tie_word_embeddings": False,
     },
     "ernie4_5": {"model_type": "ernie4_5", "head_dim": 32},
+    # sigmoid routing with a selection bias and a scale, a shared expert, a leading dense layer, half-rotary
+    # heads, q/k biases and norms
+    "glm4_moe": {
+        "model_type": "glm4_moe",
+        "head_dim": 16,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "routed_scaling_factor": 2.5,
+        "attention_bias": True,
+        "use_qk_norm": True,
+    },
     "smollm3": {
         "model_type": "smollm3",
         "num_hidden_layers": 4,
@@ -112,6 +126,7 @@ GGUF_ARCH = {
     "olmo3_period2": "olmo2",
     "ernie4_5": "ernie4_5",
     "smollm3": "smollm3",
+    "glm4_moe": "glm4moe",
 }
 
 
@@ -126,6 +141,9 @@ def tiny_model_dir(root: Path, family: str, tokenizer, **overrides) -> Path:
                 p.normal_(0.0, 0.3)
             if any(proj in name for proj in ("q_proj", "k_proj", "qkv_proj")):  # scores far from uniform, so a
                 p.mul_(10.0)  # wrong RoPE layout, NoPE layer or attention scale shows in the logits
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # a router selection bias that changes which experts run
+                b.normal_(0.0, 0.3)
     out = root / family
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
@@ -170,6 +188,10 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
         assert "output.weight" not in tensors and meta[f"{GGUF_ARCH[family]}.attention.sliding_window"] == 4
     if family == "phi3":
         assert tensors["blk.0.attn_qkv.weight"].shape == (64 + 2 * 32, 64)
+    if family == "glm4_moe":  # layer 0 dense; layer 1 routed experts, the router's bias and a shared expert
+        assert "blk.0.ffn_gate.weight" in tensors and "blk.0.ffn_gate_inp.weight" not in tensors
+        assert tensors["blk.1.exp_probs_b.bias"].shape == (4,) and "blk.1.ffn_gate_shexp.weight" in tensors
+        assert meta["glm4moe.rope.dimension_count"] == 8 and meta["glm4moe.expert_weights_scale"] == 2.5
     # the layout's period is written only where it is not llama.cpp's default for the architecture
     pattern = meta.get(f"{GGUF_ARCH[family]}.attention.sliding_window_pattern")
     assert pattern == (2 if family.endswith("_period2") else None)
@@ -187,6 +209,7 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
         ("ernie4_5", {"use_bias": True}, "use_bias"),
         ("smollm3", {"no_rope_layers": [1, 0, 1, 1]}, "no_rope_layers"),
         ("olmo3", {"layer_types": ["full_attention", "sliding_attention"] * 2}, "layer_types"),
+        ("glm4_moe", {"n_group": 2, "topk_group": 1}, "topk_group"),
     ],
 )
 def test_a_configuration_llama_cpp_would_compute_differently_is_refused(
