@@ -41,6 +41,7 @@ ARCHS = {
     "Ernie4_5ForCausalLM": "ERNIE4_5",
     "SmolLM3ForCausalLM": "SMOLLM3",
     "Glm4MoeForCausalLM": "GLM4_MOE",
+    "Llama4ForCausalLM": "LLAMA4",
 }
 PERMUTED = ("LLAMA", "SMOLLM3")  # architectures whose q/k rows llama.cpp wants permuted
 NORM_PLUS_ONE = ("GEMMA2", "GEMMA3")  # HF's Gemma RMSNorm multiplies by (1 + w); llama.cpp by the stored weight
@@ -57,7 +58,12 @@ NOPE_STEP = {"SMOLLM3": 4}
 NO_BIAS = {"SEED_OSS": ("mlp_bias",), "ERNIE4_5": ("use_bias",), "OLMO2": ("attention_bias",)}
 # architectures exported with plain RoPE only (llama.cpp's converter writes per-arch keys for their scaling)
 PLAIN_ROPE = ("SEED_OSS", "OLMO2", "ERNIE4_5", "SMOLLM3", "GLM4_MOE")
-MOE = ("QWEN3MOE", "GLM4_MOE")
+MOE = ("QWEN3MOE", "GLM4_MOE", "LLAMA4")
+# architectures whose fused experts transformers stores as (n_expert, in, out), not (n_expert, out, in)
+EXPERTS_IN_OUT = ("LLAMA4",)
+# Llama 4's attention in llama.cpp, fixed in its graph: NoPE every 4th layer, chunks of 8192 tokens on the
+# others, temperature tuning of NoPE layers' queries from position 8192 on (floor 8192, scale 0.1)
+LLAMA4_FIXED = {"attention_chunk_size": 8192, "floor_scale": 8192, "attn_scale": 0.1, "attn_temperature_tuning": True}
 # llama.cpp's tokenizer.ggml.pre names -> the split regex llama-vocab.cpp runs for them (None: GPT-2's
 # byte-level regex); tried in this order, the first that splits as the tokenizer does is written (Qwen2's
 # digit-free vocab tokenizes the same under qwen2 and llama-bpe: qwen2 is then the faithful name)
@@ -193,6 +199,8 @@ def check_config(cfg: dict, where: str) -> str:
             refuse("head_dim", "heads x head_dim is not hidden_size (llama.cpp's olmo2 assumes it is)")
         if cfg.get("tie_word_embeddings"):
             refuse("tie_word_embeddings", "true (llama.cpp's olmo2 needs a separate output matrix)")
+    if arch == "LLAMA4":
+        _check_llama4(cfg, refuse)
     if arch == "GLM4_MOE" and cfg.get("topk_group", 1) < cfg.get("n_group", 1):
         refuse("topk_group", "fewer than n_group (llama.cpp's glm4moe routes over all experts, no group limit)")
     if arch == "QWEN3MOE":
@@ -209,6 +217,31 @@ def check_config(cfg: dict, where: str) -> str:
     if arch in ("PHI3", *PLAIN_ROPE) and rope["rope_type"] != "default":
         refuse("rope_scaling", f"{rope['rope_type']} on {arch.lower()} is not exported by finetune")
     return arch
+
+
+def _llama4_all_global(cfg: dict) -> bool:
+    return all(t == "full_attention" for t in cfg.get("layer_types") or ["chunked_attention"])
+
+
+def _check_llama4(cfg: dict, refuse) -> None:
+    """Refuse a Llama 4 text config that llama.cpp's llama4 graph would compute differently (LLAMA4_FIXED)."""
+    n_layer, n_expert = cfg["num_hidden_layers"], _n_experts(cfg)
+    step = cfg.get("interleave_moe_layer_step", 1)
+    if cfg.get("moe_layers") is not None and cfg["moe_layers"] != [i for i in range(n_layer) if (i + 1) % step == 0]:
+        refuse("moe_layers", f"not every interleave_moe_layer_step ({step})th layer (llama.cpp's layout)")
+    if cfg.get("use_qk_norm") != (n_expert != 128):  # llama.cpp knows the 128-expert model has none
+        refuse("use_qk_norm", f"{cfg.get('use_qk_norm')} with {n_expert} experts (llama.cpp: only 128 have none)")
+    if _llama4_all_global(cfg):
+        if not all(cfg.get("no_rope_layers") or [1]):
+            refuse("no_rope_layers", "NoPE layers without chunked ones (llama.cpp then ropes every layer)")
+        return
+    if cfg.get("layer_types") != [
+        "chunked_attention" if (i + 1) % 4 else "full_attention" for i in range(n_layer)
+    ] or cfg.get("no_rope_layers") != [int((i + 1) % 4 != 0) for i in range(n_layer)]:
+        refuse("layer_types / no_rope_layers", "not llama.cpp's layout (every 4th layer global and without RoPE)")
+    for field, want in LLAMA4_FIXED.items():
+        if cfg.get(field) != want:
+            refuse(field, f"{cfg.get(field)} (llama.cpp's llama4 uses {want})")
 
 
 def swa_period(cfg: dict, arch: str, refuse=None) -> int | None:
@@ -550,7 +583,7 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
     writer.add_block_count(cfg["num_hidden_layers"])
     writer.add_context_length(cfg["max_position_embeddings"])
     writer.add_embedding_length(cfg["hidden_size"])
-    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size_mlp" if arch_name == "LLAMA4" else "intermediate_size"])
     writer.add_head_count(n_head)
     writer.add_head_count_kv(cfg.get("num_key_value_heads") or n_head)
     if (theta := _rope_theta(cfg)) is not None:
@@ -559,7 +592,7 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
     if cfg.get("head_dim"):
         writer.add_key_length(cfg["head_dim"])
         writer.add_value_length(cfg["head_dim"])
-    if arch_name in PERMUTED:  # llama.cpp's LlamaModel converter (SmolLM3 is one) writes these
+    if arch_name in (*PERMUTED, "LLAMA4"):  # llama.cpp's LlamaModel converter (SmolLM3, Llama 4) writes these
         writer.add_vocab_size(cfg["vocab_size"])
         writer.add_rope_dimension_count(_head_dim(cfg))
     if arch_name == "PHI3":
@@ -582,7 +615,11 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
     if arch_name in MOE:
         writer.add_expert_count(_n_experts(cfg))
         writer.add_expert_used_count(cfg["num_experts_per_tok"])
-        writer.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        writer.add_expert_feed_forward_length(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
+    if arch_name == "LLAMA4":
+        writer.add_interleave_moe_layer_step(cfg.get("interleave_moe_layer_step", 1))
+        if _llama4_all_global(cfg):  # llama.cpp then ropes every layer and attends without chunks
+            writer.add_sliding_window(0)
     if arch_name == "GLM4_MOE":  # a sigmoid router with a selection bias, shared experts, leading dense layers
         writer.add_rope_dimension_count(int(_head_dim(cfg) * _partial_rotary_factor(cfg, 0.5)))
         writer.add_expert_shared_count(cfg.get("n_shared_experts") or 0)
@@ -600,16 +637,19 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
             writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
 
 
-def _stacked_experts(model_dir: Path, cfg: dict):
+def _stacked_experts(model_dir: Path, cfg: dict, arch_name: str):
     """(HF name, array) with each layer's per-expert projections stacked into one (n_expert, out, in) tensor
     named `...mlp.experts.{gate,up,down}_proj.weight`, as llama.cpp's converter does; a fused
-    `experts.gate_up_proj` (n_expert, 2*ff, hidden) is split into gate and up."""
+    `experts.gate_up_proj` (n_expert, 2*ff, hidden) is split into gate and up (transposed first where the
+    architecture stores it (n_expert, hidden, 2*ff))."""
     import re
 
     n_experts = _n_experts(cfg)
     pending: dict[str, dict[int, np.ndarray]] = {}
     per_expert = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
     for name, data in _tensors(model_dir):
+        if arch_name in EXPERTS_IN_OUT and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            data = np.ascontiguousarray(data.swapaxes(-1, -2))
         m = per_expert.match(name)
         if m:
             key = f"{m.group(1)}.{m.group(3)}.weight"
@@ -642,7 +682,7 @@ def gguf_tensors(model_dir: Path, cfg: dict, arch_name: str):
     n_head = cfg["num_attention_heads"]
     n_kv = cfg.get("num_key_value_heads", n_head)
     name_map = gguf.get_tensor_name_map(arch, cfg["num_hidden_layers"])
-    source = _stacked_experts(model_dir, cfg) if arch_name in MOE else _tensors(model_dir)
+    source = _stacked_experts(model_dir, cfg, arch_name) if arch_name in MOE else _tensors(model_dir)
     tied = cfg.get("tie_word_embeddings", arch_name in NORM_PLUS_ONE)
     mtp = re.compile(r"model\.layers\.(\d+)\.")  # layers past num_hidden_layers: multi-token prediction
     for hf_name, data in source:
@@ -663,7 +703,7 @@ def gguf_tensors(model_dir: Path, cfg: dict, arch_name: str):
             data = data + 1.0
         yield new, data
     rope = _rope_scaling(cfg)
-    if arch_name == "LLAMA" and rope["rope_type"] == "llama3":
+    if arch_name in ("LLAMA", "LLAMA4") and rope["rope_type"] == "llama3":
         yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", _llama3_rope_factors(cfg, rope)
 
 

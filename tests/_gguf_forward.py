@@ -1,9 +1,9 @@
 """A numpy forward pass of a GGUF computed from the file alone, the way llama.cpp's graphs for the exported
 architectures compute (llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, seed_oss, olmo2, ernie4_5, smollm3,
-glm4moe): their RoPE layouts, Gemma's embedding and attention scales, soft-capping, sliding-window layouts, pre-
-and post-norms, q/k norms (per head, or over the whole projection as OLMo 2's), NoPE layers, top-k MoE routing
-(softmax, or sigmoid with a selection bias; shared experts) and Phi-3's fused projections. Used to show an exported
-file computes what transformers computes."""
+glm4moe, llama4): their RoPE layouts, Gemma's embedding and attention scales, soft-capping, sliding-window
+layouts, pre- and post-norms, q/k norms (per head, or over the whole projection as OLMo 2's), NoPE layers, top-k
+MoE routing (softmax, or sigmoid with a selection bias; expert inputs or outputs weighted; shared experts) and
+Phi-3's fused projections. Used to show an exported file computes what transformers computes."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ NEOX = {"qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3", "seed_oss", "o
 # unless il % n == n-1
 SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "olmo2": 4}
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # llama.cpp scales the 27B's scores by 1/sqrt(hidden/heads)
-NOPE_STEP = {"smollm3": 4}  # llama.cpp's graph skips RoPE on layer il when (il + 1) % n == 0
+NOPE_STEP = {"smollm3": 4, "llama4": 4}  # llama.cpp's graph skips RoPE on layer il when (il + 1) % n == 0
 
 
 def read(path):
@@ -28,12 +28,15 @@ def read(path):
     return tensors, meta, {t.name: t.tensor_type for t in reader.tensors}
 
 
-def rope(x, pos, base, neox, n_rot=None, scale=1.0):
+def rope(x, pos, base, neox, n_rot=None, scale=1.0, freq_factors=None):
     """x: (T, heads, d). NORM rotates adjacent pairs (x0, x1), NEOX rotates (x_i, x_{i+n_rot/2}); only the
-    first n_rot dims rotate; positions are multiplied by `scale` (linear rope scaling)."""
+    first n_rot dims rotate; positions are multiplied by `scale` (linear rope scaling), each frequency divided
+    by its factor in rope_freqs (Llama-3.1-style scaling)."""
     d = x.shape[-1]
     n_rot = n_rot or d
     theta = (pos * scale)[:, None] * base ** (-np.arange(0, n_rot, 2) / n_rot)
+    if freq_factors is not None:
+        theta = theta / freq_factors
     cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
     r = x[..., :n_rot]
     a, b = (r[..., : n_rot // 2], r[..., n_rot // 2 :]) if neox else (r[..., 0::2], r[..., 1::2])
@@ -105,9 +108,15 @@ def gguf_forward(path, ids):
             q, k = norm(q, t[p + "attn_q_norm.weight"]), norm(k, t[p + "attn_k_norm.weight"])
         n_rot = key("rope.dimension_count", d)
         layer_base, layer_scale = (base_swa, 1.0) if swa else (base, scale)
-        if arch not in NOPE_STEP or (i + 1) % NOPE_STEP[arch] != 0:
-            q = rope(q, pos, layer_base, arch in NEOX, n_rot, layer_scale)
-            k = rope(k, pos, layer_base, arch in NEOX, n_rot, layer_scale)
+        # llama4 with attention.sliding_window 0 (no chunked layers) ropes every layer
+        use_rope = arch not in NOPE_STEP or (i + 1) % NOPE_STEP[arch] != 0 or key("attention.sliding_window") == 0
+        if use_rope:
+            factors = t.get("rope_freqs.weight")
+            q = rope(q, pos, layer_base, arch in NEOX, n_rot, layer_scale, factors)
+            k = rope(k, pos, layer_base, arch in NEOX, n_rot, layer_scale, factors)
+            if arch == "llama4" and key("expert_count") != 128:  # weightless RMS (L2) norm after RoPE
+                q, k = norm(q, 1.0), norm(k, 1.0)
+        # (llama4's temperature tuning of NoPE layers' queries starts at position 8192: a no-op here)
         k, v = np.repeat(k, n_head // n_kv, axis=1), np.repeat(v, n_head // n_kv, axis=1)
         scale_dim = d
         if gemma and key("block_count") == GEMMA_27B_LAYERS[arch]:
@@ -127,7 +136,7 @@ def gguf_forward(path, ids):
         h = norm(x, t[f"{p}{pre_ffn}.weight"]) if f"{p}{pre_ffn}.weight" in t else x
         if p + "ffn_gate_inp.weight" in t:  # top-k experts: softmax router, or sigmoid with a selection bias
             logits = lin(h, p + "ffn_gate_inp")
-            if key("expert_gating_func") == gguf.ExpertGatingFuncType.SIGMOID:
+            if arch == "llama4" or key("expert_gating_func") == gguf.ExpertGatingFuncType.SIGMOID:
                 probs = 1 / (1 + np.exp(-logits))
             else:
                 probs = np.exp(logits - logits.max(-1, keepdims=True))
@@ -137,12 +146,14 @@ def gguf_forward(path, ids):
             f = np.zeros_like(h)
             for row in range(T):
                 w = probs[row, top[row]]
-                if key("expert_weights_norm", True):
+                if key("expert_weights_norm", arch != "llama4"):
                     w = w / w.sum()
                 for e, we in zip(top[row], w * key("expert_weights_scale", 1.0)):
-                    g = t[p + "ffn_gate_exps.weight"][e] @ h[row]
-                    u = t[p + "ffn_up_exps.weight"][e] @ h[row]
-                    f[row] += we * (t[p + "ffn_down_exps.weight"][e] @ (act(g) * u))
+                    # llama4 weights each expert's input; the others its output (differs: SiLU is not linear)
+                    x_in, w_out = (we * h[row], 1.0) if arch == "llama4" else (h[row], we)
+                    g = t[p + "ffn_gate_exps.weight"][e] @ x_in
+                    u = t[p + "ffn_up_exps.weight"][e] @ x_in
+                    f[row] += w_out * (t[p + "ffn_down_exps.weight"][e] @ (act(g) * u))
             if p + "ffn_gate_shexp.weight" in t:  # shared experts, on every token
                 f += lin(act(lin(h, p + "ffn_gate_shexp")) * lin(h, p + "ffn_up_shexp"), p + "ffn_down_shexp")
         elif p + "ffn_gate.weight" in t:

@@ -103,6 +103,29 @@ CONFIGS = {
         "attention_bias": True,
         "use_qk_norm": True,
     },
+    # Llama 4 text: a dense and a MoE layer interleaved (top-1 sigmoid router weighting the expert's input,
+    # a shared expert), NoPE and chunked attention on llama.cpp's layout, L2 q/k norms, Llama-3.1 rope scaling
+    "llama4_text": {
+        "model_type": "llama4_text",
+        "head_dim": 16,
+        "num_hidden_layers": 4,
+        "intermediate_size": 24,
+        "intermediate_size_mlp": 96,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 1,
+        "interleave_moe_layer_step": 2,
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
     "smollm3": {
         "model_type": "smollm3",
         "num_hidden_layers": 4,
@@ -127,6 +150,7 @@ GGUF_ARCH = {
     "ernie4_5": "ernie4_5",
     "smollm3": "smollm3",
     "glm4_moe": "glm4moe",
+    "llama4_text": "llama4",
 }
 
 
@@ -210,6 +234,7 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
         ("smollm3", {"no_rope_layers": [1, 0, 1, 1]}, "no_rope_layers"),
         ("olmo3", {"layer_types": ["full_attention", "sliding_attention"] * 2}, "layer_types"),
         ("glm4_moe", {"n_group": 2, "topk_group": 1}, "topk_group"),
+        ("llama4_text", {"attention_chunk_size": 8}, "attention_chunk_size"),
     ],
 )
 def test_a_configuration_llama_cpp_would_compute_differently_is_refused(
