@@ -228,7 +228,7 @@ def _check_llama4(cfg: dict, refuse) -> None:
     n_layer, n_expert = cfg["num_hidden_layers"], _n_experts(cfg)
     step = cfg.get("interleave_moe_layer_step", 1)
     if cfg.get("moe_layers") is not None and cfg["moe_layers"] != [i for i in range(n_layer) if (i + 1) % step == 0]:
-        refuse("moe_layers", f"not every interleave_moe_layer_step ({step})th layer (llama.cpp's layout)")
+        refuse("moe_layers", f"{cfg['moe_layers']} (llama.cpp: experts in every {step}th layer, the interleave step)")
     if cfg.get("use_qk_norm") != (n_expert != 128):  # llama.cpp knows the 128-expert model has none
         refuse("use_qk_norm", f"{cfg.get('use_qk_norm')} with {n_expert} experts (llama.cpp: only 128 have none)")
     if _llama4_all_global(cfg):
