@@ -42,6 +42,7 @@ ARCHS = {
     "SmolLM3ForCausalLM": "SMOLLM3",
     "Glm4MoeForCausalLM": "GLM4_MOE",
     "Llama4ForCausalLM": "LLAMA4",
+    "Lfm2ForCausalLM": "LFM2",
 }
 PERMUTED = ("LLAMA", "SMOLLM3")  # architectures whose q/k rows llama.cpp wants permuted
 NORM_PLUS_ONE = ("GEMMA2", "GEMMA3")  # HF's Gemma RMSNorm multiplies by (1 + w); llama.cpp by the stored weight
@@ -55,9 +56,9 @@ GEMMA_27B_LAYERS = {"GEMMA2": 46, "GEMMA3": 62}
 # llama.cpp's NoPE layout, fixed in its graph (no GGUF key): layer il skips RoPE when (il + 1) % n == 0
 NOPE_STEP = {"SMOLLM3": 4}
 # config flags that add biases llama.cpp's graph for the architecture has no tensor for
-NO_BIAS = {"SEED_OSS": ("mlp_bias",), "ERNIE4_5": ("use_bias",), "OLMO2": ("attention_bias",)}
+NO_BIAS = {"SEED_OSS": ("mlp_bias",), "ERNIE4_5": ("use_bias",), "OLMO2": ("attention_bias",), "LFM2": ("conv_bias",)}
 # architectures exported with plain RoPE only (llama.cpp's converter writes per-arch keys for their scaling)
-PLAIN_ROPE = ("SEED_OSS", "OLMO2", "ERNIE4_5", "SMOLLM3", "GLM4_MOE")
+PLAIN_ROPE = ("SEED_OSS", "OLMO2", "ERNIE4_5", "SMOLLM3", "GLM4_MOE", "LFM2")
 MOE = ("QWEN3MOE", "GLM4_MOE", "LLAMA4")
 # architectures whose fused experts transformers stores as (n_expert, in, out), not (n_expert, out, in)
 EXPERTS_IN_OUT = ("LLAMA4",)
@@ -201,6 +202,8 @@ def check_config(cfg: dict, where: str) -> str:
             refuse("tie_word_embeddings", "true (llama.cpp's olmo2 needs a separate output matrix)")
     if arch == "LLAMA4":
         _check_llama4(cfg, refuse)
+    if arch == "LFM2" and set(cfg.get("layer_types") or []) - {"conv", "full_attention"}:
+        refuse("layer_types", "other than conv and full_attention (llama.cpp's lfm2 has these two)")
     if arch == "GLM4_MOE" and cfg.get("topk_group", 1) < cfg.get("n_group", 1):
         refuse("topk_group", "fewer than n_group (llama.cpp's glm4moe routes over all experts, no group limit)")
     if arch == "QWEN3MOE":
@@ -291,6 +294,20 @@ def _rope_scaling(cfg: dict) -> dict:
     rope = _rope_params(cfg)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     return {**rope, "rope_type": rope_type}
+
+
+def _ffn_length(cfg: dict, arch: str) -> int:
+    """The dense feed-forward width as the architecture's MLP builds it (LFM2 derives it from the config)."""
+    if arch == "LLAMA4":
+        return cfg["intermediate_size_mlp"]
+    ff = cfg["intermediate_size"]
+    if arch == "LFM2" and cfg.get("block_auto_adjust_ff_dim"):
+        ff = int(2 * ff / 3)
+        if cfg.get("block_ffn_dim_multiplier") is not None:
+            ff = int(cfg["block_ffn_dim_multiplier"] * ff)
+        multiple = cfg["block_multiple_of"]
+        ff = multiple * ((ff + multiple - 1) // multiple)
+    return ff
 
 
 def _partial_rotary_factor(cfg: dict, default: float = 1.0) -> float:
@@ -583,18 +600,24 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
     writer.add_block_count(cfg["num_hidden_layers"])
     writer.add_context_length(cfg["max_position_embeddings"])
     writer.add_embedding_length(cfg["hidden_size"])
-    writer.add_feed_forward_length(cfg["intermediate_size_mlp" if arch_name == "LLAMA4" else "intermediate_size"])
+    writer.add_feed_forward_length(_ffn_length(cfg, arch_name))
     writer.add_head_count(n_head)
-    writer.add_head_count_kv(cfg.get("num_key_value_heads") or n_head)
+    n_kv = cfg.get("num_key_value_heads") or n_head
+    if arch_name == "LFM2":  # per layer: none on the short-convolution layers
+        n_kv = [n_kv if t == "full_attention" else 0 for t in cfg["layer_types"]]
+    writer.add_head_count_kv(n_kv)
     if (theta := _rope_theta(cfg)) is not None:
         writer.add_rope_freq_base(float(theta))
-    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", cfg.get("norm_eps")))
     if cfg.get("head_dim"):
         writer.add_key_length(cfg["head_dim"])
         writer.add_value_length(cfg["head_dim"])
     if arch_name in (*PERMUTED, "LLAMA4"):  # llama.cpp's LlamaModel converter (SmolLM3, Llama 4) writes these
         writer.add_vocab_size(cfg["vocab_size"])
         writer.add_rope_dimension_count(_head_dim(cfg))
+    if arch_name == "LFM2":
+        writer.add_vocab_size(cfg["vocab_size"])
+        writer.add_shortconv_l_cache(cfg["conv_L_cache"])
     if arch_name == "PHI3":
         writer.add_rope_dimension_count(int(cfg.get("partial_rotary_factor", 1.0) * cfg["hidden_size"]) // n_head)
         writer.add_rope_scaling_orig_ctx_len(
@@ -701,6 +724,8 @@ def gguf_tensors(model_dir: Path, cfg: dict, arch_name: str):
                 data = permute(data, n_head, n_kv)
         if arch_name in NORM_PLUS_ONE and hf_name.endswith("norm.weight"):
             data = data + 1.0
+        if arch_name == "LFM2" and hf_name.endswith("conv.conv.weight"):  # depthwise (C, 1, L): ggml's is (C, L)
+            data = np.ascontiguousarray(data.squeeze(1))
         yield new, data
     rope = _rope_scaling(cfg)
     if arch_name in ("LLAMA", "LLAMA4") and rope["rope_type"] == "llama3":

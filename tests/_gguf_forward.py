@@ -1,6 +1,6 @@
 """A numpy forward pass of a GGUF computed from the file alone, the way llama.cpp's graphs for the exported
 architectures compute (llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, seed_oss, olmo2, ernie4_5, smollm3,
-glm4moe, llama4): their RoPE layouts, Gemma's embedding and attention scales, soft-capping, sliding-window
+glm4moe, llama4, lfm2): their RoPE layouts, Gemma's embedding and attention scales, soft-capping, sliding-window
 layouts, pre- and post-norms, q/k norms (per head, or over the whole projection as OLMo 2's), NoPE layers, top-k
 MoE routing (softmax, or sigmoid with a selection bias; expert inputs or outputs weighted; shared experts) and
 Phi-3's fused projections. Used to show an exported file computes what transformers computes."""
@@ -13,7 +13,7 @@ import numpy as np
 from finetune import gguf_export
 
 # llama.cpp's LLAMA_ROPE_TYPE_NEOX archs
-NEOX = {"qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3", "seed_oss", "olmo2", "glm4moe"}
+NEOX = {"qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3", "seed_oss", "olmo2", "glm4moe", "lfm2"}
 # llama.cpp's sliding-window periods when attention.sliding_window_pattern is absent: layer il is local
 # unless il % n == n-1
 SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "olmo2": 4}
@@ -93,40 +93,48 @@ def gguf_forward(path, ids):
         p = f"blk.{i}."
         swa = arch in SWA_PATTERN and window and i % period < period - 1
         h = norm(x, t[p + "attn_norm.weight"]) if p + "attn_norm.weight" in t else x  # olmo2: post-norms only
-        if p + "attn_qkv.weight" in t:
-            qkv = lin(h, p + "attn_qkv")
-            d = qkv.shape[-1] // (n_head + 2 * n_kv)
-            q, k, v = np.split(qkv, [n_head * d, (n_head + n_kv) * d], axis=-1)
+        kv = n_kv[i] if isinstance(n_kv, list) else n_kv  # lfm2: per layer, 0 on its convolution layers
+        if p + "shortconv.conv.weight" in t:  # lfm2: gated short convolution, causal over the time axis
+            b, c, xx = np.split(lin(h, p + "shortconv.in_proj"), 3, axis=-1)
+            w = t[p + "shortconv.conv.weight"]  # (channels, L)
+            bx = np.concatenate([np.zeros((w.shape[1] - 1, b.shape[1])), b * xx])
+            conv = sum(bx[j : j + T] * w[:, j] for j in range(w.shape[1]))
+            a = lin(c * conv, p + "shortconv.out_proj")
         else:
-            q, k, v = lin(h, p + "attn_q"), lin(h, p + "attn_k"), lin(h, p + "attn_v")
-        d = key("attention.key_length") or q.shape[-1] // n_head
-        qk_norm = p + "attn_q_norm.weight" in t
-        if qk_norm and t[p + "attn_q_norm.weight"].shape[-1] == q.shape[-1]:  # olmo2: over the projection
-            q, k, qk_norm = norm(q, t[p + "attn_q_norm.weight"]), norm(k, t[p + "attn_k_norm.weight"]), False
-        q, k, v = q.reshape(T, n_head, d), k.reshape(T, n_kv, d), v.reshape(T, n_kv, d)
-        if qk_norm:
-            q, k = norm(q, t[p + "attn_q_norm.weight"]), norm(k, t[p + "attn_k_norm.weight"])
-        n_rot = key("rope.dimension_count", d)
-        layer_base, layer_scale = (base_swa, 1.0) if swa else (base, scale)
-        # llama4 with attention.sliding_window 0 (no chunked layers) ropes every layer
-        use_rope = arch not in NOPE_STEP or (i + 1) % NOPE_STEP[arch] != 0 or key("attention.sliding_window") == 0
-        if use_rope:
-            factors = t.get("rope_freqs.weight")
-            q = rope(q, pos, layer_base, arch in NEOX, n_rot, layer_scale, factors)
-            k = rope(k, pos, layer_base, arch in NEOX, n_rot, layer_scale, factors)
-            if arch == "llama4" and key("expert_count") != 128:  # weightless RMS (L2) norm after RoPE
-                q, k = norm(q, 1.0), norm(k, 1.0)
-        # (llama4's temperature tuning of NoPE layers' queries starts at position 8192: a no-op here)
-        k, v = np.repeat(k, n_head // n_kv, axis=1), np.repeat(v, n_head // n_kv, axis=1)
-        scale_dim = d
-        if gemma and key("block_count") == GEMMA_27B_LAYERS[arch]:
-            scale_dim = key("embedding_length") // n_head
-        s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(scale_dim)
-        if attn_cap:
-            s = np.tanh(s / attn_cap) * attn_cap
-        s = s + (local if swa or (window and arch == "phi3") else causal)
-        s = np.exp(s - s.max(-1, keepdims=True))
-        a = lin(np.einsum("hqk,khd->qhd", s / s.sum(-1, keepdims=True), v).reshape(T, -1), p + "attn_output")
+            if p + "attn_qkv.weight" in t:
+                qkv = lin(h, p + "attn_qkv")
+                d = qkv.shape[-1] // (n_head + 2 * kv)
+                q, k, v = np.split(qkv, [n_head * d, (n_head + kv) * d], axis=-1)
+            else:
+                q, k, v = lin(h, p + "attn_q"), lin(h, p + "attn_k"), lin(h, p + "attn_v")
+            d = key("attention.key_length") or q.shape[-1] // n_head
+            qk_norm = p + "attn_q_norm.weight" in t
+            if qk_norm and t[p + "attn_q_norm.weight"].shape[-1] == q.shape[-1]:  # olmo2: over the projection
+                q, k, qk_norm = norm(q, t[p + "attn_q_norm.weight"]), norm(k, t[p + "attn_k_norm.weight"]), False
+            q, k, v = q.reshape(T, n_head, d), k.reshape(T, kv, d), v.reshape(T, kv, d)
+            if qk_norm:
+                q, k = norm(q, t[p + "attn_q_norm.weight"]), norm(k, t[p + "attn_k_norm.weight"])
+            n_rot = key("rope.dimension_count", d)
+            layer_base, layer_scale = (base_swa, 1.0) if swa else (base, scale)
+            # llama4 with attention.sliding_window 0 (no chunked layers) ropes every layer
+            use_rope = arch not in NOPE_STEP or (i + 1) % NOPE_STEP[arch] != 0 or key("attention.sliding_window") == 0
+            if use_rope:
+                factors = t.get("rope_freqs.weight")
+                q = rope(q, pos, layer_base, arch in NEOX, n_rot, layer_scale, factors)
+                k = rope(k, pos, layer_base, arch in NEOX, n_rot, layer_scale, factors)
+                if arch == "llama4" and key("expert_count") != 128:  # weightless RMS (L2) norm after RoPE
+                    q, k = norm(q, 1.0), norm(k, 1.0)
+            # (llama4's temperature tuning of NoPE layers' queries starts at position 8192: a no-op here)
+            k, v = np.repeat(k, n_head // kv, axis=1), np.repeat(v, n_head // kv, axis=1)
+            scale_dim = d
+            if gemma and key("block_count") == GEMMA_27B_LAYERS[arch]:
+                scale_dim = key("embedding_length") // n_head
+            s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(scale_dim)
+            if attn_cap:
+                s = np.tanh(s / attn_cap) * attn_cap
+            s = s + (local if swa or (window and arch == "phi3") else causal)
+            s = np.exp(s - s.max(-1, keepdims=True))
+            a = lin(np.einsum("hqk,khd->qhd", s / s.sum(-1, keepdims=True), v).reshape(T, -1), p + "attn_output")
         # seed_oss's pre-FFN norm is named post_attention_norm; gemma and olmo2 norm the attention output with it
         has = {n for n in ("attn_norm", "ffn_norm", "post_attention_norm") if f"{p}{n}.weight" in t}
         pre_ffn = "post_attention_norm" if has == {"attn_norm", "post_attention_norm"} else "ffn_norm"
@@ -165,7 +173,8 @@ def gguf_forward(path, ids):
             f = norm(f, t[p + "post_ffw_norm.weight"])
         x = x + f
     out = t["output.weight"] if "output.weight" in t else t["token_embd.weight"]
-    logits = norm(x, t["output_norm.weight"]) @ out.T
+    final_norm = t.get("output_norm.weight", t.get("token_embd_norm.weight"))  # lfm2 names it token_embd_norm
+    logits = norm(x, final_norm) @ out.T
     if final_cap:
         logits = np.tanh(logits / final_cap) * final_cap
     return logits

@@ -126,6 +126,14 @@ CONFIGS = {
         "bos_token_id": 1,
         "eos_token_id": 2,
     },
+    # LFM2: a gated short-convolution layer, then an attention layer with q/k norms; the MLP width derived
+    "lfm2": {
+        "model_type": "lfm2",
+        "layer_types": ["conv", "full_attention"],
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
     "smollm3": {
         "model_type": "smollm3",
         "num_hidden_layers": 4,
@@ -151,6 +159,7 @@ GGUF_ARCH = {
     "smollm3": "smollm3",
     "glm4_moe": "glm4moe",
     "llama4_text": "llama4",
+    "lfm2": "lfm2",
 }
 
 
@@ -163,8 +172,10 @@ def tiny_model_dir(root: Path, family: str, tokenizer, **overrides) -> Path:
         for name, p in model.named_parameters():
             if "norm" in name:  # random norm weights, so the Gemma +1 shift (or its absence) shows
                 p.normal_(0.0, 0.3)
-            if any(proj in name for proj in ("q_proj", "k_proj", "qkv_proj")):  # scores far from uniform, so a
-                p.mul_(10.0)  # wrong RoPE layout, NoPE layer or attention scale shows in the logits
+            # scores far from uniform and a short convolution that matters, so a wrong RoPE layout, NoPE layer,
+            # attention scale or convolution shows in the logits
+            if any(proj in name for proj in ("q_proj", "k_proj", "qkv_proj", "conv.in_proj")):
+                p.mul_(10.0)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # a router selection bias that changes which experts run
                 b.normal_(0.0, 0.3)
@@ -235,6 +246,7 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
         ("olmo3", {"layer_types": ["full_attention", "sliding_attention"] * 2}, "layer_types"),
         ("glm4_moe", {"n_group": 2, "topk_group": 1}, "topk_group"),
         ("llama4_text", {"attention_chunk_size": 8}, "attention_chunk_size"),
+        ("lfm2", {"conv_bias": True}, "conv_bias"),
     ],
 )
 def test_a_configuration_llama_cpp_would_compute_differently_is_refused(
