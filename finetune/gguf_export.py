@@ -488,13 +488,17 @@ def _looks_special(token: str) -> bool:
     )
 
 
+# tensors llama.cpp's converter always stores in f32 (besides 1-D ones and norms): MoE routers, short-conv kernels
+ALWAYS_F32 = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "shortconv.conv.weight")
+
+
 def _qtype(name: str, data: np.ndarray, outtype: str):
     """The stored type of one tensor, as llama.cpp's converter picks it: 1-D tensors (norms, biases,
-    rope factors) stay f32; q8_0 needs rows in whole blocks of 32 (else f16)."""
+    rope factors), routers and short-conv kernels stay f32; q8_0 needs rows in whole blocks of 32 (else f16)."""
     import gguf
 
     Q = gguf.GGMLQuantizationType
-    if outtype == "f32" or data.ndim <= 1 or name.endswith("_norm.weight"):
+    if outtype == "f32" or data.ndim <= 1 or name.endswith(("_norm.weight", *ALWAYS_F32)):
         return Q.F32
     if outtype == "q8_0" and data.shape[-1] % 32 == 0:
         return Q.Q8_0

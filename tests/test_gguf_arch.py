@@ -267,3 +267,16 @@ def test_a_configuration_llama_cpp_would_compute_differently_is_refused(
     with pytest.raises(FinetuneError, match=field):
         export_gguf(str(adapter), str(tmp_path / "out" / "m.gguf"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "family,f32_tensor", [("glm4_moe", "blk.1.ffn_gate_inp.weight"), ("lfm2", "blk.0.shortconv.conv.weight")]
+)
+def test_routers_and_conv_kernels_stay_f32_as_llama_cpp_stores_them(tmp_path, tiny_tokenizer, family, f32_tensor):
+    import gguf
+
+    model_dir = tiny_model_dir(tmp_path, family, tiny_tokenizer)
+    gguf_export.convert(model_dir, tmp_path / "m.gguf", "q8_0")
+    _, _, qtypes = read(tmp_path / "m.gguf")
+    assert qtypes[f32_tensor] == gguf.GGMLQuantizationType.F32
+    assert qtypes["blk.1.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
