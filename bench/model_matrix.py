@@ -317,7 +317,10 @@ def run_family(family: str, root: Path, tokenizer) -> dict[str, str]:
             return "not supported (refused with a one-line error)"
         out = root / "gguf" / f"{row['architecture']}.gguf"
         out.parent.mkdir(parents=True, exist_ok=True)
-        gguf_export.convert(merged_dir, out, "f32")
+        try:
+            gguf_export.convert(merged_dir, out, "f32")
+        except gguf_export.ExportError as e:  # a config llama.cpp would compute differently: the field it names
+            return f"refused ({str(e).split(': ')[1]}, one line)"
         ids = tokenizer("The sky is blue because of Rayleigh scattering.", add_special_tokens=False)["input_ids"][:12]
         import torch
 

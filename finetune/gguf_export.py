@@ -1,11 +1,12 @@
 """HF model dir -> GGUF (llama.cpp / Ollama), laid out as llama.cpp's convert_hf_to_gguf.py does it.
 
-Llama / Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 (text) and Phi-3: the same metadata keys and
-tensor names (gguf.TensorNameMap) as llama.cpp's converter, with its per-architecture quirks: the q/k row
-permutation of its Llama graph (its RoPE rotates adjacent pairs; HF's rotates halves), Gemma's RMSNorm
-weights stored as 1 + w, MoE experts stacked into one 3-D tensor per projection, Phi-3's fused qkv and
-gate_up kept fused, and the sliding-window / soft-capping / per-layer rope keys. A configuration llama.cpp
-would compute differently (a sliding-window layout or attention scale it does not read from the file) is
+Llama / Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 (text), Phi-3, and of the 2025-26 families
+Seed-OSS, OLMo 2 / OLMo 3, ERNIE 4.5 (dense) and SmolLM3: the same metadata keys and tensor names
+(gguf.TensorNameMap) as llama.cpp's converter, with its per-architecture quirks: the q/k row permutation of
+its Llama-style graphs (their RoPE rotates adjacent pairs; HF's rotates halves), Gemma's RMSNorm weights
+stored as 1 + w, MoE experts stacked into one 3-D tensor per projection, Phi-3's fused qkv and gate_up kept
+fused, and the sliding-window / soft-capping / per-layer rope keys. A configuration llama.cpp would compute
+differently (a sliding-window or NoPE layout, bias or attention scale it does not read from the file) is
 refused, not written. The vocab is byte-level BPE (`gpt2`, with merges and the llama.cpp pre-tokenizer
 that splits text as the tokenizer actually does: probed, not read from tokenizer.json) or SentencePiece-style
 BPE with byte fallback (`llama`, scores ranking the merges), with token types, special ids, add_bos_token as
@@ -34,12 +35,36 @@ ARCHS = {
     "Gemma2ForCausalLM": "GEMMA2",
     "Gemma3ForCausalLM": "GEMMA3",
     "Phi3ForCausalLM": "PHI3",
+    "SeedOssForCausalLM": "SEED_OSS",
+    "Olmo2ForCausalLM": "OLMO2",
+    "Olmo3ForCausalLM": "OLMO2",
+    "Ernie4_5ForCausalLM": "ERNIE4_5",
+    "SmolLM3ForCausalLM": "SMOLLM3",
+    "Glm4MoeForCausalLM": "GLM4_MOE",
+    "Llama4ForCausalLM": "LLAMA4",
+    "Lfm2ForCausalLM": "LFM2",
 }
-PERMUTED = ("LLAMA",)  # architectures whose q/k rows llama.cpp wants permuted
+PERMUTED = ("LLAMA", "SMOLLM3")  # architectures whose q/k rows llama.cpp wants permuted
 NORM_PLUS_ONE = ("GEMMA2", "GEMMA3")  # HF's Gemma RMSNorm multiplies by (1 + w); llama.cpp by the stored weight
 # llama.cpp's sliding-window layout when the file names none: every n-th layer (n-1, 2n-1, ...) is global
-SWA_PATTERN = {"GEMMA2": 2, "GEMMA3": 6}
-MOE = ("QWEN3MOE",)
+SWA_PATTERN = {"GEMMA2": 2, "GEMMA3": 6, "OLMO2": 4}
+# architectures whose llama.cpp loader reads another period from attention.sliding_window_pattern (a scalar)
+SWA_PATTERN_KEY = ("GEMMA3", "OLMO2")
+# Gemma's attention scale in llama.cpp: 1/sqrt(hidden/heads) for the 27B (known by its layer count), else
+# 1/sqrt(head_dim); transformers' is 1/sqrt(query_pre_attn_scalar)
+GEMMA_27B_LAYERS = {"GEMMA2": 46, "GEMMA3": 62}
+# llama.cpp's NoPE layout, fixed in its graph (no GGUF key): layer il skips RoPE when (il + 1) % n == 0
+NOPE_STEP = {"SMOLLM3": 4}
+# config flags that add biases llama.cpp's graph for the architecture has no tensor for
+NO_BIAS = {"SEED_OSS": ("mlp_bias",), "ERNIE4_5": ("use_bias",), "OLMO2": ("attention_bias",), "LFM2": ("conv_bias",)}
+# architectures exported with plain RoPE only (llama.cpp's converter writes per-arch keys for their scaling)
+PLAIN_ROPE = ("SEED_OSS", "OLMO2", "ERNIE4_5", "SMOLLM3", "GLM4_MOE", "LFM2")
+MOE = ("QWEN3MOE", "GLM4_MOE", "LLAMA4")
+# architectures whose fused experts transformers stores as (n_expert, in, out), not (n_expert, out, in)
+EXPERTS_IN_OUT = ("LLAMA4",)
+# Llama 4's attention in llama.cpp, fixed in its graph: NoPE every 4th layer, chunks of 8192 tokens on the
+# others, temperature tuning of NoPE layers' queries from position 8192 on (floor 8192, scale 0.1)
+LLAMA4_FIXED = {"attention_chunk_size": 8192, "floor_scale": 8192, "attn_scale": 0.1, "attn_temperature_tuning": True}
 # llama.cpp's tokenizer.ggml.pre names -> the split regex llama-vocab.cpp runs for them (None: GPT-2's
 # byte-level regex); tried in this order, the first that splits as the tokenizer does is written (Qwen2's
 # digit-free vocab tokenizes the same under qwen2 and llama-bpe: qwen2 is then the faithful name)
@@ -143,20 +168,45 @@ def check_config(cfg: dict, where: str) -> str:
         )
 
     if arch in SWA_PATTERN:
-        n, head_dim = SWA_PATTERN[arch], _head_dim(cfg)
-        if cfg.get("query_pre_attn_scalar", head_dim) != head_dim:
-            refuse("query_pre_attn_scalar", f"{cfg['query_pre_attn_scalar']} is not head_dim {head_dim}")
+        swa_period(cfg, arch, refuse)
+    if arch in NORM_PLUS_ONE:
+        head_dim = _head_dim(cfg)
+        want = _gemma_attention_dim(cfg, arch)
+        if cfg.get("query_pre_attn_scalar", head_dim) != want:
+            refuse(
+                "query_pre_attn_scalar",
+                f"{cfg['query_pre_attn_scalar']} is not {want} (llama.cpp scales by head_dim, or by "
+                f"hidden/heads for a {GEMMA_27B_LAYERS[arch]}-layer 27B)",
+            )
         act = cfg.get("hidden_activation") or cfg.get("hidden_act")
         if act not in (None, "gelu_pytorch_tanh"):
             refuse("hidden_activation", f"{act} (llama.cpp uses tanh-approximated GELU)")
-        want = ["sliding_attention" if i % n < n - 1 else "full_attention" for i in range(cfg["num_hidden_layers"])]
-        if cfg.get("layer_types") and cfg["layer_types"] != want and cfg.get("sliding_window"):
-            refuse("layer_types", f"not llama.cpp's layout (every {n}th layer global)")
         if arch == "GEMMA2" and not cfg.get("tie_word_embeddings", True):
             refuse("tie_word_embeddings", "false (llama.cpp's Gemma 2 has no separate output matrix)")
         if arch == "GEMMA3" and cfg.get("attn_logit_softcapping"):
             refuse("attn_logit_softcapping", "set (llama.cpp's Gemma 3 has none)")
-    if arch in MOE:
+    for flag in NO_BIAS.get(arch, ()):
+        if cfg.get(flag):
+            refuse(flag, "true (llama.cpp's graph has no such biases)")
+    if arch in NOPE_STEP:
+        n = NOPE_STEP[arch]
+        want = [int((i + 1) % n != 0) for i in range(cfg["num_hidden_layers"])]
+        if cfg.get("no_rope_layers", want) != want:
+            refuse("no_rope_layers", f"not llama.cpp's layout (every {n}th layer without RoPE)")
+        if cfg.get("use_sliding_window"):
+            refuse("use_sliding_window", "true (llama.cpp's graph has no sliding window)")
+    if arch == "OLMO2":
+        if _head_dim(cfg) * cfg["num_attention_heads"] != cfg["hidden_size"]:
+            refuse("head_dim", "heads x head_dim is not hidden_size (llama.cpp's olmo2 assumes it is)")
+        if cfg.get("tie_word_embeddings"):
+            refuse("tie_word_embeddings", "true (llama.cpp's olmo2 needs a separate output matrix)")
+    if arch == "LLAMA4":
+        _check_llama4(cfg, refuse)
+    if arch == "LFM2" and set(cfg.get("layer_types") or []) - {"conv", "full_attention"}:
+        refuse("layer_types", "other than conv and full_attention (llama.cpp's lfm2 has these two)")
+    if arch == "GLM4_MOE" and cfg.get("topk_group", 1) < cfg.get("n_group", 1):
+        refuse("topk_group", "fewer than n_group (llama.cpp's glm4moe routes over all experts, no group limit)")
+    if arch == "QWEN3MOE":
         if not cfg.get("norm_topk_prob", False):
             refuse("norm_topk_prob", "false (llama.cpp renormalises the top-k router weights)")
         if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
@@ -167,9 +217,63 @@ def check_config(cfg: dict, where: str) -> str:
             "rope_scaling",
             f"rope type {rope['rope_type']} is not exported by finetune (use llama.cpp's convert_hf_to_gguf.py)",
         )
-    if arch == "PHI3" and rope["rope_type"] != "default":
-        refuse("rope_scaling", f"{rope['rope_type']} on Phi-3 is not exported by finetune")
+    if arch in ("PHI3", *PLAIN_ROPE) and rope["rope_type"] != "default":
+        refuse("rope_scaling", f"{rope['rope_type']} on {arch.lower()} is not exported by finetune")
     return arch
+
+
+def _llama4_all_global(cfg: dict) -> bool:
+    return all(t == "full_attention" for t in cfg.get("layer_types") or ["chunked_attention"])
+
+
+def _check_llama4(cfg: dict, refuse) -> None:
+    """Refuse a Llama 4 text config that llama.cpp's llama4 graph would compute differently (LLAMA4_FIXED)."""
+    n_layer, n_expert = cfg["num_hidden_layers"], _n_experts(cfg)
+    step = cfg.get("interleave_moe_layer_step", 1)
+    if cfg.get("moe_layers") is not None and cfg["moe_layers"] != [i for i in range(n_layer) if (i + 1) % step == 0]:
+        refuse("moe_layers", f"{cfg['moe_layers']} (llama.cpp: experts in every {step}th layer, the interleave step)")
+    if cfg.get("use_qk_norm") != (n_expert != 128):  # llama.cpp knows the 128-expert model has none
+        refuse("use_qk_norm", f"{cfg.get('use_qk_norm')} with {n_expert} experts (llama.cpp: only 128 have none)")
+    if _llama4_all_global(cfg):
+        if not all(cfg.get("no_rope_layers") or [1]):
+            refuse("no_rope_layers", "NoPE layers without chunked ones (llama.cpp then ropes every layer)")
+        return
+    if cfg.get("layer_types") != [
+        "chunked_attention" if (i + 1) % 4 else "full_attention" for i in range(n_layer)
+    ] or cfg.get("no_rope_layers") != [int((i + 1) % 4 != 0) for i in range(n_layer)]:
+        refuse("layer_types / no_rope_layers", "not llama.cpp's layout (every 4th layer global and without RoPE)")
+    for field, want in LLAMA4_FIXED.items():
+        if cfg.get(field) != want:
+            refuse(field, f"{cfg.get(field)} (llama.cpp's llama4 uses {want})")
+
+
+def swa_period(cfg: dict, arch: str, refuse=None) -> int | None:
+    """The period n of the config's sliding-window layout (layers n-1, 2n-1, ... global), None without a
+    sliding window. A layout llama.cpp cannot be told (not periodic, or another period where its loader reads
+    no attention.sliding_window_pattern) is refused through `refuse`."""
+    default, n_layer = SWA_PATTERN[arch], cfg["num_hidden_layers"]
+    types = cfg.get("layer_types")
+    if not cfg.get("sliding_window") or (types and "sliding_attention" not in types):
+        if arch not in SWA_PATTERN_KEY and refuse is not None:  # its loader slides whatever the file says
+            refuse("sliding_window", f"no sliding layers (llama.cpp's {arch.lower()} always has them)")
+        return None
+    if not types:
+        return default
+    for n in range(2, n_layer + 2):
+        if types == ["sliding_attention" if i % n < n - 1 else "full_attention" for i in range(n_layer)]:
+            if n == default or arch in SWA_PATTERN_KEY:
+                return n
+            break
+    if refuse is not None:
+        refuse("layer_types", f"not llama.cpp's layout (every {default}th layer global)")
+    return default
+
+
+def _gemma_attention_dim(cfg: dict, arch: str) -> int:
+    """The dimension llama.cpp divides Gemma's attention scores by the root of (see GEMMA_27B_LAYERS)."""
+    if cfg["num_hidden_layers"] == GEMMA_27B_LAYERS[arch]:
+        return cfg["hidden_size"] // cfg["num_attention_heads"]
+    return _head_dim(cfg)
 
 
 def _rope_params(cfg: dict, layer_type: str = "full_attention") -> dict:
@@ -190,6 +294,29 @@ def _rope_scaling(cfg: dict) -> dict:
     rope = _rope_params(cfg)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     return {**rope, "rope_type": rope_type}
+
+
+def _ffn_length(cfg: dict, arch: str) -> int:
+    """The dense feed-forward width as the architecture's MLP builds it (LFM2 derives it from the config)."""
+    if arch == "LLAMA4":
+        return cfg["intermediate_size_mlp"]
+    ff = cfg["intermediate_size"]
+    if arch == "LFM2" and cfg.get("block_auto_adjust_ff_dim"):
+        ff = int(2 * ff / 3)
+        if cfg.get("block_ffn_dim_multiplier") is not None:
+            ff = int(cfg["block_ffn_dim_multiplier"] * ff)
+        multiple = cfg["block_multiple_of"]
+        ff = multiple * ((ff + multiple - 1) // multiple)
+    return ff
+
+
+def _partial_rotary_factor(cfg: dict, default: float = 1.0) -> float:
+    """The share of each head's dims RoPE rotates (transformers 5 keeps it in the rope parameters)."""
+    return _rope_params(cfg).get("partial_rotary_factor", cfg.get("partial_rotary_factor", default))
+
+
+def _n_experts(cfg: dict) -> int | None:
+    return cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts")
 
 
 def _head_dim(cfg: dict) -> int:
@@ -361,13 +488,17 @@ def _looks_special(token: str) -> bool:
     )
 
 
+# tensors llama.cpp's converter always stores in f32 (besides 1-D ones and norms): MoE routers, short-conv kernels
+ALWAYS_F32 = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "shortconv.conv.weight")
+
+
 def _qtype(name: str, data: np.ndarray, outtype: str):
     """The stored type of one tensor, as llama.cpp's converter picks it: 1-D tensors (norms, biases,
-    rope factors) stay f32; q8_0 needs rows in whole blocks of 32 (else f16)."""
+    rope factors), routers and short-conv kernels stay f32; q8_0 needs rows in whole blocks of 32 (else f16)."""
     import gguf
 
     Q = gguf.GGMLQuantizationType
-    if outtype == "f32" or data.ndim <= 1 or name.endswith("_norm.weight"):
+    if outtype == "f32" or data.ndim <= 1 or name.endswith(("_norm.weight", *ALWAYS_F32)):
         return Q.F32
     if outtype == "q8_0" and data.shape[-1] % 32 == 0:
         return Q.Q8_0
@@ -473,27 +604,35 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
     writer.add_block_count(cfg["num_hidden_layers"])
     writer.add_context_length(cfg["max_position_embeddings"])
     writer.add_embedding_length(cfg["hidden_size"])
-    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_feed_forward_length(_ffn_length(cfg, arch_name))
     writer.add_head_count(n_head)
-    writer.add_head_count_kv(cfg.get("num_key_value_heads") or n_head)
+    n_kv = cfg.get("num_key_value_heads") or n_head
+    if arch_name == "LFM2":  # per layer: none on the short-convolution layers
+        n_kv = [n_kv if t == "full_attention" else 0 for t in cfg["layer_types"]]
+    writer.add_head_count_kv(n_kv)
     if (theta := _rope_theta(cfg)) is not None:
         writer.add_rope_freq_base(float(theta))
-    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", cfg.get("norm_eps")))
     if cfg.get("head_dim"):
         writer.add_key_length(cfg["head_dim"])
         writer.add_value_length(cfg["head_dim"])
-    if arch_name == "LLAMA":
+    if arch_name in (*PERMUTED, "LLAMA4"):  # llama.cpp's LlamaModel converter (SmolLM3, Llama 4) writes these
         writer.add_vocab_size(cfg["vocab_size"])
         writer.add_rope_dimension_count(_head_dim(cfg))
+    if arch_name == "LFM2":
+        writer.add_vocab_size(cfg["vocab_size"])
+        writer.add_shortconv_l_cache(cfg["conv_L_cache"])
     if arch_name == "PHI3":
         writer.add_rope_dimension_count(int(cfg.get("partial_rotary_factor", 1.0) * cfg["hidden_size"]) // n_head)
         writer.add_rope_scaling_orig_ctx_len(
             cfg.get("original_max_position_embeddings") or cfg["max_position_embeddings"]
         )
         writer.add_sliding_window(cfg.get("sliding_window") or 0)
-    if arch_name in SWA_PATTERN:
-        if cfg.get("sliding_window"):
-            writer.add_sliding_window(cfg["sliding_window"])
+    if arch_name in SWA_PATTERN and (period := swa_period(cfg, arch_name)):
+        writer.add_sliding_window(cfg["sliding_window"])
+        if period != SWA_PATTERN[arch_name]:
+            writer.add_sliding_window_pattern(period)
+    if arch_name in NORM_PLUS_ONE:
         if (theta_swa := _rope_theta(cfg, "sliding_attention")) is not None and theta_swa != theta:
             writer.add_rope_freq_base_swa(float(theta_swa))
         if arch_name == "GEMMA2" and cfg.get("attn_logit_softcapping"):
@@ -501,9 +640,20 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
         if cfg.get("final_logit_softcapping"):
             writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
     if arch_name in MOE:
-        writer.add_expert_count(cfg.get("num_experts") or cfg["num_local_experts"])
+        writer.add_expert_count(_n_experts(cfg))
         writer.add_expert_used_count(cfg["num_experts_per_tok"])
-        writer.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        writer.add_expert_feed_forward_length(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
+    if arch_name == "LLAMA4":
+        writer.add_interleave_moe_layer_step(cfg.get("interleave_moe_layer_step", 1))
+        if _llama4_all_global(cfg):  # llama.cpp then ropes every layer and attends without chunks
+            writer.add_sliding_window(0)
+    if arch_name == "GLM4_MOE":  # a sigmoid router with a selection bias, shared experts, leading dense layers
+        writer.add_rope_dimension_count(int(_head_dim(cfg) * _partial_rotary_factor(cfg, 0.5)))
+        writer.add_expert_shared_count(cfg.get("n_shared_experts") or 0)
+        writer.add_leading_dense_block_count(cfg.get("first_k_dense_replace") or 0)
+        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        writer.add_expert_weights_scale(float(cfg.get("routed_scaling_factor", 1.0)))
+        writer.add_expert_weights_norm(bool(cfg.get("norm_topk_prob")))
     rope = _rope_scaling(cfg)
     if rope["rope_type"] in ("linear", "yarn") and rope.get("factor"):
         writer.add_rope_scaling_type(
@@ -514,16 +664,19 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
             writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
 
 
-def _stacked_experts(model_dir: Path, cfg: dict):
+def _stacked_experts(model_dir: Path, cfg: dict, arch_name: str):
     """(HF name, array) with each layer's per-expert projections stacked into one (n_expert, out, in) tensor
     named `...mlp.experts.{gate,up,down}_proj.weight`, as llama.cpp's converter does; a fused
-    `experts.gate_up_proj` (n_expert, 2*ff, hidden) is split into gate and up."""
+    `experts.gate_up_proj` (n_expert, 2*ff, hidden) is split into gate and up (transposed first where the
+    architecture stores it (n_expert, hidden, 2*ff))."""
     import re
 
-    n_experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+    n_experts = _n_experts(cfg)
     pending: dict[str, dict[int, np.ndarray]] = {}
     per_expert = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
     for name, data in _tensors(model_dir):
+        if arch_name in EXPERTS_IN_OUT and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            data = np.ascontiguousarray(data.swapaxes(-1, -2))
         m = per_expert.match(name)
         if m:
             key = f"{m.group(1)}.{m.group(3)}.weight"
@@ -548,17 +701,23 @@ def gguf_tensors(model_dir: Path, cfg: dict, arch_name: str):
     """(GGUF name, float32 array) as llama.cpp stores them: renamed, q/k rows permuted for Llama, plus
     Llama-3.1's rope_freqs, Gemma's norms shifted by one, MoE experts stacked. A generator, in a fixed
     order: the writer's two passes and the check each stream the weights once."""
+    import re
+
     import gguf
 
     arch = getattr(gguf.MODEL_ARCH, arch_name)
     n_head = cfg["num_attention_heads"]
     n_kv = cfg.get("num_key_value_heads", n_head)
     name_map = gguf.get_tensor_name_map(arch, cfg["num_hidden_layers"])
-    source = _stacked_experts(model_dir, cfg) if arch_name in MOE else _tensors(model_dir)
+    source = _stacked_experts(model_dir, cfg, arch_name) if arch_name in MOE else _tensors(model_dir)
     tied = cfg.get("tie_word_embeddings", arch_name in NORM_PLUS_ONE)
+    mtp = re.compile(r"model\.layers\.(\d+)\.")  # layers past num_hidden_layers: multi-token prediction
     for hf_name, data in source:
         if hf_name.endswith(".rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
             continue
+        if (m := mtp.match(hf_name)) and int(m.group(1)) >= cfg["num_hidden_layers"]:
+            continue  # transformers drops them too; llama.cpp runs without them
+        hf_name = hf_name.replace("e_score_correction_bias", "e_score_correction.bias")  # the router's selection bias
         new = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise ExportError(f"{model_dir}: tensor {hf_name} has no GGUF name for {gguf.MODEL_ARCH_NAMES[arch]}")
@@ -569,9 +728,11 @@ def gguf_tensors(model_dir: Path, cfg: dict, arch_name: str):
                 data = permute(data, n_head, n_kv)
         if arch_name in NORM_PLUS_ONE and hf_name.endswith("norm.weight"):
             data = data + 1.0
+        if arch_name == "LFM2" and hf_name.endswith("conv.conv.weight"):  # depthwise (C, 1, L): ggml's is (C, L)
+            data = np.ascontiguousarray(data.squeeze(1))
         yield new, data
     rope = _rope_scaling(cfg)
-    if arch_name == "LLAMA" and rope["rope_type"] == "llama3":
+    if arch_name in ("LLAMA", "LLAMA4") and rope["rope_type"] == "llama3":
         yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", _llama3_rope_factors(cfg, rope)
 
 

@@ -1,7 +1,9 @@
 """A numpy forward pass of a GGUF computed from the file alone, the way llama.cpp's graphs for the exported
-architectures compute (llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3): its RoPE layouts, Gemma's
-embedding scale, soft-capping and sliding-window layout, q/k norms, top-k MoE routing and Phi-3's fused
-projections. Used to show an exported file computes what transformers computes."""
+architectures compute (llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, seed_oss, olmo2, ernie4_5, smollm3,
+glm4moe, llama4, lfm2): their RoPE layouts, Gemma's embedding and attention scales, soft-capping, sliding-window
+layouts, pre- and post-norms, q/k norms (per head, or over the whole projection as OLMo 2's), NoPE layers, top-k
+MoE routing (softmax, or sigmoid with a selection bias; expert inputs or outputs weighted; shared experts) and
+Phi-3's fused projections. Used to show an exported file computes what transformers computes."""
 
 from __future__ import annotations
 
@@ -10,11 +12,13 @@ import numpy as np
 
 from finetune import gguf_export
 
-NEOX = {"qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3"}  # llama.cpp's LLAMA_ROPE_TYPE_NEOX archs
-SWA_PATTERN = {
-    "gemma2": 2,
-    "gemma3": 6,
-}  # llama.cpp's load_swa_pattern defaults: layer il is local unless il % n == n-1
+# llama.cpp's LLAMA_ROPE_TYPE_NEOX archs
+NEOX = {"qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3", "seed_oss", "olmo2", "glm4moe", "lfm2"}
+# llama.cpp's sliding-window periods when attention.sliding_window_pattern is absent: layer il is local
+# unless il % n == n-1
+SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "olmo2": 4}
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # llama.cpp scales the 27B's scores by 1/sqrt(hidden/heads)
+NOPE_STEP = {"smollm3": 4, "llama4": 4}  # llama.cpp's graph skips RoPE on layer il when (il + 1) % n == 0
 
 
 def read(path):
@@ -24,12 +28,15 @@ def read(path):
     return tensors, meta, {t.name: t.tensor_type for t in reader.tensors}
 
 
-def rope(x, pos, base, neox, n_rot=None, scale=1.0):
+def rope(x, pos, base, neox, n_rot=None, scale=1.0, freq_factors=None):
     """x: (T, heads, d). NORM rotates adjacent pairs (x0, x1), NEOX rotates (x_i, x_{i+n_rot/2}); only the
-    first n_rot dims rotate; positions are multiplied by `scale` (linear rope scaling)."""
+    first n_rot dims rotate; positions are multiplied by `scale` (linear rope scaling), each frequency divided
+    by its factor in rope_freqs (Llama-3.1-style scaling)."""
     d = x.shape[-1]
     n_rot = n_rot or d
     theta = (pos * scale)[:, None] * base ** (-np.arange(0, n_rot, 2) / n_rot)
+    if freq_factors is not None:
+        theta = theta / freq_factors
     cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
     r = x[..., :n_rot]
     a, b = (r[..., : n_rot // 2], r[..., n_rot // 2 :]) if neox else (r[..., 0::2], r[..., 1::2])
@@ -62,6 +69,7 @@ def gguf_forward(path, ids):
         key("final_logit_softcapping"),
     )
     gemma = arch.startswith("gemma")
+    period = key("attention.sliding_window_pattern", SWA_PATTERN.get(arch))
 
     def norm(x, w):
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
@@ -83,45 +91,79 @@ def gguf_forward(path, ids):
     local = causal + np.where(pos[:, None] - pos[None, :] >= (window or T + 1), -np.inf, 0.0)
     for i in range(key("block_count")):
         p = f"blk.{i}."
-        swa = arch in SWA_PATTERN and window and i % SWA_PATTERN[arch] < SWA_PATTERN[arch] - 1
-        h = norm(x, t[p + "attn_norm.weight"])
-        if p + "attn_qkv.weight" in t:
-            qkv = lin(h, p + "attn_qkv")
-            d = qkv.shape[-1] // (n_head + 2 * n_kv)
-            q, k, v = np.split(qkv, [n_head * d, (n_head + n_kv) * d], axis=-1)
+        swa = arch in SWA_PATTERN and window and i % period < period - 1
+        h = norm(x, t[p + "attn_norm.weight"]) if p + "attn_norm.weight" in t else x  # olmo2: post-norms only
+        kv = n_kv[i] if isinstance(n_kv, list) else n_kv  # lfm2: per layer, 0 on its convolution layers
+        if p + "shortconv.conv.weight" in t:  # lfm2: gated short convolution, causal over the time axis
+            b, c, xx = np.split(lin(h, p + "shortconv.in_proj"), 3, axis=-1)
+            w = t[p + "shortconv.conv.weight"]  # (channels, L)
+            bx = np.concatenate([np.zeros((w.shape[1] - 1, b.shape[1])), b * xx])
+            conv = sum(bx[j : j + T] * w[:, j] for j in range(w.shape[1]))
+            a = lin(c * conv, p + "shortconv.out_proj")
         else:
-            q, k, v = lin(h, p + "attn_q"), lin(h, p + "attn_k"), lin(h, p + "attn_v")
-        d = key("attention.key_length") or q.shape[-1] // n_head
-        q, k, v = q.reshape(T, n_head, d), k.reshape(T, n_kv, d), v.reshape(T, n_kv, d)
-        if p + "attn_q_norm.weight" in t:
-            q, k = norm(q, t[p + "attn_q_norm.weight"]), norm(k, t[p + "attn_k_norm.weight"])
-        n_rot = key("rope.dimension_count", d)
-        layer_base, layer_scale = (base_swa, 1.0) if swa else (base, scale)
-        q = rope(q, pos, layer_base, arch in NEOX, n_rot, layer_scale)
-        k = np.repeat(rope(k, pos, layer_base, arch in NEOX, n_rot, layer_scale), n_head // n_kv, axis=1)
-        v = np.repeat(v, n_head // n_kv, axis=1)
-        s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d)
-        if attn_cap:
-            s = np.tanh(s / attn_cap) * attn_cap
-        s = s + (local if swa or (window and arch == "phi3") else causal)
-        s = np.exp(s - s.max(-1, keepdims=True))
-        a = lin(np.einsum("hqk,khd->qhd", s / s.sum(-1, keepdims=True), v).reshape(T, -1), p + "attn_output")
-        if p + "post_attention_norm.weight" in t:
+            if p + "attn_qkv.weight" in t:
+                qkv = lin(h, p + "attn_qkv")
+                d = qkv.shape[-1] // (n_head + 2 * kv)
+                q, k, v = np.split(qkv, [n_head * d, (n_head + kv) * d], axis=-1)
+            else:
+                q, k, v = lin(h, p + "attn_q"), lin(h, p + "attn_k"), lin(h, p + "attn_v")
+            d = key("attention.key_length") or q.shape[-1] // n_head
+            qk_norm = p + "attn_q_norm.weight" in t
+            if qk_norm and t[p + "attn_q_norm.weight"].shape[-1] == q.shape[-1]:  # olmo2: over the projection
+                q, k, qk_norm = norm(q, t[p + "attn_q_norm.weight"]), norm(k, t[p + "attn_k_norm.weight"]), False
+            q, k, v = q.reshape(T, n_head, d), k.reshape(T, kv, d), v.reshape(T, kv, d)
+            if qk_norm:
+                q, k = norm(q, t[p + "attn_q_norm.weight"]), norm(k, t[p + "attn_k_norm.weight"])
+            n_rot = key("rope.dimension_count", d)
+            layer_base, layer_scale = (base_swa, 1.0) if swa else (base, scale)
+            # llama4 with attention.sliding_window 0 (no chunked layers) ropes every layer
+            use_rope = arch not in NOPE_STEP or (i + 1) % NOPE_STEP[arch] != 0 or key("attention.sliding_window") == 0
+            if use_rope:
+                factors = t.get("rope_freqs.weight")
+                q = rope(q, pos, layer_base, arch in NEOX, n_rot, layer_scale, factors)
+                k = rope(k, pos, layer_base, arch in NEOX, n_rot, layer_scale, factors)
+                if arch == "llama4" and key("expert_count") != 128:  # weightless RMS (L2) norm after RoPE
+                    q, k = norm(q, 1.0), norm(k, 1.0)
+            # (llama4's temperature tuning of NoPE layers' queries starts at position 8192: a no-op here)
+            k, v = np.repeat(k, n_head // kv, axis=1), np.repeat(v, n_head // kv, axis=1)
+            scale_dim = d
+            if gemma and key("block_count") == GEMMA_27B_LAYERS[arch]:
+                scale_dim = key("embedding_length") // n_head
+            s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(scale_dim)
+            if attn_cap:
+                s = np.tanh(s / attn_cap) * attn_cap
+            s = s + (local if swa or (window and arch == "phi3") else causal)
+            s = np.exp(s - s.max(-1, keepdims=True))
+            a = lin(np.einsum("hqk,khd->qhd", s / s.sum(-1, keepdims=True), v).reshape(T, -1), p + "attn_output")
+        # seed_oss's pre-FFN norm is named post_attention_norm; gemma and olmo2 norm the attention output with it
+        has = {n for n in ("attn_norm", "ffn_norm", "post_attention_norm") if f"{p}{n}.weight" in t}
+        pre_ffn = "post_attention_norm" if has == {"attn_norm", "post_attention_norm"} else "ffn_norm"
+        if pre_ffn != "post_attention_norm" and "post_attention_norm" in has:
             a = norm(a, t[p + "post_attention_norm.weight"])
         x = x + a
-        h = norm(x, t[p + "ffn_norm.weight"])
-        if p + "ffn_gate_inp.weight" in t:  # top-k experts, softmax router, weights renormalised
+        h = norm(x, t[f"{p}{pre_ffn}.weight"]) if f"{p}{pre_ffn}.weight" in t else x
+        if p + "ffn_gate_inp.weight" in t:  # top-k experts: softmax router, or sigmoid with a selection bias
             logits = lin(h, p + "ffn_gate_inp")
-            probs = np.exp(logits - logits.max(-1, keepdims=True))
-            probs /= probs.sum(-1, keepdims=True)
-            top = np.argsort(-probs, axis=-1)[:, : key("expert_used_count")]
+            if arch == "llama4" or key("expert_gating_func") == gguf.ExpertGatingFuncType.SIGMOID:
+                probs = 1 / (1 + np.exp(-logits))
+            else:
+                probs = np.exp(logits - logits.max(-1, keepdims=True))
+                probs /= probs.sum(-1, keepdims=True)
+            choice = probs + t.get(p + "exp_probs_b.bias", 0.0)  # the bias picks the experts, not their weights
+            top = np.argsort(-choice, axis=-1)[:, : key("expert_used_count")]
             f = np.zeros_like(h)
             for row in range(T):
-                w = probs[row, top[row]] / probs[row, top[row]].sum()
-                for e, we in zip(top[row], w):
-                    g = t[p + "ffn_gate_exps.weight"][e] @ h[row]
-                    u = t[p + "ffn_up_exps.weight"][e] @ h[row]
-                    f[row] += we * (t[p + "ffn_down_exps.weight"][e] @ (act(g) * u))
+                w = probs[row, top[row]]
+                if key("expert_weights_norm", arch != "llama4"):
+                    w = w / w.sum()
+                for e, we in zip(top[row], w * key("expert_weights_scale", 1.0)):
+                    # llama4 weights each expert's input; the others its output (differs: SiLU is not linear)
+                    x_in, w_out = (we * h[row], 1.0) if arch == "llama4" else (h[row], we)
+                    g = t[p + "ffn_gate_exps.weight"][e] @ x_in
+                    u = t[p + "ffn_up_exps.weight"][e] @ x_in
+                    f[row] += w_out * (t[p + "ffn_down_exps.weight"][e] @ (act(g) * u))
+            if p + "ffn_gate_shexp.weight" in t:  # shared experts, on every token
+                f += lin(act(lin(h, p + "ffn_gate_shexp")) * lin(h, p + "ffn_up_shexp"), p + "ffn_down_shexp")
         elif p + "ffn_gate.weight" in t:
             f = lin(act(lin(h, p + "ffn_gate")) * lin(h, p + "ffn_up"), p + "ffn_down")
         else:  # phi3: ffn_up holds gate and up, in that order
@@ -131,7 +173,8 @@ def gguf_forward(path, ids):
             f = norm(f, t[p + "post_ffw_norm.weight"])
         x = x + f
     out = t["output.weight"] if "output.weight" in t else t["token_embd.weight"]
-    logits = norm(x, t["output_norm.weight"]) @ out.T
+    final_norm = t.get("output_norm.weight", t.get("token_embd_norm.weight"))  # lfm2 names it token_embd_norm
+    logits = norm(x, final_norm) @ out.T
     if final_cap:
         logits = np.tanh(logits / final_cap) * final_cap
     return logits

@@ -213,7 +213,10 @@ def test_mla_config_with_fewer_kv_heads_than_heads_is_refused_in_one_line():
 
 TEMPLATES = Path(__file__).resolve().parent / "fixtures" / "templates"
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-FAMILY_RECIPES = {  # recipe -> (the tiny model of its architecture, the vendored chat template of its family)
+# recipe -> (the tiny model of its architecture, the vendored chat template of its family). GLM-4.5's and
+# Llama 4's own templates are not among llama.cpp's templates in the llama-cpp-python sdists (0.3.16, 0.3.26,
+# 0.3.36 checked): GLM-4.6's (the same GLM family, reasoning_content) and Llama 3.1's stand in for them.
+FAMILY_RECIPES = {
     "qwen3.5/sft_lora.yaml": ("Qwen3.5", "Qwen3.5-4B.jinja"),
     "qwen3.5/sft_lora_thinking.yaml": ("Qwen3.5", "Qwen3.5-4B.jinja"),
     "qwen3-next/sft_qlora.yaml": ("Qwen3-Next", "Qwen-Qwen3-0.6B.jinja"),

@@ -55,8 +55,112 @@ CONFIGS = {
         },
     },
     "phi3": {"model_type": "phi3", "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # Gemma 2 27B-style: scores scaled by hidden/heads (16), not head_dim (32); llama.cpp knows the 27B by
+    # its 46 layers
+    "gemma2_27b": {
+        "model_type": "gemma2",
+        "head_dim": 32,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 4,
+        "num_hidden_layers": 46,
+        "hidden_size": 32,
+        "intermediate_size": 32,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    },
+    # a non-default sliding layout (every 2nd layer global): carried by attention.sliding_window_pattern
+    "gemma3_period2": {
+        "model_type": "gemma3_text",
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 4,
+        "num_hidden_layers": 4,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+    },
+    # the 2025-26 families: q/k/o biases and head_dim != hidden/heads; post-norms only and full-width q/k
+    # norms; interleaved RoPE; NoPE every 4th layer with q/k biases under the Llama permutation
+    "seed_oss": {"model_type": "seed_oss", "head_dim": 32, "attention_bias": True, "attention_out_bias": True},
+    "olmo2": {"model_type": "olmo2", "tie_word_embeddings": False},
+    "olmo3": {"model_type": "olmo3", "sliding_window": 4, "num_hidden_layers": 4, "tie_word_embeddings": False},
+    "olmo3_period2": {
+        "model_type": "olmo3",
+        "sliding_window": 4,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "tie_word_embeddings": False,
+    },
+    "ernie4_5": {"model_type": "ernie4_5", "head_dim": 32},
+    # sigmoid routing with a selection bias and a scale, a shared expert, a leading dense layer, half-rotary
+    # heads, q/k biases and norms
+    "glm4_moe": {
+        "model_type": "glm4_moe",
+        "head_dim": 16,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "routed_scaling_factor": 2.5,
+        "attention_bias": True,
+        "use_qk_norm": True,
+    },
+    # Llama 4 text: a dense and a MoE layer interleaved (top-1 sigmoid router weighting the expert's input,
+    # a shared expert), NoPE and chunked attention on llama.cpp's layout, L2 q/k norms, Llama-3.1 rope scaling
+    "llama4_text": {
+        "model_type": "llama4_text",
+        "head_dim": 16,
+        "num_hidden_layers": 4,
+        "intermediate_size": 24,
+        "intermediate_size_mlp": 96,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 1,
+        "interleave_moe_layer_step": 2,
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    # LFM2: a gated short-convolution layer, then an attention layer with q/k norms; the MLP width derived
+    "lfm2": {
+        "model_type": "lfm2",
+        "layer_types": ["conv", "full_attention"],
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    "smollm3": {
+        "model_type": "smollm3",
+        "num_hidden_layers": 4,
+        "attention_bias": True,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
 }
-GGUF_ARCH = {"qwen3": "qwen3", "qwen3_moe": "qwen3moe", "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
+GGUF_ARCH = {
+    "qwen3": "qwen3",
+    "qwen3_moe": "qwen3moe",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "phi3": "phi3",
+    "gemma2_27b": "gemma2",
+    "gemma3_period2": "gemma3",
+    "seed_oss": "seed_oss",
+    "olmo2": "olmo2",
+    "olmo3": "olmo2",
+    "olmo3_period2": "olmo2",
+    "ernie4_5": "ernie4_5",
+    "smollm3": "smollm3",
+    "glm4_moe": "glm4moe",
+    "llama4_text": "llama4",
+    "lfm2": "lfm2",
+}
 
 
 def tiny_model_dir(root: Path, family: str, tokenizer, **overrides) -> Path:
@@ -68,6 +172,13 @@ def tiny_model_dir(root: Path, family: str, tokenizer, **overrides) -> Path:
         for name, p in model.named_parameters():
             if "norm" in name:  # random norm weights, so the Gemma +1 shift (or its absence) shows
                 p.normal_(0.0, 0.3)
+            # scores far from uniform and a short convolution that matters, so a wrong RoPE layout, NoPE layer,
+            # attention scale or convolution shows in the logits
+            if any(proj in name for proj in ("q_proj", "k_proj", "qkv_proj", "conv.in_proj")):
+                p.mul_(10.0)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # a router selection bias that changes which experts run
+                b.normal_(0.0, 0.3)
     out = root / family
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
@@ -112,6 +223,15 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
         assert "output.weight" not in tensors and meta[f"{GGUF_ARCH[family]}.attention.sliding_window"] == 4
     if family == "phi3":
         assert tensors["blk.0.attn_qkv.weight"].shape == (64 + 2 * 32, 64)
+    if family == "glm4_moe":  # layer 0 dense; layer 1 routed experts, the router's bias and a shared expert
+        assert "blk.0.ffn_gate.weight" in tensors and "blk.0.ffn_gate_inp.weight" not in tensors
+        assert tensors["blk.1.exp_probs_b.bias"].shape == (4,) and "blk.1.ffn_gate_shexp.weight" in tensors
+        assert meta["glm4moe.rope.dimension_count"] == 8 and meta["glm4moe.expert_weights_scale"] == 2.5
+    # the layout's period is written only where it is not llama.cpp's default for the architecture
+    pattern = meta.get(f"{GGUF_ARCH[family]}.attention.sliding_window_pattern")
+    assert pattern == (2 if family.endswith("_period2") else None)
+    if family == "olmo3":  # llama.cpp's default layout, its window kept
+        assert meta["olmo2.attention.sliding_window"] == 4
 
 
 @pytest.mark.parametrize(
@@ -119,6 +239,14 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
     [
         ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob"),
         ("gemma2", {"query_pre_attn_scalar": 32}, "query_pre_attn_scalar"),
+        # hidden/heads is what llama.cpp uses for a 46-layer Gemma 2 only
+        ("gemma2_27b", {"num_hidden_layers": 2}, "query_pre_attn_scalar"),
+        ("ernie4_5", {"use_bias": True}, "use_bias"),
+        ("smollm3", {"no_rope_layers": [1, 0, 1, 1]}, "no_rope_layers"),
+        ("olmo3", {"layer_types": ["full_attention", "sliding_attention"] * 2}, "layer_types"),
+        ("glm4_moe", {"n_group": 2, "topk_group": 1}, "topk_group"),
+        ("llama4_text", {"attention_chunk_size": 8}, "attention_chunk_size"),
+        ("lfm2", {"conv_bias": True}, "conv_bias"),
     ],
 )
 def test_a_configuration_llama_cpp_would_compute_differently_is_refused(
@@ -139,3 +267,16 @@ def test_a_configuration_llama_cpp_would_compute_differently_is_refused(
     with pytest.raises(FinetuneError, match=field):
         export_gguf(str(adapter), str(tmp_path / "out" / "m.gguf"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "family,f32_tensor", [("glm4_moe", "blk.1.ffn_gate_inp.weight"), ("lfm2", "blk.0.shortconv.conv.weight")]
+)
+def test_routers_and_conv_kernels_stay_f32_as_llama_cpp_stores_them(tmp_path, tiny_tokenizer, family, f32_tensor):
+    import gguf
+
+    model_dir = tiny_model_dir(tmp_path, family, tiny_tokenizer)
+    gguf_export.convert(model_dir, tmp_path / "m.gguf", "q8_0")
+    _, _, qtypes = read(tmp_path / "m.gguf")
+    assert qtypes[f32_tensor] == gguf.GGMLQuantizationType.F32
+    assert qtypes["blk.1.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
