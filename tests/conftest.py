@@ -12,6 +12,16 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist, --dist loadfile hands the files out in collection order: the longest go first, so that
+# no worker is left alone with one of them at the end of the run.
+LONGEST_FILES = ("test_sharded.py", "test_webui.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        first = {name: i for i, name in enumerate(LONGEST_FILES)}
+        items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
+
 
 def run_dir(tmp_path_factory) -> Path:
     """The directory of this test run: the session's basetemp, or under pytest-xdist its parent (the
