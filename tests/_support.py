@@ -119,6 +119,17 @@ def run_cli(args, cwd: Path, timeout: int = 600, **kw) -> subprocess.CompletedPr
     )
 
 
+def run_cli_in_process(args, cwd: Path) -> subprocess.CompletedProcess:
+    """`finetune ARGS` run in this process as tests/_cli_batch.py runs it (the console script's exit status,
+    stdout and stderr), for a test's further runs once one real process has shown the command end to end:
+    no second torch import to pay."""
+    from _cli_batch import run_one
+
+    argv = [str(a) for a in args]
+    r = run_one(argv, str(cwd))
+    return subprocess.CompletedProcess(argv, r["returncode"], r["stdout"], r["stderr"])
+
+
 # Probes of the tiny model's quality (tests/test_tiny.py asserts them, bench/tiny_build.py reports them).
 QA = [  # memorisable facts the tiny corpus does not contain
     ("Where does Tom keep his bike?", "Tom keeps his bike in the kitchen."),

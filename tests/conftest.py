@@ -1,21 +1,61 @@
-"""Shared fixtures: one tiny-model cache per session, and its tokenizer."""
+"""Shared fixtures: one tiny-model cache per test run, and its tokenizer.
+
+Under pytest-xdist (the README's test command: `-n 2`) each worker is a session of its own; what a
+session builds once (the tiny model, the shared trained outputs) lives in the run's directory that all
+workers share, and a file lock lets one worker build it while the others wait."""
 
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
+
+# Under pytest-xdist, --dist loadfile hands the files out in collection order: the longest go first, so that
+# no worker is left alone with one of them at the end of the run.
+LONGEST_FILES = ("test_sharded.py", "test_webui.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        first = {name: i for i, name in enumerate(LONGEST_FILES)}
+        items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
+
+
+def run_dir(tmp_path_factory) -> Path:
+    """The directory of this test run: the session's basetemp, or under pytest-xdist its parent (the
+    workers' basetemps are its children)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(dir)`'s result, built once per test run into RUN_DIR/name, whichever worker asks first."""
+    from filelock import FileLock
+
+    root = run_dir(tmp_path_factory) / name
+    with FileLock(f"{root}.lock"):
+        done = root.with_name(f"{name}.built")
+        if not done.is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            done.write_text(str(build(root)), encoding="utf-8")
+        return Path(done.read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="session", autouse=True)
 def finetune_cache(tmp_path_factory):
     """The tiny-model cache root: $FINETUNE_CACHE when set (reuse a prebuilt tiny model),
-    else a fresh dir for this session. Subprocesses inherit it through os.environ."""
+    else a fresh dir for this test run (tiny.build locks it: one worker builds, the others wait).
+    Subprocesses inherit it through os.environ."""
     existing = os.environ.get("FINETUNE_CACHE")
     if existing:
         yield existing
         return
-    root = str(tmp_path_factory.mktemp("finetune_cache"))
+    root = run_dir(tmp_path_factory) / "finetune_cache"
+    root.mkdir(exist_ok=True)
+    root = str(root)
     os.environ["FINETUNE_CACHE"] = root
     try:
         yield root
@@ -42,22 +82,24 @@ def tiny_tokenizer(tiny_path):
 
 @pytest.fixture(scope="session")
 def tiny_rm_dir(tiny_path, tmp_path_factory):
-    """An `rm` output dir trained once per session on the demo preference pairs (tests/_support.py:
-    train_tiny_rm); eval pairwise accuracy 1.0. Shared by the reward-model and RL tests: read only."""
+    """An `rm` output dir trained on the demo preference pairs (tests/_support.py: train_tiny_rm), once
+    per test run; eval pairwise accuracy 1.0. Shared by the reward-model and RL tests: read only."""
     from _support import train_tiny_rm
 
-    return train_tiny_rm(tmp_path_factory.mktemp("tiny_rm") / "rm")
+    return built_once(tmp_path_factory, "tiny_rm", lambda root: train_tiny_rm(root / "rm"))
 
 
 @pytest.fixture(scope="session")
 def memo_lora_dir(tiny_path, tmp_path_factory):
-    """An SFT LoRA output dir that memorised tests/_support.MEMO_CHATS (30 steps, once per session); greedy
+    """An SFT LoRA output dir that memorised tests/_support.MEMO_CHATS (30 steps, once per test run); greedy
     answers are the memorised ones. Shared by the serve and web UI tests: read only."""
     from _support import memo_recipe
 
     from finetune import config
     from finetune.stages import sft
 
-    root = tmp_path_factory.mktemp("memo_lora")
-    (root / "recipe.yaml").write_text(memo_recipe(root, steps=30), encoding="utf-8")
-    return sft.run(config.load(str(root / "recipe.yaml"), []))
+    def build(root: Path) -> Path:
+        (root / "recipe.yaml").write_text(memo_recipe(root, steps=30), encoding="utf-8")
+        return sft.run(config.load(str(root / "recipe.yaml"), []))
+
+    return built_once(tmp_path_factory, "memo_lora", build)

@@ -1,12 +1,11 @@
 """Bad input through the real CLI: a non-zero exit, exactly one `finetune: error:` line that
-names the file, line/record and field, no traceback, and no output dir left behind. The first part
-runs one subprocess per case; the catalogue at the end (every command) runs its cases in-process in
-a few batch subprocesses (tests/_cli_batch.py).
+names the file, line/record and field, no traceback, and no output dir left behind. The cases (a first
+part, then a catalogue covering every command) run in-process, exactly as the console script runs them,
+in a few batch subprocesses (tests/_cli_batch.py): one torch import per batch, not one per case.
 
 Every case is a real `finetune train` (not --dry-run), so "nothing half-written" is tested;
 the recipes keep train.max_steps=1 so nothing expensive runs even if validation let one
-through. The subprocesses (each pays the torch/transformers import) run concurrently from
-one module fixture; each test then checks one case's result.
+through. One module fixture runs every case; each test then checks one case's result.
 """
 
 from __future__ import annotations
@@ -83,8 +82,8 @@ def _jsonl(path: Path, rows) -> Path:
 
 GOOD = {"instruction": "Say hello.", "input": "", "output": "Hello!"}
 LONG = {"instruction": "Read this: " + "words and more words " * 10, "input": "", "output": "OK"}
-TRAIN = [sys.executable, "-m", "finetune", "train"]
-PREVIEW = [sys.executable, "-m", "finetune", "data", "preview"]
+TRAIN = ["train"]  # argv after `finetune`
+PREVIEW = ["data", "preview"]
 
 
 def _cases(root: Path) -> dict[str, Case]:
@@ -92,7 +91,7 @@ def _cases(root: Path) -> dict[str, Case]:
 
     def new(name: str) -> Path:
         d = root / name
-        d.mkdir()
+        d.mkdir(parents=True)
         return d
 
     d = new("missing_file")
@@ -286,7 +285,7 @@ def _cases(root: Path) -> dict[str, Case]:
         d = new(name)
         recipe, out = _recipe(d, _jsonl(d / "ok.jsonl", [GOOD] * 4))
         argv = [str(recipe) if a == "RECIPE" else a for a in argv]
-        base = TRAIN if name == "debug_after" else [sys.executable, "-m", "finetune"]
+        base = TRAIN if name == "debug_after" else []
         cases.append(Case(name, d, base + argv, [], out))
 
     d = new("preview")
@@ -304,17 +303,8 @@ def _cases(root: Path) -> dict[str, Case]:
 
 
 @pytest.fixture(scope="module")
-def cli(tmp_path_factory, tiny_path) -> dict[str, Case]:
-    # tiny_path: the tiny model is built (once) before the subprocesses look for it
-    cases = _cases(tmp_path_factory.mktemp("bad_input"))
-    env = _env()
-
-    def run(case: Case) -> None:
-        case.result = subprocess.run(case.argv, cwd=case.cwd, env=env, capture_output=True, text=True, timeout=600)
-
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        list(pool.map(run, cases.values()))
-    return cases
+def cli(batched) -> dict[str, Case]:
+    return batched[0]
 
 
 ERROR_CASES = [
@@ -785,10 +775,8 @@ def _catalogue(root: Path, tiny_path: str) -> tuple[list[dict], Path]:
     return cases, adapters["marker"]
 
 
-@pytest.fixture(scope="module")
-def catalogue(tmp_path_factory, tiny_path) -> tuple[dict, dict, Path]:
-    root = tmp_path_factory.mktemp("catalogue")
-    cases, marker = _catalogue(root, tiny_path)
+def _run_batches(root: Path, cases: list[dict]) -> dict[str, dict]:
+    """Run `cases` ({name, cwd, argv}) in BATCHES concurrent tests/_cli_batch.py processes: name -> result."""
     env = _env()
     batches = [cases[i::BATCHES] for i in range(BATCHES)]
 
@@ -808,8 +796,28 @@ def catalogue(tmp_path_factory, tiny_path) -> tuple[dict, dict, Path]:
         return json.loads(results.read_text(encoding="utf-8"))
 
     with ThreadPoolExecutor(max_workers=BATCHES) as pool:
-        results = {k: v for part in pool.map(run, range(BATCHES)) for k, v in part.items()}
-    return {c["name"]: c for c in cases}, results, marker
+        return {k: v for part in pool.map(run, range(BATCHES)) for k, v in part.items()}
+
+
+@pytest.fixture(scope="module")
+def batched(tmp_path_factory, tiny_path) -> tuple[dict[str, Case], tuple[dict, dict, Path]]:
+    """Both parts' cases, run together (one torch import per batch): (the first part's cases with their
+    results, the catalogue)."""
+    root = tmp_path_factory.mktemp("bad_input")
+    cases = _cases(root / "cases")
+    catalogue, marker = _catalogue(root, tiny_path)
+    first = [{"name": c.name, "cwd": str(c.cwd), "argv": c.argv} for c in cases.values()]
+    assert not {c["name"] for c in first} & {c["name"] for c in catalogue}
+    results = _run_batches(root, first + catalogue)
+    for case in cases.values():
+        r = results[case.name]
+        case.result = subprocess.CompletedProcess(case.argv, r["returncode"], r["stdout"], r["stderr"])
+    return cases, ({c["name"]: c for c in catalogue}, results, marker)
+
+
+@pytest.fixture(scope="module")
+def catalogue(batched) -> tuple[dict, dict, Path]:
+    return batched[1]
 
 
 CATALOGUE_SIZE = 45  # and the subprocess cases above: 60 bad inputs over every command

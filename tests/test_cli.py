@@ -6,7 +6,7 @@ import shutil
 import subprocess
 import sys
 
-from _support import REPO, logged_losses, run_cli
+from _support import REPO, logged_losses, run_cli, run_cli_in_process
 
 from finetune import config
 
@@ -80,10 +80,10 @@ def test_quickstart_recipe_trains_and_writes_a_self_describing_output(tmp_path):
     assert "GENERATED" in plain.stdout
 
     # A finished output is never overwritten silently; overwrite=true replaces it atomically.
-    again = run_cli(["train", QUICKSTART, f"output.dir={out}", "train.max_steps=2"], cwd=tmp_path)
+    again = run_cli_in_process(["train", QUICKSTART, f"output.dir={out}", "train.max_steps=2"], cwd=tmp_path)
     assert again.returncode != 0 and "output.overwrite=true" in again.stderr
     assert len(logged_losses(out)) == len(losses)
-    replaced = run_cli(
+    replaced = run_cli_in_process(
         [
             "train",
             QUICKSTART,
@@ -102,7 +102,7 @@ def test_quickstart_recipe_trains_and_writes_a_self_describing_output(tmp_path):
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     out = tmp_path / "out"
     # overrides after the option still apply (argparse alone would reject them)
-    r = run_cli(["train", QUICKSTART, "--dry-run", f"output.dir={out}", "train.max_steps=3"], cwd=tmp_path)
+    r = run_cli_in_process(["train", QUICKSTART, "--dry-run", f"output.dir={out}", "train.max_steps=3"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trainable of" in r.stdout and "examples from" in r.stdout and "per step" in r.stdout
     assert f"output         {out}" in r.stdout and "steps          3 " in r.stdout

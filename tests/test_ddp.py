@@ -1,10 +1,12 @@
 """Two CPU processes under `accelerate launch` (DDP over gloo): one output, one log, and the
 loss of one process with the same global batch."""
 
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
-from _support import ddp_train, free_port, logged_losses, memo_recipe, run_cli
+from _support import REPO, ddp_train, free_port, logged_losses, memo_recipe, run_cli_in_process
 
 COMMON = ["train.max_steps=20", "train.report_to=[]"]
 
@@ -12,7 +14,8 @@ COMMON = ["train.max_steps=20", "train.report_to=[]"]
 def test_two_process_ddp_matches_one_process(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(memo_recipe(tmp_path, "lora", steps=20))
-    single = run_cli(
+    # the one-process reference needs no process of its own: it runs in this one
+    single = run_cli_in_process(
         ["train", str(recipe), f"output.dir={tmp_path / 'single'}", "train.per_device_train_batch_size=4", *COMMON],
         cwd=tmp_path,
     )
@@ -36,27 +39,19 @@ def test_accelerate_launch_without_config_is_the_plain_run(tmp_path, monkeypatch
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(memo_recipe(tmp_path, "lora", steps=5))
-    plain = run_cli(["train", str(recipe), f"output.dir={tmp_path / 'plain'}"], cwd=tmp_path)
-    assert plain.returncode == 0, plain.stderr[-3000:]
-    launched = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--num_processes",
-            "1",
-            "--main_process_port",
-            str(free_port()),
-            "-m",
-            "finetune",
-            "train",
-            str(recipe),
-            f"output.dir={tmp_path / 'launched'}",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert launched.returncode == 0, launched.stderr[-3000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1"]
+    commands = {
+        "plain": [sys.executable],
+        "launched": [*launch, "--main_process_port", str(free_port())],
+    }
+
+    def train(name: str) -> subprocess.CompletedProcess:
+        command = [*commands[name], "-m", "finetune", "train", str(recipe), f"output.dir={tmp_path / name}"]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # at once, one thread each: neither waits for the other
+        done = dict(zip(commands, pool.map(train, commands)))
+    for name, r in done.items():
+        assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
     assert logged_losses(tmp_path / "launched") == logged_losses(tmp_path / "plain")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from _gguf_forward import gguf_forward, read
 from _merge_support import lora, make_adapter
-from _support import run_cli
+from _support import run_cli, run_cli_in_process
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from finetune import gguf_export, ollama
@@ -204,15 +204,17 @@ def test_export_cli_merges_an_adapter_and_writes_gguf_and_modelfile(tmp_path, ti
     base = AutoModelForCausalLM.from_pretrained(tiny_path).model.layers[0].mlp.down_proj.weight.detach().numpy()
     assert np.abs(tensors["blk.0.ffn_down.weight"] - base).max() > 0.01  # the adapter was merged in
 
-    r = run_cli(["export", str(adapter), "--out", str(tmp_path / "out" / "model.gguf")], cwd=tmp_path)
+    r = run_cli_in_process(["export", str(adapter), "--out", str(tmp_path / "out" / "model.gguf")], cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()] and "exists" in r.stderr
 
     # a folder that already has a Modelfile: refused, naming --modelfile; --modelfile elsewhere points FROM back
     out2 = tmp_path / "out" / "second.gguf"
-    r = run_cli(["export", str(adapter), "--out", str(out2), "--ollama"], cwd=tmp_path)
+    r = run_cli_in_process(["export", str(adapter), "--out", str(out2), "--ollama"], cwd=tmp_path)
     assert r.returncode == 2 and "--modelfile" in r.stderr and not out2.exists()
     other = tmp_path / "ollama" / "Modelfile.second"
-    r = run_cli(["export", str(adapter), "--out", str(out2), "--ollama", "--modelfile", str(other)], cwd=tmp_path)
+    r = run_cli_in_process(
+        ["export", str(adapter), "--out", str(out2), "--ollama", "--modelfile", str(other)], cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "FROM ../out/second.gguf\n" in other.read_text() and (other.parent / "../out/second.gguf").resolve() == out2
 

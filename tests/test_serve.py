@@ -21,7 +21,7 @@ import pytest
 import uvicorn
 import yaml
 from _merge_support import make_adapter
-from _support import MEMO_CHATS, REPO, free_port, memo_recipe, run_cli, write_jsonl
+from _support import MEMO_CHATS, REPO, free_port, memo_recipe, run_cli_in_process, write_jsonl
 from peft import LoraConfig, PromptTuningConfig
 
 from finetune import chat, cli, config, loading, outputs, serve
@@ -138,7 +138,7 @@ def chat_answer(adapter_dir, question, n=24, system=None):
 def test_chat_completion_equals_finetune_chat_streamed_or_not(server, adapters, tmp_path):
     c = client(server)
     system = "You are a helpful assistant."
-    r = run_cli(
+    r = run_cli_in_process(  # (test_chat runs `finetune chat --prompt` as a process of its own)
         ["chat", str(adapters["memo"]), "--prompt", QUESTIONS[0], "--system", system, "--max-new-tokens", "24"],
         cwd=tmp_path,
     )
@@ -446,15 +446,6 @@ def test_cli_serves_with_the_env_api_key_and_rejects_a_bad_dir(adapters, tmp_pat
     """... and a dead engine thread takes the server down: the waiting request gets a 503, the process exits 1."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), serve.API_KEY_ENV: KEY}
-    bad = subprocess.run(
-        [sys.executable, "-m", "finetune", "serve", str(tmp_path / "missing")],
-        env=env,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert bad.returncode == 2 and "no such directory" in bad.stderr and "Traceback" not in bad.stderr
     proc = subprocess.Popen(
         [sys.executable, "-c", KILLABLE, "serve", str(adapters["memo"]), "--port", str(port)],
         env=env,
@@ -463,6 +454,15 @@ def test_cli_serves_with_the_env_api_key_and_rejects_a_bad_dir(adapters, tmp_pat
         text=True,
     )
     try:
+        bad = subprocess.run(  # while the server starts
+            [sys.executable, "-m", "finetune", "serve", str(tmp_path / "missing")],
+            env=env,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert bad.returncode == 2 and "no such directory" in bad.stderr and "Traceback" not in bad.stderr
         url = f"http://127.0.0.1:{port}"
         for _ in range(600):
             try:

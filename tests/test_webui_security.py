@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 import yaml
-from _support import free_port, run_cli, write_jsonl
+from _support import free_port, run_cli, run_cli_in_process, write_jsonl
 
 from finetune.webui.workspace import Workspace
 
@@ -179,7 +179,7 @@ def test_a_public_bind_without_a_login_is_refused_at_start(tmp_path):
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--host 0.0.0.0" in lines[0] and "--auth" in lines[0], r.stderr
-    bad = run_cli(["webui", "--host", "0.0.0.0", "--auth", "nopassword"], tmp_path, timeout=120)
+    bad = run_cli_in_process(["webui", "--host", "0.0.0.0", "--auth", "nopassword"], tmp_path)
     assert bad.returncode == 2 and "--auth: expected USER:PASSWORD" in bad.stderr
 
 
