@@ -411,3 +411,28 @@ def test_vl_recipes_dry_run(path, tiny_name, tmp_path, capsys):
     assert code == 0, err[-2000:]
     trained = next(line for line in out.splitlines() if line.strip().startswith("trained"))
     assert "language_model" in trained and "frozen" in trained, trained
+
+
+@pytest.mark.parametrize("key", ["packing", "padding_free"])
+def test_packing_is_refused_for_a_vision_model_in_one_line(key, tmp_path, capsys):
+    png(tmp_path / "img" / "a.png")
+    data = write_jsonl(tmp_path / "d.jsonl", [good(0)])
+    code, out, err = cli(capsys, "train", recipe(tmp_path, data), f"train.{key}=true", "--dry-run")
+    assert code == 2 and f"train.{key}" in err and "vision-language" in err, (code, err)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_tripwire_the_processor_mapping_video_stub_patches():
+    """finetune/video_stub.py swaps the video slot of transformers' lazy processor mapping while a processor loads
+    without torchvision; this fails when transformers moves that internal."""
+    from transformers import processing_utils
+    from transformers.video_processing_utils import BaseVideoProcessor, VideoProcessorMixin  # noqa: F401
+
+    names = processing_utils._LazyAutoProcessorMapping._MAPPING_NAMES
+    assert "video_processor" in names and hasattr(processing_utils, "transformers_module")
+    from finetune import video_stub
+
+    with video_stub.images_only():
+        if video_stub.torchvision_missing():
+            assert names["video_processor"] == ("finetune.video_stub", "ImagesOnlyVideoProcessor")
+    assert names["video_processor"] != ("finetune.video_stub", "ImagesOnlyVideoProcessor")

@@ -13,6 +13,7 @@ from pathlib import Path
 from finetune import adapters, data, guards, loading
 from finetune.config import Recipe
 from finetune.data import vision
+from finetune.errors import RecipeError
 from finetune.outputs import RunDir
 from finetune.stages.common import (
     TrainPlan,
@@ -38,10 +39,22 @@ def prepare(recipe: Recipe, dry_run: bool = False):
     if not dry_run:
         run_dir.check()
     tok = loading.load_tokenizer_or_processor(recipe.model, recipe.data)  # a processor for a vision-language model
+    check_packing_without_images(recipe, tok)
     prepared = data.load_recipe(recipe, tok)
     for note in prepared.notes:
         log.warning(note)
     return run_dir, tok, prepared
+
+
+def check_packing_without_images(recipe: Recipe, tok) -> None:
+    """Packed or padding-free rows hold several examples; TRL 1.12's vision collator builds one set of image inputs
+    per row and fails mid-run on them, so a vision-language recipe is refused here in one line."""
+    on = [key for key in ("packing", "padding_free") if recipe.train.get(key)]
+    if on and vision.is_processor(tok):
+        raise RecipeError(
+            f"{recipe.source or 'recipe'}: train.{on[0]}: a vision-language model trains one example per row "
+            "(each row's images go with its own tokens); drop it"
+        )
 
 
 def plan(recipe: Recipe, gpu_memory: int | None = None) -> TrainPlan:
