@@ -304,6 +304,102 @@ def _check_template(tok) -> None:
         pass  # it compiles but refuses this probe chat (tools required, no user turns...): records say so one by one
 
 
+# ----------------------------------------------------------------------------- vision-language models
+
+
+def is_vision_config(config) -> bool:
+    """A vision-language model: its config has a vision part and transformers maps it to an image-text-to-text
+    model (`AutoModelForImageTextToText`). Decided from the config, never the family's name."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return (
+        getattr(config, "vision_config", None) is not None
+        and getattr(config, "model_type", None) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    )
+
+
+def load_config(where: str, field: str = "model.name_or_path", revision: str | None = None, trust_remote_code=None):
+    """A model's config (no weights): what decides text vs vision-language loading."""
+    from transformers import AutoConfig
+
+    trust = security.flags().trust_remote_code if trust_remote_code is None else trust_remote_code
+    try:
+        return AutoConfig.from_pretrained(where, revision=revision, trust_remote_code=trust)
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"{field}: cannot read the model's config from {where!r}: {_first_line(e)}") from None
+
+
+def is_vision_model(cfg: ModelSection) -> bool:
+    """Whether a recipe's model is a vision-language model (read from its config)."""
+    return is_vision_config(
+        load_config(model_path(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    )
+
+
+def load_processor(model: ModelSection | ModelDir, padding_side: str | None = None):
+    """The processor (image processor + tokenizer) of a vision-language model, for a recipe's model section or a
+    dir, with the tokenizer policy of `load_tokenizer`: the processor's chat template is the tokenizer's too (the
+    recipe's `model.chat_template` replaces both), a pad token, right padding for a recipe. Image+video families'
+    processors load without torchvision (finetune.video_stub: images only)."""
+    from transformers import AutoProcessor
+
+    from finetune import video_stub
+
+    if isinstance(model, ModelDir):
+        where = (
+            str(model.path)
+            if model.kind == "model" or (model.path / "processor_config.json").is_file()
+            else model.base
+        )
+        kwargs = dict(trust_remote_code=security.flags().trust_remote_code)
+    else:
+        where = model_path(model)
+        kwargs = dict(revision=model.revision, trust_remote_code=model.trust_remote_code)
+    try:
+        with video_stub.images_only():
+            processor = AutoProcessor.from_pretrained(where, **kwargs)
+    except (OSError, ValueError, ImportError, TypeError) as e:
+        field = str(model.path) if isinstance(model, ModelDir) else "model.name_or_path"
+        raise RecipeError(f"{field}: cannot load the image processor of {where!r}: {_first_line(e)}") from None
+    tok = getattr(processor, "tokenizer", None)
+    if tok is None or not hasattr(processor, "image_processor"):
+        field = str(model.path) if isinstance(model, ModelDir) else "model.name_or_path"
+        raise RecipeError(
+            f"{field}: {where!r} has no image processor and tokenizer pair (AutoProcessor gave "
+            f"{type(processor).__name__})"
+        )
+    template = None if isinstance(model, ModelDir) else model.chat_template
+    if template:
+        if template.endswith(".jinja") and Path(template).is_file():
+            template = Path(template).read_text(encoding="utf-8")
+        tok.chat_template = template
+        _check_template(tok)
+    elif getattr(processor, "chat_template", None):
+        tok.chat_template = processor.chat_template
+    elif not tok.chat_template:
+        raise RecipeError(
+            f"model.name_or_path: {where!r} has no chat template for images; give one in model.chat_template"
+        )
+    processor.chat_template = tok.chat_template
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    padding_side = padding_side or (None if isinstance(model, ModelDir) else "right")
+    if padding_side is not None:
+        tok.padding_side = padding_side
+    return processor
+
+
+def _auto_model_class(where: str, revision: str | None = None, trust_remote_code=None):
+    """AutoModelForImageTextToText for a vision-language config, else AutoModelForCausalLM."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    try:
+        config = load_config(where, revision=revision, trust_remote_code=trust_remote_code)
+    except RecipeError:
+        return AutoModelForCausalLM  # the model load itself reports what is wrong
+    return AutoModelForImageTextToText if is_vision_config(config) else AutoModelForCausalLM
+
+
 # ----------------------------------------------------------------------------- models
 
 
@@ -333,6 +429,8 @@ def load_for_training(
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = _kbit_device_map()
     auto_class, quiet = AutoModelForCausalLM, contextlib.nullcontext()
+    if num_labels is None:
+        auto_class = _auto_model_class(path, cfg.revision, cfg.trust_remote_code)
     if num_labels is not None:
         from trl.trainer.reward_trainer import suppress_seqcls_warning  # new head, unused lm_head: expected
 
@@ -366,10 +464,9 @@ def load_inference_model(
     revision: str | None = None,
     hint: str = "",
 ):
-    """A causal LM in eval mode from a dir, tiny cache or hub id (safetensors unless the user allows
-    pickles), optionally quantized as its QLoRA recipe says; `hint` ends a load error."""
-    from transformers import AutoModelForCausalLM
-
+    """A causal LM (or a vision-language model, by its config) in eval mode from a dir, tiny cache or hub id
+    (safetensors unless the user allows pickles), optionally quantized as its QLoRA recipe says; `hint` ends a
+    load error."""
     flags = security.flags()
     kwargs = dict(
         dtype=dtype, use_safetensors=None if flags.allow_pickle else True, trust_remote_code=flags.trust_remote_code
@@ -383,7 +480,7 @@ def load_inference_model(
             device_map={"": 0 if torch.cuda.is_available() else "cpu"},
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        model = _auto_model_class(where, revision, flags.trust_remote_code).from_pretrained(where, **kwargs)
     except pickle.UnpicklingError:  # --allow-pickle: torch's weights-only loader still refuses code
         raise ModelDirError(
             f"{field}: {where}: its pickled weights hold objects torch's safe loader refuses "

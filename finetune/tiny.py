@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
-__all__ = ["TINY_MODELS", "TinySpec", "BUILD_VERSION", "is_tiny", "build_if_tiny", "build", "cache_root"]
+__all__ = ["TINY_MODELS", "TinySpec", "VisionSpec", "BUILD_VERSION", "is_tiny", "build_if_tiny", "build", "cache_root"]
 
 # Bump when the build code changes in a way that changes the artefact.
 BUILD_VERSION = 1
@@ -93,8 +93,21 @@ class TinySpec:
     seed: int = 0
 
 
-TINY_MODELS: dict[str, TinySpec] = {
+@dataclass(frozen=True)
+class VisionSpec:
+    """A tiny vision-language model (finetune.tiny_vision): a transformers VLM architecture at toy size,
+    its language model taken from the tiny text model `text` where the parameter names fit."""
+
+    style: str  # qwen2_vl | gemma3 | llava: how the processor puts images into the text
+    text: str = "tiny-llama"
+    seed: int = 0
+
+
+TINY_MODELS: dict[str, TinySpec | VisionSpec] = {
     "tiny-llama": TinySpec(),
+    "tiny-vlm": VisionSpec("qwen2_vl"),  # Qwen2-VL style: the quickstart's VLM
+    "tiny-gemma3-vlm": VisionSpec("gemma3"),
+    "tiny-llava": VisionSpec("llava"),
 }
 
 
@@ -135,11 +148,12 @@ def build(name: str, cache_root: str | os.PathLike | None = None, force: bool = 
     """Build (or find in the cache) the tiny model ``name``; return its dir.
 
     ``cache_root`` defaults to :func:`cache_root`; the dir is ``<root>/tiny/<name>-<fp12>``.
-    ``force`` rebuilds even if the dir exists.
+    ``force`` rebuilds even if the dir exists. A tiny VLM builds its text model first.
     """
     spec = _spec(name)
     root = pathlib.Path(cache_root).expanduser().absolute() if cache_root is not None else _default_root()
-    fp = fingerprint(spec)
+    text_dir = build(spec.text, root) if isinstance(spec, VisionSpec) else None
+    fp = fingerprint(spec) if text_dir is None else _vision_fingerprint(spec, text_dir)
     parent = root / "tiny"
     target = parent / f"{name}-{fp[:12]}"
     if not force and _is_complete(target):
@@ -166,7 +180,9 @@ def build(name: str, cache_root: str | os.PathLike | None = None, force: bool = 
         )
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
         try:
-            info = _build_into(tmp, name, spec, fp)
+            info = (
+                _build_into(tmp, name, spec, fp) if text_dir is None else _build_vision(tmp, name, spec, fp, text_dir)
+            )
             from finetune.atomic import replace_dir
 
             replace_dir(
@@ -175,9 +191,11 @@ def build(name: str, cache_root: str | os.PathLike | None = None, force: bool = 
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        trained = (
+            f" (pre-training loss {info['init_loss']:.2f} -> {info['final_loss']:.2f})" if "init_loss" in info else ""
+        )
         print(
-            f"finetune: built {name} in {info['build_seconds']:.1f} s "
-            f"(pre-training loss {info['init_loss']:.2f} -> {info['final_loss']:.2f})",
+            f"finetune: built {name} in {info['build_seconds']:.1f} s{trained}",
             file=sys.stderr,
             flush=True,
         )
@@ -195,6 +213,40 @@ def fingerprint(spec: TinySpec) -> str:
         h.update(f"\n{path.name}\n".encode())
         h.update(path.read_bytes())
     return h.hexdigest()
+
+
+def _vision_fingerprint(spec: VisionSpec, text_dir: pathlib.Path) -> str:
+    """sha256 over BUILD_VERSION, the spec and its text model's dir name (which holds that one's fingerprint)."""
+    h = hashlib.sha256()
+    h.update(f"finetune-tiny-vision/{BUILD_VERSION}\n".encode())
+    h.update(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
+    h.update(text_dir.name.encode())
+    return h.hexdigest()
+
+
+def _build_vision(out: pathlib.Path, name: str, spec: VisionSpec, fp: str, text_dir: pathlib.Path) -> dict:
+    import torch
+
+    from finetune import tiny_vision
+
+    t0 = time.perf_counter()
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            info = tiny_vision.build_into(out, spec.style, text_dir, spec.seed)
+    finally:
+        torch.set_num_threads(prev_threads)
+    info.update(
+        name=name,
+        fingerprint=fp,
+        build_version=BUILD_VERSION,
+        spec=dataclasses.asdict(spec),
+        build_seconds=round(time.perf_counter() - t0, 2),
+        versions=_versions(),
+    )
+    (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return info
 
 
 # --------------------------------------------------------------------------- internals
