@@ -19,7 +19,7 @@ from finetune.data.chat_formats import DEFAULT_REASONING_TAGS, split_inline_reas
 from finetune.data.encode import template_messages
 from finetune.errors import FinetuneError
 from finetune.generate import generate
-from finetune.loading import load_for_inference, load_processor
+from finetune.loading import load_for_inference
 from finetune.outputs import recorded_system_prompt
 
 HELP = "commands: /reset clears the history, /exit quits"
@@ -171,7 +171,7 @@ def run_cli(args) -> int:
 
     path = model_dir(args.model)
     model, tok, source = load_for_inference(path, args.base)
-    processor = load_processor(source)
+    processor = image_inputs.vision_processor(source)
     images = [image_inputs.open_image(p, "--image") for p in args.image or []]
     if images and processor is None:
         raise FinetuneError(f"--image: {args.model} takes no images (a text-only model: no image processor)")

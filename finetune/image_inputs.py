@@ -41,6 +41,15 @@ class ImageBounds:
 DEFAULT_BOUNDS = ImageBounds()
 
 
+def vision_processor(model_dir):
+    """The processor of a vision-language model dir (an adapter: its own, else its base's); None for a text model."""
+    from finetune import loading
+
+    where = str(model_dir.path) if model_dir.kind == "model" else model_dir.base
+    config = loading.load_config(where, field=model_dir.base_field or str(model_dir.path))
+    return loading.load_processor(model_dir) if loading.is_vision_config(config) else None
+
+
 def is_image_part(part) -> bool:
     return isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES
 

@@ -30,7 +30,6 @@ from finetune.loading import (
     inspect,
     load_base,
     load_inference_model,
-    load_processor,
     load_tokenizer,
 )
 from finetune.outputs import OutputDir
@@ -177,7 +176,7 @@ def merge(
     final = check_free(out, overwrite)
     dtype = _output_dtype(dtype, source)
     tok = load_tokenizer(source)
-    processor = load_processor(source)
+    processor = image_inputs.vision_processor(source)
     batch = probe_batch(tok, processor)
 
     full = load_base(source, quantized=False)
@@ -407,7 +406,7 @@ def merge_adapters(
     first = sources[0]
     dtype = _output_dtype(dtype, first)
     tok = load_tokenizer(first)
-    processor = load_processor(first)
+    processor = image_inputs.vision_processor(first)
     batch = probe_batch(tok, processor)
     notes = []
     if any(s.quant is not None for s in sources):

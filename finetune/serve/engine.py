@@ -98,7 +98,7 @@ def load_served(
         if torch.cuda.is_available() and source.quant is None and next(model.parameters()).device.type == "cpu":
             model.to("cuda")  # a quantized base is placed at load time
         tok = loading.load_tokenizer(source)
-        processor = loading.load_processor(source)
+        processor = image_inputs.vision_processor(source)
         recipe = OutputDir(source.path).recipe_dict() if Path(source.path).is_dir() else {}
         # as `finetune chat` and training read it: the run's data.reasoning_tags, else the default
         tags = (recipe.get("data") or {}).get("reasoning_tags") or DEFAULT_REASONING_TAGS
