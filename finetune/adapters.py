@@ -26,6 +26,61 @@ from finetune.errors import RecipeError
 ATTENTION_BLOCKS = ("self_attn", "self_attention", "attention", "attn")
 
 
+def language_model(model) -> tuple[str, object] | None:
+    """(full name, module) of a vision-language model's text decoder (`get_decoder()`), None for a text model.
+    LoRA's default targets stay inside it: the vision tower and the projector train only when named."""
+    if getattr(model.config, "vision_config", None) is None or not hasattr(model, "get_decoder"):
+        return None
+    decoder = model.get_decoder()
+    name = {id(m): n for n, m in model.named_modules()}.get(id(decoder))
+    return (name, decoder) if name else None
+
+
+def vision_targets(model, targets) -> list[str] | str | None:
+    """A vision-language model's LoRA targets as full module names: `all-linear` -> the text decoder's linear
+    layers (as `all_linear_targets` picks them inside it); a named suffix -> its modules inside the text decoder
+    when it has any there (q_proj is also a vision-tower name), else wherever it is (a module of the vision tower
+    or projector, named on purpose). None for a text model or a target PEFT matches itself (a regex)."""
+    import torch
+
+    found = language_model(model)
+    if found is None or isinstance(targets, str) and targets != "all-linear":
+        return None
+    prefix, decoder = found
+    if targets == "all-linear":
+        inside = all_linear_targets(decoder)
+        names = [n for n, m in decoder.named_modules() if isinstance(m, torch.nn.Linear)]
+        if inside is not None:
+            names = [n for n in names if any(n == t or n.endswith("." + t) for t in inside)]
+        return sorted(f"{prefix}.{n}" for n in names)
+    chosen = []
+    modules = [n for n, m in model.named_modules() if n]
+    for target in targets:
+        hits = [n for n in modules if n == target or n.endswith("." + target)]
+        in_text = [n for n in hits if n.startswith(prefix + ".")]
+        chosen += in_text or hits or [target]  # no hit at all: PEFT names the target in its own error
+    return sorted(set(chosen))
+
+
+def trainable_by_part(model) -> list[tuple[str, int, int]]:
+    """A vision-language model's (part, trainable, total) parameters, the parts being the children of the module
+    that holds the text decoder (visual / language_model / multi_modal_projector ...) and the output head; empty
+    for a text model. The plan's `trained` line."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    found = language_model(base)
+    if found is None:
+        return []
+    parent = found[0].rpartition(".")[0]
+    counts: dict[str, list[int]] = {}
+    for name, p in base.named_parameters():
+        rest = name[len(parent) + 1 :] if parent and name.startswith(parent + ".") else name
+        count = counts.setdefault(rest.split(".", 1)[0], [0, 0])
+        count[1] += p.numel()
+        if p.requires_grad:
+            count[0] += p.numel()
+    return [(part, trainable, total) for part, (trainable, total) in counts.items()]
+
+
 def all_linear_targets(model) -> list[str] | None:
     """What `all-linear` wraps: the linear layers LoRA can train in every decoder layer, attention and MLP. Two
     kinds stay out, found by their structure, not by the family's name:
@@ -79,7 +134,8 @@ def _layer_list(model):
     import torch
 
     n = getattr(model.config.get_text_config(), "num_hidden_layers", None)
-    for module in model.modules():
+    found = language_model(model) if hasattr(model, "config") else None
+    for module in (found[1] if found else model).modules():  # a VLM's vision tower has layer lists too
         if isinstance(module, torch.nn.ModuleList) and len(module) == n:
             return module
     return None
@@ -126,7 +182,9 @@ def peft_config(
     common = dict(task_type=peft.TaskType.CAUSAL_LM, modules_to_save=a.modules_to_save)
     if m in LORA:
         init = {"pissa": "pissa_niter_16", "olora": "olora"}.get(m, True)
-        targets = all_linear_targets(model) if model is not None and a.target_modules == "all-linear" else None
+        targets = vision_targets(model, a.target_modules) if model is not None else None
+        if targets is None and model is not None and a.target_modules == "all-linear":
+            targets = all_linear_targets(model)
         if model is not None:
             check_recurrent_targets(model, a.target_modules)
         return peft.LoraConfig(

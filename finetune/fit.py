@@ -109,10 +109,14 @@ def meta_model(recipe: Recipe, config=None):
     from transformers.quantizers.base import get_keys_to_not_convert
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    from finetune import adapters
+    from finetune import adapters, loading
 
     cfg = config if config is not None else _config(recipe)
     auto, task_type = AutoModelForCausalLM, None
+    if loading.is_vision_config(cfg):
+        from transformers import AutoModelForImageTextToText
+
+        auto = AutoModelForImageTextToText
     if recipe.stage == "rm":
         cfg.num_labels, auto, task_type = 1, AutoModelForSequenceClassification, "SEQ_CLS"
     # set_zero3_state: transformers' own mark that zero.Init is already entered, so from_config never builds

@@ -389,6 +389,43 @@ def load_processor(model: ModelSection | ModelDir, padding_side: str | None = No
     return processor
 
 
+def load_tokenizer_or_processor(model: ModelSection, data_section=None):
+    """What a stage encodes its data with: the tokenizer, or for a vision-language model (by its config) the
+    processor, with the recipe's image pixel limits (`data.image_max_pixels` / `image_min_pixels`) applied."""
+    if not is_vision_model(model):
+        if data_section is not None and (data_section.image_max_pixels or data_section.image_min_pixels):
+            field = "data.image_max_pixels" if data_section.image_max_pixels else "data.image_min_pixels"
+            raise RecipeError(f"{field}: {model.name_or_path} is not a vision-language model (no vision config)")
+        return load_tokenizer(model)
+    processor = load_processor(model)
+    if data_section is not None:
+        set_pixel_limits(processor, data_section.image_max_pixels, data_section.image_min_pixels)
+    return processor
+
+
+def set_pixel_limits(processor, max_pixels: int | None, min_pixels: int | None) -> None:
+    """Resize budgets where the image processor takes them (a `max_pixels` / `min_pixels` setting, as the
+    Qwen2-VL family's); elsewhere a limit is refused in one line (those processors resize to a fixed size)."""
+    if max_pixels is None and min_pixels is None:
+        return
+    field = "data.image_max_pixels" if max_pixels is not None else "data.image_min_pixels"
+    images = processor.image_processor
+    accepted = getattr(getattr(type(images), "valid_kwargs", None), "__annotations__", {})
+    if not {"max_pixels", "min_pixels"} <= set(accepted):
+        raise RecipeError(
+            f"{field}: the image processor of this model ({type(images).__name__}) takes no pixel budget (it resizes "
+            "to a fixed size); remove the setting"
+        )
+    for name, value in (("data.image_max_pixels", max_pixels), ("data.image_min_pixels", min_pixels)):
+        if value is not None and value < 1:
+            raise RecipeError(f"{name}: must be a positive number of pixels, got {value}")
+    if max_pixels is not None and min_pixels is not None and min_pixels > max_pixels:
+        raise RecipeError(f"data.image_min_pixels: {min_pixels} is more than data.image_max_pixels={max_pixels}")
+    settings = {k: v for k, v in images.to_dict().items() if k in accepted}
+    settings.update({k: v for k, v in (("max_pixels", max_pixels), ("min_pixels", min_pixels)) if v is not None})
+    processor.image_processor = type(images)(**settings)
+
+
 def _auto_model_class(where: str, revision: str | None = None, trust_remote_code=None):
     """AutoModelForImageTextToText for a vision-language config, else AutoModelForCausalLM."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText

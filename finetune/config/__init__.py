@@ -227,6 +227,14 @@ class DataSection:
         help="Skip bad records (malformed JSON lines, records a format rejects) instead of stopping, streamed "
         "data too; the run reports how many and the first few.",
     )
+    image_max_pixels: int | None = _f(
+        None,
+        help="Vision-language models: resize images larger than this many pixels (width x height) before they "
+        "become image tokens, where the model's image processor takes a pixel budget (Qwen2-VL family).",
+    )
+    image_min_pixels: int | None = _f(
+        None, help="Vision-language models: resize images smaller than this many pixels up (see image_max_pixels)."
+    )
 
 
 @dataclass

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.config import DataSection, check_stage_format
-from finetune.data import cache, formats, sources
+from finetune.data import cache, formats, sources, vision
 from finetune.data import encode as encode_module
+from finetune.data import images as image_refs
 from finetune.data.encode import Encoded, EncodeOptions
 from finetune.errors import DataError, plural
 
@@ -90,12 +91,14 @@ class Split:
         return EncodedRows(self.table)
 
     def dataset(self, with_length: bool = False):
-        """What the trainer takes: input_ids and labels (and `length`, for the length-grouped sampler)."""
+        """What the trainer takes: input_ids and labels (and `length`, for the length-grouped sampler; the image
+        references, for a vision-language model's collator)."""
+        columns = ["input_ids", "labels"] + (["images"] if "images" in self.table.column_names else [])
         if not with_length:
-            return self.table.select_columns(["input_ids", "labels"])
+            return self.table.select_columns(columns)
         from finetune.data import _WithLengths
 
-        rows = self.table.select_columns(["input_ids", "labels", "length"])
+        rows = self.table.select_columns(columns + ["length"])
         return _WithLengths(
             rows.data, info=rows.info, split=rows.split, indices_table=rows._indices, fingerprint=rows._fingerprint
         )
@@ -334,13 +337,30 @@ def _write_examples(
 # ----------------------------------------------------------------------------- encoding
 
 
-def _encode_batch(batch: dict, tok, max_length: int | None, options) -> dict:
-    """datasets.map function: canonical examples -> encoded rows (a record may give several)."""
+def _encode_batch(batch: dict, tok, max_length: int | None, options, skip_bad: bool = False) -> dict:
+    """datasets.map function: canonical examples -> encoded rows (a record may give several). `tok` is a
+    processor for a vision-language model (finetune.data.vision): its rows also hold their images, and a bad
+    record under data.skip_bad_rows one row with its `error`."""
     out = {"input_ids": [], "labels": [], "truncated": [], "n_trained": [], "length": [], "record": [], "note": []}
     examples = [json.loads(text) for text in batch["example"]]
-    encoded = encode_module.encode_many(tok, examples, max_length, options=options, where=batch["where"])
+    if vision.is_processor(tok):
+        out.update(images=[], error=[])
+        encoded = vision.encode_many(
+            tok, examples, max_length, options=options, where=batch["where"], skip_bad=skip_bad
+        )
+    else:
+        for example, where in zip(examples, batch["where"]):
+            if example.get("images"):
+                raise DataError(
+                    f"{where}: the record has images but the model is not a vision-language model "
+                    "(its config has no vision part)"
+                )
+        encoded = encode_module.encode_many(tok, examples, max_length, options=options, where=batch["where"])
     for sequences, record in zip(encoded, batch["record"]):
         for enc in sequences:
+            if "images" in out:
+                out["images"].append(enc.images or [])
+                out["error"].append(enc.error)
             out["input_ids"].append(enc.input_ids)
             out["labels"].append(enc.labels)
             out["truncated"].append(bool(enc.truncated))
@@ -351,21 +371,22 @@ def _encode_batch(batch: dict, tok, max_length: int | None, options) -> dict:
     return out
 
 
-def _features():
+def _features(with_images: bool = False):
     import datasets
 
     ids = datasets.List(datasets.Value("int32"))
-    return datasets.Features(
-        {
-            "input_ids": ids,
-            "labels": ids,
-            "truncated": datasets.Value("bool"),
-            "n_trained": datasets.Value("int32"),
-            "length": datasets.Value("int32"),
-            "record": datasets.Value("int64"),
-            "note": datasets.Value("string"),
-        }
-    )
+    features = {
+        "input_ids": ids,
+        "labels": ids,
+        "truncated": datasets.Value("bool"),
+        "n_trained": datasets.Value("int32"),
+        "length": datasets.Value("int32"),
+        "record": datasets.Value("int64"),
+        "note": datasets.Value("string"),
+    }
+    if with_images:
+        features.update(images=datasets.List(datasets.Value("string")), error=datasets.Value("string"))
+    return datasets.Features(features)
 
 
 def _options_key(options):
@@ -397,9 +418,9 @@ def _build(src, records, fmt, columns, cfg: DataSection, tok, max_length, option
                 batched=True,
                 batch_size=64,  # measured: 64 chats per tokenizer call is ~9% faster than 256 (bench/README.md)
                 num_proc=num_proc if num_proc > 1 else None,
-                fn_kwargs={"tok": tok, "max_length": max_length, "options": options},
+                fn_kwargs={"tok": tok, "max_length": max_length, "options": options, "skip_bad": cfg.skip_bad_rows},
                 remove_columns=raw.column_names,
-                features=_features(),
+                features=_features(vision.is_processor(tok)),
                 cache_file_name=str(tmp / "encoded.arrow"),
                 new_fingerprint=tmp.name,
                 desc=f"encode {Path(label).name}",
@@ -411,6 +432,12 @@ def _build(src, records, fmt, columns, cfg: DataSection, tok, max_length, option
     n_trained = encoded.with_format("arrow")["n_trained"].to_numpy()
     n_truncated = int(encoded.with_format("arrow")["truncated"].to_numpy().sum())
     keep = np.flatnonzero(n_trained > 0)
+    n_refused = 0
+    if "error" in encoded.column_names:  # records the image checks refused under data.skip_bad_rows
+        errors = encoded.with_format("arrow")["error"].to_numpy(zero_copy_only=False)
+        refused = np.flatnonzero(errors != "")
+        n_refused, n_bad = len(refused), n_bad + len(refused)
+        bad += [str(errors[i]) for i in refused[: max(0, FIRST_BAD_ROWS - len(bad))]]
     if len(keep) == 0:
         raise DataError(
             f"{label}: all {n_records} records are longer than train.max_length={max_length} "
@@ -435,7 +462,7 @@ def _build(src, records, fmt, columns, cfg: DataSection, tok, max_length, option
         "records": n_records,
         "examples": len(keep),
         "truncated": n_truncated,
-        "dropped": int(len(n_trained) - len(keep)),
+        "dropped": int(len(n_trained) - len(keep) - n_refused),
         "bad_rows": n_bad,
         "first_bad_rows": bad,
         "trailing_turns": trailing,
@@ -454,7 +481,8 @@ def _open_entry(path: Path, meta: dict):
     import numpy as np
 
     parts = [datasets.Dataset.from_file(str(path / f)) for f in meta["files"]]
-    table = (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)).remove_columns("note")
+    table = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    table = table.remove_columns([c for c in ("note", "error") if c in table.column_names])
     if (path / "keep.npy").is_file():
         table = table.select(np.load(path / "keep.npy"))
     return table
@@ -472,11 +500,24 @@ def cache_key_parts(src, fmt, columns, cfg: DataSection, tok, max_length, option
         "max_samples": cfg.max_samples if field_name == "data.train" else None,
         "skip_bad_rows": cfg.skip_bad_rows,
         "tokenizer": cache.tokenizer_fingerprint(tok),
+        "images": _images_fingerprint(src, fmt, columns, cfg, field_name) if vision.is_processor(tok) else None,
         "options": _options_key(options),
         "max_length": max_length,
         "truncation": "keep_start",
         "encoder": encode_module.ENCODER_VERSION,
     }
+
+
+def _images_fingerprint(src, fmt, columns, cfg: DataSection, field_name: str) -> str:
+    """The content of every image the source's records name (a pass over the records before the cache is
+    looked up: an image edited in place is new data)."""
+    refs = []
+    for record in _records(src, cfg, field_name):
+        try:
+            refs += formats.convert([record], fmt, columns, cfg.system, *_convert_extra(cfg))[0].get("images") or []
+        except DataError:
+            refs.append(f"bad:{record.where}")  # the record's own error comes when it is encoded
+    return image_refs.fingerprint(refs)
 
 
 def open_source(name: str, cfg: DataSection, stage: str, field_name: str, streaming: bool = False):
@@ -683,6 +724,10 @@ def load_streaming(cfg: DataSection, tok, max_length: int | None, options=None) 
     consumed), so a resumed run sees exactly the batches an uninterrupted one would."""
     import datasets
 
+    if vision.is_processor(tok):
+        raise DataError(
+            "data.streaming: not supported for vision-language models yet; prepare the data (no streaming)"
+        )
     if cfg.eval or cfg.eval_ratio:
         raise DataError(
             "data.streaming: eval data is not streamed; unset data.eval / data.eval_ratio "

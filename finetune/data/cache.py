@@ -100,7 +100,13 @@ def folder_fingerprint(path: Path) -> str:
 
 def tokenizer_fingerprint(tok) -> str:
     """The tokenizer's whole state: vocab, merges, normalizer, pre-tokenizer, post-processor
-    (BOS/EOS insertion), added tokens, and the chat template (possibly set by the recipe)."""
+    (BOS/EOS insertion), added tokens, and the chat template (possibly set by the recipe). A vision-language
+    model's processor: its tokenizer's and its image processor's settings (sizes, pixel limits)."""
+    if hasattr(tok, "image_processor") and hasattr(tok, "tokenizer"):
+        h = _xxh()
+        h.update(tokenizer_fingerprint(tok.tokenizer).encode())
+        h.update(type(tok).__name__.encode() + tok.image_processor.to_json_string().encode())
+        return h.hexdigest()
     h = _xxh()
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is not None:

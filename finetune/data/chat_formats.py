@@ -20,6 +20,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from finetune.data import images as image_refs
 from finetune.data.sources import Record
 from finetune.errors import DataError
 
@@ -51,9 +52,9 @@ TAGS = ("role_tag", "content_tag", *ROLE_TAGS)
 
 # The fields of each format (the names `data.columns` can remap).
 FIELDS = {
-    "alpaca": ("instruction", "input", "output", "system", "history", "reasoning", "tools"),
-    "sharegpt": ("conversations", "from", "value", "system", "tools", *TAGS),
-    "messages": ("messages", "role", "content", "tools", *TAGS),
+    "alpaca": ("instruction", "input", "output", "system", "history", "reasoning", "tools", "images"),
+    "sharegpt": ("conversations", "from", "value", "system", "tools", "images", *TAGS),
+    "messages": ("messages", "role", "content", "tools", "images", *TAGS),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
 }
@@ -65,6 +66,7 @@ class _Fields:
     def __init__(self, record: Record, columns: dict[str, str], reasoning_tags=DEFAULT_REASONING_TAGS):
         self.record, self.columns, self.reasoning_tags = record, columns, tuple(reasoning_tags)
         self.fmt = ""
+        self.images: list[str] = []  # image references of content parts, in order (finetune.data.images)
 
     def name(self, field: str) -> str:
         return self.columns.get(field, field)
@@ -192,7 +194,18 @@ def _message(f: _Fields, field: str, i: int, role: str, turn: dict, content, sou
     tool_calls = turn.get("tool_calls")
     if content is None and role == "assistant" and tool_calls:
         content = ""
-    if not isinstance(content, str):
+    if isinstance(content, list):  # content parts: text and images (OpenAI / Hugging Face)
+        n = len(f.images)
+        content = image_refs.parts_of_content(
+            content, f.images, f.record.root, f"{f.record.where}: field '{f.name(field)}' {where}"
+        )
+        if role != "user" and len(f.images) > n:
+            raise f.error(field, f"{where}: an image in a {role} turn (images go in user turns)")
+        if role != "user":
+            content = image_refs.text_of(content)
+        elif not any(p["type"] == "image" for p in content):
+            content = image_refs.text_of(content)
+    if not isinstance(content, (str, list)):
         raise f.error(field, f"{where}: the content must be a string")
     message = {"role": role, "content": content}
     if role == "assistant":
@@ -274,6 +287,13 @@ def _chat(messages: list[dict], f: _Fields, field: str) -> dict:
     tools = _tools(f) if "tools" in FIELDS.get(f.fmt, ()) else None
     if tools:
         example["tools"] = tools
+    column = f.get("images", required=False) if "images" in FIELDS.get(f.fmt, ()) else None
+    if f.images:
+        if column:
+            raise f.error("images", "images given both in content parts and in an images column (keep one)")
+        example["images"] = list(f.images)
+    elif column is not None:
+        example = image_refs.with_placeholders(example, column, f.record.root, f.record.where, f.name("images"))
     return example
 
 
@@ -291,8 +311,8 @@ def _turns(f: _Fields, field: str, role_key: str, content_key: str, roles: dict[
         if role not in roles:
             raise f.error(field, f"turn {i}: unknown role {role!r} (expected one of {', '.join(roles)})")
         source = "function_call" if "function_call" in (role, roles[role]) else role
-        if not isinstance(content, str) and not (source == "function_call" or turn.get("tool_calls")):
-            raise f.error(field, f"turn {i}: '{content_key}' must be a string")
+        if not isinstance(content, (str, list)) and not (source == "function_call" or turn.get("tool_calls")):
+            raise f.error(field, f"turn {i}: '{content_key}' must be a string or a list of parts")
         canonical = "assistant" if source == "function_call" else roles[role]
         messages.append(_message(f, field, i, canonical, turn, content, source_role=source))
     return messages

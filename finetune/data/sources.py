@@ -25,6 +25,7 @@ class Record:
     data: dict[str, Any]
     where: str  # "data/x.jsonl:17" or "org/name record 3"
     error: str = ""  # a row that could not be read (malformed JSON), kept for data.skip_bad_rows
+    root: str | None = None  # the folder relative image paths in the record resolve against (the data file's)
 
 
 @dataclass
@@ -249,7 +250,15 @@ def iter_records(
     `encoding`: data.encoding for text files (default UTF-8, with or without a BOM). `keep_bad`
     (data.skip_bad_rows): a malformed JSON line is yielded as a Record with `error` set (converting it
     raises that error, which the caller counts and skips) instead of ending the read."""
-    return _read_file(src.path, encoding, keep_bad) if src.path else _read_hub(src, streaming)
+    if not src.path:
+        return _read_hub(src, streaming)
+    return _rooted(_read_file(src.path, encoding, keep_bad), str(src.path.parent.absolute()))
+
+
+def _rooted(records: Iterator[Record], root: str) -> Iterator[Record]:
+    for record in records:
+        record.root = root
+        yield record
 
 
 def fingerprint(src: Source) -> str:

@@ -215,6 +215,18 @@ def count_adapter_parameters(recipe: Recipe) -> tuple[int, int]:
     return adapters.count_parameters(fit.meta_model(recipe))
 
 
+def trained_parts(recipe: Recipe) -> str:
+    """What a vision-language model's run trains, part by part (`language_model 1,234 of 5,678 trainable,
+    visual frozen, ...`): the adapter's default stays in the text decoder."""
+    from finetune import fit
+
+    parts = adapters.trainable_by_part(fit.meta_model(recipe))
+    return ", ".join(
+        f"{part} {trainable:,} of {total:,} trainable" if trainable else f"{part} frozen"
+        for part, trainable, total in parts
+    )
+
+
 def output_notes(recipe: Recipe) -> list[str]:
     """What a real run would do with what is already at output.dir (for the dry-run plan)."""
     from finetune.outputs import RunDir, is_nonempty_dir
@@ -276,7 +288,7 @@ class TrainPlan:
     details: list[tuple[str, str]] = field(default_factory=list)  # a stage's own lines (distill: the teacher)
 
     @classmethod
-    def build(cls, recipe: Recipe, prepared, gpu_memory: int | None = None) -> TrainPlan:
+    def build(cls, recipe: Recipe, prepared, gpu_memory: int | None = None, vision: bool = False) -> TrainPlan:
         t = recipe.train
         trl_args(recipe, "/nonexistent-dry-run")  # the TRL config accepts these values
         trainable, total = count_adapter_parameters(recipe)
@@ -303,6 +315,7 @@ class TrainPlan:
             parallelism,
             [*getattr(prepared, "modes", []), *notes],
             memory_line(recipe, parallelism, gpu_memory),
+            details=[("trained", trained_parts(recipe))] if vision else [],
         )
 
     def render(self) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from finetune import adapters, data, guards, loading
 from finetune.config import Recipe
+from finetune.data import vision
 from finetune.outputs import RunDir
 from finetune.stages.common import (
     TrainPlan,
@@ -36,7 +37,7 @@ def prepare(recipe: Recipe, dry_run: bool = False):
     run_dir = RunDir(recipe.output.dir, recipe.output.overwrite, recipe.train["resume"])
     if not dry_run:
         run_dir.check()
-    tok = loading.load_tokenizer(recipe.model)
+    tok = loading.load_tokenizer_or_processor(recipe.model, recipe.data)  # a processor for a vision-language model
     prepared = data.load_recipe(recipe, tok)
     for note in prepared.notes:
         log.warning(note)
@@ -47,7 +48,7 @@ def plan(recipe: Recipe, gpu_memory: int | None = None) -> TrainPlan:
     """What `train` would do (for --dry-run): validates recipe, data and model config, trains nothing;
     `gpu_memory` (bytes) gives the will-it-fit line a verdict."""
     _, tok, prepared = prepare(recipe, dry_run=True)
-    return TrainPlan.build(recipe, prepared, gpu_memory)
+    return TrainPlan.build(recipe, prepared, gpu_memory, vision=vision.is_processor(tok))
 
 
 def run(recipe: Recipe, callbacks=()) -> Path:
@@ -75,7 +76,7 @@ def run(recipe: Recipe, callbacks=()) -> Path:
     # The method's adapter (or frozen weights), callbacks and optimizer: finetune/adapters.py.
     steps = planned_steps(recipe, len(prepared.train.encoded), state.num_processes)
     absolute_intervals(args, steps)
-    training = adapters.for_training(model, recipe, args, steps, tokenizer=tok.name_or_path)
+    training = adapters.for_training(model, recipe, args, steps, tokenizer=vision.tokenizer_of(tok).name_or_path)
     checkpoint = run_dir.start(recipe.identity(), is_main=state.is_main_process)
     training.keep_initial(run_dir.work, is_main=state.is_main_process)
     state.wait_for_everyone()
@@ -88,6 +89,7 @@ def run(recipe: Recipe, callbacks=()) -> Path:
         train_dataset=prepared.train.dataset(with_length=not args.packing),
         eval_dataset=prepared.eval.dataset(with_length=not args.packing) if prepared.eval else None,
         processing_class=tok,
+        data_collator=vision.VisionCollator(tok) if vision.is_processor(tok) else None,
         peft_config=training.peft_config,
         callbacks=list(callbacks) + training.callbacks + guards.callbacks(recipe),
         optimizers=training.optimizers,
