@@ -98,14 +98,15 @@ class VisionSpec:
     """A tiny vision-language model (finetune.tiny_vision): a transformers VLM architecture at toy size,
     its language model taken from the tiny text model `text` where the parameter names fit."""
 
-    style: str  # qwen2_vl | gemma3 | llava: how the processor puts images into the text
+    style: str  # qwen2_5_vl | qwen2_vl | gemma3 | llava: how the processor puts images into the text
     text: str = "tiny-llama"
     seed: int = 0
 
 
 TINY_MODELS: dict[str, TinySpec | VisionSpec] = {
     "tiny-llama": TinySpec(),
-    "tiny-vlm": VisionSpec("qwen2_vl"),  # Qwen2-VL style: the quickstart's VLM
+    "tiny-vlm": VisionSpec("qwen2_5_vl"),  # Qwen2.5-VL style: the quickstart's VLM
+    "tiny-qwen2-vl": VisionSpec("qwen2_vl"),
     "tiny-gemma3-vlm": VisionSpec("gemma3"),
     "tiny-llava": VisionSpec("llava"),
 }

@@ -1,4 +1,5 @@
-"""The tiny vision-language models (`tiny-vlm`, `tiny-gemma3-vlm`, `tiny-llava`): built by finetune.tiny.
+"""The tiny vision-language models (`tiny-vlm` Qwen2.5-VL, `tiny-qwen2-vl`, `tiny-gemma3-vlm`, `tiny-llava`): built
+by finetune.tiny.
 
 Each is a real transformers VLM architecture at toy size, built from its config: tiny-llama's tokenizer
 with the image tokens the family's processor expects, a chat template that writes the family's image
@@ -9,7 +10,7 @@ so LoRA on the language model learns as it does on tiny-llama (the tiny-model tr
 elsewhere the language model stays random. Image processors are the PIL ("slow") ones: no torchvision.
 
 Styles, so tests meet the three ways processors put images into text:
-- `qwen2_vl`: `<|vision_start|><|image_pad|><|vision_end|>`, the pad repeated per merged patch (the count
+- `qwen2_5_vl`, `qwen2_vl`: `<|vision_start|><|image_pad|><|vision_end|>`, the pad repeated per merged patch (the count
   follows the image's size; min/max pixels are processor settings), M-RoPE positions;
 - `gemma3`: `<start_of_image>` expanded to a fixed `mm_tokens_per_image` soft tokens, bidirectional
   attention over them (token_type_ids);
@@ -21,11 +22,12 @@ from __future__ import annotations
 import pathlib
 
 PLACEHOLDERS = {  # what the chat template writes for an image part, per style
+    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
     "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
     "gemma3": "<start_of_image>",
     "llava": "<image>",
 }
-PRETRAINED_TEXT = {"qwen2_vl": True, "gemma3": False, "llava": True}
+PRETRAINED_TEXT = {"qwen2_5_vl": True, "qwen2_vl": True, "gemma3": False, "llava": True}
 
 
 def chat_template(placeholder: str) -> str:
@@ -53,7 +55,14 @@ def chat_template(placeholder: str) -> str:
 def _tokenizer(text_dir: pathlib.Path, style: str):
     from transformers import AutoTokenizer
 
+    qwen = {
+        "image_token": "<|image_pad|>",
+        "video_token": "<|video_pad|>",
+        "vision_start_token": "<|vision_start|>",
+        "vision_end_token": "<|vision_end|>",
+    }
     named = {
+        "qwen2_5_vl": qwen,
         "qwen2_vl": {
             "image_token": "<|image_pad|>",
             "video_token": "<|video_pad|>",
@@ -95,11 +104,30 @@ def _build(style: str, tok, text_cfg):
         tie_word_embeddings=False,
     )
     siglip = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=14)
-    if style == "qwen2_vl":
+    if style in ("qwen2_vl", "qwen2_5_vl"):
         image, video, start, end = _ids(tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
         head_dim = text_cfg.hidden_size // text_cfg.num_attention_heads
         third = head_dim // 2 // 4
-        cfg = tf.Qwen2VLConfig(
+        config_class, model_class, processor_class = (
+            (tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLProcessor)
+            if style == "qwen2_vl"
+            else (tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLProcessor)
+        )
+        vision = (
+            dict(depth=1, embed_dim=32, hidden_size=text_cfg.hidden_size, num_heads=2, mlp_ratio=2, patch_size=14)
+            if style == "qwen2_vl"
+            else dict(
+                depth=2,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=2,
+                out_hidden_size=text_cfg.hidden_size,
+                patch_size=14,
+                window_size=56,
+                fullatt_block_indexes=[1],
+            )
+        )
+        cfg = config_class(
             text_config={
                 **text,
                 "rope_parameters": {
@@ -108,9 +136,7 @@ def _build(style: str, tok, text_cfg):
                     "mrope_section": [head_dim // 2 - 2 * third, third, third],
                 },
             },
-            vision_config=dict(
-                depth=1, embed_dim=32, hidden_size=text_cfg.hidden_size, num_heads=2, mlp_ratio=2, patch_size=14
-            ),
+            vision_config=vision,
             image_token_id=image,
             video_token_id=video,
             vision_start_token_id=start,
@@ -124,10 +150,8 @@ def _build(style: str, tok, text_cfg):
         from finetune import video_stub
 
         with video_stub.images_only():  # this tiny model is for images; no torchvision needed
-            processor = tf.Qwen2VLProcessor(
-                image_processor=images, tokenizer=tok, video_processor=BaseVideoProcessor()
-            )
-        return cfg, tf.Qwen2VLForConditionalGeneration, processor
+            processor = processor_class(image_processor=images, tokenizer=tok, video_processor=BaseVideoProcessor())
+        return cfg, model_class, processor
     if style == "gemma3":
         image, boi, eoi = _ids(tok, "<image_soft_token>", "<start_of_image>", "<end_of_image>")
         cfg = tf.Gemma3Config(

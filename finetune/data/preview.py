@@ -7,19 +7,50 @@ once later turns follow: each such turn is trained on its own inference prompt) 
 from __future__ import annotations
 
 from finetune.config import DataSection
+from finetune.data import vision
 from finetune.data.encode import IGNORE, Encoded, EncodeOptions, encode
 from finetune.errors import DataError
 
 GREEN, RESET = "\033[42;30m", "\033[0m"
 
 
-def render(tok, ids: list[int], labels: list[int], color: bool) -> str:
-    """Decoded text with each trained run wrapped in [[ ]] (or a green background on a terminal)."""
+def _decode(tok, ids: list[int], image_ids: frozenset[int]) -> str:
+    """Decoded ids, a run of one repeated image token shown once with its count (`<|image_pad|>×64`)."""
+    import itertools
+
+    if not image_ids:
+        return tok.decode(ids, skip_special_tokens=False)
+    out, text = [], []
+    for tid, group in itertools.groupby(ids):
+        n = len(list(group))
+        if tid in image_ids and n > 1:
+            out += [tok.decode(text, skip_special_tokens=False), f"{tok.convert_ids_to_tokens(tid)}×{n}"]
+            text = []
+        else:
+            text += [tid] * n
+    return "".join(out) + tok.decode(text, skip_special_tokens=False)
+
+
+def image_spans(ids: list[int], image_ids: frozenset[int]) -> list[tuple[int, int]]:
+    """(start, end) of each run of image tokens: where the processor put an image."""
+    spans, start = [], None
+    for k, tid in enumerate([*ids, None]):
+        if tid in image_ids and start is None:
+            start = k
+        elif tid not in image_ids and start is not None:
+            spans.append((start, k))
+            start = None
+    return spans
+
+
+def render(tok, ids: list[int], labels: list[int], color: bool, image_ids: frozenset[int] = frozenset()) -> str:
+    """Decoded text with each trained run wrapped in [[ ]] (or a green background on a terminal); a
+    vision-language model's image tokens shown once per run with their count."""
     out, run, trained = [], [], False
 
     def flush():
         if run:
-            text = tok.decode(run, skip_special_tokens=False)
+            text = _decode(tok, run, image_ids)
             out.append((f"{GREEN}{text}{RESET}" if color else f"[[{text}]]") if trained else text)
 
     for tid, label in zip(ids, labels):
@@ -88,7 +119,7 @@ def preview_recipe(
     from finetune import loading
     from finetune.data.encode import options_of
 
-    tok = loading.load_tokenizer(recipe.model)
+    tok = loading.load_tokenizer_or_processor(recipe.model, recipe.data)  # a processor for a vision-language model
     return preview_data(
         recipe.data,
         tok,
@@ -146,17 +177,26 @@ def preview_data(
     lines = [f"{label} record {index} ({fmt}); trained tokens in {marker}:"]
     if len(views) > 1 and views[0][1].note:
         lines.append(f"{len(views)} sequences: {views[0][1].note}")
+    image_ids = vision.image_token_ids(tok) if vision.is_processor(tok) else frozenset()
+    text_tok = vision.tokenizer_of(tok)
     for title, enc in views:
         counts = f"{len(enc.input_ids)} tokens, {enc.n_trained} trained{' (truncated)' if enc.truncated else ''}"
         if not title:  # one chat / completion / text (SFT): the counts go in the header
             lines = [f"{label} record {index} ({fmt}); {counts}; trained tokens in {marker}:", ""]
         else:
             lines += ["", f"{title}{counts}:"]
-        lines.append(render(tok, enc.input_ids, enc.labels, color))
+        for k, (start, end) in enumerate(image_spans(enc.input_ids, image_ids)):
+            trained = sum(1 for x in enc.labels[start:end] if x != IGNORE)
+            ref = (getattr(enc, "images", None) or [])[k] if k < len(getattr(enc, "images", None) or []) else ""
+            ref = "data: URI" if ref.startswith("data:") else ref
+            lines.append(f"image {k + 1} ({ref}): tokens {start}..{end - 1} ({end - start} tokens, {trained} trained)")
+        lines.append(render(text_tok, enc.input_ids, enc.labels, color, image_ids))
         if show_tokens:
             lines += ["", "  pos  id     label  token"]
             for i, (tid, label_id) in enumerate(zip(enc.input_ids, enc.labels)):
-                lines.append(f"  {i:<4} {tid:<6} {'train' if label_id != IGNORE else '-':<6} {token_text(tok, tid)}")
+                lines.append(
+                    f"  {i:<4} {tid:<6} {'train' if label_id != IGNORE else '-':<6} {token_text(text_tok, tid)}"
+                )
     return "\n".join(lines)
 
 
@@ -169,6 +209,11 @@ def _views(tok, example: dict, max_length: int | None, options: EncodeOptions) -
         answers = [(f"completion ({'desirable' if example['label'] else 'undesirable'}): ", example["completion"])]
     elif isinstance(example.get("prompt"), list):
         answers = [("prompt (an RL stage generates the answer): ", [])]
+    elif vision.is_processor(tok):
+        sequences = vision.encode_many(tok, [example], max_length, options=options)[0]
+        if len(sequences) == 1:
+            return [("", sequences[0])]
+        return [(f"sequence {i + 1} of {len(sequences)}: ", enc) for i, enc in enumerate(sequences)]
     else:
         sequences = encode(tok, example, max_length, options=options)
         if len(sequences) == 1:
