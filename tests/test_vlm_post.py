@@ -21,7 +21,7 @@ import yaml
 from _support import REPO, free_port, log_series, run_cli
 from PIL import Image
 
-from finetune import chat, cli, config, image_inputs, loading, merge, pipeline, serve
+from finetune import chat, cli, config, gguf_mmproj, image_inputs, loading, merge, pipeline, serve
 from finetune.errors import DataError
 from finetune.eval import generation
 
@@ -240,8 +240,9 @@ def test_gguf_export_of_a_vlm_is_one_line_naming_what_is_supported(vlm_sft_dir, 
     assert cli.main(["export", str(vlm_sft_dir), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert "Qwen2VLForConditionalGeneration is a vision-language model" in err
-    assert "LlamaForCausalLM" in err and "llama.cpp converts Qwen2-VL" in err and "--mmproj" in err
+    arch = loading.load_config(str(loading.inspect(vlm_sft_dir).base)).architectures[0]
+    assert f"{arch} is a vision-language model" in err and "LlamaForCausalLM" in err and "--mmproj" in err
+    assert f"llama.cpp converts {gguf_mmproj.LLAMA_CPP_MMPROJ[arch]}:" in err
     assert not (tmp_path / "m.gguf").exists()
 
 
