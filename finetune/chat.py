@@ -172,7 +172,7 @@ def run_cli(args) -> int:
     path = model_dir(args.model)
     model, tok, source = load_for_inference(path, args.base)
     processor = image_inputs.vision_processor(source)
-    images = [image_inputs.open_image(p, "--image") for p in args.image or []]
+    images = [image_inputs.open_image(p, "--image") for p in getattr(args, "image", None) or []]
     if images and processor is None:
         raise FinetuneError(f"--image: {args.model} takes no images (a text-only model: no image processor)")
     recipe = OutputDir(source.path).recipe_dict() if Path(str(source.path)).is_dir() else {}
