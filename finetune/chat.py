@@ -150,6 +150,11 @@ class Chat:
         return reply
 
 
+def _with(images: list) -> dict:
+    """answer()'s images argument, only when there are images (a text chat calls it as it always did)."""
+    return {"images": images} if images else {}
+
+
 def _streamer(tok, stream):
     """transformers' TextStreamer, writing to `stream` instead of print()."""
     from transformers import TextStreamer
@@ -189,7 +194,7 @@ def run_cli(args) -> int:
         processor=processor,
     )
     if args.prompt is not None:
-        chat.answer(args.prompt, stream=sys.stdout, images=images)
+        chat.answer(args.prompt, stream=sys.stdout, **_with(images))
         return 0
     what = f"{source.peft_type.lower()} adapter on {source.base}" if source.kind == "adapter" else "model"
     print(f"chatting with {source.path} ({what}); {HELP}", file=sys.stderr)
@@ -217,7 +222,7 @@ def run_cli(args) -> int:
             continue
         sys.stdout.write("assistant> ")
         try:
-            chat.answer(text, stream=sys.stdout, images=images)
+            chat.answer(text, stream=sys.stdout, **_with(images))
             images = []  # --image goes with the first message; the history keeps it
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
             chat.history = chat.history[:-1] if chat.history and chat.history[-1]["role"] == "user" else chat.history

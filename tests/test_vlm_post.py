@@ -182,6 +182,9 @@ def test_eval_generation_answers_prompts_with_images_as_chat_does(vlm_chat):
     for (text, ref), answer in zip(cases, answers):
         images = [image_inputs.open_image(ref, "test")] if ref else []
         assert chat.Chat(model, tok, max_new_tokens=10, processor=processor).answer(text, images=images) == answer
+    items, _ = generation.load_items("vision_en_demo", max_samples=2)  # eval data: parts get their references back
+    assert all(image_inputs.has_images(it.prompt) for it in items)
+    assert len(generation.generate(model, tok, [it.prompt for it in items], 4, processor=processor)) == 2
     with pytest.raises(DataError, match="prompt 1 has an image, but the model takes no images"):
         generation.generate(model, tok, prompts[:1], max_new_tokens=2)
 

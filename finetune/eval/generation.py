@@ -35,7 +35,7 @@ def items_from_examples(examples: list[dict], label: str) -> list[Item]:
     items = []
     for i, ex in enumerate(examples):
         if "messages" in ex:
-            msgs = ex["messages"]
+            msgs = _with_references(ex["messages"], ex.get("images") or [])
             last = max(j for j, m in enumerate(msgs) if m["role"] == "assistant")
             items.append(Item(msgs[:last], msgs[last]["content"], f"{label} record {i + 1}"))
         elif "completion" in ex:
@@ -45,6 +45,19 @@ def items_from_examples(examples: list[dict], label: str) -> list[Item]:
     if not items:
         raise DataError(f"{label}: empty dataset (no records)")
     return items
+
+
+def _with_references(messages: list[dict], refs: list) -> list[dict]:
+    """An example's `{"type": "image"}` parts given their references (`images`, in order), as prompts carry them."""
+    if not refs:
+        return messages
+    refs = iter(refs)
+    return [
+        {**m, "content": [{**p, "image": next(refs)} if p.get("type") == "image" else p for p in m["content"]]}
+        if isinstance(m.get("content"), list)
+        else m
+        for m in messages
+    ]
 
 
 def load_items(
