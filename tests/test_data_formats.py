@@ -358,6 +358,11 @@ def test_every_demo_set_loads(name, tiny_tokenizer):
         tok = copy.deepcopy(tiny_tokenizer)
         recipe = yaml.safe_load((REPO / "recipes" / "tiny" / "sft_tools.yaml").read_text(encoding="utf-8"))
         tok.chat_template = recipe["model"]["chat_template"]
+    if name.startswith("vision_"):  # images: the tiny vision-language model's processor (tiny-llama's tokenizer)
+        from finetune import loading
+        from finetune.config import ModelSection
+
+        tok = loading.load_processor(ModelSection(name_or_path="tiny-vlm"))
     prepared = data.load(DataSection(train=name), tok, max_length=1024)
     assert prepared.format == entry["format"]
     assert prepared.language == entry["language"]

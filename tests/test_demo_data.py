@@ -209,8 +209,27 @@ def view_converted(fmt):
     return view
 
 
-# the demo sets of reasoning and tool calls (finetune/data/formats.py defines their fields)
+def view_vision(fmt):
+    """Chats with images: read by finetune's own converter (which resolves and checks every image file)."""
+
+    def view(r, where):
+        from finetune.data import formats
+        from finetune.data.images import text_of
+        from finetune.data.sources import Record
+
+        [example] = formats.convert([Record(r, where, root=str(DATA / "vision"))], fmt, {})
+        assert len(example["images"]) == 1, f"{where}: one image per demo question"
+        msgs = example["messages"]
+        prompt = tuple(text_of(m["content"]) for m in msgs if m["role"] == "user")
+        return [m["content"] for m in msgs if m["role"] == "assistant"], (prompt, tuple(example["images"]))
+
+    return view
+
+
+# the demo sets of reasoning, tool calls and images (finetune/data/formats.py defines their fields)
 NAME_VIEWS = {
+    "vision_en_demo": view_vision("messages"),
+    "vision_zh_demo": view_vision("sharegpt"),
     "reasoning_demo": view_converted("messages"),
     "tools_demo": view_converted("messages"),
     "sharegpt_tools_demo": view_converted("sharegpt"),

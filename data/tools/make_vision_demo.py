@@ -57,7 +57,10 @@ def main() -> None:
                 en.append(
                     {
                         "messages": [
-                            {"role": "user", "content": [image, {"type": "text", "text": "What colour is the shape?"}]},
+                            {
+                                "role": "user",
+                                "content": [image, {"type": "text", "text": "What colour is the shape?"}],
+                            },
                             {"role": "assistant", "content": f"It is {colour}."},
                         ]
                     }
@@ -70,7 +73,10 @@ def main() -> None:
                         ]
                     }
                 )
-                for question, answer in (("这个图形是什么颜色？", f"{colour_zh}。"), ("这是什么形状？", f"{shape_zh}。")):
+                for question, answer in (
+                    ("这个图形是什么颜色？", f"{colour_zh}。"),
+                    ("这是什么形状？", f"{shape_zh}。"),
+                ):
                     zh.append(
                         {
                             "conversations": [

@@ -38,7 +38,7 @@ def prepare(recipe) -> str:
             f"data cache: {cache.root()} is not writable, so nothing can be prepared there; set "
             "FINETUNE_DATA_CACHE to a writable dir (a run finds an intact entry in a read-only one)"
         )
-    tok = loading.load_tokenizer(recipe.model)
+    tok = loading.load_tokenizer_or_processor(recipe.model, recipe.data)  # a processor for a vision-language model
     prepared = data.load_recipe(recipe, tok)  # what train loads: the same cache key
     lines = [f"prepared data for {recipe.source or 'recipe'} (cache root {cache.root()})"]
     seen = set()
