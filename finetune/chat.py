@@ -14,6 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from finetune import image_inputs
 from finetune.data.chat_formats import DEFAULT_REASONING_TAGS, split_inline_reasoning
 from finetune.data.encode import template_messages
 from finetune.errors import FinetuneError
@@ -90,8 +91,10 @@ class Chat:
         top_p: float = 1.0,
         template_kwargs: dict | None = None,
         reasoning_tags=DEFAULT_REASONING_TAGS,
+        processor=None,
     ):
         self.model, self.tok = model, tokenizer
+        self.processor = processor  # a vision-language model's: renders turns that carry images
         self.system = system
         # as in training (model.chat_template_kwargs, data.reasoning_tags of the run's recipe)
         self.template_kwargs, self.reasoning_tags = dict(template_kwargs or {}), tuple(reasoning_tags)
@@ -108,25 +111,32 @@ class Chat:
     def messages(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
 
-    def answer(self, text: str, stream=None) -> str:
-        """Generate the reply to `text` (printing it to `stream` as it comes) and add both to the history."""
+    def answer(self, text: str, stream=None, images=()) -> str:
+        """Generate the reply to `text` (printing it to `stream` as it comes) and add both to the history.
+        `images` (PIL images) go with this turn, before its text; they stay in the history."""
         import torch
         from jinja2 import TemplateError
 
-        self.history.append({"role": "user", "content": text})
+        if images and self.processor is None:
+            raise FinetuneError("--image: this model takes no images (it has no image processor)")
+        self.history.append(image_inputs.user_turn(text, list(images)))
         try:
-            enc = self.tok.apply_chat_template(
-                template_messages(self.messages()),
-                add_generation_prompt=True,
-                return_tensors="pt",
-                return_dict=True,
-                **self.template_kwargs,
-            )
+            if image_inputs.has_images(self.history):
+                messages, opened = image_inputs.with_images(template_messages(self.messages()), "chat")
+                enc = image_inputs.render(self.processor, messages, self.template_kwargs, opened)
+            else:
+                enc = self.tok.apply_chat_template(
+                    template_messages(self.messages()),
+                    add_generation_prompt=True,
+                    return_tensors="pt",
+                    return_dict=True,
+                    **self.template_kwargs,
+                )
+                enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         except TemplateError as e:  # e.g. a template that refuses system turns
             self.history.pop()
             raise FinetuneError(f"the model's chat template refused this conversation: {e}") from None
-        device = next(self.model.parameters()).device
-        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        enc = image_inputs.to_model(enc, self.model)
         streamer = _streamer(self.tok, stream) if stream is not None else None
         with torch.no_grad():
             out = generate(self.model, **enc, **self.gen, streamer=streamer)
@@ -138,6 +148,11 @@ class Chat:
             turn["reasoning_content"] = reasoning
         self.history.append(turn)
         return reply
+
+
+def _with(images: list) -> dict:
+    """answer()'s images argument, only when there are images (a text chat calls it as it always did)."""
+    return {"images": images} if images else {}
 
 
 def _streamer(tok, stream):
@@ -161,6 +176,10 @@ def run_cli(args) -> int:
 
     path = model_dir(args.model)
     model, tok, source = load_for_inference(path, args.base)
+    processor = image_inputs.vision_processor(source)
+    images = [image_inputs.open_image(p, "--image") for p in getattr(args, "image", None) or []]
+    if images and processor is None:
+        raise FinetuneError(f"--image: {args.model} takes no images (a text-only model: no image processor)")
     recipe = OutputDir(source.path).recipe_dict() if Path(str(source.path)).is_dir() else {}
     system = args.system if args.system is not None else recorded_system_prompt(path)
     chat = Chat(
@@ -172,9 +191,10 @@ def run_cli(args) -> int:
         args.top_p,
         template_kwargs=(recipe.get("model") or {}).get("chat_template_kwargs"),
         reasoning_tags=(recipe.get("data") or {}).get("reasoning_tags") or DEFAULT_REASONING_TAGS,
+        processor=processor,
     )
     if args.prompt is not None:
-        chat.answer(args.prompt, stream=sys.stdout)
+        chat.answer(args.prompt, stream=sys.stdout, **_with(images))
         return 0
     what = f"{source.peft_type.lower()} adapter on {source.base}" if source.kind == "adapter" else "model"
     print(f"chatting with {source.path} ({what}); {HELP}", file=sys.stderr)
@@ -202,7 +222,8 @@ def run_cli(args) -> int:
             continue
         sys.stdout.write("assistant> ")
         try:
-            chat.answer(text, stream=sys.stdout)
+            chat.answer(text, stream=sys.stdout, **_with(images))
+            images = []  # --image goes with the first message; the history keeps it
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
             chat.history = chat.history[:-1] if chat.history and chat.history[-1]["role"] == "user" else chat.history
             print("\n(answer interrupted)", file=sys.stderr)

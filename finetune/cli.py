@@ -412,6 +412,12 @@ def _add_merge_export_chat(sub) -> None:
     )
     chat.add_argument("--prompt", help="answer this one message and exit")
     chat.add_argument(
+        "--image",
+        action="append",
+        metavar="PATH",
+        help="a vision-language model: an image file that goes with the first message (repeatable)",
+    )
+    chat.add_argument(
         "--system", help="system prompt (default: the data.system the model was trained with; '' for none)"
     )
     chat.add_argument("--max-new-tokens", type=int, default=256, help="per answer (default 256)")
@@ -468,6 +474,15 @@ def _add_serve_webui(sub) -> None:
         default=10.0,
         metavar="SECONDS",
         help="time budget for rendering and tokenizing a request's prompts (default 10)",
+    )
+    serve.add_argument(
+        "--max-images", type=int, default=4, help="a vision-language model: image parts per request (default 4)"
+    )
+    serve.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=1024 * 1024,
+        help="a vision-language model: width x height of each image in a request (default 1048576)",
     )
 
     webui = sub.add_parser(

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune import gguf_mmproj
 from finetune.errors import FinetuneError
 
 ARCHS = {
@@ -159,6 +160,8 @@ def check_architecture(arch: str, where: str) -> str:
 def check_config(cfg: dict, where: str) -> str:
     """The gguf MODEL_ARCH name, after refusing (one line) a configuration that llama.cpp's graph for that
     architecture would compute differently from transformers: it reads these from no GGUF key."""
+    if gguf_mmproj.is_vision_language(cfg):
+        raise ExportError(gguf_mmproj.refusal(cfg, where, ARCHS))
     arch = check_architecture((cfg.get("architectures") or ["?"])[0], where)
 
     def refuse(field: str, why: str):

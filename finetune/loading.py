@@ -51,6 +51,7 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}Assistant: {% endif %}"
 )
 PROMPT_LEARNING = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT", "CPT")
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "chat_template.jinja", "chat_template.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -124,6 +125,10 @@ def _merge_into(adapter: OutputDir, base: str, target: Path) -> None:
         AutoTokenizer.from_pretrained(
             str(tokenizer_source), trust_remote_code=security.flags().trust_remote_code
         ).save_pretrained(tmp)
+        for name in PROCESSOR_FILES:  # a vision-language model's processor: the merged copy loads as one too
+            source = Path(str(tokenizer_source)) / name
+            if source.is_file() and not (tmp / name).exists():
+                shutil.copy2(source, tmp / name)
         stamp = {"adapter": str(adapter.path), "base": base, "fingerprint": adapter.fingerprint()}
         (tmp / MERGED_STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
         replace_dir(tmp, target)  # an incomplete earlier attempt is swapped out

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from finetune import __version__
+from finetune import __version__, image_inputs
 from finetune.config import AdapterSection
 from finetune.errors import FinetuneError
 from finetune.loading import (
@@ -48,6 +48,8 @@ PROBE_CHATS = [
     [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Name three fruits."}],
     [{"role": "user", "content": "中国的首都是哪里？"}],
 ]
+# A vision-language model is also checked on a chat with an image (image_inputs.probe_image) before this question.
+PROBE_IMAGE_QUESTION = "What colour is the square?"
 
 
 class MergeError(FinetuneError):
@@ -64,11 +66,14 @@ class MergeReport:
     notes: list[str] = field(default_factory=list)
     what: str = "merged model"
     deviations: dict[str, float] = field(default_factory=dict)  # QLoRA: vs the 4-bit adapter model
+    image_probe: bool = False  # a vision-language model: one more probe, with an image
 
     def lines(self) -> list[str]:
         out = [
             f"{self.what} written to {self.out}",
-            f"verified on {len(PROBE_CHATS)} probe prompts ({self.dtype}): max |Δlogit| = {self.max_delta:.3g} "
+            f"verified on {len(PROBE_CHATS) + self.image_probe} probe prompts"
+            f"{' (one with an image)' if self.image_probe else ''} ({self.dtype}): "
+            f"max |Δlogit| = {self.max_delta:.3g} "
             f"(tolerance {self.tolerance:.3g}; max |logit| {self.logit_scale:.3g})",
         ]
         out += [
@@ -80,8 +85,10 @@ class MergeReport:
 # ----------------------------------------------------------------------------- the probe check
 
 
-def probe_batch(tokenizer) -> list[dict]:
-    """PROBE_CHATS rendered as generation prompts (one tensor dict per chat: no padding effects)."""
+def probe_batch(tokenizer, processor=None) -> list[dict]:
+    """PROBE_CHATS rendered as generation prompts (one tensor dict per chat: no padding effects); with a
+    vision-language model's `processor`, one more chat with an image (PROBE_IMAGE_CHAT), as the processor
+    renders it (pixel values and the model's other image inputs included)."""
     out = []
     for chat in PROBE_CHATS:
         try:
@@ -96,6 +103,10 @@ def probe_batch(tokenizer) -> list[dict]:
                 return_dict=True,
             )
         out.append({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")})
+    if processor is not None:
+        chat = [image_inputs.user_turn(PROBE_IMAGE_QUESTION, [image_inputs.probe_image()])]
+        messages, images = image_inputs.with_images(chat, "merge probe")
+        out.append(image_inputs.render(processor, messages, images=images))
     return out
 
 
@@ -165,7 +176,8 @@ def merge(
     final = check_free(out, overwrite)
     dtype = _output_dtype(dtype, source)
     tok = load_tokenizer(source)
-    batch = probe_batch(tok)
+    processor = image_inputs.vision_processor(source)
+    batch = probe_batch(tok, processor)
 
     full = load_base(source, quantized=False)
     q_logits = None
@@ -186,13 +198,14 @@ def merge(
     merged = _merge_and_unload(model, source)
 
     with Staged(final, overwrite) as tmp:
-        _save_model(merged.to(DTYPES[dtype]), tok, tmp, max_shard_size)
+        _save_model(merged.to(DTYPES[dtype]), processor or tok, tmp, max_shard_size)
         del merged, model, full
         written = probe_logits(load_inference_model(str(tmp), "--out", dtype=DTYPES[dtype]), batch)
         scale = max_abs(reference)
         report = MergeReport(
             final, dtype, max_abs_diff(written, reference), _tolerance(dtype, scale, tolerance), scale, notes
         )
+        report.image_probe = processor is not None
         if q_logits is not None:
             deviations[onto] = max_abs_diff(written, q_logits)
             report.deviations = deviations
@@ -270,6 +283,8 @@ def _check_shard_size(max_shard_size: str) -> None:
 
 
 def _save_model(model, tok, tmp: Path, max_shard_size: str) -> None:
+    """The weights and `tok`: a tokenizer, or a vision-language model's processor (its tokenizer, image
+    processor and chat template: the merged dir then loads as the same kind of model)."""
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
     model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
@@ -312,13 +327,16 @@ def _write_card(
             ),
         )
     else:
+        auto = "AutoModelForImageTextToText" if report.image_probe else "AutoModelForCausalLM"
         library, use = (
             "transformers",
-            (
-                "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-                'model = AutoModelForCausalLM.from_pretrained("path/to/this/dir")'
-            ),
+            (f'from transformers import {auto}, AutoTokenizer\nmodel = {auto}.from_pretrained("path/to/this/dir")'),
         )
+    loader = (
+        'processor = AutoProcessor.from_pretrained("path/to/this/dir")  # from transformers: images + text'
+        if report.image_probe
+        else 'tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")'
+    )
     (tmp / "README.md").write_text(
         f"""---
 base_model: {base}
@@ -341,7 +359,7 @@ Details in `merge_report.json`. Loads with no finetune import:
 
 ```python
 {use}
-tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
+{loader}
 ```
 """,
         encoding="utf-8",
@@ -388,7 +406,8 @@ def merge_adapters(
     first = sources[0]
     dtype = _output_dtype(dtype, first)
     tok = load_tokenizer(first)
-    batch = probe_batch(tok)
+    processor = image_inputs.vision_processor(first)
+    batch = probe_batch(tok, processor)
     notes = []
     if any(s.quant is not None for s in sources):
         notes.append("QLoRA adapters are combined on the full-precision base")
@@ -415,14 +434,15 @@ def merge_adapters(
 
     with Staged(final, overwrite) as tmp:
         if into_base:
-            _save_model(model.merge_and_unload(safe_merge=True).to(DTYPES[dtype]), tok, tmp, max_shard_size)
+            merged = model.merge_and_unload(safe_merge=True).to(DTYPES[dtype])
+            _save_model(merged, processor or tok, tmp, max_shard_size)
             del model
             written = probe_logits(load_inference_model(str(tmp), "--out", dtype=DTYPES[dtype]), batch)
         else:
             dtype = "float32"
             model.peft_config["default"].base_model_name_or_path = first.base
             model.save_pretrained(str(tmp))
-            tok.save_pretrained(str(tmp))
+            (processor or tok).save_pretrained(str(tmp))
             del model
             reloaded = attach_adapter(load_base(first, quantized=False), inspect(tmp, first.base))
             written = probe_logits(reloaded, batch)
@@ -435,6 +455,7 @@ def merge_adapters(
             scale,
             notes,
             what="merged model" if into_base else "combined adapter",
+            image_probe=processor is not None,
         )
         _verify(report)
         _write_card(

@@ -159,6 +159,12 @@ def _answer_text(a, where):
 
 
 def view_preference(r, where):
+    if "images" in r:  # image pairs: the prompt is its text and images (the same question asked of each image)
+        assert isinstance(r["images"], list) and r["images"], f"{where}: images must be a non-empty list"
+        answers, prompt = view_preference({k: v for k, v in r.items() if k != "images"}, where)
+        return answers, json.dumps([prompt, r["images"]])
+    if isinstance(r.get("prompt"), list) and any(isinstance(m.get("content"), list) for m in r["prompt"]):
+        return view_preference({**r, "prompt": json.dumps(r["prompt"])}, where)  # image content parts
     assert set(r) in ({"prompt", "chosen", "rejected"}, {"chosen", "rejected"}), f"{where}: keys {sorted(r)}"
     (chosen, shared), (rejected, shared_r) = _answer_text(r["chosen"], where), _answer_text(r["rejected"], where)
     assert chosen.strip() != rejected.strip(), f"{where}: chosen and rejected are identical"

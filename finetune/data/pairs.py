@@ -25,8 +25,10 @@ from finetune.data import (
     heldout_indices,
     log,
     open_source,
+    vision,
 )
 from finetune.data import cache as data_cache
+from finetune.data import images as image_refs
 from finetune.data.preference import PAIR_FORMATS, prompt_only, unpair
 from finetune.errors import DataError
 
@@ -84,10 +86,15 @@ class ExampleSplit:
         return self.examples
 
     def dataset(self):
-        """What the trainer takes (every row has every key of the split; null where a record had none)."""
+        """What the trainer takes (every row has every key of the split; null where a record had none). Pairs
+        with images keep their references in the Arrow file; they are opened as rows are read (TRL's vision
+        collator takes PIL images)."""
         import datasets
 
-        return datasets.Dataset.from_list(self.table) if isinstance(self.table, list) else self.table
+        table = datasets.Dataset.from_list(self.table) if isinstance(self.table, list) else self.table
+        if "images" not in table.column_names:
+            return table
+        return table.with_transform(_opened_images(self.source))
 
     def lengths(self) -> list[tuple[int, int]]:
         """(tokens in the longest sequence the example makes, answer tokens) per example, for at most
@@ -135,7 +142,22 @@ class ExampleSplit:
         }
 
 
+def _opened_images(label: str):
+    """A `with_transform` function: each row's image references -> RGB PIL images (none: an empty list)."""
+
+    def transform(batch: dict) -> dict:
+        opened = [
+            [image_refs.open_image(ref, f"{label}: image {ref[:60]!r}") for ref in refs or []]
+            for refs in batch["images"]
+        ]
+        return {**batch, "images": opened}
+
+    return transform
+
+
 def _n_tokens(tok, messages, generation_prompt=False, **template_kwargs) -> int:
+    """Tokens of a chat (a processor's: its text, each image counted as its unexpanded placeholder)."""
+    tok = vision.tokenizer_of(tok)
     if isinstance(messages, str):  # a raw-text prompt (prompt_completion data for an RL stage)
         return len(tok(messages)["input_ids"])
     return len(

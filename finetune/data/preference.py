@@ -13,12 +13,13 @@ single user / assistant turns. Errors name the record and the field.
 
 from __future__ import annotations
 
+from finetune.data import images as image_refs
 from finetune.data.chat_formats import MESSAGE_ROLES, SHAREGPT_ROLES, TAGS, _check_chat, _Fields, _turns
 
 FIELDS = {
-    "preference": ("prompt", "chosen", "rejected", "system", *TAGS),
-    "alpaca_preference": ("instruction", "input", "chosen", "rejected", "system", "history"),
-    "sharegpt_preference": ("conversations", "from", "value", "chosen", "rejected", "system", *TAGS),
+    "preference": ("prompt", "chosen", "rejected", "system", "images", *TAGS),
+    "alpaca_preference": ("instruction", "input", "chosen", "rejected", "system", "history", "images"),
+    "sharegpt_preference": ("conversations", "from", "value", "chosen", "rejected", "system", "images", *TAGS),
     "kto": ("prompt", "input", "completion", "label", "system", *TAGS),
     "prompt": ("prompt", "system", *TAGS),
 }
@@ -46,7 +47,7 @@ def _prompt(f: _Fields, field: str, value, system: str | None = None, parsed: bo
     if system and system.strip() and msgs[0]["role"] != "system":
         msgs.insert(0, {"role": "system", "content": system})
     body = [m for m in msgs if m["role"] != "system"]
-    if not body or not any(m["content"].strip() for m in body):
+    if not body or not any(isinstance(m["content"], list) or m["content"].strip() for m in body):
         raise f.error(field, "empty prompt")
     if msgs[-1]["role"] != "user":
         raise f.error(field, f"the prompt must end with a user turn, not {msgs[-1]['role']}")
@@ -75,10 +76,32 @@ def _answer(f: _Fields, field: str, value) -> list[dict]:
 
 
 def _pair(f: _Fields, prompt: list[dict], chosen, rejected) -> dict:
+    n_prompt_images = len(f.images)
     chosen, rejected = _answer(f, "chosen", chosen), _answer(f, "rejected", rejected)
+    if len(f.images) > n_prompt_images:
+        raise f.error("chosen", "an image in an answer (images go in the prompt's user turns)")
     if chosen == rejected:
         raise f.error("rejected", "identical to chosen (a pair must differ)")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return _with_images(f, {"prompt": prompt, "chosen": chosen, "rejected": rejected})
+
+
+def _with_images(f: _Fields, example: dict) -> dict:
+    """A pair whose prompt shows images: its `images` (references, in the order of the prompt's image parts),
+    from content parts or from an `images` column with one `<image>` per image in the prompt's text (as SFT's
+    chat formats read them, finetune.data.images)."""
+    column = f.get("images", required=False) if "images" in FIELDS.get(f.fmt, ()) else None
+    if f.images:
+        if column:
+            raise f.error("images", "images given both in content parts and in an images column (keep one)")
+        return {**example, "images": list(f.images)}
+    if column is None:
+        return example
+    placed = image_refs.with_placeholders(
+        {"messages": example["prompt"]}, column, f.record.root, f.record.where, f.name("images")
+    )
+    if "images" not in placed:
+        return example
+    return {**example, "prompt": placed["messages"], "images": placed["images"]}
 
 
 def _split_shared_prefix(f: _Fields, chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list, list]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from finetune import image_inputs
 from finetune.data.chat_formats import DEFAULT_REASONING_TAGS, split_inline_reasoning
 from finetune.errors import DataError
 from finetune.generate import generate as generate_tokens
@@ -34,7 +35,7 @@ def items_from_examples(examples: list[dict], label: str) -> list[Item]:
     items = []
     for i, ex in enumerate(examples):
         if "messages" in ex:
-            msgs = ex["messages"]
+            msgs = _with_references(ex["messages"], ex.get("images") or [])
             last = max(j for j, m in enumerate(msgs) if m["role"] == "assistant")
             items.append(Item(msgs[:last], msgs[last]["content"], f"{label} record {i + 1}"))
         elif "completion" in ex:
@@ -44,6 +45,19 @@ def items_from_examples(examples: list[dict], label: str) -> list[Item]:
     if not items:
         raise DataError(f"{label}: empty dataset (no records)")
     return items
+
+
+def _with_references(messages: list[dict], refs: list) -> list[dict]:
+    """An example's `{"type": "image"}` parts given their references (`images`, in order), as prompts carry them."""
+    if not refs:
+        return messages
+    refs = iter(refs)
+    return [
+        {**m, "content": [{**p, "image": next(refs)} if p.get("type") == "image" else p for p in m["content"]]}
+        if isinstance(m.get("content"), list)
+        else m
+        for m in messages
+    ]
 
 
 def load_items(
@@ -75,15 +89,37 @@ def render(tok, prompt, template_kwargs: dict | None = None) -> list[int]:
 
 @torch.no_grad()
 def generate(
-    model, tok, prompts: list, max_new_tokens: int = 128, batch_size: int = 16, template_kwargs: dict | None = None
+    model,
+    tok,
+    prompts: list,
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    template_kwargs: dict | None = None,
+    processor=None,
+    where: str = "eval",
 ) -> list[str]:
     """Greedy answers, in the order of `prompts`: length-sorted, left-padded batches (chat prompts
-    rendered with the run's model.chat_template_kwargs, as in training)."""
-    ids = [render(tok, p, template_kwargs) for p in prompts]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+    rendered with the run's model.chat_template_kwargs, as in training). Prompts with image parts are
+    rendered by the vision-language model's `processor` and answered one at a time (their image inputs
+    differ in shape from row to row)."""
+    with_images = [i for i, p in enumerate(prompts) if image_inputs.has_images(p)]
+    if with_images and processor is None:
+        raise DataError(f"{where}: prompt {with_images[0] + 1} has an image, but the model takes no images")
+    ids = [[] if i in with_images else render(tok, p, template_kwargs) for i, p in enumerate(prompts)]
     out: list[str] = [""] * len(ids)
-    device = next(model.parameters()).device
     progress = _Progress(len(ids))
+    for i in with_images:
+        messages, images = image_inputs.with_images(prompts[i], f"{where}: prompt {i + 1}")
+        enc = image_inputs.to_model(image_inputs.render(processor, messages, template_kwargs, images), model)
+        width = enc["input_ids"].shape[1]
+        generated = generate_tokens(
+            model, **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+        out[i] = tok.decode(generated[0, width:], skip_special_tokens=True).strip()
+        progress.update(1)
+    plain = set(range(len(ids))) - set(with_images)
+    order = sorted(plain, key=lambda i: len(ids[i]), reverse=True)
+    device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         width = max(len(ids[i]) for i in batch)

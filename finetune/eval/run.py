@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import locks
+from finetune import image_inputs, loading, locks
 from finetune.config import EvalSection
 from finetune.data.chat_formats import DEFAULT_REASONING_TAGS
 from finetune.errors import RecipeError
@@ -166,6 +166,12 @@ def _score(req: Request, predictions: list[str], references: list[str], metric_k
     return metrics, splits, scored
 
 
+def _processor(loaded):
+    """A vision-language model's processor, for eval prompts with images (None for a text model or a hub id)."""
+    where = Path(loaded.adapter or loaded.base)
+    return image_inputs.vision_processor(loading.inspect(where)) if where.is_dir() else None
+
+
 def _score_model(req: Request, name: str, field: str, prefix: str, work: Path, suite, metric_kw: dict, tokenizer=None):
     """Load one model, answer req.items (-> `{prefix}predictions.jsonl`), run the suite; then free it.
     Returns (generation metrics or None, suite results or None, trainer_state.json or None)."""
@@ -180,6 +186,8 @@ def _score_model(req: Request, name: str, field: str, prefix: str, work: Path, s
             req.max_new_tokens,
             req.batch_size,
             template_kwargs=loaded.template_kwargs,
+            processor=_processor(loaded) if any(image_inputs.has_images(it.prompt) for it in req.items) else None,
+            where=field,
         )
         kwargs = loaded.template_kwargs
         prompts = [generation.prompt_text(loaded.tokenizer, it.prompt, kwargs) for it in req.items]

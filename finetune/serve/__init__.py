@@ -80,6 +80,8 @@ def limits_from_args(args) -> Limits:
         max_sequences=args.max_sequences,
         max_request_tokens=args.max_request_tokens,
         render_timeout_s=args.render_timeout,
+        max_images=getattr(args, "max_images", Limits.max_images),
+        max_image_pixels=getattr(args, "max_image_pixels", Limits.max_image_pixels),
     )
 
 

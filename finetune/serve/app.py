@@ -22,8 +22,17 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from finetune.image_inputs import has_images
 from finetune.serve.engine import Engine, Row, Sampling, Served
-from finetune.serve.protocol import APIError, Limits, parse_json, request_models, template_kwargs, validation_error
+from finetune.serve.protocol import (
+    APIError,
+    Limits,
+    parse_json,
+    request_images,
+    request_models,
+    template_kwargs,
+    validation_error,
+)
 
 log = logging.getLogger("finetune")
 RENDER_THREADS = 2
@@ -220,18 +229,26 @@ def create_app(
             raise APIError(400, "stop: up to 4 non-empty strings", param="stop")
         return Sampling(max_tokens, body.temperature, body.top_p, tuple(stop), body.seed)
 
-    def render_chat(body, target: Served, policy: ToolPolicy, kwargs: dict) -> tuple[str, list[int]]:
+    def render_chat(body, target: Served, policy: ToolPolicy, kwargs: dict) -> tuple[str, list[int], dict]:
         from jinja2 import TemplateError
         from transformers.cli.serving.utils import BaseHandler, Modality
 
         given = [m.model_dump(exclude_none=True) for m in body.messages]
         if target.system and not any(m["role"] in ("system", "developer") for m in given):
             given = [{"role": "system", "content": target.system}, *given]  # as in training, chat and Ollama
-        messages = BaseHandler.get_processor_inputs_from_messages(given, Modality.LLM)
+        images = []
+        if has_images(given):
+            if target.processor is None:
+                raise APIError(400, f"model {target.name!r} takes no images (a text-only model)", param="messages")
+            messages, images = request_images(given, limits)
+            template = target.processor
+        else:
+            messages = BaseHandler.get_processor_inputs_from_messages(given, Modality.LLM)
+            template = target.tokenizer
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if policy.render else None
 
         def render(tools):
-            return target.tokenizer.apply_chat_template(
+            return template.apply_chat_template(
                 messages, tools=tools, add_generation_prompt=True, tokenize=False, **kwargs
             )
 
@@ -249,13 +266,19 @@ def create_app(
                 400, f"the model's chat template refused these messages: {str(e).splitlines()[0]}", param="messages"
             ) from None
         text += policy.prefill
-        return text, target.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if images:  # the processor expands each image placeholder to the image's tokens
+            enc = target.processor(text=[text], images=images, return_tensors="pt", add_special_tokens=False)
+            ids = enc.pop("input_ids")[0].tolist()
+            enc.pop("attention_mask", None)
+            return text, ids, dict(enc)
+        return text, target.tokenizer(text, add_special_tokens=False)["input_ids"], {}
 
     def tokenize_prompts(target: Served, prompts: list[str]) -> list[tuple[str, list[int]]]:
         return [(p, target.tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
 
-    def run(prompts, target: Served, s: Sampling, n: int, chat: bool):
-        """Queue n rows per prompt; returns (per-choice asyncio queues, the rows)."""
+    def run(prompts, target: Served, s: Sampling, n: int, chat: bool, extra: dict | None = None):
+        """Queue n rows per prompt; returns (per-choice asyncio queues, the rows). `extra`: the prompt's image
+        inputs; each of its rows is then generated alone."""
         loop = asyncio.get_running_loop()
         queues, rows = [], []
         group = uuid.uuid4().hex if s.seed is not None else ""  # seeded rows run alone: repeatable
@@ -266,7 +289,8 @@ def create_app(
                 def emit(item, q=q):
                     loop.call_soon_threadsafe(q.put_nowait, item)
 
-                rows.append(Row(target, ids, text, s, emit, chat=chat, group=group))
+                alone = uuid.uuid4().hex if extra else group
+                rows.append(Row(target, ids, text, s, emit, chat=chat, group=alone, extra=extra or {}))
                 queues.append(q)
         engine.submit(rows)
         return queues, rows
@@ -315,11 +339,11 @@ def create_app(
         target = pick(body)
         policy = tool_policy(body, target)
         kwargs = template_kwargs(body.chat_template_kwargs, target.template_kwargs)
-        text, ids = await off_loop(render_chat, body, target, policy, kwargs)
+        text, ids, extra = await off_loop(render_chat, body, target, policy, kwargs)
         s = sampling(body, target, [len(ids)])
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
-            queues, rows = run([(text, ids)], target, s, body.n, chat=True)
+            queues, rows = run([(text, ids)], target, s, body.n, chat=True, extra=extra)
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(
                 _chat_stream(rid, target.name, queues, rows, len(ids), include_usage, policy, ChatCompletionChunk),
@@ -331,7 +355,7 @@ def create_app(
             missing = [i for i, r in enumerate(results) if not policy.meets(r)]
             if not missing:
                 break
-            queues, rows = run([(text, ids)], target, s, len(missing), chat=True)
+            queues, rows = run([(text, ids)], target, s, len(missing), chat=True, extra=extra)
             for i, r in zip(missing, await collect_all(request, queues, rows)):
                 results[i] = r
         unmet = [i for i, r in enumerate(results) if not policy.meets(r)]

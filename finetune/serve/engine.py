@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from finetune import loading
+from finetune import image_inputs, loading
 from finetune.data.chat_formats import DEFAULT_REASONING_TAGS
 from finetune.generate import generate
 from finetune.outputs import OutputDir, recorded_system_prompt
@@ -44,6 +44,7 @@ class Served:
     keep_ids: frozenset = frozenset()  # special tokens that delimit reasoning / tool calls: kept when decoding
     system: str | None = None  # the system prompt it was trained with: used when a request brings none
     template_kwargs: dict = field(default_factory=dict)  # the recipe's model.chat_template_kwargs (request overrides)
+    processor: Any = None  # a vision-language model's processor: renders requests with image parts
 
     @property
     def tool_open(self) -> str | None:
@@ -97,13 +98,16 @@ def load_served(
         if torch.cuda.is_available() and source.quant is None and next(model.parameters()).device.type == "cpu":
             model.to("cuda")  # a quantized base is placed at load time
         tok = loading.load_tokenizer(source)
+        processor = image_inputs.vision_processor(source)
         recipe = OutputDir(source.path).recipe_dict() if Path(source.path).is_dir() else {}
         # as `finetune chat` and training read it: the run's data.reasoning_tags, else the default
         tags = (recipe.get("data") or {}).get("reasoning_tags") or DEFAULT_REASONING_TAGS
         schema, keep = response_schema(tok, tuple(tags))
         kwargs = (recipe.get("model") or {}).get("chat_template_kwargs") or {}
         system = recorded_system_prompt(source.path) if Path(source.path).is_dir() else None
-        served[served_name] = Served(served_name, source.path, model, tok, adapter, schema, keep, system, kwargs)
+        served[served_name] = Served(
+            served_name, source.path, model, tok, adapter, schema, keep, system, kwargs, processor
+        )
     return served
 
 
@@ -200,7 +204,8 @@ class Row:
     # ("done", reason, n_tokens) or ("error", message)
     emit: Any
     chat: bool = True  # chat: reasoning / tool calls parsed, content stripped; completions: the raw text
-    group: str = ""  # rows of one seeded request run together, alone
+    group: str = ""  # rows of one seeded request run together, alone; a row with images runs alone
+    extra: dict = field(default_factory=dict)  # the processor's image inputs (pixel_values, ...) of a batch of one
     cancelled: threading.Event = field(default_factory=threading.Event)
     ids: list[int] = field(default_factory=list)
     done: bool = False
@@ -444,6 +449,8 @@ class Engine:
             from transformers import StoppingCriteriaList
 
             device = next(model.parameters()).device
+            if live[0].extra:  # image inputs: such a row is its own batch (app.py gives it its own group)
+                gen.update(image_inputs.to_model(live[0].extra, model))
             generate(  # finetune.generate: prompt-tuning adapters right on every transformers version
                 model,
                 input_ids.to(device),

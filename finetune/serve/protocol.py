@@ -53,6 +53,8 @@ class Limits:
     max_sequences: int = 64  # prompts x n of one request
     max_request_tokens: int = 131_072  # sum over its sequences of prompt tokens + max_tokens
     render_timeout_s: float = 10.0  # rendering + tokenizing one request's prompts
+    max_images: int = 4  # image parts in one request (a vision-language model's)
+    max_image_pixels: int = 1024 * 1024  # width x height of each (checked from the header, before decoding)
 
     def __post_init__(self):
         for f in fields(self):
@@ -131,9 +133,17 @@ def request_models():
         type: Literal["function"] = "function"
         function: FunctionCall
 
+    class ImageURL(Strict):
+        url: str = Field(min_length=1)
+        detail: Literal["auto", "low", "high"] | None = None
+
+    class ImagePart(Strict):  # OpenAI's image content part; the url a data: URL (finetune fetches nothing)
+        type: Literal["image_url"]
+        image_url: ImageURL
+
     class Message(Strict):
         role: Literal["system", "developer", "user", "assistant", "tool"]
-        content: str | list[TextPart] | None = None
+        content: str | list[TextPart | ImagePart] | None = None
         tool_calls: list[ToolCall] | None = None
         tool_call_id: str | None = None
 
@@ -190,6 +200,22 @@ def validation_error(e, data: dict) -> APIError:
             parts.append(str(key))
     where = ".".join(parts) or "body"
     return APIError(400, f"{where}: {err['msg']}", param=where)
+
+
+def request_images(messages: list[dict], limits: Limits) -> tuple[list[dict], list]:
+    """(messages with plain `{"type": "image"}` parts, the opened images) of a chat request; a bad image or one
+    over the limits is a 400 naming its part."""
+    from finetune.image_inputs import ImageBounds, ImageInputError, with_images
+
+    bounds = ImageBounds(
+        max_images=limits.max_images, max_image_bytes=limits.max_body_bytes, max_image_pixels=limits.max_image_pixels
+    )
+    try:
+        return with_images(messages, "request", bounds=bounds, files=False)
+    except ImageInputError as e:
+        message = str(e).removeprefix("request: ")
+        param = message.split(":", 1)[0] if message.startswith("messages[") else "messages"
+        raise APIError(400, message, param=param) from None
 
 
 def template_kwargs(given: dict | None, recorded: dict) -> dict:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from finetune import adapters, guards, loading
 from finetune.config import Recipe
-from finetune.data import pairs
+from finetune.data import pairs, vision
+from finetune.errors import RecipeError
 from finetune.outputs import RunDir
 from finetune.stages.common import (
     TrainPlan,
@@ -29,6 +30,8 @@ from finetune.stages.common import (
 
 log = logging.getLogger("finetune")
 
+VISION_STAGES = ("dpo",)  # the preference stages whose TRL trainer batches images (DataCollatorForVisionPreference)
+
 
 def prepare(recipe: Recipe, dry_run: bool = False):
     """Everything that can fail on the user's input, before any output dir exists. A dry run
@@ -36,7 +39,12 @@ def prepare(recipe: Recipe, dry_run: bool = False):
     run_dir = RunDir(recipe.output.dir, recipe.output.overwrite, recipe.train["resume"])
     if not dry_run:
         run_dir.check()
-    tok = loading.load_tokenizer(recipe.model)
+    tok = loading.load_tokenizer_or_processor(recipe.model, recipe.data)  # a processor for a vision-language model
+    if vision.is_processor(tok) and recipe.stage not in VISION_STAGES:
+        raise RecipeError(
+            f"stage: {recipe.stage}: {recipe.model.name_or_path} is a vision-language model; its preference "
+            f"stage is {', '.join(VISION_STAGES)} (TRL's vision collator)"
+        )
     prepared = pairs.load(
         recipe.data, tok, recipe.stage, seed=recipe.train["seed"], template_kwargs=recipe.model.chat_template_kwargs
     )
@@ -65,7 +73,7 @@ def run(recipe: Recipe, make_trainer: Callable, callbacks=(), num_labels: int | 
         recipe.adapter,
         recipe.train["activation_checkpointing"],
         num_labels=num_labels,
-        pad_token_id=tok.pad_token_id,
+        pad_token_id=vision.tokenizer_of(tok).pad_token_id,
     )
     align_router_aux_loss(model, args)
     checkpoint = run_dir.start(recipe.identity(), is_main=state.is_main_process)
