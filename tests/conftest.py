@@ -12,6 +12,13 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist each of the two workers gets one core's worth of threads, its subprocesses too (they inherit
+# the environment): torch's default of one thread per core in both workers oversubscribes two cores, and OpenMP's
+# spinning threads then slow every training test several times over (the browser test 117 s -> 433 s).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 # Under pytest-xdist, --dist loadfile hands the files out in collection order: the longest go first, so that
 # no worker is left alone with one of them at the end of the run.
 LONGEST_FILES = ("test_sharded.py", "test_webui.py")
