@@ -254,3 +254,23 @@ def test_family_recipe_dry_runs_on_a_tiny_model_of_its_architecture(rel, tmp_pat
     assert " 0 trainable" not in plan and "tokens trained" in plan
     assert "  memory         " in plan and "peak ~" in plan  # finetune fit estimates this architecture
     assert not (tmp_path / "out").exists()
+
+
+def test_the_plan_names_what_all_linear_wraps_layer_by_layer(tmp_path, tiny_tokenizer):
+    """On a hybrid model `all-linear` is not PEFT's: the plan lists the wrapped modules per layer (attention
+    only where the layer has it, the MLP in every layer, the linear-attention mixer nowhere)."""
+    from finetune.stages import sft
+
+    model_dir = tmp_path / "model"
+    _model("Qwen3.5").save_pretrained(str(model_dir))  # layer 0 linear attention, layer 1 full attention
+    tiny_tokenizer.save_pretrained(str(model_dir))
+    recipe = config.load(
+        RECIPES / "qwen3.5/sft_lora.yaml",
+        [f"model.name_or_path={model_dir}", f"output.dir={tmp_path / 'out'}", "train.max_length=512"],
+    )
+    assert recipe.adapter.target_modules == "all-linear"
+    lines = [line for line in sft.plan(recipe).render().splitlines() if line.startswith("  targets ")]
+    assert lines == [
+        "  targets        model.layers 0-1: mlp.down_proj, mlp.gate_proj, mlp.up_proj; "
+        "model.layers 1: self_attn.k_proj, self_attn.o_proj, self_attn.q_proj, self_attn.v_proj"
+    ]
