@@ -142,6 +142,48 @@ CONFIGS = {
         "bos_token_id": 1,
         "eos_token_id": 2,
     },
+    # Gemma 4 (E2B-style): per-layer embeddings, the last two layers reusing the keys and values of the two
+    # before (and their MLP double-wide), global layers with a wider head and proportional RoPE over a quarter
+    # of it (scaled by a factor: transformers warns the key is unrecognised, and applies it), final soft-capping
+    "gemma4_text": {
+        "model_type": "gemma4_text",
+        "head_dim": 16,
+        "global_head_dim": 32,
+        "num_hidden_layers": 4,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+        "sliding_window": 4,
+        "hidden_size_per_layer_input": 8,
+        "vocab_size_per_layer_input": 1536,
+        "num_kv_shared_layers": 2,
+        "use_double_wide_mlp": True,
+        "final_logit_softcapping": 0.1,  # near the tiny logits, so that it shows
+        "rope_parameters": {
+            "full_attention": {
+                "rope_type": "proportional",
+                "partial_rotary_factor": 0.25,
+                "rope_theta": 1000000.0,
+                "factor": 2.0,
+            },
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    },
+    # Gemma 4 (26B-A4B-style): a dense MLP beside routed experts in every layer (scaled router, per-expert
+    # output scales); global layers with values = keys (attention_k_eq_v) and fewer kv heads; untied output
+    "gemma4_moe": {
+        "model_type": "gemma4_text",
+        "head_dim": 16,
+        "global_head_dim": 32,
+        "num_global_key_value_heads": 1,
+        "attention_k_eq_v": True,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "sliding_window": 4,
+        "hidden_size_per_layer_input": 0,
+        "enable_moe_block": True,
+        "num_experts": 4,
+        "top_k_experts": 2,
+        "moe_intermediate_size": 32,
+        "tie_word_embeddings": False,
+    },
 }
 GGUF_ARCH = {
     "qwen3": "qwen3",
@@ -160,6 +202,8 @@ GGUF_ARCH = {
     "glm4_moe": "glm4moe",
     "llama4_text": "llama4",
     "lfm2": "lfm2",
+    "gemma4_text": "gemma4",
+    "gemma4_moe": "gemma4",
 }
 
 
@@ -176,9 +220,13 @@ def tiny_model_dir(root: Path, family: str, tokenizer, **overrides) -> Path:
             # attention scale or convolution shows in the logits
             if any(proj in name for proj in ("q_proj", "k_proj", "qkv_proj", "conv.in_proj")):
                 p.mul_(10.0)
+            if name.endswith(("router.scale", "per_expert_scale")):  # Gemma 4's router scales, ones at init
+                p.uniform_(0.5, 1.5)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # a router selection bias that changes which experts run
                 b.normal_(0.0, 0.3)
+            if name.endswith("layer_scalar"):  # Gemma 4's per-layer output scale, one at init
+                b.uniform_(0.5, 1.5)
     out = root / family
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
@@ -217,7 +265,7 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
         assert tensors["blk.0.ffn_gate_exps.weight"].shape == (4, 32, 64)
         assert tensors["blk.1.ffn_down_exps.weight"].shape == (4, 64, 32)
         assert meta["qwen3moe.expert_count"] == 4 and meta["qwen3moe.expert_used_count"] == 2
-    if family.startswith("gemma"):  # norms stored as 1 + w; tied output
+    if family.startswith(("gemma2", "gemma3")):  # norms stored as 1 + w; tied output
         hf = AutoModelForCausalLM.from_pretrained(str(model_dir)).state_dict()
         assert np.allclose(tensors["blk.0.attn_norm.weight"], hf["model.layers.0.input_layernorm.weight"].numpy() + 1)
         assert "output.weight" not in tensors and meta[f"{GGUF_ARCH[family]}.attention.sliding_window"] == 4
@@ -229,9 +277,30 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
         assert meta["glm4moe.rope.dimension_count"] == 8 and meta["glm4moe.expert_weights_scale"] == 2.5
     # the layout's period is written only where it is not llama.cpp's default for the architecture
     pattern = meta.get(f"{GGUF_ARCH[family]}.attention.sliding_window_pattern")
-    assert pattern == (2 if family.endswith("_period2") else None)
+    assert family.startswith("gemma4") or pattern == (2 if family.endswith("_period2") else None)  # gemma4: flags
     if family == "olmo3":  # llama.cpp's default layout, its window kept
         assert meta["olmo2.attention.sliding_window"] == 4
+    if family.startswith("gemma4"):
+        _check_gemma4_layout(family, tensors, meta)
+
+
+def _check_gemma4_layout(family, tensors, meta):
+    """Gemma 4's file as llama.cpp's converter lays it out: norms stored as they are (no 1 + w), a head dim,
+    kv head count and rotary width per layer kind, one sliding flag per layer, rope_freqs leaving the
+    unrotated three quarters of each global head in place (1e30), the shared layers without k/v."""
+    assert meta["gemma4.attention.sliding_window_pattern"] == [True, False] * (2 if family == "gemma4_text" else 1)
+    assert meta["gemma4.attention.key_length"] == 32 and meta["gemma4.attention.key_length_swa"] == 16
+    assert "blk.0.layer_output_scale.weight" in tensors
+    if family == "gemma4_text":
+        assert meta["gemma4.attention.shared_kv_layers"] == 2 and meta["gemma4.embedding_length_per_layer_input"] == 8
+        assert "blk.1.attn_k.weight" in tensors and "blk.2.attn_k.weight" not in tensors
+        assert meta["gemma4.feed_forward_length"] == [96, 96, 192, 192]
+        assert tensors["per_layer_token_embd.weight"].shape == (1536, 4 * 8)
+        assert list(tensors["rope_freqs.weight"]) == [2.0] * 4 + [1e30] * 12
+    else:  # values = keys on the global layer: no attn_v there; one kv head
+        assert meta["gemma4.attention.head_count_kv"] == [2, 1] and "blk.1.attn_v.weight" not in tensors
+        assert tensors["blk.0.ffn_gate_up_exps.weight"].shape == (4, 64, 64) and "output.weight" in tensors
+        assert tensors["blk.0.ffn_down_exps.scale"].shape == (4,)
 
 
 @pytest.mark.parametrize(
@@ -247,6 +316,8 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
         ("glm4_moe", {"n_group": 2, "topk_group": 1}, "topk_group"),
         ("llama4_text", {"attention_chunk_size": 8}, "attention_chunk_size"),
         ("lfm2", {"conv_bias": True}, "conv_bias"),
+        # one shared layer: a global layer would reuse layer 1 in transformers, layer 2 (sliding) in llama.cpp
+        ("gemma4_text", {"num_kv_shared_layers": 1}, "num_kv_shared_layers"),
     ],
 )
 def test_a_configuration_llama_cpp_would_compute_differently_is_refused(
@@ -280,3 +351,26 @@ def test_routers_and_conv_kernels_stay_f32_as_llama_cpp_stores_them(tmp_path, ti
     _, _, qtypes = read(tmp_path / "m.gguf")
     assert qtypes[f32_tensor] == gguf.GGMLQuantizationType.F32
     assert qtypes["blk.1.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
+
+
+@pytest.mark.parametrize("k_eq_v", [True, False])
+def test_gemma4_head_dims_read_from_an_original_config_as_transformers_reads_them(k_eq_v):
+    """An original Gemma 4 config.json names global_head_dim and num_global_key_value_heads (the latter used
+    only with attention_k_eq_v); transformers turns them into per_layer_config. The exporter reads the same
+    head dim and kv heads per layer from either form."""
+    from transformers import AutoConfig
+
+    original = {
+        **SMALL,
+        "head_dim": 16,
+        "global_head_dim": 32,
+        "num_global_key_value_heads": 1,
+        "attention_k_eq_v": k_eq_v,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "num_hidden_layers": 3,
+    }
+    cfg = AutoConfig.for_model("gemma4_text", **original)
+    want = [(cfg.per_layer_config[i].head_dim, cfg.per_layer_config[i].num_key_value_heads) for i in range(3)]
+    assert want == [(16, 2), (32, 1 if k_eq_v else 2), (32, 1 if k_eq_v else 2)]  # the last layer made global
+    assert gguf_export._gemma4_attention(original) == want
+    assert gguf_export._gemma4_attention(cfg.to_dict()) == want
