@@ -153,6 +153,17 @@ CONFIGS = {
         "moe_num_shared_experts": 1,
         "moe_layer_start_index": 1,
     },
+    # ERNIE 4.5 MoE with experts every 2nd layer from layer 0 (interleave_moe_layer_step) and no shared experts
+    "ernie4_5_moe_interval2": {
+        "model_type": "ernie4_5_moe",
+        "head_dim": 16,
+        "moe_num_experts": 4,
+        "moe_k": 2,
+        "moe_intermediate_size": 32,
+        "moe_num_shared_experts": 0,
+        "moe_layer_start_index": 0,
+        "moe_layer_interval": 2,
+    },
     # MiniMax-M2: experts in every layer (sigmoid router with a selection bias), q/k norms over the whole
     # projection, half-rotary heads
     "minimax_m2": {
@@ -198,6 +209,7 @@ GGUF_ARCH = {
     "llama4_text": "llama4",
     "lfm2": "lfm2",
     "ernie4_5_moe": "ernie4_5-moe",
+    "ernie4_5_moe_interval2": "ernie4_5-moe",
     "minimax_m2": "minimax-m2",
     "lfm2_moe": "lfm2moe",
 }
@@ -276,6 +288,9 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
         assert tensors["blk.1.ffn_up_exps.weight"].shape == (4, 32, 64) and "blk.1.ffn_up_shexp.weight" in tensors
         assert meta["ernie4_5-moe.leading_dense_block_count"] == 1
         assert meta["ernie4_5-moe.expert_shared_feed_forward_length"] == 32
+    if family == "ernie4_5_moe_interval2":
+        assert "blk.0.ffn_gate.weight" in tensors and "blk.1.ffn_gate_exps.weight" in tensors
+        assert meta["ernie4_5-moe.interleave_moe_layer_step"] == 2 and "blk.1.ffn_up_shexp.weight" not in tensors
     if family == "minimax_m2":  # experts from w1/w2/w3, q/k norms over the projection, half-rotary heads
         assert tensors["blk.0.ffn_down_exps.weight"].shape == (4, 64, 32)
         assert tensors["blk.0.attn_q_norm.weight"].shape == (64,) and meta["minimax-m2.rope.dimension_count"] == 8
