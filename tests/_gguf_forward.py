@@ -1,10 +1,11 @@
 """A numpy forward pass of a GGUF computed from the file alone, the way llama.cpp's graphs for the exported
 architectures compute (llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, seed_oss, olmo2, ernie4_5, smollm3,
-glm4moe, llama4, lfm2, gemma4 in its own function): their RoPE layouts, Gemma's embedding and attention scales,
-soft-capping, sliding-window layouts, pre- and post-norms, q/k norms (per head, or over the whole projection as
-OLMo 2's), NoPE layers, top-k MoE routing (softmax, or sigmoid with a selection bias; expert inputs or outputs
-weighted; shared experts) and Phi-3's fused projections. Used to show an exported file computes what
-transformers computes."""
+glm4moe, llama4, lfm2, ernie4_5-moe, minimax-m2, lfm2moe, and gemma4 in its own function): their RoPE layouts,
+Gemma's embedding and attention scales, soft-capping, sliding-window layouts, pre- and post-norms, q/k norms (per
+head, or over the whole projection as OLMo 2's and MiniMax-M2's), NoPE layers, top-k MoE routing (softmax or
+sigmoid, with a selection bias; expert inputs or outputs weighted; shared experts; leading dense and interleaved
+MoE layers as the file's keys lay them out) and Phi-3's fused projections. Used to show an exported file computes
+what transformers computes."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from finetune import gguf_export
 
 # llama.cpp's LLAMA_ROPE_TYPE_NEOX archs
 NEOX = {"qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3", "seed_oss", "olmo2", "glm4moe", "lfm2"}
+NEOX |= {"minimax-m2", "lfm2moe"}
 # llama.cpp's sliding-window periods when attention.sliding_window_pattern is absent: layer il is local
 # unless il % n == n-1
 SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "olmo2": 4}
@@ -145,6 +147,7 @@ def gguf_forward(path, ids):
             a = norm(a, t[p + "post_attention_norm.weight"])
         x = x + a
         h = norm(x, t[f"{p}{pre_ffn}.weight"]) if f"{p}{pre_ffn}.weight" in t else x
+        moe_layer(key, i, p + "ffn_gate_inp.weight" in t)
         if p + "ffn_gate_inp.weight" in t:  # top-k experts: softmax router, or sigmoid with a selection bias
             logits = lin(h, p + "ffn_gate_inp")
             if arch == "llama4" or key("expert_gating_func") == gguf.ExpertGatingFuncType.SIGMOID:
@@ -165,7 +168,7 @@ def gguf_forward(path, ids):
                     g = t[p + "ffn_gate_exps.weight"][e] @ x_in
                     u = t[p + "ffn_up_exps.weight"][e] @ x_in
                     f[row] += w_out * (t[p + "ffn_down_exps.weight"][e] @ (act(g) * u))
-            if p + "ffn_gate_shexp.weight" in t:  # shared experts, on every token
+            if p + "ffn_gate_shexp.weight" in t and shared_experts(arch, key):  # shared experts, on every token
                 f += lin(act(lin(h, p + "ffn_gate_shexp")) * lin(h, p + "ffn_up_shexp"), p + "ffn_down_shexp")
         elif p + "ffn_gate.weight" in t:
             f = lin(act(lin(h, p + "ffn_gate")) * lin(h, p + "ffn_up"), p + "ffn_down")
@@ -181,6 +184,20 @@ def gguf_forward(path, ids):
     if final_cap:
         logits = np.tanh(logits / final_cap) * final_cap
     return logits
+
+
+def moe_layer(key, i, has_experts):
+    """Where the file says how its layers are laid out (leading dense layers, then experts every n-th layer),
+    llama.cpp's loader expects the experts' tensors exactly there."""
+    lead, step = key("leading_dense_block_count"), key("interleave_moe_layer_step")
+    if lead is not None or step is not None:
+        want = i >= (lead or 0) and (i + 1) % (step or 1) == 0
+        assert has_experts == want, f"layer {i}: experts {has_experts}, llama.cpp expects {want}"
+
+
+def shared_experts(arch, key):
+    """ernie4_5-moe runs its shared experts only when expert_shared_feed_forward_length is written and > 0."""
+    return arch != "ernie4_5-moe" or key("expert_shared_feed_forward_length", 0) > 0
 
 
 def gelu(g):

@@ -184,6 +184,54 @@ CONFIGS = {
         "moe_intermediate_size": 32,
         "tie_word_embeddings": False,
     },
+    # ERNIE 4.5 MoE: a dense layer, then a MoE layer (softmax router whose selection bias picks the experts, a
+    # shared expert)
+    "ernie4_5_moe": {
+        "model_type": "ernie4_5_moe",
+        "head_dim": 16,
+        "moe_num_experts": 4,
+        "moe_k": 2,
+        "moe_intermediate_size": 32,
+        "moe_num_shared_experts": 1,
+        "moe_layer_start_index": 1,
+    },
+    # ERNIE 4.5 MoE with experts every 2nd layer from layer 0 (interleave_moe_layer_step) and no shared experts
+    "ernie4_5_moe_interval2": {
+        "model_type": "ernie4_5_moe",
+        "head_dim": 16,
+        "moe_num_experts": 4,
+        "moe_k": 2,
+        "moe_intermediate_size": 32,
+        "moe_num_shared_experts": 0,
+        "moe_layer_start_index": 0,
+        "moe_layer_interval": 2,
+    },
+    # MiniMax-M2: experts in every layer (sigmoid router with a selection bias), q/k norms over the whole
+    # projection, half-rotary heads
+    "minimax_m2": {
+        "model_type": "minimax_m2",
+        "head_dim": 16,
+        "rotary_dim": 8,
+        "intermediate_size": 32,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    # LFM2-MoE: a short-convolution layer with a dense MLP, then an attention layer with experts (sigmoid router,
+    # selection bias)
+    "lfm2_moe": {
+        "model_type": "lfm2_moe",
+        "layer_types": ["conv", "full_attention"],
+        "num_dense_layers": 1,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
 }
 GGUF_ARCH = {
     "qwen3": "qwen3",
@@ -204,6 +252,10 @@ GGUF_ARCH = {
     "lfm2": "lfm2",
     "gemma4_text": "gemma4",
     "gemma4_moe": "gemma4",
+    "ernie4_5_moe": "ernie4_5-moe",
+    "ernie4_5_moe_interval2": "ernie4_5-moe",
+    "minimax_m2": "minimax-m2",
+    "lfm2_moe": "lfm2moe",
 }
 
 
@@ -222,8 +274,12 @@ def tiny_model_dir(root: Path, family: str, tokenizer, **overrides) -> Path:
                 p.mul_(10.0)
             if name.endswith(("router.scale", "per_expert_scale")):  # Gemma 4's router scales, ones at init
                 p.uniform_(0.5, 1.5)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):  # a router selection bias that changes which experts run
+            # router logits far from zero, so the gating function (softmax or sigmoid) and the renormalisation of
+            # the chosen experts' weights show too
+            if name.endswith((".gate.weight", "router.weight")) and p.dim() == 2:
+                p.mul_(10.0)
+        for name, b in [*model.named_buffers(), *model.named_parameters()]:
+            if name.endswith(("e_score_correction_bias", "expert_bias")):  # a selection bias that changes the experts
                 b.normal_(0.0, 0.3)
             if name.endswith("layer_scalar"):  # Gemma 4's per-layer output scale, one at init
                 b.uniform_(0.5, 1.5)
@@ -275,6 +331,21 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
         assert "blk.0.ffn_gate.weight" in tensors and "blk.0.ffn_gate_inp.weight" not in tensors
         assert tensors["blk.1.exp_probs_b.bias"].shape == (4,) and "blk.1.ffn_gate_shexp.weight" in tensors
         assert meta["glm4moe.rope.dimension_count"] == 8 and meta["glm4moe.expert_weights_scale"] == 2.5
+    if family == "ernie4_5_moe":  # layer 0 dense; layer 1 experts, the router's bias (squeezed) and a shared expert
+        assert "blk.0.ffn_gate.weight" in tensors and tensors["blk.1.exp_probs_b.bias"].shape == (4,)
+        assert tensors["blk.1.ffn_up_exps.weight"].shape == (4, 32, 64) and "blk.1.ffn_up_shexp.weight" in tensors
+        assert meta["ernie4_5-moe.leading_dense_block_count"] == 1
+        assert meta["ernie4_5-moe.expert_shared_feed_forward_length"] == 32
+    if family == "ernie4_5_moe_interval2":
+        assert "blk.0.ffn_gate.weight" in tensors and "blk.1.ffn_gate_exps.weight" in tensors
+        assert meta["ernie4_5-moe.interleave_moe_layer_step"] == 2 and "blk.1.ffn_up_shexp.weight" not in tensors
+    if family == "minimax_m2":  # experts from w1/w2/w3, q/k norms over the projection, half-rotary heads
+        assert tensors["blk.0.ffn_down_exps.weight"].shape == (4, 64, 32)
+        assert tensors["blk.0.attn_q_norm.weight"].shape == (64,) and meta["minimax-m2.rope.dimension_count"] == 8
+    if family == "lfm2_moe":  # a dense convolution layer, then an attention layer with experts
+        assert "blk.0.shortconv.conv.weight" in tensors and "blk.0.ffn_gate.weight" in tensors
+        assert tensors["blk.1.ffn_gate_exps.weight"].shape == (4, 32, 64) and "blk.1.exp_probs_b.bias" in tensors
+        assert meta["lfm2moe.attention.head_count_kv"] == [0, 2]
     # the layout's period is written only where it is not llama.cpp's default for the architecture
     pattern = meta.get(f"{GGUF_ARCH[family]}.attention.sliding_window_pattern")
     assert family.startswith("gemma4") or pattern == (2 if family.endswith("_period2") else None)  # gemma4: flags
@@ -318,6 +389,9 @@ def _check_gemma4_layout(family, tensors, meta):
         ("lfm2", {"conv_bias": True}, "conv_bias"),
         # one shared layer: a global layer would reuse layer 1 in transformers, layer 2 (sliding) in llama.cpp
         ("gemma4_text", {"num_kv_shared_layers": 1}, "num_kv_shared_layers"),
+        ("ernie4_5_moe", {"moe_layer_end_index": 0}, "moe_layer_end_index"),
+        ("minimax_m2", {"hidden_act": "gelu"}, "hidden_act"),
+        ("lfm2_moe", {"routed_scaling_factor": 2.0}, "routed_scaling_factor"),
     ],
 )
 def test_a_configuration_llama_cpp_would_compute_differently_is_refused(
