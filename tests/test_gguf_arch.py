@@ -24,6 +24,23 @@ SMALL = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 256,
 }
+# a linear-attention layer (2 key heads shared by 4 value heads: the head order matters) then a full-attention
+# layer whose q projection carries a gate; zero-centred norms, a quarter of each head rotated
+DELTA_NET_LAYERS = {
+    "head_dim": 16,
+    "layer_types": ["linear_attention", "full_attention"],
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+}
+# routed experts plus a shared expert behind a sigmoid gate
+SHARED_EXPERT = {
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 48,
+}
 CONFIGS = {
     "qwen3": {"model_type": "qwen3", "head_dim": 16, "tie_word_embeddings": True},
     "qwen3_moe": {
@@ -142,6 +159,10 @@ CONFIGS = {
         "bos_token_id": 1,
         "eos_token_id": 2,
     },
+    # gated delta-net hybrids (DELTA_NET_LAYERS); Qwen3-Next with fused in_proj_qkvz / in_proj_ba
+    "qwen3_next": {"model_type": "qwen3_next", **DELTA_NET_LAYERS, **SHARED_EXPERT},
+    "qwen3_5_text": {"model_type": "qwen3_5_text", **DELTA_NET_LAYERS},
+    "qwen3_5_moe_text": {"model_type": "qwen3_5_moe_text", **DELTA_NET_LAYERS, **SHARED_EXPERT},
 }
 GGUF_ARCH = {
     "qwen3": "qwen3",
@@ -160,6 +181,9 @@ GGUF_ARCH = {
     "glm4_moe": "glm4moe",
     "llama4_text": "llama4",
     "lfm2": "lfm2",
+    "qwen3_next": "qwen3next",
+    "qwen3_5_text": "qwen35",
+    "qwen3_5_moe_text": "qwen35moe",
 }
 
 
@@ -174,8 +198,13 @@ def tiny_model_dir(root: Path, family: str, tokenizer, **overrides) -> Path:
                 p.normal_(0.0, 0.3)
             # scores far from uniform and a short convolution that matters, so a wrong RoPE layout, NoPE layer,
             # attention scale or convolution shows in the logits
-            if any(proj in name for proj in ("q_proj", "k_proj", "qkv_proj", "conv.in_proj")):
+            if any(
+                proj in name
+                for proj in ("q_proj", "k_proj", "qkv_proj", "conv.in_proj", "linear_attn.in_proj", "conv1d")
+            ):
                 p.mul_(10.0)
+            if name.endswith((".A_log", ".dt_bias")):  # per-head decays that differ, so the head order shows
+                p.normal_(0.0, 0.5)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # a router selection bias that changes which experts run
                 b.normal_(0.0, 0.3)
@@ -232,6 +261,11 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
     assert pattern == (2 if family.endswith("_period2") else None)
     if family == "olmo3":  # llama.cpp's default layout, its window kept
         assert meta["olmo2.attention.sliding_window"] == 4
+    if family in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"):  # the delta-net layer as the converter writes it
+        arch = GGUF_ARCH[family]
+        assert tensors["blk.0.attn_qkv.weight"].shape == (2 * 32 + 64, 64) and "blk.0.attn_gate.weight" in tensors
+        assert tensors["blk.0.ssm_conv1d.weight"].shape == (128, 4) and (tensors["blk.0.ssm_a"] < 0).all()
+        assert meta[f"{arch}.full_attention_interval"] == 2 and meta[f"{arch}.rope.dimension_count"] == 4
 
 
 @pytest.mark.parametrize(
@@ -247,6 +281,8 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
         ("glm4_moe", {"n_group": 2, "topk_group": 1}, "topk_group"),
         ("llama4_text", {"attention_chunk_size": 8}, "attention_chunk_size"),
         ("lfm2", {"conv_bias": True}, "conv_bias"),
+        ("qwen3_next", {"norm_topk_prob": False}, "norm_topk_prob"),
+        ("qwen3_5_text", {"layer_types": ["full_attention", "linear_attention"]}, "layer_types"),
     ],
 )
 def test_a_configuration_llama_cpp_would_compute_differently_is_refused(
@@ -270,7 +306,12 @@ def test_a_configuration_llama_cpp_would_compute_differently_is_refused(
 
 
 @pytest.mark.parametrize(
-    "family,f32_tensor", [("glm4_moe", "blk.1.ffn_gate_inp.weight"), ("lfm2", "blk.0.shortconv.conv.weight")]
+    "family,f32_tensor",
+    [
+        ("glm4_moe", "blk.1.ffn_gate_inp.weight"),
+        ("lfm2", "blk.0.shortconv.conv.weight"),
+        ("qwen3_5_text", "blk.0.ssm_conv1d.weight"),
+    ],
 )
 def test_routers_and_conv_kernels_stay_f32_as_llama_cpp_stores_them(tmp_path, tiny_tokenizer, family, f32_tensor):
     import gguf
