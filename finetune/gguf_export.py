@@ -758,13 +758,16 @@ def _delta_net_tensors(source, cfg: dict, arch_name: str):
     norms stored as 1 + w (not the gated delta-net's own), A_log as -exp(A_log), dt_bias renamed dt_proj.bias,
     depthwise conv kernels squeezed to (channels, kernel), Qwen3-Next's per-key-head [q, k, v, z] rows of
     in_proj_qkvz regrouped into in_proj_qkv [q..., k..., v...] and in_proj_z, and for Qwen3.5 the value heads
-    reordered to tiled order wherever they appear. MTP weights are left out (llama.cpp runs without them)."""
+    reordered to tiled order wherever they appear. MTP weights are left out (llama.cpp runs without them). A
+    causal LM loaded from the vision-language checkpoint (how Qwen3.5 ships) saves its decoder under
+    model.language_model.: read as model., the names llama.cpp's converter maps."""
     n_k, n_v = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
     dk, dv = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]
     reorder = arch_name in DELTA_NET_TILED_V and n_k != n_v
     for name, data in source:
         if name.startswith("mtp."):
             continue
+        name = name.replace("model.language_model.", "model.", 1)
         if reorder and ".linear_attn." in name:
             if ".in_proj_qkv." in name or ".conv1d." in name:  # only the value rows / channels
                 data = np.concatenate([data[: 2 * n_k * dk], _tiled_v_heads(data[2 * n_k * dk :], 0, n_k, dv)])

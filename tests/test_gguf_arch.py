@@ -321,3 +321,23 @@ def test_routers_and_conv_kernels_stay_f32_as_llama_cpp_stores_them(tmp_path, ti
     _, _, qtypes = read(tmp_path / "m.gguf")
     assert qtypes[f32_tensor] == gguf.GGMLQuantizationType.F32
     assert qtypes["blk.1.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
+
+
+def test_a_causal_lm_taken_from_a_vision_language_checkpoint_exports(tmp_path, tiny_tokenizer, ids):
+    """Qwen3.5 ships as Qwen3_5ForConditionalGeneration: the causal LM loaded from it saves its decoder under
+    model.language_model., and the file must still compute what transformers computes."""
+    from transformers import AutoModelForImageTextToText
+
+    text = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir(tmp_path, "qwen3_5_text", tiny_tokenizer)))
+    vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 64}
+    vlm = AutoModelForImageTextToText.from_config(
+        AutoConfig.for_model("qwen3_5", text_config=text.config.to_dict(), vision_config=vision)
+    )
+    vlm.model.language_model.load_state_dict(text.model.state_dict())
+    vlm.lm_head.load_state_dict(text.lm_head.state_dict())
+    vlm.save_pretrained(str(tmp_path / "vlm"))
+    model_dir = tmp_path / "lm"
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "vlm")).save_pretrained(str(model_dir))
+    tiny_tokenizer.save_pretrained(str(model_dir))
+    gguf_export.convert(model_dir, tmp_path / "m.gguf", "f32")
+    assert np.abs(gguf_forward(tmp_path / "m.gguf", ids) - hf_logits(model_dir, ids)).max() < 1e-4
