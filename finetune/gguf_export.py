@@ -91,6 +91,11 @@ PRE_TOKENIZERS = {
         r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
         r"\s*[\r\n]+|\s+(?!\S)|\s+"
     ),
+    # Qwen3.5's: qwen2's with combining marks (\p{M}) kept in words
+    "qwen35": (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|"
+        r"\s*[\r\n]+|\s+(?!\S)|\s+"
+    ),
 }
 # strings on which those pre-tokenizers split differently
 PROBES = [
@@ -101,6 +106,7 @@ PROBES = [
     "$hello (world) #tag @user ...!!!",
     " leading   and trailing  ",
     "Äpfel ½ 🦙.cpp",
+    "ภาษาไทย สวัสดี مَرْحَبًا नमस्ते",  # combining marks (Thai vowels, Arabic harakat, Devanagari)
 ]
 OUTTYPES = ("f32", "f16", "q8_0")
 
