@@ -2,13 +2,15 @@
 
 Llama / Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 (text), Phi-3, and of the 2025-26 families
 Seed-OSS, OLMo 2 / OLMo 3, ERNIE 4.5 (dense and MoE), SmolLM3, GLM-4.5, Llama 4 (text), LFM2, LFM2-MoE,
-MiniMax-M2 and Gemma 4 (text: per-layer embeddings, layers sharing earlier layers' keys and values, a wider head
-and proportional RoPE on global layers, MoE): the same metadata keys and tensor names
+MiniMax-M2, Gemma 4 (text: per-layer embeddings, layers sharing earlier layers' keys and values, a wider head
+and proportional RoPE on global layers, MoE) and the gated delta-net hybrids Qwen3-Next, Qwen3.5 and Qwen3.5-MoE:
+the same metadata keys and tensor names
 (gguf.TensorNameMap) as llama.cpp's converter, with its per-architecture quirks: the q/k row permutation of
 its Llama-style graphs (their RoPE rotates adjacent pairs; HF's rotates halves), Gemma's RMSNorm weights
 stored as 1 + w, MoE experts stacked into one 3-D tensor per projection (with the router's selection bias,
 shared experts and leading dense layers where the graph has them), Phi-3's fused qkv and gate_up kept
-fused, and the sliding-window / soft-capping / per-layer rope keys. A configuration llama.cpp would compute
+fused, the sliding-window / soft-capping / per-layer rope keys, and the delta-net layers' transforms (A_log
+-> -exp, fused projections regrouped, value heads reordered, ssm.* keys). A configuration llama.cpp would compute
 differently (a sliding-window or NoPE layout, bias or attention scale it does not read from the file) is
 refused, not written. The vocab is byte-level BPE (`gpt2`, with merges and the llama.cpp pre-tokenizer
 that splits text as the tokenizer actually does: probed, not read from tokenizer.json) or SentencePiece-style
@@ -51,6 +53,9 @@ ARCHS = {
     "MiniMaxM2ForCausalLM": "MINIMAXM2",
     "Lfm2MoeForCausalLM": "LFM2MOE",
     "Gemma4ForCausalLM": "GEMMA4",
+    "Qwen3NextForCausalLM": "QWEN3NEXT",
+    "Qwen3_5ForCausalLM": "QWEN35",
+    "Qwen3_5MoeForCausalLM": "QWEN35MOE",
 }
 PERMUTED = ("LLAMA", "SMOLLM3")  # architectures whose q/k rows llama.cpp wants permuted
 NORM_PLUS_ONE = ("GEMMA2", "GEMMA3")  # HF's Gemma RMSNorm multiplies by (1 + w); llama.cpp by the stored weight
@@ -75,9 +80,16 @@ NO_BIAS = {
 }
 # architectures exported with plain RoPE only (llama.cpp's converter writes per-arch keys for their scaling)
 PLAIN_ROPE = ("SEED_OSS", "OLMO2", "ERNIE4_5", "SMOLLM3", "GLM4_MOE", "LFM2", "ERNIE4_5_MOE", "MINIMAXM2", "LFM2MOE")
-MOE = ("QWEN3MOE", "GLM4_MOE", "LLAMA4", "ERNIE4_5_MOE", "MINIMAXM2", "LFM2MOE")
+MOE = ("QWEN3MOE", "GLM4_MOE", "LLAMA4", "ERNIE4_5_MOE", "MINIMAXM2", "LFM2MOE", "QWEN3NEXT", "QWEN35MOE")
 # architectures with LFM2's gated short-convolution layers (shortconv.*, per-layer head_count_kv)
 SHORTCONV = ("LFM2", "LFM2MOE")
+# hybrids of gated delta-net (linear attention) layers and gated full-attention layers, zero-centred RMSNorm
+DELTA_NET = ("QWEN3NEXT", "QWEN35", "QWEN35MOE")
+# of those, the ones whose converter reorders the value heads from grouped (per key head) to tiled order,
+# because their llama.cpp graph repeats the key heads tiled (qwen3next's repeats them interleaved, as HF does)
+DELTA_NET_TILED_V = ("QWEN35", "QWEN35MOE")
+# llama.cpp's qwen35 / qwen35moe M-RoPE sections when the config names none (text positions fill t, h and w)
+MROPE_SECTIONS = [11, 11, 10, 0]
 # architectures whose fused experts transformers stores as (n_expert, in, out), not (n_expert, out, in)
 EXPERTS_IN_OUT = ("LLAMA4",)
 # Llama 4's attention in llama.cpp, fixed in its graph: NoPE every 4th layer, chunks of 8192 tokens on the
@@ -96,6 +108,11 @@ PRE_TOKENIZERS = {
         r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
         r"\s*[\r\n]+|\s+(?!\S)|\s+"
     ),
+    # Qwen3.5's: qwen2's with combining marks (\p{M}) kept in words
+    "qwen35": (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|"
+        r"\s*[\r\n]+|\s+(?!\S)|\s+"
+    ),
 }
 # strings on which those pre-tokenizers split differently
 PROBES = [
@@ -106,6 +123,7 @@ PROBES = [
     "$hello (world) #tag @user ...!!!",
     " leading   and trailing  ",
     "Äpfel ½ 🦙.cpp",
+    "ภาษาไทย สวัสดี مَرْحَبًا नमस्ते",  # combining marks (Thai vowels, Arabic harakat, Devanagari)
 ]
 OUTTYPES = ("f32", "f16", "q8_0")
 
@@ -222,6 +240,8 @@ def check_config(cfg: dict, where: str) -> str:
             refuse("tie_word_embeddings", "true (llama.cpp's olmo2 needs a separate output matrix)")
     if arch == "LLAMA4":
         _check_llama4(cfg, refuse)
+    if arch in DELTA_NET:
+        _check_delta_net(cfg, arch, refuse)
     if arch in SHORTCONV and set(cfg.get("layer_types") or []) - {"conv", "full_attention"}:
         refuse("layer_types", "other than conv and full_attention (llama.cpp's lfm2 has these two)")
     if arch == "GLM4_MOE" and cfg.get("topk_group", 1) < cfg.get("n_group", 1):
@@ -415,6 +435,51 @@ def _gemma4_tensor_name(hf_name: str, name_map) -> str | None:
     if hf_name.endswith(("layer_scalar", "experts.gate_up_proj", "experts.down_proj")):
         hf_name += ".weight"
     return name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+
+
+def full_attention_interval(cfg: dict) -> int | None:
+    """n where every n-th layer (n-1, 2n-1, ...) is full attention and the others linear attention: the
+    only layout llama.cpp's delta-net hybrids read (qwen*.full_attention_interval); None for another layout."""
+    n_layer = cfg["num_hidden_layers"]
+    types = cfg.get("layer_types")
+    if not types:
+        return cfg.get("full_attention_interval", 4)
+    for n in range(1, n_layer + 2):
+        if types == ["linear_attention" if (i + 1) % n else "full_attention" for i in range(n_layer)]:
+            return n
+    return None
+
+
+def _mrope_sections(cfg: dict) -> list[int]:
+    """llama.cpp's qwen35 rope.dimension_sections: the config's mrope_section padded to 4, or its default."""
+    sections = _rope_params(cfg).get("mrope_section")
+    return [*sections, *[0] * (4 - len(sections))] if sections else MROPE_SECTIONS
+
+
+def _check_delta_net(cfg: dict, arch: str, refuse) -> None:
+    """Refuse a Qwen3-Next / Qwen3.5 config that llama.cpp's delta-net hybrid graph would compute differently."""
+    if full_attention_interval(cfg) is None:
+        refuse("layer_types", "not llama.cpp's layout (every n-th layer full attention, the others linear)")
+    if cfg["linear_key_head_dim"] != cfg["linear_value_head_dim"]:
+        refuse("linear_value_head_dim", "differs from linear_key_head_dim (llama.cpp's state is square)")
+    if cfg["linear_num_value_heads"] % cfg["linear_num_key_heads"]:
+        refuse("linear_num_value_heads", "not a multiple of linear_num_key_heads")
+    if cfg.get("attention_bias"):
+        refuse("attention_bias", "true (llama.cpp's graph has no such biases)")
+    if cfg.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", f"{cfg['hidden_act']} (llama.cpp uses SiLU)")
+    if _rope_scaling(cfg)["rope_type"] != "default":
+        refuse("rope_parameters", f"rope type {_rope_scaling(cfg)['rope_type']} is not exported by finetune")
+    if arch == "QWEN3NEXT":
+        if not cfg.get("norm_topk_prob", True):
+            refuse("norm_topk_prob", "false (llama.cpp renormalises the top-k router weights)")
+        if not _n_experts(cfg) or cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+            refuse("num_experts / mlp_only_layers / decoder_sparse_step", "dense layers (llama.cpp: experts in all)")
+    if arch in DELTA_NET_TILED_V:  # interleaved M-RoPE: a rotated pair outside the t/h/w sections takes position 0
+        sections = _mrope_sections(cfg)
+        pairs = int(_head_dim(cfg) * _partial_rotary_factor(cfg, 0.25)) // 2
+        if any(i % sum(sections) >= 3 * sections[i % sum(sections) % 3] for i in range(pairs)):
+            refuse("mrope_section", f"{sections[:3]} leaves rotated dims to llama.cpp's 4th section (position 0)")
 
 
 def swa_period(cfg: dict, arch: str, refuse=None) -> int | None:
@@ -735,8 +800,8 @@ def _looks_special(token: str) -> bool:
     )
 
 
-# tensors llama.cpp's converter always stores in f32 (besides 1-D ones and norms): MoE routers, short-conv kernels
-ALWAYS_F32 = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "shortconv.conv.weight")
+# tensors llama.cpp's converter always stores in f32 (besides 1-D ones and norms): MoE routers, conv kernels
+ALWAYS_F32 = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "shortconv.conv.weight", "ssm_conv1d.weight")
 
 
 def _qtype(name: str, data: np.ndarray, outtype: str):
@@ -853,7 +918,8 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
     writer.add_block_count(cfg["num_hidden_layers"])
     writer.add_context_length(cfg["max_position_embeddings"])
     writer.add_embedding_length(cfg["hidden_size"])
-    writer.add_feed_forward_length(_ffn_length(cfg, arch_name))
+    if cfg.get("intermediate_size") or cfg.get("intermediate_size_mlp"):  # Qwen3.5-MoE has experts only
+        writer.add_feed_forward_length(_ffn_length(cfg, arch_name))
     writer.add_head_count(n_head)
     n_kv = cfg.get("num_key_value_heads") or n_head
     if arch_name in SHORTCONV:  # per layer: none on the short-convolution layers
@@ -905,6 +971,8 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
         writer.add_expert_weights_norm(bool(cfg.get("norm_topk_prob")))
     if arch_name in FAMILY_HPARAMS:
         FAMILY_HPARAMS[arch_name](writer, cfg)
+    if arch_name in DELTA_NET:
+        _delta_net_hparams(writer, cfg, arch_name)
     rope = _rope_scaling(cfg)
     if rope["rope_type"] in ("linear", "yarn") and rope.get("factor"):
         writer.add_rope_scaling_type(
@@ -913,6 +981,73 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
         writer.add_rope_scaling_factor(rope["factor"])
         if rope.get("original_max_position_embeddings"):
             writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+
+
+def _delta_net_hparams(writer, cfg: dict, arch_name: str) -> None:
+    """The gated delta-net keys llama.cpp's qwen3next / qwen35 loaders read (its Qwen3NextModel converter)."""
+    writer.add_ssm_conv_kernel(cfg["linear_conv_kernel_dim"])
+    writer.add_ssm_state_size(cfg["linear_key_head_dim"])
+    writer.add_ssm_group_count(cfg["linear_num_key_heads"])
+    writer.add_ssm_time_step_rank(cfg["linear_num_value_heads"])
+    writer.add_ssm_inner_size(cfg["linear_value_head_dim"] * cfg["linear_num_value_heads"])
+    writer.add_full_attention_interval(full_attention_interval(cfg))
+    writer.add_rope_dimension_count(int(_head_dim(cfg) * _partial_rotary_factor(cfg, 0.25)))
+    if arch_name in DELTA_NET_TILED_V:
+        writer.add_rope_dimension_sections(_mrope_sections(cfg))
+    if cfg.get("shared_expert_intermediate_size"):
+        writer.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+
+
+def _tiled_v_heads(w: np.ndarray, axis: int, n_k: int, head: int) -> np.ndarray:
+    """Value heads (n_k groups of r, each `head` wide along `axis`) from grouped order to tiled order
+    [G0v0, G1v0, ..., G0v1, G1v1, ...], as llama.cpp's _LinearAttentionVReorderBase writes them."""
+    w = np.moveaxis(w, axis, 0)
+    r = w.shape[0] // (n_k * head)
+    w = w.reshape(n_k, r, head, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
+    return np.ascontiguousarray(np.moveaxis(w, 0, axis))
+
+
+def _delta_net_tensors(source, cfg: dict, arch_name: str):
+    """(HF name, array) of a Qwen3-Next / Qwen3.5 model as llama.cpp's converter modifies them before naming:
+    norms stored as 1 + w (not the gated delta-net's own), A_log as -exp(A_log), dt_bias renamed dt_proj.bias,
+    depthwise conv kernels squeezed to (channels, kernel), Qwen3-Next's per-key-head [q, k, v, z] rows of
+    in_proj_qkvz regrouped into in_proj_qkv [q..., k..., v...] and in_proj_z, and for Qwen3.5 the value heads
+    reordered to tiled order wherever they appear. MTP weights are left out (llama.cpp runs without them). A
+    causal LM loaded from the vision-language checkpoint (how Qwen3.5 ships) saves its decoder under
+    model.language_model.: read as model., the names llama.cpp's converter maps."""
+    n_k, n_v = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
+    dk, dv = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]
+    reorder = arch_name in DELTA_NET_TILED_V and n_k != n_v
+    for name, data in source:
+        if name.startswith("mtp."):
+            continue
+        name = name.replace("model.language_model.", "model.", 1)
+        if reorder and ".linear_attn." in name:
+            if ".in_proj_qkv." in name or ".conv1d." in name:  # only the value rows / channels
+                data = np.concatenate([data[: 2 * n_k * dk], _tiled_v_heads(data[2 * n_k * dk :], 0, n_k, dv)])
+            elif ".in_proj_z." in name:
+                data = _tiled_v_heads(data, 0, n_k, dv)
+            elif name.endswith(("in_proj_a.weight", "in_proj_b.weight", ".A_log", ".dt_bias")):
+                data = _tiled_v_heads(data, 0, n_k, 1)
+            elif ".out_proj." in name:
+                data = _tiled_v_heads(data, 1, n_k, dv)
+        if name.endswith(".A_log"):
+            data = -np.exp(data)
+        elif name.endswith(".dt_bias"):
+            name = name.removesuffix(".dt_bias") + ".dt_proj.bias"
+        elif name.endswith("linear_attn.conv1d.weight"):
+            data = np.ascontiguousarray(data.squeeze(1))
+        elif name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+            data = data + 1.0
+        if name.endswith("in_proj_qkvz.weight"):
+            base = name.removesuffix("in_proj_qkvz.weight")
+            per_head = data.reshape(n_k, 2 * dk + 2 * dv * n_v // n_k, data.shape[-1])
+            q, k, v, z = np.split(per_head, np.cumsum([dk, dk, dv * n_v // n_k]), axis=1)
+            rows = [part.reshape(-1, data.shape[-1]) for part in (q, k, v, z)]
+            yield base + "in_proj_qkv.weight", np.ascontiguousarray(np.concatenate(rows[:3]))
+            yield base + "in_proj_z.weight", np.ascontiguousarray(rows[3])
+            continue
+        yield name, data
 
 
 def _stacked_experts(model_dir: Path, cfg: dict, arch_name: str):
@@ -961,6 +1096,8 @@ def gguf_tensors(model_dir: Path, cfg: dict, arch_name: str):
     n_kv = cfg.get("num_key_value_heads", n_head)
     name_map = gguf.get_tensor_name_map(arch, cfg["num_hidden_layers"])
     source = _stacked_experts(model_dir, cfg, arch_name) if arch_name in MOE else _tensors(model_dir)
+    if arch_name in DELTA_NET:
+        source = _delta_net_tensors(source, cfg, arch_name)
     tied = cfg.get("tie_word_embeddings", arch_name in NORM_PLUS_ONE)
     mtp = re.compile(r"model\.layers\.(\d+)\.")  # layers past num_hidden_layers: multi-token prediction
     for hf_name, data in source:

@@ -1,11 +1,11 @@
 """A numpy forward pass of a GGUF computed from the file alone, the way llama.cpp's graphs for the exported
 architectures compute (llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, seed_oss, olmo2, ernie4_5, smollm3,
-glm4moe, llama4, lfm2, ernie4_5-moe, minimax-m2, lfm2moe, and gemma4 in its own function): their RoPE layouts,
-Gemma's embedding and attention scales, soft-capping, sliding-window layouts, pre- and post-norms, q/k norms (per
-head, or over the whole projection as OLMo 2's and MiniMax-M2's), NoPE layers, top-k MoE routing (softmax or
-sigmoid, with a selection bias; expert inputs or outputs weighted; shared experts; leading dense and interleaved
-MoE layers as the file's keys lay them out) and Phi-3's fused projections. Used to show an exported file computes
-what transformers computes."""
+glm4moe, llama4, lfm2, ernie4_5-moe, minimax-m2, lfm2moe, qwen3next, qwen35, qwen35moe, and gemma4 in its own
+function): their RoPE layouts, Gemma's embedding and attention scales, soft-capping, sliding-window layouts, pre-
+and post-norms, q/k norms (per head, or over the whole projection as OLMo 2's and MiniMax-M2's), NoPE layers,
+top-k MoE routing (softmax or sigmoid, with a selection bias; expert inputs or outputs weighted; shared experts,
+gated or not; leading dense and interleaved MoE layers as the file's keys lay them out), gated delta-net layers and
+Phi-3's fused projections. Used to show an exported file computes what transformers computes."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ NEOX |= {"minimax-m2", "lfm2moe"}
 SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "olmo2": 4}
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # llama.cpp scales the 27B's scores by 1/sqrt(hidden/heads)
 NOPE_STEP = {"smollm3": 4, "llama4": 4}  # llama.cpp's graph skips RoPE on layer il when (il + 1) % n == 0
+# gated delta-net hybrids; qwen35's graph repeats key heads tiled over the value heads, qwen3next's interleaved
+DELTA_NET = {"qwen3next", "qwen35", "qwen35moe"}
+TILED_HEADS = {"qwen35", "qwen35moe"}
 
 
 def read(path):
@@ -99,7 +102,10 @@ def gguf_forward(path, ids):
         swa = arch in SWA_PATTERN and window and i % period < period - 1
         h = norm(x, t[p + "attn_norm.weight"]) if p + "attn_norm.weight" in t else x  # olmo2: post-norms only
         kv = n_kv[i] if isinstance(n_kv, list) else n_kv  # lfm2: per layer, 0 on its convolution layers
-        if p + "shortconv.conv.weight" in t:  # lfm2: gated short convolution, causal over the time axis
+        if arch in DELTA_NET:
+            recurrent = (i + 1) % key("full_attention_interval", 4) != 0  # llama.cpp's layout, from the key
+            a = (gated_delta_net if recurrent else gated_attention)(t, p, h, key, arch)
+        elif p + "shortconv.conv.weight" in t:  # lfm2: gated short convolution, causal over the time axis
             b, c, xx = np.split(lin(h, p + "shortconv.in_proj"), 3, axis=-1)
             w = t[p + "shortconv.conv.weight"]  # (channels, L)
             bx = np.concatenate([np.zeros((w.shape[1] - 1, b.shape[1])), b * xx])
@@ -169,7 +175,10 @@ def gguf_forward(path, ids):
                     u = t[p + "ffn_up_exps.weight"][e] @ x_in
                     f[row] += w_out * (t[p + "ffn_down_exps.weight"][e] @ (act(g) * u))
             if p + "ffn_gate_shexp.weight" in t and shared_experts(arch, key):  # shared experts, on every token
-                f += lin(act(lin(h, p + "ffn_gate_shexp")) * lin(h, p + "ffn_up_shexp"), p + "ffn_down_shexp")
+                shared = lin(act(lin(h, p + "ffn_gate_shexp")) * lin(h, p + "ffn_up_shexp"), p + "ffn_down_shexp")
+                if p + "ffn_gate_inp_shexp.weight" in t:  # qwen3next / qwen35moe: a sigmoid gate per token
+                    shared = shared / (1 + np.exp(-lin(h, p + "ffn_gate_inp_shexp")))
+                f += shared
         elif p + "ffn_gate.weight" in t:
             f = lin(act(lin(h, p + "ffn_gate")) * lin(h, p + "ffn_up"), p + "ffn_down")
         else:  # phi3: ffn_up holds gate and up, in that order
@@ -292,3 +301,91 @@ def gemma4_forward(t, meta, ids):
     if cap := key("final_logit_softcapping"):
         logits = np.tanh(logits / cap) * cap
     return logits
+
+
+def _rms(x, w, eps):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def gated_attention(t, p, h, key, arch):
+    """qwen3next / qwen35 full attention: attn_q yields per head [query, gate]; per-head q/k norms, RoPE on the
+    first rope.dimension_count dims (NEOX; qwen35's interleaved M-RoPE, whose text positions are the same in
+    its t, h and w sections and 0 in the 4th), and the output multiplied by sigmoid(gate) before attn_output."""
+    n_head, n_kv, eps = (
+        key("attention.head_count"),
+        key("attention.head_count_kv"),
+        key("attention.layer_norm_rms_epsilon"),
+    )
+    d, T = key("attention.key_length"), h.shape[0]
+    qg = (h @ t[p + "attn_q.weight"].T).reshape(T, n_head, 2 * d)
+    q, gate = qg[..., :d], qg[..., d:].reshape(T, -1)
+    k = (h @ t[p + "attn_k.weight"].T).reshape(T, n_kv, d)
+    v = (h @ t[p + "attn_v.weight"].T).reshape(T, n_kv, d)
+    q, k = _rms(q, t[p + "attn_q_norm.weight"], eps), _rms(k, t[p + "attn_k_norm.weight"], eps)
+    n_rot, base, pos = key("rope.dimension_count"), key("rope.freq_base", 10000.0), np.arange(T, dtype=np.float64)
+    if arch in TILED_HEADS:
+        q, k = (
+            imrope(q, pos, base, n_rot, key("rope.dimension_sections")),
+            imrope(k, pos, base, n_rot, key("rope.dimension_sections")),
+        )
+    else:
+        q, k = rope(q, pos, base, True, n_rot), rope(k, pos, base, True, n_rot)
+    k, v = np.repeat(k, n_head // n_kv, axis=1), np.repeat(v, n_head // n_kv, axis=1)
+    s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d) + np.triu(np.full((T, T), -np.inf), 1)
+    s = np.exp(s - s.max(-1, keepdims=True))
+    o = np.einsum("hqk,khd->qhd", s / s.sum(-1, keepdims=True), v).reshape(T, -1)
+    return (o / (1 + np.exp(-gate))) @ t[p + "attn_output.weight"].T
+
+
+def imrope(x, pos, base, n_rot, sections):
+    """ggml's interleaved M-RoPE (NEOX pairs) for text tokens: pair i rotates by the position of section
+    i % 3 when i % sum(sections) < 3 * sections[i % 3] (the same position in t, h and w), else by the 4th
+    section's position, 0 for text."""
+    total = sum(sections)
+    pairs = np.arange(n_rot // 2)
+    sector = pairs % total
+    in_thw = sector < 3 * np.asarray(sections[:3])[sector % 3]
+    theta = np.where(in_thw[None, :], pos[:, None], 0.0) * base ** (-2 * pairs / n_rot)
+    cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
+    a, b = x[..., : n_rot // 2], x[..., n_rot // 2 : n_rot]
+    out = x.copy()
+    out[..., : n_rot // 2], out[..., n_rot // 2 : n_rot] = a * cos - b * sin, a * sin + b * cos
+    return out
+
+
+def gated_delta_net(t, p, h, key, arch):
+    """qwen3next / qwen35 linear attention as llama.cpp's graph computes it, with the gated delta rule as a
+    plain per-token recurrence: attn_qkv -> causal depthwise conv (ssm_conv1d) -> SiLU -> q, k, v; q and k
+    L2-normed (x / max(|x|, eps)), repeated over the value heads (qwen3next interleaved, qwen35 tiled), q scaled
+    by 1/sqrt(head dim); beta = sigmoid(b), decay g = softplus(alpha + ssm_dt) * ssm_a (ssm_a = -exp(A_log));
+    per head S <- S*exp(g); S <- S + k (beta (v - S^T k))^T; o = S^T q; then RMSNorm(o) * SiLU(z) -> ssm_out.
+    qwen3next's ssm_ba holds per key head [beta (r), alpha (r)]; qwen35's ssm_beta / ssm_alpha are separate."""
+    eps, T = key("attention.layer_norm_rms_epsilon"), h.shape[0]
+    dk, n_k, n_v = key("ssm.state_size"), key("ssm.group_count"), key("ssm.time_step_rank")
+    dv, r = key("ssm.inner_size") // n_v, n_v // n_k
+    qkv, z = h @ t[p + "attn_qkv.weight"].T, (h @ t[p + "attn_gate.weight"].T).reshape(T, n_v, dv)
+    if p + "ssm_ba.weight" in t:
+        ba = (h @ t[p + "ssm_ba.weight"].T).reshape(T, n_k, 2 * r)
+        b, alpha = ba[..., :r].reshape(T, n_v), ba[..., r:].reshape(T, n_v)
+    else:
+        b, alpha = h @ t[p + "ssm_beta.weight"].T, h @ t[p + "ssm_alpha.weight"].T
+    beta = 1 / (1 + np.exp(-b))
+    g = np.logaddexp(0.0, alpha + t[p + "ssm_dt.bias"]) * t[p + "ssm_a"]
+    w = t[p + "ssm_conv1d.weight"]  # (channels, kernel)
+    padded = np.concatenate([np.zeros((w.shape[1] - 1, qkv.shape[1])), qkv])
+    conv = sum(padded[j : j + T] * w[:, j] for j in range(w.shape[1]))
+    conv = conv / (1 + np.exp(-conv))
+    q, k, v = np.split(conv, [n_k * dk, 2 * n_k * dk], axis=-1)
+    q, k, v = q.reshape(T, n_k, dk), k.reshape(T, n_k, dk), v.reshape(T, n_v, dv)
+    q = q / np.maximum(np.sqrt((q * q).sum(-1, keepdims=True)), eps)
+    k = k / np.maximum(np.sqrt((k * k).sum(-1, keepdims=True)), eps)
+    repeat = (lambda x: np.tile(x, (1, r, 1))) if arch in TILED_HEADS else (lambda x: np.repeat(x, r, axis=1))
+    q, k = repeat(q) / np.sqrt(dk), repeat(k)
+    state, out = np.zeros((n_v, dk, dv)), np.zeros((T, n_v, dv))
+    for i in range(T):
+        state = state * np.exp(g[i])[:, None, None]
+        delta = (v[i] - np.einsum("hkv,hk->hv", state, k[i])) * beta[i][:, None]
+        state = state + k[i][:, :, None] * delta[:, None, :]
+        out[i] = np.einsum("hkv,hk->hv", state, q[i])
+    out = _rms(out, t[p + "ssm_norm.weight"], eps) * (z / (1 + np.exp(-z)))
+    return out.reshape(T, -1) @ t[p + "ssm_out.weight"].T

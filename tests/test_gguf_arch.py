@@ -24,6 +24,23 @@ SMALL = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 256,
 }
+# a linear-attention layer (2 key heads shared by 4 value heads: the head order matters) then a full-attention
+# layer whose q projection carries a gate; zero-centred norms, a quarter of each head rotated
+DELTA_NET_LAYERS = {
+    "head_dim": 16,
+    "layer_types": ["linear_attention", "full_attention"],
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+}
+# routed experts plus a shared expert behind a sigmoid gate
+SHARED_EXPERT = {
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 48,
+}
 CONFIGS = {
     "qwen3": {"model_type": "qwen3", "head_dim": 16, "tie_word_embeddings": True},
     "qwen3_moe": {
@@ -232,6 +249,10 @@ CONFIGS = {
         "bos_token_id": 1,
         "eos_token_id": 2,
     },
+    # gated delta-net hybrids (DELTA_NET_LAYERS); Qwen3-Next with fused in_proj_qkvz / in_proj_ba
+    "qwen3_next": {"model_type": "qwen3_next", **DELTA_NET_LAYERS, **SHARED_EXPERT},
+    "qwen3_5_text": {"model_type": "qwen3_5_text", **DELTA_NET_LAYERS},
+    "qwen3_5_moe_text": {"model_type": "qwen3_5_moe_text", **DELTA_NET_LAYERS, **SHARED_EXPERT},
 }
 GGUF_ARCH = {
     "qwen3": "qwen3",
@@ -256,6 +277,9 @@ GGUF_ARCH = {
     "ernie4_5_moe_interval2": "ernie4_5-moe",
     "minimax_m2": "minimax-m2",
     "lfm2_moe": "lfm2moe",
+    "qwen3_next": "qwen3next",
+    "qwen3_5_text": "qwen35",
+    "qwen3_5_moe_text": "qwen35moe",
 }
 
 
@@ -270,10 +294,15 @@ def tiny_model_dir(root: Path, family: str, tokenizer, **overrides) -> Path:
                 p.normal_(0.0, 0.3)
             # scores far from uniform and a short convolution that matters, so a wrong RoPE layout, NoPE layer,
             # attention scale or convolution shows in the logits
-            if any(proj in name for proj in ("q_proj", "k_proj", "qkv_proj", "conv.in_proj")):
+            if any(
+                proj in name
+                for proj in ("q_proj", "k_proj", "qkv_proj", "conv.in_proj", "linear_attn.in_proj", "conv1d")
+            ):
                 p.mul_(10.0)
             if name.endswith(("router.scale", "per_expert_scale")):  # Gemma 4's router scales, ones at init
                 p.uniform_(0.5, 1.5)
+            if name.endswith((".A_log", ".dt_bias")):  # per-head decays that differ, so the head order shows
+                p.normal_(0.0, 0.5)
             # router logits far from zero, so the gating function (softmax or sigmoid) and the renormalisation of
             # the chosen experts' weights show too
             if name.endswith((".gate.weight", "router.weight")) and p.dim() == 2:
@@ -353,6 +382,11 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
         assert meta["olmo2.attention.sliding_window"] == 4
     if family.startswith("gemma4"):
         _check_gemma4_layout(family, tensors, meta)
+    if family in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"):  # the delta-net layer as the converter writes it
+        arch = GGUF_ARCH[family]
+        assert tensors["blk.0.attn_qkv.weight"].shape == (2 * 32 + 64, 64) and "blk.0.attn_gate.weight" in tensors
+        assert tensors["blk.0.ssm_conv1d.weight"].shape == (128, 4) and (tensors["blk.0.ssm_a"] < 0).all()
+        assert meta[f"{arch}.full_attention_interval"] == 2 and meta[f"{arch}.rope.dimension_count"] == 4
 
 
 def _check_gemma4_layout(family, tensors, meta):
@@ -392,6 +426,8 @@ def _check_gemma4_layout(family, tensors, meta):
         ("ernie4_5_moe", {"moe_layer_end_index": 0}, "moe_layer_end_index"),
         ("minimax_m2", {"hidden_act": "gelu"}, "hidden_act"),
         ("lfm2_moe", {"routed_scaling_factor": 2.0}, "routed_scaling_factor"),
+        ("qwen3_next", {"norm_topk_prob": False}, "norm_topk_prob"),
+        ("qwen3_5_text", {"layer_types": ["full_attention", "linear_attention"]}, "layer_types"),
     ],
 )
 def test_a_configuration_llama_cpp_would_compute_differently_is_refused(
@@ -415,7 +451,12 @@ def test_a_configuration_llama_cpp_would_compute_differently_is_refused(
 
 
 @pytest.mark.parametrize(
-    "family,f32_tensor", [("glm4_moe", "blk.1.ffn_gate_inp.weight"), ("lfm2", "blk.0.shortconv.conv.weight")]
+    "family,f32_tensor",
+    [
+        ("glm4_moe", "blk.1.ffn_gate_inp.weight"),
+        ("lfm2", "blk.0.shortconv.conv.weight"),
+        ("qwen3_5_text", "blk.0.ssm_conv1d.weight"),
+    ],
 )
 def test_routers_and_conv_kernels_stay_f32_as_llama_cpp_stores_them(tmp_path, tiny_tokenizer, family, f32_tensor):
     import gguf
@@ -448,3 +489,23 @@ def test_gemma4_head_dims_read_from_an_original_config_as_transformers_reads_the
     assert want == [(16, 2), (32, 1 if k_eq_v else 2), (32, 1 if k_eq_v else 2)]  # the last layer made global
     assert gguf_export._gemma4_attention(original) == want
     assert gguf_export._gemma4_attention(cfg.to_dict()) == want
+
+
+def test_a_causal_lm_taken_from_a_vision_language_checkpoint_exports(tmp_path, tiny_tokenizer, ids):
+    """Qwen3.5 ships as Qwen3_5ForConditionalGeneration: the causal LM loaded from it saves its decoder under
+    model.language_model., and the file must still compute what transformers computes."""
+    from transformers import AutoModelForImageTextToText
+
+    text = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir(tmp_path, "qwen3_5_text", tiny_tokenizer)))
+    vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 64}
+    vlm = AutoModelForImageTextToText.from_config(
+        AutoConfig.for_model("qwen3_5", text_config=text.config.to_dict(), vision_config=vision)
+    )
+    vlm.model.language_model.load_state_dict(text.model.state_dict())
+    vlm.lm_head.load_state_dict(text.lm_head.state_dict())
+    vlm.save_pretrained(str(tmp_path / "vlm"))
+    model_dir = tmp_path / "lm"
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "vlm")).save_pretrained(str(model_dir))
+    tiny_tokenizer.save_pretrained(str(model_dir))
+    gguf_export.convert(model_dir, tmp_path / "m.gguf", "f32")
+    assert np.abs(gguf_forward(tmp_path / "m.gguf", ids) - hf_logits(model_dir, ids)).max() < 1e-4

@@ -27,6 +27,8 @@ LLAMA_CPP_REGEX = {
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
     "qwen2": r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen35": r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
 }
 IGNORE_MERGES = {"llama-bpe"}  # llama.cpp: a whole pre-token that is in the vocab is one token
 
@@ -148,6 +150,24 @@ def test_a_gguf_with_a_real_tokenizer_tokenizes_like_hf(tmp_path, name, tokenize
     if claim_gpt2:  # what tokenizer.json claims (gpt-2) would have tokenized some test strings differently
         gpt2 = GGUFBPE({**meta, "tokenizer.ggml.pre": "gpt-2"})
         assert sum(gpt2.encode(text) != ids for text, ids in cases) >= 3
+
+
+def test_a_qwen3_5_style_tokenizer_gets_the_qwen35_pre_tokenizer(tmp_path):
+    """Qwen3.5's split keeps combining marks in words (llama.cpp's `qwen35`): the real Qwen2 vocab behind that
+    split is written as qwen35, and the file tokenizes llama.cpp's test strings and Thai, Arabic with harakat and
+    Devanagari as the tokenizer does (under qwen2 the marks would split off)."""
+    model_dir = model_with_real_tokenizer(tmp_path, "qwen2", "PreTrainedTokenizerFast", False)
+    tj = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = LLAMA_CPP_REGEX["qwen35"]
+    (model_dir / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
+    hf = AutoTokenizer.from_pretrained(str(model_dir))
+    report = gguf_export.convert(model_dir, tmp_path / "m.gguf", "f16")
+    assert report.pre == "qwen35"
+    meta, _ = gguf_export.read_gguf(tmp_path / "m.gguf")
+    texts = [text for text, _ in vectors("qwen2")] + ["สวัสดีครับ", "مَرْحَبًا بِكُمْ", "नमस्ते दुनिया"]
+    bpe, qwen2 = GGUFBPE(meta), GGUFBPE({**meta, "tokenizer.ggml.pre": "qwen2"})
+    assert all(bpe.encode(text) == hf.encode(text, add_special_tokens=False) for text in texts)
+    assert sum(qwen2.encode(text) != hf.encode(text, add_special_tokens=False) for text in texts[-3:]) >= 2
 
 
 class GGUFSPM:
