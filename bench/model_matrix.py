@@ -337,7 +337,7 @@ def run_family(family: str, root: Path, tokenizer) -> dict[str, str]:
         merged_dir = root / "merged" / row["architecture"]
         arch = (AutoModelForCausalLM.from_pretrained(str(merged_dir)).config.architectures or ["?"])[0]
         if arch not in gguf_export.ARCHS:
-            return "not supported (refused with a one-line error)"
+            return "refused (one line)"
         out = root / "gguf" / f"{row['architecture']}.gguf"
         out.parent.mkdir(parents=True, exist_ok=True)
         try:

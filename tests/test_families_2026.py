@@ -191,15 +191,15 @@ def test_mla_config_with_fewer_kv_heads_than_heads_is_refused_in_one_line():
 
 TEMPLATES = Path(__file__).resolve().parent / "fixtures" / "templates"
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-# recipe -> (the tiny model of its architecture, the vendored chat template of its family). GLM-4.5's and
-# Llama 4's own templates are not among llama.cpp's templates in the llama-cpp-python sdists (0.3.16, 0.3.26,
-# 0.3.36 checked): GLM-4.6's (the same GLM family, reasoning_content) and Llama 3.1's stand in for them.
+# recipe -> (the tiny model of its architecture, the vendored chat template of its family). Llama 4's own
+# template is in no llama-cpp-python sdist (0.3.16, 0.3.26, 0.3.36 checked) nor in llama.cpp's models/templates:
+# Llama 3.1's stands in for it. GLM-4.5's is llama.cpp's glm_4_5.jinja (tests/fixtures/templates/README.md).
 FAMILY_RECIPES = {
     "qwen3.5/sft_lora.yaml": ("Qwen3.5", "Qwen3.5-4B.jinja"),
     "qwen3.5/sft_lora_thinking.yaml": ("Qwen3.5", "Qwen3.5-4B.jinja"),
     "qwen3-next/sft_qlora.yaml": ("Qwen3-Next", "Qwen-Qwen3-0.6B.jinja"),
     "gemma4/sft_lora.yaml": ("Gemma 4 (text)", "google-gemma-4-31B-it.jinja"),
-    "glm4.5/sft_qlora.yaml": ("GLM-4.5 (MoE)", "GLM-4.6.jinja"),
+    "glm4.5/sft_qlora.yaml": ("GLM-4.5 (MoE)", "glm_4_5.jinja"),
     "gpt-oss/sft_lora.yaml": ("gpt-oss", "openai-gpt-oss-120b.jinja"),
     "llama4/sft_qlora.yaml": ("Llama 4 (text)", "meta-llama-Llama-3.1-8B-Instruct.jinja"),
     "deepseek-r1-distill/sft_lora.yaml": ("Qwen2", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja"),

@@ -166,6 +166,8 @@ CASES = [
     ("NousResearch-Hermes-3-Llama-3.1-8B-tool_use", "tools", {}, 1),
     ("HuggingFaceTB-SmolLM3-3B", "plain", {}, 1),
     ("GLM-4.6", "reasoning", {}, 2),
+    ("glm_4_5", "reasoning", {}, 2),  # GLM-4.5 as llama.cpp ships it
+    ("glm_4_5", "tools", {}, 1),
     ("GLM-4.7-Flash", "reasoning", {}, 2),
     ("microsoft-Phi-3.5-mini-instruct", "plain", {}, 2),
     # a tool result renders differently once an answer follows: the answer is trained after the
