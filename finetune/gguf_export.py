@@ -161,7 +161,7 @@ def check_config(cfg: dict, where: str) -> str:
     """The gguf MODEL_ARCH name, after refusing (one line) a configuration that llama.cpp's graph for that
     architecture would compute differently from transformers: it reads these from no GGUF key."""
     if gguf_mmproj.is_vision_language(cfg):
-        raise ExportError(gguf_mmproj.refusal(cfg, where, ARCHS))
+        return check_config(gguf_mmproj.text_config(cfg, where, ARCHS), where)  # its language model
     arch = check_architecture((cfg.get("architectures") or ["?"])[0], where)
 
     def refuse(field: str, why: str):
