@@ -44,6 +44,7 @@ ARCHS = {
     "Glm4MoeForCausalLM": "GLM4_MOE",
     "Llama4ForCausalLM": "LLAMA4",
     "Lfm2ForCausalLM": "LFM2",
+    "Qwen2VLForConditionalGeneration": "QWEN2VL",  # its language model (finetune/gguf_mmproj.py stages it)
 }
 PERMUTED = ("LLAMA", "SMOLLM3")  # architectures whose q/k rows llama.cpp wants permuted
 NORM_PLUS_ONE = ("GEMMA2", "GEMMA3")  # HF's Gemma RMSNorm multiplies by (1 + w); llama.cpp by the stored weight
@@ -622,6 +623,8 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
     if arch_name in (*PERMUTED, "LLAMA4"):  # llama.cpp's LlamaModel converter (SmolLM3, Llama 4) writes these
         writer.add_vocab_size(cfg["vocab_size"])
         writer.add_rope_dimension_count(_head_dim(cfg))
+    if arch_name == "QWEN2VL":
+        writer.add_rope_dimension_sections(gguf_mmproj.rope_sections(cfg))
     if arch_name == "LFM2":
         writer.add_vocab_size(cfg["vocab_size"])
         writer.add_shortconv_l_cache(cfg["conv_L_cache"])

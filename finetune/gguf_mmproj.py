@@ -42,6 +42,13 @@ class Family:
 # the VLM architectures finetune writes both files for (each verified against transformers in tests)
 WRITTEN = {
     "Gemma3ForConditionalGeneration": Family("Gemma3ForCausalLM", "GEMMA3"),
+    "Qwen2VLForConditionalGeneration": Family("Qwen2VLForConditionalGeneration", "QWEN2VL"),
+}
+# what llama.cpp's clip graphs fix (no GGUF key): vision_config field -> the value they compute with
+FIXED = {
+    "GEMMA3": {"hidden_act": "gelu_pytorch_tanh"},
+    # qwen2vl.cpp: quick GELU (no use_gelu / use_silu key), 2x2 merge, two frames per patch, vision RoPE base 1e4
+    "QWEN2VL": {"hidden_act": "quick_gelu", "spatial_merge_size": 2, "temporal_patch_size": 2, "rope_theta": 10000.0},
 }
 INDEX = "model.safetensors.index.json"  # names the source shards: not the staged dir's
 # the converter's name prefixes of a VLM's vision tower and projector (the rest is the language model)
@@ -90,6 +97,14 @@ def text_config(cfg: dict, where: str, text_archs) -> dict:
     arch = _arch(cfg)
     if arch not in WRITTEN:
         raise ExportError(refusal(cfg, where, text_archs))
+    vision = cfg["vision_config"]
+    for field, want in FIXED[WRITTEN[arch].projector].items():
+        got = {**vision, **(vision.get("rope_parameters") or {})}.get(field)
+        if got is not None and got != want:
+            raise ExportError(
+                f"{where}: vision_config.{field}: {got}; llama.cpp's {WRITTEN[arch].projector.lower()} projector graph "
+                f"computes with {want}, so no GGUF is written"
+            )
     text = dict(cfg.get("text_config") or {})
     text["architectures"] = [WRITTEN[arch].text_arch]
     text.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
@@ -146,25 +161,64 @@ def _vision_tensor_name(name: str) -> str | None:
     return short
 
 
+def _converted(short: str, data: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """The converter's splits, as (name for the TensorNameMap, or already the GGUF name; data): Qwen2-VL's fused
+    qkv into q, k, v, and its patch Conv3D over two frames into two Conv2Ds (llama.cpp adds their outputs)."""
+    import gguf
+
+    if ".qkv." in short:
+        return [(short.replace(".qkv.", f".{s}."), part) for s, part in zip("qkv", np.split(data, 3, axis=0))]
+    if short.endswith("patch_embed.proj.weight"):
+        patch = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_ENC_EMBD_PATCH]
+        return [(f"{patch}.weight", data[:, :, 0]), (f"{patch}.weight.1", data[:, :, 1])]
+    return [(short, data)]
+
+
 def mmproj_tensors(model_dir: Path, cfg: dict):
     """(GGUF name, float32 array, checkpoint name) of the vision tower and projector, as the converter writes
-    them: renamed, Gemma 3's soft-embedding RMSNorm weight stored as 1 + w (llama.cpp multiplies by the weight)."""
+    them: renamed, split where it splits, Gemma 3's soft-embedding RMSNorm weight stored as 1 + w (llama.cpp
+    multiplies by the weight)."""
     import gguf
 
     from finetune import gguf_export
 
-    vision = cfg["vision_config"]
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, vision["num_hidden_layers"])
+    # the name map knows one projector layer per vision block: Qwen2-VL's merger ends in `mm.2`
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, max(vision_hparams(cfg)["n_layer"], 3))
     for hf_name, data in gguf_export._tensors(model_dir):
         short = _vision_tensor_name(hf_name)
         if short is None:
             continue
-        new = name_map.get_name(short, try_suffixes=(".weight", ".bias"))
-        if new is None:
-            raise gguf_export.ExportError(f"{model_dir}: tensor {hf_name} has no GGUF name for clip (mmproj)")
         if "soft_emb_norm.weight" in short:
             data = data + 1.0
-        yield new, data, hf_name
+        for part_name, part in _converted(short, data):
+            new = part_name if part_name.startswith("v.") else name_map.get_name(part_name, (".weight", ".bias"))
+            if new is None:
+                raise gguf_export.ExportError(f"{model_dir}: tensor {hf_name} has no GGUF name for clip (mmproj)")
+            yield new, np.ascontiguousarray(part), hf_name
+
+
+def vision_hparams(cfg: dict) -> dict:
+    """The vision tower's sizes under the converter's names (Qwen2-VL calls its width embed_dim and the merger's
+    output hidden_size; its image size is nominal: 560)."""
+    v = dict(cfg["vision_config"])
+    if "embed_dim" in v:
+        v["intermediate_size"], v["hidden_size"] = v["hidden_size"], v["embed_dim"]
+    return {
+        "image_size": v.get("image_size", 560),
+        "patch_size": v["patch_size"],
+        "n_embd": v["hidden_size"],
+        "n_ff": v["intermediate_size"],
+        "n_layer": v.get("num_hidden_layers", v.get("depth")),
+        "n_head": v.get("num_attention_heads", v.get("num_heads")),
+    }
+
+
+def rope_sections(cfg: dict) -> list[int]:
+    """Qwen2-VL's M-RoPE sections (rope.dimension_sections), padded to llama.cpp's four."""
+    from finetune.gguf_export import _rope_params
+
+    sections = list(_rope_params(cfg).get("mrope_section") or cfg.get("rope_scaling", {}).get("mrope_section"))
+    return sections + [0] * max(0, 4 - len(sections))
 
 
 def _qtype(hf_name: str, new: str, data: np.ndarray, outtype: str):
@@ -214,20 +268,23 @@ def write_mmproj(model_dir: Path, cfg: dict, out_file: Path, outtype: str) -> tu
     writer.add_name(model_dir.name)
     file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}
     writer.add_file_type(getattr(gguf.LlamaFileType, file_types[outtype]))
+    hp = vision_hparams(cfg)
     writer.add_clip_has_vision_encoder(True)
     writer.add_vision_projection_dim(text["hidden_size"])
-    writer.add_vision_image_size(vision["image_size"])
-    writer.add_vision_patch_size(vision["patch_size"])
-    writer.add_vision_embedding_length(vision["hidden_size"])
-    writer.add_vision_feed_forward_length(vision["intermediate_size"])
-    writer.add_vision_block_count(vision["num_hidden_layers"])
-    writer.add_vision_head_count(vision["num_attention_heads"])
+    writer.add_vision_image_size(hp["image_size"])
+    writer.add_vision_patch_size(hp["patch_size"])
+    writer.add_vision_embedding_length(hp["n_embd"])
+    writer.add_vision_feed_forward_length(hp["n_ff"])
+    writer.add_vision_block_count(hp["n_layer"])
+    writer.add_vision_head_count(hp["n_head"])
     writer.add_vision_image_mean([float(v) for v in pre["image_mean"]])
     writer.add_vision_image_std([float(v) for v in pre["image_std"]])
     writer.add_clip_projector_type(getattr(gguf.VisionProjectorType, family.projector))
-    writer.add_vision_attention_layernorm_eps(vision.get("layer_norm_eps", 1e-6))
     if family.projector == "GEMMA3":
+        writer.add_vision_attention_layernorm_eps(vision.get("layer_norm_eps", 1e-6))
         _gemma3_hparams(writer, vision, pre)
+    else:  # the converter's Qwen2-VL reads the eps from the top level of config.json (HF's vision norms: 1e-6)
+        writer.add_vision_attention_layernorm_eps(cfg.get("rms_norm_eps", 1e-6))
 
     infos = []
     for new, data, hf_name in mmproj_tensors(model_dir, cfg):

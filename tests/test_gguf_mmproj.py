@@ -6,6 +6,8 @@ the family's projector). A VLM finetune does not write is refused in one line na
 
 from __future__ import annotations
 
+import math
+
 import gguf
 import numpy as np
 import pytest
@@ -14,12 +16,14 @@ from _gguf_forward import gguf_forward, read
 from PIL import Image, ImageDraw
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from finetune import cli, gguf_mmproj, tiny
+from finetune import cli, gguf_mmproj, tiny, video_stub
 
-# the tiny VLMs whose two files are written and checked; x10 q/k in the language model so that a RoPE or
-# attention-scale mistake shows in the logits (random tiny weights otherwise attend almost uniformly), and noise on
-# the vision tower and projector (Gemma 3's projector and its norm start at zero)
-WRITTEN = {"tiny-gemma3-vlm": "Gemma3ForConditionalGeneration"}
+# the tiny VLMs whose two files are written and checked; x3 q/k in the language model so that a RoPE or
+# attention-scale mistake shows in the logits (random tiny weights otherwise attend almost uniformly; x10 on
+# tiny-qwen2-vl's trained ones makes attention so sharp that transformers' float32 RoPE frequencies alone move
+# the logits by 8e-5), and noise on the vision tower and projector (Gemma 3's projector starts at zero)
+# tiny model -> the side of the test image (Gemma 3: its fixed image size; Qwen2-VL: 4x4 patches, 4 image tokens)
+WRITTEN = {"tiny-gemma3-vlm": 28, "tiny-qwen2-vl": 56}
 
 
 def _gelu_tanh(x):
@@ -31,23 +35,51 @@ def _layer_norm(x, w, b, eps):
     return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * w + b
 
 
-def clip_forward(path, image: Image.Image) -> np.ndarray:
+def _vision_rope(x, ys, xs, base=10000.0):
+    """qwen2vl.cpp's 2-D RoPE (ggml_rope_multi, vision mode): the first half of each head's dims rotate by the
+    patch's row, the second by its column, each quarter at frequencies base^(-4k/d_head), NEOX-paired."""
+    d = x.shape[-1]
+    f = base ** (-4.0 * np.arange(d // 4) / d)
+    theta = np.concatenate([ys[:, None] * f, xs[:, None] * f], axis=1)[:, None, :]  # (N, 1, d/2)
+    a, b = x[..., : d // 2], x[..., d // 2 :]
+    return np.concatenate([a * np.cos(theta) - b * np.sin(theta), a * np.sin(theta) + b * np.cos(theta)], axis=-1)
+
+
+def clip_forward(path, image: Image.Image, projector_gelu: str = "tanh") -> np.ndarray:
     """Image embeddings for the language model, computed from the mmproj file alone as llama.cpp's clip.cpp does:
-    the image (already at clip.vision.image_size) normalised with the file's mean/std, conv patch embedding,
-    learned positions, pre-norm ViT blocks (LayerNorm, biased attention scaled by 1/sqrt(d_head), GELU MLP),
-    post-norm, then the projector of clip.projector_type (gemma3: average-pool of n_merge x n_merge patches,
-    RMSNorm, input projection)."""
+    the image normalised with the file's mean/std, conv patch embedding, pre-norm ViT blocks (LayerNorm, biased
+    attention scaled by 1/sqrt(d_head), MLP with the file's activation), post-norm, then the projector of
+    clip.projector_type. gemma3 (siglip.cpp): learned positions; average-pool of n_merge x n_merge patches,
+    RMSNorm, input projection. qwen2vl_merger (qwen2vl.cpp): two Conv2Ds (the two frames of one image) added,
+    patches in 2x2-merge order, 2-D RoPE; 4 neighbouring patches concatenated, fc, GELU, fc (ggml_gelu's tanh
+    form; `projector_gelu="erf"`: transformers' exact one)."""
     t, meta, _ = read(path)
-    size, patch = meta["clip.vision.image_size"], meta["clip.vision.patch_size"]
+    kind, patch = meta["clip.projector_type"], meta["clip.vision.patch_size"]
     eps, n_head = meta["clip.vision.attention.layer_norm_epsilon"], meta["clip.vision.attention.head_count"]
-    assert image.size == (size, size)
     mean, std = np.array(meta["clip.vision.image_mean"]), np.array(meta["clip.vision.image_std"])
     x = ((np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0 - mean) / std).transpose(2, 0, 1)  # (3, H, W)
-    n = size // patch
-    patches = x.reshape(3, n, patch, n, patch).transpose(1, 3, 0, 2, 4).reshape(n * n, -1)  # row-major (y, x)
-    w = t["v.patch_embd.weight"]
-    h = patches @ w.reshape(w.shape[0], -1).T + t["v.patch_embd.bias"] + t["v.position_embd.weight"]
-    act = _gelu_tanh if meta.get("clip.use_gelu") else (lambda g: g / (1 + np.exp(-1.702 * g)))  # else quick GELU
+    ny, nx = x.shape[1] // patch, x.shape[2] // patch
+    patches = x.reshape(3, ny, patch, nx, patch).transpose(1, 3, 0, 2, 4)  # (ny, nx, 3, p, p)
+    ys, xs = np.meshgrid(np.arange(ny, dtype=np.float64), np.arange(nx, dtype=np.float64), indexing="ij")
+    if kind == gguf.VisionProjectorType.QWEN2VL:  # 2x2 merge blocks row-major, row-major inside each block
+
+        def merge_order(a):
+            return a.reshape(ny // 2, 2, nx // 2, 2, *a.shape[2:]).swapaxes(1, 2).reshape(ny * nx, *a.shape[2:])
+
+        patches, ys, xs = merge_order(patches), merge_order(ys), merge_order(xs)
+        w = t["v.patch_embd.weight"] + t["v.patch_embd.weight.1"]
+        h = patches.reshape(ny * nx, -1) @ w.reshape(w.shape[0], -1).T
+    else:
+        w = t["v.patch_embd.weight"]
+        h = patches.reshape(ny * nx, -1) @ w.reshape(w.shape[0], -1).T + t["v.patch_embd.bias"]
+        h = h + t["v.position_embd.weight"]
+        ys, xs = ys.reshape(-1), xs.reshape(-1)
+    if meta.get("clip.use_gelu"):
+        act = _gelu_tanh
+    elif meta.get("clip.use_silu"):
+        act = lambda g: g / (1 + np.exp(-g))  # noqa: E731
+    else:  # clip.cpp's default: quick GELU
+        act = lambda g: g / (1 + np.exp(-1.702 * g))  # noqa: E731
 
     def lin(x, name):
         return x @ t[name + ".weight"].T + t[name + ".bias"]
@@ -56,15 +88,20 @@ def clip_forward(path, image: Image.Image) -> np.ndarray:
         p = f"v.blk.{i}."
         a = _layer_norm(h, t[p + "ln1.weight"], t[p + "ln1.bias"], eps)
         q, k, v = (lin(a, p + f"attn_{s}").reshape(len(a), n_head, -1) for s in "qkv")
+        if kind == gguf.VisionProjectorType.QWEN2VL:
+            q, k = _vision_rope(q, ys, xs), _vision_rope(k, ys, xs)
         s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(q.shape[-1])
         s = np.exp(s - s.max(-1, keepdims=True))
         h = h + lin(np.einsum("hqk,khd->qhd", s / s.sum(-1, keepdims=True), v).reshape(len(a), -1), p + "attn_out")
         f = _layer_norm(h, t[p + "ln2.weight"], t[p + "ln2.bias"], eps)
         h = h + lin(act(lin(f, p + "ffn_up")), p + "ffn_down")
     h = _layer_norm(h, t["v.post_ln.weight"], t["v.post_ln.bias"], eps)
-    assert meta["clip.projector_type"] == gguf.VisionProjectorType.GEMMA3
+    if kind == gguf.VisionProjectorType.QWEN2VL:
+        gelu = _gelu_tanh if projector_gelu == "tanh" else lambda g: 0.5 * g * (1 + np.vectorize(math.erf)(g / math.sqrt(2)))
+        return lin(gelu(lin(h.reshape(len(h) // 4, -1), "mm.0")), "mm.2")
+    assert kind == gguf.VisionProjectorType.GEMMA3
     k = meta.get("clip.vision.projector.scale_factor", gguf_mmproj.GEMMA3_DEFAULT_SCALE)
-    pooled = h.reshape(n // k, k, n // k, k, -1).mean(axis=(1, 3)).reshape((n // k) ** 2, -1)
+    pooled = h.reshape(ny // k, k, nx // k, k, -1).mean(axis=(1, 3)).reshape(-1, h.shape[-1])
     normed = pooled / np.sqrt((pooled**2).mean(-1, keepdims=True) + eps) * t["mm.soft_emb_norm.weight"]
     return normed @ t["mm.input_projection.weight"]
 
@@ -84,12 +121,13 @@ def vlm(request, tmp_path_factory, finetune_cache):
     root = tmp_path_factory.mktemp(request.param)
     source = tiny.build_if_tiny(request.param)
     model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(source)
+    with video_stub.images_only():  # no torchvision here
+        processor = AutoProcessor.from_pretrained(source)
     torch.manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "language_model" in name and name.endswith(("q_proj.weight", "k_proj.weight")):
-                param.mul_(10.0)
+                param.mul_(3.0)
             elif "language_model" not in name and "lm_head" not in name:  # the projector starts at zero
                 param.add_(torch.randn_like(param) * 0.1)
     model_dir = root / "model"
@@ -97,38 +135,46 @@ def vlm(request, tmp_path_factory, finetune_cache):
     processor.save_pretrained(model_dir)
     out = root / "m.gguf"
     assert cli.main(["export", str(model_dir), "--format", "gguf", "--out", str(out), "--outtype", "f32"]) == 0
-    return model_dir, model, processor, out, gguf_mmproj.mmproj_path(out)
+    # the reference in float64: the tiny language models' sharp attention (x10 q/k) magnifies float32 rounding
+    return model_dir, model.double(), processor, out, gguf_mmproj.mmproj_path(out)
 
 
 def test_the_language_model_file_computes_transformers_logits(vlm, capsys):
     model_dir, model, processor, out, mmproj = vlm
     tensors, meta, _ = read(out)
-    assert meta["general.architecture"] == "gemma3" and not any(n.startswith(("v.", "mm.")) for n in tensors)
+    assert meta["general.architecture"] != "clip" and not any(n.startswith(("v.", "mm.")) for n in tensors)
     ids = processor.tokenizer("What colour is the square? It is red.")["input_ids"]
     with torch.no_grad():
-        want = model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
+        want = model(input_ids=torch.tensor([ids])).logits[0].numpy()
     got = gguf_forward(out, ids)
     assert np.abs(got - want).max() < 1e-4
     assert np.abs(want).max() > 0.1  # not trivially small logits
 
 
-def test_the_mmproj_alone_computes_transformers_image_features(vlm):
+def test_the_mmproj_alone_computes_transformers_image_features(vlm, request):
     model_dir, model, processor, out, mmproj = vlm
     tensors, meta, _ = read(mmproj)
     assert meta["general.architecture"] == "clip" and meta["general.type"] == "mmproj"
     assert meta["clip.has_vision_encoder"]
     assert meta["clip.vision.projection_dim"] == model.config.text_config.hidden_size
     assert all(n.startswith(("v.", "mm.")) for n in tensors)
-    image = shape_image(meta["clip.vision.image_size"])
+    image = shape_image(WRITTEN[request.node.callspec.params["vlm"]])
     enc = processor.image_processor(images=[image], return_tensors="pt")
+    inputs = {k: v for k, v in enc.items() if k in ("pixel_values", "image_grid_thw")}
+    inputs["pixel_values"] = inputs["pixel_values"].double()
     with torch.no_grad():
-        feats = model.get_image_features(pixel_values=enc["pixel_values"])
+        feats = model.get_image_features(**inputs)
     feats = getattr(feats, "pooler_output", feats)
     want = torch.cat(list(feats)).reshape(-1, model.config.text_config.hidden_size).double().numpy()
-    got = clip_forward(mmproj, image)
-    assert got.shape == want.shape == (model.config.mm_tokens_per_image, model.config.text_config.hidden_size)
-    assert np.abs(got - want).max() < 1e-4
     assert np.abs(want).max() > 0.1
+    # the file's layout: with transformers' exact GELU in the projector, its features
+    exact = clip_forward(mmproj, image, projector_gelu="erf")
+    assert exact.shape == want.shape and len(exact) == 4  # 4 image tokens in both tiny models
+    assert np.abs(exact - want).max() < 1e-4
+    # as llama.cpp computes: Qwen2-VL's merger through ggml_gelu (the tanh form; transformers: erf), within the
+    # forms' difference (max 4.7e-4 at |x| ~ 2.4, carried through the merger's last layer); Gemma 3: the same
+    got = clip_forward(mmproj, image)
+    assert np.abs(got - want).max() < 1e-4 if "gemma3" in meta["clip.projector_type"] else 5e-3
 
 
 def test_a_vlm_finetune_does_not_write_is_refused_in_one_line(finetune_cache, tmp_path, capsys):
