@@ -102,8 +102,8 @@ def text_config(cfg: dict, where: str, text_archs) -> dict:
         got = {**vision, **(vision.get("rope_parameters") or {})}.get(field)
         if got is not None and got != want:
             raise ExportError(
-                f"{where}: vision_config.{field}: {got}; llama.cpp's {WRITTEN[arch].projector.lower()} projector graph "
-                f"computes with {want}, so no GGUF is written"
+                f"{where}: vision_config.{field}: {got}; llama.cpp's {WRITTEN[arch].projector.lower()} projector "
+                f"graph computes with {want}, so no GGUF is written"
             )
     text = dict(cfg.get("text_config") or {})
     text["architectures"] = [WRITTEN[arch].text_arch]

@@ -30,6 +30,10 @@ def _gelu_tanh(x):
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
+def _gelu_erf(x):
+    return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+
 def _layer_norm(x, w, b, eps):
     mu = x.mean(-1, keepdims=True)
     return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * w + b
@@ -97,7 +101,7 @@ def clip_forward(path, image: Image.Image, projector_gelu: str = "tanh") -> np.n
         h = h + lin(act(lin(f, p + "ffn_up")), p + "ffn_down")
     h = _layer_norm(h, t["v.post_ln.weight"], t["v.post_ln.bias"], eps)
     if kind == gguf.VisionProjectorType.QWEN2VL:
-        gelu = _gelu_tanh if projector_gelu == "tanh" else lambda g: 0.5 * g * (1 + np.vectorize(math.erf)(g / math.sqrt(2)))
+        gelu = _gelu_tanh if projector_gelu == "tanh" else _gelu_erf
         return lin(gelu(lin(h.reshape(len(h) // 4, -1), "mm.0")), "mm.2")
     assert kind == gguf.VisionProjectorType.GEMMA3
     k = meta.get("clip.vision.projector.scale_factor", gguf_mmproj.GEMMA3_DEFAULT_SCALE)
