@@ -26,7 +26,7 @@ LLAMA_CPP_MMPROJ = {
     "Gemma3ForConditionalGeneration": "Gemma 3",
     "Idefics3ForConditionalGeneration": "Idefics3",
     "SmolVLMForConditionalGeneration": "SmolVLM",
-    "LlavaForConditionalGeneration": "LLaVA",
+    "LlavaForConditionalGeneration": "LLaVA with a Pixtral vision tower",  # its LlavaVisionModel takes no other
 }
 
 
