@@ -223,17 +223,19 @@ def rope_sections(cfg: dict) -> list[int]:
 
 def _qtype(hf_name: str, new: str, data: np.ndarray, outtype: str):
     """The converter's choice for an mmproj tensor: its Gemma 3 class keeps the embeddings (patch and position)
-    in f32 and the input projection in f16; the rest as for text models."""
+    in f32 and the input projection in f16 (f32 in an f32 file here); its MmprojModel keeps the patch
+    embedding in f16 for an f16 file, else f32; the rest as for text models."""
     import gguf
 
     from finetune import gguf_export
 
-    if outtype == "f32":
-        return gguf.GGMLQuantizationType.F32
-    if ".embeddings." in hf_name:
-        return gguf.GGMLQuantizationType.F32
+    Q = gguf.GGMLQuantizationType
+    if outtype == "f32" or ".embeddings." in hf_name or ".position_embd." in new:
+        return Q.F32
     if "input_projection" in hf_name:
-        return gguf.GGMLQuantizationType.F16
+        return Q.F16
+    if ".patch_embd.weight" in new:
+        return Q.F16 if outtype == "f16" else Q.F32
     return gguf_export._qtype(new, data, outtype)
 
 
