@@ -46,6 +46,7 @@ ARCHS = {
     "Llama4ForCausalLM": "LLAMA4",
     "Lfm2ForCausalLM": "LFM2",
     "Qwen2VLForConditionalGeneration": "QWEN2VL",  # its language model (finetune/gguf_mmproj.py stages it)
+    "Qwen2_5_VLForConditionalGeneration": "QWEN2VL",  # the same
 }
 PERMUTED = ("LLAMA", "SMOLLM3")  # architectures whose q/k rows llama.cpp wants permuted
 NORM_PLUS_ONE = ("GEMMA2", "GEMMA3")  # HF's Gemma RMSNorm multiplies by (1 + w); llama.cpp by the stored weight

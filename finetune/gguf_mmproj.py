@@ -43,12 +43,21 @@ class Family:
 WRITTEN = {
     "Gemma3ForConditionalGeneration": Family("Gemma3ForCausalLM", "GEMMA3"),
     "Qwen2VLForConditionalGeneration": Family("Qwen2VLForConditionalGeneration", "QWEN2VL"),
+    "Qwen2_5_VLForConditionalGeneration": Family("Qwen2_5_VLForConditionalGeneration", "QWEN25VL"),
 }
 # what llama.cpp's clip graphs fix (no GGUF key): vision_config field -> the value they compute with
 FIXED = {
     "GEMMA3": {"hidden_act": "gelu_pytorch_tanh"},
     # qwen2vl.cpp: quick GELU (no use_gelu / use_silu key), 2x2 merge, two frames per patch, vision RoPE base 1e4
     "QWEN2VL": {"hidden_act": "quick_gelu", "spatial_merge_size": 2, "temporal_patch_size": 2, "rope_theta": 10000.0},
+    # the same graph with RMSNorm, SwiGLU, and windows of 112 pixels (clip.cpp's attn_window_size)
+    "QWEN25VL": {
+        "hidden_act": "silu",
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "rope_theta": 10000.0,
+        "window_size": 112,
+    },
 }
 INDEX = "model.safetensors.index.json"  # names the source shards: not the staged dir's
 # the converter's name prefixes of a VLM's vision tower and projector (the rest is the language model)
@@ -104,6 +113,13 @@ def text_config(cfg: dict, where: str, text_archs) -> dict:
             raise ExportError(
                 f"{where}: vision_config.{field}: {got}; llama.cpp's {WRITTEN[arch].projector.lower()} projector "
                 f"graph computes with {want}, so no GGUF is written"
+            )
+    if WRITTEN[arch].projector == "QWEN25VL":
+        n = wa_pattern(vision)
+        if vision.get("fullatt_block_indexes") != [i for i in range(vision["depth"]) if (i + 1) % n == 0]:
+            raise ExportError(
+                f"{where}: vision_config.fullatt_block_indexes: {vision.get('fullatt_block_indexes')}; llama.cpp's "
+                "qwen2.5vl graph attends globally every n-th layer (n-1, 2n-1, ...), so no GGUF is written"
             )
     text = dict(cfg.get("text_config") or {})
     text["architectures"] = [WRITTEN[arch].text_arch]
@@ -213,6 +229,11 @@ def vision_hparams(cfg: dict) -> dict:
     }
 
 
+def wa_pattern(vision: dict) -> int:
+    """Qwen2.5-VL's period of global-attention layers, as the converter derives it (clip.vision.n_wa_pattern)."""
+    return (vision.get("fullatt_block_indexes") or [0])[0] + 1
+
+
 def rope_sections(cfg: dict) -> list[int]:
     """Qwen2-VL's M-RoPE sections (rope.dimension_sections), padded to llama.cpp's four."""
     from finetune.gguf_export import _rope_params
@@ -286,6 +307,9 @@ def write_mmproj(model_dir: Path, cfg: dict, out_file: Path, outtype: str) -> tu
         writer.add_vision_attention_layernorm_eps(vision.get("layer_norm_eps", 1e-6))
         _gemma3_hparams(writer, vision, pre)
     else:  # the converter's Qwen2-VL reads the eps from the top level of config.json (HF's vision norms: 1e-6)
+        if family.projector == "QWEN25VL":
+            writer.add_vision_use_silu(True)
+            writer.add_vision_n_wa_pattern(wa_pattern(vision))
         writer.add_vision_attention_layernorm_eps(cfg.get("rms_norm_eps", 1e-6))
 
     infos = []

@@ -14,7 +14,7 @@ import pytest
 import torch
 from _gguf_forward import gguf_forward, read
 from PIL import Image, ImageDraw
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from finetune import cli, gguf_export, gguf_mmproj, tiny, video_stub
 
@@ -22,8 +22,11 @@ from finetune import cli, gguf_export, gguf_mmproj, tiny, video_stub
 # attention-scale mistake shows in the logits (random tiny weights otherwise attend almost uniformly; x10 on
 # tiny-qwen2-vl's trained ones makes attention so sharp that transformers' float32 RoPE frequencies alone move
 # the logits by 8e-5), and noise on the vision tower and projector (Gemma 3's projector starts at zero)
-# tiny model -> the side of the test image (Gemma 3: its fixed image size; Qwen2-VL: 4x4 patches, 4 image tokens)
-WRITTEN = {"tiny-gemma3-vlm": 28, "tiny-qwen2-vl": 56}
+# tiny model -> the side of the test image (Gemma 3: its fixed image size; Qwen2-VL: 4x4 patches, 4 image tokens;
+# Qwen2.5-VL: 16x16 patches, 64 image tokens in 2x2 windows of 112 pixels)
+WRITTEN = {"tiny-gemma3-vlm": 28, "tiny-qwen2-vl": 56, "tiny-vlm": 224}
+# tiny-vlm's vision windows are 56 pixels (refused: llama.cpp's are 112); here the same weights with 112
+VISION_CHANGES = {"tiny-vlm": {"window_size": 112}}
 
 
 def _gelu_tanh(x):
@@ -65,7 +68,8 @@ def clip_forward(path, image: Image.Image, projector_gelu: str = "tanh") -> np.n
     ny, nx = x.shape[1] // patch, x.shape[2] // patch
     patches = x.reshape(3, ny, patch, nx, patch).transpose(1, 3, 0, 2, 4)  # (ny, nx, 3, p, p)
     ys, xs = np.meshgrid(np.arange(ny, dtype=np.float64), np.arange(nx, dtype=np.float64), indexing="ij")
-    if kind == gguf.VisionProjectorType.QWEN2VL:  # 2x2 merge blocks row-major, row-major inside each block
+    qwen = kind in (gguf.VisionProjectorType.QWEN2VL, gguf.VisionProjectorType.QWEN25VL)
+    if qwen:  # 2x2 merge blocks row-major, row-major inside each block
 
         def merge_order(a):
             return a.reshape(ny // 2, 2, nx // 2, 2, *a.shape[2:]).swapaxes(1, 2).reshape(ny * nx, *a.shape[2:])
@@ -88,19 +92,34 @@ def clip_forward(path, image: Image.Image, projector_gelu: str = "tanh") -> np.n
     def lin(x, name):
         return x @ t[name + ".weight"].T + t[name + ".bias"]
 
+    def norm(x, name):  # LayerNorm, or RMSNorm where the file has no bias (qwen2.5vl)
+        if name + ".bias" in t:
+            return _layer_norm(x, t[name + ".weight"], t[name + ".bias"], eps)
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * t[name + ".weight"]
+
+    # qwen2.5vl: windows of clip.cpp's attn_window_size (112 pixels) over the 2x2-merged grid; global layers
+    # every clip.vision.n_wa_pattern-th
+    n_wa = meta.get("clip.vision.n_wa_pattern", 0)
+    grid = 112 // patch // 2
+    window = (ys // 2 // grid) * (nx // 2) + xs // 2 // grid
     for i in range(meta["clip.vision.block_count"]):
         p = f"v.blk.{i}."
-        a = _layer_norm(h, t[p + "ln1.weight"], t[p + "ln1.bias"], eps)
+        a = norm(h, p + "ln1")
         q, k, v = (lin(a, p + f"attn_{s}").reshape(len(a), n_head, -1) for s in "qkv")
-        if kind == gguf.VisionProjectorType.QWEN2VL:
+        if qwen:
             q, k = _vision_rope(q, ys, xs), _vision_rope(k, ys, xs)
         s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(q.shape[-1])
+        if n_wa and (i + 1) % n_wa:  # a windowed layer: patches attend within their window only
+            s = s + np.where(window[:, None] == window[None, :], 0.0, -np.inf)
         s = np.exp(s - s.max(-1, keepdims=True))
         h = h + lin(np.einsum("hqk,khd->qhd", s / s.sum(-1, keepdims=True), v).reshape(len(a), -1), p + "attn_out")
-        f = _layer_norm(h, t[p + "ln2.weight"], t[p + "ln2.bias"], eps)
-        h = h + lin(act(lin(f, p + "ffn_up")), p + "ffn_down")
-    h = _layer_norm(h, t["v.post_ln.weight"], t["v.post_ln.bias"], eps)
-    if kind == gguf.VisionProjectorType.QWEN2VL:
+        f = norm(h, p + "ln2")
+        if p + "ffn_gate.weight" in t:  # SwiGLU
+            h = h + lin(act(lin(f, p + "ffn_gate")) * lin(f, p + "ffn_up"), p + "ffn_down")
+        else:
+            h = h + lin(act(lin(f, p + "ffn_up")), p + "ffn_down")
+    h = norm(h, "v.post_ln")
+    if qwen:
         gelu = _gelu_tanh if projector_gelu == "tanh" else _gelu_erf
         return lin(gelu(lin(h.reshape(len(h) // 4, -1), "mm.0")), "mm.2")
     assert kind == gguf.VisionProjectorType.GEMMA3
@@ -124,7 +143,10 @@ def vlm(request, tmp_path_factory, finetune_cache):
     """(model dir with x10 q/k in its language model, model, processor, exported GGUF, mmproj) per family."""
     root = tmp_path_factory.mktemp(request.param)
     source = tiny.build_if_tiny(request.param)
-    model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32).eval()
+    config = AutoConfig.from_pretrained(source)
+    for field, value in VISION_CHANGES.get(request.param, {}).items():
+        setattr(config.vision_config, field, value)
+    model = AutoModelForImageTextToText.from_pretrained(source, config=config, dtype=torch.float32).eval()
     with video_stub.images_only():  # no torchvision here
         processor = AutoProcessor.from_pretrained(source)
     torch.manual_seed(0)
@@ -165,8 +187,11 @@ def test_the_mmproj_alone_computes_transformers_image_features(vlm, request):
     assert meta["clip.has_vision_encoder"]
     assert meta["clip.vision.projection_dim"] == model.config.text_config.hidden_size
     assert all(n.startswith(("v.", "mm.")) for n in tensors)
-    image = shape_image(WRITTEN[request.node.callspec.params["vlm"]])
-    enc = processor.image_processor(images=[image], return_tensors="pt")
+    side = WRITTEN[request.node.callspec.params["vlm"]]
+    image = shape_image(side)
+    pixels = {"shortest_edge": side * side, "longest_edge": side * side}  # Qwen's processors: keep the image's size
+    resized = {"size": pixels} if "longest_edge" in processor.image_processor.size else {}
+    enc = processor.image_processor(images=[image], return_tensors="pt", **resized)
     inputs = {k: v for k, v in enc.items() if k in ("pixel_values", "image_grid_thw")}
     inputs["pixel_values"] = inputs["pixel_values"].double()
     with torch.no_grad():
@@ -176,12 +201,13 @@ def test_the_mmproj_alone_computes_transformers_image_features(vlm, request):
     assert np.abs(want).max() > 0.1
     # the file's layout: with transformers' exact GELU in the projector, its features
     exact = clip_forward(mmproj, image, projector_gelu="erf")
-    assert exact.shape == want.shape and len(exact) == 4  # 4 image tokens in both tiny models
+    assert exact.shape == want.shape
+    assert len(exact) == ((side // 28) ** 2 if resized else model.config.mm_tokens_per_image)
     assert np.abs(exact - want).max() < 1e-4
     # as llama.cpp computes: Qwen2-VL's merger through ggml_gelu (the tanh form; transformers: erf), within the
     # forms' difference (max 4.7e-4 at |x| ~ 2.4, carried through the merger's last layer); Gemma 3: the same
     got = clip_forward(mmproj, image)
-    assert np.abs(got - want).max() < 1e-4 if "gemma3" in meta["clip.projector_type"] else 2e-3
+    assert np.abs(got - want).max() < (1e-4 if meta["clip.projector_type"] == "gemma3" else 2e-3)
 
 
 def test_a_vlm_finetune_does_not_write_is_refused_in_one_line(finetune_cache, tmp_path, capsys):
