@@ -1,8 +1,7 @@
 """HF model dir -> GGUF (llama.cpp / Ollama), laid out as llama.cpp's convert_hf_to_gguf.py does it.
 
 Llama / Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 (text), Phi-3, and of the 2025-26 families
-Seed-OSS, OLMo 2 / OLMo 3, ERNIE 4.5 (dense) and SmolLM3 (and the language models of the vision-language models
-finetune/gguf_mmproj.py writes with their mmproj: Gemma 3, Qwen2-VL's qwen2vl): the same metadata keys and tensor names
+Seed-OSS, OLMo 2 / OLMo 3, ERNIE 4.5 (dense) and SmolLM3: the same metadata keys and tensor names
 (gguf.TensorNameMap) as llama.cpp's converter, with its per-architecture quirks: the q/k row permutation of
 its Llama-style graphs (their RoPE rotates adjacent pairs; HF's rotates halves), Gemma's RMSNorm weights
 stored as 1 + w, MoE experts stacked into one 3-D tensor per projection, Phi-3's fused qkv and gate_up kept
@@ -13,6 +12,8 @@ that splits text as the tokenizer actually does: probed, not read from tokenizer
 BPE with byte fallback (`llama`, scores ranking the merges), with token types, special ids, add_bos_token as
 training saw it, and the chat template (gguf.SpecialVocab). Every file is read back with
 gguf.GGUFReader and compared with the source tensors before it is handed over.
+Vision-language models (Gemma 3, Qwen2-VL, Qwen2.5-VL): finetune/gguf_mmproj.py stages the language model for
+this writer (Qwen's as llama.cpp's qwen2vl) and writes the vision tower + projector as the mmproj file.
 """
 
 from __future__ import annotations
