@@ -187,6 +187,16 @@ FAMILIES = {  # family -> (transformers model_type, config overrides)
     "OLMo 3": ("olmo3", {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 8}),
     "Ministral 3": ("ministral3", {"head_dim": 16}),
     "LFM2": ("lfm2", {"layer_types": ["conv", "full_attention"], "full_attn_idxs": [1]}),
+    "LFM2-MoE": (
+        "lfm2_moe",
+        {
+            "layer_types": ["conv", "full_attention"],
+            "num_dense_layers": 1,
+            "num_experts": 4,
+            "moe_intermediate_size": 32,
+            **MOE,
+        },
+    ),
 }
 QUANT = {"quant_bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
 PAIRS = [
@@ -218,7 +228,7 @@ def build(family: str, root: Path, tokenizer) -> Path:
 
 
 def recipe(model_dir: Path, work: Path, stage: str, method: str) -> str:
-    from _support import memo_data, write_jsonl
+    from _support import SHORT_RUN, memo_data, write_jsonl
 
     adapter = {
         "method": method,
@@ -232,12 +242,7 @@ def recipe(model_dir: Path, work: Path, stage: str, method: str) -> str:
         "learning_rate": 1e-3,
         "max_steps": 2,
         "per_device_train_batch_size": 4,
-        "logging_steps": 1,
-        "save_steps": 1000,
-        "report_to": [],
-        "bf16": False,
-        "lr_scheduler_type": "constant",
-        "warmup_steps": 0,
+        **SHORT_RUN,
     }
     data = {"train": str(memo_data(work)), "format": "messages"}
     if stage == "dpo":
@@ -308,6 +313,24 @@ def run_family(family: str, root: Path, tokenizer) -> dict[str, str]:
 
     cell("merge", merged)
 
+    def generated():
+        import torch
+
+        prompt_length, cached, uncached, merged = greedy_three_ways(
+            outputs[("sft", "lora")], root / "merged" / row["architecture"]
+        )
+        assert torch.equal(cached, uncached), "greedy tokens with the cache differ from those without it"
+        assert torch.equal(cached, merged), "the merged model's greedy tokens differ from the adapter model's"
+        return f"ok ({cached.shape[1] - prompt_length} tokens)"
+
+    def served():
+        expected, answer = served_and_chat_answers(outputs[("sft", "lora")])
+        assert answer == expected, f"served {answer!r}, chat {expected!r}"
+        return "ok"
+
+    cell("generate", generated)
+    cell("serve = chat", served)
+
     def gguf():
         from _gguf_forward import gguf_forward
 
@@ -335,7 +358,52 @@ def run_family(family: str, root: Path, tokenizer) -> dict[str, str]:
     return row
 
 
-COLUMNS = ["architecture", "SFT LoRA", "QLoRA", "DPO", "merge", "GGUF"]
+COLUMNS = ["architecture", "SFT LoRA", "QLoRA", "DPO", "merge", "generate", "serve = chat", "GGUF"]
+QUESTION = "What colour is the sky?"
+
+
+def greedy_three_ways(adapter_dir: Path, merged_dir: Path, max_new_tokens: int = 10):
+    """Greedy tokens of the adapter model with its cache, without it, and of the merged model (with its cache):
+    the three are equal when generation handles the model's cache (linear attention / SSM layers included)."""
+    import torch
+
+    from finetune import loading
+    from finetune.generate import generate
+
+    model, tok, _ = loading.load_for_inference(str(adapter_dir))
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    greedy = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    merged = loading.load_inference_model(str(merged_dir), "MERGED")
+    with torch.no_grad():
+        return (
+            prompt["input_ids"].shape[1],
+            generate(model, **prompt, **greedy),
+            generate(model, **prompt, **greedy, use_cache=False),
+            generate(merged, **prompt, **greedy),
+        )
+
+
+def served_and_chat_answers(adapter_dir: Path, max_tokens: int = 12) -> tuple[str, str]:
+    """(`finetune chat`'s answer, the OpenAI-compatible server's answer at temperature 0) to QUESTION."""
+    from fastapi.testclient import TestClient
+
+    from finetune import chat, loading, serve
+
+    model, tok, _ = loading.load_for_inference(str(adapter_dir))
+    expected = chat.Chat(model, tok, system=None, max_new_tokens=max_tokens).answer(QUESTION)
+    with TestClient(serve.create_app(serve.load_served(str(adapter_dir), name="m"))) as client:
+        reply = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "m",
+                "messages": [{"role": "user", "content": QUESTION}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            },
+        )
+    return expected, reply.json()["choices"][0]["message"]["content"]
 
 
 def markdown(rows: dict[str, dict[str, str]]) -> str:

@@ -81,6 +81,46 @@ def trainable_by_part(model) -> list[tuple[str, int, int]]:
     return [(part, trainable, total) for part, (trainable, total) in counts.items()]
 
 
+def adapted_modules(model) -> str | None:
+    """The modules the adapter wraps, as the plan's `targets` line: each name within a block with the blocks it
+    is wrapped in (`model.layers 0-1: mlp.down_proj, ...; model.layers 1: self_attn.q_proj, ...` on a hybrid
+    model whose attention is in layer 1 only); numbered children below a block (experts) read `*`. None when no
+    module is wrapped (prompt learning, freeze, full)."""
+    import re
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    blocks: dict[tuple[str, str], set[int]] = {}  # (block list, name within the block) -> block indices
+    for name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        name = name.removeprefix("base_model.model.")
+        found = re.match(r"(.*?)\.(\d+)\.(.*)", name)
+        where, index, rest = (found[1], int(found[2]), re.sub(r"\.\d+\.", ".*.", found[3])) if found else ("", 0, name)
+        blocks.setdefault((where, rest), set()).add(index)
+    groups: dict[tuple[str, tuple[int, ...]], list[str]] = {}
+    for (where, rest), indices in blocks.items():
+        groups.setdefault((where, tuple(sorted(indices))), []).append(rest)
+    return (
+        "; ".join(
+            (f"{where} {_ranges(indices)}: " if where else "") + ", ".join(sorted(rests))
+            for (where, indices), rests in sorted(groups.items())
+        )
+        or None
+    )
+
+
+def _ranges(indices: tuple[int, ...]) -> str:
+    """(0, 1, 2, 5) -> `0-2,5`."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
 def all_linear_targets(model) -> list[str] | None:
     """What `all-linear` wraps: the linear layers LoRA can train in every decoder layer, attention and MLP. Two
     kinds stay out, found by their structure, not by the family's name:

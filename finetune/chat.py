@@ -18,7 +18,7 @@ from finetune import image_inputs
 from finetune.data.chat_formats import DEFAULT_REASONING_TAGS, split_inline_reasoning
 from finetune.data.encode import template_messages
 from finetune.errors import FinetuneError
-from finetune.generate import generate
+from finetune.generate import generate, whole_characters
 from finetune.loading import load_for_inference
 from finetune.outputs import recorded_system_prompt
 
@@ -140,7 +140,8 @@ class Chat:
         streamer = _streamer(self.tok, stream) if stream is not None else None
         with torch.no_grad():
             out = generate(self.model, **enc, **self.gen, streamer=streamer)
-        reply = self.tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        reply = whole_characters(self.tok, out[0, enc["input_ids"].shape[1] :].tolist(), skip_special_tokens=True)
+        reply = reply.strip()
         reasoning, answer = split_inline_reasoning(reply, self.reasoning_tags)
         # the history holds the reasoning apart, as training data does: the template shows it as it shows it there
         turn = {"role": "assistant", "content": answer}

@@ -329,8 +329,6 @@ def estimate(recipe: Recipe, *, on_gpu: bool = True, world: int = 1, sharding: s
         notes.append("PPO also holds a reward and a value model: add their weights")
     if recipe.stage == "distill":
         notes.append("the teacher's weights add to this (the dry-run plan names the teacher's memory)")
-    if recipe.stage == "distill":
-        notes.append("the teacher's weights add to this (the dry-run plan names the teacher's memory)")
     if recipe.stage in ("grpo", "rloo"):
         notes.append("generation's KV cache is not included (it is freed before the backward pass)")
     return Estimate(parts, notes)

@@ -122,6 +122,18 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     return torch.cat([input_ids, new_tokens.to(input_ids.device)], dim=1)
 
 
+def whole_characters(tokenizer, ids: list[int], **decode) -> str:
+    """The text of generated `ids` without a half multi-byte character at its end: generation stopped between
+    the bytes of a character (byte-level or byte-fallback tokens), which decode to U+FFFD. The server streams
+    the same text (it waits for a character's last byte), so `chat` and `serve` answer alike."""
+    ids = list(ids)
+    text = tokenizer.decode(ids, **decode)
+    while ids and text.endswith("\ufffd"):
+        ids.pop()
+        text = tokenizer.decode(ids, **decode)
+    return text
+
+
 def _row_by_row(model, input_ids, attention_mask, **kwargs) -> torch.Tensor:
     """Each row without its padding; the answers right-padded to one width (pad_token_id) after the batch's prompts."""
     pad = kwargs.get("pad_token_id")

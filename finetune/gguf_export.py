@@ -1,10 +1,13 @@
 """HF model dir -> GGUF (llama.cpp / Ollama), laid out as llama.cpp's convert_hf_to_gguf.py does it.
 
 Llama / Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 (text), Phi-3, and of the 2025-26 families
-Seed-OSS, OLMo 2 / OLMo 3, ERNIE 4.5 (dense) and SmolLM3: the same metadata keys and tensor names
+Seed-OSS, OLMo 2 / OLMo 3, ERNIE 4.5 (dense and MoE), SmolLM3, GLM-4.5, Llama 4 (text), LFM2, LFM2-MoE,
+MiniMax-M2 and Gemma 4 (text: per-layer embeddings, layers sharing earlier layers' keys and values, a wider head
+and proportional RoPE on global layers, MoE): the same metadata keys and tensor names
 (gguf.TensorNameMap) as llama.cpp's converter, with its per-architecture quirks: the q/k row permutation of
 its Llama-style graphs (their RoPE rotates adjacent pairs; HF's rotates halves), Gemma's RMSNorm weights
-stored as 1 + w, MoE experts stacked into one 3-D tensor per projection, Phi-3's fused qkv and gate_up kept
+stored as 1 + w, MoE experts stacked into one 3-D tensor per projection (with the router's selection bias,
+shared experts and leading dense layers where the graph has them), Phi-3's fused qkv and gate_up kept
 fused, and the sliding-window / soft-capping / per-layer rope keys. A configuration llama.cpp would compute
 differently (a sliding-window or NoPE layout, bias or attention scale it does not read from the file) is
 refused, not written. The vocab is byte-level BPE (`gpt2`, with merges and the llama.cpp pre-tokenizer
@@ -46,6 +49,10 @@ ARCHS = {
     "Glm4MoeForCausalLM": "GLM4_MOE",
     "Llama4ForCausalLM": "LLAMA4",
     "Lfm2ForCausalLM": "LFM2",
+    "Ernie4_5_MoeForCausalLM": "ERNIE4_5_MOE",
+    "MiniMaxM2ForCausalLM": "MINIMAXM2",
+    "Lfm2MoeForCausalLM": "LFM2MOE",
+    "Gemma4ForCausalLM": "GEMMA4",
     "Qwen2VLForConditionalGeneration": "QWEN2VL",  # its language model (finetune/gguf_mmproj.py stages it)
     "Qwen2_5_VLForConditionalGeneration": "QWEN2VL",  # the same
 }
@@ -61,10 +68,20 @@ GEMMA_27B_LAYERS = {"GEMMA2": 46, "GEMMA3": 62}
 # llama.cpp's NoPE layout, fixed in its graph (no GGUF key): layer il skips RoPE when (il + 1) % n == 0
 NOPE_STEP = {"SMOLLM3": 4}
 # config flags that add biases llama.cpp's graph for the architecture has no tensor for
-NO_BIAS = {"SEED_OSS": ("mlp_bias",), "ERNIE4_5": ("use_bias",), "OLMO2": ("attention_bias",), "LFM2": ("conv_bias",)}
+NO_BIAS = {
+    "SEED_OSS": ("mlp_bias",),
+    "ERNIE4_5": ("use_bias",),
+    "OLMO2": ("attention_bias",),
+    "LFM2": ("conv_bias",),
+    "ERNIE4_5_MOE": ("use_bias",),
+    "LFM2MOE": ("conv_bias",),
+    "GEMMA4": ("attention_bias",),
+}
 # architectures exported with plain RoPE only (llama.cpp's converter writes per-arch keys for their scaling)
-PLAIN_ROPE = ("SEED_OSS", "OLMO2", "ERNIE4_5", "SMOLLM3", "GLM4_MOE", "LFM2")
-MOE = ("QWEN3MOE", "GLM4_MOE", "LLAMA4")
+PLAIN_ROPE = ("SEED_OSS", "OLMO2", "ERNIE4_5", "SMOLLM3", "GLM4_MOE", "LFM2", "ERNIE4_5_MOE", "MINIMAXM2", "LFM2MOE")
+MOE = ("QWEN3MOE", "GLM4_MOE", "LLAMA4", "ERNIE4_5_MOE", "MINIMAXM2", "LFM2MOE")
+# architectures with LFM2's gated short-convolution layers (shortconv.*, per-layer head_count_kv)
+SHORTCONV = ("LFM2", "LFM2MOE")
 # architectures whose fused experts transformers stores as (n_expert, in, out), not (n_expert, out, in)
 EXPERTS_IN_OUT = ("LLAMA4",)
 # Llama 4's attention in llama.cpp, fixed in its graph: NoPE every 4th layer, chunks of 8192 tokens on the
@@ -209,15 +226,19 @@ def check_config(cfg: dict, where: str) -> str:
             refuse("tie_word_embeddings", "true (llama.cpp's olmo2 needs a separate output matrix)")
     if arch == "LLAMA4":
         _check_llama4(cfg, refuse)
-    if arch == "LFM2" and set(cfg.get("layer_types") or []) - {"conv", "full_attention"}:
+    if arch in SHORTCONV and set(cfg.get("layer_types") or []) - {"conv", "full_attention"}:
         refuse("layer_types", "other than conv and full_attention (llama.cpp's lfm2 has these two)")
     if arch == "GLM4_MOE" and cfg.get("topk_group", 1) < cfg.get("n_group", 1):
         refuse("topk_group", "fewer than n_group (llama.cpp's glm4moe routes over all experts, no group limit)")
+    if arch in FAMILY_CHECKS:
+        FAMILY_CHECKS[arch](cfg, refuse)
     if arch == "QWEN3MOE":
         if not cfg.get("norm_topk_prob", False):
             refuse("norm_topk_prob", "false (llama.cpp renormalises the top-k router weights)")
         if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
             refuse("mlp_only_layers / decoder_sparse_step", "some layers are dense (llama.cpp expects experts in all)")
+    if arch == "GEMMA4":  # its rope is per layer kind (proportional on global layers): checked there
+        return _check_gemma4(cfg, refuse) or arch
     rope = _rope_scaling(cfg)
     if rope["rope_type"] not in ("default", "linear", "yarn", "llama3"):
         refuse(
@@ -252,6 +273,152 @@ def _check_llama4(cfg: dict, refuse) -> None:
     for field, want in LLAMA4_FIXED.items():
         if cfg.get(field) != want:
             refuse(field, f"{cfg.get(field)} (llama.cpp's llama4 uses {want})")
+
+
+# Gemma 4's rope types per layer kind that llama.cpp computes: plain RoPE on sliding layers; on global layers
+# RoPE over the first partial_rotary_factor of the head's frequencies ("proportional"), the rest left
+# unrotated by a rope_freqs factor of 1e30 (its converter's trick: ggml's NEOX rope rotates a prefix only)
+GEMMA4_ROPE = {"sliding_attention": ("default",), "full_attention": ("default", "proportional")}
+GEMMA4_LAYER_FIELDS = {"head_dim", "num_key_value_heads"}  # the per_layer_config overrides llama.cpp can carry
+
+
+def _gemma4_layer_types(cfg: dict) -> list[str]:
+    """Gemma 4's layer kinds as transformers builds them: every 6th layer global by default, the last always."""
+    n_layer = cfg["num_hidden_layers"]
+    types = list(
+        cfg.get("layer_types") or ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n_layer)]
+    )
+    types[-1] = "full_attention"
+    return types
+
+
+def _gemma4_attention(cfg: dict) -> list[tuple[int, int]]:
+    """(head_dim, kv heads) per layer as transformers builds Gemma 4's attention: the global layers take
+    per_layer_config's overrides (what transformers writes), or in a config without it global_head_dim
+    (default 512) and, with attention_k_eq_v, num_global_key_value_heads."""
+    types = _gemma4_layer_types(cfg)
+    per_layer = cfg.get("per_layer_config")
+    if per_layer is None:
+        over = {"head_dim": cfg.get("global_head_dim", 512)}
+        if cfg.get("attention_k_eq_v") and cfg.get("num_global_key_value_heads") is not None:
+            over["num_key_value_heads"] = cfg["num_global_key_value_heads"]
+        per_layer = {str(i): over for i, t in enumerate(types) if t == "full_attention"}
+    head_dim, n_kv = cfg.get("head_dim") or 256, cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    out = []
+    for i in range(len(types)):
+        over = per_layer.get(str(i)) or per_layer.get(i) or {}
+        out.append((over.get("head_dim", head_dim), over.get("num_key_value_heads", n_kv)))
+    return out
+
+
+def _gemma4_kv_producers(cfg: dict) -> tuple[list[int | None], list[int | None]]:
+    """Per layer, the layer whose keys and values it reuses (None: its own): transformers' (the last earlier
+    unshared layer of the same kind) and llama.cpp's (the last unshared layer if global, the one before if
+    sliding)."""
+    types, n_shared = _gemma4_layer_types(cfg), cfg.get("num_kv_shared_layers") or 0
+    first = len(types) - n_shared
+    hf = [
+        None if i < first else max([j for j in range(first) if types[j] == t], default=-1) for i, t in enumerate(types)
+    ]
+    cpp = [None if i < first else first - (2 if t == "sliding_attention" else 1) for i, t in enumerate(types)]
+    return hf, cpp
+
+
+def _check_gemma4(cfg: dict, refuse) -> None:
+    """Refuse a Gemma 4 text config that llama.cpp's gemma4 graph would compute differently."""
+    types = _gemma4_layer_types(cfg)
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act")
+    if act not in (None, "gelu_pytorch_tanh"):
+        refuse("hidden_activation", f"{act} (llama.cpp uses tanh-approximated GELU)")
+    if cfg.get("use_bidirectional_attention") == "all":
+        refuse("use_bidirectional_attention", "all (llama.cpp's gemma4 attends causally)")
+    if set(types) - {"sliding_attention", "full_attention"} or "sliding_attention" not in types:
+        refuse("layer_types", "not sliding and global layers both (llama.cpp's gemma4 has the two)")
+    for i, over in (cfg.get("per_layer_config") or {}).items():
+        if set(over) - GEMMA4_LAYER_FIELDS:
+            refuse("per_layer_config", f"layer {i} overrides {sorted(set(over) - GEMMA4_LAYER_FIELDS)}")
+    dims = _gemma4_attention(cfg)
+    for kind in ("sliding_attention", "full_attention"):
+        if len({dims[i][0] for i, t in enumerate(types) if t == kind}) > 1:
+            refuse("per_layer_config", f"{kind} layers of different head_dim (llama.cpp has one per kind)")
+        rope = _rope_params(cfg, kind)
+        if rope.get("rope_type", "default") not in GEMMA4_ROPE[kind]:
+            refuse("rope_parameters", f"{rope.get('rope_type')} on {kind} layers is not what llama.cpp's gemma4 runs")
+    if _rope_params(cfg, "sliding_attention").get("factor", 1.0) != 1.0:
+        refuse("rope_parameters", "a factor on sliding_attention layers (llama.cpp's gemma4 scales none)")
+    if cfg.get("hidden_size_per_layer_input") and cfg.get("vocab_size_per_layer_input") != cfg["vocab_size"]:
+        refuse("vocab_size_per_layer_input", "not vocab_size (llama.cpp looks both up by the same token id)")
+    hf, cpp = _gemma4_kv_producers(cfg)
+    if hf != cpp:
+        refuse(
+            "num_kv_shared_layers",
+            "the last unshared layers are not sliding then global (llama.cpp's shared layers reuse those two)",
+        )
+
+
+def _gemma4_hparams(writer, cfg: dict) -> None:
+    """Gemma 4's keys as llama.cpp's Gemma4Model converter writes them and its loader reads them: a head dim,
+    kv head count and rotary width per layer kind, the sliding layout as one flag per layer, the layers
+    sharing earlier layers' keys and values, the per-layer embedding width, the MoE block's sizes."""
+    types, dims = _gemma4_layer_types(cfg), _gemma4_attention(cfg)
+    swa = [t == "sliding_attention" for t in types]
+    n_layer, n_shared = len(types), cfg.get("num_kv_shared_layers") or 0
+    d_swa, d_full = dims[swa.index(True)][0], dims[swa.index(False)][0]
+    writer.add_block_count(n_layer)
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    ff = [
+        cfg["intermediate_size"] * (2 if cfg.get("use_double_wide_mlp") and i >= n_layer - n_shared else 1)
+        for i in range(n_layer)
+    ]
+    writer.add_feed_forward_length(ff if len(set(ff)) > 1 else ff[0])
+    writer.add_head_count(cfg["num_attention_heads"])
+    n_kv = [kv for _, kv in dims]
+    writer.add_head_count_kv(n_kv if len(set(n_kv)) > 1 else n_kv[0])
+    writer.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-6))
+    writer.add_key_length(d_full)
+    writer.add_value_length(d_full)
+    writer.add_key_length_swa(d_swa)
+    writer.add_value_length_swa(d_swa)
+    writer.add_rope_dimension_count(d_full)  # all of it: rope_freqs leaves the unrotated part in place
+    writer.add_rope_dimension_count_swa(d_swa)
+    writer.add_rope_freq_base(float(_rope_theta(cfg, "full_attention") or 1_000_000.0))
+    writer.add_rope_freq_base_swa(float(_rope_theta(cfg, "sliding_attention") or 10_000.0))
+    writer.add_sliding_window(cfg["sliding_window"])
+    writer.add_sliding_window_pattern(swa)
+    writer.add_shared_kv_layers(n_shared)
+    writer.add_embedding_length_per_layer_input(cfg.get("hidden_size_per_layer_input") or 0)
+    if cfg.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    if cfg.get("enable_moe_block"):
+        writer.add_expert_count(cfg["num_experts"])
+        writer.add_expert_used_count(cfg["top_k_experts"])
+        writer.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+
+
+def _gemma4_rope_factors(cfg: dict) -> np.ndarray:
+    """The global layers' rope_freqs: each rotated frequency divided by the rope factor, the unrotated ones
+    by 1e30 (so they stay in place), as transformers' proportional RoPE computes them."""
+    rope = _rope_params(cfg, "full_attention")
+    head_dim = _gemma4_attention(cfg)[-1][0]  # the last layer is always global
+    share = rope.get("partial_rotary_factor", 1.0) if rope.get("rope_type") == "proportional" else 1.0
+    n_rot = int(share * head_dim // 2)
+    return np.array([rope.get("factor", 1.0)] * n_rot + [1e30] * (head_dim // 2 - n_rot), dtype=np.float32)
+
+
+def _gemma4_tensor_name(hf_name: str, name_map) -> str | None:
+    """A Gemma 4 tensor's GGUF name as its converter gives it: the router's input scale and per-expert output
+    scale as `.scale` tensors beside the router and the down experts; weight-less names get `.weight`."""
+    import re
+
+    layer = re.search(r"\.layers\.(\d+)\.", hf_name)
+    if hf_name.endswith("router.scale"):
+        return f"blk.{layer.group(1)}.ffn_gate_inp.scale"
+    if hf_name.endswith("router.per_expert_scale"):
+        return f"blk.{layer.group(1)}.ffn_down_exps.scale"
+    if hf_name.endswith(("layer_scalar", "experts.gate_up_proj", "experts.down_proj")):
+        hf_name += ".weight"
+    return name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
 
 
 def swa_period(cfg: dict, arch: str, refuse=None) -> int | None:
@@ -323,7 +490,12 @@ def _partial_rotary_factor(cfg: dict, default: float = 1.0) -> float:
 
 
 def _n_experts(cfg: dict) -> int | None:
-    return cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts")
+    return (
+        cfg.get("num_experts")
+        or cfg.get("num_local_experts")
+        or cfg.get("n_routed_experts")
+        or cfg.get("moe_num_experts")
+    )
 
 
 def _head_dim(cfg: dict) -> int:
@@ -362,6 +534,78 @@ def _llama3_rope_factors(cfg: dict, rope: dict) -> np.ndarray:
             smooth = (old / wavelen - low) / (high - low)
             out.append(1 / ((1 - smooth) / factor + smooth))
     return np.array(out, dtype=np.float32)
+
+
+# The 2025-26 MoE families: what llama.cpp's graph for each fixes (no GGUF key), refused when the config differs,
+# and the keys its loader reads.
+
+
+def _check_silu(cfg: dict, refuse) -> None:
+    if cfg.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", f"{cfg['hidden_act']} (llama.cpp's experts use SiLU)")
+
+
+def _check_ernie4_5_moe(cfg: dict, refuse) -> None:
+    """llama.cpp's ernie4_5-moe: experts in layer il when il >= moe_layer_start_index and (il + 1) is a multiple
+    of moe_layer_interval, up to the last layer; a softmax router whose selection bias picks, top-k renormalised."""
+    _check_silu(cfg, refuse)
+    n_layer, start, step = (
+        cfg["num_hidden_layers"],
+        cfg.get("moe_layer_start_index", 1),
+        cfg.get("moe_layer_interval", 1),
+    )
+    end = cfg.get("moe_layer_end_index", -1)
+    end = n_layer - 1 if end == -1 else end
+    if any(i > end and i >= start and (i + 1) % step == 0 for i in range(n_layer)):
+        refuse("moe_layer_end_index", f"{end}: dense layers after it (llama.cpp puts experts up to the last layer)")
+
+
+def _check_minimax_m2(cfg: dict, refuse) -> None:
+    """llama.cpp's minimax-m2 computes transformers' MiniMax-M2: a sigmoid router with a selection bias, top-k
+    renormalised, q/k RMS-normed over the whole projection, partial NeoX RoPE."""
+    _check_silu(cfg, refuse)
+
+
+def _check_lfm2moe(cfg: dict, refuse) -> None:
+    """llama.cpp's lfm2moe: a sigmoid router with a selection bias, top-k renormalised, unscaled."""
+    if not cfg.get("norm_topk_prob", True):
+        refuse("norm_topk_prob", "false (llama.cpp's lfm2moe renormalises the top-k router weights)")
+    if cfg.get("routed_scaling_factor", 1.0) != 1.0:
+        refuse("routed_scaling_factor", f"{cfg['routed_scaling_factor']} (llama.cpp's lfm2moe does not scale)")
+    if not cfg.get("use_expert_bias", True):
+        refuse("use_expert_bias", "false (llama.cpp's lfm2moe router selects with its expert bias)")
+
+
+FAMILY_CHECKS = {"ERNIE4_5_MOE": _check_ernie4_5_moe, "MINIMAXM2": _check_minimax_m2, "LFM2MOE": _check_lfm2moe}
+
+
+def _ernie4_5_moe_hparams(writer, cfg: dict) -> None:
+    """Ernie4_5MoeModel's keys; the shared experts' width is written as transformers builds it (moe_intermediate_size
+    x moe_num_shared_experts): llama.cpp's converter derives intermediate_size / num_key_value_heads, the same
+    number on the released models."""
+    writer.add_interleave_moe_layer_step(cfg.get("moe_layer_interval", 1))
+    writer.add_leading_dense_block_count(cfg.get("moe_layer_start_index", 1))
+    n_shared = cfg.get("moe_num_shared_experts") or 0
+    writer.add_expert_shared_count(n_shared)
+    if n_shared:
+        writer.add_expert_shared_feed_forward_length(cfg["moe_intermediate_size"] * n_shared)
+
+
+def _minimax_m2_hparams(writer, cfg: dict) -> None:
+    import gguf
+
+    writer.add_rope_dimension_count(int(_head_dim(cfg) * _partial_rotary_factor(cfg)))
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+
+
+def _lfm2moe_hparams(writer, cfg: dict) -> None:
+    import gguf
+
+    writer.add_leading_dense_block_count(cfg.get("num_dense_layers", 0))
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+
+
+FAMILY_HPARAMS = {"ERNIE4_5_MOE": _ernie4_5_moe_hparams, "MINIMAXM2": _minimax_m2_hparams, "LFM2MOE": _lfm2moe_hparams}
 
 
 def _pre_tokenizer(tok) -> str:
@@ -607,6 +851,8 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
     """The architecture's hyper-parameter keys, as llama.cpp's converter writes them for it."""
     import gguf
 
+    if arch_name == "GEMMA4":
+        return _gemma4_hparams(writer, cfg)
     n_head = cfg["num_attention_heads"]
     writer.add_block_count(cfg["num_hidden_layers"])
     writer.add_context_length(cfg["max_position_embeddings"])
@@ -614,7 +860,7 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
     writer.add_feed_forward_length(_ffn_length(cfg, arch_name))
     writer.add_head_count(n_head)
     n_kv = cfg.get("num_key_value_heads") or n_head
-    if arch_name == "LFM2":  # per layer: none on the short-convolution layers
+    if arch_name in SHORTCONV:  # per layer: none on the short-convolution layers
         n_kv = [n_kv if t == "full_attention" else 0 for t in cfg["layer_types"]]
     writer.add_head_count_kv(n_kv)
     if (theta := _rope_theta(cfg)) is not None:
@@ -628,7 +874,7 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
         writer.add_rope_dimension_count(_head_dim(cfg))
     if arch_name == "QWEN2VL":
         writer.add_rope_dimension_sections(gguf_mmproj.rope_sections(cfg))
-    if arch_name == "LFM2":
+    if arch_name in SHORTCONV:
         writer.add_vocab_size(cfg["vocab_size"])
         writer.add_shortconv_l_cache(cfg["conv_L_cache"])
     if arch_name == "PHI3":
@@ -650,7 +896,7 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
             writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
     if arch_name in MOE:
         writer.add_expert_count(_n_experts(cfg))
-        writer.add_expert_used_count(cfg["num_experts_per_tok"])
+        writer.add_expert_used_count(cfg.get("num_experts_per_tok") or cfg["moe_k"])
         writer.add_expert_feed_forward_length(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
     if arch_name == "LLAMA4":
         writer.add_interleave_moe_layer_step(cfg.get("interleave_moe_layer_step", 1))
@@ -663,6 +909,8 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
         writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
         writer.add_expert_weights_scale(float(cfg.get("routed_scaling_factor", 1.0)))
         writer.add_expert_weights_norm(bool(cfg.get("norm_topk_prob")))
+    if arch_name in FAMILY_HPARAMS:
+        FAMILY_HPARAMS[arch_name](writer, cfg)
     rope = _rope_scaling(cfg)
     if rope["rope_type"] in ("linear", "yarn") and rope.get("factor"):
         writer.add_rope_scaling_type(
@@ -682,7 +930,7 @@ def _stacked_experts(model_dir: Path, cfg: dict, arch_name: str):
 
     n_experts = _n_experts(cfg)
     pending: dict[str, dict[int, np.ndarray]] = {}
-    per_expert = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+    per_expert = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
     for name, data in _tensors(model_dir):
         if arch_name in EXPERTS_IN_OUT and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             data = np.ascontiguousarray(data.swapaxes(-1, -2))
@@ -726,8 +974,16 @@ def gguf_tensors(model_dir: Path, cfg: dict, arch_name: str):
             continue
         if (m := mtp.match(hf_name)) and int(m.group(1)) >= cfg["num_hidden_layers"]:
             continue  # transformers drops them too; llama.cpp runs without them
+        if hf_name.startswith("model.mtp_"):  # ERNIE 4.5's multi-token-prediction block, dropped as transformers does
+            continue
         hf_name = hf_name.replace("e_score_correction_bias", "e_score_correction.bias")  # the router's selection bias
-        new = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        hf_name = hf_name + ".bias" if hf_name.endswith(".expert_bias") else hf_name  # LFM2-MoE's selection bias
+        if arch_name == "GEMMA4":
+            new = _gemma4_tensor_name(hf_name, name_map)
+        else:
+            new = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if new is None:  # llama.cpp's converter names LFM2-MoE's stacked experts without the "model." prefix
+            new = name_map.get_name(hf_name.removeprefix("model."), try_suffixes=(".weight", ".bias"))
         if new is None:
             raise ExportError(f"{model_dir}: tensor {hf_name} has no GGUF name for {gguf.MODEL_ARCH_NAMES[arch]}")
         if arch_name in PERMUTED:
@@ -737,12 +993,16 @@ def gguf_tensors(model_dir: Path, cfg: dict, arch_name: str):
                 data = permute(data, n_head, n_kv)
         if arch_name in NORM_PLUS_ONE and hf_name.endswith("norm.weight"):
             data = data + 1.0
-        if arch_name == "LFM2" and hf_name.endswith("conv.conv.weight"):  # depthwise (C, 1, L): ggml's is (C, L)
+        if new.endswith("exp_probs_b.bias"):  # ERNIE's is (1, n_expert); the converter squeezes it
+            data = data.reshape(-1)
+        if arch_name in SHORTCONV and hf_name.endswith("conv.conv.weight"):  # depthwise (C, 1, L): ggml's is (C, L)
             data = np.ascontiguousarray(data.squeeze(1))
         yield new, data
     rope = _rope_scaling(cfg)
     if arch_name in ("LLAMA", "LLAMA4") and rope["rope_type"] == "llama3":
         yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", _llama3_rope_factors(cfg, rope)
+    if arch_name == "GEMMA4":
+        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", _gemma4_rope_factors(cfg)
 
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}

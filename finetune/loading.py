@@ -138,7 +138,9 @@ def _merge_into(adapter: OutputDir, base: str, target: Path) -> None:
 
 def resolve_reference(name: str, field: str) -> str:
     """A tiny-model name, local path or hub id -> what from_pretrained loads; bad ones name the field."""
-    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+    # a path, or a name a hub id cannot be (those are `name` or `namespace/name`)
+    looks_local = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+    if looks_local and not Path(name).expanduser().exists():
         raise RecipeError(f"{field}: {name}: no such directory")
     if Path(name).expanduser().is_file():
         raise RecipeError(f"{field}: {name} is a file; give the model's directory (config.json + weights) or a hub id")

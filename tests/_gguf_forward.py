@@ -1,9 +1,11 @@
 """A numpy forward pass of a GGUF computed from the file alone, the way llama.cpp's graphs for the exported
 architectures compute (llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, seed_oss, olmo2, ernie4_5, smollm3,
-glm4moe, llama4, lfm2): their RoPE layouts, Gemma's embedding and attention scales, soft-capping, sliding-window
-layouts, pre- and post-norms, q/k norms (per head, or over the whole projection as OLMo 2's), NoPE layers, top-k
-MoE routing (softmax, or sigmoid with a selection bias; expert inputs or outputs weighted; shared experts) and
-Phi-3's fused projections. Used to show an exported file computes what transformers computes."""
+glm4moe, llama4, lfm2, ernie4_5-moe, minimax-m2, lfm2moe, and gemma4 in its own function): their RoPE layouts,
+Gemma's embedding and attention scales, soft-capping, sliding-window layouts, pre- and post-norms, q/k norms (per
+head, or over the whole projection as OLMo 2's and MiniMax-M2's), NoPE layers, top-k MoE routing (softmax or
+sigmoid, with a selection bias; expert inputs or outputs weighted; shared experts; leading dense and interleaved
+MoE layers as the file's keys lay them out) and Phi-3's fused projections. Used to show an exported file computes
+what transformers computes."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from finetune import gguf_export
 
 # llama.cpp's LLAMA_ROPE_TYPE_NEOX archs
 NEOX = {"qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3", "seed_oss", "olmo2", "glm4moe", "lfm2"}
+NEOX |= {"minimax-m2", "lfm2moe"}
 # llama.cpp's LLAMA_ROPE_TYPE_MROPE archs: on text tokens (all position components equal) M-RoPE is NEOX RoPE
 NEOX |= {"qwen2vl"}
 # llama.cpp's sliding-window periods when attention.sliding_window_pattern is absent: layer il is local
@@ -54,6 +57,8 @@ def rope(x, pos, base, neox, n_rot=None, scale=1.0, freq_factors=None):
 def gguf_forward(path, ids):
     t, meta, _ = read(path)
     arch = meta["general.architecture"]
+    if arch == "gemma4":
+        return gemma4_forward(t, meta, ids)
 
     def key(name, default=None):
         return meta.get(f"{arch}.{name}", default)
@@ -144,6 +149,7 @@ def gguf_forward(path, ids):
             a = norm(a, t[p + "post_attention_norm.weight"])
         x = x + a
         h = norm(x, t[f"{p}{pre_ffn}.weight"]) if f"{p}{pre_ffn}.weight" in t else x
+        moe_layer(key, i, p + "ffn_gate_inp.weight" in t)
         if p + "ffn_gate_inp.weight" in t:  # top-k experts: softmax router, or sigmoid with a selection bias
             logits = lin(h, p + "ffn_gate_inp")
             if arch == "llama4" or key("expert_gating_func") == gguf.ExpertGatingFuncType.SIGMOID:
@@ -164,7 +170,7 @@ def gguf_forward(path, ids):
                     g = t[p + "ffn_gate_exps.weight"][e] @ x_in
                     u = t[p + "ffn_up_exps.weight"][e] @ x_in
                     f[row] += w_out * (t[p + "ffn_down_exps.weight"][e] @ (act(g) * u))
-            if p + "ffn_gate_shexp.weight" in t:  # shared experts, on every token
+            if p + "ffn_gate_shexp.weight" in t and shared_experts(arch, key):  # shared experts, on every token
                 f += lin(act(lin(h, p + "ffn_gate_shexp")) * lin(h, p + "ffn_up_shexp"), p + "ffn_down_shexp")
         elif p + "ffn_gate.weight" in t:
             f = lin(act(lin(h, p + "ffn_gate")) * lin(h, p + "ffn_up"), p + "ffn_down")
@@ -179,4 +185,112 @@ def gguf_forward(path, ids):
     logits = norm(x, final_norm) @ out.T
     if final_cap:
         logits = np.tanh(logits / final_cap) * final_cap
+    return logits
+
+
+def moe_layer(key, i, has_experts):
+    """Where the file says how its layers are laid out (leading dense layers, then experts every n-th layer),
+    llama.cpp's loader expects the experts' tensors exactly there."""
+    lead, step = key("leading_dense_block_count"), key("interleave_moe_layer_step")
+    if lead is not None or step is not None:
+        want = i >= (lead or 0) and (i + 1) % (step or 1) == 0
+        assert has_experts == want, f"layer {i}: experts {has_experts}, llama.cpp expects {want}"
+
+
+def shared_experts(arch, key):
+    """ernie4_5-moe runs its shared experts only when expert_shared_feed_forward_length is written and > 0."""
+    return arch != "ernie4_5-moe" or key("expert_shared_feed_forward_length", 0) > 0
+
+
+def gelu(g):
+    """GELU, tanh approximation (ggml_gelu; transformers' gelu_pytorch_tanh)."""
+    return 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))
+
+
+def gemma4_forward(t, meta, ids):
+    """llama.cpp's gemma4 graph (src/models/gemma4.cpp): per layer kind a head dim, kv head count, rotary
+    width and rope base; rope_freqs on global layers only; q/k norms, v RMS-normed without weight, attention
+    scale 1; the last attention.shared_kv_layers layers reuse the keys and values of the last unshared layer
+    (global) or the one before (sliding); v = the raw k projection where there is no attn_v; per-layer
+    embeddings (a token table plus a projection of the embedding, normed, mixed) gating a residual branch
+    after each layer's FFN; a dense FFN beside routed experts (router on the RMS-normed residual times its
+    scale / sqrt(n_embd), softmax top-k renormalised, each expert's output times its per-expert scale),
+    each branch post-normed; each layer's output times its scalar; final soft-capping."""
+
+    def key(name, default=None):
+        return meta.get(f"gemma4.{name}", default)
+
+    n_layer, n_embd, n_head = key("block_count"), key("embedding_length"), key("attention.head_count")
+    eps, window = key("attention.layer_norm_rms_epsilon"), key("attention.sliding_window")
+    n_kv = key("attention.head_count_kv")
+    n_kv = n_kv if isinstance(n_kv, list) else [n_kv] * n_layer
+    swa_layers = key("attention.sliding_window_pattern")
+    kv_from = n_layer - key("attention.shared_kv_layers", 0)
+    n_pl = key("embedding_length_per_layer_input", 0)
+
+    def norm(x, w):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+    def lin(x, name):
+        return x @ t[name + ".weight"].T
+
+    def ffn(h, p):
+        return lin(gelu(lin(h, p + "ffn_gate")) * lin(h, p + "ffn_up"), p + "ffn_down")
+
+    x = t["token_embd.weight"][ids].astype(np.float64) * np.sqrt(n_embd)
+    T, pos = len(ids), np.arange(len(ids), dtype=np.float64)
+    causal = np.triu(np.full((T, T), -np.inf), 1)
+    local = causal + np.where(pos[:, None] - pos[None, :] >= window, -np.inf, 0.0)
+    if n_pl:  # per-layer inputs: (T, n_layer, n_pl)
+        per_tok = t["per_layer_token_embd.weight"][ids].reshape(T, n_layer, n_pl) * np.sqrt(n_pl)
+        proj = (lin(x, "per_layer_model_proj") / np.sqrt(n_embd)).reshape(T, n_layer, n_pl)
+        per_layer = (norm(proj, t["per_layer_proj_norm.weight"]) + per_tok) / np.sqrt(2)
+    kv_cache = {}
+    for il in range(n_layer):
+        p, swa = f"blk.{il}.", swa_layers[il]
+        d = key("attention.key_length_swa") if swa else key("attention.key_length")
+        n_rot = key("rope.dimension_count_swa") if swa else key("rope.dimension_count")
+        base = key("rope.freq_base_swa") if swa else key("rope.freq_base")
+        factors = None if swa else t["rope_freqs.weight"]
+        h = norm(x, t[p + "attn_norm.weight"])
+        q = norm(lin(h, p + "attn_q").reshape(T, n_head, d), t[p + "attn_q_norm.weight"])
+        q = rope(q, pos, base, True, n_rot, 1.0, factors)
+        if il < kv_from:
+            k = lin(h, p + "attn_k").reshape(T, n_kv[il], d)
+            v = lin(h, p + "attn_v").reshape(T, n_kv[il], d) if p + "attn_v.weight" in t else k
+            k = rope(norm(k, t[p + "attn_k_norm.weight"]), pos, base, True, n_rot, 1.0, factors)
+            kv_cache[il] = k, norm(v, 1.0)
+        k, v = kv_cache[il if il < kv_from else kv_from - (2 if swa else 1)]
+        rep = n_head // k.shape[1]
+        k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+        s = np.einsum("qhd,khd->hqk", q, k) + (local if swa else causal)  # attention scale 1
+        s = np.exp(s - s.max(-1, keepdims=True))
+        a = lin(np.einsum("hqk,khd->qhd", s / s.sum(-1, keepdims=True), v).reshape(T, -1), p + "attn_output")
+        x = x + norm(a, t[p + "post_attention_norm.weight"])
+        f = ffn(norm(x, t[p + "ffn_norm.weight"]), p)
+        if p + "ffn_gate_inp.weight" in t:
+            f = norm(f, t[p + "post_ffw_norm_1.weight"])
+            router_in = norm(x, 1.0) / np.sqrt(n_embd) * t[p + "ffn_gate_inp.scale"]
+            logits = lin(router_in, p + "ffn_gate_inp")
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            top = np.argsort(-probs, axis=-1)[:, : key("expert_used_count")]
+            h2, moe = norm(x, t[p + "pre_ffw_norm_2.weight"]), np.zeros_like(x)
+            for row in range(T):
+                w = probs[row, top[row]] / probs[row, top[row]].sum()
+                for e, we in zip(top[row], w):
+                    g, u = np.split(t[p + "ffn_gate_up_exps.weight"][e] @ h2[row], 2)  # gate first
+                    out = t[p + "ffn_down_exps.weight"][e] @ (gelu(g) * u)
+                    moe[row] += we * out * t[p + "ffn_down_exps.scale"][e]
+            f = f + norm(moe, t[p + "post_ffw_norm_2.weight"])
+        x = x + norm(f, t[p + "post_ffw_norm.weight"])
+        if n_pl:
+            g = gelu(lin(x, p + "inp_gate")) * per_layer[:, il]
+            x = x + norm(lin(g, p + "proj"), t[p + "post_norm.weight"])
+        if p + "layer_output_scale.weight" in t:
+            x = x * t[p + "layer_output_scale.weight"]
+    out = t["output.weight"] if "output.weight" in t else t["token_embd.weight"]
+    logits = norm(x, t["output_norm.weight"]) @ out.T
+    if cap := key("final_logit_softcapping"):
+        logits = np.tanh(logits / cap) * cap
     return logits

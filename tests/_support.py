@@ -38,6 +38,17 @@ def memo_data(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "memo.jsonl", [{"messages": m} for m in MEMO_CHATS])
 
 
+# a short test run's train settings: every step logged, no checkpoint, no reporting, fp32, a constant lr
+SHORT_RUN = {
+    "logging_steps": 1,
+    "save_steps": 1000,
+    "report_to": [],
+    "bf16": False,
+    "lr_scheduler_type": "constant",
+    "warmup_steps": 0,
+}
+
+
 def memo_recipe(tmp_path: Path, method: str = "lora", steps: int = 40, **sections) -> str:
     """YAML text of a recipe that memorises MEMO_CHATS; `sections` update keys, e.g. adapter={"r": 4}."""
     import yaml
@@ -51,12 +62,7 @@ def memo_recipe(tmp_path: Path, method: str = "lora", steps: int = 40, **section
             "learning_rate": 3e-3,
             "max_steps": steps,
             "per_device_train_batch_size": 4,
-            "logging_steps": 1,
-            "save_steps": 1000,
-            "report_to": [],
-            "bf16": False,
-            "lr_scheduler_type": "constant",
-            "warmup_steps": 0,
+            **SHORT_RUN,
         },
         "output": {"dir": str(tmp_path / "out")},
     }

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from _support import MEMO_CHATS, REPO, logged_losses, memo_recipe, write_jsonl
+from _support import MEMO_CHATS, REPO, logged_losses, memo_recipe, run_cli_in_process, write_jsonl
 
 from finetune import config, kd, loading
 from finetune.errors import RecipeError
@@ -264,10 +264,12 @@ def test_on_policy_distillation_learns_on_the_students_samples(tmp_path, memo_lo
 
 
 def test_plan_names_teacher_student_method_memory_and_cache(tmp_path, memo_lora_dir):
-    from finetune.stages import distill
-
-    recipe = config.load(str(distill_recipe(tmp_path, memo_lora_dir, "out", distill={"top_k": 20})), [])
-    text = distill.plan(recipe).render()
+    """Through `finetune train --dry-run` (the CLI hands every stage's plan the --gpu-memory verdict)."""
+    path = distill_recipe(tmp_path, memo_lora_dir, "out", distill={"top_k": 20})
+    r = run_cli_in_process(["train", path, "--dry-run", "--gpu-memory", "24GB"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    text = r.stdout
+    assert "targets        model.layers 0-3: mlp.down_proj" in text and "fits" in text
     assert f"teacher        {memo_lora_dir} (1.18M parameters" in text
     assert "student        tiny-llama, lora" in text
     assert "logits: 0.5 x forward KL(teacher || student) at temperature 1 + 0.5 x CE" in text
@@ -286,6 +288,8 @@ def test_pipeline_names_the_teacher_by_its_stage(tmp_path):
 def test_bad_teacher_or_settings_are_one_line_and_write_nothing(tmp_path, memo_lora_dir, tiny_path):
     for overrides, message in [
         (["distill.teacher=/nonexistent/teacher"], "distill.teacher: /nonexistent/teacher: no such directory"),
+        # a relative path a hub id cannot be (namespace/name has one slash): not sent to the hub
+        (["distill.teacher=outputs/tiny/missing"], "distill.teacher: outputs/tiny/missing: no such directory"),
         (["distill.alpha=1.5"], "distill.alpha: must be in [0, 1], got 1.5"),
         (["distill.temperature=0"], "distill.temperature: must be positive, got 0.0"),
         (["distill.teacher=null"], "distill.teacher: missing"),

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import model_matrix  # noqa: E402
 
-from finetune import adapters, chat, config, loading, merge, serve  # noqa: E402
+from finetune import adapters, config, merge  # noqa: E402
 from finetune.config import AdapterSection  # noqa: E402
 from finetune.errors import RecipeError  # noqa: E402
 from finetune.generate import cache_tracks_length, generate  # noqa: E402
@@ -37,7 +37,6 @@ UNDER_TEST = [
     "Gemma 4 (text)",
     "GLM-4.7-Flash (MLA+MoE)",
 ]
-QUESTION = "What colour is the sky?"
 
 
 def _model(family: str):
@@ -74,41 +73,20 @@ def runs(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.mark.parametrize("family", UNDER_TEST)
-def test_family_trains_merges_and_generates_the_same_with_and_without_the_cache(family, runs, tiny_tokenizer):
+def test_family_trains_merges_and_generates_the_same_with_and_without_the_cache(family, runs):
     out, losses, report, merged = runs(family)
     assert losses[-1] < losses[0], losses
     assert report.max_delta <= 1e-5
-    tok = tiny_tokenizer
-    prompt = tok.apply_chat_template(
-        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
-    greedy = dict(max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
-    model, _, _ = loading.load_for_inference(str(out))
-    full = loading.load_inference_model(str(merged), "MERGED")
-    with torch.no_grad():
-        cached = generate(model, **prompt, **greedy)
-        assert torch.equal(cached, generate(model, **prompt, **greedy, use_cache=False))
-        assert torch.equal(cached, generate(full, **prompt, **greedy))  # the merged model answers the same
-    assert cached.shape[1] > prompt["input_ids"].shape[1]
+    prompt_length, cached, uncached, merged_tokens = model_matrix.greedy_three_ways(out, merged)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, merged_tokens)  # the merged model answers the same
+    assert cached.shape[1] > prompt_length
 
 
 @pytest.mark.parametrize("family", ["Qwen3.5", "Qwen3.5 (linear attention only)", "Falcon-H1"])
 def test_served_answer_equals_finetune_chat(family, runs):
-    from fastapi.testclient import TestClient
-
-    out = runs(family)[0]
-    model, tok, _ = loading.load_for_inference(str(out))
-    expected = chat.Chat(model, tok, system=None, max_new_tokens=12).answer(QUESTION)
-    served = serve.load_served(str(out), name="m")
-    with TestClient(serve.create_app(served)) as client:
-        answers = [
-            client.post(
-                "/v1/chat/completions",
-                json={"model": "m", "messages": [{"role": "user", "content": q}], "max_tokens": 12, "temperature": 0},
-            ).json()["choices"][0]["message"]["content"]
-            for q in (QUESTION,)
-        ]
-    assert expected and answers == [expected]
+    expected, served = model_matrix.served_and_chat_answers(runs(family)[0])
+    assert expected and served == expected
 
 
 def test_a_cache_of_recurrent_layers_only_is_generated_without_it():
@@ -254,3 +232,23 @@ def test_family_recipe_dry_runs_on_a_tiny_model_of_its_architecture(rel, tmp_pat
     assert " 0 trainable" not in plan and "tokens trained" in plan
     assert "  memory         " in plan and "peak ~" in plan  # finetune fit estimates this architecture
     assert not (tmp_path / "out").exists()
+
+
+def test_the_plan_names_what_all_linear_wraps_layer_by_layer(tmp_path, tiny_tokenizer):
+    """On a hybrid model `all-linear` is not PEFT's: the plan lists the wrapped modules per layer (attention
+    only where the layer has it, the MLP in every layer, the linear-attention mixer nowhere)."""
+    from finetune.stages import sft
+
+    model_dir = tmp_path / "model"
+    _model("Qwen3.5").save_pretrained(str(model_dir))  # layer 0 linear attention, layer 1 full attention
+    tiny_tokenizer.save_pretrained(str(model_dir))
+    recipe = config.load(
+        RECIPES / "qwen3.5/sft_lora.yaml",
+        [f"model.name_or_path={model_dir}", f"output.dir={tmp_path / 'out'}", "train.max_length=512"],
+    )
+    assert recipe.adapter.target_modules == "all-linear"
+    lines = [line for line in sft.plan(recipe).render().splitlines() if line.startswith("  targets ")]
+    assert lines == [
+        "  targets        model.layers 0-1: mlp.down_proj, mlp.gate_proj, mlp.up_proj; "
+        "model.layers 1: self_attn.k_proj, self_attn.o_proj, self_attn.q_proj, self_attn.v_proj"
+    ]

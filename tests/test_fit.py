@@ -294,8 +294,9 @@ def test_every_shipped_recipe_gets_an_estimate(capsys, path):
         overrides.append(real(REAL_CONFIGS[name]))
     code, out = run_fit(capsys, str(path), *overrides, "--gpu-memory", "80GB")
     assert code == 0
-    verdict = out.strip().splitlines()[-1]
-    assert verdict.startswith(("fits: peak ~", "does not fit: peak ~")), out
+    lines = out.strip().splitlines()
+    assert lines[-1].startswith(("fits: peak ~", "does not fit: peak ~")), out
+    assert len(set(lines)) == len(lines), out  # each part and note once
 
 
 def test_the_readme_recipe_table_shows_fits_estimates():

@@ -142,6 +142,96 @@ CONFIGS = {
         "bos_token_id": 1,
         "eos_token_id": 2,
     },
+    # Gemma 4 (E2B-style): per-layer embeddings, the last two layers reusing the keys and values of the two
+    # before (and their MLP double-wide), global layers with a wider head and proportional RoPE over a quarter
+    # of it (scaled by a factor: transformers warns the key is unrecognised, and applies it), final soft-capping
+    "gemma4_text": {
+        "model_type": "gemma4_text",
+        "head_dim": 16,
+        "global_head_dim": 32,
+        "num_hidden_layers": 4,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+        "sliding_window": 4,
+        "hidden_size_per_layer_input": 8,
+        "vocab_size_per_layer_input": 1536,
+        "num_kv_shared_layers": 2,
+        "use_double_wide_mlp": True,
+        "final_logit_softcapping": 0.1,  # near the tiny logits, so that it shows
+        "rope_parameters": {
+            "full_attention": {
+                "rope_type": "proportional",
+                "partial_rotary_factor": 0.25,
+                "rope_theta": 1000000.0,
+                "factor": 2.0,
+            },
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    },
+    # Gemma 4 (26B-A4B-style): a dense MLP beside routed experts in every layer (scaled router, per-expert
+    # output scales); global layers with values = keys (attention_k_eq_v) and fewer kv heads; untied output
+    "gemma4_moe": {
+        "model_type": "gemma4_text",
+        "head_dim": 16,
+        "global_head_dim": 32,
+        "num_global_key_value_heads": 1,
+        "attention_k_eq_v": True,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "sliding_window": 4,
+        "hidden_size_per_layer_input": 0,
+        "enable_moe_block": True,
+        "num_experts": 4,
+        "top_k_experts": 2,
+        "moe_intermediate_size": 32,
+        "tie_word_embeddings": False,
+    },
+    # ERNIE 4.5 MoE: a dense layer, then a MoE layer (softmax router whose selection bias picks the experts, a
+    # shared expert)
+    "ernie4_5_moe": {
+        "model_type": "ernie4_5_moe",
+        "head_dim": 16,
+        "moe_num_experts": 4,
+        "moe_k": 2,
+        "moe_intermediate_size": 32,
+        "moe_num_shared_experts": 1,
+        "moe_layer_start_index": 1,
+    },
+    # ERNIE 4.5 MoE with experts every 2nd layer from layer 0 (interleave_moe_layer_step) and no shared experts
+    "ernie4_5_moe_interval2": {
+        "model_type": "ernie4_5_moe",
+        "head_dim": 16,
+        "moe_num_experts": 4,
+        "moe_k": 2,
+        "moe_intermediate_size": 32,
+        "moe_num_shared_experts": 0,
+        "moe_layer_start_index": 0,
+        "moe_layer_interval": 2,
+    },
+    # MiniMax-M2: experts in every layer (sigmoid router with a selection bias), q/k norms over the whole
+    # projection, half-rotary heads
+    "minimax_m2": {
+        "model_type": "minimax_m2",
+        "head_dim": 16,
+        "rotary_dim": 8,
+        "intermediate_size": 32,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    # LFM2-MoE: a short-convolution layer with a dense MLP, then an attention layer with experts (sigmoid router,
+    # selection bias)
+    "lfm2_moe": {
+        "model_type": "lfm2_moe",
+        "layer_types": ["conv", "full_attention"],
+        "num_dense_layers": 1,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
 }
 GGUF_ARCH = {
     "qwen3": "qwen3",
@@ -160,6 +250,12 @@ GGUF_ARCH = {
     "glm4_moe": "glm4moe",
     "llama4_text": "llama4",
     "lfm2": "lfm2",
+    "gemma4_text": "gemma4",
+    "gemma4_moe": "gemma4",
+    "ernie4_5_moe": "ernie4_5-moe",
+    "ernie4_5_moe_interval2": "ernie4_5-moe",
+    "minimax_m2": "minimax-m2",
+    "lfm2_moe": "lfm2moe",
 }
 
 
@@ -176,9 +272,17 @@ def tiny_model_dir(root: Path, family: str, tokenizer, **overrides) -> Path:
             # attention scale or convolution shows in the logits
             if any(proj in name for proj in ("q_proj", "k_proj", "qkv_proj", "conv.in_proj")):
                 p.mul_(10.0)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):  # a router selection bias that changes which experts run
+            if name.endswith(("router.scale", "per_expert_scale")):  # Gemma 4's router scales, ones at init
+                p.uniform_(0.5, 1.5)
+            # router logits far from zero, so the gating function (softmax or sigmoid) and the renormalisation of
+            # the chosen experts' weights show too
+            if name.endswith((".gate.weight", "router.weight")) and p.dim() == 2:
+                p.mul_(10.0)
+        for name, b in [*model.named_buffers(), *model.named_parameters()]:
+            if name.endswith(("e_score_correction_bias", "expert_bias")):  # a selection bias that changes the experts
                 b.normal_(0.0, 0.3)
+            if name.endswith("layer_scalar"):  # Gemma 4's per-layer output scale, one at init
+                b.uniform_(0.5, 1.5)
     out = root / family
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
@@ -217,7 +321,7 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
         assert tensors["blk.0.ffn_gate_exps.weight"].shape == (4, 32, 64)
         assert tensors["blk.1.ffn_down_exps.weight"].shape == (4, 64, 32)
         assert meta["qwen3moe.expert_count"] == 4 and meta["qwen3moe.expert_used_count"] == 2
-    if family.startswith("gemma"):  # norms stored as 1 + w; tied output
+    if family.startswith(("gemma2", "gemma3")):  # norms stored as 1 + w; tied output
         hf = AutoModelForCausalLM.from_pretrained(str(model_dir)).state_dict()
         assert np.allclose(tensors["blk.0.attn_norm.weight"], hf["model.layers.0.input_layernorm.weight"].numpy() + 1)
         assert "output.weight" not in tensors and meta[f"{GGUF_ARCH[family]}.attention.sliding_window"] == 4
@@ -227,11 +331,47 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
         assert "blk.0.ffn_gate.weight" in tensors and "blk.0.ffn_gate_inp.weight" not in tensors
         assert tensors["blk.1.exp_probs_b.bias"].shape == (4,) and "blk.1.ffn_gate_shexp.weight" in tensors
         assert meta["glm4moe.rope.dimension_count"] == 8 and meta["glm4moe.expert_weights_scale"] == 2.5
+    if family == "ernie4_5_moe":  # layer 0 dense; layer 1 experts, the router's bias (squeezed) and a shared expert
+        assert "blk.0.ffn_gate.weight" in tensors and tensors["blk.1.exp_probs_b.bias"].shape == (4,)
+        assert tensors["blk.1.ffn_up_exps.weight"].shape == (4, 32, 64) and "blk.1.ffn_up_shexp.weight" in tensors
+        assert meta["ernie4_5-moe.leading_dense_block_count"] == 1
+        assert meta["ernie4_5-moe.expert_shared_feed_forward_length"] == 32
+    if family == "ernie4_5_moe_interval2":
+        assert "blk.0.ffn_gate.weight" in tensors and "blk.1.ffn_gate_exps.weight" in tensors
+        assert meta["ernie4_5-moe.interleave_moe_layer_step"] == 2 and "blk.1.ffn_up_shexp.weight" not in tensors
+    if family == "minimax_m2":  # experts from w1/w2/w3, q/k norms over the projection, half-rotary heads
+        assert tensors["blk.0.ffn_down_exps.weight"].shape == (4, 64, 32)
+        assert tensors["blk.0.attn_q_norm.weight"].shape == (64,) and meta["minimax-m2.rope.dimension_count"] == 8
+    if family == "lfm2_moe":  # a dense convolution layer, then an attention layer with experts
+        assert "blk.0.shortconv.conv.weight" in tensors and "blk.0.ffn_gate.weight" in tensors
+        assert tensors["blk.1.ffn_gate_exps.weight"].shape == (4, 32, 64) and "blk.1.exp_probs_b.bias" in tensors
+        assert meta["lfm2moe.attention.head_count_kv"] == [0, 2]
     # the layout's period is written only where it is not llama.cpp's default for the architecture
     pattern = meta.get(f"{GGUF_ARCH[family]}.attention.sliding_window_pattern")
-    assert pattern == (2 if family.endswith("_period2") else None)
+    assert family.startswith("gemma4") or pattern == (2 if family.endswith("_period2") else None)  # gemma4: flags
     if family == "olmo3":  # llama.cpp's default layout, its window kept
         assert meta["olmo2.attention.sliding_window"] == 4
+    if family.startswith("gemma4"):
+        _check_gemma4_layout(family, tensors, meta)
+
+
+def _check_gemma4_layout(family, tensors, meta):
+    """Gemma 4's file as llama.cpp's converter lays it out: norms stored as they are (no 1 + w), a head dim,
+    kv head count and rotary width per layer kind, one sliding flag per layer, rope_freqs leaving the
+    unrotated three quarters of each global head in place (1e30), the shared layers without k/v."""
+    assert meta["gemma4.attention.sliding_window_pattern"] == [True, False] * (2 if family == "gemma4_text" else 1)
+    assert meta["gemma4.attention.key_length"] == 32 and meta["gemma4.attention.key_length_swa"] == 16
+    assert "blk.0.layer_output_scale.weight" in tensors
+    if family == "gemma4_text":
+        assert meta["gemma4.attention.shared_kv_layers"] == 2 and meta["gemma4.embedding_length_per_layer_input"] == 8
+        assert "blk.1.attn_k.weight" in tensors and "blk.2.attn_k.weight" not in tensors
+        assert meta["gemma4.feed_forward_length"] == [96, 96, 192, 192]
+        assert tensors["per_layer_token_embd.weight"].shape == (1536, 4 * 8)
+        assert list(tensors["rope_freqs.weight"]) == [2.0] * 4 + [1e30] * 12
+    else:  # values = keys on the global layer: no attn_v there; one kv head
+        assert meta["gemma4.attention.head_count_kv"] == [2, 1] and "blk.1.attn_v.weight" not in tensors
+        assert tensors["blk.0.ffn_gate_up_exps.weight"].shape == (4, 64, 64) and "output.weight" in tensors
+        assert tensors["blk.0.ffn_down_exps.scale"].shape == (4,)
 
 
 @pytest.mark.parametrize(
@@ -247,6 +387,11 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
         ("glm4_moe", {"n_group": 2, "topk_group": 1}, "topk_group"),
         ("llama4_text", {"attention_chunk_size": 8}, "attention_chunk_size"),
         ("lfm2", {"conv_bias": True}, "conv_bias"),
+        # one shared layer: a global layer would reuse layer 1 in transformers, layer 2 (sliding) in llama.cpp
+        ("gemma4_text", {"num_kv_shared_layers": 1}, "num_kv_shared_layers"),
+        ("ernie4_5_moe", {"moe_layer_end_index": 0}, "moe_layer_end_index"),
+        ("minimax_m2", {"hidden_act": "gelu"}, "hidden_act"),
+        ("lfm2_moe", {"routed_scaling_factor": 2.0}, "routed_scaling_factor"),
     ],
 )
 def test_a_configuration_llama_cpp_would_compute_differently_is_refused(
@@ -280,3 +425,26 @@ def test_routers_and_conv_kernels_stay_f32_as_llama_cpp_stores_them(tmp_path, ti
     _, _, qtypes = read(tmp_path / "m.gguf")
     assert qtypes[f32_tensor] == gguf.GGMLQuantizationType.F32
     assert qtypes["blk.1.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
+
+
+@pytest.mark.parametrize("k_eq_v", [True, False])
+def test_gemma4_head_dims_read_from_an_original_config_as_transformers_reads_them(k_eq_v):
+    """An original Gemma 4 config.json names global_head_dim and num_global_key_value_heads (the latter used
+    only with attention_k_eq_v); transformers turns them into per_layer_config. The exporter reads the same
+    head dim and kv heads per layer from either form."""
+    from transformers import AutoConfig
+
+    original = {
+        **SMALL,
+        "head_dim": 16,
+        "global_head_dim": 32,
+        "num_global_key_value_heads": 1,
+        "attention_k_eq_v": k_eq_v,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "num_hidden_layers": 3,
+    }
+    cfg = AutoConfig.for_model("gemma4_text", **original)
+    want = [(cfg.per_layer_config[i].head_dim, cfg.per_layer_config[i].num_key_value_heads) for i in range(3)]
+    assert want == [(16, 2), (32, 1 if k_eq_v else 2), (32, 1 if k_eq_v else 2)]  # the last layer made global
+    assert gguf_export._gemma4_attention(original) == want
+    assert gguf_export._gemma4_attention(cfg.to_dict()) == want

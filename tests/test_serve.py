@@ -171,6 +171,21 @@ def test_chat_completion_equals_finetune_chat_streamed_or_not(server, adapters, 
     assert stopped.message.content == expected[: expected.index("blue")].strip() and stopped.finish_reason == "stop"
 
 
+def test_an_answer_cut_inside_a_character_is_the_same_served_and_in_chat(server, adapters):
+    """max_tokens can fall between the byte tokens of one Chinese character: neither answer ends in U+FFFD."""
+    memo = adapters["memo"]
+    model, tok, _ = loading.load_for_inference(str(memo))
+    system = outputs.recorded_system_prompt(str(memo))
+    ids = tok.encode(ANSWERS[3], add_special_tokens=False)
+    cuts = [n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd")]
+    assert cuts, "the memorised Chinese answer has a character of several byte tokens"
+    c = client(server)
+    for n in cuts[:3]:
+        expected = chat.Chat(model, tok, system=system, max_new_tokens=n).answer(QUESTIONS[3])
+        assert "\ufffd" not in expected and ANSWERS[3].startswith(expected)
+        assert ask(c, QUESTIONS[3], max_tokens=n).choices[0].message.content == expected
+
+
 def test_sixteen_concurrent_requests_are_batched_and_all_correct(server):
     c = client(server)
     engine = server["app"].state.engine

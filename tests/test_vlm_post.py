@@ -18,7 +18,7 @@ import pytest
 import torch
 import uvicorn
 import yaml
-from _support import REPO, free_port, log_series, run_cli
+from _support import REPO, SHORT_RUN, free_port, log_series, run_cli
 from PIL import Image
 
 from finetune import chat, cli, config, image_inputs, loading, merge, pipeline, serve
@@ -38,12 +38,7 @@ SFT = {
         "learning_rate": 3e-3,
         "max_steps": 8,
         "per_device_train_batch_size": 8,
-        "logging_steps": 1,
-        "save_steps": 1000,
-        "report_to": [],
-        "bf16": False,
-        "lr_scheduler_type": "constant",
-        "warmup_steps": 0,
+        **SHORT_RUN,
     },
 }
 DPO_OVERRIDES = {  # the training pairs, scored as a whole before and after training

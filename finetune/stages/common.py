@@ -215,12 +215,10 @@ def count_adapter_parameters(recipe: Recipe) -> tuple[int, int]:
     return adapters.count_parameters(fit.meta_model(recipe))
 
 
-def trained_parts(recipe: Recipe) -> str:
+def trained_parts(model) -> str:
     """What a vision-language model's run trains, part by part (`language_model 1,234 of 5,678 trainable,
     visual frozen, ...`): the adapter's default stays in the text decoder."""
-    from finetune import fit
-
-    parts = adapters.trainable_by_part(fit.meta_model(recipe))
+    parts = adapters.trainable_by_part(model)
     return ", ".join(
         f"{part} {trainable:,} of {total:,} trainable" if trainable else f"{part} frozen"
         for part, trainable, total in parts
@@ -291,7 +289,11 @@ class TrainPlan:
     def build(cls, recipe: Recipe, prepared, gpu_memory: int | None = None, vision: bool = False) -> TrainPlan:
         t = recipe.train
         trl_args(recipe, "/nonexistent-dry-run")  # the TRL config accepts these values
-        trainable, total = count_adapter_parameters(recipe)
+        from finetune import fit
+
+        model = fit.meta_model(recipe)  # the adapter on the meta device: its size and what it wraps
+        trainable, total = adapters.count_parameters(model)
+        targets = adapters.adapted_modules(model)
         parallelism = Parallelism.of()
         world = parallelism.world
         effective = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] * world
@@ -315,7 +317,7 @@ class TrainPlan:
             parallelism,
             [*getattr(prepared, "modes", []), *notes],
             memory_line(recipe, parallelism, gpu_memory),
-            details=[("trained", trained_parts(recipe))] if vision else [],
+            details=[("targets", targets)] * bool(targets) + [("trained", trained_parts(model))] * vision,
         )
 
     def render(self) -> str:

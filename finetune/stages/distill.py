@@ -168,13 +168,14 @@ def topk_cache(recipe: Recipe, prepared, tok):
     return key, rows, cache.is_complete(cache.entry_dir(key)) and recipe.data.cache == "auto"
 
 
-def plan(recipe: Recipe) -> TrainPlan:
-    """What `train` would do (for --dry-run): validates recipe, teacher, data and model config, trains nothing."""
+def plan(recipe: Recipe, gpu_memory: int | None = None) -> TrainPlan:
+    """What `train` would do (for --dry-run): validates recipe, teacher, data and model config, trains nothing;
+    `gpu_memory` (bytes) gives the will-it-fit line a verdict."""
     _, tok, prepared = prepare(recipe, dry_run=True)
-    p = TrainPlan.build(recipe, prepared)
+    p = TrainPlan.build(recipe, prepared, gpu_memory)
     d = recipe.distill
     n, memory = teacher_memory(d.teacher)
-    p.details = [
+    p.details += [
         ("teacher", f"{d.teacher} ({count(n)} parameters, {memory})" if n else f"{d.teacher} ({memory})"),
         ("student", f"{recipe.model.name_or_path}, {adapters.describe(recipe.adapter)}"),
         ("distill", describe(recipe)),
