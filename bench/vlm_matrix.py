@@ -80,7 +80,7 @@ def row(name: str, work: Path, steps: int) -> list[str]:
         run = finetune("export", str(merged), "--format", "gguf", "--out", str(work / "m.gguf"), check=False)
         if run.returncode == 2:
             raise RuntimeError("refused in one line (llama.cpp --mmproj route named)")
-        return "written"
+        return "language model + mmproj written, read back"
 
     sft_cell = cell(lambda: train("recipes/tiny/sft_vl_lora.yaml", sft))
     return [

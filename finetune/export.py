@@ -7,10 +7,10 @@ import os
 import shutil
 from pathlib import Path
 
-from finetune import gguf_export, merge, ollama
+from finetune import gguf_export, gguf_mmproj, merge, ollama
 from finetune.loading import ModelDirError, inspect, load_tokenizer
 from finetune.outputs import recorded_system_prompt
-from finetune.staging import Staged, check_free
+from finetune.staging import Staged, check_free, publish_modes
 
 
 def _not_foldable(source, fmt: str) -> ModelDirError:
@@ -49,7 +49,7 @@ def export_gguf(
     lines: list[str] = []
     # an unsupported architecture fails before anything is merged or written
     if source.kind == "model":
-        gguf_export.model_config(source.path)
+        cfg, _ = gguf_export.model_config(source.path)
     else:
         from transformers import AutoConfig
 
@@ -61,6 +61,16 @@ def export_gguf(
                 "pass --base MODEL if it lives elsewhere"
             ) from None
         gguf_export.check_config(base_config, f"{source.base_field}: {source.base}")
+        cfg = base_config
+    # a vision-language model: the language model in `final`, its vision tower + projector in a second file
+    mmproj = gguf_mmproj.mmproj_path(final) if gguf_mmproj.is_vision_language(cfg) else None
+    if mmproj is not None:
+        check_free(mmproj, overwrite, file=True)
+        if ollama_file:
+            raise ModelDirError(
+                f"--ollama: {source.path} is a vision-language model; the Modelfile is written for text models "
+                f"(run the two GGUF files with llama.cpp: llama-server -m {final.name} --mmproj {mmproj.name})"
+            )
     tok = load_tokenizer(source)
     if system is None:  # the system prompt the model was trained with, as chat and serve use it
         system = recorded_system_prompt(model_dir)
@@ -74,7 +84,11 @@ def export_gguf(
             report = merge.merge(str(source.path), str(merged), "float32", "50GB", onto, base)
             lines += [f"merged on the fly: {line}" for line in report.lines()[1:]]
             model_path = merged
-        report = gguf_export.convert(model_path, tmp / final.name, outtype, name=source.path.name)
+        if mmproj is not None:
+            report = gguf_mmproj.convert(model_path, tmp / final.name, tmp / mmproj.name, outtype, source.path.name)
+            report.mmproj = mmproj
+        else:
+            report = gguf_export.convert(model_path, tmp / final.name, outtype, name=source.path.name)
         report.path = final
         lines += report.lines()
         if modelfile_text is not None:
@@ -83,6 +97,9 @@ def export_gguf(
             lines += [f"note: {note}" for note in ollama.modelfile_notes(modelfile_text)]
         if source.kind == "adapter":
             shutil.rmtree(model_path)
+        if mmproj is not None:  # both files appear together: the mmproj goes in just before the language model
+            publish_modes(tmp / mmproj.name)
+            os.replace(tmp / mmproj.name, mmproj)
         if modelfile_text is not None:  # both files appear together: the Modelfile goes in just before the GGUF
             modelfile_path.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(tmp / "Modelfile", modelfile_path)

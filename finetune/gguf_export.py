@@ -17,6 +17,8 @@ that splits text as the tokenizer actually does: probed, not read from tokenizer
 BPE with byte fallback (`llama`, scores ranking the merges), with token types, special ids, add_bos_token as
 training saw it, and the chat template (gguf.SpecialVocab). Every file is read back with
 gguf.GGUFReader and compared with the source tensors before it is handed over.
+Vision-language models (Gemma 3, Qwen2-VL, Qwen2.5-VL): finetune/gguf_mmproj.py stages the language model for
+this writer (Qwen's as llama.cpp's qwen2vl) and writes the vision tower + projector as the mmproj file.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ ARCHS = {
     "Qwen3NextForCausalLM": "QWEN3NEXT",
     "Qwen3_5ForCausalLM": "QWEN35",
     "Qwen3_5MoeForCausalLM": "QWEN35MOE",
+    "Qwen2VLForConditionalGeneration": "QWEN2VL",  # its language model (finetune/gguf_mmproj.py stages it)
+    "Qwen2_5_VLForConditionalGeneration": "QWEN2VL",  # the same
 }
 PERMUTED = ("LLAMA", "SMOLLM3")  # architectures whose q/k rows llama.cpp wants permuted
 NORM_PLUS_ONE = ("GEMMA2", "GEMMA3")  # HF's Gemma RMSNorm multiplies by (1 + w); llama.cpp by the stored weight
@@ -196,7 +200,7 @@ def check_config(cfg: dict, where: str) -> str:
     """The gguf MODEL_ARCH name, after refusing (one line) a configuration that llama.cpp's graph for that
     architecture would compute differently from transformers: it reads these from no GGUF key."""
     if gguf_mmproj.is_vision_language(cfg):
-        raise ExportError(gguf_mmproj.refusal(cfg, where, ARCHS))
+        return check_config(gguf_mmproj.text_config(cfg, where, ARCHS), where)  # its language model
     arch = check_architecture((cfg.get("architectures") or ["?"])[0], where)
 
     def refuse(field: str, why: str):
@@ -934,6 +938,8 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
     if arch_name in (*PERMUTED, "LLAMA4"):  # llama.cpp's LlamaModel converter (SmolLM3, Llama 4) writes these
         writer.add_vocab_size(cfg["vocab_size"])
         writer.add_rope_dimension_count(_head_dim(cfg))
+    if arch_name == "QWEN2VL":
+        writer.add_rope_dimension_sections(gguf_mmproj.rope_sections(cfg))
     if arch_name in SHORTCONV:
         writer.add_vocab_size(cfg["vocab_size"])
         writer.add_shortconv_l_cache(cfg["conv_L_cache"])

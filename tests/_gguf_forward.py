@@ -17,6 +17,8 @@ from finetune import gguf_export
 # llama.cpp's LLAMA_ROPE_TYPE_NEOX archs
 NEOX = {"qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3", "seed_oss", "olmo2", "glm4moe", "lfm2"}
 NEOX |= {"minimax-m2", "lfm2moe"}
+# llama.cpp's LLAMA_ROPE_TYPE_MROPE archs: on text tokens (all position components equal) M-RoPE is NEOX RoPE
+NEOX |= {"qwen2vl"}
 # llama.cpp's sliding-window periods when attention.sliding_window_pattern is absent: layer il is local
 # unless il % n == n-1
 SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "olmo2": 4}
