@@ -49,7 +49,7 @@ def export_gguf(
     lines: list[str] = []
     # an unsupported architecture fails before anything is merged or written
     if source.kind == "model":
-        cfg, _ = gguf_export.model_config(source.path)
+        cfg, _ = gguf_mmproj.model_config(source.path)
     else:
         from transformers import AutoConfig
 
@@ -60,7 +60,7 @@ def export_gguf(
                 f"{source.base_field}: cannot load base {source.base}: {str(e).splitlines()[0]}; "
                 "pass --base MODEL if it lives elsewhere"
             ) from None
-        gguf_export.check_config(base_config, f"{source.base_field}: {source.base}")
+        gguf_mmproj.check_config(base_config, f"{source.base_field}: {source.base}")
         cfg = base_config
     # a vision-language model: the language model in `final`, its vision tower + projector in a second file
     mmproj = gguf_mmproj.mmproj_path(final) if gguf_mmproj.is_vision_language(cfg) else None

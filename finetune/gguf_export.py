@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune import gguf_mmproj
 from finetune.errors import FinetuneError
 
 ARCHS = {
@@ -199,8 +198,8 @@ def check_architecture(arch: str, where: str) -> str:
 def check_config(cfg: dict, where: str) -> str:
     """The gguf MODEL_ARCH name, after refusing (one line) a configuration that llama.cpp's graph for that
     architecture would compute differently from transformers: it reads these from no GGUF key."""
-    if gguf_mmproj.is_vision_language(cfg):
-        return check_config(gguf_mmproj.text_config(cfg, where, ARCHS), where)  # its language model
+    if isinstance(cfg.get("vision_config"), dict):  # finetune/gguf_mmproj.py checks a VLM, then its language model
+        raise ExportError(f"{where}: a vision-language model: its GGUF is written by finetune/gguf_mmproj.py")
     arch = check_architecture((cfg.get("architectures") or ["?"])[0], where)
 
     def refuse(field: str, why: str):
@@ -455,7 +454,8 @@ def full_attention_interval(cfg: dict) -> int | None:
 
 
 def _mrope_sections(cfg: dict) -> list[int]:
-    """llama.cpp's qwen35 rope.dimension_sections: the config's mrope_section padded to 4, or its default."""
+    """llama.cpp's qwen2vl / qwen35 rope.dimension_sections: the config's mrope_section padded to 4, or qwen35's
+    default."""
     sections = _rope_params(cfg).get("mrope_section")
     return [*sections, *[0] * (4 - len(sections))] if sections else MROPE_SECTIONS
 
@@ -939,7 +939,7 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
         writer.add_vocab_size(cfg["vocab_size"])
         writer.add_rope_dimension_count(_head_dim(cfg))
     if arch_name == "QWEN2VL":
-        writer.add_rope_dimension_sections(gguf_mmproj.rope_sections(cfg))
+        writer.add_rope_dimension_sections(_mrope_sections(cfg))
     if arch_name in SHORTCONV:
         writer.add_vocab_size(cfg["vocab_size"])
         writer.add_shortconv_l_cache(cfg["conv_L_cache"])

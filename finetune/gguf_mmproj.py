@@ -98,6 +98,23 @@ def refusal(cfg: dict, where: str, text_archs) -> str:
     )
 
 
+def check_config(cfg: dict, where: str) -> str:
+    """The GGUF architecture of any model's file(s), after the one-line refusals: a vision-language model's own
+    (finetune writes it, and its vision tower is what llama.cpp computes), then its language model's as a text
+    model's (finetune/gguf_export.py)."""
+    from finetune import gguf_export
+
+    if is_vision_language(cfg):
+        cfg = text_config(cfg, where, gguf_export.ARCHS)
+    return gguf_export.check_config(cfg, where)
+
+
+def model_config(model_dir: Path) -> tuple[dict, str]:
+    """gguf_export.model_config for any model dir, a vision-language one included."""
+    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    return cfg, check_config(cfg, str(model_dir / "config.json"))
+
+
 def text_config(cfg: dict, where: str, text_archs) -> dict:
     """The config of a written VLM's language model as a plain text model (what gguf_export checks and writes),
     or the one-line refusal for a VLM finetune does not write."""
@@ -232,14 +249,6 @@ def vision_hparams(cfg: dict) -> dict:
 def wa_pattern(vision: dict) -> int:
     """Qwen2.5-VL's period of global-attention layers, as the converter derives it (clip.vision.n_wa_pattern)."""
     return (vision.get("fullatt_block_indexes") or [0])[0] + 1
-
-
-def rope_sections(cfg: dict) -> list[int]:
-    """Qwen2-VL's M-RoPE sections (rope.dimension_sections), padded to llama.cpp's four."""
-    from finetune.gguf_export import _rope_params
-
-    sections = list(_rope_params(cfg).get("mrope_section") or cfg.get("rope_scaling", {}).get("mrope_section"))
-    return sections + [0] * max(0, 4 - len(sections))
 
 
 def _qtype(hf_name: str, new: str, data: np.ndarray, outtype: str):
@@ -400,7 +409,7 @@ def convert(model_dir: Path, out_file: Path, mmproj_file: Path, outtype: str, na
     from finetune import gguf_export
 
     cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    gguf_export.check_config(cfg, str(model_dir / "config.json"))  # the one-line refusals, before any work
+    check_config(cfg, str(model_dir / "config.json"))  # the one-line refusals, before any work
     staged = out_file.parent / f".{out_file.name}.language_model"
     try:
         stage_language_model(model_dir, cfg, str(model_dir / "config.json"), gguf_export.ARCHS, staged)

@@ -233,7 +233,7 @@ def test_a_vision_tower_llama_cpp_would_compute_differently_is_refused_naming_th
         "text_config": {},
     }
     with pytest.raises(gguf_export.ExportError) as e:
-        gguf_export.check_config(cfg, "m/config.json")
+        gguf_mmproj.check_config(cfg, "m/config.json")
     shown = "rope_theta" if field == "rope_parameters" else field
     assert str(e.value).startswith(f"m/config.json: vision_config.{shown}: ") and "\n" not in str(e.value)
 

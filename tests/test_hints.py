@@ -26,6 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 SECTIONS = ("model", "adapter", "data", "train", "output", "eval", "rewards")
 KEY = re.compile(rf"\b({'|'.join(SECTIONS)})\.([a-z_][a-z0-9_]*)\b(?!\.\w)")  # not file names (model.safetensors)
+# another tool's command line in a hint (llama.cpp's): its flags are that tool's, up to the end of the clause
+OTHER_TOOL = re.compile(r"\b(?:llama-server|llama-mtmd-cli|llama-cli|convert_hf_to_gguf\.py)\b[^)\n;]*")
 ASSIGN = re.compile(rf"\b(?:{'|'.join(SECTIONS)})\.[a-z_][a-z0-9_]*=")
 
 # modules -> the commands whose errors they write (others: any command's flag will do)
@@ -175,7 +177,13 @@ def _messages(tree) -> list[str]:
             f = node.func
             name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
         if isinstance(node, ast.Raise) or name.endswith("Error") or name in ("warning", "error"):
-            out += [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+            inside = set()  # an f-string is read whole, its values as {}: a hint reads as the user sees it
+            for n in ast.walk(node):
+                if isinstance(n, ast.JoinedStr):
+                    out.append("".join(v.value if isinstance(v, ast.Constant) else "{}" for v in n.values))
+                    inside.update(id(v) for v in n.values)
+                elif isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in inside:
+                    out.append(n.value)
     return out
 
 
@@ -188,7 +196,7 @@ def test_every_hint_in_the_source_names_a_real_option_or_key():
         commands = next((c for prefix, c in COMMAND_MODULES.items() if rel.startswith(prefix)), None)
         allowed = set().union(*(flags(table[c]) for c in commands)) if commands else every_flag
         for text in _messages(ast.parse(path.read_text(encoding="utf-8"))):
-            for flag in FLAG.findall(text):
+            for flag in FLAG.findall(OTHER_TOOL.sub("", text)):
                 seen += 1
                 if flag not in allowed:
                     failures.append(f"{rel}: {flag} is not an option of {' / '.join(commands or ['any command'])}")
