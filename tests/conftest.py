@@ -19,14 +19,24 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-# Under pytest-xdist, --dist loadfile hands the files out in collection order: the longest go first, so that
-# no worker is left alone with one of them at the end of the run.
-LONGEST_FILES = ("test_sharded.py", "test_webui.py")
+# Under pytest-xdist, --dist loadfile hands the files out in collection order, alternating between the workers:
+# the longest go first, so that no worker is left alone with one of them at the end of the run, and files that need
+# no tiny model come between them, so that the worker that does not build the tiny model (one thread, ~70 s; the
+# other waits on its lock) has work meanwhile.
+FIRST_FILES = (
+    "test_sharded.py",
+    "test_gguf_vocab.py",
+    "test_encode_windows.py",
+    "test_eval_metrics.py",
+    "test_docs.py",
+    "test_recipes.py",
+    "test_webui.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        first = {name: i for i, name in enumerate(LONGEST_FILES)}
+        first = {name: i for i, name in enumerate(FIRST_FILES)}
         items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
 
 

@@ -27,7 +27,7 @@ from finetune.errors import RecipeError
 from finetune.generate import peft_misses_the_cache
 from finetune.stages import sft
 
-STEPS = 25
+STEPS = 18
 NEW_TOKENS = 10
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 # case -> (adapter section, learning rate for the tiny model, names every trainable parameter contains one of,

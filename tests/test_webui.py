@@ -86,11 +86,11 @@ def test_train_chat_data_eval_export_in_a_browser(ui, page, tiny_path):
     # the shipped recipe shown at start has no max_steps: the box is empty (the epochs decide), not 0
     assert value(page, "ft-max_steps") == "" and "max_steps" not in page.locator("#ft-yaml").inner_text()
     assert monospace(page, "ft-plan")
-    # 32 micro-batches a step (the memo chats 8 times, batch 1): slow enough (~15 s for 40 steps on an
-    # idle 2-core machine, where 8 micro-batches took 4.5 s) that the test stops the run well before it
-    # finishes; no periodic checkpoint (save_steps 1000): Stop itself saves the step it reached
+    # 8 micro-batches of 4 a step (the memo chats 8 times): slow enough (8 micro-batches of 1 took 4.5 s for 40
+    # steps on an idle 2-core machine) that the test stops the run well before it finishes; no periodic
+    # checkpoint (save_steps 1000): Stop itself saves the step it reached
     slow = write_jsonl(root / "memo_x2.jsonl", [{"messages": m} for m in MEMO_CHATS * 8])
-    train = {"save_steps": 1000, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 32}
+    train = {"save_steps": 1000, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 8}
     text = memo_recipe(root, steps=25, train=train, data={"train": str(slow), "format": "messages"})
     recipe.write_text(text, encoding="utf-8")
     out_dir = root / "memo_out"
