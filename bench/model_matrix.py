@@ -100,9 +100,9 @@ FAMILIES = {  # family -> (transformers model_type, config overrides)
         {
             "layer_types": HYBRID,
             "mamba_n_heads": 4,
-            "mamba_d_head": 16,
+            "mamba_d_head": 32,
             "mamba_d_state": 8,
-            "mamba_expand": 1,
+            "mamba_expand": 2,  # the released models' (llama.cpp's granitehybrid asserts it)
             "num_local_experts": 0,
             "shared_intermediate_size": 96,
         },

@@ -3,14 +3,16 @@
 Llama / Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 (text), Phi-3, and of the 2025-26 families
 Seed-OSS, OLMo 2 / OLMo 3, ERNIE 4.5 (dense and MoE), SmolLM3, GLM-4.5, Llama 4 (text), LFM2, LFM2-MoE,
 MiniMax-M2, Gemma 4 (text: per-layer embeddings, layers sharing earlier layers' keys and values, a wider head
-and proportional RoPE on global layers, MoE) and the gated delta-net hybrids Qwen3-Next, Qwen3.5 and Qwen3.5-MoE:
-the same metadata keys and tensor names
+and proportional RoPE on global layers, MoE) and the gated delta-net hybrids Qwen3-Next, Qwen3.5 and Qwen3.5-MoE,
+and the Mamba-2 hybrids Granite 4 (dense and MoE) and Falcon-H1: the same metadata keys and tensor names
 (gguf.TensorNameMap) as llama.cpp's converter, with its per-architecture quirks: the q/k row permutation of
 its Llama-style graphs (their RoPE rotates adjacent pairs; HF's rotates halves), Gemma's RMSNorm weights
 stored as 1 + w, MoE experts stacked into one 3-D tensor per projection (with the router's selection bias,
 shared experts and leading dense layers where the graph has them), Phi-3's fused qkv and gate_up kept
 fused, the sliding-window / soft-capping / per-layer rope keys, and the delta-net layers' transforms (A_log
--> -exp, fused projections regrouped, value heads reordered, ssm.* keys). A configuration llama.cpp would compute
+-> -exp, fused projections regrouped, value heads reordered, ssm.* keys), the Mamba-2 layers' (A and D as
+(heads, 1), the gated norm per group; Granite's multipliers as scale keys, Falcon-H1's folded into the weights).
+A configuration llama.cpp would compute
 differently (a sliding-window or NoPE layout, bias or attention scale it does not read from the file) is
 refused, not written. The vocab is byte-level BPE (`gpt2`, with merges and the llama.cpp pre-tokenizer
 that splits text as the tokenizer actually does: probed, not read from tokenizer.json) or SentencePiece-style
@@ -57,6 +59,8 @@ ARCHS = {
     "Qwen3NextForCausalLM": "QWEN3NEXT",
     "Qwen3_5ForCausalLM": "QWEN35",
     "Qwen3_5MoeForCausalLM": "QWEN35MOE",
+    "GraniteMoeHybridForCausalLM": "GRANITE_HYBRID",
+    "FalconH1ForCausalLM": "FALCON_H1",
     "Qwen2VLForConditionalGeneration": "QWEN2VL",  # its language model (finetune/gguf_mmproj.py stages it)
     "Qwen2_5_VLForConditionalGeneration": "QWEN2VL",  # the same
 }
@@ -539,6 +543,8 @@ def _ffn_length(cfg: dict, arch: str) -> int:
     """The dense feed-forward width as the architecture's MLP builds it (LFM2 derives it from the config)."""
     if arch == "LLAMA4":
         return cfg["intermediate_size_mlp"]
+    if arch == "GRANITE_HYBRID" and not _n_experts(cfg):  # its dense MLP is the shared one (n_ff in llama.cpp)
+        return cfg["shared_intermediate_size"]
     ff = cfg["intermediate_size"]
     if arch == "LFM2" and cfg.get("block_auto_adjust_ff_dim"):
         ff = int(2 * ff / 3)
@@ -671,6 +677,193 @@ def _lfm2moe_hparams(writer, cfg: dict) -> None:
 
 
 FAMILY_HPARAMS = {"ERNIE4_5_MOE": _ernie4_5_moe_hparams, "MINIMAXM2": _minimax_m2_hparams, "LFM2MOE": _lfm2moe_hparams}
+
+
+# The Mamba-2 hybrids: Granite 4 (Mamba-2 layers between attention layers, NoPE, Granite's multipliers as keys, a
+# shared MLP beside optional experts) and Falcon-H1 (a Mamba-2 mixer beside attention in every layer, its muP
+# multipliers folded into the weights as llama.cpp's converter does). Both run llama.cpp's build_mamba2_layer:
+# in_proj -> [z, xBC, dt]; causal depthwise conv (+ bias) and SiLU on xBC; the SSM scan with dt = softplus(dt +
+# dt_bias), A = -exp(A_log), B and C shared by the heads of a group; y + D x; y * SiLU(z); RMSNorm per group.
+MAMBA2 = ("GRANITE_HYBRID", "FALCON_H1")
+MAMBA2_RECURRENT = ("linear_attention", "mamba")  # layer_types naming a Mamba-2 layer (transformers 5, original)
+
+
+def _mamba2_inner(cfg: dict) -> int:
+    return cfg.get("mamba_d_ssm") or int(cfg.get("mamba_expand", 2) * cfg["hidden_size"])
+
+
+def _granite_mamba_layers(cfg: dict) -> list[bool]:
+    """Per layer, whether it is a Mamba-2 layer (transformers' default: all of them)."""
+    types = cfg.get("layer_types") or cfg.get("layers_block_type") or ["mamba"] * cfg["num_hidden_layers"]
+    return [t in MAMBA2_RECURRENT for t in types]
+
+
+def _json_float(value) -> float:
+    """A float from config.json, where transformers writes infinity as {"__float__": "Infinity"}."""
+    return float(value["__float__"]) if isinstance(value, dict) else float(value)
+
+
+def _check_mamba2(cfg: dict, refuse) -> None:
+    """What llama.cpp's build_mamba2_layer fixes: SiLU, a conv bias (added unconditionally), no in/out projection
+    bias, dt unclamped, gated norm after the gate (Granite's always is)."""
+    if cfg.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", f"{cfg['hidden_act']} (llama.cpp's Mamba-2 layers and MLP use SiLU)")
+    if not cfg.get("mamba_conv_bias", True):
+        refuse("mamba_conv_bias", "false (llama.cpp's Mamba-2 layer adds a conv bias)")
+    if cfg.get("mamba_proj_bias"):
+        refuse("mamba_proj_bias", "true (llama.cpp's Mamba-2 layer has no projection biases)")
+    low, high = (_json_float(v) for v in cfg.get("time_step_limit") or (0.0, math.inf))
+    if low > 0.0 or high != math.inf:
+        refuse("time_step_limit", f"[{low}, {high}] (llama.cpp does not clamp the time step)")
+
+
+def _check_granite_hybrid(cfg: dict, refuse) -> None:
+    """llama.cpp's granitehybrid: NoPE (its converter writes rope.scaling.finetuned false), d_inner = 2 x hidden
+    (its loader asserts it), head dim hidden / heads; a layer without attention heads is a Mamba-2 layer."""
+    _check_mamba2(cfg, refuse)
+    if cfg.get("position_embedding_type") == "rope":
+        refuse("position_embedding_type", "rope (llama.cpp's granitehybrid runs without RoPE)")
+    if _mamba2_inner(cfg) != 2 * cfg["hidden_size"]:
+        refuse("mamba_expand", f"{cfg.get('mamba_expand')} (llama.cpp's granitehybrid expects 2)")
+    if cfg.get("head_dim") and cfg["head_dim"] != cfg["hidden_size"] // cfg["num_attention_heads"]:
+        refuse("head_dim", "not hidden_size / num_attention_heads (llama.cpp's Granite ignores head_dim)")
+    if not any(_granite_mamba_layers(cfg)):
+        refuse("layer_types", "no Mamba-2 layers (llama.cpp's converter writes granite / granitemoe for these)")
+
+
+def _check_falcon_h1(cfg: dict, refuse) -> None:
+    """llama.cpp's falcon-h1: multipliers folded into the weights (biases would be scaled with them), no attention
+    or projector biases, the gated norm after the gate, plain RoPE."""
+    _check_mamba2(cfg, refuse)
+    for flag in ("attention_bias", "projectors_bias"):
+        if cfg.get(flag):
+            refuse(flag, "true (llama.cpp's falcon-h1 has no such biases)")
+    if cfg.get("mamba_rms_norm") and cfg.get("mamba_norm_before_gate", True):
+        refuse("mamba_norm_before_gate", "true (llama.cpp norms after the gate)")
+    tied = cfg.get("tie_word_embeddings")
+    if tied and cfg.get("embedding_multiplier", 1.0) != cfg.get("lm_head_multiplier", 1.0):
+        refuse("tie_word_embeddings", "true with embedding_multiplier != lm_head_multiplier (one tensor folds one)")
+    if _rope_scaling(cfg)["rope_type"] != "default":
+        refuse("rope_parameters", f"rope type {_rope_scaling(cfg)['rope_type']} is not exported by finetune")
+
+
+def _mamba2_hparams(writer, cfg: dict) -> None:
+    """The ssm.* keys llama.cpp's loader reads: time_step_rank is the number of Mamba-2 heads."""
+    writer.add_vocab_size(cfg["vocab_size"])
+    writer.add_ssm_conv_kernel(cfg["mamba_d_conv"])
+    writer.add_ssm_inner_size(_mamba2_inner(cfg))
+    writer.add_ssm_state_size(cfg["mamba_d_state"])
+    writer.add_ssm_time_step_rank(cfg["mamba_n_heads"])
+    writer.add_ssm_group_count(cfg["mamba_n_groups"])
+
+
+def _granite_hybrid_hparams(writer, cfg: dict) -> None:
+    """GraniteHybridModel's keys: the multipliers as scales (written when non-zero, as its converter does), NoPE,
+    the shared MLP's width, experts. (head_count_kv per layer, 0 on Mamba-2 layers: write_hparams.)"""
+    _mamba2_hparams(writer, cfg)
+    writer.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
+    writer.add_rope_scaling_finetuned(False)  # llama.cpp's switch for RoPE in Granite graphs
+    for field, add in (
+        ("attention_multiplier", writer.add_attention_scale),
+        ("embedding_multiplier", writer.add_embedding_scale),
+        ("residual_multiplier", writer.add_residual_scale),
+        ("logits_scaling", writer.add_logit_scale),
+    ):
+        if cfg.get(field):
+            add(float(cfg[field]))
+    if cfg.get("shared_intermediate_size"):
+        writer.add_expert_shared_feed_forward_length(cfg["shared_intermediate_size"])
+    if _n_experts(cfg):
+        writer.add_expert_count(_n_experts(cfg))
+        writer.add_expert_used_count(cfg["num_experts_per_tok"])
+
+
+def _mamba2_tensors(source, cfg: dict, arch_name: str):
+    """(HF name, array) as llama.cpp's Mamba2Model converter modifies them: A_log as -exp(A_log) and D, both
+    (heads, 1); dt_bias renamed dt_proj.bias; the depthwise conv kernel squeezed to (channels, kernel); the gated
+    norm's weight as (groups, inner / groups); after the family's own renames and folds."""
+    n_group, d_inner = cfg["mamba_n_groups"], _mamba2_inner(cfg)
+    family = _granite_hybrid_tensors if arch_name == "GRANITE_HYBRID" else _falcon_h1_tensors
+    for hf_name, hf_data in source:
+        for name, data in family(hf_name, hf_data, cfg):
+            if name.endswith("mamba.A_log"):
+                data = -np.exp(data).reshape(-1, 1)
+            elif name.endswith("mamba.D"):
+                data = data.reshape(-1, 1)
+            elif name.endswith("mamba.dt_bias"):
+                name = name.removesuffix(".dt_bias") + ".dt_proj.bias"
+            elif name.endswith("mamba.conv1d.weight"):
+                data = np.ascontiguousarray(data.squeeze(1))
+            elif name.endswith("mamba.norm.weight"):
+                data = data.reshape(n_group, d_inner // n_group)
+            yield name, data
+
+
+def _granite_hybrid_tensors(name: str, data: np.ndarray, cfg: dict):
+    """Granite's MoE block and shared MLP as its converter names them: fused [gate; up] projections split, the
+    shared MLP as shared experts beside experts or as the dense MLP without; q/k rows permuted (its Llama lineage;
+    a no-op under NoPE)."""
+    if ".block_sparse_moe." in name:
+        layer, _, part = name.partition("block_sparse_moe.")
+        if part in ("input_linear.weight", "experts.gate_up_proj"):
+            gate, up = np.split(data, 2, axis=-2)
+            yield layer + "mlp.experts.gate_proj.weight", np.ascontiguousarray(gate)
+            yield layer + "mlp.experts.up_proj.weight", np.ascontiguousarray(up)
+        elif part in ("output_linear.weight", "experts.down_proj"):
+            yield layer + "mlp.experts.down_proj.weight", data
+        else:  # the router: router.layer.weight (original) or router.weight
+            yield layer + "mlp.gate.weight", data
+    elif ".shared_mlp." in name:
+        layer, _, part = name.partition("shared_mlp.")
+        mlp = layer + ("mlp.shared_expert." if _n_experts(cfg) else "mlp.")
+        if part == "input_linear.weight":
+            gate, up = np.split(data, 2, axis=0)
+            yield mlp + "gate_proj.weight", np.ascontiguousarray(gate)
+            yield mlp + "up_proj.weight", np.ascontiguousarray(up)
+        else:
+            yield mlp + "down_proj.weight", data
+    elif name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
+        n_head = cfg["num_attention_heads"]
+        yield name, permute(data, n_head, cfg.get("num_key_value_heads", n_head) if ".k_proj." in name else n_head)
+    else:
+        yield name, data
+
+
+def _falcon_h1_tensors(name: str, data: np.ndarray, cfg: dict):
+    """Falcon-H1's multipliers folded into the weights as its converter does: the embedding and lm head; q, k
+    (times key_multiplier too) and v by attention_in_multiplier, o by attention_out_multiplier; the SSM's input
+    projection by ssm_in_multiplier and per block of rows [z, x, B, C, dt] by ssm_multipliers, its output by
+    ssm_out_multiplier; the MLP's gate and down projections by mlp_multipliers."""
+    attn_in = cfg.get("attention_in_multiplier", 1.0)
+    gate_mult, down_mult = cfg.get("mlp_multipliers") or (1.0, 1.0)
+    scale = {
+        "embed_tokens.weight": cfg.get("embedding_multiplier", 1.0),
+        "lm_head.weight": cfg.get("lm_head_multiplier", 1.0),
+        "self_attn.q_proj.weight": attn_in,
+        "self_attn.k_proj.weight": attn_in * cfg.get("key_multiplier", 1.0),
+        "self_attn.v_proj.weight": attn_in,
+        "self_attn.o_proj.weight": cfg.get("attention_out_multiplier", 1.0),
+        "mamba.out_proj.weight": cfg.get("ssm_out_multiplier", 1.0),
+        "feed_forward.gate_proj.weight": gate_mult,
+        "feed_forward.gate_proj.bias": gate_mult,
+        "feed_forward.down_proj.weight": down_mult,
+        "feed_forward.down_proj.bias": down_mult,
+    }
+    if name.endswith("mamba.in_proj.weight"):
+        d_inner, n_bc = _mamba2_inner(cfg), cfg["mamba_n_groups"] * cfg["mamba_d_state"]
+        z, x, b, c, dt = cfg.get("ssm_multipliers") or [1.0] * 5
+        rows = [z] * d_inner + [x] * d_inner + [b] * n_bc + [c] * n_bc + [dt] * cfg["mamba_n_heads"]
+        data = data * cfg.get("ssm_in_multiplier", 1.0) * np.array(rows, dtype=np.float32)[:, None]
+    for suffix, factor in scale.items():
+        if name.endswith(suffix):
+            data = data * np.float32(factor)
+    yield name, data
+
+
+FAMILY_CHECKS["GRANITE_HYBRID"] = _check_granite_hybrid
+FAMILY_CHECKS["FALCON_H1"] = _check_falcon_h1
+FAMILY_HPARAMS["GRANITE_HYBRID"] = _granite_hybrid_hparams
+FAMILY_HPARAMS["FALCON_H1"] = _mamba2_hparams
 
 
 def _pre_tokenizer(tok) -> str:
@@ -816,6 +1009,8 @@ def _qtype(name: str, data: np.ndarray, outtype: str):
     Q = gguf.GGMLQuantizationType
     if outtype == "f32" or data.ndim <= 1 or name.endswith(("_norm.weight", *ALWAYS_F32)):
         return Q.F32
+    if not name.endswith(".weight"):  # the converter keeps tensors named without .weight in f32: ssm_a, ssm_d
+        return Q.F32
     if outtype == "q8_0" and data.shape[-1] % 32 == 0:
         return Q.Q8_0
     return Q.F16
@@ -928,6 +1123,8 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
     n_kv = cfg.get("num_key_value_heads") or n_head
     if arch_name in SHORTCONV:  # per layer: none on the short-convolution layers
         n_kv = [n_kv if t == "full_attention" else 0 for t in cfg["layer_types"]]
+    if arch_name == "GRANITE_HYBRID":  # per layer: none on the Mamba-2 layers (llama.cpp's sign of one)
+        n_kv = [0 if mamba else n_kv for mamba in _granite_mamba_layers(cfg)]
     writer.add_head_count_kv(n_kv)
     if (theta := _rope_theta(cfg)) is not None:
         writer.add_rope_freq_base(float(theta))
@@ -1104,6 +1301,8 @@ def gguf_tensors(model_dir: Path, cfg: dict, arch_name: str):
     source = _stacked_experts(model_dir, cfg, arch_name) if arch_name in MOE else _tensors(model_dir)
     if arch_name in DELTA_NET:
         source = _delta_net_tensors(source, cfg, arch_name)
+    if arch_name in MAMBA2:
+        source = _mamba2_tensors(source, cfg, arch_name)
     tied = cfg.get("tie_word_embeddings", arch_name in NORM_PLUS_ONE)
     mtp = re.compile(r"model\.layers\.(\d+)\.")  # layers past num_hidden_layers: multi-token prediction
     for hf_name, data in source:

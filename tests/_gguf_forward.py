@@ -1,11 +1,12 @@
 """A numpy forward pass of a GGUF computed from the file alone, the way llama.cpp's graphs for the exported
 architectures compute (llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, seed_oss, olmo2, ernie4_5, smollm3,
-glm4moe, llama4, lfm2, ernie4_5-moe, minimax-m2, lfm2moe, qwen3next, qwen35, qwen35moe, and gemma4 in its own
-function): their RoPE layouts, Gemma's embedding and attention scales, soft-capping, sliding-window layouts, pre-
-and post-norms, q/k norms (per head, or over the whole projection as OLMo 2's and MiniMax-M2's), NoPE layers,
-top-k MoE routing (softmax or sigmoid, with a selection bias; expert inputs or outputs weighted; shared experts,
-gated or not; leading dense and interleaved MoE layers as the file's keys lay them out), gated delta-net layers and
-Phi-3's fused projections. Used to show an exported file computes what transformers computes."""
+glm4moe, llama4, lfm2, ernie4_5-moe, minimax-m2, lfm2moe, qwen3next, qwen35, qwen35moe, and gemma4, granitehybrid
+and falcon-h1 in their own functions): their RoPE layouts, Gemma's embedding and attention scales, soft-capping,
+sliding-window layouts, pre- and post-norms, q/k norms (per head, or over the whole projection as OLMo 2's and
+MiniMax-M2's), NoPE layers, top-k MoE routing (softmax or sigmoid, with a selection bias; expert inputs or outputs
+weighted; shared experts, gated or not; leading dense and interleaved MoE layers as the file's keys lay them out),
+gated delta-net layers, Mamba-2 layers (Granite 4, Falcon-H1) and Phi-3's fused projections. Used to show an
+exported file computes what transformers computes."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ NOPE_STEP = {"smollm3": 4, "llama4": 4}  # llama.cpp's graph skips RoPE on layer
 # gated delta-net hybrids; qwen35's graph repeats key heads tiled over the value heads, qwen3next's interleaved
 DELTA_NET = {"qwen3next", "qwen35", "qwen35moe"}
 TILED_HEADS = {"qwen35", "qwen35moe"}
+# Mamba-2 hybrids: Mamba-2 layers between attention layers (granitehybrid) or beside attention in each (falcon-h1)
+MAMBA2 = {"granitehybrid", "falcon-h1"}
 
 
 def read(path):
@@ -62,6 +65,8 @@ def gguf_forward(path, ids):
     arch = meta["general.architecture"]
     if arch == "gemma4":
         return gemma4_forward(t, meta, ids)
+    if arch in MAMBA2:
+        return mamba2_hybrid_forward(t, meta, ids)
 
     def key(name, default=None):
         return meta.get(f"{arch}.{name}", default)
@@ -391,3 +396,117 @@ def gated_delta_net(t, p, h, key, arch):
         out[i] = np.einsum("hkv,hk->hv", state, q[i])
     out = _rms(out, t[p + "ssm_norm.weight"], eps) * (z / (1 + np.exp(-z)))
     return out.reshape(T, -1) @ t[p + "ssm_out.weight"].T
+
+
+def mamba2_hybrid_forward(t, meta, ids):
+    """llama.cpp's granitehybrid and falcon-h1 graphs (src/models/granite-hybrid.cpp, falcon-h1.cpp).
+    granitehybrid: each layer Mamba-2 (head_count_kv 0) or attention (RoPE only when rope.scaling.finetuned, scores
+    scaled by attention.scale), then a dense MLP or softmax top-k experts (renormalised) plus shared experts;
+    embedding, residual (both branches) and logit scales from the file. falcon-h1: attention (NEOX RoPE) and
+    Mamba-2 side by side on the same normed input, summed into the residual, then the MLP; its multipliers are in
+    the weights."""
+    arch = meta["general.architecture"]
+
+    def key(name, default=None):
+        return meta.get(f"{arch}.{name}", default)
+
+    n_layer, eps = key("block_count"), key("attention.layer_norm_rms_epsilon")
+    n_kv = key("attention.head_count_kv")
+    n_kv = n_kv if isinstance(n_kv, list) else [n_kv] * n_layer
+    residual_scale = key("residual_scale") or 1.0
+
+    def lin(x, name):
+        y = x @ t[name + ".weight"].T
+        return y + t[name + ".bias"] if name + ".bias" in t else y
+
+    def silu(g):
+        return g / (1 + np.exp(-g))
+
+    x = t["token_embd.weight"][ids].astype(np.float64) * (key("embedding_scale") or 1.0)
+    T, pos = len(ids), np.arange(len(ids), dtype=np.float64)
+    for il in range(n_layer):
+        p = f"blk.{il}."
+        h = _rms(x, t[p + "attn_norm.weight"], eps)
+        if arch == "falcon-h1":  # both mixers on the same input
+            a = _attention(t, p, h, key, n_kv[il], pos, rope_neox=True) + mamba2(t, p, h, key)
+        elif n_kv[il] == 0:
+            a = mamba2(t, p, h, key)
+        else:
+            a = _attention(t, p, h, key, n_kv[il], pos, rope_neox=None if not key("rope.scaling.finetuned") else False)
+        x = x + a * residual_scale
+        # falcon-h1's is named without .weight (its converter maps the full HF name; its loader asks for no suffix)
+        h = _rms(x, t[p + "ffn_norm.weight"] if p + "ffn_norm.weight" in t else t[p + "ffn_norm"], eps)
+        if p + "ffn_gate_inp.weight" in t:  # softmax over all experts, top-k, renormalised
+            logits = h @ t[p + "ffn_gate_inp.weight"].T
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            top = np.argsort(-probs, axis=-1)[:, : key("expert_used_count")]
+            f = np.zeros_like(h)
+            for row in range(T):
+                w = probs[row, top[row]] / probs[row, top[row]].sum()
+                for e, we in zip(top[row], w):
+                    g, u = t[p + "ffn_gate_exps.weight"][e] @ h[row], t[p + "ffn_up_exps.weight"][e] @ h[row]
+                    f[row] += we * (t[p + "ffn_down_exps.weight"][e] @ (silu(g) * u))
+            if key("expert_shared_feed_forward_length", 0) > 0:
+                f += lin(silu(lin(h, p + "ffn_gate_shexp")) * lin(h, p + "ffn_up_shexp"), p + "ffn_down_shexp")
+        else:
+            f = lin(silu(lin(h, p + "ffn_gate")) * lin(h, p + "ffn_up"), p + "ffn_down")
+        x = x + f * residual_scale
+    out = t["output.weight"] if "output.weight" in t else t["token_embd.weight"]
+    return _rms(x, t["output_norm.weight"], eps) @ out.T / (key("logit_scale") or 1.0)
+
+
+def _attention(t, p, h, key, kv, pos, rope_neox):
+    """Causal attention with optional biases; RoPE over rope.dimension_count dims (NEOX or NORM pairs; None: no
+    RoPE); scores scaled by attention.scale, or 1/sqrt(head dim) where the file has none."""
+    n_head, T = key("attention.head_count"), h.shape[0]
+
+    def lin(x, name):
+        y = x @ t[name + ".weight"].T
+        return y + t[name + ".bias"] if name + ".bias" in t else y
+
+    q, k, v = lin(h, p + "attn_q"), lin(h, p + "attn_k"), lin(h, p + "attn_v")
+    d = key("attention.key_length") or q.shape[-1] // n_head
+    q, k, v = q.reshape(T, n_head, d), k.reshape(T, kv, d), v.reshape(T, kv, d)
+    if rope_neox is not None:
+        base, n_rot = key("rope.freq_base", 10000.0), key("rope.dimension_count", d)
+        q, k = rope(q, pos, base, rope_neox, n_rot), rope(k, pos, base, rope_neox, n_rot)
+    k, v = np.repeat(k, n_head // kv, axis=1), np.repeat(v, n_head // kv, axis=1)
+    s = np.einsum("qhd,khd->hqk", q, k) * (key("attention.scale") or 1 / np.sqrt(d)) + np.triu(
+        np.full((T, T), -np.inf), 1
+    )
+    s = np.exp(s - s.max(-1, keepdims=True))
+    return lin(np.einsum("hqk,khd->qhd", s / s.sum(-1, keepdims=True), v).reshape(T, -1), p + "attn_output")
+
+
+def mamba2(t, p, h, key):
+    """llama.cpp's build_mamba2_layer, the scan as a plain per-token recurrence: ssm_in -> [z, xBC, dt]; xBC
+    through the causal depthwise conv (ssm_conv1d, + its bias) and SiLU -> x (heads x head_dim), B and C (groups x
+    state, head h reading group h // (heads / groups)); dt = softplus(dt + ssm_dt.bias) (ggml: identity above 20);
+    per head S <- S exp(dt A) + dt x B^T, y = S C; y + D x; y * SiLU(z); RMSNorm over each group (ssm_norm, when
+    present); ssm_out."""
+    eps, T = key("attention.layer_norm_rms_epsilon"), h.shape[0]
+    d_inner, d_state = key("ssm.inner_size"), key("ssm.state_size")
+    n_head, n_group = key("ssm.time_step_rank"), key("ssm.group_count")
+    head_dim, n_bc = d_inner // n_head, n_group * d_state
+    z, xbc, dt = np.split(h @ t[p + "ssm_in.weight"].T, [d_inner, 2 * d_inner + 2 * n_bc], axis=-1)
+    w = t[p + "ssm_conv1d.weight"]  # (channels, kernel)
+    padded = np.concatenate([np.zeros((w.shape[1] - 1, xbc.shape[1])), xbc])
+    conv = sum(padded[j : j + T] * w[:, j] for j in range(w.shape[1])) + t.get(p + "ssm_conv1d.bias", 0.0)
+    conv = conv / (1 + np.exp(-conv))
+    x, b, c = np.split(conv, [d_inner, d_inner + n_bc], axis=-1)
+    x = x.reshape(T, n_head, head_dim)
+    group = np.arange(n_head) // (n_head // n_group)
+    b, c = b.reshape(T, n_group, d_state)[:, group], c.reshape(T, n_group, d_state)[:, group]
+    dt = dt + t[p + "ssm_dt.bias"]
+    dt = np.where(dt <= 20.0, np.log1p(np.exp(np.minimum(dt, 20.0))), dt)
+    a = t[p + "ssm_a"].reshape(-1)
+    state, y = np.zeros((n_head, head_dim, d_state)), np.zeros((T, n_head, head_dim))
+    for i in range(T):
+        state = state * np.exp(dt[i] * a)[:, None, None] + (x[i] * dt[i][:, None])[:, :, None] * b[i][:, None, :]
+        y[i] = np.einsum("hps,hs->hp", state, c[i])
+    y = (y + x * t[p + "ssm_d"].reshape(-1)[None, :, None]).reshape(T, d_inner) * (z / (1 + np.exp(-z)))
+    if p + "ssm_norm.weight" in t:
+        norm = t[p + "ssm_norm.weight"]  # (groups, inner / groups)
+        y = _rms(y.reshape(T, *norm.shape), norm, eps).reshape(T, d_inner)
+    return y @ t[p + "ssm_out.weight"].T

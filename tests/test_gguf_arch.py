@@ -41,6 +41,15 @@ SHARED_EXPERT = {
     "moe_intermediate_size": 32,
     "shared_expert_intermediate_size": 48,
 }
+# Mamba-2 mixers: 4 SSM heads in 2 groups (B and C shared by a group's heads, the gated norm per group), chunks of 8
+# tokens (transformers' scan crosses a chunk boundary on the probe), a conv bias
+MAMBA2_LAYERS = {
+    "mamba_n_heads": 4,
+    "mamba_n_groups": 2,
+    "mamba_d_state": 16,
+    "mamba_d_conv": 4,
+    "mamba_chunk_size": 8,
+}
 CONFIGS = {
     "qwen3": {"model_type": "qwen3", "head_dim": 16, "tie_word_embeddings": True},
     "qwen3_moe": {
@@ -253,6 +262,49 @@ CONFIGS = {
     "qwen3_next": {"model_type": "qwen3_next", **DELTA_NET_LAYERS, **SHARED_EXPERT},
     "qwen3_5_text": {"model_type": "qwen3_5_text", **DELTA_NET_LAYERS},
     "qwen3_5_moe_text": {"model_type": "qwen3_5_moe_text", **DELTA_NET_LAYERS, **SHARED_EXPERT},
+    # Granite 4 hybrid: a Mamba-2 layer, then an attention layer without RoPE; its embedding, residual, attention and
+    # logit multipliers; experts beside a shared MLP
+    "granitemoehybrid": {
+        "model_type": "granitemoehybrid",
+        **MAMBA2_LAYERS,
+        "layer_types": ["linear_attention", "full_attention"],
+        "intermediate_size": 32,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "shared_intermediate_size": 48,
+        "embedding_multiplier": 2.0,
+        "residual_multiplier": 0.5,
+        "attention_multiplier": 0.1,
+        "logits_scaling": 4.0,
+    },
+    # Granite 4 dense (H-Micro-style): no experts, the shared MLP is the MLP
+    "granitemoehybrid_dense": {
+        "model_type": "granitemoehybrid",
+        **MAMBA2_LAYERS,
+        "layer_types": ["linear_attention", "full_attention"],
+        "num_local_experts": 0,
+        "shared_intermediate_size": 48,
+    },
+    # Falcon-H1: a Mamba-2 mixer (inner size not 2 x hidden) beside attention (head_dim not hidden / heads) in both
+    # layers; every muP multiplier off 1, MLP biases, the gated norm after the gate
+    "falcon_h1": {
+        "model_type": "falcon_h1",
+        **MAMBA2_LAYERS,
+        "head_dim": 8,
+        "mamba_d_ssm": 96,
+        "mamba_rms_norm": True,
+        "mamba_norm_before_gate": False,
+        "mlp_bias": True,
+        "embedding_multiplier": 2.0,
+        "lm_head_multiplier": 0.5,
+        "mlp_multipliers": [1.5, 0.7],
+        "key_multiplier": 1.3,
+        "attention_in_multiplier": 1.2,
+        "attention_out_multiplier": 0.8,
+        "ssm_multipliers": [0.9, 1.1, 1.2, 0.8, 1.3],
+        "ssm_in_multiplier": 1.1,
+        "ssm_out_multiplier": 0.9,
+    },
 }
 GGUF_ARCH = {
     "qwen3": "qwen3",
@@ -280,6 +332,9 @@ GGUF_ARCH = {
     "qwen3_next": "qwen3next",
     "qwen3_5_text": "qwen35",
     "qwen3_5_moe_text": "qwen35moe",
+    "granitemoehybrid": "granitehybrid",
+    "granitemoehybrid_dense": "granitehybrid",
+    "falcon_h1": "falcon-h1",
 }
 
 
@@ -303,6 +358,16 @@ def tiny_model_dir(root: Path, family: str, tokenizer, **overrides) -> Path:
                 p.uniform_(0.5, 1.5)
             if name.endswith((".A_log", ".dt_bias")):  # per-head decays that differ, so the head order shows
                 p.normal_(0.0, 0.5)
+            if name.endswith("mamba.D"):  # Mamba-2's per-head skip weights, ones at init
+                p.uniform_(0.5, 1.5)
+            # a Mamba-2 scan that outweighs the D skip, and a conv bias (zeros at init) that shows
+            if name.endswith("mamba.in_proj.weight"):
+                p.mul_(10.0)
+            if name.endswith("mamba.conv1d.bias"):
+                p.normal_(0.0, 0.5)
+            # Granite's fused gate/up projections (experts, shared MLP) past SiLU's linear range, so gate and up differ
+            if name.endswith(("block_sparse_moe.experts.gate_up_proj", "shared_mlp.input_linear.weight")):
+                p.mul_(10.0)
             # router logits far from zero, so the gating function (softmax or sigmoid) and the renormalisation of
             # the chosen experts' weights show too
             if name.endswith((".gate.weight", "router.weight")) and p.dim() == 2:
@@ -387,6 +452,8 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
         assert tensors["blk.0.attn_qkv.weight"].shape == (2 * 32 + 64, 64) and "blk.0.attn_gate.weight" in tensors
         assert tensors["blk.0.ssm_conv1d.weight"].shape == (128, 4) and (tensors["blk.0.ssm_a"] < 0).all()
         assert meta[f"{arch}.full_attention_interval"] == 2 and meta[f"{arch}.rope.dimension_count"] == 4
+    if GGUF_ARCH[family] in ("granitehybrid", "falcon-h1"):
+        _check_mamba2_layout(family, tensors, meta)
 
 
 def _check_gemma4_layout(family, tensors, meta):
@@ -406,6 +473,39 @@ def _check_gemma4_layout(family, tensors, meta):
         assert meta["gemma4.attention.head_count_kv"] == [2, 1] and "blk.1.attn_v.weight" not in tensors
         assert tensors["blk.0.ffn_gate_up_exps.weight"].shape == (4, 64, 64) and "output.weight" in tensors
         assert tensors["blk.0.ffn_down_exps.scale"].shape == (4,)
+
+
+def _check_mamba2_layout(family, tensors, meta):
+    """The Mamba-2 layer as llama.cpp's converter writes it: A = -exp(A_log) and D as (heads, 1), the conv kernel
+    squeezed to (channels, kernel), the gated norm as (groups, inner / groups); the ssm.* keys; Granite's Mamba-2
+    layers without kv heads, its dense MLP as wide as the shared one, its multipliers as keys."""
+    arch = GGUF_ARCH[family]
+    d_inner = 96 if family == "falcon_h1" else 128
+    assert tensors["blk.0.ssm_a"].shape == (4, 1) and (tensors["blk.0.ssm_a"] < 0).all()
+    assert tensors["blk.0.ssm_d"].shape == (4, 1) and tensors["blk.0.ssm_dt.bias"].shape == (4,)
+    assert tensors["blk.0.ssm_conv1d.weight"].shape == (d_inner + 2 * 2 * 16, 4)
+    assert tensors["blk.0.ssm_norm.weight"].shape == (2, d_inner // 2)
+    assert tensors["blk.0.ssm_in.weight"].shape == (2 * d_inner + 2 * 2 * 16 + 4, 64)
+    assert [meta[f"{arch}.ssm.{k}"] for k in ("conv_kernel", "inner_size", "state_size", "time_step_rank")] == [
+        4,
+        d_inner,
+        16,
+        4,
+    ]
+    assert meta[f"{arch}.ssm.group_count"] == 2
+    if family == "falcon_h1":  # every layer has both mixers
+        assert meta["falcon-h1.attention.head_count_kv"] == 2 and meta["falcon-h1.attention.key_length"] == 8
+        assert "blk.1.ssm_in.weight" in tensors and "blk.0.attn_q.weight" in tensors
+        return
+    assert meta["granitehybrid.attention.head_count_kv"] == [0, 2] and "blk.0.attn_q.weight" not in tensors
+    assert meta["granitehybrid.rope.scaling.finetuned"] is False and "blk.1.ssm_in.weight" not in tensors
+    if family == "granitemoehybrid":
+        assert tensors["blk.0.ffn_gate_exps.weight"].shape == (4, 32, 64) and "blk.1.ffn_gate_inp.weight" in tensors
+        assert tensors["blk.0.ffn_down_shexp.weight"].shape == (64, 48)
+        assert meta["granitehybrid.attention.scale"] == pytest.approx(0.1)
+        assert meta["granitehybrid.embedding_scale"] == 2.0 and meta["granitehybrid.logit_scale"] == 4.0
+    else:
+        assert tensors["blk.0.ffn_gate.weight"].shape == (48, 64) and meta["granitehybrid.feed_forward_length"] == 48
 
 
 @pytest.mark.parametrize(
@@ -428,6 +528,8 @@ def _check_gemma4_layout(family, tensors, meta):
         ("lfm2_moe", {"routed_scaling_factor": 2.0}, "routed_scaling_factor"),
         ("qwen3_next", {"norm_topk_prob": False}, "norm_topk_prob"),
         ("qwen3_5_text", {"layer_types": ["full_attention", "linear_attention"]}, "layer_types"),
+        ("granitemoehybrid", {"position_embedding_type": "rope"}, "position_embedding_type"),
+        ("falcon_h1", {"mamba_norm_before_gate": True}, "mamba_norm_before_gate"),
     ],
 )
 def test_a_configuration_llama_cpp_would_compute_differently_is_refused(
@@ -456,6 +558,7 @@ def test_a_configuration_llama_cpp_would_compute_differently_is_refused(
         ("glm4_moe", "blk.1.ffn_gate_inp.weight"),
         ("lfm2", "blk.0.shortconv.conv.weight"),
         ("qwen3_5_text", "blk.0.ssm_conv1d.weight"),
+        ("granitemoehybrid", "blk.0.ssm_a"),
     ],
 )
 def test_routers_and_conv_kernels_stay_f32_as_llama_cpp_stores_them(tmp_path, tiny_tokenizer, family, f32_tensor):
