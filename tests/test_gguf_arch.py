@@ -525,6 +525,7 @@ def test_a_configuration_llama_cpp_would_compute_differently_is_refused(
         ("glm4_moe", "blk.1.ffn_gate_inp.weight"),
         ("lfm2", "blk.0.shortconv.conv.weight"),
         ("qwen3_5_text", "blk.0.ssm_conv1d.weight"),
+        ("kimi_linear", "blk.0.ssm_conv1d_q.weight"),  # 4-D there, and its ssm_a too
     ],
 )
 def test_routers_and_conv_kernels_stay_f32_as_llama_cpp_stores_them(tmp_path, tiny_tokenizer, family, f32_tensor):
@@ -534,6 +535,8 @@ def test_routers_and_conv_kernels_stay_f32_as_llama_cpp_stores_them(tmp_path, ti
     gguf_export.convert(model_dir, tmp_path / "m.gguf", "q8_0")
     _, _, qtypes = read(tmp_path / "m.gguf")
     assert qtypes[f32_tensor] == gguf.GGMLQuantizationType.F32
+    if family == "kimi_linear":
+        assert qtypes["blk.0.ssm_a"] == gguf.GGMLQuantizationType.F32
     assert qtypes["blk.1.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
 
 
