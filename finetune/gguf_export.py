@@ -3,15 +3,17 @@
 Llama / Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 (text), Phi-3, and of the 2025-26 families
 Seed-OSS, OLMo 2 / OLMo 3, ERNIE 4.5 (dense and MoE), SmolLM3, GLM-4.5, Llama 4 (text), LFM2, LFM2-MoE,
 MiniMax-M2, Gemma 4 (text: per-layer embeddings, layers sharing earlier layers' keys and values, a wider head
-and proportional RoPE on global layers, MoE) and the gated delta-net hybrids Qwen3-Next, Qwen3.5 and Qwen3.5-MoE:
-the same metadata keys and tensor names
+and proportional RoPE on global layers, MoE), the gated delta-net hybrids Qwen3-Next, Qwen3.5 and Qwen3.5-MoE, and
+the multi-head latent attention families GLM-4.7-Flash and DeepSeek-V3 (as deepseek2, YaRN included) and Kimi Linear
+(KDA linear attention + MLA): the same metadata keys and tensor names
 (gguf.TensorNameMap) as llama.cpp's converter, with its per-architecture quirks: the q/k row permutation of
 its Llama-style graphs (their RoPE rotates adjacent pairs; HF's rotates halves), Gemma's RMSNorm weights
 stored as 1 + w, MoE experts stacked into one 3-D tensor per projection (with the router's selection bias,
 shared experts and leading dense layers where the graph has them), Phi-3's fused qkv and gate_up kept
 fused, the sliding-window / soft-capping / per-layer rope keys, and the delta-net layers' transforms (A_log
--> -exp, fused projections regrouped, value heads reordered, ssm.* keys). A configuration llama.cpp would compute
-differently (a sliding-window or NoPE layout, bias or attention scale it does not read from the file) is
+-> -exp, fused projections regrouped, value heads reordered, ssm.* keys), MLA's kv_b_proj split per head into
+attn_k_b / attn_v_b for the absorbed attention, and KDA's q/k/v convolution kernels. A configuration llama.cpp
+would compute differently (a sliding-window or NoPE layout, bias or attention scale it does not read from the file) is
 refused, not written. The vocab is byte-level BPE (`gpt2`, with merges and the llama.cpp pre-tokenizer
 that splits text as the tokenizer actually does: probed, not read from tokenizer.json) or SentencePiece-style
 BPE with byte fallback (`llama`, scores ranking the merges), with token types, special ids, add_bos_token as
@@ -716,8 +718,10 @@ def _check_mla(cfg: dict, refuse) -> None:
     _check_silu(cfg, refuse)
     if cfg.get("rope_interleave") is False:
         refuse("rope_interleave", "false (llama.cpp's deepseek2 rotates adjacent pairs, as the interleaved layout)")
-    if (rope_type := _rope_scaling(cfg)["rope_type"]) != "default":
+    if (rope_type := _rope_scaling(cfg)["rope_type"]) not in ("default", "yarn"):
         refuse("rope_parameters", f"rope type {rope_type} on deepseek2 is not exported by finetune")
+    if rope_type == "yarn":
+        _check_mla_yarn(_rope_scaling(cfg), refuse)
     if _partial_rotary_factor(cfg) != 1.0:
         refuse("partial_rotary_factor", "set (llama.cpp's deepseek2 rotates all qk_rope_head_dim dims)")
     if (cfg.get("q_lora_rank") is None) != _mla_lite(cfg):
@@ -727,6 +731,19 @@ def _check_mla(cfg: dict, refuse) -> None:
             f"low-rank q except on a {'/'.join(map(str, MLA_LITE_LAYERS))}-layer Lite model, by its layer count)",
         )
     _check_mla_moe(cfg, refuse)
+
+
+def _check_mla_yarn(rope: dict, refuse) -> None:
+    """YaRN as llama.cpp's deepseek2 runs it: ggml's ramp between interpolated and extrapolated frequencies over the
+    correction dims of its default beta_fast 32 / beta_slow 1 (no key older llama.cpp reads), cos/sin left unscaled
+    and the scores scaled by (0.1 mscale_all_dim ln(factor) + 1)^2: transformers computes the same when mscale equals
+    mscale_all_dim (its cos/sin factor is their ratio)."""
+    if not rope.get("mscale_all_dim") or rope.get("mscale") != rope.get("mscale_all_dim"):
+        refuse("rope_parameters", "yarn with mscale other than mscale_all_dim (llama.cpp leaves cos/sin unscaled)")
+    if (rope.get("beta_fast", 32), rope.get("beta_slow", 1)) != (32, 1) or rope.get("attention_factor") is not None:
+        refuse("rope_parameters", "yarn beta_fast / beta_slow / attention_factor other than llama.cpp's defaults")
+    if rope.get("truncate") is False:
+        refuse("rope_parameters", "yarn truncate false (llama.cpp rounds the correction dims)")
 
 
 def _check_mla_moe(cfg: dict, refuse) -> None:
@@ -774,6 +791,11 @@ def _mla_hparams(writer, cfg: dict, arch_name: str) -> None:
         writer.add_head_count_kv(1)
         writer.add_rope_freq_base(float(_rope_theta(cfg) or 10000.0))
         writer.add_expert_weights_norm(bool(cfg.get("norm_topk_prob")))  # kimi-linear's graph always renormalises
+        if (rope := _rope_scaling(cfg))["rope_type"] == "yarn":  # the converter's keys; log_mul stored x 0.1
+            writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            writer.add_rope_scaling_factor(rope["factor"])
+            writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+            writer.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
     writer.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-6))
     writer.add_vocab_size(cfg["vocab_size"])
     writer.add_expert_count(_first(cfg, "n_routed_experts", "num_experts", "num_local_experts"))

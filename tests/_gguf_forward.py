@@ -420,8 +420,9 @@ def mla_attention(t, p, h, key, pos, rotate=True):
     attn_q_a -> attn_q_a_norm -> attn_q_b (or attn_q), per head [nope, rope]; attn_kv_a_mqa yields the kv latent
     (RMS-normed by attn_kv_a_norm) and one rope key shared by the heads; RoPE on adjacent pairs (NORM) over
     rope.dimension_count dims (kimi-linear: none); each head's nope query mapped into the latent by attn_k_b,
-    scores against the latent plus the rope part, scaled by 1/sqrt(key_length_mla); the attended latent expanded
-    per head by attn_v_b."""
+    scores against the latent plus the rope part, scaled by 1/sqrt(key_length_mla) (YaRN: frequencies mixed as
+    yarn_factors, cos/sin unscaled, the scores times (1 + 0.1 mscale_all_dim ln factor)^2); the attended latent
+    expanded per head by attn_v_b."""
     n_head, eps = key("attention.head_count"), key("attention.layer_norm_rms_epsilon")
     kv_lora, n_rot, d_k = key("attention.kv_lora_rank"), key("rope.dimension_count"), key("attention.key_length_mla")
     T, base = h.shape[0], key("rope.freq_base", 10000.0)
@@ -433,12 +434,17 @@ def mla_attention(t, p, h, key, pos, rotate=True):
     q_nope, q_pe = q[..., : d_k - n_rot], q[..., d_k - n_rot :]
     kv = h @ t[p + "attn_kv_a_mqa.weight"].T
     latent, k_pe = _rms(kv[:, :kv_lora], t[p + "attn_kv_a_norm.weight"], eps), kv[:, None, kv_lora:]
+    scale, factors = 1 / np.sqrt(d_k), None
+    if key("rope.scaling.type") == "yarn":
+        factors = yarn_factors(n_rot, base, key("rope.scaling.factor"), key("rope.scaling.original_context_length"))
+        mscale_all_dim = key("rope.scaling.yarn_log_multiplier") / 0.1  # the converter stores it x 0.1
+        scale *= (1 + 0.1 * mscale_all_dim * np.log(key("rope.scaling.factor"))) ** 2
     if rotate:
-        q_pe, k_pe = rope(q_pe, pos, base, False), rope(k_pe, pos, base, False)
+        q_pe, k_pe = (rope(x, pos, base, False, freq_factors=factors) for x in (q_pe, k_pe))
     k_pe = k_pe[:, 0]
     q_latent = np.einsum("thn,hln->thl", q_nope, t[p + "attn_k_b.weight"])  # (head, kv_lora, nope)
     s = np.einsum("thl,sl->hts", q_latent, latent) + np.einsum("thr,sr->hts", q_pe, k_pe)
-    s = s / np.sqrt(d_k) + np.triu(np.full((T, T), -np.inf), 1)
+    s = s * scale + np.triu(np.full((T, T), -np.inf), 1)
     s = np.exp(s - s.max(-1, keepdims=True))
     o = np.einsum("hts,sl->thl", s / s.sum(-1, keepdims=True), latent)
     o = np.einsum("thl,hvl->thv", o, t[p + "attn_v_b.weight"])  # (head, v, kv_lora)
@@ -476,3 +482,16 @@ def kimi_delta_attention(t, p, h, key):
     gate = (h @ t[p + "ssm_g_a.weight"].T @ t[p + "ssm_g_b.weight"].T).reshape(T, n_head, d)
     out = _rms(out, t[p + "ssm_norm.weight"], eps) / (1 + np.exp(-gate))
     return out.reshape(T, -1) @ t[p + "attn_output.weight"].T
+
+
+def yarn_factors(n_rot, base, factor, n_ctx_orig, beta_fast=32.0, beta_slow=1.0):
+    """ggml's YaRN as rope_freqs-style divisors: pair i turns at its interpolated frequency (divided by factor) or
+    its extrapolated one, mixed by a ramp between the correction dims of beta_fast and beta_slow (rounded out,
+    clamped to [0, n_rot - 1]); llama.cpp's deepseek2 cancels ggml's cos/sin magnitude factor (its attn_factor)."""
+
+    def corr(beta):
+        return n_rot * np.log(n_ctx_orig / (beta * 2 * np.pi)) / (2 * np.log(base))
+
+    low, high = max(0.0, np.floor(corr(beta_fast))), min(n_rot - 1.0, np.ceil(corr(beta_slow)))
+    ramp = 1 - np.clip((np.arange(n_rot // 2) - low) / max(0.001, high - low), 0, 1)
+    return 1 / ((1 - ramp) / factor + ramp)

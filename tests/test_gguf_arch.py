@@ -303,6 +303,25 @@ CONFIGS = {
         "bos_token_id": 1,
         "eos_token_id": 2,
     },
+    # DeepSeek-V3 with its YaRN rope (the released model's kind): a ramp between interpolated and extrapolated
+    # frequencies within the 8 rotated dims, scores scaled by mscale_all_dim's factor
+    "deepseek_v3_yarn": {
+        "model_type": "deepseek_v3",
+        **MLA_LAYERS,
+        "first_k_dense_replace": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+    },
 }
 GGUF_ARCH = {
     "qwen3": "qwen3",
@@ -333,6 +352,7 @@ GGUF_ARCH = {
     "glm4_moe_lite": "deepseek2",
     "deepseek_v3": "deepseek2",
     "kimi_linear": "kimi-linear",
+    "deepseek_v3_yarn": "deepseek2",
 }
 
 
@@ -450,6 +470,9 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
         assert meta["deepseek2.attention.key_length_mla"] == 24 and meta["deepseek2.attention.value_length_mla"] == 12
         assert "blk.0.ffn_gate.weight" in tensors and tensors["blk.1.ffn_gate_exps.weight"].shape[1:] == (32, 64)
         assert meta.get("deepseek2.expert_group_used_count") == (2 if family == "deepseek_v3" else 1)
+    if family == "deepseek_v3_yarn":  # the converter's keys; mscale_all_dim stored x 0.1
+        assert meta["deepseek2.rope.scaling.type"] == "yarn" and meta["deepseek2.rope.scaling.factor"] == 4.0
+        assert abs(meta["deepseek2.rope.scaling.yarn_log_multiplier"] - 0.1) < 1e-7
     if family == "kimi_linear":  # a KDA layer (no kv heads: how llama.cpp tells it), then MLA with a full-rank q
         assert meta["kimi-linear.attention.head_count_kv"] == [0, 1] and meta["kimi-linear.kda.head_dim"] == 16
         assert tensors["blk.0.ssm_conv1d_q.weight"].shape == (1, 64, 1, 4) and (tensors["blk.0.ssm_a"] < 0).all()
@@ -592,6 +615,11 @@ def test_a_causal_lm_taken_from_a_vision_language_checkpoint_exports(tmp_path, t
         ("deepseek_v3", {"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "rope_parameters"),
         ("deepseek_v3", {"num_hidden_layers": 27}, "q_lora_rank"),  # a low-rank q where llama.cpp expects a Lite
         ("deepseek_v3", {"n_shared_experts": 0}, "n_shared_experts"),
+        (
+            "deepseek_v3_yarn",
+            {"rope_parameters": {**CONFIGS["deepseek_v3_yarn"]["rope_parameters"], "mscale": 0.7}},
+            "rope",
+        ),
         ("kimi_linear", {"linear_num_heads": 2}, "linear_num_heads"),  # llama.cpp: one head count for KDA and MLA
         ("kimi_linear", {"moe_renormalize": False}, "moe_renormalize"),
         ("kimi_linear", {"tie_word_embeddings": True}, "tie_word_embeddings"),
