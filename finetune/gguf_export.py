@@ -3,16 +3,19 @@
 Llama / Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 (text), Phi-3, and of the 2025-26 families
 Seed-OSS, OLMo 2 / OLMo 3, ERNIE 4.5 (dense and MoE), SmolLM3, GLM-4.5, Llama 4 (text), LFM2, LFM2-MoE,
 MiniMax-M2, Gemma 4 (text: per-layer embeddings, layers sharing earlier layers' keys and values, a wider head
-and proportional RoPE on global layers, MoE) and the gated delta-net hybrids Qwen3-Next, Qwen3.5 and Qwen3.5-MoE,
-and the Mamba-2 hybrids Granite 4 (dense and MoE) and Falcon-H1: the same metadata keys and tensor names
+and proportional RoPE on global layers, MoE), the gated delta-net hybrids Qwen3-Next, Qwen3.5 and Qwen3.5-MoE,
+the Mamba-2 hybrids Granite 4 (dense and MoE) and Falcon-H1, and the multi-head latent attention families
+GLM-4.7-Flash and DeepSeek-V3 (as deepseek2, YaRN included) and Kimi Linear (KDA linear attention + MLA):
+the same metadata keys and tensor names
 (gguf.TensorNameMap) as llama.cpp's converter, with its per-architecture quirks: the q/k row permutation of
 its Llama-style graphs (their RoPE rotates adjacent pairs; HF's rotates halves), Gemma's RMSNorm weights
 stored as 1 + w, MoE experts stacked into one 3-D tensor per projection (with the router's selection bias,
 shared experts and leading dense layers where the graph has them), Phi-3's fused qkv and gate_up kept
 fused, the sliding-window / soft-capping / per-layer rope keys, and the delta-net layers' transforms (A_log
 -> -exp, fused projections regrouped, value heads reordered, ssm.* keys), the Mamba-2 layers' (A and D as
-(heads, 1), the gated norm per group; Granite's multipliers as scale keys, Falcon-H1's folded into the weights).
-A configuration llama.cpp would compute
+(heads, 1), the gated norm per group; Granite's multipliers as scale keys, Falcon-H1's folded into the weights),
+MLA's kv_b_proj split per head into attn_k_b / attn_v_b for the absorbed attention, and KDA's q/k/v convolution
+kernels. A configuration llama.cpp would compute
 differently (a sliding-window or NoPE layout, bias or attention scale it does not read from the file) is
 refused, not written. The vocab is byte-level BPE (`gpt2`, with merges and the llama.cpp pre-tokenizer
 that splits text as the tokenizer actually does: probed, not read from tokenizer.json) or SentencePiece-style
@@ -63,6 +66,9 @@ ARCHS = {
     "FalconH1ForCausalLM": "FALCON_H1",
     "Qwen2VLForConditionalGeneration": "QWEN2VL",  # its language model (finetune/gguf_mmproj.py stages it)
     "Qwen2_5_VLForConditionalGeneration": "QWEN2VL",  # the same
+    "Glm4MoeLiteForCausalLM": "DEEPSEEK2",  # GLM-4.7-Flash: llama.cpp's converter writes it as deepseek2
+    "DeepseekV3ForCausalLM": "DEEPSEEK2",
+    "KimiLinearForCausalLM": "KIMI_LINEAR",  # KDA linear attention + MLA without RoPE + MoE
 }
 PERMUTED = ("LLAMA", "SMOLLM3")  # architectures whose q/k rows llama.cpp wants permuted
 NORM_PLUS_ONE = ("GEMMA2", "GEMMA3")  # HF's Gemma RMSNorm multiplies by (1 + w); llama.cpp by the stored weight
@@ -88,6 +94,13 @@ NO_BIAS = {
 # architectures exported with plain RoPE only (llama.cpp's converter writes per-arch keys for their scaling)
 PLAIN_ROPE = ("SEED_OSS", "OLMO2", "ERNIE4_5", "SMOLLM3", "GLM4_MOE", "LFM2", "ERNIE4_5_MOE", "MINIMAXM2", "LFM2MOE")
 MOE = ("QWEN3MOE", "GLM4_MOE", "LLAMA4", "ERNIE4_5_MOE", "MINIMAXM2", "LFM2MOE", "QWEN3NEXT", "QWEN35MOE")
+# multi-head latent attention (MLA: low-rank q and compressed kv, RoPE on a per-head slice; none in Kimi Linear,
+# whose other layers are KDA linear attention) with DeepSeek-V3's router
+MLA = ("DEEPSEEK2", "KIMI_LINEAR")
+MOE += MLA
+# llama.cpp's deepseek2 takes a model of these layer counts (or 48 layers and a 128256-token vocab) for a "Lite"
+# one, whose q projection is not low-rank: it reads no q_lora_rank there, and requires it everywhere else
+MLA_LITE_LAYERS = (26, 27)
 # architectures with LFM2's gated short-convolution layers (shortconv.*, per-layer head_count_kv)
 SHORTCONV = ("LFM2", "LFM2MOE")
 # hybrids of gated delta-net (linear attention) layers and gated full-attention layers, zero-centred RMSNorm
@@ -866,6 +879,174 @@ FAMILY_HPARAMS["GRANITE_HYBRID"] = _granite_hybrid_hparams
 FAMILY_HPARAMS["FALCON_H1"] = _mamba2_hparams
 
 
+# Multi-head latent attention (GLM-4.7-Flash, DeepSeek-V3 as deepseek2; Kimi Linear) as llama.cpp runs it: the kv
+# latent and the shared rope key cached as one head (MQA), each head's nope query absorbed into the latent through
+# attn_k_b and the attended latent expanded through attn_v_b; RoPE on adjacent pairs (none in Kimi Linear); a
+# sigmoid router whose selection bias picks the experts, limited to the best expert groups, its weights renormalised
+# and scaled; shared experts and leading dense layers. Kimi Linear's other layers are KDA (Kimi delta attention).
+
+
+def _mla_leading_dense(cfg: dict) -> int | None:
+    """How many leading layers are dense (the rest MoE), as transformers builds them: mlp_layer_types (GLM-4.7-Flash,
+    Kimi Linear) or first_k_dense_replace (DeepSeek-V3); None when the dense layers do not all lead."""
+    types = cfg.get("mlp_layer_types")
+    if types is None:
+        return cfg.get("first_k_dense_replace") or 0
+    lead = types.count("dense")
+    return lead if types == ["dense"] * lead + ["sparse"] * (len(types) - lead) else None
+
+
+def _mla_lite(cfg: dict) -> bool:
+    """Whether llama.cpp's deepseek2 loader takes this model for a Lite one (reads no q_lora_rank: MLA_LITE_LAYERS)."""
+    n_layer = cfg["num_hidden_layers"]
+    return n_layer in MLA_LITE_LAYERS or (n_layer == 48 and cfg["vocab_size"] == 128256)
+
+
+def _first(cfg: dict, *names, default=None):
+    """The first of `names` the config.json has (Kimi Linear's config writes other names for the same settings)."""
+    return next((cfg[n] for n in names if cfg.get(n) is not None), default)
+
+
+def _check_mla(cfg: dict, refuse) -> None:
+    """Refuse an MLA config that llama.cpp's deepseek2 graph would compute differently, or could not load."""
+    _check_silu(cfg, refuse)
+    if cfg.get("rope_interleave") is False:
+        refuse("rope_interleave", "false (llama.cpp's deepseek2 rotates adjacent pairs, as the interleaved layout)")
+    if (rope_type := _rope_scaling(cfg)["rope_type"]) not in ("default", "yarn"):
+        refuse("rope_parameters", f"rope type {rope_type} on deepseek2 is not exported by finetune")
+    if rope_type == "yarn":
+        _check_mla_yarn(_rope_scaling(cfg), refuse)
+    if _partial_rotary_factor(cfg) != 1.0:
+        refuse("partial_rotary_factor", "set (llama.cpp's deepseek2 rotates all qk_rope_head_dim dims)")
+    if (cfg.get("q_lora_rank") is None) != _mla_lite(cfg):
+        refuse(
+            "q_lora_rank",
+            f"{cfg.get('q_lora_rank')} with {cfg['num_hidden_layers']} layers (llama.cpp's deepseek2 reads a "
+            f"low-rank q except on a {'/'.join(map(str, MLA_LITE_LAYERS))}-layer Lite model, by its layer count)",
+        )
+    _check_mla_moe(cfg, refuse)
+
+
+def _check_mla_yarn(rope: dict, refuse) -> None:
+    """YaRN as llama.cpp's deepseek2 runs it: ggml's ramp between interpolated and extrapolated frequencies over the
+    correction dims of its default beta_fast 32 / beta_slow 1 (no key older llama.cpp reads), cos/sin left unscaled
+    and the scores scaled by (0.1 mscale_all_dim ln(factor) + 1)^2: transformers computes the same when mscale equals
+    mscale_all_dim (its cos/sin factor is their ratio)."""
+    if not rope.get("mscale_all_dim") or rope.get("mscale") != rope.get("mscale_all_dim"):
+        refuse("rope_parameters", "yarn with mscale other than mscale_all_dim (llama.cpp leaves cos/sin unscaled)")
+    if (rope.get("beta_fast", 32), rope.get("beta_slow", 1)) != (32, 1) or rope.get("attention_factor") is not None:
+        refuse("rope_parameters", "yarn beta_fast / beta_slow / attention_factor other than llama.cpp's defaults")
+    if rope.get("truncate") is False:
+        refuse("rope_parameters", "yarn truncate false (llama.cpp rounds the correction dims)")
+
+
+def _check_mla_moe(cfg: dict, refuse) -> None:
+    if cfg.get("attention_bias"):
+        refuse("attention_bias", "true (llama.cpp's MLA graphs have no attention biases)")
+    if _mla_leading_dense(cfg) is None:
+        refuse("mlp_layer_types", "dense layers after MoE ones (llama.cpp has leading dense layers only)")
+    if not _first(cfg, "n_shared_experts", "num_shared_experts"):
+        refuse("n_shared_experts", "0 (llama.cpp's MLA graphs run a shared expert in every MoE layer)")
+
+
+def _check_kimi_linear(cfg: dict, refuse) -> None:
+    """Refuse a Kimi Linear config that llama.cpp's kimi-linear graph would compute differently, or could not load."""
+    _check_silu(cfg, refuse)  # also the KDA convolution's activation in transformers
+    if set(cfg.get("layer_types") or []) - {"linear_attention", "full_attention"}:
+        refuse("layer_types", "other than linear_attention and full_attention (llama.cpp's kimi-linear has these two)")
+    if cfg["linear_num_heads"] != cfg["num_attention_heads"]:
+        refuse("linear_num_heads", "differs from num_attention_heads (llama.cpp's kimi-linear has one head count)")
+    if not _first(cfg, "norm_topk_prob", "moe_renormalize", default=True):
+        refuse("moe_renormalize", "false (llama.cpp's kimi-linear renormalises the top-k router weights)")
+    if cfg.get("tie_word_embeddings"):
+        refuse("tie_word_embeddings", "true (llama.cpp's kimi-linear needs a separate output matrix)")
+    _check_mla_moe(cfg, refuse)
+
+
+def _mla_hparams(writer, cfg: dict, arch_name: str) -> None:
+    """The keys llama.cpp's converter (DeepseekV2Model, KimiLinearModel) writes and its loader reads: one kv head whose
+    key is the kv latent plus the rope slice and whose value is the latent (MQA over the cache), the per-head sizes
+    after decompression (key_length_mla / value_length_mla), the q/kv ranks, the rope slice's width; the router
+    (sigmoid always: transformers' MLA families score that way), its groups, renormalisation and scale. Kimi Linear:
+    head_count_kv 0 on its KDA layers (how llama.cpp tells them), the KDA head size and convolution width."""
+    import gguf
+
+    kv_lora, rope_dim = cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_context_length(_first(cfg, "max_position_embeddings", "model_max_length"))
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    if arch_name == "KIMI_LINEAR":
+        writer.add_head_count_kv([int(t == "full_attention") for t in cfg["layer_types"]])
+        writer.add_ssm_conv_kernel(cfg["linear_conv_kernel_dim"])
+        writer.add_kda_head_dim(cfg["linear_head_dim"])
+    else:
+        writer.add_head_count_kv(1)
+        writer.add_rope_freq_base(float(_rope_theta(cfg) or 10000.0))
+        writer.add_expert_weights_norm(bool(cfg.get("norm_topk_prob")))  # kimi-linear's graph always renormalises
+        if (rope := _rope_scaling(cfg))["rope_type"] == "yarn":  # the converter's keys; log_mul stored x 0.1
+            writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            writer.add_rope_scaling_factor(rope["factor"])
+            writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+            writer.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
+    writer.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-6))
+    writer.add_vocab_size(cfg["vocab_size"])
+    writer.add_expert_count(_first(cfg, "n_routed_experts", "num_experts", "num_local_experts"))
+    writer.add_expert_used_count(_first(cfg, "num_experts_per_tok", "num_experts_per_token"))
+    if (n_group := _first(cfg, "n_group", "num_expert_group")) is not None:
+        writer.add_expert_group_count(n_group)
+        writer.add_expert_group_used_count(cfg["topk_group"])
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    writer.add_leading_dense_block_count(_mla_leading_dense(cfg))
+    if cfg.get("q_lora_rank") is not None:
+        writer.add_q_lora_rank(cfg["q_lora_rank"])
+    writer.add_kv_lora_rank(kv_lora)
+    writer.add_key_length(kv_lora + rope_dim)
+    writer.add_value_length(kv_lora)
+    writer.add_key_length_mla(cfg["qk_nope_head_dim"] + rope_dim)
+    writer.add_value_length_mla(cfg["v_head_dim"])
+    writer.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    writer.add_expert_shared_count(_first(cfg, "n_shared_experts", "num_shared_experts"))
+    writer.add_expert_weights_scale(float(cfg.get("routed_scaling_factor", 1.0)))
+    writer.add_rope_dimension_count(rope_dim)
+
+
+def _mla_tensors(source, cfg: dict):
+    """kv_b_proj split per head into k_b_proj (the nope key rows, transposed: (head, kv_lora, nope)) and v_b_proj
+    ((head, v, kv_lora)), as llama.cpp's converter writes them for the absorbed attention. KDA layers (Kimi Linear,
+    saved as its checkpoint names them): A_log as -exp(A_log), dt_bias as dt_proj.bias, each of the q/k/v depthwise
+    convolution kernels as the converter's (1, channels, 1, kernel); transformers' runtime names (the forget gate's
+    own module, one fused kernel) read as those."""
+    import re
+
+    n_head, nope = cfg["num_attention_heads"], cfg["qk_nope_head_dim"]
+    for name, data in source:
+        name = name.replace(".forget_gate.", ".")
+        # transformers saves Kimi Linear's dense MLP under block_sparse_moe. too (undoing its own mlp. renaming)
+        name = re.sub(r"\.block_sparse_moe\.(gate_proj|up_proj|down_proj)\.", r".mlp.\1.", name)
+        if name.endswith("kv_b_proj.weight"):
+            kv_b = data.reshape(n_head, nope + cfg["v_head_dim"], data.shape[-1])
+            yield name.replace("kv_b_proj", "k_b_proj"), np.ascontiguousarray(kv_b[:, :nope].transpose(0, 2, 1))
+            yield name.replace("kv_b_proj", "v_b_proj"), np.ascontiguousarray(kv_b[:, nope:])
+            continue
+        if name.endswith(".A_log"):
+            data = -np.exp(data)
+        elif name.endswith(".dt_bias"):
+            name = name.removesuffix(".dt_bias") + ".dt_proj.bias"
+        elif name.endswith("self_attn.conv1d.weight"):  # fused [q, k, v] channels
+            for part, kernel in zip(("q", "k", "v"), np.split(data, 3)):
+                yield name.replace(".conv1d.", f".{part}_conv1d."), kernel.reshape(1, -1, 1, data.shape[-1])
+            continue
+        elif name.endswith(("q_conv1d.weight", "k_conv1d.weight", "v_conv1d.weight")):
+            data = data.reshape(1, -1, 1, data.shape[-1])
+        yield name, data
+
+
+FAMILY_CHECKS["DEEPSEEK2"] = _check_mla
+FAMILY_CHECKS["KIMI_LINEAR"] = _check_kimi_linear
+
+
 def _pre_tokenizer(tok) -> str:
     """The llama.cpp pre-tokenizer that splits text as this tokenizer does: the tokenizer transformers loads
     (whose class may replace tokenizer.json's pre-tokenizer) encodes probe strings (digits, apostrophes, CJK,
@@ -999,6 +1180,8 @@ def _looks_special(token: str) -> bool:
 
 # tensors llama.cpp's converter always stores in f32 (besides 1-D ones and norms): MoE routers, conv kernels
 ALWAYS_F32 = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "shortconv.conv.weight", "ssm_conv1d.weight")
+# and Kimi Linear's KDA decay and (4-D) convolution kernels, which are not 1-D there
+ALWAYS_F32 += ("ssm_a", "ssm_conv1d_q.weight", "ssm_conv1d_k.weight", "ssm_conv1d_v.weight")
 
 
 def _qtype(name: str, data: np.ndarray, outtype: str):
@@ -1113,6 +1296,8 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
 
     if arch_name == "GEMMA4":
         return _gemma4_hparams(writer, cfg)
+    if arch_name in MLA:
+        return _mla_hparams(writer, cfg, arch_name)
     n_head = cfg["num_attention_heads"]
     writer.add_block_count(cfg["num_hidden_layers"])
     writer.add_context_length(cfg["max_position_embeddings"])
@@ -1303,6 +1488,8 @@ def gguf_tensors(model_dir: Path, cfg: dict, arch_name: str):
         source = _delta_net_tensors(source, cfg, arch_name)
     if arch_name in MAMBA2:
         source = _mamba2_tensors(source, cfg, arch_name)
+    if arch_name in MLA:
+        source = _mla_tensors(source, cfg)
     tied = cfg.get("tie_word_embeddings", arch_name in NORM_PLUS_ONE)
     mtp = re.compile(r"model\.layers\.(\d+)\.")  # layers past num_hidden_layers: multi-token prediction
     for hf_name, data in source:

@@ -1,12 +1,12 @@
 """A numpy forward pass of a GGUF computed from the file alone, the way llama.cpp's graphs for the exported
 architectures compute (llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, seed_oss, olmo2, ernie4_5, smollm3,
-glm4moe, llama4, lfm2, ernie4_5-moe, minimax-m2, lfm2moe, qwen3next, qwen35, qwen35moe, and gemma4, granitehybrid
-and falcon-h1 in their own functions): their RoPE layouts, Gemma's embedding and attention scales, soft-capping,
-sliding-window layouts, pre- and post-norms, q/k norms (per head, or over the whole projection as OLMo 2's and
-MiniMax-M2's), NoPE layers, top-k MoE routing (softmax or sigmoid, with a selection bias; expert inputs or outputs
-weighted; shared experts, gated or not; leading dense and interleaved MoE layers as the file's keys lay them out),
-gated delta-net layers, Mamba-2 layers (Granite 4, Falcon-H1) and Phi-3's fused projections. Used to show an
-exported file computes what transformers computes."""
+glm4moe, llama4, lfm2, ernie4_5-moe, minimax-m2, lfm2moe, qwen3next, qwen35, qwen35moe, deepseek2, kimi-linear, and
+gemma4, granitehybrid and falcon-h1 in their own functions): their RoPE layouts, Gemma's embedding and attention
+scales, soft-capping, sliding-window layouts, pre- and post-norms, q/k norms (per head, or over the whole
+projection as OLMo 2's and MiniMax-M2's), NoPE layers, top-k MoE routing (softmax or sigmoid, with a selection
+bias; expert inputs or outputs weighted; shared experts, gated or not; leading dense and interleaved MoE layers as
+the file's keys lay them out), gated delta-net layers, Mamba-2 layers (Granite 4, Falcon-H1) and Phi-3's fused
+projections. Used to show an exported file computes what transformers computes."""
 
 from __future__ import annotations
 
@@ -112,6 +112,10 @@ def gguf_forward(path, ids):
         if arch in DELTA_NET:
             recurrent = (i + 1) % key("full_attention_interval", 4) != 0  # llama.cpp's layout, from the key
             a = (gated_delta_net if recurrent else gated_attention)(t, p, h, key, arch)
+        elif p + "attn_kv_a_mqa.weight" in t:  # deepseek2, kimi-linear: multi-head latent attention
+            a = mla_attention(t, p, h, key, pos, rotate=arch != "kimi-linear")  # kimi-linear: no RoPE
+        elif p + "ssm_f_a.weight" in t:  # kimi-linear: KDA linear attention
+            a = kimi_delta_attention(t, p, h, key)
         elif p + "shortconv.conv.weight" in t:  # lfm2: gated short convolution, causal over the time axis
             b, c, xx = np.split(lin(h, p + "shortconv.in_proj"), 3, axis=-1)
             w = t[p + "shortconv.conv.weight"]  # (channels, L)
@@ -169,6 +173,7 @@ def gguf_forward(path, ids):
                 probs = np.exp(logits - logits.max(-1, keepdims=True))
                 probs /= probs.sum(-1, keepdims=True)
             choice = probs + t.get(p + "exp_probs_b.bias", 0.0)  # the bias picks the experts, not their weights
+            choice = best_groups(choice, key)  # limited to the best expert groups where the file names groups
             top = np.argsort(-choice, axis=-1)[:, : key("expert_used_count")]
             f = np.zeros_like(h)
             for row in range(T):
@@ -510,3 +515,101 @@ def mamba2(t, p, h, key):
         norm = t[p + "ssm_norm.weight"]  # (groups, inner / groups)
         y = _rms(y.reshape(T, *norm.shape), norm, eps).reshape(T, d_inner)
     return y @ t[p + "ssm_out.weight"].T
+
+
+def best_groups(choice, key):
+    """llama.cpp's group-limited routing (expert_group_count > 1): experts in groups of equal size, a group scored
+    by the sum of its two best selection scores, all experts outside the expert_group_used_count best groups
+    masked out before the top-k."""
+    n_group = key("expert_group_count", 1)
+    if n_group <= 1:
+        return choice
+    T, n_expert = choice.shape
+    groups = choice.reshape(T, n_group, n_expert // n_group)
+    score = np.sort(groups, axis=-1)[..., -2:].sum(-1)
+    keep = np.argsort(-score, axis=-1)[:, : key("expert_group_used_count")]
+    mask = np.full((T, n_group), -np.inf)
+    np.put_along_axis(mask, keep, 0.0, axis=-1)
+    return (groups + mask[..., None]).reshape(T, n_expert)
+
+
+def mla_attention(t, p, h, key, pos, rotate=True):
+    """deepseek2's multi-head latent attention as llama.cpp computes it with the absorption: q from the low-rank
+    attn_q_a -> attn_q_a_norm -> attn_q_b (or attn_q), per head [nope, rope]; attn_kv_a_mqa yields the kv latent
+    (RMS-normed by attn_kv_a_norm) and one rope key shared by the heads; RoPE on adjacent pairs (NORM) over
+    rope.dimension_count dims (kimi-linear: none); each head's nope query mapped into the latent by attn_k_b,
+    scores against the latent plus the rope part, scaled by 1/sqrt(key_length_mla) (YaRN: frequencies mixed as
+    yarn_factors, cos/sin unscaled, the scores times (1 + 0.1 mscale_all_dim ln factor)^2); the attended latent
+    expanded per head by attn_v_b."""
+    n_head, eps = key("attention.head_count"), key("attention.layer_norm_rms_epsilon")
+    kv_lora, n_rot, d_k = key("attention.kv_lora_rank"), key("rope.dimension_count"), key("attention.key_length_mla")
+    T, base = h.shape[0], key("rope.freq_base", 10000.0)
+    if p + "attn_q_a.weight" in t:
+        q = _rms(h @ t[p + "attn_q_a.weight"].T, t[p + "attn_q_a_norm.weight"], eps) @ t[p + "attn_q_b.weight"].T
+    else:
+        q = h @ t[p + "attn_q.weight"].T
+    q = q.reshape(T, n_head, d_k)
+    q_nope, q_pe = q[..., : d_k - n_rot], q[..., d_k - n_rot :]
+    kv = h @ t[p + "attn_kv_a_mqa.weight"].T
+    latent, k_pe = _rms(kv[:, :kv_lora], t[p + "attn_kv_a_norm.weight"], eps), kv[:, None, kv_lora:]
+    scale, factors = 1 / np.sqrt(d_k), None
+    if key("rope.scaling.type") == "yarn":
+        factors = yarn_factors(n_rot, base, key("rope.scaling.factor"), key("rope.scaling.original_context_length"))
+        mscale_all_dim = key("rope.scaling.yarn_log_multiplier") / 0.1  # the converter stores it x 0.1
+        scale *= (1 + 0.1 * mscale_all_dim * np.log(key("rope.scaling.factor"))) ** 2
+    if rotate:
+        q_pe, k_pe = (rope(x, pos, base, False, freq_factors=factors) for x in (q_pe, k_pe))
+    k_pe = k_pe[:, 0]
+    q_latent = np.einsum("thn,hln->thl", q_nope, t[p + "attn_k_b.weight"])  # (head, kv_lora, nope)
+    s = np.einsum("thl,sl->hts", q_latent, latent) + np.einsum("thr,sr->hts", q_pe, k_pe)
+    s = s * scale + np.triu(np.full((T, T), -np.inf), 1)
+    s = np.exp(s - s.max(-1, keepdims=True))
+    o = np.einsum("hts,sl->thl", s / s.sum(-1, keepdims=True), latent)
+    o = np.einsum("thl,hvl->thv", o, t[p + "attn_v_b.weight"])  # (head, v, kv_lora)
+    return o.reshape(T, -1) @ t[p + "attn_output.weight"].T
+
+
+def kimi_delta_attention(t, p, h, key):
+    """kimi-linear's KDA layer as llama.cpp computes it, the delta rule as a plain per-token recurrence: attn_q /
+    attn_k / attn_v, each through its causal depthwise convolution (ssm_conv1d_q/k/v) and SiLU; q and k L2-normed
+    (x / max(|x|, eps)), q scaled by 1/sqrt(head dim); a decay per channel g = softplus(ssm_f_b(ssm_f_a(x)) + ssm_dt) *
+    ssm_a (ssm_a = -exp(A_log), one per head), beta = sigmoid(ssm_beta(x)); per head S <- S * exp(g) (row-wise);
+    S <- S + k (beta (v - S^T k))^T; o = S^T q; then RMSNorm(o) * sigmoid(ssm_g_b(ssm_g_a(x))) -> attn_output."""
+    n_head, d, eps = key("attention.head_count"), key("kda.head_dim"), key("attention.layer_norm_rms_epsilon")
+    T = h.shape[0]
+
+    def conv(name, x):
+        w = t[p + f"ssm_conv1d_{name}.weight"]  # (1, channels, 1, kernel)
+        w = w.reshape(w.shape[1], w.shape[-1])
+        padded = np.concatenate([np.zeros((w.shape[1] - 1, x.shape[1])), x])
+        out = sum(padded[j : j + T] * w[:, j] for j in range(w.shape[1]))
+        return (out / (1 + np.exp(-out))).reshape(T, n_head, d)
+
+    q, k, v = (conv(n, h @ t[p + f"attn_{n}.weight"].T) for n in ("q", "k", "v"))
+    q = q / np.maximum(np.sqrt((q * q).sum(-1, keepdims=True)), eps) / np.sqrt(d)
+    k = k / np.maximum(np.sqrt((k * k).sum(-1, keepdims=True)), eps)
+    f = h @ t[p + "ssm_f_a.weight"].T @ t[p + "ssm_f_b.weight"].T + t[p + "ssm_dt.bias"]
+    g = np.logaddexp(0.0, f).reshape(T, n_head, d) * t[p + "ssm_a"].reshape(1, n_head, 1)
+    beta = 1 / (1 + np.exp(-(h @ t[p + "ssm_beta.weight"].T)))
+    state, out = np.zeros((n_head, d, d)), np.zeros((T, n_head, d))
+    for i in range(T):
+        state = state * np.exp(g[i])[:, :, None]
+        delta = (v[i] - np.einsum("hkv,hk->hv", state, k[i])) * beta[i][:, None]
+        state = state + k[i][:, :, None] * delta[:, None, :]
+        out[i] = np.einsum("hkv,hk->hv", state, q[i])
+    gate = (h @ t[p + "ssm_g_a.weight"].T @ t[p + "ssm_g_b.weight"].T).reshape(T, n_head, d)
+    out = _rms(out, t[p + "ssm_norm.weight"], eps) / (1 + np.exp(-gate))
+    return out.reshape(T, -1) @ t[p + "attn_output.weight"].T
+
+
+def yarn_factors(n_rot, base, factor, n_ctx_orig, beta_fast=32.0, beta_slow=1.0):
+    """ggml's YaRN as rope_freqs-style divisors: pair i turns at its interpolated frequency (divided by factor) or
+    its extrapolated one, mixed by a ramp between the correction dims of beta_fast and beta_slow (rounded out,
+    clamped to [0, n_rot - 1]); llama.cpp's deepseek2 cancels ggml's cos/sin magnitude factor (its attn_factor)."""
+
+    def corr(beta):
+        return n_rot * np.log(n_ctx_orig / (beta * 2 * np.pi)) / (2 * np.log(base))
+
+    low, high = max(0.0, np.floor(corr(beta_fast))), min(n_rot - 1.0, np.ceil(corr(beta_slow)))
+    ramp = 1 - np.clip((np.arange(n_rot // 2) - low) / max(0.001, high - low), 0, 1)
+    return 1 / ((1 - ramp) / factor + ramp)

@@ -37,7 +37,7 @@ def test_deepseek_v3_trains_sft_and_dpo_without_a_router_aux_loss(tmp_path, tiny
     row = model_matrix.run_family("DeepSeek-V3 (MLA+MoE)", tmp_path, tiny_tokenizer)
     for cell in ("SFT LoRA", "QLoRA", "DPO", "merge"):
         assert row[cell].startswith("ok"), (cell, row[cell])
-    assert row["GGUF"] == "refused (one line)"
+    assert row["GGUF"].startswith("ok (")  # GGUF as llama.cpp's deepseek2 (tests/test_gguf_arch.py)
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,23 @@ MAMBA2_LAYERS = {
     "mamba_d_conv": 4,
     "mamba_chunk_size": 8,
 }
+# multi-head latent attention: q through a rank-32 bottleneck, a rank-32 kv latent, per head 16 nope + 8 rope dims
+# of key and 12 of value; 4 routed experts (top 2) and a shared one. RMSNorm eps 1e-6: transformers builds the q_a and
+# kv_a norms with 1e-6 whatever rms_norm_eps says, llama.cpp with rms_norm_eps (docs/export.md)
+MLA_LAYERS = {
+    "rms_norm_eps": 1e-6,
+    "num_key_value_heads": 4,
+    "q_lora_rank": 32,
+    "kv_lora_rank": 32,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 12,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "n_shared_experts": 1,
+    "norm_topk_prob": True,
+}
 CONFIGS = {
     "qwen3": {"model_type": "qwen3", "head_dim": 16, "tie_word_embeddings": True},
     "qwen3_moe": {
@@ -305,6 +322,58 @@ CONFIGS = {
         "ssm_in_multiplier": 1.1,
         "ssm_out_multiplier": 0.9,
     },
+    # multi-head latent attention (deepseek2): low-rank q, a kv latent with a shared rope key, v narrower than k;
+    # GLM-4.7-Flash: a dense layer, then experts (sigmoid router with a selection bias, renormalised and scaled, a
+    # shared expert)
+    "glm4_moe_lite": {"model_type": "glm4_moe_lite", **MLA_LAYERS, "routed_scaling_factor": 1.8},
+    # DeepSeek-V3: the same, routed within the 2 best of 4 expert groups
+    "deepseek_v3": {
+        "model_type": "deepseek_v3",
+        **MLA_LAYERS,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 3,
+        "n_group": 4,
+        "topk_group": 2,
+        "first_k_dense_replace": 1,
+        "routed_scaling_factor": 2.5,
+    },
+    # Kimi Linear: a KDA layer (per-channel decay, separate q/k/v convolutions, gated output norm) with a dense MLP,
+    # then an MLA layer without RoPE and a full-rank q, with experts; config names as transformers writes them
+    "kimi_linear": {
+        "model_type": "kimi_linear",
+        **{k: v for k, v in MLA_LAYERS.items() if k not in ("q_lora_rank", "n_routed_experts", "n_shared_experts")},
+        "q_lora_rank": None,
+        "layer_types": ["linear_attention", "full_attention"],
+        "mlp_layer_types": ["dense", "sparse"],
+        "linear_num_heads": 4,
+        "linear_head_dim": 16,
+        "num_experts": 4,
+        "num_shared_experts": 1,
+        "routed_scaling_factor": 2.446,
+        "tie_word_embeddings": False,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    # DeepSeek-V3 with its YaRN rope (the released model's kind): a ramp between interpolated and extrapolated
+    # frequencies within the 8 rotated dims, scores scaled by mscale_all_dim's factor
+    "deepseek_v3_yarn": {
+        "model_type": "deepseek_v3",
+        **MLA_LAYERS,
+        "first_k_dense_replace": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+    },
 }
 GGUF_ARCH = {
     "qwen3": "qwen3",
@@ -335,6 +404,10 @@ GGUF_ARCH = {
     "granitemoehybrid": "granitehybrid",
     "granitemoehybrid_dense": "granitehybrid",
     "falcon_h1": "falcon-h1",
+    "glm4_moe_lite": "deepseek2",
+    "deepseek_v3": "deepseek2",
+    "kimi_linear": "kimi-linear",
+    "deepseek_v3_yarn": "deepseek2",
 }
 
 
@@ -353,6 +426,8 @@ def tiny_model_dir(root: Path, family: str, tokenizer, **overrides) -> Path:
                 proj in name
                 for proj in ("q_proj", "k_proj", "qkv_proj", "conv.in_proj", "linear_attn.in_proj", "conv1d")
             ):
+                p.mul_(10.0)
+            if name.endswith(("q_b_proj.weight", "kv_a_proj_with_mqa.weight", "kv_b_proj.weight")):  # MLA's q and k
                 p.mul_(10.0)
             if name.endswith(("router.scale", "per_expert_scale")):  # Gemma 4's router scales, ones at init
                 p.uniform_(0.5, 1.5)
@@ -454,6 +529,21 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
         assert meta[f"{arch}.full_attention_interval"] == 2 and meta[f"{arch}.rope.dimension_count"] == 4
     if GGUF_ARCH[family] in ("granitehybrid", "falcon-h1"):
         _check_mamba2_layout(family, tensors, meta)
+    if GGUF_ARCH[family] == "deepseek2":  # kv_b_proj split per head for the absorbed attention; one kv head
+        assert tensors["blk.0.attn_k_b.weight"].shape == (4, 32, 16)  # (head, kv_lora, nope): transposed
+        assert tensors["blk.0.attn_v_b.weight"].shape == (4, 12, 32)
+        assert "blk.0.attn_kv_b.weight" not in tensors and tensors["blk.0.attn_kv_a_mqa.weight"].shape == (32 + 8, 64)
+        assert meta["deepseek2.attention.head_count_kv"] == 1 and meta["deepseek2.attention.key_length"] == 32 + 8
+        assert meta["deepseek2.attention.key_length_mla"] == 24 and meta["deepseek2.attention.value_length_mla"] == 12
+        assert "blk.0.ffn_gate.weight" in tensors and tensors["blk.1.ffn_gate_exps.weight"].shape[1:] == (32, 64)
+        assert meta.get("deepseek2.expert_group_used_count") == (2 if family == "deepseek_v3" else 1)
+    if family == "deepseek_v3_yarn":  # the converter's keys; mscale_all_dim stored x 0.1
+        assert meta["deepseek2.rope.scaling.type"] == "yarn" and meta["deepseek2.rope.scaling.factor"] == 4.0
+        assert abs(meta["deepseek2.rope.scaling.yarn_log_multiplier"] - 0.1) < 1e-7
+    if family == "kimi_linear":  # a KDA layer (no kv heads: how llama.cpp tells it), then MLA with a full-rank q
+        assert meta["kimi-linear.attention.head_count_kv"] == [0, 1] and meta["kimi-linear.kda.head_dim"] == 16
+        assert tensors["blk.0.ssm_conv1d_q.weight"].shape == (1, 64, 1, 4) and (tensors["blk.0.ssm_a"] < 0).all()
+        assert "blk.1.attn_q.weight" in tensors and tensors["blk.1.attn_k_b.weight"].shape == (4, 32, 16)
 
 
 def _check_gemma4_layout(family, tensors, meta):
@@ -530,6 +620,8 @@ def _check_mamba2_layout(family, tensors, meta):
         ("qwen3_5_text", {"layer_types": ["full_attention", "linear_attention"]}, "layer_types"),
         ("granitemoehybrid", {"position_embedding_type": "rope"}, "position_embedding_type"),
         ("falcon_h1", {"mamba_norm_before_gate": True}, "mamba_norm_before_gate"),
+        # a full-rank q on a 2-layer model: llama.cpp's deepseek2 reads q_lora_rank except on 26/27-layer Lite models
+        ("deepseek_v3", {"q_lora_rank": None}, "q_lora_rank"),
     ],
 )
 def test_a_configuration_llama_cpp_would_compute_differently_is_refused(
@@ -559,6 +651,7 @@ def test_a_configuration_llama_cpp_would_compute_differently_is_refused(
         ("lfm2", "blk.0.shortconv.conv.weight"),
         ("qwen3_5_text", "blk.0.ssm_conv1d.weight"),
         ("granitemoehybrid", "blk.0.ssm_a"),
+        ("kimi_linear", "blk.0.ssm_conv1d_q.weight"),  # 4-D there, and its ssm_a too
     ],
 )
 def test_routers_and_conv_kernels_stay_f32_as_llama_cpp_stores_them(tmp_path, tiny_tokenizer, family, f32_tensor):
@@ -568,6 +661,8 @@ def test_routers_and_conv_kernels_stay_f32_as_llama_cpp_stores_them(tmp_path, ti
     gguf_export.convert(model_dir, tmp_path / "m.gguf", "q8_0")
     _, _, qtypes = read(tmp_path / "m.gguf")
     assert qtypes[f32_tensor] == gguf.GGMLQuantizationType.F32
+    if family == "kimi_linear":
+        assert qtypes["blk.0.ssm_a"] == gguf.GGMLQuantizationType.F32
     assert qtypes["blk.1.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
 
 
@@ -612,3 +707,40 @@ def test_a_causal_lm_taken_from_a_vision_language_checkpoint_exports(tmp_path, t
     tiny_tokenizer.save_pretrained(str(model_dir))
     gguf_export.convert(model_dir, tmp_path / "m.gguf", "f32")
     assert np.abs(gguf_forward(tmp_path / "m.gguf", ids) - hf_logits(model_dir, ids)).max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    "family,override,field",
+    [
+        ("glm4_moe_lite", {"rope_interleave": False}, "rope_interleave"),  # halves rotated: llama.cpp rotates pairs
+        ("glm4_moe_lite", {"mlp_layer_types": ["sparse", "dense"]}, "mlp_layer_types"),
+        ("glm4_moe_lite", {"attention_bias": True}, "attention_bias"),
+        ("deepseek_v3", {"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "rope_parameters"),
+        ("deepseek_v3", {"num_hidden_layers": 27}, "q_lora_rank"),  # a low-rank q where llama.cpp expects a Lite
+        ("deepseek_v3", {"n_shared_experts": 0}, "n_shared_experts"),
+        (
+            "deepseek_v3_yarn",
+            {"rope_parameters": {**CONFIGS["deepseek_v3_yarn"]["rope_parameters"], "mscale": 0.7}},
+            "rope",
+        ),
+        ("kimi_linear", {"linear_num_heads": 2}, "linear_num_heads"),  # llama.cpp: one head count for KDA and MLA
+        ("kimi_linear", {"moe_renormalize": False}, "moe_renormalize"),
+        ("kimi_linear", {"tie_word_embeddings": True}, "tie_word_embeddings"),
+    ],
+)
+def test_an_mla_configuration_llama_cpp_would_compute_differently_is_refused(family, override, field):
+    """The config alone decides (no weights are read): transformers' own config passes, and with one field changed
+    is refused in one line naming the field."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    def config(**changed):
+        kwargs = {**SMALL, **CONFIGS[family], **changed}
+        model_type = kwargs.pop("model_type")
+        cfg = AutoConfig.for_model(model_type, **kwargs).to_dict()
+        return {**cfg, "architectures": [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]]}
+
+    cfg = config()
+    assert gguf_export.check_config(cfg, "config.json") == gguf_export.ARCHS[cfg["architectures"][0]]
+    with pytest.raises(FinetuneError, match=field) as e:
+        gguf_export.check_config(config(**override), "config.json")
+    assert "\n" not in str(e.value)
