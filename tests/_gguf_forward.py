@@ -36,16 +36,20 @@ def read(path):
     return tensors, meta, {t.name: t.tensor_type for t in reader.tensors}
 
 
-def rope(x, pos, base, neox, n_rot=None, scale=1.0, freq_factors=None):
+def rope(x, pos, base, neox, n_rot=None, scale=1.0, freq_factors=None, yarn=None):
     """x: (T, heads, d). NORM rotates adjacent pairs (x0, x1), NEOX rotates (x_i, x_{i+n_rot/2}); only the
     first n_rot dims rotate; positions are multiplied by `scale` (linear rope scaling), each frequency divided
-    by its factor in rope_freqs (Llama-3.1-style scaling)."""
+    by its factor in rope_freqs (Llama-3.1-style scaling); `yarn` (yarn_params) mixes interpolated and
+    extrapolated angles and scales cos/sin."""
     d = x.shape[-1]
     n_rot = n_rot or d
     theta = (pos * scale)[:, None] * base ** (-np.arange(0, n_rot, 2) / n_rot)
     if freq_factors is not None:
         theta = theta / freq_factors
-    cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
+    mscale = 1.0
+    if yarn is not None:
+        theta, mscale = yarn_theta(theta, base, n_rot, yarn), yarn["mscale"]
+    cos, sin = mscale * np.cos(theta)[:, None, :], mscale * np.sin(theta)[:, None, :]
     r = x[..., :n_rot]
     a, b = (r[..., : n_rot // 2], r[..., n_rot // 2 :]) if neox else (r[..., 0::2], r[..., 1::2])
     ra, rb = a * cos - b * sin, a * sin + b * cos
@@ -73,6 +77,7 @@ def gguf_forward(path, ids):
     )
     base, base_swa = key("rope.freq_base", 10000.0), key("rope.freq_base_swa", key("rope.freq_base", 10000.0))
     scale = 1.0 / key("rope.scaling.factor", 1.0) if key("rope.scaling.type") == "linear" else 1.0
+    yarn = yarn_params(key)
     window, attn_cap, final_cap = (
         key("attention.sliding_window", 0),
         key("attn_logit_softcapping"),
@@ -96,6 +101,8 @@ def gguf_forward(path, ids):
     x = t["token_embd.weight"][ids].astype(np.float64)
     if gemma:
         x = x * np.sqrt(x.shape[-1])
+    x = x * key("embedding_scale", 1.0)  # granite
+    residual_scale = key("residual_scale", 1.0)  # granite: each branch's output, before the residual add
     T, pos = len(ids), np.arange(len(ids), dtype=np.float64)
     causal = np.triu(np.full((T, T), -np.inf), 1)
     local = causal + np.where(pos[:, None] - pos[None, :] >= (window or T + 1), -np.inf, 0.0)
@@ -133,8 +140,9 @@ def gguf_forward(path, ids):
             use_rope = arch not in NOPE_STEP or (i + 1) % NOPE_STEP[arch] != 0 or key("attention.sliding_window") == 0
             if use_rope:
                 factors = t.get("rope_freqs.weight")
-                q = rope(q, pos, layer_base, arch in NEOX, n_rot, layer_scale, factors)
-                k = rope(k, pos, layer_base, arch in NEOX, n_rot, layer_scale, factors)
+                q = rope(q, pos, layer_base, arch in NEOX, n_rot, layer_scale, factors, yarn)
+                k = rope(k, pos, layer_base, arch in NEOX, n_rot, layer_scale, factors, yarn)
+                q = q * attn_temperature(key, pos)[:, None, None]
                 if arch == "llama4" and key("expert_count") != 128:  # weightless RMS (L2) norm after RoPE
                     q, k = norm(q, 1.0), norm(k, 1.0)
             # (llama4's temperature tuning of NoPE layers' queries starts at position 8192: a no-op here)
@@ -142,7 +150,7 @@ def gguf_forward(path, ids):
             scale_dim = d
             if gemma and key("block_count") == GEMMA_27B_LAYERS[arch]:
                 scale_dim = key("embedding_length") // n_head
-            s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(scale_dim)
+            s = np.einsum("qhd,khd->hqk", q, k) * key("attention.scale", 1 / np.sqrt(scale_dim))  # granite: the key
             if attn_cap:
                 s = np.tanh(s / attn_cap) * attn_cap
             s = s + (local if swa or (window and arch == "phi3") else causal)
@@ -153,7 +161,7 @@ def gguf_forward(path, ids):
         pre_ffn = "post_attention_norm" if has == {"attn_norm", "post_attention_norm"} else "ffn_norm"
         if pre_ffn != "post_attention_norm" and "post_attention_norm" in has:
             a = norm(a, t[p + "post_attention_norm.weight"])
-        x = x + a
+        x = x + a * residual_scale
         h = norm(x, t[f"{p}{pre_ffn}.weight"]) if f"{p}{pre_ffn}.weight" in t else x
         moe_layer(key, i, p + "ffn_gate_inp.weight" in t)
         if p + "ffn_gate_inp.weight" in t:  # top-k experts: softmax router, or sigmoid with a selection bias
@@ -188,10 +196,10 @@ def gguf_forward(path, ids):
             f = lin(act(g) * u, p + "ffn_down")
         if p + "post_ffw_norm.weight" in t:
             f = norm(f, t[p + "post_ffw_norm.weight"])
-        x = x + f
+        x = x + f * residual_scale
     out = t["output.weight"] if "output.weight" in t else t["token_embd.weight"]
     final_norm = t.get("output_norm.weight", t.get("token_embd_norm.weight"))  # lfm2 names it token_embd_norm
-    logits = norm(x, final_norm) @ out.T
+    logits = norm(x, final_norm) @ out.T / key("logit_scale", 1.0)  # granite divides by its logit scale
     if final_cap:
         logits = np.tanh(logits / final_cap) * final_cap
     return logits
@@ -391,3 +399,48 @@ def gated_delta_net(t, p, h, key, arch):
         out[i] = np.einsum("hkv,hk->hv", state, q[i])
     out = _rms(out, t[p + "ssm_norm.weight"], eps) * (z / (1 + np.exp(-z)))
     return out.reshape(T, -1) @ t[p + "ssm_out.weight"].T
+
+
+def yarn_params(key):
+    """llama.cpp's YaRN from the file's keys (None without it): the ramp between interpolated and extrapolated
+    angles over ggml's correction dims, and the cos/sin magnitude llama-context.cpp settles on:
+    mscale(factor) / mscale(factor, yarn_log_multiplier) (or mscale(factor) without that key), where
+    mscale(f, m) = 1 + 0.1 m ln f, times rope.scaling.attn_factor."""
+    if key("rope.scaling.type") != "yarn":
+        return None
+    factor = key("rope.scaling.factor")
+
+    def mscale(m):
+        return 1.0 if factor <= 1 else 1 + 0.1 * m * np.log(factor)
+
+    log_mul = key("rope.scaling.yarn_log_multiplier", 0.0)
+    magnitude = mscale(1.0) / mscale(log_mul) if log_mul else mscale(1.0)
+    return {
+        "factor": factor,
+        "orig_ctx": key("rope.scaling.original_context_length"),
+        "beta_fast": key("rope.scaling.yarn_beta_fast", 32.0),
+        "beta_slow": key("rope.scaling.yarn_beta_slow", 1.0),
+        "mscale": magnitude * key("rope.scaling.attn_factor", 1.0),
+    }
+
+
+def yarn_theta(theta, base, n_rot, yarn):
+    """ggml's rope_yarn: per pair i, theta/factor mixed with theta by ramp(i) over [low, high] (floor / ceil of
+    rope_yarn_corr_dims)."""
+
+    def corr_dim(n_rotations):
+        return n_rot * np.log(yarn["orig_ctx"] / (n_rotations * 2 * np.pi)) / (2 * np.log(base))
+
+    low = max(0.0, np.floor(corr_dim(yarn["beta_fast"])))
+    high = min(n_rot - 1.0, np.ceil(corr_dim(yarn["beta_slow"])))
+    ramp = 1 - np.clip((np.arange(n_rot // 2) - low) / max(0.001, high - low), 0, 1)
+    return theta / yarn["factor"] * (1 - ramp) + theta * ramp
+
+
+def attn_temperature(key, pos):
+    """Llama 4's query temperature as llama.cpp's mistral3 applies it from attention.temperature_scale (1 without
+    it): 1 + scale * ln(1 + floor(pos / n)), n the YaRN original context (offset 0, unlike llama4's graph)."""
+    scale = key("attention.temperature_scale")
+    if not scale:
+        return np.ones_like(pos)
+    return 1 + scale * np.log1p(np.floor(pos / key("rope.scaling.original_context_length")))

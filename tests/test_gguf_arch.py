@@ -253,6 +253,38 @@ CONFIGS = {
     "qwen3_next": {"model_type": "qwen3_next", **DELTA_NET_LAYERS, **SHARED_EXPERT},
     "qwen3_5_text": {"model_type": "qwen3_5_text", **DELTA_NET_LAYERS},
     "qwen3_5_moe_text": {"model_type": "qwen3_5_moe_text", **DELTA_NET_LAYERS, **SHARED_EXPERT},
+    # Ministral 3: YaRN (a ramp over the first pairs: betas chosen so it spans them at this tiny original context;
+    # mscale_all_dim) and Llama 4's query temperature, whose period (the original context, 4) the probe crosses
+    "ministral3": {
+        "model_type": "ministral3",
+        "head_dim": 16,
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 100.0,
+            "factor": 16.0,
+            "original_max_position_embeddings": 4,
+            "beta_fast": 0.5,
+            "beta_slow": 0.05,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "llama_4_scaling_beta": 0.5,
+        },
+    },
+    # Mixtral: experts in every layer of llama's graph (softmax router, top-2 renormalised); weights large enough
+    # that SiLU is far from linear, so the order of gate and up shows
+    "mixtral": {"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2, "initializer_range": 0.06},
+    # Granite: embedding, residual, attention and logit multipliers; q/k/v/o and MLP biases under the permutation
+    "granite": {
+        "model_type": "granite",
+        "embedding_multiplier": 3.0,
+        "residual_multiplier": 2.0,
+        "attention_multiplier": 0.5,
+        "logits_scaling": 0.5,
+        "attention_bias": True,
+        "mlp_bias": True,
+    },
+    # GLM-4: post-attention and post-MLP norms, GPT-J-style RoPE over half of each head, fused gate_up, q/k/v biases
+    "glm4": {"model_type": "glm4", "head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
 }
 GGUF_ARCH = {
     "qwen3": "qwen3",
@@ -280,6 +312,10 @@ GGUF_ARCH = {
     "qwen3_next": "qwen3next",
     "qwen3_5_text": "qwen35",
     "qwen3_5_moe_text": "qwen35moe",
+    "ministral3": "mistral3",
+    "mixtral": "llama",
+    "granite": "granite",
+    "glm4": "glm4",
 }
 
 
@@ -387,6 +423,26 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
         assert tensors["blk.0.attn_qkv.weight"].shape == (2 * 32 + 64, 64) and "blk.0.attn_gate.weight" in tensors
         assert tensors["blk.0.ssm_conv1d.weight"].shape == (128, 4) and (tensors["blk.0.ssm_a"] < 0).all()
         assert meta[f"{arch}.full_attention_interval"] == 2 and meta[f"{arch}.rope.dimension_count"] == 4
+    if family in ("ministral3", "mixtral", "granite", "glm4"):
+        _check_llama_lineage_layout(family, tensors, meta)
+
+
+def _check_llama_lineage_layout(family, tensors, meta):
+    """Ministral 3, Mixtral, Granite and GLM-4 as their converters write them."""
+    if family == "ministral3":  # YaRN with its betas and mscale_all_dim, the query temperature
+        assert meta["mistral3.rope.scaling.type"] == "yarn" and meta["mistral3.rope.scaling.yarn_log_multiplier"] == 1
+        assert meta["mistral3.rope.scaling.yarn_beta_slow"] == pytest.approx(0.05)
+        assert meta["mistral3.attention.temperature_scale"] == 0.5 and meta["mistral3.rope.dimension_count"] == 16
+    if family == "mixtral":  # fused experts split and stacked, the router kept
+        assert tensors["blk.1.ffn_gate_exps.weight"].shape == (4, 96, 64) and meta["llama.expert_count"] == 4
+        assert tensors["blk.0.ffn_gate_inp.weight"].shape == (4, 64) and meta["llama.expert_used_count"] == 2
+    if family == "granite":
+        assert meta["granite.logit_scale"] == 0.5 and meta["granite.embedding_scale"] == 3
+        assert meta["granite.attention.scale"] == 0.5 and "blk.0.attn_q.bias" in tensors
+    if family == "glm4":  # gate and up fused in ffn_up, the post-norms
+        assert tensors["blk.0.ffn_up.weight"].shape == (192, 64) and "blk.0.ffn_gate.weight" not in tensors
+        assert "blk.0.post_attention_norm.weight" in tensors and "blk.0.post_ffw_norm.weight" in tensors
+        assert meta["glm4.rope.dimension_count"] == 8
 
 
 def _check_gemma4_layout(family, tensors, meta):
@@ -428,6 +484,11 @@ def _check_gemma4_layout(family, tensors, meta):
         ("lfm2_moe", {"routed_scaling_factor": 2.0}, "routed_scaling_factor"),
         ("qwen3_next", {"norm_topk_prob": False}, "norm_topk_prob"),
         ("qwen3_5_text", {"layer_types": ["full_attention", "linear_attention"]}, "layer_types"),
+        ("ministral3", {"sliding_window": 4}, "sliding_window"),
+        # llama.cpp takes YaRN's mscale as 1 where mscale_all_dim is set
+        ("ministral3", {"rope_parameters": {**CONFIGS["ministral3"]["rope_parameters"], "mscale": 2.0}}, "mscale"),
+        ("granite", {"head_dim": 32}, "head_dim"),
+        ("glm4", {"hidden_act": "gelu"}, "hidden_act"),
     ],
 )
 def test_a_configuration_llama_cpp_would_compute_differently_is_refused(
