@@ -3,7 +3,9 @@
 Llama / Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 (text), Phi-3, and of the 2025-26 families
 Seed-OSS, OLMo 2 / OLMo 3, ERNIE 4.5 (dense and MoE), SmolLM3, GLM-4.5, Llama 4 (text), LFM2, LFM2-MoE,
 MiniMax-M2, Gemma 4 (text: per-layer embeddings, layers sharing earlier layers' keys and values, a wider head
-and proportional RoPE on global layers, MoE) and the gated delta-net hybrids Qwen3-Next, Qwen3.5 and Qwen3.5-MoE:
+and proportional RoPE on global layers, MoE), the gated delta-net hybrids Qwen3-Next, Qwen3.5 and Qwen3.5-MoE,
+Ministral 3 (mistral3: YaRN, Llama 4's query temperature), Mixtral (llama with experts), Granite (its embedding,
+residual, attention and logit multipliers) and GLM-4 (glm4: post-norms, partial GPT-J-style RoPE, fused gate_up):
 the same metadata keys and tensor names
 (gguf.TensorNameMap) as llama.cpp's converter, with its per-architecture quirks: the q/k row permutation of
 its Llama-style graphs (their RoPE rotates adjacent pairs; HF's rotates halves), Gemma's RMSNorm weights
@@ -64,6 +66,7 @@ ARCHS = {
     "MixtralForCausalLM": "LLAMA",  # llama.cpp's llama graph runs the experts its file has
     "GraniteForCausalLM": "GRANITE",
     "Glm4ForCausalLM": "GLM4",
+    "GptOssForCausalLM": "GPT_OSS",
 }
 PERMUTED = ("LLAMA", "SMOLLM3")  # architectures whose q/k rows llama.cpp wants permuted
 PERMUTED += ("MISTRAL3", "GRANITE")  # their converters are LlamaModel's subclasses
@@ -789,6 +792,68 @@ FAMILY_HPARAMS["MISTRAL3"] = _mistral3_hparams
 FAMILY_HPARAMS["GRANITE"] = _granite_hparams
 FAMILY_HPARAMS["GLM4"] = _glm4_hparams
 
+# gpt-oss in llama.cpp (src/models/openai-moe-iswa.cpp): sliding layers 0, 2, 4, ... (its loader's fixed period 2),
+# attention sinks, biased experts with the clamped SwiGLU (alpha and limit fixed in build_moe_ffn), a biased
+# router whose top-k logits are softmaxed, NeoX YaRN RoPE with ggml's default betas
+GPT_OSS_FIXED = {"swiglu_alpha": 1.702, "swiglu_limit": 7.0}
+GPT_OSS_YARN_BETAS = {"beta_fast": 32.0, "beta_slow": 1.0}
+
+
+def _check_gpt_oss(cfg: dict, refuse) -> None:
+    n_layer = cfg["num_hidden_layers"]
+    if cfg.get("layer_types", []) != ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layer)]:
+        refuse("layer_types", "not llama.cpp's layout (sliding and full layers alternating, sliding first)")
+    for field, want in GPT_OSS_FIXED.items():
+        if cfg.get(field, want) != want:
+            refuse(field, f"{cfg[field]} (llama.cpp's gpt-oss uses {want})")
+    if not cfg.get("attention_bias", True):
+        refuse("attention_bias", "false (llama.cpp's gpt-oss loads q/k/v/o biases)")
+    rope = _rope_scaling(cfg)
+    if rope["rope_type"] != "yarn":
+        refuse("rope_parameters", f"rope type {rope['rope_type']} (llama.cpp's converter writes YaRN for gpt-oss)")
+    for field, want in GPT_OSS_YARN_BETAS.items():
+        if rope.get(field, want) != want:
+            refuse(f"rope_parameters.{field}", f"{rope[field]} (llama.cpp's gpt-oss uses {want})")
+    _check_yarn(cfg, refuse)
+
+
+def _gpt_oss_hparams(writer, cfg: dict) -> None:
+    """GptOssModel's keys: the window, the experts (all as wide as intermediate_size)."""
+    writer.add_sliding_window(cfg["sliding_window"])
+    writer.add_expert_count(_n_experts(cfg))
+    writer.add_expert_used_count(cfg["num_experts_per_tok"])
+    writer.add_expert_feed_forward_length(cfg["intermediate_size"])
+    rope = _rope_scaling(cfg)
+    writer.add_rope_scaling_yarn_beta_fast(float(rope.get("beta_fast", 32.0)))
+    writer.add_rope_scaling_yarn_beta_slow(float(rope.get("beta_slow", 1.0)))
+
+
+def _gpt_oss_tensors(source, cfg: dict):
+    """gpt-oss's tensors as its converter modifies them: the fused experts (n_expert, in, out) transposed, gate
+    and up de-interleaved (even columns gate, odd up), biases alike; the sinks named `.weight`."""
+    for name, data in source:
+        base = name.rsplit(".", 1)[0]
+        if name.endswith("experts.gate_up_proj"):
+            data = data.swapaxes(-1, -2)
+            yield f"{base}.gate_proj.weight", np.ascontiguousarray(data[:, ::2])
+            yield f"{base}.up_proj.weight", np.ascontiguousarray(data[:, 1::2])
+        elif name.endswith("experts.gate_up_proj_bias"):
+            yield f"{base}.gate_proj.bias", np.ascontiguousarray(data[..., ::2])
+            yield f"{base}.up_proj.bias", np.ascontiguousarray(data[..., 1::2])
+        elif name.endswith("experts.down_proj"):
+            yield f"{name}.weight", np.ascontiguousarray(data.swapaxes(-1, -2))
+        elif name.endswith("experts.down_proj_bias"):
+            yield f"{base}.down_proj.bias", data
+        elif name.endswith("self_attn.sinks"):
+            yield f"{name}.weight", data
+        else:
+            yield name, data
+
+
+FAMILY_CHECKS["GPT_OSS"] = _check_gpt_oss
+FAMILY_HPARAMS["GPT_OSS"] = _gpt_oss_hparams
+FAMILY_TENSORS = {"GPT_OSS": _gpt_oss_tensors}  # per-family tensor transforms before naming
+
 
 def _pre_tokenizer(tok) -> str:
     """The llama.cpp pre-tokenizer that splits text as this tokenizer does: the tokenizer transformers loads
@@ -1221,6 +1286,8 @@ def gguf_tensors(model_dir: Path, cfg: dict, arch_name: str):
     source = _stacked_experts(model_dir, cfg, arch_name) if _is_moe(cfg, arch_name) else _tensors(model_dir)
     if arch_name in DELTA_NET:
         source = _delta_net_tensors(source, cfg, arch_name)
+    if arch_name in FAMILY_TENSORS:
+        source = FAMILY_TENSORS[arch_name](source, cfg)
     tied = cfg.get("tie_word_embeddings", arch_name in NORM_PLUS_ONE)
     mtp = re.compile(r"model\.layers\.(\d+)\.")  # layers past num_hidden_layers: multi-token prediction
     for hf_name, data in source:

@@ -1,8 +1,10 @@
 """A numpy forward pass of a GGUF computed from the file alone, the way llama.cpp's graphs for the exported
 architectures compute (llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, seed_oss, olmo2, ernie4_5, smollm3,
-glm4moe, llama4, lfm2, ernie4_5-moe, minimax-m2, lfm2moe, qwen3next, qwen35, qwen35moe, and gemma4 in its own
-function): their RoPE layouts, Gemma's embedding and attention scales, soft-capping, sliding-window layouts, pre-
-and post-norms, q/k norms (per head, or over the whole projection as OLMo 2's and MiniMax-M2's), NoPE layers,
+glm4moe, llama4, lfm2, ernie4_5-moe, minimax-m2, lfm2moe, qwen3next, qwen35, qwen35moe, mistral3, granite, glm4,
+and gemma4 in its own function): their RoPE layouts (YaRN as ggml computes it), Llama 4's query temperature from
+attention.temperature_scale, Granite's embedding, residual, attention and logit scales, Gemma's embedding and
+attention scales, soft-capping, sliding-window layouts, pre- and post-norms, q/k norms (per head, or over the
+whole projection as OLMo 2's and MiniMax-M2's), NoPE layers,
 top-k MoE routing (softmax or sigmoid, with a selection bias; expert inputs or outputs weighted; shared experts,
 gated or not; leading dense and interleaved MoE layers as the file's keys lay them out), gated delta-net layers and
 Phi-3's fused projections. Used to show an exported file computes what transformers computes."""
@@ -66,6 +68,8 @@ def gguf_forward(path, ids):
     arch = meta["general.architecture"]
     if arch == "gemma4":
         return gemma4_forward(t, meta, ids)
+    if arch == "gpt-oss":
+        return gpt_oss_forward(t, meta, ids)
 
     def key(name, default=None):
         return meta.get(f"{arch}.{name}", default)
@@ -444,3 +448,58 @@ def attn_temperature(key, pos):
     if not scale:
         return np.ones_like(pos)
     return 1 + scale * np.log1p(np.floor(pos / key("rope.scaling.original_context_length")))
+
+
+def gpt_oss_forward(t, meta, ids):
+    """llama.cpp's gpt-oss graph (src/models/openai-moe-iswa.cpp): layers 0, 2, ... attend within the sliding
+    window (the loader's fixed period 2); q/k/v/o biases, NeoX YaRN RoPE, scores scaled by 1/sqrt(n_rot) and
+    softmaxed together with a per-head sink logit (dropped after); the post-attention norm feeds a router with a
+    bias whose top-k logits are softmaxed (SOFTMAX_WEIGHT); each expert's gate and up (with biases) go through
+    ggml's swiglu_oai: min(g, 7) * sigmoid(1.702 min(g, 7)) * (clip(u, -7, 7) + 1), then the biased down."""
+
+    def key(name, default=None):
+        return meta.get(f"gpt-oss.{name}", default)
+
+    n_head, n_kv, eps = (
+        key("attention.head_count"),
+        key("attention.head_count_kv"),
+        key("attention.layer_norm_rms_epsilon"),
+    )
+    n_rot = key("rope.dimension_count", key("attention.key_length"))  # llama.cpp: the head dim without the key
+    base, window = key("rope.freq_base"), key("attention.sliding_window")
+    yarn = yarn_params(key)
+
+    def lin(x, name):
+        y = x @ t[name + ".weight"].T
+        return y + t[name + ".bias"] if name + ".bias" in t else y
+
+    x = t["token_embd.weight"][ids].astype(np.float64)
+    T, pos = len(ids), np.arange(len(ids), dtype=np.float64)
+    causal = np.triu(np.full((T, T), -np.inf), 1)
+    local = causal + np.where(pos[:, None] - pos[None, :] >= window, -np.inf, 0.0)
+    for il in range(key("block_count")):
+        p = f"blk.{il}."
+        h = _rms(x, t[p + "attn_norm.weight"], eps)
+        q = rope(lin(h, p + "attn_q").reshape(T, n_head, n_rot), pos, base, True, n_rot, 1.0, None, yarn)
+        k = rope(lin(h, p + "attn_k").reshape(T, n_kv, n_rot), pos, base, True, n_rot, 1.0, None, yarn)
+        v = lin(h, p + "attn_v").reshape(T, n_kv, n_rot)
+        k, v = np.repeat(k, n_head // n_kv, axis=1), np.repeat(v, n_head // n_kv, axis=1)
+        s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(n_rot) + (local if il % 2 == 0 else causal)
+        sink = np.broadcast_to(t[p + "attn_sinks.weight"][:, None, None], (n_head, T, 1))
+        s = np.concatenate([s, sink], axis=-1)
+        s = np.exp(s - s.max(-1, keepdims=True))
+        s = (s / s.sum(-1, keepdims=True))[..., :T]
+        x = x + lin(np.einsum("hqk,khd->qhd", s, v).reshape(T, -1), p + "attn_output")
+        h = _rms(x, t[p + "post_attention_norm.weight"], eps)
+        logits = lin(h, p + "ffn_gate_inp")
+        top = np.argsort(-logits, axis=-1)[:, : key("expert_used_count")]
+        f = np.zeros_like(x)
+        for row in range(T):
+            w = np.exp(logits[row, top[row]] - logits[row, top[row]].max())
+            for e, we in zip(top[row], w / w.sum()):
+                g = np.minimum(t[p + "ffn_gate_exps.weight"][e] @ h[row] + t[p + "ffn_gate_exps.bias"][e], 7.0)
+                u = np.clip(t[p + "ffn_up_exps.weight"][e] @ h[row] + t[p + "ffn_up_exps.bias"][e], -7.0, 7.0)
+                a = g / (1 + np.exp(-1.702 * g)) * (u + 1)
+                f[row] += we * (t[p + "ffn_down_exps.weight"][e] @ a + t[p + "ffn_down_exps.bias"][e])
+        x = x + f
+    return _rms(x, t["output_norm.weight"], eps) @ t.get("output.weight", t["token_embd.weight"]).T

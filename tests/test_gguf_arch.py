@@ -285,6 +285,28 @@ CONFIGS = {
     },
     # GLM-4: post-attention and post-MLP norms, GPT-J-style RoPE over half of each head, fused gate_up, q/k/v biases
     "glm4": {"model_type": "glm4", "head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # gpt-oss: a sliding layer (window 4 < the probe) then a full one, attention sinks, biased experts and router
+    # (top-k logits softmaxed), YaRN whose ramp spans the first pairs at this original context
+    "gpt_oss": {
+        "model_type": "gpt_oss",
+        "head_dim": 16,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "sliding_window": 4,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": True,
+            "original_max_position_embeddings": 64,
+        },
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
 }
 GGUF_ARCH = {
     "qwen3": "qwen3",
@@ -316,6 +338,7 @@ GGUF_ARCH = {
     "mixtral": "llama",
     "granite": "granite",
     "glm4": "glm4",
+    "gpt_oss": "gpt-oss",
 }
 
 
@@ -338,6 +361,8 @@ def tiny_model_dir(root: Path, family: str, tokenizer, **overrides) -> Path:
             if name.endswith(("router.scale", "per_expert_scale")):  # Gemma 4's router scales, ones at init
                 p.uniform_(0.5, 1.5)
             if name.endswith((".A_log", ".dt_bias")):  # per-head decays that differ, so the head order shows
+                p.normal_(0.0, 0.5)
+            if name.endswith(("sinks", "gate_up_proj_bias", "down_proj_bias")):  # gpt-oss's, zeros at init
                 p.normal_(0.0, 0.5)
             # router logits far from zero, so the gating function (softmax or sigmoid) and the renormalisation of
             # the chosen experts' weights show too
@@ -423,7 +448,7 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
         assert tensors["blk.0.attn_qkv.weight"].shape == (2 * 32 + 64, 64) and "blk.0.attn_gate.weight" in tensors
         assert tensors["blk.0.ssm_conv1d.weight"].shape == (128, 4) and (tensors["blk.0.ssm_a"] < 0).all()
         assert meta[f"{arch}.full_attention_interval"] == 2 and meta[f"{arch}.rope.dimension_count"] == 4
-    if family in ("ministral3", "mixtral", "granite", "glm4"):
+    if family in ("ministral3", "mixtral", "granite", "glm4", "gpt_oss"):
         _check_llama_lineage_layout(family, tensors, meta)
 
 
@@ -443,6 +468,14 @@ def _check_llama_lineage_layout(family, tensors, meta):
         assert tensors["blk.0.ffn_up.weight"].shape == (192, 64) and "blk.0.ffn_gate.weight" not in tensors
         assert "blk.0.post_attention_norm.weight" in tensors and "blk.0.post_ffw_norm.weight" in tensors
         assert meta["glm4.rope.dimension_count"] == 8
+    if family == "gpt_oss":  # experts de-interleaved and transposed, with biases; sinks; the router's bias
+        assert tensors["blk.0.ffn_gate_exps.weight"].shape == (4, 96, 64) and tensors[
+            "blk.0.ffn_up_exps.bias"
+        ].shape == (4, 96)
+        assert tensors["blk.1.ffn_down_exps.weight"].shape == (4, 64, 96) and tensors[
+            "blk.0.attn_sinks.weight"
+        ].shape == (4,)
+        assert "blk.0.ffn_gate_inp.bias" in tensors and meta["gpt-oss.attention.sliding_window"] == 4
 
 
 def _check_gemma4_layout(family, tensors, meta):
@@ -489,6 +522,8 @@ def _check_gemma4_layout(family, tensors, meta):
         ("ministral3", {"rope_parameters": {**CONFIGS["ministral3"]["rope_parameters"], "mscale": 2.0}}, "mscale"),
         ("granite", {"head_dim": 32}, "head_dim"),
         ("glm4", {"hidden_act": "gelu"}, "hidden_act"),
+        # gpt-oss's own config leaves YaRN's correction range unrounded; ggml rounds it
+        ("gpt_oss", {"rope_parameters": {**CONFIGS["gpt_oss"]["rope_parameters"], "truncate": False}}, "truncate"),
     ],
 )
 def test_a_configuration_llama_cpp_would_compute_differently_is_refused(
