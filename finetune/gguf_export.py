@@ -5,7 +5,8 @@ Seed-OSS, OLMo 2 / OLMo 3, ERNIE 4.5 (dense and MoE), SmolLM3, GLM-4.5, Llama 4 
 MiniMax-M2, Gemma 4 (text: per-layer embeddings, layers sharing earlier layers' keys and values, a wider head
 and proportional RoPE on global layers, MoE), the gated delta-net hybrids Qwen3-Next, Qwen3.5 and Qwen3.5-MoE,
 Ministral 3 (mistral3: YaRN, Llama 4's query temperature), Mixtral (llama with experts), Granite (its embedding,
-residual, attention and logit multipliers) and GLM-4 (glm4: post-norms, partial GPT-J-style RoPE, fused gate_up):
+residual, attention and logit multipliers), GLM-4 (glm4: post-norms, partial GPT-J-style RoPE, fused gate_up) and
+gpt-oss (attention sinks, sliding layers, biased experts de-interleaved, a biased router):
 the same metadata keys and tensor names
 (gguf.TensorNameMap) as llama.cpp's converter, with its per-architecture quirks: the q/k row permutation of
 its Llama-style graphs (their RoPE rotates adjacent pairs; HF's rotates halves), Gemma's RMSNorm weights

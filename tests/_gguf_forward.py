@@ -1,13 +1,13 @@
 """A numpy forward pass of a GGUF computed from the file alone, the way llama.cpp's graphs for the exported
 architectures compute (llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, seed_oss, olmo2, ernie4_5, smollm3,
 glm4moe, llama4, lfm2, ernie4_5-moe, minimax-m2, lfm2moe, qwen3next, qwen35, qwen35moe, mistral3, granite, glm4,
-and gemma4 in its own function): their RoPE layouts (YaRN as ggml computes it), Llama 4's query temperature from
-attention.temperature_scale, Granite's embedding, residual, attention and logit scales, Gemma's embedding and
-attention scales, soft-capping, sliding-window layouts, pre- and post-norms, q/k norms (per head, or over the
-whole projection as OLMo 2's and MiniMax-M2's), NoPE layers,
-top-k MoE routing (softmax or sigmoid, with a selection bias; expert inputs or outputs weighted; shared experts,
-gated or not; leading dense and interleaved MoE layers as the file's keys lay them out), gated delta-net layers and
-Phi-3's fused projections. Used to show an exported file computes what transformers computes."""
+and gemma4 and gpt-oss in their own functions): their RoPE layouts (YaRN as ggml computes it), Llama 4's query
+temperature from attention.temperature_scale, Granite's embedding, residual, attention and logit scales, Gemma's
+embedding and attention scales, soft-capping, sliding-window layouts, pre- and post-norms, q/k norms (per head,
+or over the whole projection as OLMo 2's and MiniMax-M2's), NoPE layers, top-k MoE routing (softmax or sigmoid,
+with a selection bias; expert inputs or outputs weighted; shared experts, gated or not; leading dense and
+interleaved MoE layers as the file's keys lay them out), gated delta-net layers and Phi-3's fused projections.
+Used to show an exported file computes what transformers computes."""
 
 from __future__ import annotations
 
