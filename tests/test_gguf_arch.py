@@ -362,8 +362,10 @@ def tiny_model_dir(root: Path, family: str, tokenizer, **overrides) -> Path:
                 p.uniform_(0.5, 1.5)
             if name.endswith((".A_log", ".dt_bias")):  # per-head decays that differ, so the head order shows
                 p.normal_(0.0, 0.5)
-            if name.endswith(("sinks", "gate_up_proj_bias", "down_proj_bias")):  # gpt-oss's, zeros at init
+            if name.endswith(("sinks", "down_proj_bias")):  # gpt-oss's, zeros at init
                 p.normal_(0.0, 0.5)
+            if name.endswith("gate_up_proj_bias"):  # gpt-oss's: some gates and ups beyond its SwiGLU's clamp at 7
+                p.normal_(0.0, 6.0)
             # router logits far from zero, so the gating function (softmax or sigmoid) and the renormalisation of
             # the chosen experts' weights show too
             if name.endswith((".gate.weight", "router.weight")) and p.dim() == 2:
