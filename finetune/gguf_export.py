@@ -4,8 +4,11 @@ Llama / Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 (text), Phi-3, and of
 Seed-OSS, OLMo 2 / OLMo 3, ERNIE 4.5 (dense and MoE), SmolLM3, GLM-4.5, Llama 4 (text), LFM2, LFM2-MoE,
 MiniMax-M2, Gemma 4 (text: per-layer embeddings, layers sharing earlier layers' keys and values, a wider head
 and proportional RoPE on global layers, MoE), the gated delta-net hybrids Qwen3-Next, Qwen3.5 and Qwen3.5-MoE,
-the Mamba-2 hybrids Granite 4 (dense and MoE) and Falcon-H1, and the multi-head latent attention families
-GLM-4.7-Flash and DeepSeek-V3 (as deepseek2, YaRN included) and Kimi Linear (KDA linear attention + MLA):
+the Mamba-2 hybrids Granite 4 (dense and MoE) and Falcon-H1, the multi-head latent attention families
+GLM-4.7-Flash and DeepSeek-V3 (as deepseek2, YaRN included) and Kimi Linear (KDA linear attention + MLA), and
+Ministral 3 (mistral3: YaRN, Llama 4's query temperature), Mixtral (llama with experts), Granite (its embedding,
+residual, attention and logit multipliers), GLM-4 (glm4: post-norms, partial GPT-J-style RoPE, fused gate_up) and
+gpt-oss (attention sinks, sliding layers, biased experts de-interleaved, a biased router):
 the same metadata keys and tensor names
 (gguf.TensorNameMap) as llama.cpp's converter, with its per-architecture quirks: the q/k row permutation of
 its Llama-style graphs (their RoPE rotates adjacent pairs; HF's rotates halves), Gemma's RMSNorm weights
@@ -69,8 +72,14 @@ ARCHS = {
     "Glm4MoeLiteForCausalLM": "DEEPSEEK2",  # GLM-4.7-Flash: llama.cpp's converter writes it as deepseek2
     "DeepseekV3ForCausalLM": "DEEPSEEK2",
     "KimiLinearForCausalLM": "KIMI_LINEAR",  # KDA linear attention + MLA without RoPE + MoE
+    "Ministral3ForCausalLM": "MISTRAL3",
+    "MixtralForCausalLM": "LLAMA",  # llama.cpp's llama graph runs the experts its file has
+    "GraniteForCausalLM": "GRANITE",
+    "Glm4ForCausalLM": "GLM4",
+    "GptOssForCausalLM": "GPT_OSS",
 }
 PERMUTED = ("LLAMA", "SMOLLM3")  # architectures whose q/k rows llama.cpp wants permuted
+PERMUTED += ("MISTRAL3", "GRANITE")  # their converters are LlamaModel's subclasses
 NORM_PLUS_ONE = ("GEMMA2", "GEMMA3")  # HF's Gemma RMSNorm multiplies by (1 + w); llama.cpp by the stored weight
 # llama.cpp's sliding-window layout when the file names none: every n-th layer (n-1, 2n-1, ...) is global
 SWA_PATTERN = {"GEMMA2": 2, "GEMMA3": 6, "OLMO2": 4}
@@ -101,6 +110,9 @@ MOE += MLA
 # llama.cpp's deepseek2 takes a model of these layer counts (or 48 layers and a 128256-token vocab) for a "Lite"
 # one, whose q projection is not low-rank: it reads no q_lora_rank there, and requires it everywhere else
 MLA_LITE_LAYERS = (26, 27)
+# architectures whose llama.cpp graph runs routed experts only where the config has them (Mixtral on llama)
+MOE_WHEN_EXPERTS = ("LLAMA",)
+PLAIN_ROPE += ("GRANITE", "GLM4")
 # architectures with LFM2's gated short-convolution layers (shortconv.*, per-layer head_count_kv)
 SHORTCONV = ("LFM2", "LFM2MOE")
 # hybrids of gated delta-net (linear attention) layers and gated full-attention layers, zero-centred RMSNorm
@@ -1047,6 +1059,177 @@ FAMILY_CHECKS["DEEPSEEK2"] = _check_mla
 FAMILY_CHECKS["KIMI_LINEAR"] = _check_kimi_linear
 
 
+# Ministral 3, Mixtral, Granite and GLM-4: what llama.cpp's mistral3 / llama / granite / glm4 graphs fix, and the keys
+# their converters write.
+
+
+def _is_moe(cfg: dict, arch: str) -> bool:
+    """Whether the file carries routed experts: always for the MoE architectures, and for those whose graph runs
+    experts where the config has them (Mixtral on llama)."""
+    return arch in MOE or (arch in MOE_WHEN_EXPERTS and bool(_n_experts(cfg)))
+
+
+def _check_yarn(cfg: dict, refuse) -> None:
+    """transformers' YaRN against llama.cpp's (llama-context.cpp): the cos/sin magnitude is
+    mscale(factor) / mscale(factor, mscale_all_dim) with mscale taken as 1, or mscale(factor) without
+    mscale_all_dim; an explicit attention_factor is not read; the correction range is always rounded."""
+    rope = _rope_scaling(cfg)
+    if rope["rope_type"] != "yarn":
+        return
+    if rope.get("attention_factor") is not None:
+        refuse("rope_parameters.attention_factor", "set (llama.cpp derives the YaRN magnitude from the factor)")
+    if rope.get("mscale") and rope.get("mscale_all_dim") and rope["mscale"] != 1.0:
+        refuse("rope_parameters.mscale", f"{rope['mscale']} with mscale_all_dim (llama.cpp takes mscale as 1)")
+    if rope.get("truncate", True) is False:
+        refuse("rope_parameters.truncate", "false (llama.cpp rounds YaRN's correction range)")
+
+
+def _check_swiglu(cfg: dict, refuse) -> None:
+    if cfg.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", f"{cfg['hidden_act']} (llama.cpp's graph uses SiLU)")
+
+
+def _check_mistral3(cfg: dict, refuse) -> None:
+    """llama.cpp's mistral3: full attention, YaRN RoPE and Llama 4's query temperature from the file's keys."""
+    _check_swiglu(cfg, refuse)
+    if cfg.get("sliding_window"):
+        refuse("sliding_window", f"{cfg['sliding_window']} (llama.cpp's mistral3 attends over the whole context)")
+    rope = _rope_scaling(cfg)
+    if rope["rope_type"] not in ("default", "yarn"):
+        refuse("rope_parameters", f"rope type {rope['rope_type']} (llama.cpp's converter writes YaRN for mistral3)")
+    _check_yarn(cfg, refuse)
+
+
+def _mistral3_hparams(writer, cfg: dict) -> None:
+    """Ministral3Model's keys beyond LlamaModel's: YaRN's betas and mscale_all_dim, the query temperature scale
+    (its period is the YaRN original context, which llama.cpp's loader takes it from)."""
+    rope = _rope_scaling(cfg)
+    if rope["rope_type"] == "yarn":
+        for value, add in (
+            (rope.get("beta_fast"), writer.add_rope_scaling_yarn_beta_fast),
+            (rope.get("beta_slow"), writer.add_rope_scaling_yarn_beta_slow),
+        ):
+            if value is not None:
+                add(float(value))
+        if rope.get("mscale") and rope.get("mscale_all_dim"):  # else transformers uses mscale(factor), as llama.cpp
+            writer.add_rope_scaling_yarn_log_mul(float(rope["mscale_all_dim"]))
+    if beta := rope.get("llama_4_scaling_beta"):
+        writer.add_attn_temperature_scale(float(beta))
+
+
+def _check_llama_experts(cfg: dict, refuse) -> None:
+    """llama.cpp's llama graph with experts (Mixtral): softmax router, top-k renormalised, SiLU experts."""
+    if _n_experts(cfg):
+        _check_silu(cfg, refuse)
+
+
+# Granite's multipliers as llama.cpp's granite graph reads them; its converter writes each only when non-zero
+GRANITE_SCALES = {
+    "embedding_multiplier": "add_embedding_scale",
+    "residual_multiplier": "add_residual_scale",
+    "attention_multiplier": "add_attention_scale",
+}
+
+
+def _check_granite(cfg: dict, refuse) -> None:
+    """llama.cpp's granite: heads of hidden/heads (its converter drops head_dim), the four multipliers from keys."""
+    _check_swiglu(cfg, refuse)
+    if _head_dim(cfg) * cfg["num_attention_heads"] != cfg["hidden_size"]:
+        refuse("head_dim", "heads x head_dim is not hidden_size (llama.cpp's converter drops head_dim)")
+    for field in (*GRANITE_SCALES, "logits_scaling"):
+        if cfg.get(field, 1.0) == 0:
+            refuse(field, "0 (llama.cpp reads 0 as not set)")
+
+
+def _granite_hparams(writer, cfg: dict) -> None:
+    for field, add in GRANITE_SCALES.items():
+        if value := cfg.get(field, 1.0):
+            getattr(writer, add)(float(value))
+    writer.add_logit_scale(float(cfg.get("logits_scaling", 1.0)))
+
+
+def _check_glm4(cfg: dict, refuse) -> None:
+    """llama.cpp's glm4: GPT-J-style RoPE over the first partial_rotary_factor of each head, SwiGLU."""
+    _check_swiglu(cfg, refuse)
+    if _rope_params(cfg).get("mrope_section"):
+        refuse("mrope_section", "set (finetune exports GLM-4's text model without M-RoPE)")
+
+
+def _glm4_hparams(writer, cfg: dict) -> None:
+    writer.add_rope_dimension_count(int(_head_dim(cfg) * _partial_rotary_factor(cfg, 0.5)))
+
+
+FAMILY_CHECKS["MISTRAL3"] = _check_mistral3
+FAMILY_CHECKS["LLAMA"] = _check_llama_experts
+FAMILY_CHECKS["GRANITE"] = _check_granite
+FAMILY_CHECKS["GLM4"] = _check_glm4
+FAMILY_HPARAMS["MISTRAL3"] = _mistral3_hparams
+FAMILY_HPARAMS["GRANITE"] = _granite_hparams
+FAMILY_HPARAMS["GLM4"] = _glm4_hparams
+
+# gpt-oss in llama.cpp (src/models/openai-moe-iswa.cpp): sliding layers 0, 2, 4, ... (its loader's fixed period 2),
+# attention sinks, biased experts with the clamped SwiGLU (alpha and limit fixed in build_moe_ffn), a biased
+# router whose top-k logits are softmaxed, NeoX YaRN RoPE with ggml's default betas
+GPT_OSS_FIXED = {"swiglu_alpha": 1.702, "swiglu_limit": 7.0}
+GPT_OSS_YARN_BETAS = {"beta_fast": 32.0, "beta_slow": 1.0}
+
+
+def _check_gpt_oss(cfg: dict, refuse) -> None:
+    n_layer = cfg["num_hidden_layers"]
+    if cfg.get("layer_types", []) != ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layer)]:
+        refuse("layer_types", "not llama.cpp's layout (sliding and full layers alternating, sliding first)")
+    for field, want in GPT_OSS_FIXED.items():
+        if cfg.get(field, want) != want:
+            refuse(field, f"{cfg[field]} (llama.cpp's gpt-oss uses {want})")
+    if not cfg.get("attention_bias", True):
+        refuse("attention_bias", "false (llama.cpp's gpt-oss loads q/k/v/o biases)")
+    rope = _rope_scaling(cfg)
+    if rope["rope_type"] != "yarn":
+        refuse("rope_parameters", f"rope type {rope['rope_type']} (llama.cpp's converter writes YaRN for gpt-oss)")
+    for field, want in GPT_OSS_YARN_BETAS.items():
+        if rope.get(field, want) != want:
+            refuse(f"rope_parameters.{field}", f"{rope[field]} (llama.cpp's gpt-oss uses {want})")
+    _check_yarn(cfg, refuse)
+
+
+def _gpt_oss_hparams(writer, cfg: dict) -> None:
+    """GptOssModel's keys: the window, the experts (all as wide as intermediate_size)."""
+    writer.add_sliding_window(cfg["sliding_window"])
+    writer.add_expert_count(_n_experts(cfg))
+    writer.add_expert_used_count(cfg["num_experts_per_tok"])
+    writer.add_expert_feed_forward_length(cfg["intermediate_size"])
+    rope = _rope_scaling(cfg)
+    writer.add_rope_scaling_yarn_beta_fast(float(rope.get("beta_fast", 32.0)))
+    writer.add_rope_scaling_yarn_beta_slow(float(rope.get("beta_slow", 1.0)))
+
+
+def _gpt_oss_tensors(source, cfg: dict):
+    """gpt-oss's tensors as its converter modifies them: the fused experts (n_expert, in, out) transposed, gate
+    and up de-interleaved (even columns gate, odd up), biases alike; the sinks named `.weight`."""
+    for name, data in source:
+        base = name.rsplit(".", 1)[0]
+        if name.endswith("experts.gate_up_proj"):
+            data = data.swapaxes(-1, -2)
+            yield f"{base}.gate_proj.weight", np.ascontiguousarray(data[:, ::2])
+            yield f"{base}.up_proj.weight", np.ascontiguousarray(data[:, 1::2])
+        elif name.endswith("experts.gate_up_proj_bias"):
+            yield f"{base}.gate_proj.bias", np.ascontiguousarray(data[..., ::2])
+            yield f"{base}.up_proj.bias", np.ascontiguousarray(data[..., 1::2])
+        elif name.endswith("experts.down_proj"):
+            yield f"{name}.weight", np.ascontiguousarray(data.swapaxes(-1, -2))
+        elif name.endswith("experts.down_proj_bias"):
+            yield f"{base}.down_proj.bias", data
+        elif name.endswith("self_attn.sinks"):
+            yield f"{name}.weight", data
+        else:
+            yield name, data
+
+
+FAMILY_CHECKS["GPT_OSS"] = _check_gpt_oss
+FAMILY_HPARAMS["GPT_OSS"] = _gpt_oss_hparams
+FAMILY_TENSORS = {"GPT_OSS": _gpt_oss_tensors}  # per-family tensor transforms before naming
+
+
 def _pre_tokenizer(tok) -> str:
     """The llama.cpp pre-tokenizer that splits text as this tokenizer does: the tokenizer transformers loads
     (whose class may replace tokenizer.json's pre-tokenizer) encodes probe strings (digits, apostrophes, CJK,
@@ -1342,7 +1525,7 @@ def write_hparams(writer, cfg: dict, arch_name: str) -> None:
             writer.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
         if cfg.get("final_logit_softcapping"):
             writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
-    if arch_name in MOE:
+    if _is_moe(cfg, arch_name):
         writer.add_expert_count(_n_experts(cfg))
         writer.add_expert_used_count(cfg.get("num_experts_per_tok") or cfg["moe_k"])
         writer.add_expert_feed_forward_length(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
@@ -1483,13 +1666,15 @@ def gguf_tensors(model_dir: Path, cfg: dict, arch_name: str):
     n_head = cfg["num_attention_heads"]
     n_kv = cfg.get("num_key_value_heads", n_head)
     name_map = gguf.get_tensor_name_map(arch, cfg["num_hidden_layers"])
-    source = _stacked_experts(model_dir, cfg, arch_name) if arch_name in MOE else _tensors(model_dir)
+    source = _stacked_experts(model_dir, cfg, arch_name) if _is_moe(cfg, arch_name) else _tensors(model_dir)
     if arch_name in DELTA_NET:
         source = _delta_net_tensors(source, cfg, arch_name)
     if arch_name in MAMBA2:
         source = _mamba2_tensors(source, cfg, arch_name)
     if arch_name in MLA:
         source = _mla_tensors(source, cfg)
+    if arch_name in FAMILY_TENSORS:
+        source = FAMILY_TENSORS[arch_name](source, cfg)
     tied = cfg.get("tie_word_embeddings", arch_name in NORM_PLUS_ONE)
     mtp = re.compile(r"model\.layers\.(\d+)\.")  # layers past num_hidden_layers: multi-token prediction
     for hf_name, data in source:

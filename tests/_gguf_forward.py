@@ -1,11 +1,13 @@
 """A numpy forward pass of a GGUF computed from the file alone, the way llama.cpp's graphs for the exported
 architectures compute (llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, seed_oss, olmo2, ernie4_5, smollm3,
-glm4moe, llama4, lfm2, ernie4_5-moe, minimax-m2, lfm2moe, qwen3next, qwen35, qwen35moe, deepseek2, kimi-linear, and
-gemma4, granitehybrid and falcon-h1 in their own functions): their RoPE layouts, Gemma's embedding and attention
-scales, soft-capping, sliding-window layouts, pre- and post-norms, q/k norms (per head, or over the whole
-projection as OLMo 2's and MiniMax-M2's), NoPE layers, top-k MoE routing (softmax or sigmoid, with a selection
-bias; expert inputs or outputs weighted; shared experts, gated or not; leading dense and interleaved MoE layers as
-the file's keys lay them out), gated delta-net layers, Mamba-2 layers (Granite 4, Falcon-H1) and Phi-3's fused
+glm4moe, llama4, lfm2, ernie4_5-moe, minimax-m2, lfm2moe, qwen3next, qwen35, qwen35moe, deepseek2, kimi-linear,
+mistral3, granite, glm4, and gemma4, granitehybrid, falcon-h1 and gpt-oss in their own functions): their RoPE layouts
+(YaRN as ggml computes it), Llama 4's query temperature from attention.temperature_scale, Granite's embedding,
+residual, attention and logit scales, Gemma's embedding and attention scales, soft-capping, sliding-window
+layouts, pre- and post-norms, q/k norms (per head, or over the whole projection as OLMo 2's and MiniMax-M2's),
+NoPE layers, top-k MoE routing (softmax or sigmoid, with a selection bias; expert inputs or outputs weighted;
+shared experts, gated or not; leading dense and interleaved MoE layers as the file's keys lay them out), gated
+delta-net layers, Mamba-2 layers (Granite 4, Falcon-H1), multi-head latent attention and KDA, and Phi-3's fused
 projections. Used to show an exported file computes what transformers computes."""
 
 from __future__ import annotations
@@ -39,16 +41,20 @@ def read(path):
     return tensors, meta, {t.name: t.tensor_type for t in reader.tensors}
 
 
-def rope(x, pos, base, neox, n_rot=None, scale=1.0, freq_factors=None):
+def rope(x, pos, base, neox, n_rot=None, scale=1.0, freq_factors=None, yarn=None):
     """x: (T, heads, d). NORM rotates adjacent pairs (x0, x1), NEOX rotates (x_i, x_{i+n_rot/2}); only the
     first n_rot dims rotate; positions are multiplied by `scale` (linear rope scaling), each frequency divided
-    by its factor in rope_freqs (Llama-3.1-style scaling)."""
+    by its factor in rope_freqs (Llama-3.1-style scaling); `yarn` (yarn_params) mixes interpolated and
+    extrapolated angles and scales cos/sin."""
     d = x.shape[-1]
     n_rot = n_rot or d
     theta = (pos * scale)[:, None] * base ** (-np.arange(0, n_rot, 2) / n_rot)
     if freq_factors is not None:
         theta = theta / freq_factors
-    cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
+    mscale = 1.0
+    if yarn is not None:
+        theta, mscale = yarn_theta(theta, base, n_rot, yarn), yarn["mscale"]
+    cos, sin = mscale * np.cos(theta)[:, None, :], mscale * np.sin(theta)[:, None, :]
     r = x[..., :n_rot]
     a, b = (r[..., : n_rot // 2], r[..., n_rot // 2 :]) if neox else (r[..., 0::2], r[..., 1::2])
     ra, rb = a * cos - b * sin, a * sin + b * cos
@@ -67,6 +73,8 @@ def gguf_forward(path, ids):
         return gemma4_forward(t, meta, ids)
     if arch in MAMBA2:
         return mamba2_hybrid_forward(t, meta, ids)
+    if arch == "gpt-oss":
+        return gpt_oss_forward(t, meta, ids)
 
     def key(name, default=None):
         return meta.get(f"{arch}.{name}", default)
@@ -78,6 +86,7 @@ def gguf_forward(path, ids):
     )
     base, base_swa = key("rope.freq_base", 10000.0), key("rope.freq_base_swa", key("rope.freq_base", 10000.0))
     scale = 1.0 / key("rope.scaling.factor", 1.0) if key("rope.scaling.type") == "linear" else 1.0
+    yarn = yarn_params(key)
     window, attn_cap, final_cap = (
         key("attention.sliding_window", 0),
         key("attn_logit_softcapping"),
@@ -101,6 +110,8 @@ def gguf_forward(path, ids):
     x = t["token_embd.weight"][ids].astype(np.float64)
     if gemma:
         x = x * np.sqrt(x.shape[-1])
+    x = x * key("embedding_scale", 1.0)  # granite
+    residual_scale = key("residual_scale", 1.0)  # granite: each branch's output, before the residual add
     T, pos = len(ids), np.arange(len(ids), dtype=np.float64)
     causal = np.triu(np.full((T, T), -np.inf), 1)
     local = causal + np.where(pos[:, None] - pos[None, :] >= (window or T + 1), -np.inf, 0.0)
@@ -142,8 +153,9 @@ def gguf_forward(path, ids):
             use_rope = arch not in NOPE_STEP or (i + 1) % NOPE_STEP[arch] != 0 or key("attention.sliding_window") == 0
             if use_rope:
                 factors = t.get("rope_freqs.weight")
-                q = rope(q, pos, layer_base, arch in NEOX, n_rot, layer_scale, factors)
-                k = rope(k, pos, layer_base, arch in NEOX, n_rot, layer_scale, factors)
+                q = rope(q, pos, layer_base, arch in NEOX, n_rot, layer_scale, factors, yarn)
+                k = rope(k, pos, layer_base, arch in NEOX, n_rot, layer_scale, factors, yarn)
+                q = q * attn_temperature(key, pos)[:, None, None]
                 if arch == "llama4" and key("expert_count") != 128:  # weightless RMS (L2) norm after RoPE
                     q, k = norm(q, 1.0), norm(k, 1.0)
             # (llama4's temperature tuning of NoPE layers' queries starts at position 8192: a no-op here)
@@ -151,7 +163,7 @@ def gguf_forward(path, ids):
             scale_dim = d
             if gemma and key("block_count") == GEMMA_27B_LAYERS[arch]:
                 scale_dim = key("embedding_length") // n_head
-            s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(scale_dim)
+            s = np.einsum("qhd,khd->hqk", q, k) * key("attention.scale", 1 / np.sqrt(scale_dim))  # granite: the key
             if attn_cap:
                 s = np.tanh(s / attn_cap) * attn_cap
             s = s + (local if swa or (window and arch == "phi3") else causal)
@@ -162,7 +174,7 @@ def gguf_forward(path, ids):
         pre_ffn = "post_attention_norm" if has == {"attn_norm", "post_attention_norm"} else "ffn_norm"
         if pre_ffn != "post_attention_norm" and "post_attention_norm" in has:
             a = norm(a, t[p + "post_attention_norm.weight"])
-        x = x + a
+        x = x + a * residual_scale
         h = norm(x, t[f"{p}{pre_ffn}.weight"]) if f"{p}{pre_ffn}.weight" in t else x
         moe_layer(key, i, p + "ffn_gate_inp.weight" in t)
         if p + "ffn_gate_inp.weight" in t:  # top-k experts: softmax router, or sigmoid with a selection bias
@@ -198,10 +210,10 @@ def gguf_forward(path, ids):
             f = lin(act(g) * u, p + "ffn_down")
         if p + "post_ffw_norm.weight" in t:
             f = norm(f, t[p + "post_ffw_norm.weight"])
-        x = x + f
+        x = x + f * residual_scale
     out = t["output.weight"] if "output.weight" in t else t["token_embd.weight"]
     final_norm = t.get("output_norm.weight", t.get("token_embd_norm.weight"))  # lfm2 names it token_embd_norm
-    logits = norm(x, final_norm) @ out.T
+    logits = norm(x, final_norm) @ out.T / key("logit_scale", 1.0)  # granite divides by its logit scale
     if final_cap:
         logits = np.tanh(logits / final_cap) * final_cap
     return logits
@@ -613,3 +625,103 @@ def yarn_factors(n_rot, base, factor, n_ctx_orig, beta_fast=32.0, beta_slow=1.0)
     low, high = max(0.0, np.floor(corr(beta_fast))), min(n_rot - 1.0, np.ceil(corr(beta_slow)))
     ramp = 1 - np.clip((np.arange(n_rot // 2) - low) / max(0.001, high - low), 0, 1)
     return 1 / ((1 - ramp) / factor + ramp)
+
+
+def yarn_params(key):
+    """llama.cpp's YaRN from the file's keys (None without it): the ramp between interpolated and extrapolated
+    angles over ggml's correction dims, and the cos/sin magnitude llama-context.cpp settles on:
+    mscale(factor) / mscale(factor, yarn_log_multiplier) (or mscale(factor) without that key), where
+    mscale(f, m) = 1 + 0.1 m ln f, times rope.scaling.attn_factor."""
+    if key("rope.scaling.type") != "yarn":
+        return None
+    factor = key("rope.scaling.factor")
+
+    def mscale(m):
+        return 1.0 if factor <= 1 else 1 + 0.1 * m * np.log(factor)
+
+    log_mul = key("rope.scaling.yarn_log_multiplier", 0.0)
+    magnitude = mscale(1.0) / mscale(log_mul) if log_mul else mscale(1.0)
+    return {
+        "factor": factor,
+        "orig_ctx": key("rope.scaling.original_context_length"),
+        "beta_fast": key("rope.scaling.yarn_beta_fast", 32.0),
+        "beta_slow": key("rope.scaling.yarn_beta_slow", 1.0),
+        "mscale": magnitude * key("rope.scaling.attn_factor", 1.0),
+    }
+
+
+def yarn_theta(theta, base, n_rot, yarn):
+    """ggml's rope_yarn: per pair i, theta/factor mixed with theta by ramp(i) over [low, high] (floor / ceil of
+    rope_yarn_corr_dims)."""
+
+    def corr_dim(n_rotations):
+        return n_rot * np.log(yarn["orig_ctx"] / (n_rotations * 2 * np.pi)) / (2 * np.log(base))
+
+    low = max(0.0, np.floor(corr_dim(yarn["beta_fast"])))
+    high = min(n_rot - 1.0, np.ceil(corr_dim(yarn["beta_slow"])))
+    ramp = 1 - np.clip((np.arange(n_rot // 2) - low) / max(0.001, high - low), 0, 1)
+    return theta / yarn["factor"] * (1 - ramp) + theta * ramp
+
+
+def attn_temperature(key, pos):
+    """Llama 4's query temperature as llama.cpp's mistral3 applies it from attention.temperature_scale (1 without
+    it): 1 + scale * ln(1 + floor(pos / n)), n the YaRN original context (offset 0, unlike llama4's graph)."""
+    scale = key("attention.temperature_scale")
+    if not scale:
+        return np.ones_like(pos)
+    return 1 + scale * np.log1p(np.floor(pos / key("rope.scaling.original_context_length")))
+
+
+def gpt_oss_forward(t, meta, ids):
+    """llama.cpp's gpt-oss graph (src/models/openai-moe-iswa.cpp): layers 0, 2, ... attend within the sliding
+    window (the loader's fixed period 2); q/k/v/o biases, NeoX YaRN RoPE, scores scaled by 1/sqrt(n_rot) and
+    softmaxed together with a per-head sink logit (dropped after); the post-attention norm feeds a router with a
+    bias whose top-k logits are softmaxed (SOFTMAX_WEIGHT); each expert's gate and up (with biases) go through
+    ggml's swiglu_oai: min(g, 7) * sigmoid(1.702 min(g, 7)) * (clip(u, -7, 7) + 1), then the biased down."""
+
+    def key(name, default=None):
+        return meta.get(f"gpt-oss.{name}", default)
+
+    n_head, n_kv, eps = (
+        key("attention.head_count"),
+        key("attention.head_count_kv"),
+        key("attention.layer_norm_rms_epsilon"),
+    )
+    n_rot = key("rope.dimension_count", key("attention.key_length"))  # llama.cpp: the head dim without the key
+    base, window = key("rope.freq_base"), key("attention.sliding_window")
+    yarn = yarn_params(key)
+
+    def lin(x, name):
+        y = x @ t[name + ".weight"].T
+        return y + t[name + ".bias"] if name + ".bias" in t else y
+
+    x = t["token_embd.weight"][ids].astype(np.float64)
+    T, pos = len(ids), np.arange(len(ids), dtype=np.float64)
+    causal = np.triu(np.full((T, T), -np.inf), 1)
+    local = causal + np.where(pos[:, None] - pos[None, :] >= window, -np.inf, 0.0)
+    for il in range(key("block_count")):
+        p = f"blk.{il}."
+        h = _rms(x, t[p + "attn_norm.weight"], eps)
+        q = rope(lin(h, p + "attn_q").reshape(T, n_head, n_rot), pos, base, True, n_rot, 1.0, None, yarn)
+        k = rope(lin(h, p + "attn_k").reshape(T, n_kv, n_rot), pos, base, True, n_rot, 1.0, None, yarn)
+        v = lin(h, p + "attn_v").reshape(T, n_kv, n_rot)
+        k, v = np.repeat(k, n_head // n_kv, axis=1), np.repeat(v, n_head // n_kv, axis=1)
+        s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(n_rot) + (local if il % 2 == 0 else causal)
+        sink = np.broadcast_to(t[p + "attn_sinks.weight"][:, None, None], (n_head, T, 1))
+        s = np.concatenate([s, sink], axis=-1)
+        s = np.exp(s - s.max(-1, keepdims=True))
+        s = (s / s.sum(-1, keepdims=True))[..., :T]
+        x = x + lin(np.einsum("hqk,khd->qhd", s, v).reshape(T, -1), p + "attn_output")
+        h = _rms(x, t[p + "post_attention_norm.weight"], eps)
+        logits = lin(h, p + "ffn_gate_inp")
+        top = np.argsort(-logits, axis=-1)[:, : key("expert_used_count")]
+        f = np.zeros_like(x)
+        for row in range(T):
+            w = np.exp(logits[row, top[row]] - logits[row, top[row]].max())
+            for e, we in zip(top[row], w / w.sum()):
+                g = np.minimum(t[p + "ffn_gate_exps.weight"][e] @ h[row] + t[p + "ffn_gate_exps.bias"][e], 7.0)
+                u = np.clip(t[p + "ffn_up_exps.weight"][e] @ h[row] + t[p + "ffn_up_exps.bias"][e], -7.0, 7.0)
+                a = g / (1 + np.exp(-1.702 * g)) * (u + 1)
+                f[row] += we * (t[p + "ffn_down_exps.weight"][e] @ a + t[p + "ffn_down_exps.bias"][e])
+        x = x + f
+    return _rms(x, t["output_norm.weight"], eps) @ t.get("output.weight", t["token_embd.weight"]).T

@@ -374,6 +374,60 @@ CONFIGS = {
             "mscale_all_dim": 1.0,
         },
     },
+    # Ministral 3: YaRN (a ramp over the first pairs: betas chosen so it spans them at this tiny original context;
+    # mscale_all_dim) and Llama 4's query temperature, whose period (the original context, 4) the probe crosses
+    "ministral3": {
+        "model_type": "ministral3",
+        "head_dim": 16,
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 100.0,
+            "factor": 16.0,
+            "original_max_position_embeddings": 4,
+            "beta_fast": 0.5,
+            "beta_slow": 0.05,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "llama_4_scaling_beta": 0.5,
+        },
+    },
+    # Mixtral: experts in every layer of llama's graph (softmax router, top-2 renormalised); weights large enough
+    # that SiLU is far from linear, so the order of gate and up shows
+    "mixtral": {"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2, "initializer_range": 0.06},
+    # Granite: embedding, residual, attention and logit multipliers; q/k/v/o and MLP biases under the permutation
+    "granite": {
+        "model_type": "granite",
+        "embedding_multiplier": 3.0,
+        "residual_multiplier": 2.0,
+        "attention_multiplier": 0.5,
+        "logits_scaling": 0.5,
+        "attention_bias": True,
+        "mlp_bias": True,
+    },
+    # GLM-4: post-attention and post-MLP norms, GPT-J-style RoPE over half of each head, fused gate_up, q/k/v biases
+    "glm4": {"model_type": "glm4", "head_dim": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # gpt-oss: a sliding layer (window 4 < the probe) then a full one, attention sinks, biased experts and router
+    # (top-k logits softmaxed), YaRN whose ramp spans the first pairs at this original context
+    "gpt_oss": {
+        "model_type": "gpt_oss",
+        "head_dim": 16,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "sliding_window": 4,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": True,
+            "original_max_position_embeddings": 64,
+        },
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
 }
 GGUF_ARCH = {
     "qwen3": "qwen3",
@@ -408,6 +462,11 @@ GGUF_ARCH = {
     "deepseek_v3": "deepseek2",
     "kimi_linear": "kimi-linear",
     "deepseek_v3_yarn": "deepseek2",
+    "ministral3": "mistral3",
+    "mixtral": "llama",
+    "granite": "granite",
+    "glm4": "glm4",
+    "gpt_oss": "gpt-oss",
 }
 
 
@@ -443,6 +502,10 @@ def tiny_model_dir(root: Path, family: str, tokenizer, **overrides) -> Path:
             # Granite's fused gate/up projections (experts, shared MLP) past SiLU's linear range, so gate and up differ
             if name.endswith(("block_sparse_moe.experts.gate_up_proj", "shared_mlp.input_linear.weight")):
                 p.mul_(10.0)
+            if name.endswith(("sinks", "down_proj_bias")):  # gpt-oss's, zeros at init
+                p.normal_(0.0, 0.5)
+            if name.endswith("gate_up_proj_bias"):  # gpt-oss's: some gates and ups beyond its SwiGLU's clamp at 7
+                p.normal_(0.0, 6.0)
             # router logits far from zero, so the gating function (softmax or sigmoid) and the renormalisation of
             # the chosen experts' weights show too
             if name.endswith((".gate.weight", "router.weight")) and p.dim() == 2:
@@ -544,6 +607,34 @@ def test_architecture_exports_and_computes_what_transformers_computes(tmp_path, 
         assert meta["kimi-linear.attention.head_count_kv"] == [0, 1] and meta["kimi-linear.kda.head_dim"] == 16
         assert tensors["blk.0.ssm_conv1d_q.weight"].shape == (1, 64, 1, 4) and (tensors["blk.0.ssm_a"] < 0).all()
         assert "blk.1.attn_q.weight" in tensors and tensors["blk.1.attn_k_b.weight"].shape == (4, 32, 16)
+    if family in ("ministral3", "mixtral", "granite", "glm4", "gpt_oss"):
+        _check_llama_lineage_layout(family, tensors, meta)
+
+
+def _check_llama_lineage_layout(family, tensors, meta):
+    """Ministral 3, Mixtral, Granite and GLM-4 as their converters write them."""
+    if family == "ministral3":  # YaRN with its betas and mscale_all_dim, the query temperature
+        assert meta["mistral3.rope.scaling.type"] == "yarn" and meta["mistral3.rope.scaling.yarn_log_multiplier"] == 1
+        assert meta["mistral3.rope.scaling.yarn_beta_slow"] == pytest.approx(0.05)
+        assert meta["mistral3.attention.temperature_scale"] == 0.5 and meta["mistral3.rope.dimension_count"] == 16
+    if family == "mixtral":  # fused experts split and stacked, the router kept
+        assert tensors["blk.1.ffn_gate_exps.weight"].shape == (4, 96, 64) and meta["llama.expert_count"] == 4
+        assert tensors["blk.0.ffn_gate_inp.weight"].shape == (4, 64) and meta["llama.expert_used_count"] == 2
+    if family == "granite":
+        assert meta["granite.logit_scale"] == 0.5 and meta["granite.embedding_scale"] == 3
+        assert meta["granite.attention.scale"] == 0.5 and "blk.0.attn_q.bias" in tensors
+    if family == "glm4":  # gate and up fused in ffn_up, the post-norms
+        assert tensors["blk.0.ffn_up.weight"].shape == (192, 64) and "blk.0.ffn_gate.weight" not in tensors
+        assert "blk.0.post_attention_norm.weight" in tensors and "blk.0.post_ffw_norm.weight" in tensors
+        assert meta["glm4.rope.dimension_count"] == 8
+    if family == "gpt_oss":  # experts de-interleaved and transposed, with biases; sinks; the router's bias
+        assert tensors["blk.0.ffn_gate_exps.weight"].shape == (4, 96, 64) and tensors[
+            "blk.0.ffn_up_exps.bias"
+        ].shape == (4, 96)
+        assert tensors["blk.1.ffn_down_exps.weight"].shape == (4, 64, 96) and tensors[
+            "blk.0.attn_sinks.weight"
+        ].shape == (4,)
+        assert "blk.0.ffn_gate_inp.bias" in tensors and meta["gpt-oss.attention.sliding_window"] == 4
 
 
 def _check_gemma4_layout(family, tensors, meta):
@@ -622,6 +713,13 @@ def _check_mamba2_layout(family, tensors, meta):
         ("falcon_h1", {"mamba_norm_before_gate": True}, "mamba_norm_before_gate"),
         # a full-rank q on a 2-layer model: llama.cpp's deepseek2 reads q_lora_rank except on 26/27-layer Lite models
         ("deepseek_v3", {"q_lora_rank": None}, "q_lora_rank"),
+        ("ministral3", {"sliding_window": 4}, "sliding_window"),
+        # llama.cpp takes YaRN's mscale as 1 where mscale_all_dim is set
+        ("ministral3", {"rope_parameters": {**CONFIGS["ministral3"]["rope_parameters"], "mscale": 2.0}}, "mscale"),
+        ("granite", {"head_dim": 32}, "head_dim"),
+        ("glm4", {"hidden_act": "gelu"}, "hidden_act"),
+        # gpt-oss's own config leaves YaRN's correction range unrounded; ggml rounds it
+        ("gpt_oss", {"rope_parameters": {**CONFIGS["gpt_oss"]["rope_parameters"], "truncate": False}}, "truncate"),
     ],
 )
 def test_a_configuration_llama_cpp_would_compute_differently_is_refused(
