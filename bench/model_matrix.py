@@ -159,17 +159,16 @@ FAMILIES = {  # family -> (transformers model_type, config overrides)
         },
     ),
     "MiniMax-M2": ("minimax_m2", {"head_dim": 16, "num_local_experts": 4, **MOE}),
-    "Llama 4 (text)": (
+    "Llama 4 (text)": (  # Scout's layout: experts in every layer, RoPE but on every 4th, chunks of 8192 tokens
         "llama4_text",
         {
             "head_dim": 16,
             "intermediate_size_mlp": 96,
             "num_local_experts": 4,
             "num_experts_per_tok": 1,
-            "moe_layers": [1],
-            "no_rope_layers": [1, 0],
-            "layer_types": ["chunked_attention", "full_attention"],
-            "attention_chunk_size": 8,
+            "interleave_moe_layer_step": 1,
+            "no_rope_layers": [1, 1],
+            "attention_chunk_size": 8192,
         },
     ),
     "ERNIE 4.5 (MoE)": (
