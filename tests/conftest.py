@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,39 @@ FIRST_FILES = (
     "test_recipes.py",
     "test_webui.py",
 )
+
+
+_PREBUILD: list[subprocess.Popen] = []
+
+
+def pytest_sessionstart(session):
+    """Under pytest-xdist the controller starts building tiny-llama (one thread, ~70 s, the model nearly every test
+    needs) in a process of its own before the workers start: its build overlaps their start-up and the files that
+    need no tiny model (FIRST_FILES); a worker that needs it sooner waits on tiny.build's lock, and one that finds no
+    finished build (the process failed) builds it itself."""
+    config = session.config
+    if getattr(config, "workerinput", None) is not None or not getattr(config.option, "numprocesses", None):
+        return
+    if os.environ.get("FINETUNE_CACHE"):  # a prebuilt cache is reused as it is
+        return
+    root = config._tmp_path_factory.getbasetemp() / "finetune_cache"  # the workers' run_dir / finetune_cache
+    root.mkdir(exist_ok=True)
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": repo}
+    build = "import sys; from finetune import tiny; tiny.build('tiny-llama', sys.argv[1])"
+    _PREBUILD.append(
+        subprocess.Popen(
+            [sys.executable, "-c", build, str(root)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    )
+
+
+def pytest_sessionfinish(session):
+    for process in _PREBUILD:
+        process.wait()
 
 
 def pytest_collection_modifyitems(config, items):
